@@ -1,0 +1,1 @@
+"""jaxsae: sparse autoencoders on transformers trained on formal languages."""
