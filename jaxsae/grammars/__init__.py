@@ -12,10 +12,10 @@ Public API::
 """
 
 from jaxsae.grammars.cky import parse
-from jaxsae.grammars.labels import label_info
-from jaxsae.grammars.labels import LabelInfo
-from jaxsae.grammars.labels import labels
-from jaxsae.grammars.labels import valid_next
+from jaxsae.grammars.features import label_info
+from jaxsae.grammars.features import LabelInfo
+from jaxsae.grammars.features import labels
+from jaxsae.grammars.features import valid_next
 from jaxsae.grammars.library import get
 from jaxsae.grammars.library import names
 from jaxsae.grammars.pcfg import Grammar

@@ -97,6 +97,7 @@ def _to_full(grammar: pcfg.Grammar, values_BN: jax.Array, defined_BN: jax.Array)
 
 def labels(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> dict[str, jax.Array]:
   """Per-token labels (see module docstring and `label_info`)."""
+  tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
   lay = recognise.layout(grammar, tokens_BT)
   n_cols = lay.sentence_BN.shape[1]
   in_sentence = (jnp.arange(n_cols)[None, :] < lay.sentence_len[:, None]) & lay.decorator_ok[:, None]

@@ -1,0 +1,1 @@
+"""Experiment launcher: absl entry point and ml_collections configs (not installed)."""

@@ -1,0 +1,47 @@
+"""Entry point for every jaxsae job.
+
+    python -m experiments.main --config=experiments/configs/<file>.py[:<arg>] --workdir=DIR
+
+The config's `job` field picks the library function; this file only parses flags. Bad configs
+fail in `get_config` or in the job's own validation, before anything is compiled.
+"""
+
+import importlib
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file, optionally with ':<arg>'.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs and checkpoints.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# job name -> module with `run(config, workdir)`
+JOBS = {
+    "grammar": "jaxsae.grammars.survey",
+    "lm": "jaxsae.train_lm",
+}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config.job not in JOBS:
+    raise app.UsageError(f"config.job '{config.job}' is unknown; known jobs: {sorted(JOBS)}")
+  workdir = os.path.abspath(_WORKDIR.value)
+  os.makedirs(workdir, exist_ok=True)
+  logging.info("job %s, workdir %s", config.job, workdir)
+  result = importlib.import_module(JOBS[config.job]).run(config, workdir)
+  if isinstance(result, dict) and "grammatical_fraction" in result:
+    print(json.dumps({k: result[k] for k in ("grammar", "grammatical_fraction",
+                                             "rejection_rate", "length")}, indent=1))
+  print(f"report: {os.path.join(workdir, 'report.md')}")
+
+
+if __name__ == "__main__":
+  app.run(main)
