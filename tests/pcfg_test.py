@@ -131,3 +131,12 @@ def test_decode():
 def test_dyck_builder_checks_p():
   with pytest.raises(grammars.GrammarError, match="p_nest"):
     library.dyck(1.5)
+
+
+def test_canonical_text_round_trips():
+  for name in grammars.names():
+    g = grammars.get(name)
+    again = pcfg.from_text(g.info.text, name=g.name, kind=g.kind, terminals=g.info.terminals)
+    assert again.info == g.info
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(g)):
+      np.testing.assert_array_equal(a, b)

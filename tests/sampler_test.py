@@ -45,9 +45,11 @@ def test_format(big_batches):
 
 
 def test_every_sample_is_grammatical(big_batches):
+  # All 20k for the linear-time recognisers and for English (short sentences, bucketed CKY);
+  # the English variants with long sentences are O(n^3) to parse, so a subset of 256.
   for name, batch in big_batches.items():
     g = grammars.get(name)
-    toks = batch.tokens if g.kind != "pcfg" else batch.tokens[:2000]
+    toks = batch.tokens if g.kind != "pcfg" or name == "english" else batch.tokens[:256]
     assert bool(np.all(grammars.is_grammatical(g, toks))), name
 
 

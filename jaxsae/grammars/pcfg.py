@@ -48,7 +48,7 @@ class Rule:
   line: int = 0
 
   def __str__(self) -> str:
-    return f"{self.lhs} -> {' '.join(self.rhs)} [{self.prob:g}]"
+    return f"{self.lhs} -> {' '.join(self.rhs)} [{self.prob!r}]"  # repr: text round-trips
 
 
 # ------------------------------------------------------------------------------------------------
