@@ -1,0 +1,269 @@
+"""SAE loss terms with the e2e_sae reductions and the local / e2e / e2e+ds presets, for ONE variant.
+
+Every term takes arrays (the model-running part, e.g. the spliced forward, lives in the trainer)
+and a bool token mask `mask_BT` (`None` = all tokens): only masked-in tokens count in every mean.
+Reductions (copied from e2e_sae; coefficients do not transfer otherwise):
+
+    sparsity   e2e_sae:   coeff · mean_tokens(‖c‖_p) / d      (true p-norm for p ≠ 1)
+               sum_batch: coeff · Σ_tokens ‖c‖_p             (Menon: Σ_{tokens, latents} |c| at p=1)
+    out_to_in  mean_elements((x̂ − x)²)                        (masked tokens × dims)
+    in_to_orig (1/|H|) Σ_h mean_elements((a_spliced_h − a_clean_h)²)
+    logits_kl  mean_tokens Σ_v p_clean (log p_clean − log p_spliced) = KL(clean ‖ spliced)
+
+`LossConfig` is static (which terms exist, hence whether a spliced / downstream pass is needed);
+`LossCoeffs` holds the dynamic per-variant coefficients (scalars, stacked on N for a grid). The
+trainer computes the terms with `compute_terms` (or the term functions, with coeff 1) and combines
+them with `total_loss`, which logs every term, also those with coefficient 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsae import model as model_lib
+
+PRESETS = ("local", "e2e", "e2e_ds")
+REDUCTIONS = ("e2e_sae", "sum_batch")
+COEFF_NAMES = ("sparsity", "out_to_in", "logits_kl", "in_to_orig")
+
+
+def _token_weights(mask: jax.Array | None, lead_shape: tuple[int, ...]) -> jax.Array:
+  if mask is None:
+    return jnp.ones(lead_shape, jnp.float32)
+  chex.assert_shape(mask, lead_shape)
+  return mask.astype(jnp.float32)
+
+
+def _masked_mean(v: jax.Array, w: jax.Array) -> jax.Array:
+  """Σ w·v / Σ w over all axes (0 when no token is masked in)."""
+  return jnp.sum(w * v) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _p_norm(c: jax.Array, p: float) -> jax.Array:
+  """‖c‖_p over the last axis, with finite gradients at zero (double-where)."""
+  a = jnp.abs(c)
+  if p == 1:
+    return jnp.sum(a, axis=-1)
+  pos = a > 0
+  s = jnp.sum(jnp.where(pos, jnp.where(pos, a, 1.0) ** p, 0.0), axis=-1)
+  s_pos = s > 0
+  return jnp.where(s_pos, jnp.where(s_pos, s, 1.0) ** (1.0 / p), 0.0)
+
+
+def sparsity(codes: jax.Array, mask: jax.Array | None, d_in: int, coeff: Any = 1.0,
+             p: float = 1.0, reduction: str = "e2e_sae") -> jax.Array:
+  """The sparsity penalty.
+
+  Args:
+    codes: latents `[..., F]` (for JumpReLU, pass `aux['gates']` to penalise L0).
+    mask: bool `codes.shape[:-1]` or None.
+    d_in: the SAE input width D (static; e2e_sae divides by it).
+    coeff: the coefficient (1 when the caller applies it, e.g. through `total_loss`).
+    p: static Python float > 0, the norm's order.
+    reduction: `e2e_sae` (coeff · mean_tokens ‖c‖_p / d) or `sum_batch` (coeff · Σ_tokens ‖c‖_p).
+
+  Returns:
+    A scalar.
+  """
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"sparsity reduction={reduction!r} is unknown; choose one of {REDUCTIONS}.")
+  norms = _p_norm(codes, p)
+  w = _token_weights(mask, norms.shape)
+  if reduction == "sum_batch":
+    return coeff * jnp.sum(w * norms)
+  return coeff * _masked_mean(norms, w) / d_in
+
+
+def out_to_in(x_hat: jax.Array, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Mean over masked tokens × dims of (x̂ − x)²."""
+  chex.assert_equal_shape([x_hat, x])
+  w = _token_weights(mask, x.shape[:-1])[..., None]
+  return jnp.sum(w * jnp.square(x_hat - x)) / (jnp.maximum(jnp.sum(w), 1.0) * x.shape[-1])
+
+
+def in_to_orig(spliced_acts: Mapping[str, jax.Array], clean_acts: Mapping[str, jax.Array],
+               mask: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Downstream reconstruction: `(mean over sites h of out_to_in(spliced_h, clean_h), per_site)`.
+
+  Clean activations are wrapped in stop_gradient. The coefficient is the caller's.
+  """
+  sites = tuple(spliced_acts)
+  if not sites:
+    raise ValueError("in_to_orig needs at least one downstream site (is the SAE at the last "
+                     "layer with the final resid_post omitted?).")
+  if set(sites) != set(clean_acts):
+    raise ValueError(f"in_to_orig: spliced sites {sorted(sites)} != clean sites "
+                     f"{sorted(clean_acts)}.")
+  per_site = {h: out_to_in(spliced_acts[h], jax.lax.stop_gradient(clean_acts[h]), mask)
+              for h in sites}
+  return sum(per_site.values()) / len(sites), per_site
+
+
+def logits_kl(clean_logits: jax.Array, spliced_logits: jax.Array,
+              mask: jax.Array | None) -> jax.Array:
+  """KL(clean ‖ spliced) summed over the vocab, averaged over masked tokens; clean is constant."""
+  chex.assert_equal_shape([clean_logits, spliced_logits])
+  logp = jax.nn.log_softmax(jax.lax.stop_gradient(clean_logits).astype(jnp.float32), axis=-1)
+  logq = jax.nn.log_softmax(spliced_logits.astype(jnp.float32), axis=-1)
+  kl = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+  return _masked_mean(kl, _token_weights(mask, kl.shape))
+
+
+def downstream_sites(model_config: model_lib.ModelConfig, sae_site: str,
+                     include_final: bool = True) -> tuple[str, ...]:
+  """The in_to_orig sites H: every `resid_post.{l}` strictly after `sae_site` in forward order.
+
+  `include_final=False` drops `resid_post.{L-1}`, reproducing the e2e paper's omission. (A site
+  holding the same tensor as the SAE site, e.g. `resid_post.{l-1}` for `resid_pre.{l}`, is not
+  after it.) May be empty; `in_to_orig` then raises.
+  """
+  names = model_lib.site_names(model_config)
+  if sae_site not in names:
+    raise ValueError(f"Unknown SAE site {sae_site!r}; valid sites are: {', '.join(names)}.")
+  order = {n: i for i, n in enumerate(names)}
+  last = model_config.n_layers - 1
+  return tuple(f"resid_post.{l}" for l in range(model_config.n_layers)
+               if order[f"resid_post.{l}"] > order[sae_site] and (include_final or l != last))
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets.
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Static loss structure (part of a compilation group).
+
+  Attributes:
+    preset: `local` (out_to_in + sparsity), `e2e` (logits_kl + sparsity; out_to_in logged), or
+      `e2e_ds` (logits_kl + in_to_orig + sparsity; out_to_in logged).
+    sparsity_p: the sparsity norm's order (> 0).
+    sparsity_reduction: `e2e_sae` or `sum_batch` (Menon).
+    include_final_resid: whether H includes the final `resid_post` (the e2e paper omitted it).
+  """
+
+  preset: str = "local"
+  sparsity_p: float = 1.0
+  sparsity_reduction: str = "e2e_sae"
+  include_final_resid: bool = True
+
+  def __post_init__(self):
+    if self.preset not in PRESETS:
+      raise ValueError(f"LossConfig.preset={self.preset!r} is unknown; choose one of {PRESETS}.")
+    if self.sparsity_reduction not in REDUCTIONS:
+      raise ValueError(f"LossConfig.sparsity_reduction={self.sparsity_reduction!r} is unknown; "
+                       f"choose one of {REDUCTIONS}.")
+    if isinstance(self.sparsity_p, bool) or not (isinstance(self.sparsity_p, (int, float))
+                                                 and self.sparsity_p > 0):
+      raise ValueError(f"LossConfig.sparsity_p must be a number > 0, got {self.sparsity_p!r}.")
+
+  @property
+  def terms(self) -> tuple[str, ...]:
+    """The terms computed (and logged) for this preset."""
+    return {"local": ("out_to_in", "sparsity"),
+            "e2e": ("logits_kl", "out_to_in", "sparsity"),
+            "e2e_ds": ("logits_kl", "in_to_orig", "out_to_in", "sparsity")}[self.preset]
+
+  def downstream_sites(self, model_config: model_lib.ModelConfig,
+                       sae_site: str) -> tuple[str, ...]:
+    """H for an SAE at `sae_site`, honouring `include_final_resid` (see `downstream_sites`)."""
+    return downstream_sites(model_config, sae_site, self.include_final_resid)
+
+  @property
+  def needs_spliced_forward(self) -> bool:
+    """Whether the trainer must run the model from the SAE site with the SAE spliced in."""
+    return "logits_kl" in self.terms
+
+  @property
+  def needs_downstream(self) -> bool:
+    """Whether that forward must collect the downstream sites (in_to_orig)."""
+    return "in_to_orig" in self.terms
+
+
+@flax.struct.dataclass
+class LossCoeffs:
+  """Dynamic per-variant coefficients of each term (scalars; stacked on N for a grid)."""
+
+  sparsity: jax.Array
+  out_to_in: jax.Array
+  logits_kl: jax.Array
+  in_to_orig: jax.Array
+
+
+def default_coeffs(config: LossConfig, sparsity: float, **overrides: float) -> LossCoeffs:
+  """The preset's coefficients: local out_to_in 1; e2e logits_kl 1 (out_to_in 0); e2e_ds
+  logits_kl 0.5, in_to_orig 2.5 (the paper's middle-layer value; 0.05 for the last layer),
+  out_to_in 0. Terms outside the preset get 0."""
+  values = {"local": dict(out_to_in=1.0, logits_kl=0.0, in_to_orig=0.0),
+            "e2e": dict(out_to_in=0.0, logits_kl=1.0, in_to_orig=0.0),
+            "e2e_ds": dict(out_to_in=0.0, logits_kl=0.5, in_to_orig=2.5)}[config.preset]
+  values["sparsity"] = sparsity
+  unknown = set(overrides) - set(COEFF_NAMES)
+  if unknown:
+    raise ValueError(f"Unknown LossCoeffs field(s) {sorted(unknown)}; valid: {COEFF_NAMES}.")
+  values.update(overrides)
+  coeffs = LossCoeffs(**{k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
+  check_coeffs(coeffs)
+  return coeffs
+
+
+def check_coeffs(coeffs: LossCoeffs) -> None:
+  """Validates concrete (possibly stacked) coefficients: finite and >= 0."""
+  for name in COEFF_NAMES:
+    v = np.asarray(getattr(coeffs, name))
+    if not (np.all(np.isfinite(v)) and np.all(v >= 0)):
+      raise ValueError(f"LossCoeffs.{name} must be finite and >= 0, got {v.tolist()}.")
+
+
+def compute_terms(config: LossConfig, *, d_in: int, codes: jax.Array, x_hat: jax.Array,
+                  target: jax.Array, mask: jax.Array | None,
+                  clean_logits: jax.Array | None = None, spliced_logits: jax.Array | None = None,
+                  spliced_acts: Mapping[str, jax.Array] | None = None,
+                  clean_acts: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+  """Every term of the preset, coefficient-free (sparsity with coeff 1).
+
+  Args:
+    config: the loss structure.
+    d_in: SAE input width.
+    codes: `[B, T, F]` latents (JumpReLU L0: pass the gates).
+    x_hat, target: `[B, T, D]` SAE output and what it reconstructs (`aux['target']`).
+    mask: bool `[B, T]` or None.
+    clean_logits, spliced_logits: `[B, T, V]`, needed when `config.needs_spliced_forward`.
+    spliced_acts, clean_acts: site -> `[B, T, D]` over H, needed when `config.needs_downstream`.
+
+  Returns:
+    name -> scalar for each of `config.terms`, plus `in_to_orig/<site>` per downstream site.
+  """
+  terms = {
+      "sparsity": sparsity(codes, mask, d_in, 1.0, config.sparsity_p, config.sparsity_reduction),
+      "out_to_in": out_to_in(x_hat, target, mask),
+  }
+  if config.needs_spliced_forward:
+    if clean_logits is None or spliced_logits is None:
+      raise ValueError(f"Preset {config.preset!r} needs clean_logits and spliced_logits.")
+    terms["logits_kl"] = logits_kl(clean_logits, spliced_logits, mask)
+  if config.needs_downstream:
+    if spliced_acts is None or clean_acts is None:
+      raise ValueError(f"Preset {config.preset!r} needs spliced_acts and clean_acts.")
+    terms["in_to_orig"], per_site = in_to_orig(spliced_acts, clean_acts, mask)
+    terms.update({f"in_to_orig/{h}": v for h, v in per_site.items()})
+  return terms
+
+
+def total_loss(terms: Mapping[str, jax.Array],
+               coeffs: LossCoeffs) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`Σ_name coeff_name · terms[name]` over the `COEFF_NAMES` present in `terms`.
+
+  Returns:
+    `(total, logs)`: logs holds every given term (coefficient-free, also at coefficient 0, and
+    extra entries such as per-site values) plus `total`.
+  """
+  total = sum(getattr(coeffs, name) * terms[name] for name in COEFF_NAMES if name in terms)
+  return total, {**terms, "total": total}

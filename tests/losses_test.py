@@ -1,0 +1,230 @@
+"""Tests for jaxsae.losses: every term against an independent NumPy reference (reductions, KL
+direction, masks), identities (x̂ = x, identity SAE spliced into the model), presets and totals."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsae import losses
+from jaxsae import model as model_lib
+from jaxsae import sae as sae_lib
+
+B, T, D, F, V = 3, 5, 6, 10, 7
+
+# Tests compile many tiny programs once each: XLA's backend optimisations cost more than they save.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                                                    "xla_llvm_disable_expensive_passes": True})
+
+
+def _randn(seed, shape):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _mask(seed=0):
+  m = np.random.default_rng(seed).random((B, T)) < 0.6
+  m[0, 0], m[1, 1] = True, False  # at least one token in and one out
+  return m
+
+
+def _np_kl(p_logits, q_logits):
+  """KL(p ‖ q) per token in float64."""
+  def log_softmax(z):
+    z = z.astype(np.float64) - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+  lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+  return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Terms against NumPy.
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 0.5])
+def test_sparsity_reductions(p):
+  codes = np.maximum(_randn(0, (B, T, F)), 0) - 0.1 * (_randn(1, (B, T, F)) > 1.5)  # some < 0
+  m = _mask()
+  norms = (np.abs(codes.astype(np.float64)) ** p).sum(-1) ** (1 / p)
+  e2e = 0.7 * norms[m].mean() / D
+  np.testing.assert_allclose(losses.sparsity(codes, m, D, 0.7, p), e2e, rtol=1e-5)
+  np.testing.assert_allclose(losses.sparsity(codes, None, D, 0.7, p), 0.7 * norms.mean() / D,
+                             rtol=1e-5)
+  np.testing.assert_allclose(losses.sparsity(codes, m, D, 0.7, p, "sum_batch"),
+                             0.7 * norms[m].sum(), rtol=1e-5)
+  if p == 1.0:  # Menon: Σ_{tokens, latents} |c|, i.e. T·F·mean-per-element times bigger
+    np.testing.assert_allclose(losses.sparsity(codes, None, D, 1.0, 1.0, "sum_batch"),
+                               np.abs(codes).sum(), rtol=1e-5)
+  with pytest.raises(ValueError, match="reduction"):
+    losses.sparsity(codes, m, D, 1.0, p, "mean")
+
+
+def test_sparsity_gradient_finite_at_zero():
+  codes = jnp.zeros((B, T, F)).at[0, 0, 1].set(2.0)
+  for p in (0.5, 2.0):
+    g = _jit(jax.grad(lambda c: losses.sparsity(c, None, D, 1.0, p)))(codes)
+    assert np.all(np.isfinite(g)), p
+    assert g[0, 0, 1] > 0
+
+
+def test_out_to_in_is_a_masked_element_mean():
+  x_hat, x, m = _randn(0, (B, T, D)), _randn(1, (B, T, D)), _mask()
+  sq = (x_hat.astype(np.float64) - x) ** 2
+  np.testing.assert_allclose(losses.out_to_in(x_hat, x, m), sq[m].mean(), rtol=1e-5)
+  np.testing.assert_allclose(losses.out_to_in(x_hat, x, None), sq.mean(), rtol=1e-5)
+  # Element mean, not token mean of the per-token sum.
+  assert not np.isclose(float(losses.out_to_in(x_hat, x, m)), sq[m].sum(-1).mean(), rtol=1e-2)
+  np.testing.assert_array_equal(losses.out_to_in(x, x, m), 0.0)
+
+
+def test_in_to_orig_splits_across_sites():
+  sites = ("resid_post.1", "resid_post.2")
+  spliced = {h: _randn(i, (B, T, D)) for i, h in enumerate(sites)}
+  clean = {h: 2 * _randn(10 + i, (B, T, D)) for i, h in enumerate(sites)}
+  m = _mask(1)
+  total, per_site = losses.in_to_orig(spliced, clean, m)
+  ref = {h: ((spliced[h].astype(np.float64) - clean[h]) ** 2)[m].mean() for h in sites}
+  for h in sites:
+    np.testing.assert_allclose(per_site[h], ref[h], rtol=1e-5)
+  np.testing.assert_allclose(total, (ref[sites[0]] + ref[sites[1]]) / 2, rtol=1e-5)
+  with pytest.raises(ValueError, match="spliced sites"):
+    losses.in_to_orig(spliced, {sites[0]: clean[sites[0]]}, m)
+  with pytest.raises(ValueError, match="at least one downstream site"):
+    losses.in_to_orig({}, {}, m)
+
+
+def test_logits_kl_direction_mask_and_stop_gradient():
+  clean, spliced = 2 * _randn(0, (B, T, V)), 2 * _randn(1, (B, T, V))
+  m = _mask(2)
+  forward_kl = _np_kl(clean, spliced)[m].mean()
+  reverse_kl = _np_kl(spliced, clean)[m].mean()
+  assert abs(forward_kl - reverse_kl) > 0.05  # the test can tell the directions apart
+  np.testing.assert_allclose(losses.logits_kl(clean, spliced, m), forward_kl, rtol=1e-5)
+  np.testing.assert_allclose(losses.logits_kl(clean, spliced, None),
+                             _np_kl(clean, spliced).mean(), rtol=1e-5)
+  np.testing.assert_allclose(losses.logits_kl(clean, clean + 3.0, m), 0.0, atol=1e-6)
+  g_clean, g_spliced = jax.grad(losses.logits_kl, (0, 1))(jnp.asarray(clean),
+                                                           jnp.asarray(spliced), m)
+  np.testing.assert_array_equal(g_clean, 0.0)
+  # d KL / d spliced_logits = (softmax(spliced) − softmax(clean)) / n_tokens at masked tokens.
+  sm = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(z - z.max(-1, keepdims=True)).sum(
+      -1, keepdims=True)
+  np.testing.assert_allclose(g_spliced, (sm(spliced) - sm(clean)) * m[..., None] / m.sum(),
+                             atol=1e-6)
+
+
+def test_masked_out_tokens_do_not_matter():
+  m = _mask(3)
+  codes, x_hat, x = np.abs(_randn(0, (B, T, F))), _randn(1, (B, T, D)), _randn(2, (B, T, D))
+  cl, sp = _randn(3, (B, T, V)), _randn(4, (B, T, V))
+  def junk(a, seed):
+    return np.where(m[..., None], a, 100 * _randn(seed, a.shape))
+  pairs = [(losses.sparsity(codes, m, D), losses.sparsity(junk(codes, 5), m, D)),
+           (losses.out_to_in(x_hat, x, m), losses.out_to_in(junk(x_hat, 6), junk(x, 7), m)),
+           (losses.logits_kl(cl, sp, m), losses.logits_kl(junk(cl, 8), junk(sp, 9), m))]
+  for a, b in pairs:
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_identity_sae_gives_zero_losses():
+  """x̂ = x exactly: a ReLU SAE with w_enc = [I, −I], w_dec = [I; −I] and no biases."""
+  mconfig = model_lib.ModelConfig(vocab_size=V, n_layers=2, n_heads=2, d_model=D, d_mlp=12,
+                                  context=T)
+  config = sae_lib.SAEConfig(d_in=D, width=2 * D, enc_bias=False, dec_bias=False,
+                             decoder_norm="none")
+  eye = jnp.eye(D)
+  params = {"w_enc": jnp.concatenate([eye, -eye], axis=1),
+            "w_dec": jnp.concatenate([eye, -eye], axis=0)}
+  hp = sae_lib.default_hparams(config)
+  tokens_BT = jnp.asarray(np.random.default_rng(0).integers(0, V, (B, T)), jnp.int32)
+  site = "resid_pre.1"
+  m = _mask(4)
+
+  @_jit
+  def run(mparams):
+    clean = model_lib.apply(mparams, tokens_BT, mconfig, collect=[site, "resid_post.1"])
+    x = clean.acts[site]
+    x_hat, codes, aux = sae_lib.forward(params, x, config, hp)
+    spliced = model_lib.apply_from(mparams, site, x_hat, mconfig, collect=["resid_post.1"])
+    terms = losses.compute_terms(
+        losses.LossConfig("e2e_ds"), d_in=D, codes=codes, x_hat=x_hat, target=aux["target"],
+        mask=m, clean_logits=clean.logits, spliced_logits=spliced.logits,
+        spliced_acts=spliced.acts, clean_acts={"resid_post.1": clean.acts["resid_post.1"]})
+    return terms, x
+
+  terms, x = run(model_lib.init(jax.random.key(0, impl="rbg"), mconfig))
+  assert float(jnp.abs(x).max()) > 0.01
+  np.testing.assert_allclose(terms["out_to_in"], 0.0, atol=1e-10)
+  np.testing.assert_allclose(terms["logits_kl"], 0.0, atol=1e-6)
+  np.testing.assert_allclose(terms["in_to_orig"], 0.0, atol=1e-10)
+  np.testing.assert_allclose(terms["in_to_orig/resid_post.1"], 0.0, atol=1e-10)
+  assert terms["sparsity"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets, coefficients, totals, sites.
+
+
+def test_loss_config_presets_and_validation():
+  assert losses.LossConfig("local").terms == ("out_to_in", "sparsity")
+  assert not losses.LossConfig("local").needs_spliced_forward
+  e2e = losses.LossConfig("e2e")
+  assert "out_to_in" in e2e.terms and e2e.needs_spliced_forward and not e2e.needs_downstream
+  assert losses.LossConfig("e2e_ds").needs_downstream
+  for kwargs, match in [(dict(preset="e2e+ds"), "LossConfig.preset"),
+                        (dict(sparsity_reduction="mean"), "LossConfig.sparsity_reduction"),
+                        (dict(sparsity_p=0.0), "LossConfig.sparsity_p")]:
+    with pytest.raises(ValueError, match=match):
+      losses.LossConfig(**kwargs)
+  c = losses.default_coeffs(losses.LossConfig("e2e_ds"), sparsity=0.3)
+  assert (float(c.logits_kl), float(c.in_to_orig), float(c.out_to_in), float(c.sparsity)) == (
+      0.5, 2.5, 0.0, pytest.approx(0.3))
+  c = losses.default_coeffs(losses.LossConfig("local"), sparsity=0.1)
+  assert (float(c.out_to_in), float(c.logits_kl)) == (1.0, 0.0)
+  with pytest.raises(ValueError, match="LossCoeffs.in_to_orig must be finite and >= 0"):
+    losses.default_coeffs(losses.LossConfig("e2e_ds"), sparsity=0.3, in_to_orig=-1.0)
+  with pytest.raises(ValueError, match="Unknown LossCoeffs"):
+    losses.default_coeffs(losses.LossConfig("e2e"), sparsity=0.3, kl=1.0)
+
+
+def test_total_loss_logs_zero_coefficient_terms():
+  config = losses.LossConfig("e2e")
+  codes, x_hat, x = np.abs(_randn(0, (B, T, F))), _randn(1, (B, T, D)), _randn(2, (B, T, D))
+  cl, sp = _randn(3, (B, T, V)), _randn(4, (B, T, V))
+  m = _mask(5)
+  terms = losses.compute_terms(config, d_in=D, codes=codes, x_hat=x_hat, target=x, mask=m,
+                               clean_logits=cl, spliced_logits=sp)
+  coeffs = losses.default_coeffs(config, sparsity=0.25)
+  total, logs = losses.total_loss(terms, coeffs)
+  expected = float(losses.logits_kl(cl, sp, m)) + 0.25 * float(losses.sparsity(codes, m, D))
+  np.testing.assert_allclose(total, expected, rtol=1e-5)
+  assert set(logs) == {"logits_kl", "out_to_in", "sparsity", "total"}
+  np.testing.assert_allclose(logs["out_to_in"], losses.out_to_in(x_hat, x, m), rtol=1e-6)
+  assert logs["out_to_in"] > 0  # logged although its coefficient is 0
+  with pytest.raises(ValueError, match="needs clean_logits"):
+    losses.compute_terms(config, d_in=D, codes=codes, x_hat=x_hat, target=x, mask=m)
+  # Stacked coefficients vmap like any other per-variant value.
+  coeffs_N = jax.tree.map(lambda c: jnp.stack([c, 2 * c]), coeffs)
+  totals = jax.vmap(losses.total_loss, in_axes=(None, 0))(terms, coeffs_N)[0]
+  np.testing.assert_allclose(totals, [expected, 2 * expected], rtol=1e-5)
+
+
+def test_downstream_sites():
+  two = model_lib.ModelConfig(vocab_size=V, n_layers=2)
+  assert losses.downstream_sites(two, "resid_post.0") == ("resid_post.1",)
+  assert losses.downstream_sites(two, "resid_post.0", include_final=False) == ()
+  assert losses.downstream_sites(two, "resid_pre.0") == ("resid_post.0", "resid_post.1")
+  assert losses.downstream_sites(two, "resid_pre.1") == ("resid_post.1",)  # not resid_post.0
+  assert losses.downstream_sites(two, "mlp_out.0") == ("resid_post.0", "resid_post.1")
+  assert losses.downstream_sites(two, "ln_final") == ()
+  four = model_lib.ModelConfig(vocab_size=V, n_layers=4)
+  # The e2e paper's H for an SAE at resid_pre.1: later resid_pre's, i.e. resid_post.1..2.
+  assert losses.downstream_sites(four, "resid_pre.1", include_final=False) == (
+      "resid_post.1", "resid_post.2")
+  assert losses.LossConfig("e2e_ds").downstream_sites(two, "resid_pre.0") == (
+      "resid_post.0", "resid_post.1")
+  assert losses.LossConfig("e2e_ds", include_final_resid=False).downstream_sites(
+      two, "resid_pre.0") == ("resid_post.0",)
+  with pytest.raises(ValueError, match="Unknown SAE site"):
+    losses.downstream_sites(two, "resid_post.2")
