@@ -24,6 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 JOBS = {
     "grammar": "jaxsae.grammars.survey",
     "lm": "jaxsae.train_lm",
+    "sae": "jaxsae.train_sae",
 }
 
 

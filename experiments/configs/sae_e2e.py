@@ -1,0 +1,43 @@
+"""Local vs e2e vs e2e+ds SAEs over a sparsity-coefficient grid (Braun et al.'s comparison).
+
+Command (needs a trained LM; the lm job's default for the language)::
+
+    python -m experiments.main --config=experiments/configs/lm.py:language=dyck2 \
+        --workdir=workdirs/lm_dyck2
+    python -m experiments.main --config=experiments/configs/sae_e2e.py:language=dyck2 \
+        --workdir=workdirs/sae_e2e_dyck2
+
+Settings: `language=<name>`, `lm_workdir=<dir>` (default workdirs/lm_<language>), `steps=<int>`;
+switch `smoke` (a few steps, seconds).
+
+The grid: SAEs at resid_post.0, expansion 4, e2e_sae reductions (sparsity = λ·mean‖c‖₁/d),
+Adam lr 1e-3 with warm-up and cosine to 0.1×, clip 1; loss ∈ {local, e2e, e2e_ds} × λ grid.
+"""
+
+from experiments.configs import args as args_lib
+from experiments.configs import sae_base
+from jaxsae import grammars
+
+# Sparsity coefficients per loss family (e2e_sae reduction). KL-trained SAEs tolerate larger λ
+# for the same CE increase, so their grid sits higher.
+_LAMBDAS = {"local": [0.5, 1.0, 2.0, 4.0], "e2e": [2.0, 4.0, 8.0, 16.0],
+            "e2e_ds": [2.0, 4.0, 8.0, 16.0]}
+
+
+def get_config(arg=None):
+  opts = args_lib.parse(arg, switches=("smoke",),
+                        keys={"language": "dyck2", "lm_workdir": "", "steps": 0})
+  if opts["language"] not in grammars.names():
+    raise ValueError(f"unknown language '{opts['language']}'; use one of {grammars.names()}")
+  c = sae_base.base_config(language=opts["language"],
+                           lm_workdir=opts["lm_workdir"] or f"workdirs/lm_{opts['language']}")
+  c.sweep = [{"product": {"sparsity_coeff": lams}, "set": {"loss": loss, "expansion": 4}}
+             for loss, lams in _LAMBDAS.items()]
+  if opts["smoke"]:
+    c.steps, c.log_every, c.checkpoint_every, c.batch_size = 4, 2, 4, 4
+    c.warmup_steps = 1
+    c.sweep = [{"product": {"sparsity_coeff": [1.0, 4.0]}, "set": {"loss": loss, "expansion": 2}}
+               for loss in _LAMBDAS]
+  if opts["steps"]:
+    c.steps = opts["steps"]
+  return c
