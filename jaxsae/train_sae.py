@@ -247,7 +247,7 @@ class Setup:
   capacity: int  # selected tokens gathered per step for local groups
   schedule: str
   warmup_steps: int
-  total_steps: int
+  total_steps: int  # cosine horizon (config.decay_steps, or config.steps)
   lr_floor: float  # final lr as a fraction of the peak (cosine schedule)
   grad_clip: float
   adam: tuple[float, float, float]
@@ -344,7 +344,8 @@ def make_batch(lm_params, step: jax.Array, data_key: jax.Array, setup: Setup) ->
 def _explained_variance(x_hat, x, mask):
   """e2e_sae's form: mean over tokens of 1 − Σ_d (x̂−x)² / Σ_d (x − mean_tokens x)²."""
   w = mask.astype(jnp.float32)
-  mean = jnp.sum(w[..., None] * x, axis=tuple(range(x.ndim - 1))) / jnp.maximum(jnp.sum(w), 1)
+  lead = tuple(range(x.ndim - 1))
+  mean = jnp.sum(w[..., None] * x, axis=lead, keepdims=True) / jnp.maximum(jnp.sum(w), 1)
   num = jnp.sum(jnp.square(x_hat - x), -1)
   den = jnp.maximum(jnp.sum(jnp.square(x - mean), -1), 1e-12)
   return jnp.sum(w * (1 - num / den)) / jnp.maximum(jnp.sum(w), 1)
@@ -397,7 +398,7 @@ def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, s
     (loss, (metrics, new_sae_state, fired)), grads = grad_fn(
         params, sae_state, hparams, coeffs, batch, lm_params, spec, setup)
     grads = sae_lib.project_gradients(params, grads, spec.sae)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, opt_state, params)
     lr_t = lr * lr_factor
@@ -575,7 +576,8 @@ def prepare(config, workdir: str | None = None):
       grammar=grammar, model_config=mc, site=config.site, specs=tuple(specs),
       batch_size=config.batch_size, max_len=max_len, forward_len=forward_len,
       positions=config.positions, capacity=capacity, schedule=config.schedule,
-      warmup_steps=config.warmup_steps, total_steps=config.steps, lr_floor=config.lr_floor,
+      warmup_steps=config.warmup_steps, total_steps=config.decay_steps or config.steps,
+      lr_floor=config.lr_floor,
       grad_clip=config.grad_clip, adam=(config.adam_b1, config.adam_b2, config.adam_eps),
       mesh=mesh)
   return setup, lm, root

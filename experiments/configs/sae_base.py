@@ -22,6 +22,7 @@ def base_config(*, language: str, lm_workdir: str) -> ml_collections.ConfigDict:
   c.schedule = "warmup_cosine"  # 'warmup_cosine' (e2e paper) or 'constant' (Menon)
   c.warmup_steps = 50  # linear warm-up steps
   c.lr_floor = 0.1  # cosine decays to lr_floor × peak lr
+  c.decay_steps = 0  # cosine horizon in steps (0: steps; set it to extend a run unchanged)
   c.grad_clip = 1.0  # global grad-norm clip per variant (1 for tiny models)
   c.adam_b1 = 0.9  # Adam β1
   c.adam_b2 = 0.999  # Adam β2

@@ -1,0 +1,220 @@
+"""SAE grid training: vmap equivalence, compilation count, frozen LM, resume, NaN isolation,
+input validation and multi-device equivalence."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import lm as lm_configs
+from experiments.configs import sae_e2e
+from jaxsae import checkpoint as ckpt_lib
+from jaxsae import sweep as sweep_lib
+from jaxsae import train_lm
+from jaxsae import train_sae as ts
+
+
+def _write_lm(directory: str, language: str) -> str:
+  """An untrained tiny LM workdir (the trainer only needs a checkpoint and config.json)."""
+  config = lm_configs.get_config(f"language={language},smoke")
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config.to_dict(), f)
+  with ckpt_lib.Checkpointer(os.path.join(directory, "checkpoints")) as ckpt:
+    ckpt.save(0, train_lm.init_state(config))
+  return directory
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+  return _write_lm(str(tmp_path_factory.mktemp("lm") / "dyck2"), "dyck2")
+
+
+def _config(lm_dir, sweep, **overrides):
+  c = sae_e2e.get_config(f"language=dyck2,smoke,lm_workdir={lm_dir}")
+  c.sweep = sweep
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def _train(config, steps=None):
+  """Runs the grid in-process; returns (setup, final state)."""
+  setup, lm, root = ts.prepare(config)
+  state = ts.place_state(ts.init_grid(setup, lm, root), setup)
+  chunk = ts.make_chunk_fn(setup, config.log_every, state)
+  hypers = tuple(ts.group_hyper(s) for s in setup.specs)
+  key = jax.random.fold_in(root, ts._DATA_STREAM)  # pylint: disable=protected-access
+  for _ in range((steps or config.steps) // config.log_every):
+    state, metrics = chunk(state, hypers, lm.params, key)
+  return setup, state, metrics, chunk
+
+
+CASES = [
+    ("local", "relu", {}),
+    ("local", "topk", {"k": 3}),
+    ("local", "batchtopk", {"k": 3}),
+    ("local", "jumprelu", {}),
+    ("e2e", "relu", {}),
+    ("e2e_ds", "topk", {"k": 4}),
+]
+
+
+@pytest.mark.parametrize("loss, activation, extra", CASES)
+def test_grid_equals_separate_runs(lm_dir, loss, activation, extra):
+  coeffs = [0.5, 2.0, 8.0]
+  common = {"loss": loss, "activation": activation, "expansion": 2, **extra}
+  together = _config(lm_dir, [{"product": {"sparsity_coeff": coeffs}, "zip": {},
+                               "set": common}])
+  setup, state, _, _ = _train(together)
+  assert len(setup.specs) == 1 and setup.specs[0].size == 3
+  for i, lam in enumerate(coeffs):
+    alone = _config(lm_dir, [{"set": {**common, "sparsity_coeff": lam}}])
+    _, state1, _, _ = _train(alone)
+    for a, b in zip(jax.tree.leaves(state.groups[0].params), jax.tree.leaves(state1.groups[0].params)):
+      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+
+
+def test_one_trace_per_group_whatever_the_group_size(lm_dir, monkeypatch):
+  traces = []
+  original = ts._group_step  # pylint: disable=protected-access
+
+  def counting(state, hyper, batch, lm_params, step, spec, setup):
+    traces.append(spec.name)
+    return original(state, hyper, batch, lm_params, step, spec, setup)
+
+  monkeypatch.setattr(ts, "_group_step", counting)
+  for n in (1, 5):
+    traces.clear()
+    sweep = [{"product": {"sparsity_coeff": list(np.linspace(0.1, 1, n))}, "set": {"loss": "local"}},
+             {"product": {"sparsity_coeff": list(np.linspace(0.1, 1, n))}, "set": {"loss": "e2e"}}]
+    _, _, _, chunk = _train(_config(lm_dir, sweep, steps=6))
+    assert sorted(traces) == ["g0", "g1"]  # one trace per group, across all 3 calls
+    assert chunk._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_lm_is_frozen_and_gets_no_gradient(lm_dir):
+  config = _config(lm_dir, [{"product": {"loss": ["e2e", "e2e_ds"]}}])
+  setup, lm, root = ts.prepare(config)
+  before = jax.tree.map(np.array, lm.params)
+  state = ts.init_grid(setup, lm, root)
+  batch = ts.make_batch(lm.params, jnp.int32(0), jax.random.key(1), setup)
+  spec = setup.specs[0]
+  hyper = ts.group_hyper(spec)
+  one = lambda t: jax.tree.map(lambda x: x[0], t)
+
+  def loss_wrt_lm(lm_params):
+    return ts._variant_loss(one(state.groups[0].params), one(state.groups[0].sae_state),  # pylint: disable=protected-access
+                            one(hyper.hparams), one(hyper.coeffs), batch, lm_params, spec,
+                            setup)[0]
+
+  grads = jax.grad(loss_wrt_lm)(lm.params)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+  _train(config)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(lm.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resume_is_bit_exact(lm_dir, tmp_path):
+  sweep = [{"product": {"sparsity_coeff": [1.0, 4.0]}, "set": {"loss": "local"}},
+           {"set": {"loss": "e2e", "activation": "topk", "k": 4}}]
+  # The schedule's horizon is fixed (decay_steps), so the shorter first run is a prefix.
+  straight = _config(lm_dir, sweep, steps=8, log_every=2, checkpoint_every=2, decay_steps=8)
+  ts.run(straight, str(tmp_path / "a"))
+  first = _config(lm_dir, sweep, steps=4, log_every=2, checkpoint_every=2, decay_steps=8)
+  ts.run(first, str(tmp_path / "b"))
+  ts.run(straight, str(tmp_path / "b"))  # same workdir, more steps: resumes at 4
+  for name in ("a", "b"):
+    assert json.load(open(tmp_path / name / "summary.json"))["steps"] == 8
+  sa = json.load(open(tmp_path / "a" / "summary.json"))["variants"]
+  sb = json.load(open(tmp_path / "b" / "summary.json"))["variants"]
+  assert sa == sb
+  lines = lambda n: [json.loads(l) for l in open(tmp_path / n / "metrics.jsonl")]
+  assert lines("a") == lines("b")
+
+
+def test_nan_variant_is_frozen_and_isolated(lm_dir):
+  sweep = [{"zip": {"lr": [1e-3, 1e30, 1e-3], "sparsity_coeff": [1.0, 1.0, 3.0]},
+            "set": {"loss": "e2e"}}]
+  setup, state, metrics, _ = _train(_config(lm_dir, sweep, steps=4))
+  g = state.groups[0]
+  np.testing.assert_array_equal(np.asarray(g.frozen), [False, True, False])
+  assert int(g.bad_step[1]) >= 0 and int(g.bad_step[0]) == -1
+  assert all(np.isfinite(np.asarray(x)[[0, 2]]).all() for x in jax.tree.leaves(g.params))
+  clean_sweep = [{"zip": {"lr": [1e-3, 1e-3], "sparsity_coeff": [1.0, 3.0]},
+                  "set": {"loss": "e2e"}}]
+  _, ref, _, _ = _train(_config(lm_dir, clean_sweep, steps=4))
+  for a, b in zip(jax.tree.leaves(g.params), jax.tree.leaves(ref.groups[0].params)):
+    np.testing.assert_allclose(np.asarray(a)[[0, 2]], np.asarray(b), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("sweep, overrides, error, fragment", [
+    ([{"set": {"activation": "topk", "k": 999, "expansion": 2}}], {}, sweep_lib.SweepError,
+     "k=999 must lie in [1, width=64]"),
+    ([{"set": {"sparsity_coeff": -1.0}}], {}, sweep_lib.SweepError, "must be a finite number >= 0"),
+    ([], {}, sweep_lib.SweepError, "the sweep is empty"),
+    ([{"set": {}}], {"site": "resid_mid.0"}, ValueError, "is not a site of the model"),
+    ([{"set": {}}], {"language": "english"}, ValueError, "was trained on 'dyck2'"),
+    ([{"set": {}}], {"lm_workdir": "/nonexistent"}, FileNotFoundError, "no trained LM"),
+    ([{"set": {}}], {"positions": "words"}, ValueError, "config.positions"),
+    ([{"set": {"loss": "e2e_ds", "include_final_resid": False}}], {"site": "resid_post.1"},
+     ValueError, "no resid_post follows"),
+])
+def test_bad_input_fails_before_compiling(lm_dir, sweep, overrides, error, fragment):
+  config = _config(lm_dir, sweep, **overrides)
+  with pytest.raises(error) as err:
+    ts.prepare(config)
+  assert fragment in str(err.value), str(err.value)
+
+
+_MULTI = r"""
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, {root!r})
+from tests import train_sae_test as t
+from jaxsae import train_sae as ts
+cfg = t._config({lm!r}, t.MULTI_SWEEP, mesh_variant_devices={nv})
+_, state, _, _ = t._train(cfg)
+leaves = [np.asarray(x)[: {n}].tolist() for g in state.groups for x in jax.tree.leaves(g.params)]
+print(json.dumps({{"devices": len(jax.devices()), "leaves": leaves}}))
+"""
+MULTI_SWEEP = [{"product": {"sparsity_coeff": [0.5, 1.0, 2.0]}, "set": {"loss": "local"}},
+               {"product": {"sparsity_coeff": [1.0, 4.0]}, "set": {"loss": "e2e"}}]
+
+
+@pytest.mark.parametrize("nv", [4, 2])
+def test_sharded_over_four_devices_equals_one(lm_dir, nv):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _MULTI.format(root=root, lm=lm_dir, nv=nv, n=2)],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=root)
+  assert out.returncode == 0, out.stderr[-3000:]
+  multi = json.loads(out.stdout.strip().splitlines()[-1])
+  assert multi["devices"] == 4
+  _, state, _, _ = _train(_config(lm_dir, MULTI_SWEEP))
+  single = [np.asarray(x)[:2] for g in state.groups for x in jax.tree.leaves(g.params)]
+  for a, b in zip(multi["leaves"], single):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
+
+
+def test_smoke_config_runs_through_the_job(lm_dir, tmp_path):
+  config = _config(lm_dir, sae_e2e.get_config("smoke").sweep)
+  summary = ts.run(config, str(tmp_path))
+  assert summary["steps"] == config.steps
+  variants = json.load(open(tmp_path / "variants.json"))["variants"]
+  assert set(summary["variants"]) == {v["id"] for v in variants} and len(variants) == 6
+  for v in summary["variants"].values():
+    m = v["metrics"]
+    for key in ("loss", "sparsity", "out_to_in", "l0", "explained_variance", "dead_fraction",
+                "grad_norm", "lr"):
+      assert key in m, key
+    if v["hparams"]["loss"] != "local":
+      assert "logits_kl" in m
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert {l["step"] for l in lines} == {2, 4}
