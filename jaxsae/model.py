@@ -24,6 +24,10 @@ Params are the plain params pytree (`init` returns `variables['params']`), alway
 
 `apply` and `apply_from` wrap params in `jax.lax.stop_gradient` unless `trainable=True`, so a
 gradient taken through them reaches only what the replacement functions close over.
+
+`init_cache` / `decode_step` run the same forward incrementally with a KV cache (a prompt chunk,
+then one position at a time) for generation; they honour the same sites, replacements and
+collection, applied to the new positions' activations.
 """
 
 from __future__ import annotations
@@ -417,3 +421,162 @@ def _make_plan(config: ModelConfig, start: str | None, replace: Replace, collect
   for name, fn in pairs:
     by_site[name] = by_site.get(name, ()) + (fn,)
   return _Plan(start=start, replace=by_site, collect=collect, stop_at=stop_at)
+
+
+# ------------------------------------------------------------------------------------------------
+# Incremental decoding (KV cache).
+#
+# The same forward as `Transformer`, one chunk of new positions at a time: every block's keys and
+# values of earlier positions are kept in a `KVCache`, so generating T tokens costs O(T) model
+# evaluations of one position instead of O(T) evaluations of the whole prefix. It is written as
+# pure functions over the params pytree, reusing the Flax layers above (so the arithmetic is the
+# same) and walking the same named sites with the same replacement / collection semantics.
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of the positions decoded so far (a pytree; pass it in, get it back).
+
+  Attributes:
+    k_LBSNH: float `[L, B, S, N, H]` keys per layer; S is the cache length (max positions).
+    v_LBSNH: float `[L, B, S, N, H]` values per layer.
+    index: int32 scalar, the number of positions filled (the position of the next token).
+  """
+
+  k_LBSNH: jax.Array
+  v_LBSNH: jax.Array
+  index: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.k_LBSNH.shape[2]
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> KVCache:
+  """An empty cache for `batch_size` sequences of up to `max_len` positions.
+
+  Raises:
+    ValueError: non-positive sizes, or `max_len` above the model context.
+  """
+  if int(batch_size) < 1 or int(max_len) < 1:
+    raise ValueError(f"init_cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, "
+                     f"{max_len}.")
+  if max_len > config.context:
+    raise ValueError(f"Cache length {max_len} exceeds the model context {config.context}.")
+  shape = (config.n_layers, int(batch_size), int(max_len), config.n_heads, config.head_dim)
+  zeros = jnp.zeros(shape, config.dtype)
+  return KVCache(k_LBSNH=zeros, v_LBSNH=zeros, index=jnp.zeros((), jnp.int32))
+
+
+class _CachedAttention(nn.Module):
+  """`CausalSelfAttention` for new positions attending to cached ones (same params)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
+               index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    cfg = self.config
+    b, t, d = x_BTD.shape
+    s = k_BSNH.shape[1]
+    qkv_BT3D = nn.Dense(3 * d, use_bias=False, dtype=cfg.dtype, name="c_attn")(x_BTD)
+    q_BTNH, k_new_BTNH, v_new_BTNH = (
+        z.reshape(b, t, cfg.n_heads, cfg.head_dim) for z in jnp.split(qkv_BT3D, 3, axis=-1))
+    k_BSNH = jax.lax.dynamic_update_slice_in_dim(k_BSNH, k_new_BTNH.astype(k_BSNH.dtype), index,
+                                                 axis=1)
+    v_BSNH = jax.lax.dynamic_update_slice_in_dim(v_BSNH, v_new_BTNH.astype(v_BSNH.dtype), index,
+                                                 axis=1)
+    # Query at absolute position index + i sees keys at positions <= index + i; the unfilled
+    # cache slots beyond are masked out (they get exactly zero weight).
+    q_pos_T = index + jnp.arange(t)
+    mask_11TS = (jnp.arange(s)[None, :] <= q_pos_T[:, None])[None, None]
+    out_BTNH = jax.nn.dot_product_attention(
+        q_BTNH, k_BSNH.astype(q_BTNH.dtype), v_BSNH.astype(q_BTNH.dtype),
+        mask=jnp.broadcast_to(mask_11TS, (b, 1, t, s)), scale=1.0 / math.sqrt(cfg.head_dim))
+    out_BTD = nn.Dense(d, use_bias=False, dtype=cfg.dtype, name="c_proj")(out_BTNH.reshape(b, t, d))
+    return out_BTD, k_BSNH, v_BSNH
+
+
+def decode_step(params: Params, cache: KVCache, tokens_BT: jax.Array, config: ModelConfig, *,
+                replace: Replace = None, collect: Iterable[str] = (),
+                trainable: bool = False) -> tuple[ForwardResult, KVCache]:
+  """Runs `t` new positions through the model, reading and extending the KV cache.
+
+  The tokens sit at absolute positions `cache.index ... cache.index + t - 1`; call it once with
+  the prompt (any `t`) and then with one token at a time. The logits equal those of `apply` on
+  the whole sequence at the same positions (up to float rounding), with the same sites and the
+  same replacement semantics: each replacement function is called on the `[B, t, D]` activation
+  of the new positions only, so it must act per token (an SAE, a clamp, a per-token ablation);
+  functions that mix positions see only the new ones. Jit-compatible; use it inside `lax.scan`.
+
+  Args:
+    params: the params pytree from `init`.
+    cache: from `init_cache` or a previous `decode_step`; `cache.index + t` must not exceed
+      `cache.max_len` (not checked when traced: later writes would be dropped).
+    tokens_BT: int token ids `[B, t]` of the new positions.
+    config: the model config.
+    replace: as in `apply`.
+    collect: as in `apply`; activations of the new positions, `[B, t, D]`.
+    trainable: as in `apply`.
+
+  Returns:
+    `(ForwardResult with logits [B, t, V] float32, the updated cache)`.
+
+  Raises:
+    ValueError: unknown sites, bad shapes, or (when the index is concrete) a cache overflow.
+  """
+  chex.assert_rank(tokens_BT, 2)
+  chex.assert_type(tokens_BT, int)
+  b, t = tokens_BT.shape
+  if b != cache.k_LBSNH.shape[1]:
+    raise ValueError(f"tokens_BT has batch {b} but the cache was made for "
+                     f"{cache.k_LBSNH.shape[1]}.")
+  try:
+    filled = int(cache.index)
+  except jax.errors.JAXTypeError:  # traced: cannot check here
+    filled = None
+  if filled is not None and filled + t > cache.max_len:
+    raise ValueError(f"Cache overflow: {filled} positions filled + {t} new > cache length "
+                     f"{cache.max_len}; make the cache longer with init_cache.")
+  plan = _make_plan(config, None, replace, collect, None)
+  p = _maybe_freeze(params, trainable)
+  cfg = config
+  acts = {}
+
+  def site(name: str, v_BTD: jax.Array) -> jax.Array:
+    for fn in plan.replace.get(name, ()):
+      out = fn(v_BTD)
+      if getattr(out, "shape", None) != v_BTD.shape:
+        raise ValueError(f"Replacement at site {name!r} must return shape {v_BTD.shape}, got "
+                         f"{getattr(out, 'shape', type(out))}.")
+      v_BTD = out.astype(v_BTD.dtype)
+    if name in plan.collect:
+      acts[name] = v_BTD
+    return v_BTD
+
+  def layer_norm(scale_params, x_BTD):
+    return _layer_norm(cfg).apply({"params": scale_params}, x_BTD)
+
+  index = cache.index
+  tok_BTD = jnp.take(p["wte"], tokens_BT, axis=0)
+  pos_TD = jax.lax.dynamic_slice_in_dim(p["wpe"], index, t, axis=0)
+  x_BTD = (tok_BTD + pos_TD[None]).astype(cfg.dtype)
+  ks, vs = [], []
+  for l in range(cfg.n_layers):
+    bp = p[f"block_{l}"]
+    x_BTD = site(f"resid_pre.{l}", x_BTD)
+    a_BTD, k_BSNH, v_BSNH = _CachedAttention(cfg).apply(
+        {"params": bp["attn"]}, layer_norm(bp["ln_1"], x_BTD), cache.k_LBSNH[l], cache.v_LBSNH[l],
+        index)
+    ks.append(k_BSNH)
+    vs.append(v_BSNH)
+    a_BTD = site(f"attn_out.{l}", a_BTD)
+    x_BTD = x_BTD + a_BTD
+    m_BTD = site(f"mlp_out.{l}", MLP(cfg).apply({"params": bp["mlp"]},
+                                                  layer_norm(bp["ln_2"], x_BTD)))
+    x_BTD = site(f"resid_post.{l}", x_BTD + m_BTD)
+  h_BTD = site("ln_final", layer_norm(p["ln_f"], x_BTD))
+  logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, p["wte"].astype(h_BTD.dtype),
+                          preferred_element_type=jnp.float32)
+  new_cache = KVCache(k_LBSNH=jnp.stack(ks), v_LBSNH=jnp.stack(vs), index=index + t)
+  return ForwardResult(logits=logits_BTV, acts=acts), new_cache

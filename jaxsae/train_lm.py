@@ -1,0 +1,576 @@
+"""Training the transformer LM on a grammar: the `lm` job (`run(config, workdir)`).
+
+The recipe is the spec's (`specs/model.md`): next-token cross-entropy on `seq[:, :-1] ->
+seq[:, 1:]`, pad targets ignored, mean over each sequence's targets then over the batch
+(decorator targets included unless `mask_decorator`); AdamW (0.9, 0.95) with weight decay on
+>= 2-D params only, global-norm clipping; linear warm-up then cosine decay of the learning rate.
+
+Everything a step needs happens on device: the batch of step s is
+`grammars.sample(fold_in(data_key, s), ...)`, drawn inside the jitted step, and `lax.scan` runs
+`steps_per_call` optimizer steps per host call with the state buffers donated. So the data is a
+pure function of (seed, step) and a resumed run is bit-identical to an uninterrupted one (CPU).
+
+Key schedule (root = `jax.random.key(config.seed)`, stored in the state as `key`):
+
+    fold_in(root, 0)                 params init
+    fold_in(fold_in(root, 1), s)     training batch of step s
+    fold_in(fold_in(root, 2), i)     held-out batch i (CE and grammatical mass; the same
+                                     `eval.batches` batches at every evaluation)
+    fold_in(root, 3)                 periodic generation sample (same key at every evaluation)
+    fold_in(root, 4)                 final generation sample (5 x 128 by default)
+
+Training and held-out keys come from different branches of the key tree, so they never
+coincide (the sentences themselves may: short sentences are common in every stream).
+
+Workdir layout::
+
+    config.json      the config of the latest invocation
+    metrics.jsonl    one JSON object per line: kind 'train' (one per host call: mean loss and
+                     grad norm over its steps, lr, throughput), 'eval' (periodic), 'final'
+    summary.json     the headline numbers, written at the end
+    checkpoints/     `jaxsae.checkpoint` layout: <step>/ (last `keep_checkpoints`) and
+                     fingerprint.json (the config fields a resume must not change)
+
+Resume: rerunning the same command restores the newest valid checkpoint (a corrupted newest one
+is moved aside with a warning and the previous one is used), drops metric lines after its
+step, and continues; a config differing in a field outside `MUTABLE_FIELDS` raises
+`checkpoint.ConfigMismatchError`. A finished run (checkpoint step >= num_steps) is not
+retrained; its summary is re-computed only if summary.json is missing or stale. Raising
+`num_steps` extends a finished run.
+
+NaN/inf: the losses and gradient norms of every host call are checked; the first non-finite
+step raises `FloatingPointError` naming it. The state is checkpointed only after that check,
+so the checkpoints on disk stay valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxsae import checkpoint as ckpt_lib
+from jaxsae import generate as generate_lib
+from jaxsae import grammars
+from jaxsae import model as model_lib
+
+# Config fields that may differ between the run that wrote a checkpoint and the one resuming
+# it (they do not change the training trajectory). Dotted prefixes exempt whole groups.
+MUTABLE_FIELDS = ("job", "num_steps", "steps_per_call", "log_every", "eval_every",
+                  "checkpoint_every", "keep_checkpoints", "eval", "debug_nan_step")
+
+# Branches of the run's root key (module docstring).
+_INIT, _DATA, _HELDOUT, _GEN, _FINAL_GEN = range(5)
+
+SUMMARY_KEYS = ("language", "steps", "train_seconds", "tokens_per_s", "param_count", "eval_ce",
+                "grammatical_next_token_mass", "grammatical_fraction",
+                "grammatical_fraction_std")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that evolves during training (checkpointed as one pytree)."""
+
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: model_lib.Params
+  opt_state: optax.OptState
+  key: jax.Array  # typed PRNG key: the run's root key
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  """Static (shape / trace-defining) part of a run; numeric hyperparameters are traced."""
+
+  model_config: model_lib.ModelConfig
+  language: str
+  batch_size: int
+  max_len: int
+  mask_decorator: bool
+  steps_per_call: int
+
+
+# ------------------------------------------------------------------------------------------------
+# Config.
+
+
+def validate_config(config) -> None:
+  """Checks a config before anything is compiled.
+
+  Raises:
+    ValueError: naming the field at fault and how to fix it.
+  """
+  if config.language not in grammars.names():
+    raise ValueError(f"config.language={config.language!r} is unknown; use one of "
+                     f"{', '.join(grammars.names())}.")
+
+  def positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f"config.{name}={value!r} must be a positive integer.")
+
+  for name in ("n_layers", "n_heads", "d_model", "d_mlp", "context"):
+    positive(f"model.{name}", config.model[name])
+  for name in ("batch_size", "max_len", "num_steps", "steps_per_call", "log_every", "eval_every",
+               "checkpoint_every", "keep_checkpoints"):
+    positive(name, config[name])
+  for name in ("batches", "batch_size", "gen_batches", "gen_batch_size", "final_gen_batches",
+               "final_gen_batch_size", "max_new_tokens"):
+    positive(f"eval.{name}", config.eval[name])
+  if config.model.d_model % config.model.n_heads:
+    raise ValueError(f"config.model.d_model={config.model.d_model} must be divisible by "
+                     f"config.model.n_heads={config.model.n_heads}.")
+  grammar = grammars.get(config.language)
+  need = grammar.info.min_length + grammars.sampler._MARGIN + grammar.prefix_len + 1  # pylint: disable=protected-access
+  if config.max_len < need:
+    raise ValueError(f"config.max_len={config.max_len} is too short for {config.language} "
+                     f"(7 decorator tokens + a sentence of at least {grammar.info.min_length} + "
+                     f"<eos> + the 10-token margin); use max_len >= {need}.")
+  if config.max_len > config.model.context:
+    raise ValueError(f"config.max_len={config.max_len} exceeds config.model.context="
+                     f"{config.model.context}; lower max_len or raise the context.")
+  if grammar.prefix_len + config.eval.max_new_tokens > config.model.context:
+    raise ValueError(f"config.eval.max_new_tokens={config.eval.max_new_tokens} + 7 decorator "
+                     f"tokens exceed config.model.context={config.model.context}.")
+  k = config.steps_per_call
+  for name in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
+    if config[name] % k:
+      raise ValueError(f"config.{name}={config[name]} must be a multiple of "
+                       f"config.steps_per_call={k} (host calls run {k} steps each); change "
+                       f"one of them.")
+  o = config.optim
+  checks = [
+      ("optim.peak_lr", o.peak_lr > 0, "must be > 0"),
+      ("optim.end_lr", o.end_lr >= 0, "must be >= 0"),
+      ("optim.warmup_steps", isinstance(o.warmup_steps, int) and o.warmup_steps >= 0,
+       "must be an integer >= 0"),
+      ("optim.decay_steps", isinstance(o.decay_steps, int) and o.decay_steps > o.warmup_steps,
+       f"must be an integer > optim.warmup_steps={o.warmup_steps}"),
+      ("optim.b1", 0 <= o.b1 < 1, "must lie in [0, 1)"),
+      ("optim.b2", 0 <= o.b2 < 1, "must lie in [0, 1)"),
+      ("optim.weight_decay", o.weight_decay >= 0, "must be >= 0"),
+      ("optim.grad_clip", o.grad_clip > 0, "must be > 0 (global-norm clip)"),
+      ("eval.temperature", config.eval.temperature > 0, "must be > 0"),
+      ("eval.top_k", 0 <= config.eval.top_k <= grammar.vocab_size,
+       f"must lie in [0, {grammar.vocab_size}] (0 = off)"),
+  ]
+  for name, ok, why in checks:
+    if not ok:
+      value = config
+      for part in name.split("."):
+        value = value[part]
+      raise ValueError(f"config.{name}={value!r} {why}.")
+
+
+def model_config_for(config) -> model_lib.ModelConfig:
+  """The model shape of a run (vocabulary from the grammar)."""
+  grammar = grammars.get(config.language)
+  m = config.model
+  return model_lib.ModelConfig(vocab_size=grammar.vocab_size, n_layers=m.n_layers,
+                               n_heads=m.n_heads, d_model=m.d_model, d_mlp=m.d_mlp,
+                               context=m.context)
+
+
+def _setup(config) -> _Setup:
+  return _Setup(model_config=model_config_for(config), language=config.language,
+                batch_size=config.batch_size, max_len=config.max_len,
+                mask_decorator=bool(config.mask_decorator), steps_per_call=config.steps_per_call)
+
+
+def _hyper(config) -> dict[str, jax.Array]:
+  """Numeric hyperparameters, passed traced so that changing them does not recompile."""
+  o = config.optim
+  out = {k: jnp.float32(o[k]) for k in ("peak_lr", "end_lr", "b1", "b2", "weight_decay",
+                                        "grad_clip")}
+  out["warmup_steps"] = jnp.int32(o.warmup_steps)
+  out["decay_steps"] = jnp.int32(o.decay_steps)
+  out["debug_nan_step"] = jnp.int32(config.debug_nan_step)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The objective and the optimizer.
+
+
+def learning_rate(step: jax.Array, hyper: dict[str, jax.Array]) -> jax.Array:
+  """Linear warm-up to `peak_lr` over `warmup_steps`, then cosine to `end_lr` at `decay_steps`.
+
+  Step s < warmup uses peak * (s + 1) / warmup (so step 0 already moves); from `decay_steps` on
+  the rate stays at `end_lr`.
+  """
+  s = jnp.asarray(step, jnp.float32)
+  warm = hyper["warmup_steps"].astype(jnp.float32)
+  span = jnp.maximum(hyper["decay_steps"].astype(jnp.float32) - warm, 1.0)
+  frac = jnp.clip((s - warm) / span, 0.0, 1.0)
+  cosine = hyper["end_lr"] + (hyper["peak_lr"] - hyper["end_lr"]) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+  return jnp.where(s < warm, hyper["peak_lr"] * (s + 1) / jnp.maximum(warm, 1.0), cosine)
+
+
+def make_optimizer(hyper: dict[str, jax.Array]) -> optax.GradientTransformation:
+  """Global-norm clip, then AdamW with decoupled weight decay on >= 2-D params only."""
+  return optax.chain(
+      optax.clip_by_global_norm(hyper["grad_clip"]),
+      optax.adamw(learning_rate=lambda count: learning_rate(count, hyper), b1=hyper["b1"],
+                  b2=hyper["b2"], eps=1e-8, weight_decay=hyper["weight_decay"],
+                  mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)))
+
+
+def sequence_loss(params: model_lib.Params, tokens_BT: jax.Array,
+                  model_config: model_lib.ModelConfig, *, pad_id: int, mask_decorator: bool,
+                  decorator_len: int = 7) -> jax.Array:
+  """Next-token CE: mean over each sequence's non-pad targets, then over the batch.
+
+  With `mask_decorator`, targets inside the decorator (positions 1..6) are excluded too; the
+  target after `Out:` (the first sentence token) always counts.
+  """
+  logits_BTV = model_lib.apply(params, tokens_BT[:, :-1], model_config, trainable=True).logits
+  return loss_from_logits(logits_BTV, tokens_BT, pad_id=pad_id, mask_decorator=mask_decorator,
+                          decorator_len=decorator_len)
+
+
+def loss_from_logits(logits_BTV: jax.Array, tokens_BT: jax.Array, *, pad_id: int,
+                     mask_decorator: bool, decorator_len: int = 7) -> jax.Array:
+  """`sequence_loss` given the logits of `tokens_BT[:, :-1]` (`[B, T-1, V]`)."""
+  targets_BT = tokens_BT[:, 1:]
+  ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+  mask_BT = targets_BT != pad_id
+  if mask_decorator:
+    mask_BT = mask_BT & (jnp.arange(targets_BT.shape[1])[None, :] >= decorator_len - 1)
+  per_seq_B = jnp.sum(jnp.where(mask_BT, ce_BT, 0.0), axis=1) / jnp.maximum(
+      jnp.sum(mask_BT, axis=1), 1)
+  return jnp.mean(per_seq_B)
+
+
+def init_state(config) -> TrainState:
+  """A fresh state from `config.seed` (one compilation per model shape)."""
+  return _init_state(jax.random.key(config.seed), _hyper(config), _setup(config))
+
+
+@functools.partial(jax.jit, static_argnames=("setup",))
+def _init_state(root: jax.Array, hyper: dict[str, jax.Array], setup: _Setup) -> TrainState:
+  params = model_lib.init(jax.random.fold_in(root, _INIT), setup.model_config)
+  opt_state = make_optimizer(hyper).init(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, key=root)
+
+
+@functools.partial(jax.jit, static_argnames=("setup",), donate_argnums=(0,))
+def train_steps(state: TrainState, hyper: dict[str, jax.Array],
+                setup: _Setup) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`setup.steps_per_call` optimizer steps (`lax.scan`); returns per-step metrics `[K]`."""
+  grammar = grammars.get(setup.language)
+  tx = make_optimizer(hyper)
+  data_key = jax.random.fold_in(state.key, _DATA)
+
+  def one(state: TrainState, _):
+    batch = grammars.sample(jax.random.fold_in(data_key, state.step), grammar, setup.batch_size,
+                            setup.max_len)
+    poison = state.step == hyper["debug_nan_step"]  # test hook: NaN params at that step
+
+    def loss_of(params):
+      params = jax.tree.map(lambda p: jnp.where(poison, jnp.nan, p), params)
+      return sequence_loss(params, batch.tokens, setup.model_config, pad_id=grammar.pad_id,
+                           mask_decorator=setup.mask_decorator,
+                           decorator_len=grammar.prefix_len)
+
+    loss, grads = jax.value_and_grad(loss_of)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "lr": learning_rate(state.step, hyper)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return jax.lax.scan(one, state, None, length=setup.steps_per_call)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  """Held-out batches and their grammatical-next-token sets (host arrays, built once)."""
+
+  tokens_NBT: np.ndarray
+  valid_NBTV: np.ndarray  # bool: valid_next of each prefix
+  predict_NBT: np.ndarray  # bool: input positions whose target is a sentence token or <eos>
+  rejection_rate: float  # fraction of draws the sampler's length filter rejected
+  mean_length: float  # mean sentence length (tokens)
+
+
+def make_eval_set(config, key: jax.Array) -> EvalSet:
+  """`config.eval.batches` held-out batches drawn from `fold_in(key, i)`."""
+  grammar = grammars.get(config.language)
+  tokens, valid, predict, rejections, lengths = [], [], [], 0, []
+  for i in range(config.eval.batches):
+    batch = grammars.sample(jax.random.fold_in(key, i), grammar, config.eval.batch_size,
+                            config.max_len)
+    toks = np.asarray(batch.tokens)
+    tokens.append(toks)
+    # Concrete input: English uses the length-bucketed CKY path (fast).
+    valid.append(np.asarray(generate_lib.jitted_for(grammar, grammars.valid_next)(toks)))
+    target_is_sentence = np.asarray(batch.sentence_mask)[:, 1:] | (toks[:, 1:] == grammar.eos_id)
+    predict.append(np.concatenate([target_is_sentence, np.zeros_like(toks[:, :1], bool)], 1))
+    rejections += int(np.asarray(batch.rejections).sum())
+    lengths.append(np.asarray(batch.lengths))
+  lengths = np.concatenate(lengths)
+  return EvalSet(np.stack(tokens), np.stack(valid), np.stack(predict),
+                 rejection_rate=rejections / (rejections + lengths.size),
+                 mean_length=float(lengths.mean()))
+
+
+@functools.partial(jax.jit, static_argnames=("setup",))
+def _eval_batch(params, tokens_BT, valid_BTV, predict_BT, setup: _Setup) -> dict[str, jax.Array]:
+  grammar = grammars.get(setup.language)
+  # One forward over all T positions; the last position's logits are unused by the CE.
+  logits_BTV = model_lib.apply(params, tokens_BT, setup.model_config).logits
+  ce = loss_from_logits(logits_BTV[:, :-1], tokens_BT, pad_id=grammar.pad_id,
+                        mask_decorator=setup.mask_decorator, decorator_len=grammar.prefix_len)
+  mass_BT = jnp.sum(jax.nn.softmax(logits_BTV, axis=-1) * valid_BTV, axis=-1)
+  return {"ce": ce, "mass_sum": jnp.sum(jnp.where(predict_BT, mass_BT, 0.0)),
+          "mass_count": jnp.sum(predict_BT)}
+
+
+def evaluate(params: model_lib.Params, eval_set: EvalSet, setup: _Setup) -> dict[str, float]:
+  """Held-out CE (the training loss's reduction, averaged over batches) and grammatical mass.
+
+  The grammatical next-token mass is the model's probability on the tokens `valid_next`
+  allows, averaged over every input position whose target is a sentence token or `<eos>`
+  (i.e. from `Out:` through the last sentence token), token-weighted over the eval set.
+  """
+  ces, mass, count = [], 0.0, 0
+  for i in range(eval_set.tokens_NBT.shape[0]):
+    out = _eval_batch(params, eval_set.tokens_NBT[i], eval_set.valid_NBTV[i],
+                      eval_set.predict_NBT[i], setup)
+    ces.append(float(out["ce"]))
+    mass += float(out["mass_sum"])
+    count += int(out["mass_count"])
+  return {"eval_ce": float(np.mean(ces)), "grammatical_next_token_mass": mass / max(count, 1)}
+
+
+def _generation_eval(params, config, setup: _Setup, key, num_batches, batch_size):
+  return generate_lib.grammaticality(
+      params, setup.model_config, grammars.get(config.language), key, num_batches=num_batches,
+      batch_size=batch_size, max_new_tokens=config.eval.max_new_tokens,
+      temperature=config.eval.temperature, top_k=config.eval.top_k)
+
+
+# ------------------------------------------------------------------------------------------------
+# Files.
+
+
+def _read_metrics(path: str) -> list[dict[str, Any]]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+  """Drops metric lines after `step` (written by a run that crashed before checkpointing)."""
+  records = _read_metrics(path)
+  kept = [r for r in records if r["step"] <= step]
+  if len(kept) != len(records):
+    logging.info("Dropping %d metric lines after step %d.", len(records) - len(kept), step)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
+
+
+def _append_metric(path: str, record: dict[str, Any]) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# The job.
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the LM of `config` in `workdir`; returns the summary dict.
+
+  Raises:
+    ValueError: a bad config (before compiling).
+    checkpoint.ConfigMismatchError: the workdir's checkpoints come from another config.
+    checkpoint.CheckpointError: no valid checkpoint although some exist.
+    FloatingPointError: a non-finite loss or gradient norm (names the step).
+  """
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  setup = _setup(config)
+  hyper = _hyper(config)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  summary_path = os.path.join(workdir, "summary.json")
+  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  with ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints) as ckpt:
+    ckpt_lib.check_fingerprint(ckpt_dir, config, MUTABLE_FIELDS,
+                               has_checkpoints=bool(ckpt.all_steps()))
+    template = jax.eval_shape(_init_state, jax.random.key(config.seed), hyper, setup)
+    train_seconds = 0.0
+    if ckpt.all_steps():
+      restored = ckpt.restore(template)
+      state = jax.device_put(restored.state)
+      train_seconds = float(restored.metadata.get("train_seconds", 0.0))
+      logging.info("Resuming from %s (step %d).", ckpt.step_path(restored.step), restored.step)
+    else:
+      state = init_state(config)
+    start_step = int(state.step)
+    if start_step < config.num_steps and start_step % config.steps_per_call:
+      raise ValueError(f"The checkpoint is at step {start_step}, not a multiple of "
+                       f"config.steps_per_call={config.steps_per_call}; resume with a "
+                       f"steps_per_call that divides {start_step}.")
+    _truncate_metrics(metrics_path, start_step)
+    param_count = model_lib.count_params(state.params)
+    root = _copy_key(state.key)
+
+    if start_step >= config.num_steps:
+      if start_step > config.num_steps:
+        logging.warning("The checkpoint is at step %d, beyond num_steps=%d; summarising it.",
+                        start_step, config.num_steps)
+      if os.path.exists(summary_path):
+        with open(summary_path) as f:
+          summary = json.load(f)
+        if summary.get("steps") == start_step:
+          logging.info("Run already finished at step %d; summary.json is up to date.",
+                       start_step)
+          return summary
+    else:
+      state, train_seconds = _train(config, setup, hyper, state, ckpt, metrics_path,
+                                    train_seconds)
+
+    # Final evaluation.
+    eval_set = make_eval_set(config, jax.random.fold_in(root, _HELDOUT))
+    final = evaluate(state.params, eval_set, setup)
+    gen = _generation_eval(state.params, config, setup, jax.random.fold_in(root, _FINAL_GEN),
+                           config.eval.final_gen_batches, config.eval.final_gen_batch_size)
+    step = int(state.step)
+    train_records = [r for r in _read_metrics(metrics_path) if r["kind"] == "train"]
+    # The steady-state rate (compilation excluded) of the last process that trained.
+    rates = [r["tokens_per_s"] for r in train_records if r.get("tokens_per_s")]
+    summary = {
+        "language": config.language,
+        "steps": step,
+        "train_seconds": train_seconds,
+        "tokens_per_s": rates[-1] if rates else None,
+        "param_count": param_count,
+        "eval_ce": final["eval_ce"],
+        "grammatical_next_token_mass": final["grammatical_next_token_mass"],
+        "grammatical_fraction": gen["mean"],
+        "grammatical_fraction_std": gen["std"],
+        "grammatical_per_batch": gen["per_batch"],
+        "finished_fraction": gen["finished"],
+        "mean_generated_length": gen["mean_length"],
+        "generations": f"{config.eval.final_gen_batches} x {config.eval.final_gen_batch_size}",
+        "final_train_loss": train_records[-1]["loss"] if train_records else None,
+        "samples": gen["samples"],
+        # Also under the names experiments.main prints for jobs with a grammatical fraction.
+        "grammar": config.language,
+        "rejection_rate": eval_set.rejection_rate,  # of the training distribution at max_len
+        "length": {"generated_mean": gen["mean_length"], "heldout_mean": eval_set.mean_length},
+    }
+    _append_metric(metrics_path, {"kind": "final", "step": step, **final,
+                                  "grammatical_fraction": gen["mean"],
+                                  "grammatical_fraction_std": gen["std"]})
+    _write_json(summary_path, summary)
+    logging.info("Finished %s at step %d: grammatical %.4f ± %.4f, eval CE %.4f, %.0f s of "
+                 "training.", config.language, step, gen["mean"], gen["std"], final["eval_ce"],
+                 train_seconds)
+    return summary
+
+
+def _copy_key(key: jax.Array) -> jax.Array:
+  data = np.array(jax.random.key_data(key), copy=True)
+  return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
+
+
+def _train(config, setup: _Setup, hyper, state: TrainState, ckpt: ckpt_lib.Checkpointer,
+           metrics_path: str, train_seconds: float):
+  """The host loop: train calls, checks, logging, periodic eval and checkpoints."""
+  k = config.steps_per_call
+  tokens_per_step = config.batch_size * config.max_len
+  root = _copy_key(state.key)  # state buffers are donated to each train call
+  eval_set = make_eval_set(config, jax.random.fold_in(root, _HELDOUT))
+  step = int(state.step)
+  first_call = True
+  window_t, window_steps = 0.0, 0  # since the last progress line
+  steady_t, steady_steps = 0.0, 0  # calls after the first of this process (no compile)
+  last_ckpt = ckpt.latest_step()
+  while step < config.num_steps:
+    t0 = time.perf_counter()
+    state, metrics = train_steps(state, hyper, setup)
+    metrics = jax.device_get(metrics)  # host sync point
+    dt = time.perf_counter() - t0
+    train_seconds += dt
+    bad = ~(np.isfinite(metrics["loss"]) & np.isfinite(metrics["grad_norm"]))
+    if bad.any():
+      i = int(np.argmax(bad))
+      where = (f"the last checkpoint is {ckpt.step_path(last_ckpt)} (intact)"
+               if last_ckpt is not None else "no checkpoint was written yet")
+      raise FloatingPointError(
+          f"Non-finite training loss {metrics['loss'][i]} / grad norm {metrics['grad_norm'][i]} "
+          f"at step {step + i} (language {config.language}, lr {metrics['lr'][i]:.3g}); "
+          f"{where}. Lower config.optim.peak_lr or raise warmup_steps, then rerun with a new "
+          f"workdir or resume from that checkpoint.")
+    step += k
+    if not first_call:
+      steady_t += dt
+      steady_steps += k
+    first_call = False
+    window_t += dt
+    window_steps += k
+    rate = steady_steps * tokens_per_step / steady_t if steady_t else None
+    _append_metric(metrics_path, {
+        "kind": "train", "step": step, "loss": float(np.mean(metrics["loss"])),
+        "grad_norm": float(np.mean(metrics["grad_norm"])), "lr": float(metrics["lr"][-1]),
+        "tokens_per_s": rate, "train_seconds": train_seconds})
+    if step % config.log_every == 0 or step == config.num_steps:
+      steps_per_s = (steady_steps / steady_t) if steady_t else window_steps / window_t
+      eta = (config.num_steps - step) / steps_per_s
+      logging.info("step %d/%d  loss %.4f  grad_norm %.3f  lr %.3g  %.0f tokens/s  ETA %.0f s",
+                   step, config.num_steps, float(metrics["loss"][-1]),
+                   float(metrics["grad_norm"][-1]), float(metrics["lr"][-1]),
+                   window_steps * tokens_per_step / window_t, eta)
+      window_t, window_steps = 0.0, 0
+    # Also at the last step (when a multiple), so a run stopped there and extended later
+    # logs exactly what an uninterrupted run logs.
+    if step % config.eval_every == 0:
+      t_eval = time.perf_counter()
+      ev = evaluate(state.params, eval_set, setup)
+      gen = _generation_eval(state.params, config, setup, jax.random.fold_in(root, _GEN),
+                             config.eval.gen_batches, config.eval.gen_batch_size)
+      _append_metric(metrics_path, {"kind": "eval", "step": step, **ev,
+                                    "grammatical_fraction": gen["mean"],
+                                    "finished_fraction": gen["finished"]})
+      logging.info("eval step %d  CE %.4f  grammatical mass %.4f  grammatical %.3f  (%.1f s)",
+                   step, ev["eval_ce"], ev["grammatical_next_token_mass"], gen["mean"],
+                   time.perf_counter() - t_eval)
+    if step % config.checkpoint_every == 0 or step == config.num_steps:
+      ckpt.save(step, state, {"train_seconds": train_seconds})
+      last_ckpt = step
+  return state, train_seconds
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+  """One human-readable line of the headline numbers."""
+  return (f"{summary['language']}: {summary['steps']} steps in {summary['train_seconds']:.0f} s, "
+          f"grammatical {summary['grammatical_fraction']:.4f} ± "
+          f"{summary['grammatical_fraction_std']:.4f}, eval CE {summary['eval_ce']:.4f}, "
+          f"grammatical mass {summary['grammatical_next_token_mass']:.4f}")
+
