@@ -195,7 +195,7 @@ def valid_next(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> jax.Array:
     ok, complete = s.ok, s.depth_after == 0
     nxt = opens[None, None, :] | (types[None, None, :] == s.top_type_after[..., None])
   elif grammar.kind in ("expr_prefix", "expr_postfix"):
-    s = recognise.expr_scan(grammar, lay.sentence_BN, n)
+    s = recognise.expr_scan(grammar, lay.sentence_BN, n, tree=False)
     arity = jnp.asarray(recognise._arity_table(grammar))  # pylint: disable=protected-access
     ok, complete = s.ok, s.eos_legal
     if grammar.kind == "expr_prefix":

@@ -109,8 +109,10 @@ def dyck_scan(grammar: pcfg.Grammar, sentence_BN: jax.Array, length_B: jax.Array
       closes_ok = (sp > 0) & (stack_type[top] == t)
       match = jnp.where(op, -1, jnp.where(closes_ok, stack_pos[top], -1))
       new_sp = jnp.where(op, sp + 1, jnp.where(closes_ok, sp - 1, sp))
-      stack_type = jnp.where(live & op, stack_type.at[sp].set(t, mode="drop"), stack_type)
-      stack_pos = jnp.where(live & op, stack_pos.at[sp].set(p, mode="drop"), stack_pos)
+      # Push by scattering to an out-of-range slot (dropped) when not pushing: O(1) per token.
+      slot = jnp.where(live & op, sp, n_cols + 1)
+      stack_type = stack_type.at[slot].set(t, mode="drop")
+      stack_pos = stack_pos.at[slot].set(p, mode="drop")
       new_ok = ok & (op | closes_ok)
       top_after = jnp.where(new_sp > 0, stack_type[jnp.maximum(new_sp - 1, 0)], -1)
       out = (new_ok, sp, new_sp, top_after, match, t, op)
@@ -193,8 +195,13 @@ def _prefix_tree(arity_BN, length_B):
   return jax.vmap(one)(arity_BN, length_B)
 
 
-def expr_scan(grammar: pcfg.Grammar, sentence_BN: jax.Array, length_B: jax.Array) -> ExprScan:
-  """Recognises and labels prefix or postfix expressions (by `grammar.kind`)."""
+def expr_scan(grammar: pcfg.Grammar, sentence_BN: jax.Array, length_B: jax.Array, *,
+              tree: bool = True) -> ExprScan:
+  """Recognises and labels prefix or postfix expressions (by `grammar.kind`).
+
+  With `tree=False` the tree labels (depth, arg_slot, parent_class; an O(N) scan per
+  sequence) are skipped and left as zeros: recognition needs only the counters.
+  """
   arities = jnp.asarray(_arity_table(grammar))
   n_cols = sentence_BN.shape[1]
   pos_N = jnp.arange(n_cols)
@@ -206,6 +213,9 @@ def expr_scan(grammar: pcfg.Grammar, sentence_BN: jax.Array, length_B: jax.Array
     pending_before = pending - (arity_BN - 1)
     ok = jnp.cumprod(pending_before > 0, axis=1).astype(bool)
     eos_legal = ok & (pending == 0)
+    if not tree:
+      zeros = jnp.zeros_like(arity_BN)
+      return ExprScan(ok, arity_BN, pending, eos_legal, zeros, zeros, zeros)
     depth, slot, parent = _prefix_tree(arity_BN, length_B)
     return ExprScan(ok, arity_BN, pending, eos_legal, depth, slot, parent)
   if grammar.kind != "expr_postfix":
@@ -215,6 +225,9 @@ def expr_scan(grammar: pcfg.Grammar, sentence_BN: jax.Array, length_B: jax.Array
   stack_before = stack - (1 - arity_BN)
   ok = jnp.cumprod(stack_before >= arity_BN, axis=1).astype(bool)
   eos_legal = ok & (stack == 1)
+  if not tree:
+    zeros = jnp.zeros_like(arity_BN)
+    return ExprScan(ok, arity_BN, stack, eos_legal, zeros, zeros, zeros)
   # Reversed postfix is prefix with the operands in reverse order.
   rev_idx = jnp.clip(length_B[:, None] - 1 - pos_N[None, :], 0, n_cols - 1)
   rev_arity = jnp.where(live_BN, jnp.take_along_axis(arity_BN, rev_idx, axis=1), 0)
@@ -243,7 +256,7 @@ def is_grammatical(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> jax.Array:
     depth = jnp.take_along_axis(scan.depth_after, last, 1)[:, 0]
     return lay.well_formed & ok & (depth == 0)
   if grammar.kind in ("expr_prefix", "expr_postfix"):
-    scan = expr_scan(grammar, lay.sentence_BN, n)
+    scan = expr_scan(grammar, lay.sentence_BN, n, tree=False)
     return lay.well_formed & jnp.take_along_axis(scan.eos_legal, last, 1)[:, 0]
   from jaxsae.grammars import cky  # pylint: disable=g-import-not-at-top
   return cky.parse(grammar, tokens_BT).grammatical
