@@ -175,8 +175,8 @@ def test_bad_input_fails_before_compiling(lm_dir, sweep, overrides, error, fragm
 _MULTI = r"""
 import json, sys
 import jax, numpy as np
-sys.path.insert(0, {root!r})
-from tests import train_sae_test as t
+sys.path[:0] = [{root!r}, {root!r} + "/tests"]
+import train_sae_test as t
 from jaxsae import train_sae as ts
 cfg = t._config({lm!r}, t.MULTI_SWEEP, mesh_variant_devices={nv})
 _, state, _, _ = t._train(cfg)
