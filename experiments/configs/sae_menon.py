@@ -1,0 +1,125 @@
+"""Menon et al.'s SAE grid for one language: 44 local SAEs at resid_post.0 in one compiled run.
+
+Commands (train the LM once, then the grid; rerun a command to resume it)::
+
+    python -m experiments.main --config=experiments/configs/lm.py:language=english \
+        --workdir=workdirs/lm_english
+    python -m experiments.main --config=experiments/configs/sae_menon.py:language=english \
+        --workdir=workdirs/sae_menon_english
+
+The grid (Menon, Shrivastava, Krueger, Lubana 2025; `specs/sae.md`, "Grids to reproduce"):
+expansion {1, 2, 4, 8} (width 128 to 1024 on the spec's d_model 128) ×
+(ReLU + L1 with α ∈ {1e-3, 1e-2, 1e-1, 1, 10, 100}, Menon's reduction α·Σ_{tokens, latents}|c|
+over the whole batch (`sparsity_reduction='sum_batch'`) plus the mean-element MSE |
+TopK with k ∈ {8, 16, 32, 64, 128}, MSE only) = 24 + 20 = 44 SAEs in 8 compilation groups
+(4 widths × {L1, TopK}; within a group α or k is a per-variant array). k = 128 at expansion 1
+keeps every latent (k = width), as in the original. Their profile: Adam (0.9, 0.999, 1e-8),
+lr 1e-5, constant, no gradient clipping, 5,000 steps of 128 sequences, sentence tokens only;
+Menon-style SAEs: U(±1/√d) encoder, U(±1/√F) decoder (N(0, 1) under the `dec` norm), no biases
+unless `pre_bias` (then a zero-initialised pre-bias and an encoder bias), no decoder bias.
+
+Settings after the colon (comma-separated):
+- `language=<name>` (any of `jaxsae.grammars.names()`; default dyck2);
+- `lm_workdir=<dir>` (default workdirs/lm_<language>);
+- `steps=<int>` (a positive multiple of log_every: 50, or 2 under `smoke`);
+- `norm=none|input|input_recon|input_dec`: Menon's normalisations: `input` L2-normalises x
+  before the SAE, `input_recon` also the reconstruction, `input_dec` also divides each
+  dictionary direction by its norm in the forward (decoder_norm='forward');
+- switches `pre_bias` (pre-bias and encoder bias on), `sparsemax` (adds Menon's three sparsemax
+  encoders, no-kds / recon-dist / dist, per expansion: 56 SAEs in 20 groups) and `smoke`
+  (4 steps of 4 sequences, expansions {1, 2}, α {1e-3, 1}, k {8, 16}: seconds, for tests).
+
+Runtime of the default grid (44 SAEs, 128 sequences per step): 50 steps timed after compilation
+on 2 CPU cores SHARED with other jobs (jax 0.10.2 CPU; load average in brackets, so these are
+upper bounds) on an untrained default-size LM (d_model 128; the time depends on the LM only
+through its shape, the sentence-token count only on the grammar), then EXTRAPOLATED to 5,000:
+
+| language | max_len | tokens/step (capacity) | compile | 50 steps | 5,000 (extrapolated) |
+|---|---|---|---|---|---|
+| english | 48 | 1,256 | 9 s | 43 s (load 2.3) | ≈ 71 min |
+| dyck2 | 64 | 1,696 | 18 s | 93 s (load 6.5) | ≈ 2.5 h (less when uncontended) |
+
+The LM comes first (english ≈ 4 min, dyck2 ≈ 17 min; `lm.py`). `smoke` runs in ≈ 15 s.
+With `sparsemax` add the 12 sparsemax SAEs (not timed). On an accelerator the grid takes
+seconds per hundred steps.
+
+What the original paper found (spliced grammaticality, their conventions: the fraction of
+5 × 128 generations that are grammatical with the SAE spliced in; `specs/sae.md`):
+- L1: ≈ 0 everywhere except Expr with α ≤ 1e-2 (≈ 1.0): the sum-over-batch L1 is ~10⁵× stronger
+  than a per-token penalty, so most L1 SAEs collapse;
+- TopK, no norm: ≈ 1.0 on Expr; ≈ 0.99 on English for most (k, width); on Dyck-2 (p 0.5) rising
+  with k and width from ≈ 0.1 (k 8) to ≈ 0.92 (k 128, ×8);
+- `recon` normalisation and sparsemax: ≈ 0 (a splicing artefact of the original pipeline: the
+  unit-norm reconstruction was spliced without rescaling; `splice_mode='original'` reproduces
+  it, the default 'corrected' rescales to ‖x‖).
+This job writes the training metrics (per variant: loss, MSE, sparsity, L0, explained variance,
+dead fraction) to `metrics.jsonl` / `summary.json`; spliced grammaticality needs the evaluation
+job (`jaxsae.evaluate`, not yet written), so no numbers of ours are quoted here yet. Expected
+(not yet measured on a trained LM): the L1 losses of α ≥ 1e-1 are dominated by the sparsity
+term, so their L0 falls; TopK's L0 is at most k (only positive pre-activations are kept: at
+init, width 128, k = 64 and 128 both give L0 ≈ 61).
+"""
+
+from experiments.configs import args as args_lib
+from experiments.configs import sae_base
+from jaxsae import grammars
+
+EXPANSIONS = [1, 2, 4, 8]  # SAE width / d_model
+ALPHAS = [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]  # L1 α, sum over tokens and latents of a batch
+KS = [8, 16, 32, 64, 128]  # TopK latents kept per token
+SPARSEMAX = ["sparsemax_no_kds", "sparsemax_recon_dist", "sparsemax_dist"]
+# norm= value -> (input_norm, recon_norm, decoder_norm)
+NORMS = {"none": (False, False, "none"), "input": (True, False, "none"),
+         "input_recon": (True, True, "none"), "input_dec": (True, False, "forward")}
+
+_SMOKE_EXPANSIONS, _SMOKE_ALPHAS, _SMOKE_KS = [1, 2], [1e-3, 1.0], [8, 16]
+
+
+def get_config(arg=None):
+  opts = args_lib.parse(arg, switches=("smoke", "pre_bias", "sparsemax"),
+                        keys={"language": "dyck2", "lm_workdir": "", "steps": 0, "norm": "none"})
+  if opts["language"] not in grammars.names():
+    raise ValueError(f"unknown language '{opts['language']}'; use one of {grammars.names()}")
+  if opts["norm"] not in NORMS:
+    raise ValueError(f"unknown norm '{opts['norm']}'; use one of {list(NORMS)} "
+                     "(Menon's none / input / input+recon / input+dec)")
+  c = sae_base.base_config(language=opts["language"],
+                           lm_workdir=opts["lm_workdir"] or f"workdirs/lm_{opts['language']}")
+  # Menon's optimisation profile (sae_base carries the e2e_sae one).
+  c.positions = "sentence"  # sentence tokens only (decorator, <eos> and padding excluded)
+  c.batch_size = 128  # sequences per step
+  c.steps = 5000  # optimizer steps
+  c.log_every = 50  # steps per host call; metrics fetched once per call
+  c.checkpoint_every = 1000  # steps between checkpoints (multiple of log_every)
+  c.schedule = "constant"  # no warm-up, no decay
+  c.warmup_steps = 0  # linear warm-up steps (unused by 'constant')
+  c.grad_clip = float("inf")  # global grad-norm clip per variant: none (Menon clips nothing)
+
+  input_norm, recon_norm, decoder_norm = NORMS[opts["norm"]]
+  common = {
+      "loss": "local", "lr": 1e-5, "init": "menon", "pre_bias": opts["pre_bias"],
+      "enc_bias": opts["pre_bias"], "dec_bias": False, "decoder_norm": decoder_norm,
+      "input_norm": input_norm, "recon_norm": recon_norm,
+      # Menon's sum-over-batch L1 (also what is logged as `sparsity` for TopK / sparsemax).
+      "sparsity_reduction": "sum_batch",
+  }
+  expansions, alphas, ks = EXPANSIONS, ALPHAS, KS
+  if opts["smoke"]:
+    expansions, alphas, ks = _SMOKE_EXPANSIONS, _SMOKE_ALPHAS, _SMOKE_KS
+    c.steps, c.log_every, c.checkpoint_every, c.batch_size = 4, 2, 4, 4
+  c.sweep = [
+      {"product": {"expansion": expansions, "sparsity_coeff": alphas},
+       "set": dict(common, activation="relu")},
+      {"product": {"expansion": expansions, "k": ks},
+       "set": dict(common, activation="topk", sparsity_coeff=0.0)},
+  ]
+  if opts["sparsemax"]:
+    c.sweep.append({"product": {"expansion": expansions, "activation": SPARSEMAX},
+                    "set": dict(common, sparsity_coeff=0.0)})
+  if opts["steps"]:
+    if opts["steps"] < 0 or opts["steps"] % c.log_every:
+      raise ValueError(f"steps={opts['steps']} must be a positive multiple of log_every="
+                       f"{c.log_every} (metrics are fetched every log_every steps)")
+    c.steps = opts["steps"]
+    c.checkpoint_every = min(c.checkpoint_every, c.steps)  # both multiples of log_every
+  return c

@@ -1,0 +1,229 @@
+"""Configs: the Menon grid's shape and switches, its smoke run end to end, bad args, and that
+every shipped config builds (with its `smoke` switch where it has one)."""
+
+import glob
+import importlib
+import json
+import os
+
+import pytest
+
+from experiments import main as main_lib
+from experiments.configs import lm as lm_configs
+from experiments.configs import sae_menon
+from jaxsae import checkpoint as ckpt_lib
+from jaxsae import train_lm
+from jaxsae import train_sae
+
+D_MODEL = 128  # the spec's LM width (the default lm config)
+SMOKE_D_MODEL = 32  # the smoke LM's width
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
+CONFIG_MODULES = sorted(
+    os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+    if "def get_config(" in open(p).read())
+
+
+def _write_lm(directory: str, language: str) -> str:
+  """An untrained smoke-size LM workdir (the SAE trainer needs config.json + a checkpoint)."""
+  config = lm_configs.get_config(f"language={language},smoke")
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config.to_dict(), f)
+  with ckpt_lib.Checkpointer(os.path.join(directory, "checkpoints")) as ckpt:
+    ckpt.save(0, train_lm.init_state(config))
+  return directory
+
+
+def _groups(config, d_model=D_MODEL):
+  specs, _ = train_sae.build_groups(list(config.sweep), d_model)
+  return specs
+
+
+# ------------------------------------------------------------------------------------------------
+# sae_menon: the grid.
+
+
+def test_menon_default_is_44_variants_in_8_groups():
+  config = sae_menon.get_config()
+  specs = _groups(config)
+  assert sum(s.size for s in specs) == 44
+  assert len(specs) == 8
+  kinds = sorted((s.sae.activation, s.sae.width) for s in specs)
+  assert kinds == sorted((a, e * D_MODEL) for a in ("relu", "topk") for e in (1, 2, 4, 8))
+  for s in specs:
+    assert s.loss.preset == "local"
+    assert s.loss.sparsity_reduction == "sum_batch"
+    assert s.sae.init == "menon"
+    assert (s.sae.enc_bias, s.sae.dec_bias, s.sae.pre_bias) == (False, False, False)
+    assert (s.sae.decoder_norm, s.sae.input_norm, s.sae.recon_norm) == ("none", False, False)
+    assert list(s.lr) == pytest.approx([1e-5] * s.size)
+    assert list(s.coeffs.out_to_in) == [1.0] * s.size
+    if s.sae.activation == "relu":
+      assert s.size == 6
+      assert list(s.coeffs.sparsity) == pytest.approx([1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
+    else:
+      assert s.size == 5
+      assert list(s.hparams.k) == [8, 16, 32, 64, 128]
+      assert s.sae.k_max == 128  # k = 128 = width at expansion 1 is allowed
+      assert list(s.coeffs.sparsity) == [0.0] * 5
+
+
+def test_menon_optimisation_profile():
+  config = sae_menon.get_config()
+  assert (config.site, config.positions) == ("resid_post.0", "sentence")
+  assert (config.batch_size, config.steps, config.schedule) == (128, 5000, "constant")
+  assert config.grad_clip == float("inf")
+  assert (config.adam_b1, config.adam_b2, config.adam_eps) == (0.9, 0.999, 1e-8)
+  assert (config.language, config.lm_workdir) == ("dyck2", "workdirs/lm_dyck2")
+  train_sae.validate_config(config)
+
+
+# ------------------------------------------------------------------------------------------------
+# sae_menon: the switches.
+
+
+def test_menon_language_and_lm_workdir():
+  c = sae_menon.get_config("language=english")
+  assert (c.language, c.lm_workdir) == ("english", "workdirs/lm_english")
+  c = sae_menon.get_config("language=english,lm_workdir=/x/lm")
+  assert c.lm_workdir == "/x/lm"
+
+
+def test_menon_steps():
+  c = sae_menon.get_config("steps=150")
+  assert c.steps == 150 and c.checkpoint_every == 150
+  train_sae.validate_config(c)
+  c = sae_menon.get_config("steps=3000")
+  assert (c.steps, c.checkpoint_every) == (3000, 1000)
+  train_sae.validate_config(c)
+
+
+def test_menon_pre_bias_turns_on_pre_and_encoder_bias():
+  for s in _groups(sae_menon.get_config("pre_bias")):
+    assert (s.sae.pre_bias, s.sae.enc_bias, s.sae.dec_bias) == (True, True, False)
+    assert s.sae.pre_bias_init == "zero"
+
+
+@pytest.mark.parametrize("norm, expected", [
+    ("none", (False, False, "none")),
+    ("input", (True, False, "none")),
+    ("input_recon", (True, True, "none")),
+    ("input_dec", (True, False, "forward")),
+])
+def test_menon_norm(norm, expected):
+  specs = _groups(sae_menon.get_config(f"norm={norm}"))
+  assert len(specs) == 8
+  for s in specs:
+    assert (s.sae.input_norm, s.sae.recon_norm, s.sae.decoder_norm) == expected
+
+
+def test_menon_sparsemax_adds_three_encoders_per_expansion():
+  specs = _groups(sae_menon.get_config("sparsemax"))
+  assert sum(s.size for s in specs) == 44 + 12
+  assert len(specs) == 8 + 12
+  sparse = [s for s in specs if s.sae.is_sparsemax]
+  assert sorted((s.sae.activation, s.sae.width) for s in sparse) == sorted(
+      (a, e * D_MODEL) for a in sae_menon.SPARSEMAX for e in (1, 2, 4, 8))
+  for s in sparse:
+    assert s.size == 1 and not s.sae.enc_bias and float(s.coeffs.sparsity[0]) == 0.0
+
+
+def test_menon_switches_combine():
+  specs = _groups(sae_menon.get_config("pre_bias,norm=input_dec,sparsemax,language=expr_prefix"))
+  assert sum(s.size for s in specs) == 56
+  assert all(s.sae.pre_bias and s.sae.decoder_norm == "forward" for s in specs)
+
+
+def test_menon_smoke_is_small():
+  c = sae_menon.get_config("smoke")
+  specs = _groups(c, SMOKE_D_MODEL)
+  assert sum(s.size for s in specs) == 8 and len(specs) == 4
+  assert c.steps <= 4 and c.batch_size <= 4
+  train_sae.validate_config(c)
+  assert sum(s.size for s in _groups(sae_menon.get_config("smoke,sparsemax"), SMOKE_D_MODEL)) == 14
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("language=klingon", "unknown language 'klingon'"),
+    ("norm=recon", "unknown norm 'recon'"),
+    ("steps=75", "multiple of log_every=50"),
+    ("steps=-50", "positive multiple"),
+    ("smoke,steps=3", "multiple of log_every=2"),
+    ("width=4", "unknown config setting 'width'"),
+    ("prebias", "unknown config switch 'prebias'"),
+])
+def test_menon_bad_args_raise_clearly(arg, message):
+  with pytest.raises(ValueError, match=message):
+    sae_menon.get_config(arg)
+
+
+# ------------------------------------------------------------------------------------------------
+# sae_menon: the smoke config end to end.
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+  return _write_lm(str(tmp_path_factory.mktemp("lm") / "dyck2"), "dyck2")
+
+
+def test_menon_smoke_runs_end_to_end(lm_dir, tmp_path):
+  config = sae_menon.get_config(f"smoke,lm_workdir={lm_dir}")
+  config.lock()  # as experiments.main does
+  summary = train_sae.run(config, str(tmp_path / "sae"))
+  assert summary["steps"] == config.steps and summary["language"] == "dyck2"
+  variants = summary["variants"]
+  assert len(variants) == 8
+  for v in variants.values():
+    assert not v["frozen"]
+    assert v["metrics"]["step"] == config.steps
+    assert all(isinstance(v["metrics"][k], float) for k in ("loss", "out_to_in", "l0"))
+  for v in variants.values():
+    if v["hparams"]["activation"] == "topk":
+      assert 0 < v["metrics"]["l0"] <= v["hparams"]["k"]
+  for name in ("config.json", "variants.json", "metrics.jsonl", "summary.json"):
+    assert os.path.exists(tmp_path / "sae" / name)
+
+
+def test_menon_wrong_language_for_the_lm_fails_before_compiling(lm_dir):
+  config = sae_menon.get_config(f"smoke,language=english,lm_workdir={lm_dir}")
+  with pytest.raises(ValueError, match="trained on 'dyck2'"):
+    train_sae.prepare(config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Every shipped config.
+
+
+def test_config_modules_are_found():
+  assert {"grammar", "lm", "sae_e2e", "sae_menon"} <= set(CONFIG_MODULES)
+
+
+def _accepts_smoke(module) -> bool:
+  try:
+    module.get_config("smoke")
+  except ValueError as e:
+    if "unknown config switch 'smoke'" in str(e):
+      return False
+    raise
+  return True
+
+
+@pytest.mark.parametrize("name", CONFIG_MODULES)
+def test_every_config_builds(name):
+  module = importlib.import_module(f"experiments.configs.{name}")
+  assert "python -m experiments.main" in (module.__doc__ or ""), (
+      f"{name}.py's docstring must give the command that runs it")
+  args = [None] + (["smoke"] if _accepts_smoke(module) else [])
+  for arg in args:
+    config = module.get_config(arg)
+    assert config.job in main_lib.JOBS, f"{name}:{arg}: unknown job {config.job!r}"
+    json.dumps(config.to_dict())  # what the jobs write to config.json
+    config.lock()
+    d_model = SMOKE_D_MODEL if arg == "smoke" else D_MODEL
+    if config.job == "lm":
+      train_lm.validate_config(config)
+      assert train_lm.model_config_for(config).d_model == d_model
+    elif config.job == "sae":
+      train_sae.validate_config(config)
+      assert sum(s.size for s in _groups(config, d_model)) >= 1
