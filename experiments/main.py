@@ -7,7 +7,6 @@ fail in `get_config` or in the job's own validation, before anything is compiled
 """
 
 import importlib
-import json
 import os
 
 from absl import app
@@ -37,11 +36,12 @@ def main(argv):
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   logging.info("job %s, workdir %s", config.job, workdir)
-  result = importlib.import_module(JOBS[config.job]).run(config, workdir)
-  if isinstance(result, dict) and "grammatical_fraction" in result:
-    print(json.dumps({k: result[k] for k in ("grammar", "grammatical_fraction",
-                                             "rejection_rate", "length")}, indent=1))
-  print(f"report: {os.path.join(workdir, 'report.md')}")
+  importlib.import_module(JOBS[config.job]).run(config, workdir)
+  # Point at what the job wrote (jobs differ: report.md, summary.json, variants.json, ...).
+  for name in ("report.md", "summary.json", "report.json", "variants.json", "metrics.jsonl"):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      print(f"{name}: {path}")
 
 
 if __name__ == "__main__":
