@@ -36,23 +36,7 @@ from experiments.configs import lm as lm_config  # pylint: disable=g-import-not-
 from jaxsae import generate as generate_lib  # pylint: disable=g-import-not-at-top
 from jaxsae import grammars  # pylint: disable=g-import-not-at-top
 from jaxsae import train_lm  # pylint: disable=g-import-not-at-top
-
-
-def matmul_peak(sizes=(256, 512, 1024, 2048), repeats=5) -> tuple[float, int]:
-  """Best float32 GFLOP/s of a jitted square matmul, and the size that gave it."""
-  best, best_n = 0.0, 0
-  f = jax.jit(lambda a, b: a @ b)
-  for n in sizes:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f(a, b).block_until_ready()
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      f(a, b).block_until_ready()
-      gflops = 2 * n ** 3 / (time.perf_counter() - t0) / 1e9
-      if gflops > best:
-        best, best_n = gflops, n
-  return best, best_n
+from jaxsae.flops import matmul_peak  # pylint: disable=g-import-not-at-top
 
 
 def flops_per_token(mc, seq_len: int) -> dict[str, float]:

@@ -68,7 +68,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from experiments.configs import lm as lm_configs  # pylint: disable=g-import-not-at-top
 from experiments.configs import sae_base  # pylint: disable=g-import-not-at-top
-from jaxsae import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+from jaxsae.flops import matmul_peak  # pylint: disable=g-import-not-at-top
 from jaxsae import train_lm  # pylint: disable=g-import-not-at-top
 from jaxsae import train_sae  # pylint: disable=g-import-not-at-top
 
@@ -91,29 +91,7 @@ def write_untrained_lm(directory: str, language: str = LANGUAGE, max_len: int = 
   """An LM workdir with the default (non-smoke) model and an untrained checkpoint at step 0."""
   config = lm_configs.get_config(f"language={language}")
   config.max_len = max_len
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f)
-  with ckpt_lib.Checkpointer(os.path.join(directory, "checkpoints")) as ckpt:
-    ckpt.save(0, train_lm.init_state(config))
-  return directory
-
-
-def matmul_peak(sizes=(512, 1024, 2048), repeats=3) -> tuple[float, int]:
-  """Best float32 GFLOP/s of a jitted square `a @ b`, and the size that gave it."""
-  f = jax.jit(lambda a, b: a @ b)
-  best, best_n = 0.0, 0
-  for n in sizes:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f(a, b).block_until_ready()
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      f(a, b).block_until_ready()
-      g = 2 * n ** 3 / (time.perf_counter() - t0) / 1e9
-      if g > best:
-        best, best_n = g, n
-  return best, best_n
+  return train_lm.write_untrained(config, directory)
 
 
 def flop_model(mc, loss: str, n: int, tokens: int, seq_len: int, width: int) -> dict:

@@ -574,3 +574,16 @@ def summary_line(summary: dict[str, Any]) -> str:
           f"{summary['grammatical_fraction_std']:.4f}, eval CE {summary['eval_ce']:.4f}, "
           f"grammatical mass {summary['grammatical_next_token_mass']:.4f}")
 
+
+
+def write_untrained(config, workdir: str) -> str:
+  """An LM workdir holding `config.json` and an untrained step-0 checkpoint of `config`.
+
+  What SAE training and benchmarks need when the LM's weights do not matter (tests, timing).
+  """
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    ckpt.save(0, init_state(config))
+  return workdir

@@ -11,7 +11,6 @@ import pytest
 from experiments import main as main_lib
 from experiments.configs import lm as lm_configs
 from experiments.configs import sae_menon
-from jaxsae import checkpoint as ckpt_lib
 from jaxsae import train_lm
 from jaxsae import train_sae
 
@@ -26,13 +25,7 @@ CONFIG_MODULES = sorted(
 
 def _write_lm(directory: str, language: str) -> str:
   """An untrained smoke-size LM workdir (the SAE trainer needs config.json + a checkpoint)."""
-  config = lm_configs.get_config(f"language={language},smoke")
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f)
-  with ckpt_lib.Checkpointer(os.path.join(directory, "checkpoints")) as ckpt:
-    ckpt.save(0, train_lm.init_state(config))
-  return directory
+  return train_lm.write_untrained(lm_configs.get_config(f"language={language},smoke"), directory)
 
 
 def _groups(config, d_model=D_MODEL):

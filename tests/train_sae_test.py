@@ -13,21 +13,14 @@ import pytest
 
 from experiments.configs import lm as lm_configs
 from experiments.configs import sae_e2e
-from jaxsae import checkpoint as ckpt_lib
 from jaxsae import sweep as sweep_lib
 from jaxsae import train_lm
 from jaxsae import train_sae as ts
 
 
 def _write_lm(directory: str, language: str) -> str:
-  """An untrained tiny LM workdir (the trainer only needs a checkpoint and config.json)."""
-  config = lm_configs.get_config(f"language={language},smoke")
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f)
-  with ckpt_lib.Checkpointer(os.path.join(directory, "checkpoints")) as ckpt:
-    ckpt.save(0, train_lm.init_state(config))
-  return directory
+  """An untrained smoke-size LM workdir (the SAE trainer needs config.json + a checkpoint)."""
+  return train_lm.write_untrained(lm_configs.get_config(f"language={language},smoke"), directory)
 
 
 @pytest.fixture(scope="module")
