@@ -194,6 +194,20 @@ class _Plan:
   collect: tuple[str, ...]
   stop_at: str | None
 
+def _visit_site(plan: _Plan, acts: dict[str, jax.Array], name: str, v_BTD: jax.Array) -> jax.Array:
+  """Applies the plan's replacements at a site (in order) and records it if collected."""
+  # The start site's value is given, so its replacement is not applied again.
+  if name != plan.start:
+    for fn in plan.replace.get(name, ()):
+      out = fn(v_BTD)
+      if getattr(out, "shape", None) != v_BTD.shape:
+        raise ValueError(f"Replacement at site {name!r} must return shape {v_BTD.shape}, got "
+                         f"{getattr(out, 'shape', type(out))}.")
+      v_BTD = out.astype(v_BTD.dtype)
+  if name in plan.collect or name == plan.stop_at:
+    acts[name] = v_BTD
+  return v_BTD
+
 
 class Transformer(nn.Module):
   """The decoder. Use the module-level `init` / `apply` / `apply_from` rather than its methods."""
@@ -223,17 +237,7 @@ class Transformer(nn.Module):
     acts = {}
 
     def site(name: str, v_BTD: jax.Array) -> jax.Array:
-      # The start site's value is given, so its replacement is not applied again.
-      if name != plan.start:
-        for fn in plan.replace.get(name, ()):
-          out = fn(v_BTD)
-          if getattr(out, "shape", None) != v_BTD.shape:
-            raise ValueError(f"Replacement at site {name!r} must return shape {v_BTD.shape}, got "
-                             f"{getattr(out, 'shape', type(out))}.")
-          v_BTD = out.astype(v_BTD.dtype)
-      if name in plan.collect or name == plan.stop_at:
-        acts[name] = v_BTD
-      return v_BTD
+      return _visit_site(plan, acts, name, v_BTD)
 
     early = ForwardResult(logits=None, acts=acts)  # `acts` fills in as the walk goes
 
@@ -544,15 +548,7 @@ def decode_step(params: Params, cache: KVCache, tokens_BT: jax.Array, config: Mo
   acts = {}
 
   def site(name: str, v_BTD: jax.Array) -> jax.Array:
-    for fn in plan.replace.get(name, ()):
-      out = fn(v_BTD)
-      if getattr(out, "shape", None) != v_BTD.shape:
-        raise ValueError(f"Replacement at site {name!r} must return shape {v_BTD.shape}, got "
-                         f"{getattr(out, 'shape', type(out))}.")
-      v_BTD = out.astype(v_BTD.dtype)
-    if name in plan.collect:
-      acts[name] = v_BTD
-    return v_BTD
+    return _visit_site(plan, acts, name, v_BTD)
 
   def layer_norm(scale_params, x_BTD):
     return _layer_norm(cfg).apply({"params": scale_params}, x_BTD)
