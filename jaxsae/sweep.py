@@ -200,18 +200,19 @@ def describe(groups: Sequence[Group]) -> list[dict[str, Any]]:
   out = []
   for g in groups:
     for i, v in enumerate(g.variants):
-      values = {k: _jsonable(x) for k, x in v.values.items()}
-      values.update({k: _jsonable(x) for k, x in g.static.items()})
+      values = {k: to_json(x) for k, x in v.values.items()}
+      values.update({k: to_json(x) for k, x in g.static.items()})
       out.append({"id": v.id, "index": v.index, "label": v.label, "group": g.name,
                   "position_in_group": i, "hparams": values})
   return sorted(out, key=lambda d: d["index"])
 
 
-def _jsonable(x):
+def to_json(x):
+  """A value as JSON can hold it (numpy scalars unwrapped, sequences as lists)."""
   if isinstance(x, np.generic):
     return x.item()
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [to_json(v) for v in x]
   return x
 
 
@@ -219,6 +220,6 @@ def write_variants_json(path: str, groups: Sequence[Group]) -> None:
   """Writes `variants.json` (see `describe`)."""
   with open(path, "w") as f:
     json.dump({"groups": [{"name": g.name, "size": g.size,
-                           "static": {k: _jsonable(v) for k, v in g.static.items()}}
+                           "static": {k: to_json(v) for k, v in g.static.items()}}
                           for g in groups],
                "variants": describe(groups)}, f, indent=1)

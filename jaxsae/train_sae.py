@@ -714,7 +714,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 
 
 def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
-  return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in values.items()}
+  return {k: sweep_lib.to_json(v) for k, v in values.items()}
 
 
 def _write_variants(path: str, setup: Setup) -> None:
