@@ -742,3 +742,46 @@ def _summary(setup: Setup, state: GridState, last, lm, config) -> dict[str, Any]
                                    if k not in ("variant", "group", "frozen")}}
   return {"language": lm.language, "site": setup.site, "steps": int(state.step),
           "lm_step": lm.step, "token_capacity": setup.capacity, "variants": variants}
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """A trained grid read back from an `sae` workdir (see `load_trained`)."""
+
+  config: Any  # the run's ConfigDict (from config.json)
+  setup: Setup
+  lm: LoadedLM
+  state: GridState  # the latest checkpoint
+  hypers: tuple[GroupHyper, ...]
+
+
+def load_trained(workdir: str, step: int | None = None) -> Trained:
+  """Rebuilds the setup of the `sae` run in `workdir` and restores its checkpoint.
+
+  Args:
+    workdir: the SAE job's workdir (config.json and checkpoints/).
+    step: checkpoint step to restore (default: the latest).
+
+  Raises:
+    FileNotFoundError: no config.json or no checkpoint (the message says which job to run).
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir!r} is not an sae job workdir; train "
+                            "the grid first (python -m experiments.main --config="
+                            "experiments/configs/sae_*.py --workdir=...)")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  setup, lm, root = prepare(config, workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  with ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=max(int(config.keep_checkpoints), 1)) as ckpt:
+    if not ckpt.all_steps():
+      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; the sae job in {workdir!r} has "
+                              "not saved one yet (rerun it to finish training)")
+    template = jax.eval_shape(lambda: init_grid(setup, lm, root))
+    state = ckpt.restore(template, step).state
+  state = place_state(GridState(step=jnp.asarray(state.step, jnp.int32),
+                                groups=tuple(state.groups)), setup)
+  hypers = _shard(tuple(group_hyper(s) for s in setup.specs), setup)
+  return Trained(config=config, setup=setup, lm=lm, state=state, hypers=hypers)

@@ -129,6 +129,14 @@ def test_resume_is_bit_exact(lm_dir, tmp_path):
   assert sa == sb
   lines = lambda n: [json.loads(l) for l in open(tmp_path / n / "metrics.jsonl")]
   assert lines("a") == lines("b")
+  # The grid reads back from the workdir alone, at the final step and equal in both runs.
+  ta, tb = ts.load_trained(str(tmp_path / "a")), ts.load_trained(str(tmp_path / "b"))
+  assert int(ta.state.step) == 8 and [s.ids for s in ta.setup.specs] == [
+      s.ids for s in tb.setup.specs]
+  for x, y in zip(jax.tree.leaves(ta.state), jax.tree.leaves(tb.state)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(FileNotFoundError, match="not an sae job workdir"):
+    ts.load_trained(str(tmp_path))
 
 
 def test_nan_variant_is_frozen_and_isolated(lm_dir):
