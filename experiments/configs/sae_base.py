@@ -29,5 +29,6 @@ def base_config(*, language: str, lm_workdir: str) -> ml_collections.ConfigDict:
   c.adam_eps = 1e-8  # Adam ε
   c.seed = 0  # data seed (SAE init seeds are per variant, in the sweep)
   c.mesh_variant_devices = -1  # devices on the mesh's variant axis (-1: all; rest: data)
+  c.variant_loop = "auto"  # 'vmap' | 'map' (variants one by one in the step) | 'auto' (map on CPU)
   c.distributed = False  # jax.distributed.initialize() first (multi-host TPU pods)
   return c
