@@ -24,6 +24,8 @@ JOBS = {
     "grammar": "jaxsae.grammars.survey",
     "lm": "jaxsae.train_lm",
     "sae": "jaxsae.train_sae",
+    "eval": "jaxsae.evaluate",
+    "export": "jaxsae.export",
 }
 
 

@@ -1,0 +1,549 @@
+"""Export of trained SAEs in a documented, framework-neutral (SAELens-style) format, and back.
+
+This docstring is the format's definition; `numpy_forward` is its executable form.
+
+Layout: one directory per SAE, `<out>/<variant_id>/`, holding
+
+  cfg.json           SAELens field names (below) plus a `jaxsae` block.
+  sae_weights.npz    float32 *effective* tensors, SAELens names and layouts:
+                       W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in];
+                       `threshold` [d_sae] (architecture 'jumprelu');
+                       `b_pre` [d_in] and `lam` [] (architecture 'jaxsae_sparsemax').
+  jaxsae_params.npz  our raw params (`jaxsae.sae` names and layouts), bit-exact; what `load_sae`
+                     reads to rebuild the variant (the effective tensors are derived, lossy).
+
+The forward of the effective tensors (x [..., d_in] -> x_hat [..., d_in], codes [..., d_sae]):
+
+  x_in   = x / max(‖x‖, 1e-8)          if normalize_activations is 'input' or 'input_recon'
+  sae_in = x_in − b_dec                if apply_b_dec_to_input, else x_in
+  pre    = sae_in @ W_enc + b_enc
+  codes  = relu(pre)                                   architecture 'standard'
+         = relu of the k largest of pre, others 0      'topk', k = activation_fn_kwargs['k']
+         = relu(pre) · 1[pre > threshold]              'jumprelu'
+  x_hat  = codes @ W_dec + b_dec
+  x_hat  = x_hat / max(‖x_hat‖, 1e-8)  if normalize_activations is 'recon' or 'input_recon'
+
+'jaxsae_sparsemax' (Menon's prototype encoders; activation_fn_str is `no_kds`, `recon_dist` or
+`dist`; apply_b_dec_to_input is always false): x̃ = (x_in − b_pre) / max(‖x_in − b_pre‖, 1e-8),
+dots = x̃ @ W_enc (columns of W_enc are the unit prototypes a_j), sq_j = ‖x̃‖² + ‖a_j‖² − 2·dots_j,
+pre = lam·dots (no_kds) | dots − lam·sq (recon_dist) | −lam·sq (dist), plus b_enc (zeros),
+codes = sparsemax(pre) (Euclidean projection onto the simplex), x_hat as above.
+
+How our parameters map onto these tensors (`jaxsae.sae`: pre = (x_in − b_pre) @ w_enc + b_enc,
+x_hat = codes @ dictionary + b_dec + b_pre):
+
+- Pre-bias. SAELens subtracts its b_dec from the input when `apply_b_dec_to_input` is true and
+  adds the same b_dec to the output. We set `apply_b_dec_to_input = pre_bias` and export
+  `b_dec = b_dec_ours + b_pre` (absent biases count as zero). Subtracting that b_dec also takes
+  b_dec_ours off the input, so when both biases exist it is added back through the encoder bias:
+  `b_enc = b_enc_ours + b_dec_ours @ w_enc` (exact in real arithmetic; with pre_bias and no
+  dec_bias, as in Menon's SAEs, b_dec = b_pre and b_enc = b_enc_ours exactly). Without pre_bias,
+  b_dec = b_dec_ours and nothing is subtracted. Sparsemax encoders normalise x − b_pre, which no
+  bias fold can express, so they carry b_pre as its own tensor instead.
+- Decoder norm. W_dec is the dictionary the forward actually uses: under `decoder_norm =
+  'forward'` each row already divided by its L2 norm (the fold), under 'project' / 'none' the raw
+  rows. W_enc is unchanged, so the exported codes equal ours latent for latent.
+- JumpReLU: threshold = exp(log_threshold). BatchTopK exports its *inference* rule, codes =
+  relu(pre)·1[pre > thr] with the tracked scalar threshold thr (0 before any update): that is
+  architecture 'jumprelu' with threshold = thr for every latent (what SAELens saves for its own
+  BatchTopK SAEs); the training-time k sits in `jaxsae.hparams`.
+- Normalisation: x_hat lives in the SAE's space, like `sae.forward`: under input normalisation it
+  reconstructs x/‖x‖. Splicing into the model (`jaxsae.splice_mode` 'corrected') multiplies x_hat
+  by ‖x‖; SAELens' own `normalize_activations` values do not express this.
+
+cfg.json fields: d_in, d_sae, architecture, activation_fn_str, activation_fn_kwargs,
+apply_b_dec_to_input, finetuning_scaling_factor (false), normalize_activations ('none' | 'input'
+| 'recon' | 'input_recon'), hook_name (our site, e.g. 'resid_post.0'), hook_layer,
+hook_head_index (null), model_name, model_from_pretrained_kwargs ({}), context_size, prepend_bos
+(false), dtype ('float32'), device ('cpu'), sae_lens_training_version (null), `metadata` (the
+newer SAELens home of hook_name / model_name / context_size), and `jaxsae`: format_version,
+variant_id, language, site, sae_config (every `SAEConfig` field), hparams (the variant's
+`SAEHparams`), state (BatchTopK threshold and update count) and extra (free JSON; for trained
+grids the variant's sweep values, group, loss, learning rate, step, frozen flag).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsae import sae as sae_lib
+from jaxsae import sweep as sweep_lib
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.npz"
+PARAMS_FILE = "jaxsae_params.npz"
+NORMALIZATIONS = ("none", "input", "recon", "input_recon")
+ARCHITECTURES = ("standard", "topk", "jumprelu", "jaxsae_sparsemax")
+_EPS = 1e-8  # as `sae._EPS`: norms are clipped below at 1e-8 before dividing
+_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+# ------------------------------------------------------------------------------------------------
+# Effective tensors and cfg.json.
+
+
+def _architecture(config: sae_lib.SAEConfig) -> tuple[str, str]:
+  """(architecture, activation_fn_str) of the exported format."""
+  if config.is_sparsemax:
+    return "jaxsae_sparsemax", config.activation[len("sparsemax_"):]
+  return {"relu": ("standard", "relu"), "topk": ("topk", "topk"),
+          "jumprelu": ("jumprelu", "relu"), "batchtopk": ("jumprelu", "relu")}[config.activation]
+
+
+def _normalization(config: sae_lib.SAEConfig) -> str:
+  return {(False, False): "none", (True, False): "input", (False, True): "recon",
+          (True, True): "input_recon"}[(config.input_norm, config.recon_norm)]
+
+
+def effective_tensors(params: sae_lib.Params, config: sae_lib.SAEConfig,
+                      state: sae_lib.SAEState | None = None) -> dict[str, np.ndarray]:
+  """The float32 tensors of `sae_weights.npz` for one variant (see the module docstring).
+
+  Args:
+    params: one variant's params (no leading variant axis).
+    config: its architecture.
+    state: BatchTopK's state (its threshold); default `sae.init_state` (threshold 0).
+
+  Returns:
+    name -> float32 array: W_enc, b_enc, W_dec, b_dec, plus threshold / b_pre, lam.
+  """
+  d, f = config.d_in, config.width
+  zeros = lambda n: np.zeros((n,), np.float32)
+  raw = {k: np.asarray(v, np.float32) for k, v in params.items()}
+  b_dec_ours = raw.get("b_dec", zeros(d))
+  b_pre = raw.get("b_pre", zeros(d))
+  out = {"W_dec": np.asarray(sae_lib.dictionary(params, config), np.float32)}
+  if config.is_sparsemax:
+    unit_a = sae_lib._l2_normalize(params["a"])  # pylint: disable=protected-access
+    out["W_enc"] = np.asarray(unit_a, np.float32).T
+    out["b_enc"] = zeros(f)
+    out["b_pre"] = b_pre
+    out["lam"] = raw["lam"].reshape(())
+    out["b_dec"] = b_dec_ours + b_pre
+  else:
+    out["W_enc"] = raw["w_enc"]
+    b_enc = raw.get("b_enc", zeros(f))
+    if config.pre_bias and config.dec_bias:
+      b_enc = b_enc + b_dec_ours @ raw["w_enc"]  # input is x − (b_dec + b_pre); restore b_dec
+    out["b_enc"] = b_enc.astype(np.float32)
+    out["b_dec"] = b_dec_ours + b_pre if config.pre_bias else b_dec_ours
+  if config.activation == "jumprelu":
+    out["threshold"] = np.asarray(jnp.exp(params["log_threshold"]), np.float32)
+  elif config.activation == "batchtopk":
+    state = sae_lib.init_state(config) if state is None else state
+    out["threshold"] = np.full((f,), np.float32(np.asarray(state.threshold)), np.float32)
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def _hparams_json(hparams: sae_lib.SAEHparams) -> dict[str, Any]:
+  # float32 -> Python float is exact and JSON round-trips doubles exactly, so this is bit-exact.
+  return {"k": int(np.asarray(hparams.k)),
+          **{name: float(np.asarray(getattr(hparams, name), np.float32))
+             for name in ("jumprelu_bandwidth", "jumprelu_init_threshold", "threshold_decay")}}
+
+
+def _hparams_from_json(d: Mapping[str, Any]) -> sae_lib.SAEHparams:
+  return sae_lib.SAEHparams(
+      k=jnp.asarray(d["k"], jnp.int32),
+      **{name: jnp.asarray(np.float32(d[name])) for name in
+         ("jumprelu_bandwidth", "jumprelu_init_threshold", "threshold_decay")})
+
+
+def _hook_layer(site: str) -> int:
+  tail = site.rsplit(".", 1)[-1]
+  return int(tail) if tail.isdigit() else -1
+
+
+def sae_cfg(config: sae_lib.SAEConfig, hparams: sae_lib.SAEHparams,
+            state: sae_lib.SAEState | None = None, *, site: str, language: str,
+            variant_id: str, model_name: str | None = None, context_size: int | None = None,
+            extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The cfg.json dict of one variant (SAELens fields plus the `jaxsae` block)."""
+  state = sae_lib.init_state(config) if state is None else state
+  architecture, act = _architecture(config)
+  kwargs = {"k": int(np.asarray(hparams.k))} if config.activation == "topk" else {}
+  model_name = model_name or f"jaxsae-{language}"
+  return {
+      "d_in": config.d_in,
+      "d_sae": config.width,
+      "architecture": architecture,
+      "activation_fn_str": act,
+      "activation_fn_kwargs": kwargs,
+      "apply_b_dec_to_input": bool(config.pre_bias and not config.is_sparsemax),
+      "finetuning_scaling_factor": False,
+      "normalize_activations": _normalization(config),
+      "hook_name": site,
+      "hook_layer": _hook_layer(site),
+      "hook_head_index": None,
+      "model_name": model_name,
+      "model_from_pretrained_kwargs": {},
+      "context_size": context_size,
+      "prepend_bos": False,
+      "dtype": "float32",
+      "device": "cpu",
+      "sae_lens_training_version": None,
+      "metadata": {"hook_name": site, "model_name": model_name, "context_size": context_size,
+                   "prepend_bos": False},
+      "jaxsae": {
+          "format_version": FORMAT_VERSION,
+          "variant_id": variant_id,
+          "language": language,
+          "site": site,
+          "sae_config": dataclasses.asdict(config),
+          "hparams": _hparams_json(hparams),
+          "state": {"threshold": float(np.asarray(state.threshold, np.float32)),
+                    "count": int(np.asarray(state.count))},
+          "extra": dict(extra or {}),
+      },
+  }
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _expected_shapes(config: sae_lib.SAEConfig) -> dict[str, tuple[int, ...]]:
+  shapes = jax.eval_shape(lambda: sae_lib.init(jax.random.key(0), config))
+  return {k: tuple(v.shape) for k, v in shapes.items()}
+
+
+def _check_params(params: Mapping[str, Any], config: sae_lib.SAEConfig, where: str) -> None:
+  expected = _expected_shapes(config)
+  if not isinstance(params, Mapping) or set(params) != set(expected):
+    got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+    raise ValueError(f"{where}: params have keys {got} but SAEConfig(activation="
+                     f"{config.activation!r}, enc_bias={config.enc_bias}, dec_bias="
+                     f"{config.dec_bias}, pre_bias={config.pre_bias}) needs {sorted(expected)}; "
+                     "pass the params this config was trained with")
+  for name, shape in expected.items():
+    got = tuple(np.shape(params[name]))
+    if got != shape:
+      hint = (" (a leading variant axis? export one variant: jax.tree.map(lambda a: a[i], "
+              "params))" if got[1:] == shape else "")
+      raise ValueError(f"{where}: params[{name!r}] has shape {got}, expected {shape} for "
+                       f"d_in={config.d_in}, width={config.width}{hint}")
+
+
+def _check_hparams(hparams: Any, config: sae_lib.SAEConfig) -> None:
+  if not isinstance(hparams, sae_lib.SAEHparams):
+    raise ValueError(f"hparams must be a jaxsae.sae.SAEHparams, got {type(hparams).__name__}; "
+                     "build one with sae.default_hparams(config, ...)")
+  shapes = {n: np.shape(getattr(hparams, n)) for n in
+            ("k", "jumprelu_bandwidth", "jumprelu_init_threshold", "threshold_decay")}
+  if any(s != () for s in shapes.values()):
+    raise ValueError(f"hparams must hold one variant's scalars, got shapes {shapes}; index a "
+                     "stacked grid with jax.tree.map(lambda a: a[i], hparams)")
+  sae_lib.check_hparams(hparams, config)
+
+
+def _check_variant_id(variant_id: Any) -> None:
+  if not isinstance(variant_id, str) or not _ID_RE.match(variant_id) or variant_id in (".", ".."):
+    raise ValueError(f"variant_id={variant_id!r} must be a non-empty directory name of letters, "
+                     "digits, '_', '-', '.' (it names <out_dir>/<variant_id>/)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Export and load.
+
+
+def export_sae(out_dir: str, params: sae_lib.Params, sae_config: sae_lib.SAEConfig,
+               hparams: sae_lib.SAEHparams, *, site: str, language: str, variant_id: str,
+               extra: Mapping[str, Any] | None = None, state: sae_lib.SAEState | None = None,
+               model_name: str | None = None, context_size: int | None = None) -> str:
+  """Writes one SAE as `<out_dir>/<variant_id>/` (cfg.json, sae_weights.npz, jaxsae_params.npz).
+
+  Args:
+    out_dir: parent directory (created if missing); an existing variant directory is overwritten.
+    params: one variant's params (no leading variant axis).
+    sae_config: its architecture.
+    hparams: its scalar `SAEHparams`.
+    site: the model site it reads (SAELens `hook_name`).
+    language: the grammar the LM was trained on.
+    variant_id: the directory name (e.g. the sweep id 'v003').
+    extra: JSON-serialisable metadata stored under cfg['jaxsae']['extra'].
+    state: BatchTopK's `SAEState` (its inference threshold); default `sae.init_state`.
+    model_name: SAELens `model_name` (default 'jaxsae-<language>').
+    context_size: SAELens `context_size` (positions the SAE was trained on), if known.
+
+  Returns:
+    The variant directory's path.
+
+  Raises:
+    ValueError: params that do not fit the config, stacked hparams, a bad id or non-JSON extra.
+  """
+  if not isinstance(sae_config, sae_lib.SAEConfig):
+    raise ValueError(f"sae_config must be a jaxsae.sae.SAEConfig, got "
+                     f"{type(sae_config).__name__}")
+  _check_variant_id(variant_id)
+  for name, value in (("site", site), ("language", language)):
+    if not isinstance(value, str) or not value:
+      raise ValueError(f"{name}={value!r} must be a non-empty string")
+  _check_params(params, sae_config, f"export_sae({variant_id!r})")
+  _check_hparams(hparams, sae_config)
+  state = sae_lib.init_state(sae_config) if state is None else state
+  if np.shape(state.threshold) != () or np.shape(state.count) != ():
+    raise ValueError("state must be one variant's SAEState (scalar threshold and count); index "
+                     "a stacked grid with jax.tree.map(lambda a: a[i], state)")
+  cfg = sae_cfg(sae_config, hparams, state, site=site, language=language,
+                variant_id=variant_id, model_name=model_name, context_size=context_size,
+                extra=extra)
+  try:
+    text = json.dumps(cfg, indent=1, allow_nan=False)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"extra must be JSON-serialisable (finite numbers, str, lists, dicts): "
+                     f"{e}") from e
+  path = os.path.join(out_dir, variant_id)
+  os.makedirs(path, exist_ok=True)
+  raw = {k: np.asarray(v) for k, v in params.items()}
+  np.savez(os.path.join(path, PARAMS_FILE), **raw)
+  np.savez(os.path.join(path, WEIGHTS_FILE), **effective_tensors(params, sae_config, state))
+  with open(os.path.join(path, CONFIG_FILE), "w") as f:
+    f.write(text)
+  return path
+
+
+def _read_cfg(path: str) -> dict[str, Any]:
+  cfg_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f"{cfg_path} not found: {path!r} is not an exported SAE directory "
+                            "(write one with jaxsae.export.export_sae or the export job)")
+  with open(cfg_path) as f:
+    return json.load(f)
+
+
+def _read_npz(path: str, name: str) -> dict[str, np.ndarray]:
+  file = os.path.join(path, name)
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"{file} not found; the export in {path!r} is incomplete, export "
+                            "it again")
+  with np.load(file, allow_pickle=False) as z:
+    return {k: z[k] for k in z.files}
+
+
+def load_weights(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The effective tensors and cfg.json of an exported SAE, as plain NumPy arrays and a dict."""
+  cfg = _read_cfg(path)
+  return _read_npz(path, WEIGHTS_FILE), cfg
+
+
+def load_sae(path: str) -> tuple[sae_lib.Params, sae_lib.SAEConfig, sae_lib.SAEHparams,
+                                 dict[str, Any]]:
+  """Reads an exported SAE back into our representation, bit-exact.
+
+  Args:
+    path: a variant directory written by `export_sae`.
+
+  Returns:
+    `(params, sae_config, hparams, meta)`: params as jax arrays with our names; meta holds
+    `variant_id`, `language`, `site`, `state` (the `SAEState`), `extra` and `cfg` (cfg.json).
+
+  Raises:
+    FileNotFoundError: not an export directory. ValueError: a cfg.json without a usable
+    `jaxsae` block (not written by jaxsae, or a newer format) or params that do not fit it.
+  """
+  cfg = _read_cfg(path)
+  block = cfg.get("jaxsae")
+  if not isinstance(block, dict) or "sae_config" not in block:
+    raise ValueError(f"{path!r}: cfg.json has no 'jaxsae' block, so it was not written by "
+                     "jaxsae.export; read its tensors with load_weights / numpy_forward instead")
+  if block.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{path!r}: jaxsae format_version {block.get('format_version')!r}, this "
+                     f"reader knows {FORMAT_VERSION}; update jaxsae or export again")
+  config = sae_lib.SAEConfig(**block["sae_config"])
+  raw = _read_npz(path, PARAMS_FILE)
+  _check_params(raw, config, f"load_sae({path!r})")
+  params = {k: jnp.asarray(v) for k, v in raw.items()}
+  hparams = _hparams_from_json(block["hparams"])
+  state = sae_lib.SAEState(threshold=jnp.asarray(np.float32(block["state"]["threshold"])),
+                           count=jnp.asarray(block["state"]["count"], jnp.int32))
+  meta = {"variant_id": block["variant_id"], "language": block["language"],
+          "site": block["site"], "state": state, "extra": block.get("extra", {}), "cfg": cfg}
+  return params, config, hparams, meta
+
+
+# ------------------------------------------------------------------------------------------------
+# The format's reference forward, NumPy only.
+
+
+def _np_normalize(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(_EPS))
+
+
+def _np_sparsemax(z: np.ndarray) -> np.ndarray:
+  z = z - z.max(axis=-1, keepdims=True)
+  z_sorted = -np.sort(-z, axis=-1)
+  cumsum = np.cumsum(z_sorted, axis=-1)
+  rank = np.arange(1, z.shape[-1] + 1, dtype=z.dtype)
+  support = np.sum(1 + rank * z_sorted > cumsum, axis=-1, keepdims=True)
+  tau = (np.take_along_axis(cumsum, support - 1, axis=-1) - 1) / support
+  return np.maximum(z - tau, 0)
+
+
+def numpy_forward(tensors: Mapping[str, np.ndarray], cfg: Mapping[str, Any], x: np.ndarray, *,
+                  return_codes: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  """The exported format's forward in plain NumPy (the format's executable definition).
+
+  Args:
+    tensors: the arrays of `sae_weights.npz` (`load_weights(path)[0]`).
+    cfg: the cfg.json dict (only its SAELens fields are read).
+    x: activations `[..., d_in]`.
+    return_codes: also return the latents.
+
+  Returns:
+    x_hat `[..., d_in]` (in the SAE's space, as `sae.forward`), or `(x_hat, codes)`.
+  """
+  t = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+  x = np.asarray(x, np.float32)
+  if x.shape[-1] != cfg["d_in"]:
+    raise ValueError(f"x has {x.shape[-1]} features, the SAE reads d_in={cfg['d_in']}")
+  norm, arch = cfg["normalize_activations"], cfg["architecture"]
+  if norm not in NORMALIZATIONS or arch not in ARCHITECTURES:
+    raise ValueError(f"unsupported normalize_activations={norm!r} / architecture={arch!r}; "
+                     f"this reader knows {NORMALIZATIONS} / {ARCHITECTURES}")
+  if norm in ("input", "input_recon"):
+    x = _np_normalize(x)
+  if arch == "jaxsae_sparsemax":
+    xt = _np_normalize(x - t["b_pre"])
+    dots = xt @ t["W_enc"]
+    sq = (np.sum(xt * xt, axis=-1, keepdims=True) + np.sum(t["W_enc"] ** 2, axis=0)
+          - 2 * dots)
+    lam, kind = t["lam"], cfg["activation_fn_str"]
+    pre = {"no_kds": lam * dots, "recon_dist": dots - lam * sq, "dist": -lam * sq}[kind]
+    codes = _np_sparsemax(pre + t["b_enc"])
+  else:
+    sae_in = x - t["b_dec"] if cfg["apply_b_dec_to_input"] else x
+    pre = sae_in @ t["W_enc"] + t["b_enc"]
+    codes = np.maximum(pre, 0)
+    if arch == "topk":
+      k = int(cfg["activation_fn_kwargs"]["k"])
+      drop = np.argsort(-pre, axis=-1, kind="stable")[..., k:]
+      np.put_along_axis(codes, drop, 0, axis=-1)
+    elif arch == "jumprelu":
+      codes = codes * (pre > t["threshold"])
+  x_hat = codes @ t["W_dec"] + t["b_dec"]
+  if norm in ("recon", "input_recon"):
+    x_hat = _np_normalize(x_hat)
+  return (x_hat, codes) if return_codes else x_hat
+
+
+# ------------------------------------------------------------------------------------------------
+# Trained grids and the job.
+
+
+def _index_of(trained) -> dict[str, tuple[int, int]]:
+  return {vid: (g, j) for g, spec in enumerate(trained.setup.specs)
+          for j, vid in enumerate(spec.ids)}
+
+
+def _check_ids(requested: Sequence[str], known: Sequence[str], where: str) -> None:
+  unknown = [v for v in requested if v not in known]
+  if unknown:
+    listed = ", ".join(sorted(known)[:20]) + (" ..." if len(known) > 20 else "")
+    raise ValueError(f"{where}: unknown variant id(s) {unknown}; the grid holds {listed} "
+                     "(see variants.json), or use 'all'")
+
+
+def export_trained(trained, out_dir: str, variant_ids: Sequence[str] | None = None
+                   ) -> list[str]:
+  """Exports variants of a trained grid (`train_sae.load_trained(workdir)`), one dir each.
+
+  Args:
+    trained: a `jaxsae.train_sae.Trained`.
+    out_dir: parent directory of the variant directories.
+    variant_ids: ids to export (default: every real variant; padding is never exported).
+
+  Returns:
+    The variant directories, in the order of `variant_ids` (sorted ids by default).
+
+  Raises:
+    ValueError: an unknown variant id.
+  """
+  index = _index_of(trained)
+  ids = sorted(index) if variant_ids is None else list(dict.fromkeys(variant_ids))
+  _check_ids(ids, list(index), "export_trained")
+  setup = trained.setup
+  language = str(trained.config.get("language") or trained.lm.language)
+  step = int(np.asarray(trained.state.step))
+  host = {}  # group -> (params, hparams, sae_state, frozen, bad_step) on the host, real rows
+  paths = []
+  for vid in ids:
+    g, j = index[vid]
+    spec = setup.specs[g]
+    if g not in host:
+      gs = trained.state.groups[g]
+      cut = lambda tree, n=spec.size: jax.tree.map(lambda a: np.asarray(a)[:n], tree)
+      host[g] = (cut(gs.params), cut(trained.hypers[g].hparams), cut(gs.sae_state),
+                 cut(gs.frozen), cut(gs.bad_step))
+    params, hparams, sae_state, frozen, bad_step = host[g]
+    row = lambda tree: jax.tree.map(lambda a: a[j], tree)
+    values = {k: sweep_lib.to_json(v) for k, v in spec.values[j].items()}
+    extra = {"group": spec.name, "values": values,
+             "loss": dataclasses.asdict(spec.loss), "splice_mode": spec.splice_mode,
+             "lr": float(spec.lr[j]), "seed": int(spec.seed[j]), "step": step,
+             "frozen": bool(frozen[j]), "bad_step": int(bad_step[j]),
+             "positions": setup.positions, "lm_step": int(trained.lm.step)}
+    paths.append(export_sae(out_dir, row(params), spec.sae, row(hparams), site=setup.site,
+                            language=language, variant_id=vid, extra=extra,
+                            state=row(sae_state), context_size=setup.forward_len))
+  return paths
+
+
+def parse_variants(variants: str) -> list[str] | None:
+  """'all' -> None; 'v000,v003' (or '+'-separated) -> ['v000', 'v003']."""
+  if not isinstance(variants, str) or not variants.strip():
+    raise ValueError(f"config.variants={variants!r}: give 'all' or comma-separated variant ids "
+                     "such as 'v000,v003'")
+  if variants.strip() == "all":
+    return None
+  return [v.strip() for v in re.split(r"[,+]", variants) if v.strip()]
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """The `export` job: writes `<workdir>/export/<variant_id>/` per variant and summary.json.
+
+  Args:
+    config: `experiments/configs/export.py` (sae_workdir, variants, step).
+    workdir: where the export goes.
+
+  Returns:
+    The summary (source workdir, step, and variant id -> export directory).
+
+  Raises:
+    FileNotFoundError: sae_workdir is not a trained sae job workdir.
+    ValueError: bad variants / step, or an id the grid does not hold (before anything loads).
+  """
+  from jaxsae import train_sae  # pylint: disable=g-import-not-at-top
+  sae_workdir = config.sae_workdir
+  if not sae_workdir or not os.path.isfile(os.path.join(sae_workdir, "config.json")):
+    raise FileNotFoundError(f"config.sae_workdir={sae_workdir!r} is not an sae job workdir (no "
+                            "config.json); train a grid first (python -m experiments.main "
+                            "--config=experiments/configs/sae_e2e.py --workdir=...) and point "
+                            "sae_workdir at it")
+  ids = parse_variants(config.variants)
+  step = config.step
+  if not isinstance(step, int) or step < 0:
+    raise ValueError(f"config.step={step!r} must be an int >= 0 (0: the latest checkpoint)")
+  variants_path = os.path.join(sae_workdir, "variants.json")
+  if ids is not None and os.path.isfile(variants_path):
+    with open(variants_path) as f:
+      known = [v["id"] for v in json.load(f)["variants"]]
+    _check_ids(ids, known, f"config.variants ({sae_workdir})")
+  trained = train_sae.load_trained(sae_workdir, step or None)
+  export_dir = os.path.join(workdir, "export")
+  paths = export_trained(trained, export_dir, ids)
+  summary = {"sae_workdir": os.path.abspath(sae_workdir), "step": int(trained.state.step),
+             "export_dir": export_dir, "format_version": FORMAT_VERSION,
+             "variants": {os.path.basename(p): p for p in paths}}
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary

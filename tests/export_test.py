@@ -1,0 +1,341 @@
+"""SAE export: bit-exact round trips, the NumPy reference forward of the format against
+`sae.forward`, cfg.json's SAELens fields, trained grids, the export job, and bad input."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import main as main_lib
+from experiments.configs import export as export_configs
+from experiments.configs import lm as lm_configs
+from experiments.configs import sae_e2e
+from jaxsae import export as export_lib
+from jaxsae import sae as sae_lib
+from jaxsae import train_lm
+from jaxsae import train_sae
+
+D, F = 8, 24
+
+# name -> (SAEConfig overrides, hparams overrides, BatchTopK threshold or None)
+CASES = {
+    "relu_prebias_decbias": (dict(pre_bias=True, decoder_norm="none"), {}, None),
+    "relu_forward": (dict(decoder_norm="forward"), {}, None),
+    "relu_menon_prebias_forward": (dict(init="menon", enc_bias=True, dec_bias=False,
+                                        pre_bias=True, decoder_norm="forward"), {}, None),
+    "topk_prebias_forward": (dict(activation="topk", k_max=6, pre_bias=True), dict(k=4), None),
+    "topk_nobias": (dict(activation="topk", k_max=5, enc_bias=False, dec_bias=False,
+                         decoder_norm="none"), dict(k=5), None),
+    "jumprelu_prebias_forward": (dict(activation="jumprelu", pre_bias=True), {}, None),
+    "jumprelu_project": (dict(activation="jumprelu", decoder_norm="project"), {}, None),
+    "batchtopk_threshold": (dict(activation="batchtopk", k_max=4, pre_bias=True), dict(k=3), 0.4),
+    "batchtopk_fresh": (dict(activation="batchtopk", k_max=4), dict(k=2), None),
+    "relu_input_recon": (dict(input_norm=True, recon_norm=True, pre_bias=True), {}, None),
+    "sparsemax_no_kds": (dict(activation="sparsemax_no_kds", enc_bias=False, init="menon",
+                              pre_bias=True, decoder_norm="forward"), {}, None),
+    "sparsemax_recon_dist": (dict(activation="sparsemax_recon_dist", enc_bias=False,
+                                  init="menon", pre_bias=True, input_norm=True), {}, None),
+    "sparsemax_dist": (dict(activation="sparsemax_dist", enc_bias=False, init="menon",
+                            decoder_norm="none"), {}, None),
+}
+
+
+def _variant(name, seed=0):
+  """A non-trivial variant: init, then every tensor perturbed (biases and pre-bias nonzero)."""
+  overrides, hp_overrides, threshold = CASES[name]
+  config = sae_lib.SAEConfig(d_in=D, width=F, **overrides)
+  hparams = sae_lib.default_hparams(config, **hp_overrides)
+  key = jax.random.key(seed)
+  params = sae_lib.init(key, config, hparams=hparams)
+  keys = jax.random.split(jax.random.fold_in(key, 1), len(params))
+  params = {k: v + 0.2 * jax.random.normal(kk, v.shape, v.dtype)
+            for kk, (k, v) in zip(keys, sorted(params.items()))}
+  if "log_threshold" in params:  # thresholds around the pre-activations' scale, so some cut
+    params["log_threshold"] = jnp.log(0.3) + 0.5 * jax.random.normal(keys[0], (F,))
+  state = sae_lib.init_state(config)
+  if threshold is not None:
+    state = sae_lib.SAEState(threshold=jnp.float32(threshold), count=jnp.int32(7))
+  return params, config, hparams, state
+
+
+def _export(tmp_path, name, **kwargs):
+  params, config, hparams, state = _variant(name)
+  path = export_lib.export_sae(str(tmp_path), params, config, hparams, site="resid_post.0",
+                               language="dyck2", variant_id=name, state=state, **kwargs)
+  return path, (params, config, hparams, state)
+
+
+def _assert_tree_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(x, y)
+
+
+# ------------------------------------------------------------------------------------------------
+# One SAE.
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_round_trip_is_bit_exact(tmp_path, name):
+  path, (params, config, hparams, state) = _export(tmp_path, name, extra={"note": [1, 2.5]})
+  assert path == os.path.join(str(tmp_path), name)
+  assert sorted(os.listdir(path)) == sorted(
+      [export_lib.CONFIG_FILE, export_lib.WEIGHTS_FILE, export_lib.PARAMS_FILE])
+  params2, config2, hparams2, meta = export_lib.load_sae(path)
+  assert config2 == config
+  _assert_tree_equal(params2, params)
+  _assert_tree_equal(hparams2, hparams)
+  _assert_tree_equal(meta["state"], state)
+  assert (meta["variant_id"], meta["language"], meta["site"]) == (name, "dyck2", "resid_post.0")
+  assert meta["extra"] == {"note": [1, 2.5]}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_numpy_forward_of_the_export_equals_sae_forward(tmp_path, name):
+  path, (params, config, hparams, state) = _export(tmp_path, name)
+  tensors, cfg = export_lib.load_weights(path)
+  x_BTD = 1.5 * np.asarray(jax.random.normal(jax.random.key(3), (3, 5, D)), np.float32)
+  x_hat, codes, aux = sae_lib.forward(params, jnp.asarray(x_BTD), config, hparams, state=state)
+  x_hat_np, codes_np = export_lib.numpy_forward(tensors, cfg, x_BTD, return_codes=True)
+  np.testing.assert_allclose(codes_np, np.asarray(codes), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(x_hat_np, np.asarray(x_hat), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(codes_np != 0, np.asarray(codes) != 0)
+  assert np.abs(np.asarray(codes)).sum() > 0  # the comparison is not between all-zero codes
+  if config.activation == "jumprelu" or float(np.asarray(state.threshold)) > 0:
+    # The threshold cuts some positive pre-activations (it is not a plain ReLU here).
+    pre = np.asarray(aux["pre_acts"])
+    assert np.any((pre > 0) & (np.asarray(codes) == 0))
+
+
+def test_exported_tensors_are_the_effective_ones(tmp_path):
+  # Pre-bias with a decoder bias: b_dec absorbs b_pre, b_enc absorbs b_dec_ours @ w_enc.
+  path, (params, config, _, _) = _export(tmp_path, "relu_prebias_decbias")
+  t, cfg = export_lib.load_weights(path)
+  assert cfg["apply_b_dec_to_input"] is True
+  np.testing.assert_allclose(t["b_dec"], params["b_dec"] + params["b_pre"], rtol=1e-6)
+  np.testing.assert_allclose(t["b_enc"], params["b_enc"] + params["b_dec"] @ params["w_enc"],
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(t["W_enc"], params["w_enc"])
+  # Menon's pre-bias SAE (no decoder bias): b_dec is b_pre exactly, b_enc unchanged; the
+  # forward-normalised decoder is exported with unit rows.
+  path, (params, config, _, _) = _export(tmp_path, "relu_menon_prebias_forward")
+  t, cfg = export_lib.load_weights(path)
+  np.testing.assert_array_equal(t["b_dec"], params["b_pre"])
+  np.testing.assert_array_equal(t["b_enc"], params["b_enc"])
+  raw = np.asarray(params["w_dec"])
+  assert not np.allclose(np.linalg.norm(raw, axis=1), 1)
+  np.testing.assert_allclose(np.linalg.norm(t["W_dec"], axis=1), 1, rtol=1e-5)
+  np.testing.assert_allclose(t["W_dec"], raw / np.linalg.norm(raw, axis=1, keepdims=True),
+                             rtol=1e-5, atol=1e-6)
+  # No pre-bias: nothing subtracted, biases as trained.
+  path, (params, _, _, _) = _export(tmp_path, "relu_forward")
+  t, cfg = export_lib.load_weights(path)
+  assert cfg["apply_b_dec_to_input"] is False
+  np.testing.assert_array_equal(t["b_dec"], params["b_dec"])
+  # JumpReLU thresholds are exp(log_threshold); BatchTopK's is its scalar, per latent.
+  path, (params, _, _, _) = _export(tmp_path, "jumprelu_prebias_forward")
+  np.testing.assert_allclose(export_lib.load_weights(path)[0]["threshold"],
+                             np.exp(np.asarray(params["log_threshold"])), rtol=1e-6)
+  path, _ = _export(tmp_path, "batchtopk_threshold")
+  np.testing.assert_array_equal(export_lib.load_weights(path)[0]["threshold"],
+                                np.full((F,), 0.4, np.float32))
+
+
+@pytest.mark.parametrize("name, architecture, act, kwargs, norm", [
+    ("relu_prebias_decbias", "standard", "relu", {}, "none"),
+    ("topk_prebias_forward", "topk", "topk", {"k": 4}, "none"),
+    ("jumprelu_project", "jumprelu", "relu", {}, "none"),
+    ("batchtopk_threshold", "jumprelu", "relu", {}, "none"),
+    ("relu_input_recon", "standard", "relu", {}, "input_recon"),
+    ("sparsemax_recon_dist", "jaxsae_sparsemax", "recon_dist", {}, "input"),
+])
+def test_cfg_json_has_the_saelens_fields(tmp_path, name, architecture, act, kwargs, norm):
+  path, (_, config, hparams, _) = _export(tmp_path, name, model_name="tiny-dyck2",
+                                          context_size=48)
+  with open(os.path.join(path, "cfg.json")) as f:
+    cfg = json.load(f)
+  assert (cfg["d_in"], cfg["d_sae"]) == (D, F)
+  assert (cfg["architecture"], cfg["activation_fn_str"]) == (architecture, act)
+  assert cfg["activation_fn_kwargs"] == kwargs
+  assert cfg["normalize_activations"] == norm
+  assert (cfg["hook_name"], cfg["hook_layer"], cfg["model_name"]) == (
+      "resid_post.0", 0, "tiny-dyck2")
+  assert (cfg["dtype"], cfg["device"], cfg["context_size"]) == ("float32", "cpu", 48)
+  assert isinstance(cfg["apply_b_dec_to_input"], bool)
+  assert cfg["jaxsae"]["sae_config"] == dataclasses.asdict(config)
+  assert cfg["jaxsae"]["hparams"]["k"] == int(hparams.k)
+  tensors, _ = export_lib.load_weights(path)
+  shapes = {k: v.shape for k, v in tensors.items()}
+  assert (shapes["W_enc"], shapes["b_enc"], shapes["W_dec"], shapes["b_dec"]) == (
+      (D, F), (F,), (F, D), (D,))
+  assert all(v.dtype == np.float32 for v in tensors.values())
+
+
+def test_default_model_name_and_hook_layer(tmp_path):
+  params, config, hparams, _ = _variant("relu_forward")
+  path = export_lib.export_sae(str(tmp_path), params, config, hparams, site="resid_pre.1",
+                               language="expr_prefix", variant_id="v001")
+  cfg = export_lib.load_weights(path)[1]
+  assert (cfg["model_name"], cfg["hook_layer"], cfg["hook_name"]) == (
+      "jaxsae-expr_prefix", 1, "resid_pre.1")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_bad_input_raises_clearly(tmp_path):
+  params, config, hparams, _ = _variant("topk_prebias_forward")
+  kw = dict(site="resid_post.0", language="dyck2", variant_id="v000")
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a]), params)
+  with pytest.raises(ValueError, match="leading variant axis"):
+    export_lib.export_sae(str(tmp_path), stacked, config, hparams, **kw)
+  with pytest.raises(ValueError, match=r"needs \['b_dec', 'b_enc', 'b_pre', 'w_dec', 'w_enc'\]"):
+    export_lib.export_sae(str(tmp_path), {k: v for k, v in params.items() if k != "b_pre"},
+                          config, hparams, **kw)
+  with pytest.raises(ValueError, match="one variant's scalars"):
+    export_lib.export_sae(str(tmp_path), params, config,
+                          jax.tree.map(lambda a: jnp.stack([a, a]), hparams), **kw)
+  with pytest.raises(ValueError, match="SAEHparams.k must lie in"):
+    export_lib.export_sae(str(tmp_path), params, config,
+                          sae_lib.default_hparams(config, k=9), **kw)
+  with pytest.raises(ValueError, match="variant_id='a/b'"):
+    export_lib.export_sae(str(tmp_path), params, config, hparams,
+                          **dict(kw, variant_id="a/b"))
+  with pytest.raises(ValueError, match="extra must be JSON-serialisable"):
+    export_lib.export_sae(str(tmp_path), params, config, hparams, extra={"x": object()}, **kw)
+  with pytest.raises(ValueError, match="site=''"):
+    export_lib.export_sae(str(tmp_path), params, config, hparams, **dict(kw, site=""))
+  assert not os.path.exists(tmp_path / "v000")  # nothing half-written
+  with pytest.raises(FileNotFoundError, match="not an exported SAE directory"):
+    export_lib.load_sae(str(tmp_path / "missing"))
+  os.makedirs(tmp_path / "foreign")
+  with open(tmp_path / "foreign" / "cfg.json", "w") as f:
+    json.dump({"d_in": D, "d_sae": F, "architecture": "standard"}, f)
+  with pytest.raises(ValueError, match="no 'jaxsae' block"):
+    export_lib.load_sae(str(tmp_path / "foreign"))
+  path = export_lib.export_sae(str(tmp_path), params, config, hparams, **kw)
+  tensors, cfg = export_lib.load_weights(path)
+  with pytest.raises(ValueError, match="d_in=8"):
+    export_lib.numpy_forward(tensors, cfg, np.zeros((2, D + 1), np.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Trained grids and the job.
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory):
+  """A tiny trained grid (2 steps): two ReLU variants and one BatchTopK variant."""
+  root = tmp_path_factory.mktemp("grid")
+  lm_dir = train_lm.write_untrained(lm_configs.get_config("language=dyck2,smoke"),
+                                    str(root / "lm"))
+  c = sae_e2e.get_config(f"language=dyck2,smoke,lm_workdir={lm_dir}")
+  c.sweep = [{"product": {"sparsity_coeff": [1.0, 4.0]}, "set": {"loss": "local",
+                                                                  "expansion": 2}},
+             {"set": {"loss": "local", "activation": "batchtopk", "k": 3, "expansion": 2,
+                      "pre_bias": True}}]
+  c.steps, c.log_every, c.checkpoint_every = 2, 2, 2
+  workdir = str(root / "sae")
+  train_sae.run(c, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def trained(sae_dir):
+  return train_sae.load_trained(sae_dir)
+
+
+def _grid_rows(trained):
+  """variant id -> (params, hparams, state, spec) read straight from the grid."""
+  rows = {}
+  for g, spec in enumerate(trained.setup.specs):
+    gs = trained.state.groups[g]
+    for j, vid in enumerate(spec.ids):
+      row = lambda tree, j=j: jax.tree.map(lambda a: np.asarray(a)[j], tree)
+      rows[vid] = (row(gs.params), row(trained.hypers[g].hparams), row(gs.sae_state), spec)
+  return rows
+
+
+def test_export_trained_writes_every_variant_and_reloads_the_grid(trained, tmp_path):
+  paths = export_lib.export_trained(trained, str(tmp_path))
+  rows = _grid_rows(trained)
+  assert len(rows) == 3
+  assert sorted(os.listdir(tmp_path)) == sorted(rows)
+  assert [os.path.basename(p) for p in paths] == sorted(rows)
+  for path in paths:
+    params, config, hparams, meta = export_lib.load_sae(path)
+    want_params, want_hparams, want_state, spec = rows[meta["variant_id"]]
+    assert config == spec.sae
+    _assert_tree_equal(params, want_params)
+    _assert_tree_equal(hparams, want_hparams)
+    _assert_tree_equal(meta["state"], want_state)
+    assert meta["extra"]["group"] == spec.name and meta["extra"]["step"] == 2
+    assert meta["site"] == trained.setup.site and meta["language"] == "dyck2"
+    assert meta["cfg"]["context_size"] == trained.setup.forward_len
+  # The BatchTopK variant tracked a positive threshold, exported per latent.
+  btk = [p for p in paths if export_lib.load_sae(p)[1].activation == "batchtopk"]
+  assert len(btk) == 1
+  thr = float(np.asarray(export_lib.load_sae(btk[0])[3]["state"].threshold))
+  assert thr > 0
+  np.testing.assert_array_equal(export_lib.load_weights(btk[0])[0]["threshold"],
+                                np.full((trained.setup.specs[1].sae.width,), thr, np.float32))
+
+
+def test_export_trained_drops_padding_and_selects_ids(trained, tmp_path):
+  # Pad every group by one junk row, as a 2-device variant axis would.
+  specs = tuple(dataclasses.replace(s, padded=s.size + 1) for s in trained.setup.specs)
+  pad = lambda tree: jax.tree.map(
+      lambda a: np.concatenate([np.asarray(a), np.asarray(a)[-1:] + 1]), tree)
+  state = dataclasses.replace(trained.state, groups=tuple(pad(g) for g in trained.state.groups))
+  hypers = tuple(pad(h) for h in trained.hypers)
+  padded = dataclasses.replace(trained, setup=dataclasses.replace(trained.setup, specs=specs),
+                               state=state, hypers=hypers)
+  ids = sorted(_grid_rows(trained))
+  paths = export_lib.export_trained(padded, str(tmp_path), [ids[2], ids[0]])
+  assert [os.path.basename(p) for p in paths] == [ids[2], ids[0]]
+  assert sorted(os.listdir(tmp_path)) == sorted([ids[0], ids[2]])
+  rows = _grid_rows(trained)
+  for p in paths:
+    params, _, _, meta = export_lib.load_sae(p)
+    _assert_tree_equal(params, rows[meta["variant_id"]][0])
+  with pytest.raises(ValueError, match=r"unknown variant id\(s\) \['v999'\]"):
+    export_lib.export_trained(trained, str(tmp_path), ["v999"])
+
+
+def test_export_job(sae_dir, trained, tmp_path):
+  assert main_lib.JOBS["export"] == "jaxsae.export"
+  ids = sorted(_grid_rows(trained))
+  config = export_configs.get_config(f"sae_workdir={sae_dir},variants={ids[0]}+{ids[2]}")
+  assert (config.job, config.variants, config.step) == ("export", f"{ids[0]},{ids[2]}", 0)
+  config.lock()
+  summary = export_lib.run(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "export")) == [ids[0], ids[2]]
+  assert summary["step"] == 2 and sorted(summary["variants"]) == [ids[0], ids[2]]
+  with open(tmp_path / "summary.json") as f:
+    assert json.load(f) == summary
+  rows = _grid_rows(trained)
+  for vid, path in summary["variants"].items():
+    params, _, _, meta = export_lib.load_sae(path)
+    assert meta["variant_id"] == vid
+    _assert_tree_equal(params, rows[vid][0])
+
+
+def test_export_job_bad_input_fails_before_loading(sae_dir, tmp_path):
+  config = export_configs.get_config(f"sae_workdir={tmp_path / 'nowhere'}")
+  with pytest.raises(FileNotFoundError, match="is not an sae job workdir"):
+    export_lib.run(config, str(tmp_path))
+  config = export_configs.get_config(f"sae_workdir={sae_dir},variants=v000+v999")
+  with pytest.raises(ValueError, match=r"unknown variant id\(s\) \['v999'\]"):
+    export_lib.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "export")
+  with pytest.raises(ValueError, match="step=-1 must be >= 0"):
+    export_configs.get_config("step=-1")
+  with pytest.raises(ValueError, match="unknown config setting 'workdir'"):
+    export_configs.get_config("workdir=x")
