@@ -9,6 +9,8 @@ Reductions (copied from e2e_sae; coefficients do not transfer otherwise):
     out_to_in  mean_elements((x̂ − x)²)                        (masked tokens × dims)
     in_to_orig (1/|H|) Σ_h mean_elements((a_spliced_h − a_clean_h)²)
     logits_kl  mean_tokens Σ_v p_clean (log p_clean − log p_spliced) = KL(clean ‖ spliced)
+    causal     distance(logits of the run with D(z_i + λ(z_j(i) − z_i)) spliced at each token i,
+               Y_i + λ(Y_j(i) − Y_i)), j(i) the nearest other token in latent space in the row
 
 `LossConfig` is static (which terms exist, hence whether a spliced / downstream pass is needed);
 `LossCoeffs` holds the dynamic per-variant coefficients (scalars, stacked on N for a grid). The
@@ -31,7 +33,10 @@ from jaxsae import model as model_lib
 
 PRESETS = ("local", "e2e", "e2e_ds")
 REDUCTIONS = ("e2e_sae", "sum_batch")
-COEFF_NAMES = ("sparsity", "out_to_in", "logits_kl", "in_to_orig")
+COEFF_NAMES = ("sparsity", "out_to_in", "logits_kl", "in_to_orig", "causal")
+CAUSAL_LAMBDAS = ("step", "token", "fixed")
+CAUSAL_TARGETS = ("clean", "sae")
+CAUSAL_DISTANCES = ("mse", "kl")
 
 
 def _token_weights(mask: jax.Array | None, lead_shape: tuple[int, ...]) -> jax.Array:
@@ -116,6 +121,84 @@ def logits_kl(clean_logits: jax.Array, spliced_logits: jax.Array,
   return _masked_mean(kl, _token_weights(mask, kl.shape))
 
 
+# ------------------------------------------------------------------------------------------------
+# The causal-interpolation term (Menon et al.'s proposed loss).
+
+
+def nearest_neighbours(codes_BTF: jax.Array, mask_BT: jax.Array | None) -> jax.Array:
+  """Index j(i) `[B, T]` of each token's nearest other token (L2 in latent space) in its row.
+
+  Only masked-in tokens are candidates, and never the token itself; a token with no candidate
+  (a row holding one selected token) gets j(i) = i, so interpolating towards it is a no-op.
+  No gradient flows through the choice.
+  """
+  codes_BTF = jax.lax.stop_gradient(codes_BTF).astype(jnp.float32)
+  b, t, _ = codes_BTF.shape
+  valid_BT = jnp.ones((b, t), bool) if mask_BT is None else mask_BT.astype(bool)
+  sq_BT = jnp.sum(jnp.square(codes_BTF), axis=-1)
+  dist_BTS = (sq_BT[:, :, None] + sq_BT[:, None, :]
+              - 2 * jnp.einsum("btf,bsf->bts", codes_BTF, codes_BTF))
+  ok_BTS = valid_BT[:, None, :] & ~jnp.eye(t, dtype=bool)[None]
+  dist_BTS = jnp.where(ok_BTS, dist_BTS, jnp.inf)
+  j_BT = jnp.argmin(dist_BTS, axis=-1).astype(jnp.int32)
+  self_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+  return jnp.where(jnp.any(ok_BTS, axis=-1), j_BT, self_BT)
+
+
+def gather_rows(v_BT_: jax.Array, j_BT: jax.Array) -> jax.Array:
+  """`v[b, j[b, t]]` for `v` `[B, T, ...]`."""
+  return jax.vmap(lambda v, j: v[j])(v_BT_, j_BT)
+
+
+def interpolate(v_BT_: jax.Array, j_BT: jax.Array, lam: jax.Array) -> jax.Array:
+  """`v_i + λ (v_j(i) − v_i)`; λ a scalar or `[B, T]`."""
+  lam = jnp.asarray(lam, v_BT_.dtype)
+  lam = jnp.reshape(lam, lam.shape + (1,) * (v_BT_.ndim - lam.ndim))
+  return v_BT_ + lam * (gather_rows(v_BT_, j_BT) - v_BT_)
+
+
+def causal_distance(logits_BTV: jax.Array, target_BTV: jax.Array, mask_BT: jax.Array | None,
+                    distance: str = "mse") -> jax.Array:
+  """Distance of the interpolated run's logits from the interpolated targets (constant).
+
+  `mse`: mean over masked tokens × vocab of (logits − target)²; `kl`: mean over masked tokens of
+  KL(softmax(target) ‖ softmax(logits)).
+  """
+  if distance not in CAUSAL_DISTANCES:
+    raise ValueError(f"causal distance={distance!r} is unknown; choose one of "
+                     f"{CAUSAL_DISTANCES}.")
+  chex.assert_equal_shape([logits_BTV, target_BTV])
+  target_BTV = jax.lax.stop_gradient(target_BTV)
+  if distance == "kl":
+    return logits_kl(target_BTV, logits_BTV, mask_BT)
+  w = _token_weights(mask_BT, logits_BTV.shape[:-1])[..., None]
+  sq = jnp.square(logits_BTV.astype(jnp.float32) - target_BTV.astype(jnp.float32))
+  return jnp.sum(w * sq) / (jnp.maximum(jnp.sum(w), 1.0) * logits_BTV.shape[-1])
+
+
+def draw_lambda(key: jax.Array, mode: str, fixed: jax.Array, shape_BT: tuple[int, int]
+                ) -> jax.Array:
+  """λ: one U(0, 1) draw per step (`step`, scalar), one per token (`token`, `[B, T]`), or the
+  variant's `fixed` value."""
+  if mode not in CAUSAL_LAMBDAS:
+    raise ValueError(f"causal lambda mode={mode!r} is unknown; choose one of {CAUSAL_LAMBDAS}.")
+  if mode == "step":
+    return jax.random.uniform(key, ())
+  if mode == "token":
+    return jax.random.uniform(key, shape_BT)
+  return jnp.asarray(fixed, jnp.float32)
+
+
+def causal_ramp(step: jax.Array, start: jax.Array, ramp: jax.Array) -> jax.Array:
+  """β's multiplier at `step`: 0 before `start` (the plain pre-training phase), then a linear
+  ramp over `ramp` steps to 1 (`ramp` 0: 1 at once)."""
+  step = jnp.asarray(step, jnp.float32)
+  start = jnp.asarray(start, jnp.float32)
+  ramp = jnp.asarray(ramp, jnp.float32)
+  up = jnp.clip((step - start + 1) / jnp.maximum(ramp, 1.0), 0.0, 1.0)
+  return jnp.where(step < start, 0.0, jnp.where(ramp > 0, up, 1.0))
+
+
 def downstream_sites(model_config: model_lib.ModelConfig, sae_site: str,
                      include_final: bool = True) -> tuple[str, ...]:
   """The in_to_orig sites H: every `resid_post.{l}` strictly after `sae_site` in forward order.
@@ -147,12 +230,21 @@ class LossConfig:
     sparsity_p: the sparsity norm's order (> 0).
     sparsity_reduction: `e2e_sae` or `sum_batch` (Menon).
     include_final_resid: whether H includes the final `resid_post` (the e2e paper omitted it).
+    causal: add the causal-interpolation term (its coefficient β is `LossCoeffs.causal`).
+    causal_lambda: `step` (λ ~ U(0,1) once per step), `token` (per token) or `fixed`.
+    causal_target: `clean` (interpolate the clean model's logits, the original code) or `sae`
+      (the logits of the SAE-reconstructed run, the paper's definition; held constant).
+    causal_distance: `mse` on logits or `kl`.
   """
 
   preset: str = "local"
   sparsity_p: float = 1.0
   sparsity_reduction: str = "e2e_sae"
   include_final_resid: bool = True
+  causal: bool = False
+  causal_lambda: str = "step"
+  causal_target: str = "sae"
+  causal_distance: str = "mse"
 
   def __post_init__(self):
     if self.preset not in PRESETS:
@@ -163,13 +255,19 @@ class LossConfig:
     if isinstance(self.sparsity_p, bool) or not (isinstance(self.sparsity_p, (int, float))
                                                  and self.sparsity_p > 0):
       raise ValueError(f"LossConfig.sparsity_p must be a number > 0, got {self.sparsity_p!r}.")
+    for name, options in (("causal_lambda", CAUSAL_LAMBDAS), ("causal_target", CAUSAL_TARGETS),
+                          ("causal_distance", CAUSAL_DISTANCES)):
+      if getattr(self, name) not in options:
+        raise ValueError(f"LossConfig.{name}={getattr(self, name)!r} is unknown; choose one of "
+                         f"{options}.")
 
   @property
   def terms(self) -> tuple[str, ...]:
     """The terms computed (and logged) for this preset."""
-    return {"local": ("out_to_in", "sparsity"),
+    base = {"local": ("out_to_in", "sparsity"),
             "e2e": ("logits_kl", "out_to_in", "sparsity"),
             "e2e_ds": ("logits_kl", "in_to_orig", "out_to_in", "sparsity")}[self.preset]
+    return base + ("causal",) if self.causal else base
 
   def downstream_sites(self, model_config: model_lib.ModelConfig,
                        sae_site: str) -> tuple[str, ...]:
@@ -180,6 +278,17 @@ class LossConfig:
   def needs_spliced_forward(self) -> bool:
     """Whether the trainer must run the model from the SAE site with the SAE spliced in."""
     return "logits_kl" in self.terms
+
+  @property
+  def needs_sequences(self) -> bool:
+    """Whether the SAE runs on whole `[B, T]` sequences (spliced forward or causal term), not
+    on the gathered selected tokens."""
+    return self.needs_spliced_forward or self.causal
+
+  @property
+  def needs_clean_logits(self) -> bool:
+    """Whether the shared clean forward must run to the logits."""
+    return self.needs_spliced_forward or (self.causal and self.causal_target == "clean")
 
   @property
   def needs_downstream(self) -> bool:
@@ -195,16 +304,18 @@ class LossCoeffs:
   out_to_in: jax.Array
   logits_kl: jax.Array
   in_to_orig: jax.Array
+  causal: jax.Array  # β of the causal-interpolation term
 
 
 def default_coeffs(config: LossConfig, sparsity: float, **overrides: float) -> LossCoeffs:
   """The preset's coefficients: local out_to_in 1; e2e logits_kl 1 (out_to_in 0); e2e_ds
   logits_kl 0.5, in_to_orig 2.5 (the paper's middle-layer value; 0.05 for the last layer),
-  out_to_in 0. Terms outside the preset get 0."""
+  out_to_in 0. Terms outside the preset (and the causal β) get 0."""
   values = {"local": dict(out_to_in=1.0, logits_kl=0.0, in_to_orig=0.0),
             "e2e": dict(out_to_in=0.0, logits_kl=1.0, in_to_orig=0.0),
             "e2e_ds": dict(out_to_in=0.0, logits_kl=0.5, in_to_orig=2.5)}[config.preset]
   values["sparsity"] = sparsity
+  values["causal"] = 0.0
   unknown = set(overrides) - set(COEFF_NAMES)
   if unknown:
     raise ValueError(f"Unknown LossCoeffs field(s) {sorted(unknown)}; valid: {COEFF_NAMES}.")
@@ -226,7 +337,8 @@ def compute_terms(config: LossConfig, *, d_in: int, codes: jax.Array, x_hat: jax
                   target: jax.Array, mask: jax.Array | None,
                   clean_logits: jax.Array | None = None, spliced_logits: jax.Array | None = None,
                   spliced_acts: Mapping[str, jax.Array] | None = None,
-                  clean_acts: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+                  clean_acts: Mapping[str, jax.Array] | None = None,
+                  causal: jax.Array | None = None) -> dict[str, jax.Array]:
   """Every term of the preset, coefficient-free (sparsity with coeff 1).
 
   Args:
@@ -237,6 +349,8 @@ def compute_terms(config: LossConfig, *, d_in: int, codes: jax.Array, x_hat: jax
     mask: bool `[B, T]` or None.
     clean_logits, spliced_logits: `[B, T, V]`, needed when `config.needs_spliced_forward`.
     spliced_acts, clean_acts: site -> `[B, T, D]` over H, needed when `config.needs_downstream`.
+    causal: the causal-interpolation distance (`causal_distance` of the interpolated run, which
+      the trainer computes since it runs the model), needed when `config.causal`.
 
   Returns:
     name -> scalar for each of `config.terms`, plus `in_to_orig/<site>` per downstream site.
@@ -254,6 +368,10 @@ def compute_terms(config: LossConfig, *, d_in: int, codes: jax.Array, x_hat: jax
       raise ValueError(f"Preset {config.preset!r} needs spliced_acts and clean_acts.")
     terms["in_to_orig"], per_site = in_to_orig(spliced_acts, clean_acts, mask)
     terms.update({f"in_to_orig/{h}": v for h, v in per_site.items()})
+  if config.causal:
+    if causal is None:
+      raise ValueError("LossConfig.causal needs the causal term (causal=...).")
+    terms["causal"] = causal
   return terms
 
 

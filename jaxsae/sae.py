@@ -514,13 +514,24 @@ def splice(params: Params, x: jax.Array, config: SAEConfig, hparams: SAEHparams,
   _check_choice("splice mode", mode, SPLICE_MODES)
   normalize_input = config.input_norm and mode == "corrected"
   x_hat, codes, aux = _forward(params, x, config, hparams, state, train, mask, normalize_input)
+  return to_model_space(x_hat, x, config, mode, mask), codes, aux
+
+
+def to_model_space(x_hat: jax.Array, x: jax.Array, config: SAEConfig, mode: str = "corrected",
+                   mask: jax.Array | None = None) -> jax.Array:
+  """What `splice` feeds the model for a decoder output `x_hat` (e.g. of edited codes).
+
+  `corrected` with `input_norm` or `recon_norm`: x_hat·‖x‖; otherwise x_hat as is. Tokens
+  outside `mask` (bool `x.shape[:-1]`) keep x.
+  """
+  _check_choice("splice mode", mode, SPLICE_MODES)
   out = x_hat
   if mode == "corrected" and (config.input_norm or config.recon_norm):
     out = x_hat * _safe_norm(x)
   if mask is not None:
     chex.assert_shape(mask, x.shape[:-1])
     out = jnp.where(mask[..., None], out, x)
-  return out, codes, aux
+  return out
 
 
 def splice_fn(params: Params, config: SAEConfig, hparams: SAEHparams,

@@ -3,14 +3,21 @@
 Per step, one batch is drawn on device from (seed, step) and the frozen LM runs ONCE up to the
 SAE site (to the logits, with the downstream sites collected, only if some group needs them).
 Variants are grouped by static structure (`sweep`); each group's variants are stacked on a
-leading axis N and updated with `jax.vmap`:
+leading axis N and updated by one function written for one variant, applied with `jax.vmap`
+(accelerators) or `lax.map` (CPU, where XLA's batched matrix multiplies are slow; see
+`over_variants`):
 
 - local groups train on the activations of the selected tokens, gathered into a fixed-capacity
   buffer (sentence tokens are ~6-40% of positions, so padding costs nothing), and never run the
   downstream model;
 - e2e / e2e+ds groups splice each variant's SAE at the site (on the selected tokens), run the
   frozen rest of the model from there (`model.apply_from`, vmapped over variants) and compare
-  with the clean logits computed once; gradients reach SAE params only.
+  with the clean logits computed once; gradients reach SAE params only;
+- groups with the causal-interpolation term (`causal=True`, any preset) also splice, at every
+  selected token, the decoded interpolation towards its nearest latent-space neighbour in the
+  same sequence and match the interpolated target logits (`_causal_term`), with β per variant
+  (constant or ramped), an optional plain pre-training phase and a fresh optimizer at a lower
+  lr for the fine-tuning phase.
 
 Each variant has its own Adam state, learning rate (× a shared schedule: constant, or linear
 warm-up + cosine to a floor) and global-norm clip. A variant whose loss or gradients turn
@@ -95,6 +102,13 @@ def registry() -> list[sweep_lib.Field]:
         doc="in_to_orig includes the final resid_post (the e2e paper omitted it)"),
       F("splice_mode", "corrected", True, check=_choice(sae_lib.SPLICE_MODES),
         doc="how normalised SAEs are spliced in (corrected rescales to ‖x‖)"),
+      F("causal", False, True, doc="add the causal-interpolation term (β = causal_coeff)"),
+      F("causal_lambda", "step", True, check=_choice(losses_lib.CAUSAL_LAMBDAS),
+        doc="interpolation λ: U(0,1) per step, per token, or fixed (causal_lambda_value)"),
+      F("causal_target", "sae", True, check=_choice(losses_lib.CAUSAL_TARGETS),
+        doc="interpolated target logits: of the SAE-spliced run (paper) or the clean run"),
+      F("causal_distance", "mse", True, check=_choice(losses_lib.CAUSAL_DISTANCES),
+        doc="distance of the causal term: MSE on logits or KL"),
       # Dynamic: stacked per variant.
       F("lr", 1e-3, False, check=_positive, doc="peak learning rate"),
       F("seed", 0, False, np.int32, doc="SAE init seed (same seed + architecture = same init)"),
@@ -108,11 +122,32 @@ def registry() -> list[sweep_lib.Field]:
       F("jumprelu_bandwidth", 1e-3, False, check=_positive, doc="JumpReLU STE bandwidth"),
       F("jumprelu_init_threshold", 1e-3, False, check=_positive, doc="JumpReLU initial θ"),
       F("threshold_decay", 0.99, False, doc="BatchTopK inference-threshold EMA decay"),
+      F("causal_coeff", 0.0, False, check=_nonneg, doc="β of the causal-interpolation term"),
+      F("causal_lambda_value", 0.2, False, check=lambda v: None if 0 <= v <= 1
+        else "must lie in [0, 1]", doc="λ when causal_lambda='fixed' (paper: 0.2 or 0.02)"),
+      F("causal_start", 0, False, np.int32, check=_nonneg,
+        doc="step at which the causal term starts (plain pre-training before; steps)"),
+      F("causal_ramp", 0, False, np.int32, check=_nonneg,
+        doc="steps over which β ramps linearly from 0 after causal_start (0: constant β)"),
+      F("causal_lr_scale", 1.0, False, check=_positive,
+        doc="lr multiplier from causal_start on (fine-tuning at a lower lr)"),
+      F("causal_reset_opt", False, False, doc="fresh Adam state at causal_start (> 0)"),
   ]
 
 
 _COEFF_FIELDS = {"out_to_in": "out_to_in_coeff", "logits_kl": "logits_kl_coeff",
                  "in_to_orig": "in_to_orig_coeff"}
+
+
+@flax.struct.dataclass
+class CausalHparams:
+  """Per-variant schedule of the causal term (leading axis N in a group)."""
+
+  lambda_value: Any  # float: λ when causal_lambda == 'fixed'
+  start: Any  # int: first step with the causal term (and the lr scale)
+  ramp: Any  # int: β ramp length in steps (0: constant)
+  lr_scale: Any  # float: lr multiplier from `start` on
+  reset_opt: Any  # bool: fresh Adam state at `start` (when start > 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +170,7 @@ class GroupSpec:
   lr: np.ndarray
   seed: np.ndarray
   values: tuple[Mapping[str, Any], ...]  # every field of each real variant (for reports)
+  causal: CausalHparams | None = None
 
 
 def _k_max_hook(static, members):
@@ -176,7 +212,10 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         pre_bias_init=s["pre_bias_init"])
     loss_cfg = losses_lib.LossConfig(preset=s["loss"], sparsity_p=float(s["sparsity_p"]),
                                      sparsity_reduction=s["sparsity_reduction"],
-                                     include_final_resid=s["include_final_resid"])
+                                     include_final_resid=s["include_final_resid"],
+                                     causal=s["causal"], causal_lambda=s["causal_lambda"],
+                                     causal_target=s["causal_target"],
+                                     causal_distance=s["causal_distance"])
     n = g.size
     padded = -(-n // n_variant_devices) * n_variant_devices
     pad = lambda a: np.concatenate([a, np.repeat(a[-1:], padded - n, axis=0)])
@@ -190,7 +229,13 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         sparsity=d["sparsity_coeff"].astype(np.float32),
         out_to_in=d["out_to_in_coeff"].astype(np.float32),
         logits_kl=d["logits_kl_coeff"].astype(np.float32),
-        in_to_orig=d["in_to_orig_coeff"].astype(np.float32))
+        in_to_orig=d["in_to_orig_coeff"].astype(np.float32),
+        causal=d["causal_coeff"].astype(np.float32))
+    causal = CausalHparams(
+        lambda_value=d["causal_lambda_value"].astype(np.float32),
+        start=d["causal_start"].astype(np.int32), ramp=d["causal_ramp"].astype(np.int32),
+        lr_scale=d["causal_lr_scale"].astype(np.float32),
+        reset_opt=d["causal_reset_opt"].astype(bool))
     sae_lib.check_hparams(hparams, sae_cfg)
     losses_lib.check_coeffs(coeffs)
     specs.append(GroupSpec(
@@ -198,7 +243,7 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         size=n, padded=padded, hparams=hparams, coeffs=coeffs,
         lr=d["lr"].astype(np.float32), seed=d["seed"].astype(np.int32),
         values=tuple(dict(v.values, **{k: g.static[k] for k in ("k_max",)})
-                     for v in g.variants)))
+                     for v in g.variants), causal=causal))
   return specs, groups
 
 
@@ -230,6 +275,8 @@ class GroupHyper:
   hparams: sae_lib.SAEHparams
   coeffs: losses_lib.LossCoeffs
   lr: jax.Array
+  seed: jax.Array  # int32: the variant's seed (with the step, keys its causal λ draws)
+  causal: CausalHparams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,7 +342,9 @@ def init_group(spec: GroupSpec, setup: Setup, data_sample: jax.Array | None) -> 
 
 def group_hyper(spec: GroupSpec) -> GroupHyper:
   return GroupHyper(hparams=jax.tree.map(jnp.asarray, spec.hparams),
-                    coeffs=jax.tree.map(jnp.asarray, spec.coeffs), lr=jnp.asarray(spec.lr))
+                    coeffs=jax.tree.map(jnp.asarray, spec.coeffs), lr=jnp.asarray(spec.lr),
+                    seed=jnp.asarray(spec.seed),
+                    causal=jax.tree.map(jnp.asarray, spec.causal))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,7 +375,7 @@ def make_batch(lm_params, step: jax.Array, data_key: jax.Array, setup: Setup) ->
     mask = tokens != g.pad_id
   if setup.mesh is not None and setup.mesh.shape["data"] > 1:
     tokens = jax.lax.with_sharding_constraint(tokens, NamedSharding(setup.mesh, P("data")))
-  needs_full = any(s.loss.needs_spliced_forward for s in setup.specs)
+  needs_full = any(s.loss.needs_clean_logits for s in setup.specs)
   ds_sites = sorted({h for s in setup.specs if s.loss.needs_downstream
                      for h in s.loss.downstream_sites(mc, setup.site)})
   clean = model_lib.apply(lm_params, tokens, mc, collect=(setup.site, *ds_sites),
@@ -352,20 +401,51 @@ def _explained_variance(x_hat, x, mask):
   return jnp.sum(w * (1 - num / den)) / jnp.maximum(jnp.sum(w), 1)
 
 
+def _causal_term(params, codes_BTF, x_BTD, out_BTD, spliced_logits, batch: Batch, lm_params,
+                 rng, lam_fixed, spec: GroupSpec, setup: Setup):
+  """The causal-interpolation distance of one variant (see `losses_lib` for the formula).
+
+  Every selected token i carries D(z_i + λ(z_j(i) − z_i)) (the SAE's own decoder: biases,
+  decoder norm, recon norm and the splice mode's rescaling) in one spliced forward; other
+  positions keep the clean activation. All arrays stay position-aligned.
+  """
+  cfg, lcfg, mask = spec.sae, spec.loss, batch.mask_BT
+  j_BT = losses_lib.nearest_neighbours(codes_BTF, mask)
+  lam = losses_lib.draw_lambda(rng, lcfg.causal_lambda, lam_fixed, mask.shape)
+  x_hat_BTD = sae_lib.decode(params, losses_lib.interpolate(codes_BTF, j_BT, lam), cfg)
+  interp_BTD = sae_lib.to_model_space(x_hat_BTD, x_BTD, cfg, spec.splice_mode, mask)
+  logits = model_lib.apply_from(lm_params, setup.site, interp_BTD, setup.model_config).logits
+  if lcfg.causal_target == "clean":
+    y = batch.clean_logits
+  elif spliced_logits is not None:
+    y = spliced_logits
+  else:
+    y = model_lib.apply_from(lm_params, setup.site, out_BTD, setup.model_config).logits
+  target = losses_lib.interpolate(jax.lax.stop_gradient(y), j_BT, lam)
+  return losses_lib.causal_distance(logits, target, mask, lcfg.causal_distance)
+
+
 def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, spec: GroupSpec,
-                  setup: Setup):
+                  setup: Setup, rng=None, lam_fixed=None):
   """Loss and metrics of ONE variant (vmapped over the group)."""
   cfg, lcfg = spec.sae, spec.loss
-  if lcfg.needs_spliced_forward:
+  if lcfg.needs_sequences:
     out, codes, aux = sae_lib.splice(params, batch.acts_BTD, cfg, hparams, spec.splice_mode,
                                      mask=batch.mask_BT, state=sae_state, train=True)
     mask = batch.mask_BT
-    ds = lcfg.downstream_sites(setup.model_config, setup.site) if lcfg.needs_downstream else ()
-    res = model_lib.apply_from(lm_params, setup.site, out, setup.model_config, collect=ds)
-    extra = dict(clean_logits=batch.clean_logits, spliced_logits=res.logits)
-    if ds:
-      extra.update(spliced_acts={h: res.acts[h] for h in ds},
-                   clean_acts={h: batch.clean_downstream[h] for h in ds})
+    extra = {}
+    spliced_logits = None
+    if lcfg.needs_spliced_forward:
+      ds = lcfg.downstream_sites(setup.model_config, setup.site) if lcfg.needs_downstream else ()
+      res = model_lib.apply_from(lm_params, setup.site, out, setup.model_config, collect=ds)
+      spliced_logits = res.logits
+      extra = dict(clean_logits=batch.clean_logits, spliced_logits=res.logits)
+      if ds:
+        extra.update(spliced_acts={h: res.acts[h] for h in ds},
+                     clean_acts={h: batch.clean_downstream[h] for h in ds})
+    if lcfg.causal:
+      extra["causal"] = _causal_term(params, codes, batch.acts_BTD, out, spliced_logits, batch,
+                                     lm_params, rng, lam_fixed, spec, setup)
   else:
     # Local training always encodes as configured (input_norm applies); the splice mode
     # matters only where the SAE output enters the model.
@@ -395,28 +475,43 @@ def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, s
   tx = _optimizer(setup)
   lr_factor = schedule_factor(step, setup)
 
-  def one(params, opt_state, sae_state, frozen, bad_step, hparams, coeffs, lr):
+  def one(params, opt_state, sae_state, frozen, bad_step, hparams, coeffs, lr, seed, causal):
+    started = step >= causal.start
+    if spec.loss.causal:
+      # β follows its ramp; a fresh Adam state at the start of the fine-tuning phase.
+      coeffs = coeffs.replace(
+          causal=coeffs.causal * losses_lib.causal_ramp(step, causal.start, causal.ramp))
+      reset = causal.reset_opt & (causal.start > 0) & (step == causal.start)
+      fresh = tx.init(params)
+      opt_state = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, opt_state)
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), _CAUSAL_STREAM)
     (loss, (metrics, new_sae_state, fired)), grads = grad_fn(
-        params, sae_state, hparams, coeffs, batch, lm_params, spec, setup)
+        params, sae_state, hparams, coeffs, batch, lm_params, spec, setup, rng,
+        causal.lambda_value)
     grads = sae_lib.project_gradients(params, grads, spec.sae)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, opt_state, params)
-    lr_t = lr * lr_factor
+    lr_t = lr * lr_factor * jnp.where(started, causal.lr_scale, 1.0)
     new_params = jax.tree.map(lambda p, u: p - lr_t * u, params, updates)
     new_params = sae_lib.renormalize(new_params, spec.sae)
     ok = finite & ~frozen
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     metrics = dict(metrics, grad_norm=grad_norm, lr=lr_t)
+    if spec.loss.causal:
+      metrics["causal_beta"] = coeffs.causal
     return (keep(new_params, params), keep(new_opt, opt_state), keep(new_sae_state, sae_state),
             frozen | ~finite, jnp.where((bad_step < 0) & ~finite, step, bad_step), metrics,
             fired & ok)
 
   out = over_variants(one, setup.variant_loop)(
       state.params, state.opt_state, state.sae_state, state.frozen, state.bad_step,
-      hyper.hparams, hyper.coeffs, hyper.lr)
+      hyper.hparams, hyper.coeffs, hyper.lr, hyper.seed, hyper.causal)
   params, opt_state, sae_state, frozen, bad_step, metrics, fired = out
   return GroupState(params, opt_state, sae_state, frozen, bad_step), metrics, fired
+
+
+_CAUSAL_STREAM = 7  # folded into (variant seed, step) for the causal term's λ draws
 
 
 def over_variants(fn, variant_loop: str):

@@ -228,3 +228,75 @@ def test_downstream_sites():
       two, "resid_pre.0") == ("resid_post.0",)
   with pytest.raises(ValueError, match="Unknown SAE site"):
     losses.downstream_sites(two, "resid_post.2")
+
+
+# ------------------------------------------------------------------------------------------------
+# The causal-interpolation term.
+
+
+def test_nearest_neighbours_match_brute_force_and_respect_rows_and_masks():
+  rng = np.random.default_rng(0)
+  codes = rng.normal(size=(3, 7, 5)).astype(np.float32)
+  mask = rng.random((3, 7)) < 0.7
+  mask[2] = False
+  mask[2, 4] = True  # a row with one selected token: no candidate, j = i
+  j = np.asarray(losses.nearest_neighbours(jnp.asarray(codes), jnp.asarray(mask)))
+  for b in range(3):
+    for t in range(7):
+      cands = [s for s in range(7) if s != t and mask[b, s]]
+      if not cands:
+        assert j[b, t] == t
+        continue
+      d = [np.sum((codes[b, t] - codes[b, s]) ** 2) for s in cands]
+      assert j[b, t] == cands[int(np.argmin(d))]
+      assert j[b, t] != t and mask[b, j[b, t]]
+  # Rows are independent: a token identical to one in another row is not picked from there.
+  twin = codes.copy()
+  twin[1, 0] = twin[0, 0]
+  j2 = np.asarray(losses.nearest_neighbours(jnp.asarray(twin), None))
+  assert (j2 != np.arange(7)[None]).all()
+  assert j2.shape == (3, 7)
+
+
+def test_interpolate_endpoints_and_per_token_lambda():
+  rng = np.random.default_rng(1)
+  v = jnp.asarray(rng.normal(size=(2, 4, 3)).astype(np.float32))
+  j = jnp.asarray([[1, 0, 3, 2], [2, 2, 0, 0]], jnp.int32)
+  np.testing.assert_array_equal(losses.interpolate(v, j, 0.0), v)
+  np.testing.assert_allclose(losses.interpolate(v, j, 1.0), losses.gather_rows(v, j), atol=1e-6)
+  lam = jnp.asarray(rng.random((2, 4)).astype(np.float32))
+  ref = np.stack([np.asarray(v)[b][np.asarray(j)[b]] for b in range(2)])
+  want = np.asarray(v) + np.asarray(lam)[..., None] * (ref - np.asarray(v))
+  np.testing.assert_allclose(losses.interpolate(v, j, lam), want, rtol=1e-6, atol=1e-6)
+
+
+def test_causal_distance_references():
+  rng = np.random.default_rng(2)
+  a = rng.normal(size=(2, 3, 6)).astype(np.float32)
+  y = rng.normal(size=(2, 3, 6)).astype(np.float32)
+  m = np.array([[1, 1, 0], [0, 1, 1]], bool)
+  mse = float(losses.causal_distance(jnp.asarray(a), jnp.asarray(y), jnp.asarray(m), "mse"))
+  np.testing.assert_allclose(mse, np.mean(((a - y) ** 2)[m]), rtol=1e-5)
+  kl = float(losses.causal_distance(jnp.asarray(a), jnp.asarray(y), jnp.asarray(m), "kl"))
+  ls = lambda z: z - np.log(np.sum(np.exp(z), -1, keepdims=True))
+  p = np.exp(ls(y))
+  np.testing.assert_allclose(kl, np.mean(np.sum(p * (ls(y) - ls(a)), -1)[m]), rtol=1e-5)
+  # The target is a constant: no gradient reaches it.
+  g = jax.grad(lambda t: losses.causal_distance(jnp.asarray(a), t, None, "kl"))(jnp.asarray(y))
+  assert float(jnp.abs(g).max()) == 0.0
+  with pytest.raises(ValueError, match="causal distance"):
+    losses.causal_distance(jnp.asarray(a), jnp.asarray(y), None, "l1")
+
+
+def test_causal_ramp_and_lambda_draws():
+  ramp = [float(losses.causal_ramp(s, 10, 4)) for s in (0, 9, 10, 11, 13, 20)]
+  np.testing.assert_allclose(ramp, [0, 0, 0.25, 0.5, 1.0, 1.0])
+  assert [float(losses.causal_ramp(s, 3, 0)) for s in (2, 3, 50)] == [0.0, 1.0, 1.0]
+  key = jax.random.key(0)
+  assert losses.draw_lambda(key, "step", 0.2, (2, 3)).shape == ()
+  lam = np.asarray(losses.draw_lambda(key, "token", 0.2, (20, 30)))
+  assert lam.shape == (20, 30) and 0 <= lam.min() and lam.max() < 1 and lam.std() > 0.2
+  assert float(losses.draw_lambda(key, "fixed", 0.02, (2, 3))) == pytest.approx(0.02)
+  assert losses.LossConfig(causal=True).terms[-1] == "causal"
+  with pytest.raises(ValueError, match="causal_target"):
+    losses.LossConfig(causal=True, causal_target="other")

@@ -219,3 +219,93 @@ def test_smoke_config_runs_through_the_job(lm_dir, tmp_path):
       assert "logits_kl" in m
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert {l["step"] for l in lines} == {2, 4}
+
+
+# ------------------------------------------------------------------------------------------------
+# The causal-interpolation term in the grid.
+
+CAUSAL = {"loss": "local", "activation": "topk", "k": 4, "expansion": 2, "causal": True}
+
+
+@pytest.mark.parametrize("mode", [
+    {"causal_lambda": "token", "causal_target": "sae", "causal_distance": "mse"},
+    {"causal_lambda": "step", "causal_target": "clean", "causal_distance": "kl",
+     "causal_ramp": 2},
+])
+def test_causal_beta_grid_equals_separate_runs(lm_dir, mode):
+  betas = [0.5, 1.0, 100.0]
+  common = {**CAUSAL, **mode}
+  setup, state, metrics, _ = _train(_config(lm_dir, [{"product": {"causal_coeff": betas},
+                                                     "set": common}]))
+  assert len(setup.specs) == 1 and setup.specs[0].loss.causal
+  assert np.all(np.asarray(metrics[0]["causal"]) > 0)
+  for i, beta in enumerate(betas):
+    _, alone, _, _ = _train(_config(lm_dir, [{"set": {**common, "causal_coeff": beta}}]))
+    for a, b in zip(jax.tree.leaves(state.groups[0].params),
+                    jax.tree.leaves(alone.groups[0].params)):
+      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+
+
+def _one_variant_loss(lm_dir, values, preset_fields=None):
+  """(loss fn of the first variant's params, params) on one batch."""
+  config = _config(lm_dir, [{"set": {**CAUSAL, **values}}])
+  setup, lm, root = ts.prepare(config)
+  state = ts.init_grid(setup, lm, root)
+  batch = ts.make_batch(lm.params, jnp.int32(0), jax.random.key(1), setup)
+  spec, hyper = setup.specs[0], ts.group_hyper(setup.specs[0])
+  one = lambda t: jax.tree.map(lambda x: x[0], t)
+  rng = jax.random.key(5)
+
+  def loss(params):
+    return ts._variant_loss(params, one(state.groups[0].sae_state), one(hyper.hparams),  # pylint: disable=protected-access
+                            one(hyper.coeffs), batch, lm.params, spec, setup, rng,
+                            one(hyper.causal).lambda_value)
+  return loss, one(state.groups[0].params)
+
+
+def test_causal_term_vanishes_at_lambda_zero(lm_dir):
+  # λ = 0: every token carries its own reconstruction, exactly the plain SAE splice, so the
+  # interpolated run reproduces the SAE-spliced logits (the 'sae' target) and the term is 0.
+  for preset in ("local", "e2e"):
+    loss, params = _one_variant_loss(lm_dir, {"loss": preset, "causal_lambda": "fixed",
+                                              "causal_lambda_value": 0.0, "causal_coeff": 1.0})
+    total, (metrics, _, _) = loss(params)
+    assert float(metrics["causal"]) == 0.0
+  loss, params = _one_variant_loss(lm_dir, {"causal_lambda": "fixed", "causal_lambda_value": 0.5,
+                                            "causal_coeff": 1.0})
+  assert float(loss(params)[1][0]["causal"]) > 0
+
+
+def test_causal_gradient_matches_finite_differences(lm_dir):
+  # The clean target does not depend on the SAE (the 'sae' target is held constant on purpose,
+  # so finite differences of the whole function would not match its gradient).
+  loss, params = _one_variant_loss(lm_dir, {"activation": "relu", "causal_lambda": "fixed",
+                                            "causal_lambda_value": 0.3, "causal_coeff": 1.0,
+                                            "sparsity_coeff": 0.0, "out_to_in_coeff": 0.0,
+                                            "causal_distance": "kl", "causal_target": "clean"})
+  f = jax.jit(lambda p: loss(p)[0])
+  grads = jax.grad(f)(params)
+  rng = np.random.default_rng(0)
+  direction = jax.tree.map(lambda x: jnp.asarray(0.1 * rng.normal(size=x.shape), x.dtype),
+                           params)
+  analytic = sum(float(jnp.sum(g * d)) for g, d in zip(jax.tree.leaves(grads),
+                                                         jax.tree.leaves(direction)))
+  eps = 1e-3
+  shift = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, params, direction)
+  numeric = (float(f(shift(1))) - float(f(shift(-1)))) / (2 * eps)
+  assert abs(analytic) > 1e-4
+  np.testing.assert_allclose(numeric, analytic, rtol=2e-2)
+
+
+def test_causal_pretraining_phase_is_plain_training(lm_dir):
+  # Before causal_start the causal variant trains exactly like the plain one (β ramp at 0,
+  # same lr); the term is still logged.
+  plain = {k: v for k, v in CAUSAL.items() if k != "causal"}
+  _, a, ma, _ = _train(_config(lm_dir, [{"set": {**CAUSAL, "causal_coeff": 5.0,
+                                                 "causal_start": 100, "causal_lr_scale": 0.1,
+                                                 "causal_reset_opt": True}}]))
+  _, b, _, _ = _train(_config(lm_dir, [{"set": plain}]))
+  for x, y in zip(jax.tree.leaves(a.groups[0].params), jax.tree.leaves(b.groups[0].params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=2e-6)
+  assert float(np.asarray(ma[0]["causal_beta"])[0]) == 0.0
+  assert float(np.asarray(ma[0]["causal"])[0]) > 0
