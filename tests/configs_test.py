@@ -10,6 +10,7 @@ import pytest
 
 from experiments import main as main_lib
 from experiments.configs import lm as lm_configs
+from experiments.configs import sae_causal
 from experiments.configs import sae_menon
 from jaxsae import train_lm
 from jaxsae import train_sae
@@ -220,3 +221,34 @@ def test_every_config_builds(name):
     elif config.job == "sae":
       train_sae.validate_config(config)
       assert sum(s.size for s in _groups(config, d_model)) >= 1
+
+
+@pytest.mark.parametrize("name", ["sae_e2e", "sae_causal"])
+def test_sae_config_smoke_runs_end_to_end(name, lm_dir, tmp_path):
+  module = importlib.import_module(f"experiments.configs.{name}")
+  config = module.get_config(f"smoke,language=dyck2,lm_workdir={lm_dir}")
+  config.lock()
+  summary = train_sae.run(config, str(tmp_path / "sae"))
+  assert summary["steps"] == config.steps
+  for v in summary["variants"].values():
+    assert not v["frozen"] and v["metrics"]["step"] == config.steps
+    if v["hparams"].get("causal"):
+      assert v["metrics"]["causal"] > 0 and "causal_beta" in v["metrics"]
+
+
+def test_causal_config_grid():
+  specs = _groups(sae_causal.get_config())
+  causal = [s for s in specs if s.loss.causal]
+  assert sum(s.size for s in causal) == 12 and sum(s.size for s in specs) == 13
+  for s in specs:
+    assert s.sae.activation == "topk" and s.sae.width == 2 * D_MODEL
+    assert set(s.hparams.k.tolist()) == {16}
+  assert sorted({float(b) for s in causal for b in s.coeffs.causal}) == [0.5, 1.0, 100.0]
+  fixed = [s for s in causal if s.loss.causal_lambda == "fixed"]
+  assert sorted({round(float(v), 6) for s in fixed for v in s.causal.lambda_value}) == [0.02, 0.2]
+  ft = _groups(sae_causal.get_config("finetune,steps=1000"))
+  starts = {int(v) for s in ft if s.loss.causal for v in s.causal.start}
+  assert starts == {500} and all(bool(v) for s in ft if s.loss.causal
+                                 for v in s.causal.reset_opt)
+  with pytest.raises(ValueError, match="target="):
+    sae_causal.get_config("target=other")
