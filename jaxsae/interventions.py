@@ -1,0 +1,1009 @@
+"""Latent interventions through a spliced SAE, their outcomes, and causal predictability.
+
+An `Intervention` edits the SAE codes at its site before they are decoded back into the model:
+
+    clamp      selected latents := value (a number, or per latent [F], e.g. a quantile from
+               `latent_quantiles`);
+    zero       selected latents := 0 (zero ablation);
+    keep_only  every latent NOT selected := 0;
+    patch      selected latents := the codes of a source input at the same positions (the source
+               is given as tokens, run through the clean LM and the same SAE, or as codes).
+
+Latents are one int index or a bool mask over F; the edit applies at the positions of a bool
+`[B, T]` mask, or at every position (a scalar True). The edited codes are decoded with the SAE's
+own decoder (`sae.decode`: dictionary norm, biases, `recon_norm`) and spliced exactly as
+`sae.splice` splices the plain reconstruction: in `corrected` mode the input is normalised under
+`input_norm` and, under `input_norm` or `recon_norm`, the output is rescaled to ‖x‖; in `original`
+mode raw x goes in and the raw output comes out. With nothing edited (or `intervention=None`) the
+replacement IS the plain splice. `intervened_logits` runs the model with that replacement (jitted;
+the intervention's kind is static, everything else dynamic); `intervened_logits_latents` /
+`intervened_logits_variants` vmap it over latents (indices or masks, with values) and over the
+stacked variants of a group.
+
+Outcomes are reported against both baselines, the clean model and the plain SAE-spliced model:
+KL(base ‖ intervened) of the next-token distribution and the shift of the probability of token
+classes (`token_classes`: Dyck `<eos>`, openers, closers per type; Expr `<eos>`, digits, operators
+by arity; English `<eos>` and each part of speech), as means over the measured positions; and
+statistics of generations under the intervention (`generation_stats`: exact grammaticality,
+length, class counts, Dyck depth), compiled once per static structure with the SAE params and the
+intervention as arguments.
+
+`causal_predictability` tests strongly label-correlated latents causally: clamp the latent high
+(a quantile of its active values, times a scale) and low (0) at every measured position, and check
+that the token classes the label predicts (`EXPECTED_EFFECTS`) move in the direction given by the
+sign of the correlation. Per pair: effect = w·(p_high − p_low) / ‖w‖₁, with w the expected
+per-class weights and p the mean class probabilities; "acts as predicted" iff sign(corr)·effect
+> 0. For English parts of speech w is derived from data (`EMPIRICAL`): the regression slope of
+"the next token is in class c" on the label, over the measured positions.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsae import generate as generate_lib
+from jaxsae import grammars
+from jaxsae import model as model_lib
+from jaxsae import sae as sae_lib
+from jaxsae.grammars import features
+from jaxsae.grammars import recognise
+
+KINDS = ("clamp", "zero", "keep_only", "patch")
+EMPIRICAL = "empirical"
+
+# (family, label column) -> expected effect of increasing the label: ((token class, sign), ...),
+# or EMPIRICAL (derived from data). A column is looked up by its full name ("top_type_after=0")
+# first, then by its label name ("pos" for "pos=N"). Families: `dyck`, `expr` (prefix and
+# postfix), `english` (every other PCFG). Only effects the grammar forces are listed:
+#   Dyck: deeper -> closers legal, <eos> not; empty stack -> <eos> legal, closers not; top of the
+#     stack of type k -> closer k legal, the other not; an opener -> <eos> illegal.
+#   Expr: a complete prefix -> <eos> legal; more pending operands (prefix: operands needed;
+#     postfix: stack size >= 1) -> <eos> less legal.
+#   English: a complete sentence -> <eos> legal; part of speech -> the categories that follow it.
+EXPECTED_EFFECTS: dict[tuple[str, str], Any] = {
+    ("dyck", "depth_after"): (("close", 1), ("eos", -1)),
+    ("dyck", "stack_empty_after"): (("eos", 1), ("close", -1)),
+    ("dyck", "top_type_after=0"): (("close0", 1), ("close1", -1)),
+    ("dyck", "top_type_after=1"): (("close1", 1), ("close0", -1)),
+    ("dyck", "is_open"): (("eos", -1),),
+    ("expr", "eos_legal"): (("eos", 1),),
+    ("expr", "pending_operands"): (("eos", -1),),
+    ("english", "eos_legal"): (("eos", 1),),
+    ("english", "pos"): EMPIRICAL,
+}
+
+
+def _is_tracer(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+# ------------------------------------------------------------------------------------------------
+# The intervention pytree.
+
+
+@flax.struct.dataclass
+class Intervention:
+  """An edit of SAE codes (see the module docstring); build it with `clamp`, `zero`, ...
+
+  Attributes:
+    kind: static, one of `KINDS`.
+    latents: int32 [] (one latent index) or bool [F] (a mask of latents).
+    value: float32 [] or [F]: the clamp value(s) (unused by other kinds).
+    positions: bool [B, T] (where the edit applies) or a scalar bool True (everywhere).
+    source: `patch` only: int tokens [B, T] (encoded by the clean LM + the SAE) or float codes
+      [B, T, F] of the source input; None otherwise.
+  """
+
+  latents: jax.Array
+  value: jax.Array
+  positions: jax.Array
+  source: jax.Array | None = None
+  kind: str = flax.struct.field(pytree_node=False, default="clamp")
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"Intervention.kind={self.kind!r} is unknown; choose one of "
+                       f"{', '.join(KINDS)}.")
+
+
+def _latents(latents) -> jax.Array:
+  a = jnp.asarray(latents)
+  return a.astype(jnp.int32) if jnp.issubdtype(a.dtype, jnp.integer) else a
+
+
+def _positions(positions) -> jax.Array:
+  return jnp.asarray(True) if positions is None else jnp.asarray(positions, bool)
+
+
+def clamp(latents, value, positions=None) -> Intervention:
+  """Clamps `latents` (index or bool mask [F]) to `value` ([] or [F]) at `positions` ([B, T])."""
+  return Intervention(kind="clamp", latents=_latents(latents),
+                      value=jnp.asarray(value, jnp.float32), positions=_positions(positions))
+
+
+def zero(latents, positions=None) -> Intervention:
+  """Zero-ablates `latents` at `positions` (default everywhere)."""
+  return Intervention(kind="zero", latents=_latents(latents), value=jnp.zeros((), jnp.float32),
+                      positions=_positions(positions))
+
+
+def keep_only(latents, positions=None) -> Intervention:
+  """Zeroes every latent except `latents` at `positions`."""
+  return Intervention(kind="keep_only", latents=_latents(latents),
+                      value=jnp.zeros((), jnp.float32), positions=_positions(positions))
+
+
+def patch(latents, source, positions=None) -> Intervention:
+  """Sets `latents` to the source input's codes at the same positions.
+
+  Args:
+    latents: index or bool mask [F].
+    source: int tokens [B, T] of the source input (the same shape as the target tokens), or
+      float codes [B, T, F].
+    positions: bool [B, T]; default everywhere.
+  """
+  source = jnp.asarray(source)
+  source = source.astype(jnp.int32) if jnp.issubdtype(source.dtype, jnp.integer) else \
+      source.astype(jnp.float32)
+  return Intervention(kind="patch", latents=_latents(latents), value=jnp.zeros((), jnp.float32),
+                      positions=_positions(positions), source=source)
+
+
+def latent_mask(indices: Sequence[int], width: int) -> jax.Array:
+  """bool [F] mask with True at `indices` (for interventions on several latents at once)."""
+  idx = np.asarray(indices, np.int64).reshape(-1)
+  if idx.size and (idx.min() < 0 or idx.max() >= width):
+    raise ValueError(f"latent indices {idx.tolist()} must lie in [0, width={width}).")
+  return jnp.zeros((width,), bool).at[jnp.asarray(idx, jnp.int32)].set(True)
+
+
+def check_intervention(intervention: Intervention, width: int,
+                       tokens_shape: tuple[int, ...] | None = None) -> None:
+  """Validates shapes and (when concrete) latent indices; raises ValueError naming the fix."""
+  if not isinstance(intervention, Intervention):
+    raise ValueError(f"expected an Intervention (build one with interventions.clamp / zero / "
+                     f"keep_only / patch), got {type(intervention).__name__}.")
+  lat = intervention.latents
+  if lat.ndim == 0:
+    if not jnp.issubdtype(lat.dtype, jnp.integer):
+      raise ValueError(f"Intervention.latents must be an int index or a bool mask [{width}], "
+                       f"got dtype {lat.dtype}.")
+    if not _is_tracer(lat) and not 0 <= int(lat) < width:
+      raise ValueError(f"Intervention.latents={int(lat)} is out of range for an SAE of width "
+                       f"{width}; use an index in [0, {width}).")
+  elif lat.shape != (width,) or lat.dtype != jnp.bool_:
+    raise ValueError(f"Intervention.latents has shape {lat.shape} and dtype {lat.dtype}; it must "
+                     f"be a bool mask [{width}] (the SAE width; see latent_mask), or a scalar "
+                     f"int index.")
+  if intervention.value.shape not in ((), (width,)):
+    raise ValueError(f"Intervention.value has shape {intervention.value.shape}; use a scalar or "
+                     f"one value per latent [{width}].")
+  pos = intervention.positions
+  if pos.ndim and tokens_shape is not None and pos.shape != tuple(tokens_shape):
+    raise ValueError(f"Intervention.positions has shape {pos.shape} but the tokens are "
+                     f"{tuple(tokens_shape)}; pass a bool mask of the tokens' shape, or None for "
+                     f"every position.")
+  src = intervention.source
+  if intervention.kind == "patch":
+    if src is None:
+      raise ValueError("a 'patch' intervention needs a source (tokens [B, T] or codes "
+                       "[B, T, F]); build it with interventions.patch(latents, source).")
+    want = None if tokens_shape is None else (tuple(tokens_shape) if jnp.issubdtype(
+        src.dtype, jnp.integer) else (*tokens_shape, width))
+    if want is not None and src.shape != want:
+      raise ValueError(f"patch source has shape {src.shape}; it must be {want} (tokens aligned "
+                       f"with the target, or their codes).")
+  elif src is not None:
+    raise ValueError(f"Intervention.source is only used by 'patch', got one for "
+                     f"{intervention.kind!r}; leave it None.")
+
+
+def edit_codes(codes: jax.Array, intervention: Intervention,
+               source_codes: jax.Array | None = None) -> jax.Array:
+  """Applies the intervention to codes `[..., F]` (positions broadcast to `codes.shape[:-1]`).
+
+  Args:
+    codes: SAE codes.
+    intervention: the edit.
+    source_codes: codes of the source input (same shape as `codes`), for `patch`.
+
+  Returns:
+    The edited codes, equal to `codes` wherever the intervention does not apply.
+  """
+  f = codes.shape[-1]
+  lat = intervention.latents
+  sel_F = jax.nn.one_hot(lat, f, dtype=bool) if lat.ndim == 0 else lat.astype(bool)
+  kind = intervention.kind
+  if kind == "keep_only":
+    sel_F = ~sel_F
+  if kind == "clamp":
+    new = jnp.broadcast_to(intervention.value.astype(codes.dtype), (f,))
+    new = jnp.broadcast_to(new.reshape((1,) * (codes.ndim - 1) + (f,)), codes.shape)
+  elif kind == "patch":
+    if source_codes is None:
+      raise ValueError("a 'patch' edit needs source_codes of the codes' shape.")
+    new = jnp.broadcast_to(source_codes.astype(codes.dtype), codes.shape)
+  else:
+    new = jnp.zeros_like(codes)
+  pos = jnp.broadcast_to(intervention.positions, codes.shape[:-1])
+  where = pos[..., None] & sel_F.reshape((1,) * (codes.ndim - 1) + (f,))
+  return jnp.where(where, new, codes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Splicing the edited codes, and the logits.
+
+
+def _splice_edited(sae_params, x, sae_config, hparams, sae_state, splice_mode, intervention,
+                   source_codes, splice_mask):
+  """`sae.splice` with the codes edited before decoding (the plain splice if nothing edits)."""
+  out, codes, _ = sae_lib.splice(sae_params, x, sae_config, hparams, mode=splice_mode,
+                                 state=sae_state)
+  if intervention is not None:
+    x_hat = sae_lib.decode(sae_params, edit_codes(codes, intervention, source_codes), sae_config)
+    if splice_mode == "corrected" and (sae_config.input_norm or sae_config.recon_norm):
+      x_hat = x_hat * sae_lib._safe_norm(x)  # pylint: disable=protected-access
+    out = x_hat
+  if splice_mask is not None:
+    out = jnp.where(jnp.broadcast_to(splice_mask, x.shape[:-1])[..., None], out, x)
+  return out
+
+
+def _site_codes(lm_params, sae_params, hparams, sae_state, tokens_BT, model_config, site,
+                sae_config, splice_mode):
+  acts = model_lib.apply(lm_params, tokens_BT, model_config, stop_at=site).acts[site]
+  return sae_lib.splice(sae_params, acts, sae_config, hparams, mode=splice_mode,
+                        state=sae_state)[1]
+
+
+def _logits_impl(lm_params, sae_params, hparams, sae_state, tokens_BT, intervention, splice_mask,
+                 model_config, site, sae_config, splice_mode):
+  source_codes = None
+  if intervention is not None and intervention.kind == "patch":
+    src = intervention.source
+    source_codes = (_site_codes(lm_params, sae_params, hparams, sae_state, src, model_config,
+                                site, sae_config, splice_mode)
+                    if jnp.issubdtype(src.dtype, jnp.integer) else src)
+  fn = lambda x: _splice_edited(sae_params, x, sae_config, hparams, sae_state, splice_mode,
+                                intervention, source_codes, splice_mask)
+  return model_lib.apply(lm_params, tokens_BT, model_config, replace={site: fn}).logits
+
+
+_STATIC = ("model_config", "site", "sae_config", "splice_mode")
+_logits_jit = jax.jit(_logits_impl, static_argnames=_STATIC)
+
+
+def _check_common(model_config, site, sae_config, splice_mode, tokens_BT):
+  names = model_lib.site_names(model_config)
+  if site not in names:
+    raise ValueError(f"site={site!r} is not a site of the model; valid sites: {', '.join(names)}.")
+  if sae_config.d_in != model_config.d_model:
+    raise ValueError(f"the SAE's d_in={sae_config.d_in} differs from the model's d_model="
+                     f"{model_config.d_model}; use the SAE trained at this model's site.")
+  if splice_mode not in sae_lib.SPLICE_MODES:
+    raise ValueError(f"splice_mode={splice_mode!r} is unknown; choose one of "
+                     f"{', '.join(sae_lib.SPLICE_MODES)}.")
+  if tokens_BT is not None and jnp.ndim(tokens_BT) != 2:
+    raise ValueError(f"tokens must be [B, T], got shape {jnp.shape(tokens_BT)}.")
+
+
+def intervened_logits(lm_params: model_lib.Params, model_config: model_lib.ModelConfig,
+                      site: str, sae_params: sae_lib.Params, sae_config: sae_lib.SAEConfig,
+                      hparams: sae_lib.SAEHparams, tokens_BT: jax.Array,
+                      intervention: Intervention | None, splice_mode: str = "corrected",
+                      sae_state: sae_lib.SAEState | None = None, *,
+                      splice_mask_BT: jax.Array | None = None) -> jax.Array:
+  """Next-token logits `[B, T, V]` with the SAE spliced at `site` and its codes edited.
+
+  Args:
+    lm_params, model_config: the frozen LM.
+    site: the SAE's site.
+    sae_params, sae_config, hparams, sae_state: one SAE variant (inference mode).
+    tokens_BT: int tokens.
+    intervention: the edit, or None for the plain SAE splice.
+    splice_mode: as `sae.splice`.
+    splice_mask_BT: optional bool: the SAE replaces the activation only there (others clean).
+
+  Returns:
+    float32 logits `[B, T, V]`.
+  """
+  _check_common(model_config, site, sae_config, splice_mode, tokens_BT)
+  if intervention is not None:
+    check_intervention(intervention, sae_config.width, jnp.shape(tokens_BT))
+  return _logits_jit(lm_params, sae_params, hparams, sae_state, jnp.asarray(tokens_BT),
+                     intervention, splice_mask_BT, model_config=model_config, site=site,
+                     sae_config=sae_config, splice_mode=splice_mode)
+
+
+def _with_latents(intervention, lat, val):
+  return intervention.replace(latents=lat, value=val)
+
+
+def _check_sweep(intervention, latents_L, values_L, width, tokens_shape):
+  latents_L = jnp.asarray(latents_L)
+  if latents_L.ndim == 1 and jnp.issubdtype(latents_L.dtype, jnp.integer):
+    if not _is_tracer(latents_L) and latents_L.size and not (
+        0 <= int(latents_L.min()) and int(latents_L.max()) < width):
+      raise ValueError(f"latents_L must lie in [0, {width}), got {np.asarray(latents_L).tolist()}.")
+    latents_L = latents_L.astype(jnp.int32)
+  elif latents_L.ndim == 2 and latents_L.shape[1] == width:
+    latents_L = latents_L.astype(bool)
+  else:
+    raise ValueError(f"latents_L must be int indices [L] or bool masks [L, {width}], got shape "
+                     f"{latents_L.shape}.")
+  n = latents_L.shape[0]
+  if values_L is None:
+    values_L = jnp.broadcast_to(intervention.value, (n, *intervention.value.shape))
+  values_L = jnp.asarray(values_L, jnp.float32)
+  if values_L.shape not in ((n,), (n, width)):
+    raise ValueError(f"values_L has shape {values_L.shape}; use [L={n}] or [L, {width}].")
+  check_intervention(_with_latents(intervention, latents_L[0] if n else jnp.int32(0),
+                                   values_L[0] if n else jnp.float32(0)), width, tokens_shape)
+  return latents_L, values_L
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _latents_jit(lm_params, sae_params, hparams, sae_state, tokens_BT, intervention, latents_L,
+                 values_L, splice_mask, model_config, site, sae_config, splice_mode):
+  def one(lat, val):
+    return _logits_impl(lm_params, sae_params, hparams, sae_state, tokens_BT,
+                        _with_latents(intervention, lat, val), splice_mask, model_config, site,
+                        sae_config, splice_mode)
+  return jax.vmap(one)(latents_L, values_L)
+
+
+def intervened_logits_latents(lm_params: model_lib.Params, model_config: model_lib.ModelConfig,
+                              site: str, sae_params: sae_lib.Params,
+                              sae_config: sae_lib.SAEConfig, hparams: sae_lib.SAEHparams,
+                              tokens_BT: jax.Array, intervention: Intervention,
+                              latents_L: jax.Array, values_L: jax.Array | None = None,
+                              splice_mode: str = "corrected",
+                              sae_state: sae_lib.SAEState | None = None, *,
+                              splice_mask_BT: jax.Array | None = None) -> jax.Array:
+  """`intervened_logits` vmapped over latents: logits `[L, B, T, V]`.
+
+  Args:
+    intervention: the template (kind, positions, source); its latents and value are replaced
+      by `latents_L[i]`, `values_L[i]` for item i.
+    latents_L: int indices [L] or bool masks [L, F].
+    values_L: float [L] or [L, F] clamp values (default: the template's value for all).
+    Others: as `intervened_logits`.
+  """
+  _check_common(model_config, site, sae_config, splice_mode, tokens_BT)
+  latents_L, values_L = _check_sweep(intervention, latents_L, values_L, sae_config.width,
+                                     jnp.shape(tokens_BT))
+  return _latents_jit(lm_params, sae_params, hparams, sae_state, jnp.asarray(tokens_BT),
+                      intervention, latents_L, values_L, splice_mask_BT,
+                      model_config=model_config, site=site, sae_config=sae_config,
+                      splice_mode=splice_mode)
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "per_variant"))
+def _variants_jit(lm_params, sae_params_N, hparams_N, sae_state_N, tokens_BT, intervention,
+                  splice_mask, model_config, site, sae_config, splice_mode, per_variant):
+  def one(p, h, s, lat, val):
+    iv = None if intervention is None else _with_latents(intervention, lat, val)
+    return _logits_impl(lm_params, p, h, s, tokens_BT, iv, splice_mask, model_config, site,
+                        sae_config, splice_mode)
+  lat = None if intervention is None else intervention.latents
+  val = None if intervention is None else intervention.value
+  axis = 0 if per_variant else None
+  return jax.vmap(one, in_axes=(0, 0, 0, axis, axis))(sae_params_N, hparams_N, sae_state_N, lat,
+                                                      val)
+
+
+def intervened_logits_variants(lm_params: model_lib.Params, model_config: model_lib.ModelConfig,
+                               site: str, sae_params_N: sae_lib.Params,
+                               sae_config: sae_lib.SAEConfig, hparams_N: sae_lib.SAEHparams,
+                               tokens_BT: jax.Array, intervention: Intervention | None,
+                               splice_mode: str = "corrected",
+                               sae_state_N: sae_lib.SAEState | None = None, *,
+                               per_variant: bool = False,
+                               splice_mask_BT: jax.Array | None = None) -> jax.Array:
+  """`intervened_logits` vmapped over the N stacked variants of a group: logits `[N, B, T, V]`.
+
+  Args:
+    sae_params_N, hparams_N, sae_state_N: stacked on a leading variant axis (state may be None).
+    intervention: shared by all variants, or (per_variant=True) with `latents` and `value`
+      stacked on a leading N axis (positions and source shared), e.g. per-variant quantiles.
+    Others: as `intervened_logits`.
+  """
+  _check_common(model_config, site, sae_config, splice_mode, tokens_BT)
+  n = jax.tree.leaves(sae_params_N)[0].shape[0]
+  if intervention is not None:
+    if per_variant:
+      if intervention.latents.shape[:1] != (n,) or intervention.value.shape[:1] != (n,):
+        raise ValueError(f"per_variant=True needs latents and value stacked on a leading axis "
+                         f"of the {n} variants, got {intervention.latents.shape} and "
+                         f"{intervention.value.shape}.")
+      for i in range(n):
+        check_intervention(_with_latents(intervention, intervention.latents[i],
+                                         intervention.value[i]), sae_config.width,
+                           jnp.shape(tokens_BT))
+    else:
+      check_intervention(intervention, sae_config.width, jnp.shape(tokens_BT))
+  return _variants_jit(lm_params, sae_params_N, hparams_N, sae_state_N, jnp.asarray(tokens_BT),
+                       intervention, splice_mask_BT, model_config=model_config, site=site,
+                       sae_config=sae_config, splice_mode=splice_mode,
+                       per_variant=bool(per_variant) and intervention is not None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Codes on data, and their quantiles.
+
+
+def site_codes(lm_params: model_lib.Params, model_config: model_lib.ModelConfig, site: str,
+               sae_params: sae_lib.Params, sae_config: sae_lib.SAEConfig,
+               hparams: sae_lib.SAEHparams, tokens_BT: jax.Array,
+               splice_mode: str = "corrected",
+               sae_state: sae_lib.SAEState | None = None) -> jax.Array:
+  """The SAE's codes `[B, T, F]` of the clean activations at `site` (as the splice encodes)."""
+  _check_common(model_config, site, sae_config, splice_mode, tokens_BT)
+  return _site_codes_jit(lm_params, sae_params, hparams, sae_state, jnp.asarray(tokens_BT),
+                         model_config=model_config, site=site, sae_config=sae_config,
+                         splice_mode=splice_mode)
+
+
+_site_codes_jit = jax.jit(_site_codes, static_argnames=_STATIC)
+
+
+def latent_quantiles(codes_MF: jax.Array, qs: Sequence[float] | jax.Array, *,
+                     mask_M: jax.Array | None = None, active_only: bool = True) -> jax.Array:
+  """Per-latent quantiles `[Q, F]` of observed codes (linear interpolation).
+
+  Args:
+    codes_MF: codes of M tokens.
+    qs: quantile levels in [0, 1].
+    mask_M: optional bool, the tokens that count (default all).
+    active_only: quantiles over the tokens where the latent fires (code != 0): "its range when
+      active", what a clamp to a typical high value wants; a latent that never fires gets 0.
+      False: over all counted tokens (mostly zeros for a sparse latent).
+  """
+  qs = jnp.asarray(qs, jnp.float32)
+  if qs.ndim != 1 or not _is_tracer(qs) and not bool(jnp.all((qs >= 0) & (qs <= 1))):
+    raise ValueError(f"qs must be a list of quantile levels in [0, 1], got {np.asarray(qs)}.")
+  if jnp.ndim(codes_MF) != 2:
+    raise ValueError(f"codes_MF must be [M, F], got shape {jnp.shape(codes_MF)}; flatten the "
+                     f"token axes first.")
+  codes_MF = jnp.asarray(codes_MF, jnp.float32)
+  keep_MF = jnp.ones(codes_MF.shape, bool)
+  if mask_M is not None:
+    keep_MF = keep_MF & jnp.asarray(mask_M, bool)[:, None]
+  if active_only:
+    keep_MF = keep_MF & (codes_MF != 0)
+  vals = jnp.nanquantile(jnp.where(keep_MF, codes_MF, jnp.nan), qs, axis=0)
+  return jnp.where(jnp.isnan(vals), 0.0, vals)
+
+
+# ------------------------------------------------------------------------------------------------
+# Token classes and outcome measures.
+
+
+def family(grammar: grammars.Grammar) -> str:
+  """The grammar's family for `EXPECTED_EFFECTS`: 'dyck', 'expr' or 'english' (other PCFGs)."""
+  if grammar.kind == "dyck":
+    return "dyck"
+  if grammar.kind in ("expr_prefix", "expr_postfix"):
+    return "expr"
+  return "english"
+
+
+def token_classes(grammar: grammars.Grammar) -> tuple[tuple[str, ...], np.ndarray]:
+  """Named token classes and their bool membership `[C, V]` (classes may overlap).
+
+  Dyck: eos, open, close, open{k}, close{k} per bracket type k. Expr: eos, digit, op (any
+  operator), un, bin, tern. English and other PCFGs: eos and each preterminal category (part of
+  speech), from the grammar's lexical rules.
+  """
+  v = grammar.vocab_size
+  rows: dict[str, np.ndarray] = {"eos": np.arange(v) == grammar.eos_id}
+
+  def terms(sel):
+    out = np.zeros((v,), bool)
+    out[: grammar.n_terminals] = sel
+    return out
+
+  fam = family(grammar)
+  if fam == "dyck":
+    types, opens = recognise._bracket_tables(grammar)  # pylint: disable=protected-access
+    rows["open"], rows["close"] = terms(opens), terms(~opens)
+    for k in np.unique(types):
+      rows[f"open{k}"] = terms(opens & (types == k))
+    for k in np.unique(types):
+      rows[f"close{k}"] = terms(~opens & (types == k))
+  elif fam == "expr":
+    arity = recognise._arity_table(grammar)  # pylint: disable=protected-access
+    rows["digit"], rows["op"] = terms(arity == 0), terms(arity > 0)
+    for a, name in ((1, "un"), (2, "bin"), (3, "tern")):
+      rows[name] = terms(arity == a)
+  else:
+    cat = features._token_category(grammar)  # pylint: disable=protected-access
+    for i, name in enumerate(grammar.info.categories):
+      rows[name] = terms(cat == i)
+  return tuple(rows), np.stack(list(rows.values()))
+
+
+def effect_measures(base_logits_BTV: jax.Array, edited_logits_BTV: jax.Array,
+                    mask_BT: jax.Array, membership_CV: jax.Array) -> dict[str, jax.Array]:
+  """How an edit moves the next-token distribution, as means over the masked positions.
+
+  Returns:
+    dict with `kl` (KL(base ‖ edited), nats), `class_base` [C] and `class_edited` [C] (mean
+    probability of each class), `class_shift` [C] = class_edited − class_base, and `top1_change`
+    (fraction of positions whose argmax changes).
+  """
+  logp_b = jax.nn.log_softmax(base_logits_BTV.astype(jnp.float32), axis=-1)
+  logp_e = jax.nn.log_softmax(edited_logits_BTV.astype(jnp.float32), axis=-1)
+  p_b, p_e = jnp.exp(logp_b), jnp.exp(logp_e)
+  w_BT = jnp.asarray(mask_BT, jnp.float32)
+  n = jnp.maximum(jnp.sum(w_BT), 1.0)
+  kl_BT = jnp.sum(p_b * (logp_b - logp_e), axis=-1)
+  member = jnp.asarray(membership_CV, jnp.float32)
+  cls_b = jnp.einsum("bt,btv,cv->c", w_BT, p_b, member) / n
+  cls_e = jnp.einsum("bt,btv,cv->c", w_BT, p_e, member) / n
+  flip_BT = (jnp.argmax(logp_b, -1) != jnp.argmax(logp_e, -1)).astype(jnp.float32)
+  return {"kl": jnp.sum(w_BT * kl_BT) / n, "class_base": cls_b, "class_edited": cls_e,
+          "class_shift": cls_e - cls_b, "top1_change": jnp.sum(w_BT * flip_BT) / n}
+
+
+def _effects_impl(lm_params, sae_params, hparams, sae_state, tokens_BT, mask_BT, membership,
+                  intervention, latents_L, values_L, chunk, model_config, site, sae_config,
+                  splice_mode):
+  clean = model_lib.apply(lm_params, tokens_BT, model_config).logits
+  spliced = _logits_impl(lm_params, sae_params, hparams, sae_state, tokens_BT, None, None,
+                         model_config, site, sae_config, splice_mode)
+
+  def one(lat_val):
+    iv = intervention if latents_L is None else _with_latents(intervention, *lat_val)
+    edited = _logits_impl(lm_params, sae_params, hparams, sae_state, tokens_BT, iv, None,
+                          model_config, site, sae_config, splice_mode)
+    return {"vs_clean": effect_measures(clean, edited, mask_BT, membership),
+            "vs_spliced": effect_measures(spliced, edited, mask_BT, membership)}
+
+  out = (one(None) if latents_L is None
+         else jax.lax.map(one, (latents_L, values_L), batch_size=chunk))
+  out["spliced_vs_clean"] = effect_measures(clean, spliced, mask_BT, membership)
+  return out
+
+
+_effects_jit = jax.jit(_effects_impl, static_argnames=(*_STATIC, "chunk"))
+
+
+def intervention_effects(lm_params: model_lib.Params, model_config: model_lib.ModelConfig,
+                         site: str, sae_params: sae_lib.Params, sae_config: sae_lib.SAEConfig,
+                         hparams: sae_lib.SAEHparams, tokens_BT: jax.Array,
+                         intervention: Intervention, mask_BT: jax.Array,
+                         membership_CV: jax.Array, splice_mode: str = "corrected",
+                         sae_state: sae_lib.SAEState | None = None, *,
+                         latents_L: jax.Array | None = None, values_L: jax.Array | None = None,
+                         chunk: int = 8) -> dict[str, Any]:
+  """`effect_measures` of an intervention against the clean and the plain spliced model.
+
+  Args:
+    mask_BT: bool, the positions measured (e.g. the sentence positions, or the intervened ones).
+    membership_CV: from `token_classes`.
+    latents_L, values_L: optional: sweep the template over latents as
+      `intervened_logits_latents` (lax.map in chunks of `chunk` latents, bounding memory).
+    Others: as `intervened_logits`.
+
+  Returns:
+    `{'vs_clean': ..., 'vs_spliced': ..., 'spliced_vs_clean': ...}`, each an `effect_measures`
+    dict (with a leading L axis for a sweep, except `spliced_vs_clean`).
+  """
+  _check_common(model_config, site, sae_config, splice_mode, tokens_BT)
+  tokens_BT = jnp.asarray(tokens_BT)
+  if jnp.shape(mask_BT) != tokens_BT.shape:
+    raise ValueError(f"mask_BT has shape {jnp.shape(mask_BT)}; it must match the tokens "
+                     f"{tokens_BT.shape}.")
+  membership_CV = jnp.asarray(membership_CV)
+  if membership_CV.ndim != 2 or membership_CV.shape[1] != model_config.vocab_size:
+    raise ValueError(f"membership_CV must be [C, V={model_config.vocab_size}] (from "
+                     f"token_classes), got {membership_CV.shape}.")
+  if not (isinstance(chunk, int) and chunk > 0):
+    raise ValueError(f"chunk must be a positive int, got {chunk!r}.")
+  if latents_L is None:
+    check_intervention(intervention, sae_config.width, tokens_BT.shape)
+  else:
+    latents_L, values_L = _check_sweep(intervention, latents_L, values_L, sae_config.width,
+                                       tokens_BT.shape)
+  return _effects_jit(lm_params, sae_params, hparams, sae_state, tokens_BT,
+                      jnp.asarray(mask_BT, bool), membership_CV, intervention, latents_L,
+                      values_L, chunk=chunk, model_config=model_config, site=site,
+                      sae_config=sae_config, splice_mode=splice_mode)
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation under an intervention.
+
+
+def _generate_impl(lm_params, sae_params, hparams, sae_state, intervention, key, temperature,
+                   grammar, model_config, site, sae_config, splice_mode, batch_size,
+                   max_new_tokens, include_prompt):
+  def fn(x):
+    # The prompt reaches the replacement as one chunk of 7 positions, each new token as 1.
+    iv = intervention if include_prompt or x.shape[-2] == 1 else None
+    return _splice_edited(sae_params, x, sae_config, hparams, sae_state, splice_mode, iv, None,
+                          None)
+  return generate_lib.generate(lm_params, model_config, grammar, key, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, temperature=temperature,
+                               replace={site: fn})
+
+
+_generate_jit = jax.jit(_generate_impl, static_argnames=(
+    *_STATIC, "batch_size", "max_new_tokens", "include_prompt"))
+
+
+def generation_stats(lm_params: model_lib.Params, model_config: model_lib.ModelConfig,
+                     grammar: grammars.Grammar, site: str, sae_params: sae_lib.Params,
+                     sae_config: sae_lib.SAEConfig, hparams: sae_lib.SAEHparams,
+                     key: jax.Array, intervention: Intervention | None = None, *,
+                     splice_mode: str = "corrected", sae_state: sae_lib.SAEState | None = None,
+                     num_batches: int = 2, batch_size: int = 64,
+                     max_new_tokens: int = generate_lib.MAX_NEW_TOKENS,
+                     temperature: float = 1.0, include_prompt: bool = True,
+                     return_tokens: bool = False) -> dict[str, Any]:
+  """Statistics of generations with the SAE spliced at `site` and its codes edited.
+
+  Compiles once per static structure (model, site, SAE config, sizes, intervention kind): the
+  SAE params, hparams and the intervention's arrays are arguments. Batch i uses
+  `fold_in(key, i)`, as `generate.grammaticality`, so `intervention=None` reproduces its plain
+  SAE-spliced numbers.
+
+  Args:
+    intervention: applied at every position (its positions must be the scalar "everywhere");
+      None: the plain splice. `patch` is not supported here (no aligned source).
+    include_prompt: also edit the 7 decorator positions; False edits generated positions only.
+    return_tokens: add the generated tokens (int32 [num_batches·B, 7 + max_new_tokens]).
+    Others: as `generate.grammaticality`.
+
+  Returns:
+    JSON-able dict: `grammatical` (mean fraction), `grammatical_std` and `per_batch`,
+    `finished` (fraction that emitted `<eos>`), `mean_length` (finished sentences),
+    `class_counts` (class -> mean count per sentence, <eos> excluded) and `class_fraction`
+    (of sentence tokens), and for Dyck `max_depth_mean` / `max_depth_max` (deepest nesting
+    of the finished sentences, counting openers +1 and closers −1).
+  """
+  _check_common(model_config, site, sae_config, splice_mode, None)
+  if intervention is not None:
+    check_intervention(intervention, sae_config.width)
+    if intervention.kind == "patch":
+      raise ValueError("generation_stats does not support 'patch' (generations have no aligned "
+                       "source); use clamp / zero / keep_only.")
+    if intervention.positions.ndim:
+      raise ValueError("generation_stats applies the intervention at every generated position; "
+                       "build it with positions=None (use include_prompt=False to leave the "
+                       "decorator alone).")
+  if not (isinstance(num_batches, int) and num_batches > 0):
+    raise ValueError(f"num_batches must be a positive int, got {num_batches!r}.")
+  if not float(temperature) > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  names, member_CV = token_classes(grammar)
+  recogniser = generate_lib.jitted_for(grammar, grammars.is_grammatical)
+  fractions, finished, lengths, counts, all_tokens = [], [], [], [], []
+  for i in range(num_batches):
+    gen = _generate_jit(lm_params, sae_params, hparams, sae_state, intervention,
+                        jax.random.fold_in(key, i), jnp.float32(temperature), grammar,
+                        model_config=model_config, site=site, sae_config=sae_config,
+                        splice_mode=splice_mode, batch_size=int(batch_size),
+                        max_new_tokens=int(max_new_tokens), include_prompt=bool(include_prompt))
+    tokens = np.asarray(gen.tokens)
+    padded = np.concatenate([tokens, np.full_like(tokens[:, :1], grammar.pad_id)], axis=1)
+    fractions.append(float(np.asarray(recogniser(padded)).mean()))
+    finished.append(np.asarray(gen.finished))
+    lengths.append(np.asarray(gen.lengths))
+    all_tokens.append(tokens)
+  tokens = np.concatenate(all_tokens)
+  done = np.concatenate(finished)
+  length = np.concatenate(lengths)
+  new = tokens[:, grammar.prefix_len:]
+  in_sent = np.arange(new.shape[1])[None, :] < length[:, None]
+  member = member_CV[:, new] & in_sent[None]  # [C, B, N]
+  class_counts = member.sum(-1)  # [C, B]
+  n_tok = max(int(in_sent.sum()), 1)
+  out = {
+      "grammatical": float(np.mean(fractions)), "grammatical_std": float(np.std(fractions)),
+      "per_batch": fractions, "finished": float(done.mean()),
+      "mean_length": float(length[done].mean()) if done.any() else None,
+      "class_counts": {c: float(class_counts[j].mean()) for j, c in enumerate(names) if c != "eos"},
+      "class_fraction": {c: float(class_counts[j].sum() / n_tok) for j, c in enumerate(names)
+                         if c != "eos"},
+  }
+  if family(grammar) == "dyck":
+    step = np.where(member_CV[names.index("open")][new], 1,
+                    np.where(member_CV[names.index("close")][new], -1, 0)) * in_sent
+    depth = np.max(np.concatenate([np.zeros_like(step[:, :1]), np.cumsum(step, 1)], 1), 1)
+    out["max_depth_mean"] = float(depth[done].mean()) if done.any() else None
+    out["max_depth_max"] = int(depth[done].max()) if done.any() else None
+  if return_tokens:
+    out["tokens"] = tokens
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Labels, correlations, expected effects.
+
+
+def label_columns(grammar: grammars.Grammar, tokens_BT: jax.Array
+                  ) -> tuple[tuple[str, ...], np.ndarray]:
+  """Per-token labels as float columns: `(names, values [B, T, K])`, NaN where undefined.
+
+  Binary and ordinal labels are one column each (`name`); categorical labels one 0/1 column per
+  class (`name=class`, e.g. `top_type_after=0`, `pos=N`).
+  """
+  labels = {k: np.asarray(v) for k, v in grammars.labels(grammar, tokens_BT).items()}
+  names, cols = [], []
+  for name, info in grammars.label_info(grammar).items():
+    lab = labels[name]
+    defined = lab >= 0
+    if info.kind == "categorical":
+      for i, cls in enumerate(info.classes):
+        names.append(f"{name}={cls}")
+        cols.append(np.where(defined, (lab == i).astype(np.float32), np.nan))
+    else:
+      names.append(name)
+      cols.append(np.where(defined, lab.astype(np.float32), np.nan))
+  return tuple(names), np.stack(cols, axis=-1).astype(np.float32)
+
+
+def pearson(codes_MF: np.ndarray, values_MK: np.ndarray) -> np.ndarray:
+  """Pearson correlation `[F, K]` of each latent with each label column over the tokens where
+  the label is defined (finite); NaN where either side is constant there."""
+  x = np.asarray(codes_MF, np.float64)
+  y = np.asarray(values_MK, np.float64)
+  if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+    raise ValueError(f"pearson needs codes [M, F] and labels [M, K] over the same tokens, got "
+                     f"{x.shape} and {y.shape}.")
+  w = np.isfinite(y).astype(np.float64)
+  y = np.where(w > 0, y, 0.0)
+  n = np.maximum(w.sum(0), 1.0)[None, :]
+  sx, sxx = x.T @ w, (x * x).T @ w
+  sy, syy = y.sum(0)[None, :], (y * y).sum(0)[None, :]
+  cov = x.T @ y - sx * sy / n
+  vx, vy = sxx - sx * sx / n, syy - sy * sy / n
+  denom = np.sqrt(np.maximum(vx, 0) * np.maximum(vy, 0))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(denom > 1e-12, cov / denom, np.nan)
+
+
+def _table_entry(fam: str, name: str):
+  entry = EXPECTED_EFFECTS.get((fam, name))
+  return EXPECTED_EFFECTS.get((fam, name.split("=")[0])) if entry is None else entry
+
+
+def expected_effects(grammar: grammars.Grammar, names: Sequence[str], tokens_BT: jax.Array,
+                     mask_BT: jax.Array, *, label_values_BTK: np.ndarray | None = None,
+                     empirical_fallback: bool = False) -> dict[str, np.ndarray]:
+  """Expected per-class weights `[C]` (classes of `token_classes`) for each testable column.
+
+  From `EXPECTED_EFFECTS` (±1 per listed class); for `EMPIRICAL` entries (and, with
+  `empirical_fallback`, unlisted columns) the slope of "next token in class c" regressed on the
+  label over masked positions with a next token: for a 0/1 column,
+  P(next in c | label = 1) − P(next in c | label = 0). Columns without data, or constant on
+  it, are left out (untestable).
+
+  Args:
+    grammar: the LM's grammar.
+    names: label column names (as `label_columns` names them).
+    tokens_BT, mask_BT: data and the positions that count.
+    label_values_BTK: optional float label values aligned with `names` (NaN where undefined);
+      default: computed with `label_columns` (for English this runs the CKY parser).
+    empirical_fallback: derive unlisted columns' expectations from data too.
+  """
+  class_names, member_CV = token_classes(grammar)
+  fam = family(grammar)
+  out: dict[str, np.ndarray] = {}
+  need_data = []
+  for name in names:
+    entry = _table_entry(fam, name)
+    if entry is None and empirical_fallback:
+      entry = EMPIRICAL
+    if entry == EMPIRICAL:
+      need_data.append(name)
+    elif entry is not None:
+      w = np.zeros((len(class_names),), np.float64)
+      for cls, sign in entry:
+        if cls in class_names:
+          w[class_names.index(cls)] = sign
+      if np.any(w):
+        out[name] = w
+  if need_data:
+    if label_values_BTK is None:
+      col_names, values_BTK = label_columns(grammar, tokens_BT)
+    else:
+      col_names, values_BTK = tuple(names), np.asarray(label_values_BTK, np.float64)
+      if values_BTK.shape != (*np.shape(tokens_BT), len(names)):
+        raise ValueError(f"label_values_BTK has shape {values_BTK.shape}; it must be "
+                         f"{(*np.shape(tokens_BT), len(names))} (one column per name).")
+    tokens = np.asarray(tokens_BT)
+    nxt_CBT = member_CV[:, tokens[:, 1:]].astype(np.float64)  # class of the next token
+    mask = np.asarray(mask_BT, bool)[:, :-1]
+    for name in need_data:
+      if name not in col_names:
+        continue
+      y = values_BTK[:, :-1, col_names.index(name)].astype(np.float64)
+      ok = mask & np.isfinite(y)
+      if ok.sum() < 2 or np.var(y[ok]) <= 0:
+        continue
+      yc = y[ok] - y[ok].mean()
+      slope = (nxt_CBT[:, ok] @ yc) / (yc @ yc)
+      if np.any(slope):
+        out[name] = slope
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Causal predictability.
+
+
+def _num(x) -> float | None:
+  x = float(x)
+  return x if np.isfinite(x) else None
+
+
+def score_pairs(corr_FK: np.ndarray, names: Sequence[str], expected: Mapping[str, np.ndarray],
+                class_names: Sequence[str],
+                shift_fn: Callable[[np.ndarray], tuple[np.ndarray, list[dict[str, Any]]]], *,
+                threshold: float = 0.5, max_pairs: int = 64,
+                testable_latents: np.ndarray | None = None) -> dict[str, Any]:
+  """Scores strongly correlated (latent, label) pairs against their expected effects.
+
+  Args:
+    corr_FK: latent-label correlations; names: the K column names.
+    expected: column name -> per-class weights [C] (e.g. `expected_effects`).
+    class_names: the C class names.
+    shift_fn: latents [U] -> (shift [U, C] = mean class probabilities with the latent clamped
+      high minus clamped low, a list of U JSON-able dicts added to each pair's record).
+    threshold: pairs with |corr| >= threshold are strong.
+    max_pairs: test at most this many testable pairs, the strongest first.
+    testable_latents: optional bool [F]; strong pairs of other latents (e.g. never active, so
+      no high value to clamp to) are counted but not tested.
+
+  Returns:
+    JSON-able summary: counts (`n_strong`; of those `n_untestable_label`, `n_inactive_latent`,
+    `n_testable`; `n_tested` = min(n_testable, max_pairs)), `fraction_as_predicted`,
+    `mean_effect` / `median_effect` (signed: > 0 is the predicted direction), every tested pair
+    in `pairs` and the failures in `not_as_predicted`.
+  """
+  corr = np.asarray(corr_FK, np.float64)
+  if corr.ndim != 2 or corr.shape[1] != len(names):
+    raise ValueError(f"corr_FK has shape {corr.shape} but {len(names)} column names were given; "
+                     f"pass one name per column.")
+  if not 0 < threshold <= 1:
+    raise ValueError(f"threshold={threshold} must lie in (0, 1].")
+  if not (isinstance(max_pairs, int) and max_pairs > 0):
+    raise ValueError(f"max_pairs must be a positive int, got {max_pairs!r}.")
+  strong = np.isfinite(corr) & (np.abs(np.nan_to_num(corr)) >= threshold)
+  f_idx, k_idx = np.nonzero(strong)
+  has_exp = np.array([names[k] in expected for k in k_idx], bool)
+  live = (np.ones(len(f_idx), bool) if testable_latents is None
+          else np.asarray(testable_latents, bool)[f_idx])
+  test = has_exp & live
+  order = np.argsort(-np.abs(corr[f_idx[test], k_idx[test]]), kind="stable")[:max_pairs]
+  pf, pk = f_idx[test][order], k_idx[test][order]
+  uniq = np.unique(pf)
+  shifts_UC, extras = shift_fn(uniq) if uniq.size else (np.zeros((0, len(class_names))), [])
+  shifts_UC = np.asarray(shifts_UC, np.float64)
+  row = {int(f): i for i, f in enumerate(uniq)}
+  pairs = []
+  for f, k in zip(pf, pk):
+    w = np.asarray(expected[names[k]], np.float64)
+    s = shifts_UC[row[int(f)]]
+    effect = float(w @ s / np.sum(np.abs(w)))
+    sign = np.sign(corr[f, k])
+    rec = {
+        "latent": int(f), "label": names[k], "corr": float(corr[f, k]),
+        "expected": {c: float(w[j]) for j, c in enumerate(class_names) if w[j]},
+        "shift": {c: float(s[j]) for j, c in enumerate(class_names)},
+        "effect": effect, "signed_effect": float(sign * effect),
+        "as_predicted": bool(sign * effect > 0),
+        "class_agreement": {c: bool(sign * w[j] * s[j] > 0)
+                            for j, c in enumerate(class_names) if w[j]},
+    }
+    rec.update(extras[row[int(f)]] if extras else {})
+    pairs.append(rec)
+  n_tested = len(pairs)
+  n_ok = sum(p["as_predicted"] for p in pairs)
+  effects = [p["signed_effect"] for p in pairs]
+  return {
+      "threshold": float(threshold), "n_strong": int(strong.sum()),
+      "n_untestable_label": int((~has_exp).sum()),
+      "n_inactive_latent": int((has_exp & ~live).sum()),
+      "n_testable": int(test.sum()), "n_tested": n_tested, "n_as_predicted": int(n_ok),
+      "fraction_as_predicted": n_ok / n_tested if n_tested else None,
+      "mean_effect": float(np.mean(effects)) if effects else None,
+      "median_effect": float(np.median(effects)) if effects else None,
+      "untestable_labels": sorted({names[k] for k in k_idx[~has_exp]}),
+      "pairs": pairs,
+      "not_as_predicted": [p for p in pairs if not p["as_predicted"]],
+  }
+
+
+def causal_predictability(lm_params: model_lib.Params, model_config: model_lib.ModelConfig,
+                          site: str, sae_params: sae_lib.Params, sae_config: sae_lib.SAEConfig,
+                          hparams: sae_lib.SAEHparams, tokens_BT: jax.Array, mask_BT: jax.Array,
+                          grammar: grammars.Grammar, corr_FK: np.ndarray, names: Sequence[str],
+                          *, threshold: float = 0.5, max_pairs: int = 64,
+                          splice_mode: str = "corrected",
+                          sae_state: sae_lib.SAEState | None = None,
+                          high_quantile: float = 0.95, high_scale: float = 1.0,
+                          label_values_BTK: np.ndarray | None = None,
+                          empirical_fallback: bool = False, chunk: int = 8) -> dict[str, Any]:
+  """Do strongly label-correlated latents act on the model as their labels predict?
+
+  For each pair with |corr| >= threshold whose label has an expected effect (`EXPECTED_EFFECTS`,
+  `expected_effects`), the latent is clamped high (`high_scale` × its `high_quantile` quantile
+  over the masked tokens where it fires; e.g. 0.95 × 1, or 1.0 × 2 for twice its max) and low
+  (0) at every masked position, and the mean class probabilities over those positions are
+  compared (see `score_pairs`). Latents that never fire on the masked tokens are not tested.
+
+  Args:
+    tokens_BT, mask_BT: the data and the positions intervened on and measured (e.g. sentence
+      positions, `Batch.sentence_mask`).
+    grammar: the LM's grammar (token classes, labels for the empirical expectations).
+    corr_FK, names: a latent-label correlation matrix and its column names, e.g. `pearson` of
+      `site_codes` and `label_columns` over the masked tokens.
+    label_values_BTK: the label columns on `tokens_BT` if already computed (see
+      `expected_effects`).
+    Others: as `intervened_logits` and `score_pairs`.
+
+  Returns:
+    `score_pairs`' summary plus `high_quantile`, `high_scale` and `spliced_vs_clean` (KL and
+    class shift of the plain splice), each pair carrying `high_value` and, for the high clamp,
+    `kl_high_vs_spliced`, `kl_high_vs_clean`, `shift_high_vs_spliced`, `shift_high_vs_clean`.
+  """
+  _check_common(model_config, site, sae_config, splice_mode, tokens_BT)
+  tokens_BT = jnp.asarray(tokens_BT)
+  mask_BT = np.asarray(mask_BT, bool)
+  if mask_BT.shape != tokens_BT.shape:
+    raise ValueError(f"mask_BT has shape {mask_BT.shape}; it must match the tokens "
+                     f"{tokens_BT.shape}.")
+  corr = np.asarray(corr_FK)
+  if corr.shape != (sae_config.width, len(names)):
+    raise ValueError(f"corr_FK has shape {corr.shape}; expected [F={sae_config.width}, "
+                     f"K={len(names)}] (one column per name).")
+  if not 0 <= high_quantile <= 1 or not high_scale > 0:
+    raise ValueError(f"need high_quantile in [0, 1] and high_scale > 0, got {high_quantile}, "
+                     f"{high_scale}.")
+  class_names, member_CV = token_classes(grammar)
+  codes = site_codes(lm_params, model_config, site, sae_params, sae_config, hparams, tokens_BT,
+                     splice_mode, sae_state)
+  codes_MF = np.asarray(codes)[mask_BT]
+  high_F = high_scale * np.asarray(latent_quantiles(codes_MF, [high_quantile]))[0]
+  active_F = (codes_MF != 0).any(0) & (high_F != 0)
+  expected = expected_effects(grammar, names, tokens_BT, mask_BT,
+                              label_values_BTK=label_values_BTK,
+                              empirical_fallback=empirical_fallback)
+  template = clamp(0, 0.0, mask_BT)
+  baseline = {}
+
+  def shift_fn(latents_U):
+    u = latents_U.shape[0]
+    lat = np.concatenate([latents_U, latents_U]).astype(np.int32)
+    val = np.concatenate([high_F[latents_U], np.zeros((u,))]).astype(np.float32)
+    eff = jax.device_get(intervention_effects(
+        lm_params, model_config, site, sae_params, sae_config, hparams, tokens_BT, template,
+        mask_BT, member_CV, splice_mode, sae_state, latents_L=lat, values_L=val, chunk=chunk))
+    vs_s, vs_c = eff["vs_spliced"], eff["vs_clean"]
+    baseline.update(kl=_num(eff["spliced_vs_clean"]["kl"]),
+                    class_shift={c: float(x) for c, x in
+                                 zip(class_names, eff["spliced_vs_clean"]["class_shift"])})
+    shift = vs_s["class_edited"][:u] - vs_s["class_edited"][u:]
+    by_class = lambda v: {c: float(x) for c, x in zip(class_names, v)}
+    extras = [{"high_value": float(high_F[f]), "kl_high_vs_spliced": _num(vs_s["kl"][i]),
+               "kl_high_vs_clean": _num(vs_c["kl"][i]),
+               "shift_high_vs_spliced": by_class(vs_s["class_shift"][i]),
+               "shift_high_vs_clean": by_class(vs_c["class_shift"][i])}
+              for i, f in enumerate(latents_U)]
+    return shift, extras
+
+  out = score_pairs(corr, names, expected, class_names, shift_fn, threshold=threshold,
+                    max_pairs=max_pairs, testable_latents=active_F)
+  out.update(high_quantile=float(high_quantile), high_scale=float(high_scale),
+             spliced_vs_clean=baseline or None, classes=list(class_names))
+  return out
