@@ -24,6 +24,7 @@ JOBS = {
     "grammar": "jaxsae.grammars.survey",
     "lm": "jaxsae.train_lm",
     "sae": "jaxsae.train_sae",
+    "pipeline": "jaxsae.pipeline",
     "eval": "jaxsae.evaluate",
     "export": "jaxsae.export",
 }

@@ -247,9 +247,7 @@ def _splice_edited(sae_params, x, sae_config, hparams, sae_state, splice_mode, i
                                  state=sae_state)
   if intervention is not None:
     x_hat = sae_lib.decode(sae_params, edit_codes(codes, intervention, source_codes), sae_config)
-    if splice_mode == "corrected" and (sae_config.input_norm or sae_config.recon_norm):
-      x_hat = x_hat * sae_lib._safe_norm(x)  # pylint: disable=protected-access
-    out = x_hat
+    out = sae_lib.to_model_space(x_hat, x, sae_config, splice_mode)
   if splice_mask is not None:
     out = jnp.where(jnp.broadcast_to(splice_mask, x.shape[:-1])[..., None], out, x)
   return out

@@ -1,0 +1,180 @@
+"""Evaluation throughput: variant-evaluations per second for N = 1 and N = 32 variants in a group.
+
+    python benchmarks/evaluate.py [--n 1,32] [--repeats 3] [--loops auto,vmap,map] [--generation]
+
+Reference shape (as `benchmarks/sae.py`): an untrained English LM of the spec's size (2 layers,
+d_model 128, d_mlp 512, vocab 69), held-out batches of 32 sequences × 128 tokens, one ReLU SAE
+group of expansion 8 (F = 1,024) at resid_post.0, every non-pad position counted and spliced
+(`mask_positions='all'`, `positions='all'`). One "variant-evaluation" is every held-out metric
+of `jaxsae.evaluate` (L0 and firing counts, MSE / EV, the spliced forward to the logits with CE,
+KL, top-1, TV, grammatical mass, downstream MSE / EV) for one variant on one batch of 4,096
+tokens. Per batch the clean pass (clean forward, zero- and mean-ablation forwards; shared by
+every variant) runs once, then the group's pass over all N variants; the time is the median of
+`--repeats` batches after compilation.
+
+Prints one JSON object with, per (variant loop, N): `batch_s` (clean + group pass),
+`clean_s` (the shared part alone), `variant_evaluations_per_s` = N / batch_s,
+`variant_tokens_per_s` = N × 4,096 / batch_s, and `cost_ratio_vs_n1` = batch_s(N) /
+batch_s(1), which is far below N when cost does not grow linearly with N at small N (the clean
+pass and the per-call overheads are shared). `--generation`: also the time of one spliced
+generation batch (128 samples × 118 tokens) per variant, compile excluded.
+
+Last measured (`--loops vmap,map`, jax 0.10.2, 2 CPU cores shared with other jobs, load
+average 3.3-4.1; 'map' is what the grid's variant_loop='auto' picks on CPU):
+
+| loop | N | batch s | clean s | variant-evaluations/s | variant-tokens/s | cost vs N=1 |
+|---|---|---|---|---|---|---|
+| vmap | 1 | 0.172 | 0.087 | 5.8 | 23.8k | 1 |
+| vmap | 32 | 3.41 | 0.170 | 9.4 | 38.5k | 19.8 |
+| map | 1 | 0.172 | 0.093 | 5.8 | 23.8k | 1 |
+| map | 32 | 1.88 | 0.084 | 17.0 | 69.7k | 10.9 |
+
+Half the N = 1 cost is the shared clean pass (three forwards: clean, zero- and mean-ablated),
+which N = 32 amortises; on CPU XLA's batched matmuls make 'vmap' the slower loop, as in
+training. Re-measure on an idle machine (and on an accelerator, where 'vmap' is the default).
+"""
+
+from __future__ import annotations
+
+# pylint: disable=protected-access
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from experiments.configs import lm as lm_configs  # pylint: disable=g-import-not-at-top
+from experiments.configs import sae_base  # pylint: disable=g-import-not-at-top
+from jaxsae import evaluate as ev  # pylint: disable=g-import-not-at-top
+from jaxsae import train_lm  # pylint: disable=g-import-not-at-top
+from jaxsae import train_sae  # pylint: disable=g-import-not-at-top
+
+LANGUAGE = "english"
+BATCH_SIZE, SEQ_LEN, EXPANSION, SITE = 32, 128, 8, "resid_post.0"
+
+
+def write_untrained_lm(directory: str) -> str:
+  """An LM workdir with the default (non-smoke) model and an untrained checkpoint at step 0."""
+  config = lm_configs.get_config(f"language={LANGUAGE}")
+  config.max_len = SEQ_LEN
+  return train_lm.write_untrained(config, directory)
+
+
+def _setup(lm_dir: str, n: int, loop: str):
+  c = sae_base.base_config(language=LANGUAGE, lm_workdir=lm_dir)
+  c.positions = "all"
+  c.batch_size, c.max_len, c.forward_len, c.site = BATCH_SIZE, SEQ_LEN, SEQ_LEN, SITE
+  if "variant_loop" in c:
+    c.variant_loop = loop
+  c.sweep = [{"product": {"seed": list(range(n))},
+              "set": {"loss": "local", "expansion": EXPANSION, "sparsity_coeff": 1.0}}]
+  setup, lm, _ = train_sae.prepare(c)
+  return setup, lm
+
+
+def _times(fn, repeats: int) -> list[float]:
+  out = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    out.append(time.perf_counter() - t0)
+  return out
+
+
+def time_group(lm_dir: str, n: int, loop: str, repeats: int, data, generation: bool) -> dict:
+  """Compiles the clean pass and one group's pass for N variants and times a batch."""
+  setup, lm = _setup(lm_dir, n, loop)
+  spec = setup.specs[0]
+  state = train_sae.init_group(spec, setup, None)
+  hparams = train_sae.group_hyper(spec).hparams
+  ref = ev.reference(lm.params, data, setup)
+  st = ev._static_for(setup, "all")
+  gst = ev._GroupStatic(base=st, sae=spec.sae, splice_mode=spec.splice_mode,
+                        variant_loop=setup.variant_loop)
+  batch = (data.tokens_KBT[0], data.next_KBT[0], data.mask_KBT[0], data.valid_KBTV[0])
+  batch = jax.device_put(batch)
+  left = jnp.int32(2**30)
+
+  def clean():
+    return ev._clean_pass(lm.params, *batch, ref, left, st=st)
+
+  def both():
+    c, sums = clean()
+    return sums, ev._group_pass(state.params, state.sae_state, hparams, lm.params, c, ref,
+                                st=gst)
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(both())
+  first = time.perf_counter() - t0
+  batch_s = statistics.median(_times(both, repeats))
+  clean_s = statistics.median(_times(clean, repeats))
+  tokens = BATCH_SIZE * SEQ_LEN
+  out = {"n": n, "variant_loop": setup.variant_loop, "batch_s": batch_s, "clean_s": clean_s,
+         "variant_evaluations_per_s": n / batch_s, "variant_tokens_per_s": n * tokens / batch_s,
+         "first_call_s": first}
+  if generation:
+    gen = ev._GenStatic(sae=spec.sae, mode="corrected", positions="all", site=setup.site,
+                        model_config=setup.model_config, prefix_len=setup.grammar.prefix_len,
+                        batch_size=128, max_new_tokens=118, top_k=0)
+    pick = lambda t: jax.tree.map(lambda a: a[0], t)
+    args = (lm.params, pick(state.params), pick(state.sae_state), pick(hparams), setup.grammar,
+            jax.random.key(0), jnp.float32(1.0))
+    jax.block_until_ready(ev._generate_spliced(*args, st=gen))
+    out["generation_batch_s"] = statistics.median(
+        _times(lambda: ev._generate_spliced(*args, st=gen), max(repeats, 2)))
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--n", default="1,32", help="variant counts, comma-separated")
+  parser.add_argument("--repeats", type=int, default=3, help="timed batches (median)")
+  parser.add_argument("--loops", default="auto",
+                      help="variant loops to time: auto (the grid default), vmap, map")
+  parser.add_argument("--generation", action="store_true",
+                      help="also time one spliced generation batch per variant")
+  args = parser.parse_args()
+  ns = [int(x) for x in args.n.split(",")]
+  loops = args.loops.split(",")
+  load_before = os.getloadavg()
+  results = []
+  with tempfile.TemporaryDirectory() as tmp:
+    lm_dir = write_untrained_lm(os.path.join(tmp, "lm"))
+    setup, _ = _setup(lm_dir, 1, "vmap")
+    data = ev.heldout(setup, seed=0, num_batches=1, batch_size=BATCH_SIZE)
+    for loop in loops:
+      for n in ns:
+        r = time_group(lm_dir, n, loop, args.repeats, data, args.generation)
+        print(f"# {r['variant_loop']} N={n}: {r['batch_s']:.3f} s/batch, "
+              f"{r['variant_evaluations_per_s']:.2f} variant-evaluations/s", file=sys.stderr,
+              flush=True)
+        results.append(r)
+  for r in results:
+    base = [b for b in results if b["n"] == 1 and b["variant_loop"] == r["variant_loop"]]
+    if base:
+      r["cost_ratio_vs_n1"] = r["batch_s"] / base[0]["batch_s"]
+      r["sublinear"] = r["cost_ratio_vs_n1"] < r["n"] or r["n"] == 1
+  rnd = lambda r: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+  print(json.dumps({
+      "shape": {"language": LANGUAGE, "n_layers": 2, "d_model": 128, "batch_size": BATCH_SIZE,
+                "seq_len": SEQ_LEN, "tokens_per_batch": BATCH_SIZE * SEQ_LEN,
+                "expansion": EXPANSION, "width": EXPANSION * 128, "site": SITE,
+                "positions": "all"},
+      "repeats": args.repeats, "results": [rnd(r) for r in results],
+      "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+      "backend": jax.default_backend(), "devices": len(jax.devices()),
+      "cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
+  }, indent=1))
+
+
+if __name__ == "__main__":
+  main()

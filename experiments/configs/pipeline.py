@@ -1,0 +1,105 @@
+"""The main job: LM → local / e2e / e2e+ds / TopK SAE grid → evaluation → analysis → report.
+
+Command (the README's first command; rerun it to resume, finished stages are skipped)::
+
+    python -m experiments.main --config=experiments/configs/pipeline.py --workdir=workdirs/pipeline
+
+Settings after the colon (comma-separated): `language=<name>` (any of
+`jaxsae.grammars.names()`; default english, the fastest to train on a CPU), `seed=<int>` (LM,
+SAE data and evaluation seeds), `stages=<s1+s2+...>` (a subset of lm+sae+eval+analysis+report);
+switches `full` (paper-scale settings for an accelerator: the LM's `full` budget, 128-sequence
+SAE batches, 5,000 SAE steps, the spec's 5 × 128 generations in both splice modes) and `smoke`
+(tiny everything: well under a minute, for tests).
+
+The default grid, at resid_post.0, expansion 4 (F = 512), the e2e_sae optimisation profile
+(Adam lr 1e-3, warm-up + cosine to 0.1×, clip 1), sentence tokens:
+- ReLU SAEs trained `local` (MSE + λ·mean‖c‖₁/d), `e2e` (KL(clean ‖ spliced) + sparsity) and
+  `e2e_ds` (½ KL + downstream MSE at resid_post.1 + sparsity), three λ each;
+- TopK SAEs (k ∈ {4, 8, 16}, local MSE).
+The report answers, from the run, whether e2e SAEs reach the same CE increase with lower L0 and
+fewer alive latents than local ones, shows the clean model's and every SAE's spliced
+grammaticality, and lists the latents that track grammar features and whether they act
+causally as their labels predict.
+
+Runtime of the default on 2 CPU cores (measured, see README): LM ≈ 4 min, SAE grid ≈ 3 min,
+evaluation ≈ 2 min, analysis and report < 1 min: about 10 minutes. `smoke`: ≈ 40 s.
+"""
+
+import ml_collections
+
+from experiments.configs import args as args_lib
+from experiments.configs import eval as eval_configs
+from experiments.configs import lm as lm_configs
+from experiments.configs import sae_base
+from jaxsae import grammars
+
+STAGES = ("lm", "sae", "eval", "analysis", "report")
+# Sparsity coefficients λ (e2e_sae reduction: λ · mean_tokens ‖c‖₁ / d) per loss family.
+LAMBDAS = {"local": [1.0, 4.0, 16.0], "e2e": [0.5, 2.0, 8.0], "e2e_ds": [0.5, 2.0, 8.0]}
+TOPK_KS = [4, 8, 16]  # TopK latents per token
+EXPANSION = 4  # SAE width / d_model
+
+
+def get_config(arg=None):
+  opts = args_lib.parse(arg, switches=("smoke", "full"),
+                        keys={"language": "english", "seed": 0, "stages": "+".join(STAGES)})
+  lang, smoke, full = opts["language"], opts["smoke"], opts["full"]
+  if lang not in grammars.names():
+    raise ValueError(f"unknown language '{lang}'; use one of {grammars.names()}")
+  if smoke and full:
+    raise ValueError("choose at most one of the switches smoke and full")
+  stages = tuple(s for s in opts["stages"].split("+") if s)
+  bad = [s for s in stages if s not in STAGES]
+  if bad or not stages:
+    raise ValueError(f"stages={opts['stages']!r}: join a subset of {STAGES} with '+'")
+
+  c = ml_collections.ConfigDict()
+  c.job = "pipeline"  # experiments.main job (jaxsae.pipeline.run)
+  c.stages = stages  # stages to run, in order (finished ones are skipped on rerun)
+
+  # Stage 1: the LM (the lm job's config for the language).
+  lm_arg = f"language={lang},seed={opts['seed']}" + (",smoke" if smoke else "") + (
+      ",full" if full else "")
+  c.lm = lm_configs.get_config(lm_arg)
+
+  # Stage 2: the SAE grid (lm_workdir is filled in by the pipeline: <workdir>/lm).
+  s = sae_base.base_config(language=lang, lm_workdir="")
+  s.seed = opts["seed"]
+  s.positions = "sentence"  # train on sentence tokens (the report's metrics use them too)
+  s.batch_size = 128 if full else 32  # sequences per step
+  s.steps = 5000 if full else 800  # optimizer steps
+  s.log_every = 50  # steps per host call
+  s.checkpoint_every = 1000 if full else 200  # steps between checkpoints
+  s.warmup_steps = 50  # linear warm-up steps
+  lambdas, ks, expansion = LAMBDAS, TOPK_KS, EXPANSION
+  if smoke:
+    s.steps, s.log_every, s.checkpoint_every, s.batch_size, s.warmup_steps = 4, 2, 4, 4, 1
+    lambdas = {k: v[:2] for k, v in LAMBDAS.items()}
+    ks, expansion = TOPK_KS[:2], 2
+  s.sweep = [{"product": {"sparsity_coeff": lams}, "set": {"loss": loss, "expansion": expansion}}
+             for loss, lams in lambdas.items()]
+  s.sweep.append({"product": {"k": ks}, "set": {"loss": "local", "activation": "topk",
+                                                "expansion": expansion}})
+  c.sae = s
+
+  # Stage 3: evaluation (sae_workdir is filled in: <workdir>/sae).
+  e = eval_configs.get_config("smoke" if smoke else None)
+  e.seed = opts["seed"]
+  if not smoke and not full:
+    e.num_batches = 8  # held-out batches of batch_size sequences
+    e.batch_size = 64
+    e.grammaticality_batches = 2  # generation batches per variant and combination
+    e.grammaticality_batch_size = 64  # (the spec's 5 × 128 under `full`)
+    e.grammaticality_modes = ("corrected",)  # no normalised SAEs here: the modes coincide
+  c.eval = e
+
+  # Stage 4: feature analysis.
+  a = ml_collections.ConfigDict()
+  a.seed = opts["seed"]  # analysis data seed (its own stream)
+  a.num_sequences = 8 if smoke else 256  # held-out sequences whose selected tokens are analysed
+  a.threshold = 0.5  # |corr| above which a (latent, label) pair is tested causally
+  a.max_pairs = 4 if smoke else 24  # causal tests per chosen SAE (strongest pairs first)
+  a.causal = True  # run the causal-predictability interventions on one SAE per type
+  a.heatmap_latents = 24  # latents shown in the correlation heatmaps
+  c.analysis = a
+  return c

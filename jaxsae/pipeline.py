@@ -1,0 +1,350 @@
+"""The whole study in one job: LM → SAE grid → evaluation → feature analysis → report.
+
+`run(config, workdir)` runs five stages, each in its own subdirectory of the workdir, and writes
+the report at the top:
+
+    lm/        the language model (`jaxsae.train_lm`; checkpoints, summary.json)
+    sae/       the SAE grid (`jaxsae.train_sae`; checkpoints, variants.json, summary.json)
+    eval/      every metric of every variant (`jaxsae.evaluate`; eval.json)
+    analysis/  latent × label feature recovery (`jaxsae.analysis`; features.json, corr.npz) and
+               causal predictability of chosen SAEs (`jaxsae.interventions`; causal.json)
+    report.md, report.json, *.png   (`jaxsae.report`)
+
+Resuming: a finished stage leaves a record in `stages.json` with a fingerprint of its config
+(and of the stages it reads from); rerunning the job skips stages whose record matches and
+re-runs the others. An interrupted training stage resumes from its last checkpoint (both are
+bit-exact on CPU) and the later stages are deterministic functions of (config, seed), so a
+killed and rerun pipeline ends with the same numbers as an uninterrupted one.
+
+Library code: no flag parsing; `experiments/configs/pipeline.py` builds the config.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from jaxsae import analysis
+from jaxsae import evaluate
+from jaxsae import interventions
+from jaxsae import report as report_lib
+from jaxsae import sae as sae_lib
+from jaxsae import train_lm
+from jaxsae import train_sae
+
+STAGES = ("lm", "sae", "eval", "analysis", "report")
+_ANALYSIS_STREAM = 2000  # folded into the analysis seed (never a training or eval stream)
+
+
+def _fingerprint(*parts: Any) -> str:
+  blob = json.dumps(parts, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read_json(path: str, default: Any = None) -> Any:
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, value: Any) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _sub_config(config: ml_collections.ConfigDict, **updates: Any) -> ml_collections.ConfigDict:
+  """An unlocked copy of a stage's config with run-time fields (paths) filled in."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  for k, v in updates.items():
+    c[k] = v
+  return c
+
+
+def _commit() -> str:
+  """The git commit of the code (with '+dirty' for local changes), or 'unknown'."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                         text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return rev + ("+dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def machine() -> str:
+  """A one-line description of where this runs (backend, devices, CPU count)."""
+  devices = jax.devices()
+  kinds = sorted({d.device_kind for d in devices})
+  return (f"{jax.default_backend()} × {len(devices)} ({', '.join(kinds)}); {os.cpu_count()} CPU "
+          f"cores; {platform.machine()}; jax {jax.__version__}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages.
+
+
+def _stage_lm(config, paths) -> None:
+  train_lm.run(_sub_config(config.lm), paths["lm"])
+
+
+def _stage_sae(config, paths) -> None:
+  train_sae.run(_sub_config(config.sae, lm_workdir=paths["lm"]), paths["sae"])
+
+
+def _stage_eval(config, paths) -> None:
+  evaluate.run(_sub_config(config.eval, sae_workdir=paths["sae"]), paths["eval"])
+
+
+def _stage_analysis(config, paths) -> None:
+  run_analysis(config.analysis, paths["sae"], paths["analysis"], paths["eval"])
+
+
+def _stage_report(config, paths) -> None:
+  write_report(paths["root"], meta=None)
+
+
+_STAGE_FNS: dict[str, Callable[..., None]] = {
+    "lm": _stage_lm, "sae": _stage_sae, "eval": _stage_eval, "analysis": _stage_analysis,
+    "report": _stage_report}
+
+
+def _paths(workdir: str) -> dict[str, str]:
+  p = {s: os.path.join(workdir, s) for s in ("lm", "sae", "eval", "analysis")}
+  p["root"] = workdir
+  return p
+
+
+def _stage_fingerprints(config) -> dict[str, str]:
+  """Each stage's fingerprint covers its own config and those of the stages it reads."""
+  fp = {}
+  fp["lm"] = _fingerprint(config.lm.to_dict())
+  fp["sae"] = _fingerprint(fp["lm"], config.sae.to_dict())
+  fp["eval"] = _fingerprint(fp["sae"], config.eval.to_dict())
+  fp["analysis"] = _fingerprint(fp["sae"], config.analysis.to_dict())
+  fp["report"] = _fingerprint(fp["eval"], fp["analysis"], _REPORT_VERSION)
+  return fp
+
+
+_REPORT_VERSION = 1  # bump when the report's content changes, to re-render old workdirs
+
+
+def validate_config(config) -> None:
+  """Checks the pipeline's own fields and each stage's config, before anything runs."""
+  unknown = [s for s in config.stages if s not in STAGES]
+  if unknown or not config.stages:
+    raise ValueError(f"config.stages={tuple(config.stages)!r}: choose among {STAGES}")
+  if config.sae.language and config.sae.language != config.lm.language:
+    raise ValueError(f"config.sae.language={config.sae.language!r} differs from "
+                     f"config.lm.language={config.lm.language!r}; set both with :language=")
+  train_lm.validate_config(config.lm)
+  train_sae.validate_config(config.sae)
+  train_sae.build_groups(list(config.sae.sweep), train_lm.model_config_for(config.lm).d_model)
+  evaluate.validate_config(_sub_config(config.eval, sae_workdir="<sae>"))
+  a = config.analysis
+  for name in ("num_sequences", "max_pairs", "heatmap_latents"):
+    if not isinstance(a[name], int) or a[name] < 1:
+      raise ValueError(f"config.analysis.{name}={a[name]!r} must be a positive int")
+  if not 0 < a.threshold <= 1:
+    raise ValueError(f"config.analysis.threshold={a.threshold} must lie in (0, 1]")
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) every stage of `config.stages`; returns the stage records."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  paths = _paths(workdir)
+  record_path = os.path.join(workdir, "stages.json")
+  records = _read_json(record_path, {})
+  fps = _stage_fingerprints(config)
+  order = [s for s in STAGES if s in config.stages]
+  t_start = time.perf_counter()
+  for i, stage in enumerate(order):
+    rec = records.get(stage)
+    if rec and rec.get("fingerprint") == fps[stage] and rec.get("done"):
+      logging.info("[pipeline %d/%d] %s: done earlier (%.0f s), skipped.", i + 1, len(order),
+                   stage, rec.get("seconds", 0.0))
+      continue
+    spent = sum(r.get("seconds", 0.0) for r in records.values() if r.get("done"))
+    logging.info("[pipeline %d/%d] %s: starting (%.0f s spent so far).", i + 1, len(order),
+                 stage, spent)
+    records[stage] = {"fingerprint": fps[stage], "done": False}
+    _write_json(record_path, records)
+    t0 = time.perf_counter()
+    _STAGE_FNS[stage](config, paths)
+    seconds = time.perf_counter() - t0
+    records[stage] = {"fingerprint": fps[stage], "done": True, "seconds": round(seconds, 1),
+                      "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                          timespec="seconds")}
+    _write_json(record_path, records)
+    # Later stages read this one's outputs: a re-run stage invalidates them.
+    for later in order[i + 1:]:
+      if records.get(later, {}).get("fingerprint") != fps[later]:
+        records.pop(later, None)
+    logging.info("[pipeline %d/%d] %s: finished in %.0f s.", i + 1, len(order), stage, seconds)
+  logging.info("Pipeline finished in %.0f s this call; report: %s", time.perf_counter() - t_start,
+               os.path.join(workdir, "report.md"))
+  return records
+
+
+# ------------------------------------------------------------------------------------------------
+# Analysis stage.
+
+
+def _choose(variants: dict[str, Any], types: dict[str, str], score: dict[str, float]) -> list[str]:
+  """One variant per SAE type: the best by `score` (higher is better), ids sorted."""
+  best: dict[str, tuple[float, str]] = {}
+  for vid in variants:
+    s = score.get(vid, float("-inf"))
+    t = types[vid]
+    if t not in best or s > best[t][0]:
+      best[t] = (s, vid)
+  return sorted(v for _, v in best.values())
+
+
+def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None) -> dict[str, Any]:
+  """Feature recovery for every variant and causal predictability for one SAE per type.
+
+  Writes `features.json` (`analysis.summarise` of every variant, keyed by id), `corr.npz`
+  (latent × label correlations of the chosen SAEs, for heatmaps) and `causal.json`
+  (`interventions.causal_predictability` of the chosen SAEs) in `out_dir`.
+
+  Args:
+    a: the analysis config (`num_sequences`, `seed`, `threshold`, `max_pairs`, `causal`,
+      `heatmap_latents`).
+    sae_workdir: the trained grid.
+    out_dir: where to write.
+    eval_dir: optional eval workdir; the chosen SAE of a type is the one with the best
+      feature-recovery score among those whose spliced CE increase is finite.
+  """
+
+  os.makedirs(out_dir, exist_ok=True)
+  trained = train_sae.load_trained(sae_workdir)
+  setup = trained.setup
+  key = jax.random.fold_in(jax.random.key(a.seed), _ANALYSIS_STREAM)
+  batch = analysis.analysis_batch(trained, key, a.num_sequences)
+  lmat = batch.label_matrix()
+  features: dict[str, Any] = {"columns": None, "variants": {}}
+  corr: dict[str, np.ndarray] = {}
+  hparams_by_id, where = {}, {}
+  t0 = time.perf_counter()
+  for gi, spec in enumerate(setup.specs):
+    codes = analysis.collect_codes(trained, gi, batch.tokens_BT, batch.mask_BT)
+    params = jax.tree.map(lambda x: x[: spec.size], trained.state.groups[gi].params)
+    decoders = jax.vmap(lambda p, c=spec.sae: sae_lib.dictionary(p, c))(params)
+    summ = analysis.summarise(codes, lmat, decoders, ids=list(spec.ids))
+    features["columns"] = summ["columns"]
+    features["variants"].update(summ["variants"])
+    cmat = np.asarray(analysis.correlations(codes, lmat))
+    for i, vid in enumerate(spec.ids):
+      corr[vid] = cmat[i]
+      hparams_by_id[vid] = spec.values[i]
+      where[vid] = (gi, i)
+    elapsed = time.perf_counter() - t0
+    eta = elapsed / (gi + 1) * (len(setup.specs) - gi - 1)
+    logging.info("analysis: group %d/%d (%s, %d SAEs) done, ETA %.0f s", gi + 1,
+                 len(setup.specs), spec.name, spec.size, eta)
+  names = [c["name"] for c in features["columns"]]
+  _write_json(os.path.join(out_dir, "features.json"), features)
+
+  types = {vid: report_lib.sae_type(dict(h)) for vid, h in hparams_by_id.items()}
+  ev = _read_json(os.path.join(eval_dir, "eval.json"), {}) if eval_dir else {}
+  ok = {vid for vid, v in ev.get("variants", {}).items()
+        if isinstance(v.get("ce_increase"), (int, float)) and np.isfinite(v["ce_increase"])}
+  score = {vid: float(s.get("mean_best_abs_corr", float("-inf")))
+           for vid, s in features["variants"].items() if not ok or vid in ok}
+  chosen = _choose(hparams_by_id, types, score)
+  np.savez_compressed(os.path.join(out_dir, "corr.npz"), names=np.asarray(names),
+                      **{vid: corr[vid] for vid in chosen})
+
+  causal: dict[str, Any] = {"chosen": chosen, "types": {v: types[v] for v in chosen},
+                            "variants": {}}
+  if a.causal:
+    for n, vid in enumerate(chosen):
+      gi, i = where[vid]
+      spec = setup.specs[gi]
+      one = lambda t, i=i: jax.tree.map(lambda x: x[i], t)
+      t1 = time.perf_counter()
+      res = interventions.causal_predictability(
+          trained.lm.params, setup.model_config, setup.site,
+          one(trained.state.groups[gi].params), spec.sae, one(trained.hypers[gi].hparams),
+          batch.tokens_BT, batch.mask_BT, setup.grammar, _corr_on_positions(corr[vid]),
+          names, threshold=a.threshold, max_pairs=a.max_pairs, splice_mode=spec.splice_mode,
+          sae_state=one(trained.state.groups[gi].sae_state), empirical_fallback=True)
+      causal["variants"][vid] = res
+      logging.info("analysis: causal predictability %d/%d (%s, %s): %s of %s pairs as "
+                   "predicted (%.0f s)", n + 1, len(chosen), vid, types[vid],
+                   res.get("fraction_as_predicted"), res.get("n_tested"),
+                   time.perf_counter() - t1)
+  _write_json(os.path.join(out_dir, "causal.json"), _jsonable(causal))
+  return {"features": features, "causal": causal}
+
+
+def _corr_on_positions(corr_FK: np.ndarray) -> np.ndarray:
+  return np.nan_to_num(np.asarray(corr_FK, np.float32))
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.floating, float)):
+    f = float(x)
+    return f if np.isfinite(f) else str(f)
+  if isinstance(x, np.integer):
+    return int(x)
+  if isinstance(x, np.bool_):
+    return bool(x)
+  if isinstance(x, np.ndarray):
+    return _jsonable(x.tolist())
+  return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Report stage.
+
+
+def write_report(workdir: str, meta: dict[str, Any] | None = None) -> dict[str, str]:
+  """Renders report.md / report.json / PNGs in `workdir` from the stages' outputs."""
+  paths = _paths(workdir)
+  summary = _read_json(os.path.join(paths["sae"], "summary.json"))
+  eval_results = _read_json(os.path.join(paths["eval"], "eval.json"))
+  if summary is None or eval_results is None:
+    raise FileNotFoundError(f"the report needs {paths['sae']}/summary.json and "
+                            f"{paths['eval']}/eval.json; run the sae and eval stages first")
+  features = _read_json(os.path.join(paths["analysis"], "features.json"))
+  corr_path = os.path.join(paths["analysis"], "corr.npz")
+  if features is not None and os.path.exists(corr_path):
+    with np.load(corr_path) as z:
+      features = dict(features, corr={k: z[k] for k in z.files if k != "names"},
+                      corr_columns=[str(n) for n in z["names"]])
+  causal = _read_json(os.path.join(paths["analysis"], "causal.json"))
+  stages = _read_json(os.path.join(workdir, "stages.json"), {})
+  meta = dict(meta or {})
+  meta.setdefault("commit", _commit())
+  meta.setdefault("machine", machine())
+  meta.setdefault("date", datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec="seconds"))
+  meta.setdefault("stage_seconds", {s: r.get("seconds") for s, r in stages.items()
+                                    if r.get("done")})
+  return report_lib.write_report(
+      workdir, summary=summary, eval_results=eval_results, features=features,
+      causal=(causal or {}).get("variants") or None,
+      lm=_read_json(os.path.join(paths["lm"], "summary.json")), meta=meta)

@@ -1,0 +1,393 @@
+"""Evaluation: metric formulas against closed forms and NumPy, identity / zero SAEs spliced in,
+exact accumulation over batches, vmap equivalence, one compilation per group, spliced
+generation, and the eval job on a tiny trained grid."""
+# pylint: disable=protected-access,cell-var-from-loop
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import main as main_lib
+from experiments.configs import eval as eval_configs
+from experiments.configs import lm as lm_configs
+from experiments.configs import sae_e2e
+from jaxsae import evaluate as ev
+from jaxsae import generate as generate_lib
+from jaxsae import model as model_lib
+from jaxsae import sae as sae_lib
+from jaxsae import train_lm
+from jaxsae import train_sae
+
+D = 32  # the smoke LM's width
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures: an untrained smoke LM, its grid setup, and LM params scaled up so that ablating the
+# site changes the predictions noticeably (an untrained LM's outputs are nearly uniform).
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+  return train_lm.write_untrained(lm_configs.get_config("language=dyck2,smoke"),
+                                  str(tmp_path_factory.mktemp("lm") / "dyck2"))
+
+
+def _sae_config(lm_dir, sweep, **overrides):
+  c = sae_e2e.get_config(f"language=dyck2,smoke,lm_workdir={lm_dir}")
+  c.sweep = sweep
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def setup_and_lm(lm_dir):
+  setup, lm, _ = train_sae.prepare(_sae_config(lm_dir, [{"set": {"loss": "local"}}]))
+  lm_params = jax.tree.map(lambda p: 8.0 * p, lm.params)
+  return setup, lm_params
+
+
+@pytest.fixture(scope="module")
+def data(setup_and_lm):
+  setup, _ = setup_and_lm
+  return ev.heldout(setup, seed=3, num_batches=2, batch_size=4)
+
+
+def _spec(sweep, d_model=D):
+  specs, _ = train_sae.build_groups(sweep, d_model)
+  assert len(specs) == 1
+  return specs[0]
+
+
+def _crafted_group(n_variants: int, w_decs):
+  """A ReLU group of width 3D without biases: w_enc = [I, -I, 0], w_dec given per variant."""
+  spec = _spec([{"product": {"seed": list(range(n_variants))},
+                 "set": {"expansion": 3, "enc_bias": False, "dec_bias": False,
+                         "decoder_norm": "none", "init": "menon"}}])
+  eye = np.eye(D, dtype=np.float32)
+  w_enc = np.concatenate([eye, -eye, np.zeros_like(eye)], axis=1)
+  params = {"w_enc": jnp.asarray(np.stack([w_enc] * n_variants)),
+            "w_dec": jnp.asarray(np.stack(w_decs))}
+  hyper = train_sae.group_hyper(spec)
+  return spec, params, hyper
+
+
+def _identity_w_dec(rng):
+  eye = np.eye(D, dtype=np.float32)
+  # The third block never fires, so its decoder rows do not matter: random, to prove it.
+  return np.concatenate([eye, -eye, rng.normal(size=(D, D)).astype(np.float32)], axis=0)
+
+
+def _flat(data, k=None):
+  sl = slice(None) if k is None else slice(k, k + 1)
+  return data.tokens_KBT[sl], data.mask_KBT[sl], data.next_KBT[sl], data.valid_KBTV[sl]
+
+
+# ------------------------------------------------------------------------------------------------
+# Formulas on arrays.
+
+
+def test_explained_variance_closed_forms():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 5, 8)) + 2.0, jnp.float32)
+  mask = jnp.asarray(rng.random((3, 5)) < 0.7)
+  mean = np.asarray(x)[np.asarray(mask)].mean(0)
+  for form in ("token_mean", "ratio_of_sums"):
+    assert float(ev.explained_variance(x, x, mask, form=form)) == 1.0
+    # Predicting the token mean explains nothing, in both forms.
+    x_mean = jnp.broadcast_to(jnp.asarray(mean), x.shape)
+    np.testing.assert_allclose(float(ev.explained_variance(x_mean, x, mask, form=form)), 0.0,
+                               atol=1e-5)
+  # The layer-normed form is blind to rescaling the reconstruction.
+  np.testing.assert_allclose(float(ev.explained_variance(3.0 * x, x, mask, layernorm=True)), 1.0,
+                             atol=1e-4)
+  assert float(ev.explained_variance(3.0 * x, x, mask)) < 0
+  # NumPy references of both forms on a random reconstruction.
+  x_hat = x + 0.5 * jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  xn, xh, m = np.asarray(x, np.float64), np.asarray(x_hat, np.float64), np.asarray(mask)
+  err = ((xh - xn) ** 2).sum(-1)[m]
+  var = ((xn - mean) ** 2).sum(-1)[m]
+  np.testing.assert_allclose(float(ev.explained_variance(x_hat, x, mask)),
+                             np.mean(1 - err / var), rtol=1e-5)
+  np.testing.assert_allclose(float(ev.explained_variance(x_hat, x, mask, form="ratio_of_sums")),
+                             1 - err.sum() / var.sum(), rtol=1e-5)
+
+
+def test_output_metrics_match_numpy():
+  rng = np.random.default_rng(1)
+  a = rng.normal(size=(4, 6, 7)) * 2
+  b = a + rng.normal(size=a.shape)
+  b[0, 0] = a[0, 0]  # one position where the distributions coincide
+  targets = rng.integers(0, 7, size=(4, 6))
+  valid = rng.random(a.shape) < 0.4
+  softmax = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(
+      z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  p, q = softmax(a), softmax(b)
+  ref = {"kl": (p * (np.log(p) - np.log(q))).sum(-1), "tv": 0.5 * np.abs(p - q).sum(-1),
+         "ce": -np.log(np.take_along_axis(q, targets[..., None], -1)[..., 0]),
+         "top1": (a.argmax(-1) == b.argmax(-1)).astype(float), "mass": (q * valid).sum(-1)}
+  aj, bj = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  got = {"kl": ev.token_kl(aj, bj), "tv": ev.token_total_variation(aj, bj),
+         "ce": ev.token_cross_entropy(bj, jnp.asarray(targets)),
+         "top1": ev.token_top1_agreement(aj, bj),
+         "mass": ev.token_grammatical_mass(bj, jnp.asarray(valid))}
+  for k in ref:
+    np.testing.assert_allclose(np.asarray(got[k]), ref[k], rtol=2e-5, atol=1e-6, err_msg=k)
+  assert abs(float(ev.token_kl(aj, bj)[0, 0])) < 1e-6
+  x_hat, x = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+  np.testing.assert_allclose(np.asarray(ev.token_sq_error(jnp.asarray(x_hat), jnp.asarray(x))),
+                             ((x_hat - x) ** 2).sum(-1), rtol=1e-5)
+  np.testing.assert_allclose(ev.ce_recovered(3.0, [3.0, 2.0, 1.0], 1.0), [0.0, 0.5, 1.0])
+
+
+def test_latent_counts_and_density_histogram():
+  fired = np.array([[0, 1, 5, 11, 50, 100], [0, 0, 0, 0, 0, 10]])
+  c = ev.latent_counts(fired, window=100)
+  np.testing.assert_array_equal(c["alive"], [5, 1])
+  np.testing.assert_array_equal(c["dead"], [1, 5])
+  np.testing.assert_array_equal(c["dense"], [3, 0])  # > 10%: 11, 50, 100 (10 is not)
+  np.testing.assert_allclose(c["dead_fraction"], [1 / 6, 5 / 6])
+  hist = ev.density_histogram(fired, window=100)
+  assert hist.shape == (2, len(ev.DENSITY_BIN_EDGES) - 1)
+  np.testing.assert_array_equal(hist.sum(-1), c["alive"])
+  # log10 frequencies -2, -1.30, -0.96, -0.30, 0 -> bins of width 0.5 starting at -6.
+  expected = np.zeros(12, int)
+  for b in (8, 9, 10, 11, 11):
+    expected[b] += 1
+  np.testing.assert_array_equal(hist[0], expected)
+  assert hist[1, 10] == 1  # frequency 0.1: log10 = -1, the left edge of bin 10
+  assert ev.density_histogram(np.array([1]), window=10**9)[0] == 1  # below 1e-6: first bin
+
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline.
+
+
+def test_identity_and_zero_saes_spliced(setup_and_lm, data):
+  setup, lm_params = setup_and_lm
+  rng = np.random.default_rng(0)
+  spec, params, hyper = _crafted_group(2, [_identity_w_dec(rng), np.zeros((3 * D, D), np.float32)])
+  tokens, mask, nxt, valid = _flat(data)
+  m = ev.evaluate_group(spec, params, None, hyper, lm_params, tokens, mask, setup,
+                        next_BT=nxt, valid_BTV=valid)
+  m = {k: np.asarray(v) for k, v in m.items()}
+  ident, zero = 0, 1
+  assert m["ce_zero_ablation"][0] - m["ce_clean"][0] > 0.05  # the baseline is informative
+  np.testing.assert_allclose(m["kl"][ident], 0.0, atol=1e-6)
+  np.testing.assert_allclose(m["ce_increase"][ident], 0.0, atol=1e-5)
+  np.testing.assert_allclose(m["ce_recovered_zero"][ident], 1.0, atol=1e-3)
+  np.testing.assert_allclose(m["ce_recovered_mean"][ident], 1.0, atol=1e-3)
+  np.testing.assert_allclose(m["total_variation"][ident], 0.0, atol=1e-6)
+  assert m["top1_agreement"][ident] == 1.0
+  assert m["mse"][ident] == 0.0 and m["ev_token_mean"][ident] == 1.0
+  assert m["ev_ratio_of_sums"][ident] == 1.0
+  np.testing.assert_allclose(m["ev_layernorm"][ident], 1.0, atol=1e-6)
+  np.testing.assert_allclose(
+      m["grammatical_mass_spliced"][ident], m["grammatical_mass_clean"][ident], atol=1e-6)
+  for h in ("resid_post.1",):
+    assert m[f"ds_mse/{h}"][ident] < 1e-10
+    np.testing.assert_allclose(m[f"ds_ev/{h}"][ident], 1.0, atol=1e-5)
+  # The zero-output SAE is the zero ablation.
+  np.testing.assert_allclose(m["ce_recovered_zero"][zero], 0.0, atol=1e-3)
+  np.testing.assert_allclose(m["ce_spliced"][zero], m["ce_zero_ablation"][zero], rtol=1e-5)
+  np.testing.assert_allclose(m["nmse"][zero], 1.0, rtol=1e-6)
+
+  # L0 and latent counts against NumPy on the clean activations: codes are relu(±x) and 0.
+  acts = [np.asarray(model_lib.apply(lm_params, jnp.asarray(t), setup.model_config,
+                                     stop_at=setup.site).acts[setup.site]) for t in tokens]
+  x_MD = np.concatenate([a[mk] for a, mk in zip(acts, mask)])  # masked tokens, batch order
+  codes_MF = np.concatenate([x_MD > 0, x_MD < 0, np.zeros_like(x_MD, bool)], axis=1)
+  np.testing.assert_allclose(m["l0"][ident], codes_MF.sum(1).mean(), rtol=1e-6)
+  np.testing.assert_allclose(m["frac_zeros"][ident], 1 - codes_MF.sum(1).mean() / (3 * D),
+                             rtol=1e-6)
+  fired = codes_MF.sum(0)
+  np.testing.assert_array_equal(m["firing_counts"][ident], fired)
+  assert m["dead"][ident] == (fired == 0).sum() >= D
+  assert m["alive"][ident] == (fired > 0).sum()
+  assert m["dense"][ident] == (fired > 0.1 * len(x_MD)).sum()
+  assert m["window_tokens"][ident] == len(x_MD) == mask.sum()
+
+
+def test_accumulation_is_exact_over_batches_and_window(setup_and_lm, data):
+  """A random TopK group against NumPy over the concatenated held-out set (not batch means)."""
+  setup, lm_params = setup_and_lm
+  spec = _spec([{"product": {"seed": [0, 1]},
+                 "set": {"activation": "topk", "k": 3, "expansion": 2}}])
+  state = train_sae.init_group(spec, setup, None)
+  hyper = train_sae.group_hyper(spec)
+  tokens, mask, nxt, valid = _flat(data)
+  assert mask[0].sum() != mask[1].sum()  # unequal batches: a mean of batch means would differ
+  window = int(mask[0].sum()) + 3  # ends inside the second batch
+  m = ev.evaluate_group(spec, state.params, state.sae_state, hyper, lm_params, tokens, mask,
+                        setup, next_BT=nxt, valid_BTV=valid, window_tokens=window)
+  mc = setup.model_config
+  ref = ev.reference(lm_params, data, setup)
+
+  @jax.jit
+  def forward(p_i, h_i, t, mk):
+    """Clean and spliced runs the plain way: `model.apply` with the SAE as a replacement."""
+    fn = sae_lib.splice_fn(p_i, spec.sae, h_i, spec.splice_mode, mask=mk)
+    clean = model_lib.apply(lm_params, t, mc, collect=(setup.site,))
+    spliced = model_lib.apply(lm_params, t, mc, replace={setup.site: fn}, collect=(setup.site,))
+    x = clean.acts[setup.site]
+    return (x, spliced.acts[setup.site], sae_lib.encode(p_i, x, spec.sae, h_i),
+            jax.nn.log_softmax(clean.logits), jax.nn.log_softmax(spliced.logits))
+
+  for i in range(spec.padded):
+    p_i = jax.tree.map(lambda a: a[i], state.params)
+    h_i = jax.tree.map(lambda a: a[i], hyper.hparams)
+    xs, outs, codes, kl, tv, ce, ce_clean = [], [], [], [], [], [], []
+    for t, mk, nx in zip(tokens, mask, nxt):
+      x, out, code, lp, lq = (np.asarray(a, np.float64) for a in forward(p_i, h_i, t, mk))
+      xs.append(x[mk])
+      outs.append(out[mk])
+      codes.append(code[mk])
+      pred = mk & (nx != setup.grammar.pad_id)
+      lp, lq = lp[pred], lq[pred]
+      kl.append((np.exp(lp) * (lp - lq)).sum(-1))
+      tv.append(0.5 * np.abs(np.exp(lp) - np.exp(lq)).sum(-1))
+      ce.append(-np.take_along_axis(lq, nx[pred][:, None], -1)[:, 0])
+      ce_clean.append(-np.take_along_axis(lp, nx[pred][:, None], -1)[:, 0])
+    x, out, c = np.concatenate(xs), np.concatenate(outs), np.concatenate(codes)
+    mu = x.mean(0)
+    np.testing.assert_allclose(np.asarray(ref.mean_D), mu, rtol=1e-5, atol=1e-6)
+    err = ((out - x) ** 2).sum(-1)
+    expect = {
+        "mse": err.mean() / D, "nmse": err.sum() / (x ** 2).sum(),
+        "ev_token_mean": np.mean(1 - err / ((x - mu) ** 2).sum(-1)),
+        "ev_ratio_of_sums": 1 - err.sum() / ((x - mu) ** 2).sum(),
+        "l0": (c != 0).sum(1).mean(), "kl": np.concatenate(kl).mean(),
+        "total_variation": np.concatenate(tv).mean(), "ce_spliced": np.concatenate(ce).mean(),
+        "ce_clean": np.concatenate(ce_clean).mean()}
+    for k, v in expect.items():
+      np.testing.assert_allclose(float(m[k][i]), v, rtol=2e-4, atol=1e-6, err_msg=k)
+    np.testing.assert_array_equal(np.asarray(m["firing_counts"][i]), (c[:window] != 0).sum(0))
+    assert float(m["window_tokens"][i]) == window
+
+
+def test_group_equals_variants_one_by_one_and_compiles_once(setup_and_lm, data):
+  setup, lm_params = setup_and_lm
+  ks = [1, 4, 16]
+  common = {"activation": "topk", "expansion": 2, "loss": "e2e"}
+  spec = _spec([{"product": {"k": ks}, "set": common}])
+  state = train_sae.init_group(spec, setup, None)
+  hyper = train_sae.group_hyper(spec)
+  tokens, mask, nxt, valid = _flat(data)
+  before = ev._group_pass._cache_size()
+  together = ev.evaluate_group(spec, state.params, state.sae_state, hyper, lm_params, tokens,
+                               mask, setup, next_BT=nxt, valid_BTV=valid, positions="all",
+                               variant_loop="vmap")
+  assert ev._group_pass._cache_size() == before + 1  # two batches, three variants: one compile
+  assert len(set(np.asarray(together["l0"]).round(3))) == 3  # the variants do differ
+  mapped = ev.evaluate_group(spec, state.params, state.sae_state, hyper, lm_params, tokens,
+                             mask, setup, next_BT=nxt, valid_BTV=valid, positions="all",
+                             variant_loop="map")
+  for name, v in mapped.items():
+    np.testing.assert_allclose(np.asarray(v), np.asarray(together[name]), rtol=1e-4, atol=1e-6,
+                               err_msg=name)
+  for i, k in enumerate(ks):
+    # A group of one (the same static config, so the N=1 program compiles once for all three).
+    one = lambda tree: jax.tree.map(lambda a: a[i:i + 1], tree)
+    spec1 = dataclasses.replace(spec, ids=spec.ids[i:i + 1], size=1, padded=1)
+    assert int(one(hyper.hparams).k[0]) == k
+    alone = ev.evaluate_group(spec1, one(state.params), one(state.sae_state), one(hyper),
+                              lm_params, tokens, mask, setup, next_BT=nxt, valid_BTV=valid,
+                              positions="all", variant_loop="vmap")
+    for name, v in alone.items():
+      np.testing.assert_allclose(np.asarray(together[name][i]), np.asarray(v[0]), rtol=1e-4,
+                                 atol=1e-6, err_msg=name)
+
+
+def test_bad_inputs_raise_before_compiling(setup_and_lm, data):
+  setup, lm_params = setup_and_lm
+  spec, params, hyper = _crafted_group(2, [np.zeros((3 * D, D), np.float32)] * 2)
+  tokens, mask, _, _ = _flat(data)
+  call = lambda **kw: ev.evaluate_group(spec, kw.pop("params", params), None, hyper, lm_params,
+                                        kw.pop("tokens", tokens), mask, setup, **kw)
+  with pytest.raises(ValueError, match="positions='middle'"):
+    call(positions="middle")
+  with pytest.raises(ValueError, match="splice_mode='raw'"):
+    call(splice_mode="raw")
+  with pytest.raises(ValueError, match="leading axis of spec.padded=2"):
+    call(params=jax.tree.map(lambda a: a[:1], params))
+  with pytest.raises(ValueError, match="same shape"):
+    call(tokens=tokens[:, :, :-1])
+  with pytest.raises(ValueError, match="window_tokens=-1"):
+    call(window_tokens=-1)
+  with pytest.raises(ValueError, match="variant_loop='scan'"):
+    call(variant_loop="scan")
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation with the SAE spliced in.
+
+
+def test_spliced_generation(setup_and_lm):
+  setup, lm_params = setup_and_lm
+  rng = np.random.default_rng(0)
+  spec, params, hyper = _crafted_group(2, [_identity_w_dec(rng), np.zeros((3 * D, D), np.float32)])
+  states = jax.vmap(lambda _: sae_lib.init_state(spec.sae))(jnp.arange(2))
+  g, mc = setup.grammar, setup.model_config
+  key = jax.random.key(5)
+  clean = generate_lib.generate(lm_params, mc, g, key, batch_size=8, max_new_tokens=12)
+
+  def gen(i, positions):
+    st = ev._GenStatic(sae=spec.sae, mode="corrected", positions=positions, site=setup.site,
+                       model_config=mc, prefix_len=g.prefix_len, batch_size=8,
+                       max_new_tokens=12, top_k=0)
+    pick = lambda t: jax.tree.map(lambda a: a[i], t)
+    return np.asarray(ev._generate_spliced(lm_params, pick(params), pick(states),
+                                           pick(hyper.hparams), g, key, jnp.float32(1.0),
+                                           st=st)[0])
+
+  before = ev._generate_spliced._cache_size()
+  np.testing.assert_array_equal(gen(0, "all"), np.asarray(clean.tokens))  # identity SAE
+  zero_all, zero_sentence = gen(1, "all"), gen(1, "sentence")
+  assert ev._generate_spliced._cache_size() == before + 2  # per positions, not per variant
+  # 'sentence' leaves the decorator clean, so the first word is the clean model's; 'all' does not.
+  n = g.prefix_len
+  np.testing.assert_array_equal(zero_sentence[:, n], np.asarray(clean.tokens)[:, n])
+  assert (zero_all[:, n:] != np.asarray(clean.tokens)[:, n:]).any()
+  assert (zero_sentence[:, n + 1:] != np.asarray(clean.tokens)[:, n + 1:]).any()
+
+
+# ------------------------------------------------------------------------------------------------
+# The eval job end to end.
+
+
+def test_eval_job_on_a_tiny_trained_grid(lm_dir, tmp_path):
+  sae_dir = str(tmp_path / "sae")
+  # Two groups (the sparsity reduction is static) of two variants, sharing one SAE config.
+  config = _sae_config(lm_dir, [{"product": {"sparsity_coeff": [1.0, 4.0],
+                                             "sparsity_reduction": ["e2e_sae", "sum_batch"]},
+                                 "set": {"loss": "local", "expansion": 2}}],
+                       steps=2, log_every=2, checkpoint_every=2)
+  config.lock()
+  summary = train_sae.run(config, sae_dir)
+  assert main_lib.JOBS["eval"] == "jaxsae.evaluate"
+  eval_config = eval_configs.get_config(f"smoke,sae_workdir={sae_dir}")
+  eval_config.grammaticality_positions = ("sentence",)  # both are tested above; keep it short
+  eval_config.lock()
+  assert eval_config.job == "eval"
+  result = ev.run(eval_config, str(tmp_path / "eval"))
+  with open(tmp_path / "eval" / "eval.json") as f:
+    written = json.load(f)
+  assert written["variants"].keys() == summary["variants"].keys() == result["variants"].keys()
+  assert len(written["variants"]) == 4
+  for vid, v in written["variants"].items():
+    assert v["frozen"] is False and v["group"] in ("g0", "g1")
+    for k in ("l0", "mse", "ev_token_mean", "ce_spliced", "kl", "ce_recovered_zero",
+              "ds_mse/resid_post.1", "grammatical_mass_spliced",
+              "grammaticality/corrected/sentence", "grammaticality/original/sentence"):
+      assert isinstance(v[k], (float, str)), (vid, k)
+    assert sum(v["density_histogram"]) == v["alive"]
+  clean = written["clean"]
+  assert 0 <= clean["grammaticality"] <= 1 and isinstance(clean["ce_clean"], float)
+  assert written["heldout"]["tokens"] > 0
+  with pytest.raises(ValueError, match="sae_workdir is required"):
+    ev.run(eval_configs.get_config("smoke"), str(tmp_path / "none"))

@@ -1,0 +1,97 @@
+"""The main job: the smoke pipeline end to end, skipping finished stages, and a run killed
+mid-stage that, rerun, ends with the same numbers as an uninterrupted one."""
+
+import json
+import os
+
+import pytest
+
+from experiments.configs import pipeline as pipeline_configs
+from jaxsae import pipeline
+from jaxsae import train_sae
+
+
+def _config(**sae):
+  c = pipeline_configs.get_config("smoke,language=dyck2")
+  c.sae.checkpoint_every = 2  # a checkpoint after every host call, so a kill loses nothing
+  for k, v in sae.items():
+    c.sae[k] = v
+  c.lock()
+  return c
+
+
+def _numbers(workdir):
+  """What the run computed (timings and paths dropped)."""
+  ev = json.load(open(os.path.join(workdir, "eval", "eval.json")))
+  ev.pop("seconds", None)
+  ev.pop("sae_workdir", None)
+  summary = json.load(open(os.path.join(workdir, "sae", "summary.json")))
+  features = json.load(open(os.path.join(workdir, "analysis", "features.json")))
+  causal = json.load(open(os.path.join(workdir, "analysis", "causal.json")))
+  return ev, summary, features, causal
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  records = pipeline.run(_config(), workdir)
+  return workdir, records
+
+
+def test_smoke_pipeline_writes_a_report(straight):
+  workdir, records = straight
+  assert all(records[s]["done"] for s in pipeline.STAGES)
+  for name in ("report.md", "report.json", "stages.json", "config.json"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  pngs = [f for f in os.listdir(workdir) if f.endswith(".png")]
+  assert pngs and all(open(os.path.join(workdir, f), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+                      for f in pngs)
+  ev, summary, features, causal = _numbers(workdir)
+  assert set(ev["variants"]) == set(summary["variants"]) == set(features["variants"])
+  assert causal["chosen"] and set(causal["chosen"]) <= set(summary["variants"])
+  text = open(os.path.join(workdir, "report.md")).read()
+  assert "dyck2" in text
+
+
+def test_rerun_skips_finished_stages(straight, monkeypatch):
+  workdir, records = straight
+  calls = []
+  for stage in pipeline.STAGES:
+    monkeypatch.setitem(pipeline._STAGE_FNS, stage, lambda *a, s=stage: calls.append(s))  # pylint: disable=protected-access
+  again = pipeline.run(_config(), workdir)
+  assert calls == [] and again == records
+  # A changed eval config re-runs eval and everything after it, not the training stages.
+  c = _config()
+  c.unlock()
+  c.eval.num_batches += 1
+  pipeline.run(c, workdir)
+  assert calls == ["eval", "report"]
+
+
+def test_killed_mid_stage_then_rerun_equals_straight(straight, tmp_path, monkeypatch):
+  workdir = str(tmp_path / "killed")
+  original = train_sae._append_jsonl  # pylint: disable=protected-access
+  calls = []
+
+  def dies_on_second_call(path, records):
+    calls.append(path)
+    if len(calls) == 2:
+      raise KeyboardInterrupt("killed mid-stage")
+    return original(path, records)
+
+  monkeypatch.setattr(train_sae, "_append_jsonl", dies_on_second_call)
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run(_config(), workdir)
+  assert not json.load(open(os.path.join(workdir, "stages.json")))["sae"]["done"]
+  monkeypatch.setattr(train_sae, "_append_jsonl", original)
+  pipeline.run(_config(), workdir)
+  assert _numbers(workdir) == _numbers(straight[0])
+
+
+def test_bad_pipeline_args_fail_clearly():
+  with pytest.raises(ValueError, match="stages="):
+    pipeline_configs.get_config("stages=lm+bogus")
+  with pytest.raises(ValueError, match="unknown language"):
+    pipeline_configs.get_config("language=klingon")
+  with pytest.raises(ValueError, match="at most one"):
+    pipeline_configs.get_config("smoke,full")

@@ -1,0 +1,422 @@
+"""Report: Pareto fronts against brute force, the matched comparison on a constructed case, SAE
+types of every kind, Menon grids, and `write_report` on synthetic runs in the real schemas
+(files, valid PNGs, numbers parsed back, NaN / frozen variants, missing optional inputs)."""
+
+import itertools
+import json
+import math
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from jaxsae import report
+from jaxsae import sweep as sweep_lib
+from jaxsae import train_sae
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _hparams(**fields):
+  """Every sweep field (registry defaults) with `fields` set, JSON-ified as summary.json has it."""
+  variant, = sweep_lib.expand([{"set": fields}], train_sae.registry())
+  return {k: sweep_lib.to_json(v) for k, v in variant.values.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Pareto fronts.
+
+
+def _brute_front(x, y, hx, hy):
+  better = lambda a, b, high: a > b if high else a < b
+  noworse = lambda a, b, high: a >= b if high else a <= b
+  front = set()
+  for i in range(len(x)):
+    if not (np.isfinite(x[i]) and np.isfinite(y[i])):
+      continue
+    dominated = any(
+        np.isfinite(x[j]) and np.isfinite(y[j]) and noworse(x[j], x[i], hx)
+        and noworse(y[j], y[i], hy) and (better(x[j], x[i], hx) or better(y[j], y[i], hy))
+        for j in range(len(x)))
+    if not dominated:
+      front.add(i)
+  return front
+
+
+@pytest.mark.parametrize("hx, hy", list(itertools.product([False, True], repeat=2)))
+def test_pareto_front_matches_brute_force(hx, hy):
+  rng = np.random.default_rng(int(hx) * 2 + int(hy))
+  for _ in range(20):
+    n = int(rng.integers(1, 30))
+    x = rng.integers(0, 6, n).astype(float)  # small integers: many ties and duplicates
+    y = rng.integers(0, 6, n).astype(float)
+    x[rng.random(n) < 0.1] = np.nan
+    y[rng.random(n) < 0.05] = np.inf
+    got = report.pareto_front(x, y, higher_x_better=hx, higher_y_better=hy)
+    assert set(got.tolist()) == _brute_front(x, y, hx, hy)
+    assert len(got) == len(set(got.tolist()))
+    assert np.all(np.diff(x[got]) >= 0)  # ordered by x
+
+
+def test_pareto_front_rejects_bad_shapes():
+  with pytest.raises(ValueError, match="equal length"):
+    report.pareto_front([1.0, 2.0], [1.0])
+
+
+# ------------------------------------------------------------------------------------------------
+# The matched comparison.
+
+
+def _line_l0(x):
+  return 50.0 - 100.0 * x  # the local front: (0.1, 40), (0.2, 30), (0.3, 20), (0.4, 10)
+
+
+def test_matched_comparison_known_answer():
+  local = [{"id": f"l{i}", "ce_increase": x, "l0": _line_l0(x)}
+           for i, x in enumerate([0.1, 0.2, 0.3, 0.4])]
+  local.append({"id": "dominated", "ce_increase": 0.25, "l0": 90.0})  # must not bend the front
+  local.append({"id": "broken", "ce_increase": "nan", "l0": 1.0})
+  e2e = [{"id": "a", "ce_increase": 0.25, "l0": 0.5 * _line_l0(0.25)},
+         {"id": "b", "ce_increase": 0.15, "l0": 0.5 * _line_l0(0.15)},
+         {"id": "c", "ce_increase": 0.38, "l0": 0.25 * _line_l0(0.38)},
+         {"id": "out", "ce_increase": 0.9, "l0": 1.0},
+         {"id": "low", "ce_increase": 0.05, "l0": 1.0},
+         {"id": "nan", "ce_increase": 0.2, "l0": "nan"}]
+  topk = [{"id": "t", "ce_increase": 0.3, "l0": 40.0}]
+  res = report.matched_comparison({"local": local, "e2e": e2e, "topk": topk})
+  assert [p["id"] for p in res["reference_front"]] == ["l0", "l1", "l2", "l3"]
+  by_id = {p["id"]: p for p in res["points"]}
+  for vid, ratio in (("a", 0.5), ("b", 0.5), ("c", 0.25)):
+    assert by_id[vid]["in_range"]
+    assert by_id[vid]["ratio"] == pytest.approx(ratio, rel=1e-12)
+  for vid in ("out", "low"):
+    assert not by_id[vid]["in_range"] and by_id[vid]["ratio"] is None
+    assert "outside range" in by_id[vid]["note"]
+  assert by_id["nan"]["ratio"] is None and by_id["nan"]["note"] == "not finite"
+  assert by_id["t"]["ratio"] == pytest.approx(40.0 / 20.0)
+  agg = res["by_type"]["e2e"]
+  assert (agg["n"], agg["n_in_range"]) == (5, 3)
+  assert agg["median_ratio"] == pytest.approx(0.5)
+  assert agg["min_ratio"] == pytest.approx(0.25)
+  text = report.matched_sentences(res)
+  assert "e2e SAEs need a median 0.5× the L0 of local SAEs at the same CE increase (3 of 5 in " \
+         "range)." in text
+  assert any(s.startswith("topk SAEs need a median 2×") for s in text)
+
+
+def test_matched_comparison_without_reference_is_flagged():
+  res = report.matched_comparison({"e2e": [{"id": "a", "ce_increase": 0.1, "l0": 3.0}]})
+  assert res["note"] and res["by_type"]["e2e"]["n_in_range"] == 0
+  assert res["points"][0]["ratio"] is None
+  only = report.matched_comparison({"local": [{"id": "a", "ce_increase": 0.1, "l0": 3.0}]})
+  assert only["by_type"] == {} and "only local" in only["note"]
+  with pytest.raises(ValueError, match="has no 'alive'"):
+    report.matched_comparison({"local": [{"id": "a", "ce_increase": 0.1}]}, y="alive")
+
+
+# ------------------------------------------------------------------------------------------------
+# SAE types.
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"loss": "local", "activation": "relu"}, "local"),
+    ({"loss": "e2e", "activation": "relu"}, "e2e"),
+    ({"loss": "e2e_ds", "activation": "relu"}, "e2e_ds"),
+    ({"loss": "local", "activation": "topk", "k": 4}, "topk"),
+    ({"loss": "local", "activation": "batchtopk", "k": 4}, "batchtopk"),
+    ({"loss": "local", "activation": "jumprelu"}, "jumprelu"),
+    ({"loss": "local", "activation": "sparsemax_no_kds"}, "sparsemax_no_kds"),
+    ({"loss": "local", "activation": "sparsemax_recon_dist"}, "sparsemax_recon_dist"),
+    ({"loss": "local", "activation": "sparsemax_dist"}, "sparsemax_dist"),
+    ({"loss": "e2e", "activation": "topk", "k": 4}, "e2e_topk"),
+    ({"loss": "local", "activation": "relu", "causal": True, "causal_coeff": 1.0},
+     "causal-local"),
+    ({"loss": "e2e", "activation": "relu", "causal": True}, "causal-e2e"),
+    ({"loss": "local", "activation": "topk", "k": 4, "causal": True}, "causal-topk"),
+])
+def test_sae_type_of_each_kind(fields, expected):
+  assert report.sae_type(_hparams(**fields)) == expected
+
+
+def test_sae_type_rejects_unknown():
+  with pytest.raises(ValueError, match="activation"):
+    report.sae_type({"loss": "local", "activation": "gelu"})
+  with pytest.raises(ValueError, match="loss"):
+    report.sae_type({"loss": "mystery"})
+  with pytest.raises(ValueError, match="dict"):
+    report.sae_type(["relu"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Menon grids and feature recovery.
+
+
+def test_grid_table_places_each_variant_in_its_cell():
+  rng = np.random.default_rng(0)
+  rows, truth = [], {}
+  for k, e in itertools.product([8, 16, 32], [1, 2, 4, 8]):
+    v = float(rng.random())
+    truth[(k, e)] = v
+    rows.append({"hparams": {"k": k, "expansion": e}, "ev": v})
+  rows.append({"hparams": {"k": 8, "expansion": 1}, "ev": "nan"})  # a NaN duplicate: ignored
+  rows.append({"hparams": {"k": 16, "expansion": 2}, "ev": 1.0})  # a duplicate: averaged
+  g = report.grid_table(rows[::-1], "ev", row_field="k")
+  assert g["rows"] == [8, 16, 32] and g["cols"] == [1, 2, 4, 8]
+  for (i, k), (j, e) in itertools.product(enumerate(g["rows"]), enumerate(g["cols"])):
+    want = (truth[(k, e)] + 1.0) / 2 if (k, e) == (16, 2) else truth[(k, e)]
+    assert g["values"][i][j] == pytest.approx(want)
+  assert g["counts"][0][0] == 2
+  assert report.grid_table(rows[:1], "ev", row_field="k") is None  # one cell: not a grid
+
+
+def _features(ids, names, rng):
+  variants = {}
+  for vid in ids:
+    corr = rng.uniform(-1, 1, len(names))
+    variants[vid] = {
+        "labels": {n: {"kind": "binary", "latent": int(rng.integers(0, 8)), "corr": float(c)}
+                   for n, c in zip(names, corr)},
+        "matching_score": float(rng.random()), "mean_best_abs_corr": float(np.abs(corr).mean()),
+        "n_labels_corr_ge_0.8": int(np.sum(np.abs(corr) >= 0.8)), "dead_latents": 1}
+  return {"columns": [{"name": n, "kind": "binary", "label": n} for n in names],
+          "variants": variants}
+
+
+def test_feature_recovery_per_type():
+  rng = np.random.default_rng(1)
+  names = ["depth", "open", "type=a"]
+  feats = _features(["v0", "v1", "v2"], names, rng)
+  feats["variants"]["v1"]["labels"]["open"]["corr"] = -0.9  # strong, negative
+  feats["variants"]["v1"]["matching_score"] = 2.0  # the best local SAE
+  rec = report.feature_recovery(feats, {"v0": "local", "v1": "local", "v2": "e2e"})
+  assert rec["local"]["best_variant"] == "v1" and rec["e2e"]["best_variant"] == "v2"
+  best = feats["variants"]["v1"]["labels"]
+  assert rec["local"]["labels_ge_0.8"] == [n for n in names if abs(best[n]["corr"]) >= 0.8]
+  assert "open" in rec["local"]["labels_ge_0.8"]
+  for n in names:
+    want = np.mean([abs(feats["variants"][v]["labels"][n]["corr"]) for v in ("v0", "v1")])
+    assert rec["local"]["mean_best_abs_corr"][n] == pytest.approx(want)
+  with pytest.raises(ValueError, match="not in the run"):
+    report.feature_recovery(feats, {"v0": "local"})
+
+
+# ------------------------------------------------------------------------------------------------
+# write_report on a synthetic run.
+
+
+def _variant(hp, frozen=False, **metrics):
+  return {"group": "g0", "hparams": hp, "frozen": frozen, "bad_step": 7 if frozen else -1,
+          "metrics": {"loss": 0.1, "l0": metrics.get("l0", 1.0)}}
+
+
+def _eval_variant(hp, l0, alive, ce, gram, ev, frozen=False):
+  return {"group": "g0", "frozen": frozen, "bad_step": 7 if frozen else -1,
+          "splice_mode": "corrected", "hparams": hp, "l0": l0, "alive": alive, "dead": 3,
+          "ce_increase": ce, "kl": 0.5 * ce if isinstance(ce, float) else ce,
+          "ce_recovered_zero": 0.9, "ce_recovered_mean": 0.8, "ev_token_mean": ev,
+          "nmse": 0.1, "grammaticality/corrected/all": gram,
+          "grammaticality_std/corrected/all": 0.01,
+          "grammaticality/corrected/sentence": gram, "grammaticality_std/corrected/sentence": 0.02}
+
+
+def _synthetic_run(single_type=False):
+  """A run whose local SAEs lie on a line, e2e at half their L0, a frozen NaN TopK variant."""
+  hps, evals = {}, {}
+  xs = [0.1, 0.2, 0.3, 0.4]
+  for i, (coeff, exp) in enumerate(itertools.product([0.5, 2.0], [2, 4])):
+    vid = f"v{i:03d}"
+    hps[vid] = _hparams(loss="local", sparsity_coeff=coeff, expansion=exp)
+    evals[vid] = dict(l0=_line_l0(xs[i]), alive=100.0 - 100 * xs[i], ce=xs[i], gram=0.5 + i / 10,
+                      ev=0.9 - i / 10)
+  if not single_type:
+    hps["v004"] = _hparams(loss="e2e", sparsity_coeff=1.0)
+    evals["v004"] = dict(l0=0.5 * _line_l0(0.25), alive=0.8 * (100 - 25), ce=0.25, gram=0.7,
+                         ev=0.2)
+    hps["v005"] = _hparams(loss="e2e_ds", sparsity_coeff=1.0)
+    evals["v005"] = dict(l0=3.0, alive=20.0, ce=0.95, gram=0.2, ev=0.1)
+    for j, k in enumerate([4, 8]):
+      vid = f"v{6 + j:03d}"
+      hps[vid] = _hparams(loss="local", activation="topk", k=k, expansion=2)
+      evals[vid] = dict(l0=float(k), alive=30.0, ce=0.2, gram=0.9, ev=0.8)
+    evals["v007"].update(l0="nan", ce="nan", gram="nan", ev="inf")  # the frozen one
+  frozen = {"v007"} if not single_type else set()
+  summary = {"language": "dyck2", "site": "resid_post.0", "steps": 40, "lm_step": 100,
+             "token_capacity": 64,
+             "variants": {v: _variant(hp, v in frozen) for v, hp in hps.items()}}
+  eval_results = {
+      "language": "dyck2", "site": "resid_post.0", "steps": 40,
+      "clean": {"ce_clean": 0.61234, "ce_zero_ablation": 2.5, "ce_mean_ablation": 1.5,
+                "grammatical_mass_clean": 0.987654, "grammaticality": 0.953125,
+                "grammaticality_std": 0.0123},
+      "variants": {v: _eval_variant(hps[v], frozen=v in frozen, **e) for v, e in evals.items()}}
+  return summary, eval_results
+
+
+def _md_table_rows(md, first_header):
+  """The rows (dicts by header) of the markdown table whose first header is `first_header`."""
+  lines = md.splitlines()
+  start = next(i for i, l in enumerate(lines) if l.startswith(f"| {first_header} |"))
+  headers = [c.strip() for c in lines[start].strip("|").split("|")]
+  rows = []
+  for line in lines[start + 2:]:
+    if not line.startswith("|"):
+      break
+    rows.append(dict(zip(headers, (c.strip() for c in line.strip("|").split("|")))))
+  return rows
+
+
+def _png_size(path):
+  with open(path, "rb") as f:
+    head = f.read(24)
+  assert head[:8] == PNG_MAGIC and head[12:16] == b"IHDR", path
+  return struct.unpack(">II", head[16:24])
+
+
+def test_write_report_full(tmp_path):
+  summary, eval_results = _synthetic_run()
+  rng = np.random.default_rng(2)
+  names = ["depth", "open", "type=a", "type=b"]
+  features = _features(sorted(summary["variants"]), names, rng)
+  features["corr"] = {"v000": rng.uniform(-1, 1, (16, 4)), "v004": rng.uniform(-1, 1, (16, 4))}
+  features["corr"]["v004"][3, 1] = np.nan
+  pair = {"latent": 5, "label": "open", "corr": 0.7, "signed_effect": -0.031,
+          "as_predicted": False}
+  causal = {"v004": {"threshold": 0.5, "n_strong": 3, "n_testable": 2, "n_tested": 2,
+                     "n_as_predicted": 1, "fraction_as_predicted": 0.5, "mean_effect": 0.0123,
+                     "median_effect": 0.0123, "pairs": [pair], "not_as_predicted": [pair]}}
+  lm = {"language": "dyck2", "steps": 100, "grammatical_fraction": 0.9612,
+        "grammatical_fraction_std": 0.0071, "eval_ce": 0.6031, "grammatical_next_token_mass": 0.99}
+  meta = {"commit": "abc1234", "machine": "2 CPU cores", "date": "2025-01-01",
+          "stage_seconds": {"lm": 12.5, "sae": 30.25, "eval": 4.0}}
+  paths = report.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
+                              features=features, causal=causal, lm=lm, meta=meta)
+  for name in ("report.md", "report.json", "l0_vs_ce", "alive_vs_ce", "l0_vs_grammaticality",
+               "grid_grammaticality", "grid_ev_token_mean", "feature_recovery", "corr_v000",
+               "corr_v004"):
+    assert os.path.getsize(paths[name]) > 0, name
+  for name, path in paths.items():
+    if path.endswith(".png"):
+      w, h = _png_size(path)
+      assert w > 100 and h > 100, name
+  md = open(paths["report.md"]).read()
+  rep = json.load(open(paths["report.json"]))
+
+  # Numbers parsed back from report.md equal the inputs.
+  rows = {r["id"]: r for r in _md_table_rows(md, "id")}
+  assert set(rows) == set(summary["variants"])
+  for vid, ev in eval_results["variants"].items():
+    r = rows[vid]
+    for col, key in (("L0", "l0"), ("alive", "alive"), ("CE increase", "ce_increase"),
+                     ("EV", "ev_token_mean"), ("KL", "kl")):
+      want = float(ev[key])
+      got = float(r[col])
+      assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=1e-3), \
+          (vid, col)
+    gram = float(ev["grammaticality/corrected/all"])
+    mean, std = r["spliced gram."].split(" ± ")
+    assert (math.isnan(gram) and mean == "nan") or float(mean) == pytest.approx(gram, rel=1e-3)
+    assert float(std) == pytest.approx(0.01)
+    assert float(r["clean gram."]) == pytest.approx(0.953125, rel=1e-3)
+  assert rows["v007"]["frozen"] == "FROZEN (step 7)" and rows["v000"]["frozen"] == ""
+  assert rows["v007"]["EV"] == "inf" and rows["v004"]["type"] == "e2e"
+  clean = _md_table_rows(md, "source")
+  mean, std = clean[0]["grammaticality (mean ± std)"].split(" ± ")
+  assert (float(mean), float(std)) == (pytest.approx(0.9531, abs=1e-4), pytest.approx(0.0123))
+  assert float(clean[1]["CE (nats)"]) == pytest.approx(0.6031)
+  for text in ("abc1234", "2 CPU cores", "| sae | 30.25 |"):
+    assert text in md
+
+  # The matched comparison, in words and in JSON.
+  assert ("e2e SAEs need a median 0.5× the L0 of local SAEs at the same CE increase (1 of 1 in "
+          "range).") in md
+  assert "e2e SAEs need a median 0.8× the alive latents of local SAEs" in md
+  assert rep["matched"]["l0"]["by_type"]["e2e"]["median_ratio"] == pytest.approx(0.5)
+  assert rep["matched"]["l0"]["by_type"]["e2e_ds"]["n_in_range"] == 0
+  points = {p["id"]: p for p in rep["matched"]["l0"]["points"]}
+  assert points["v006"]["ratio"] == pytest.approx(4.0 / _line_l0(0.2))
+  assert "v007" not in points  # frozen: left out
+
+  # Grids: the local sparsity_coeff × expansion grid holds each variant's grammaticality.
+  g = rep["grids"]["grammaticality"]["local"]
+  assert g["row_field"] == "sparsity_coeff" and g["cols"] == [2, 4]
+  for vid in ("v000", "v001", "v002", "v003"):
+    hp = summary["variants"][vid]["hparams"]
+    i, j = g["rows"].index(hp["sparsity_coeff"]), g["cols"].index(hp["expansion"])
+    assert g["values"][i][j] == pytest.approx(eval_results["variants"][vid][
+        "grammaticality/corrected/all"])
+  assert rep["grids"]["grammaticality"]["topk"]["row_field"] == "k"
+
+  # Feature recovery and causal sections carry their inputs.
+  best = rep["feature_recovery"]["by_type"]["local"]["best_variant"]
+  want = max(("v000", "v001", "v002", "v003"),
+             key=lambda v: features["variants"][v]["matching_score"])
+  assert best == want
+  assert f"Best SAE {want} (matching score " \
+         f"{features['variants'][want]['matching_score']:.4g}" in md
+  causal_rows = _md_table_rows(md, "latent")
+  assert causal_rows[0]["label"] == "open" and float(causal_rows[0]["signed effect"]) == -0.031
+  assert rep["feature_recovery"]["heatmaps"]["v000"]["latents"] == \
+      np.argsort(-np.abs(features["corr"]["v000"]).max(1), kind="stable")[:16].tolist()
+  assert "## Notes" not in md
+  for name in ("l0_vs_ce", "corr_v004"):
+    assert f"]({name}.png)" in md
+
+
+def test_write_report_minimal_single_type(tmp_path):
+  summary, eval_results = _synthetic_run(single_type=True)
+  paths = report.write_report(str(tmp_path), summary=summary, eval_results=eval_results)
+  md = open(paths["report.md"]).read()
+  rep = json.load(open(paths["report.json"]))
+  assert "feature_recovery" not in paths and not any(k.startswith("corr_") for k in paths)
+  assert rep["feature_recovery"] is None and rep["causal"] is None and rep["meta"] is None
+  assert "## Feature recovery\n\n_Not computed for this run (no `features` input)._" in md
+  assert "## Causal predictability\n\n_Not computed for this run (no `causal` input)._" in md
+  assert "_Run metadata (commit, machine, date, stage times) not given._" in md
+  assert "No matched comparison of L0: only local SAEs: nothing to compare." in md
+  assert rep["run"]["types"] == ["local"]
+  assert len(_md_table_rows(md, "source")) == 1  # no LM-job row without `lm`
+  for name in ("l0_vs_ce", "alive_vs_ce", "l0_vs_grammaticality"):
+    _png_size(paths[name])
+
+
+def test_write_report_without_grammaticality_and_all_nan(tmp_path):
+  summary, eval_results = _synthetic_run()
+  for v in eval_results["variants"].values():
+    for k in [k for k in v if k.startswith("grammaticality")]:
+      del v[k]
+    v["ce_increase"] = "nan"
+  paths = report.write_report(str(tmp_path), summary=summary, eval_results=eval_results)
+  assert "l0_vs_grammaticality" not in paths and "l0_vs_ce" not in paths
+  rep = json.load(open(paths["report.json"]))
+  assert rep["grammaticality_combo"] is None
+  assert all(a["n"] == 0 for a in rep["matched"]["l0"]["by_type"].values())
+  assert "grammaticality_batches=0" in open(paths["report.md"]).read()
+
+
+def test_write_report_rejects_mismatched_inputs(tmp_path):
+  summary, eval_results = _synthetic_run()
+  with pytest.raises(ValueError, match="grammaticality='original/all'"):
+    report.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
+                        grammaticality="original/all")
+  other = dict(eval_results, site="resid_post.1")
+  with pytest.raises(ValueError, match="different runs"):
+    report.write_report(str(tmp_path), summary=summary, eval_results=other)
+  extra = dict(eval_results, variants=dict(eval_results["variants"], v999={}))
+  with pytest.raises(ValueError, match="v999"):
+    report.write_report(str(tmp_path), summary=summary, eval_results=extra)
+  with pytest.raises(ValueError, match="'variants'"):
+    report.write_report(str(tmp_path), summary={}, eval_results=eval_results)
+
+
+def test_write_report_rejects_correlations_of_the_wrong_width(tmp_path):
+  summary, eval_results = _synthetic_run()
+  features = _features(["v000"], ["depth", "open"], np.random.default_rng(3))
+  features["corr"] = {"v000": np.zeros((8, 3))}
+  with pytest.raises(ValueError, match=r"K=2"):
+    report.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
+                        features=features)
+  features["corr_columns"] = ["depth", "open", "type=a"]  # names given with the matrices
+  paths = report.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
+                              features=features)
+  _png_size(paths["corr_v000"])
