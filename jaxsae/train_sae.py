@@ -864,7 +864,8 @@ def _summary(setup: Setup, state: GridState, last, lm, config) -> dict[str, Any]
                        "frozen": bool(frozen[i]), "bad_step": int(bad[i]),
                        "metrics": {k: v for k, v in last.get(vid, {}).items()
                                    if k not in ("variant", "group", "frozen")}}
-  return {"language": lm.language, "site": setup.site, "steps": int(state.step),
+  return {"language": lm.language, "site": setup.site, "positions": setup.positions,
+          "steps": int(state.step),
           "lm_step": lm.step, "token_capacity": setup.capacity, "variants": variants}
 
 

@@ -35,7 +35,7 @@ from jaxsae import grammars
 
 STAGES = ("lm", "sae", "eval", "analysis", "report")
 # Sparsity coefficients λ (e2e_sae reduction: λ · mean_tokens ‖c‖₁ / d) per loss family.
-LAMBDAS = {"local": [1.0, 4.0, 16.0], "e2e": [0.5, 2.0, 8.0], "e2e_ds": [0.5, 2.0, 8.0]}
+LAMBDAS = {"local": [1.0, 4.0, 16.0], "e2e": [0.5, 2.0, 8.0], "e2e_ds": [4.0, 16.0, 64.0]}
 TOPK_KS = [4, 8, 16]  # TopK latents per token
 EXPANSION = 4  # SAE width / d_model
 
