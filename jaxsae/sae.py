@@ -347,8 +347,43 @@ def jumprelu(z: jax.Array, theta: jax.Array, bandwidth: jax.Array) -> jax.Array:
   return z * h0 + _lead(theta, z) * (h - h0)
 
 
+_TOPK_SORT_MAX = 32  # k_max above which `topk` finds the k-th value by bisection
+
+
+def _kth_largest_positive_bits(pre: jax.Array, k: jax.Array) -> jax.Array:
+  """Bit pattern (int32) of the k-th largest positive value per row (last axis), by bisection.
+
+  For x >= 0 the float32 bit patterns, read as int32, are ordered like the values, so 31 halvings
+  of [0, bits(inf)] find the largest pattern b with #{x >= b} >= k exactly. Rows with fewer
+  than k positive values get 1 (keep every positive value). Cost: 31 fused compare-and-count
+  passes, independent of k (XLA's CPU top_k grows with k: 44 ms vs this 13 ms for forward +
+  backward at 1,600 × 1,024, k_max 128).
+  """
+  bits = jax.lax.bitcast_convert_type(
+      jax.lax.stop_gradient(jnp.maximum(pre, 0)).astype(jnp.float32), jnp.int32)
+  lead = pre.shape[:-1] + (1,)
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    ok = jnp.sum(bits >= mid, axis=-1, keepdims=True) >= k
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo, _ = jax.lax.fori_loop(0, 31, halve, (jnp.zeros(lead, jnp.int32),
+                                            jnp.full(lead, 0x7F800001, jnp.int32)))
+  return bits, jnp.maximum(lo, 1)
+
+
 def topk(pre: jax.Array, k: jax.Array, k_max: int) -> jax.Array:
-  """Keeps the k largest of relu(pre) per token (last axis); k dynamic, k <= k_max static."""
+  """Keeps the k largest of relu(pre) per token (last axis); k dynamic, k <= k_max static.
+
+  For k_max <= 32 by `lax.top_k` and a scatter; above, by thresholding at the k-th largest
+  value found by bisection (`_kth_largest_positive_bits`), which is cheaper on CPU for large k.
+  The two agree except on exact ties at the k-th value, which the threshold keeps all of.
+  """
+  if k_max > _TOPK_SORT_MAX:
+    bits, threshold = _kth_largest_positive_bits(pre, k)
+    return jnp.where(bits >= threshold, pre, 0).astype(pre.dtype)
   vals, idx = jax.lax.top_k(pre, k_max)
   keep = jax.lax.broadcasted_iota(jnp.int32, vals.shape, vals.ndim - 1) < k
   vals = jnp.where(keep, jnp.maximum(vals, 0), 0)

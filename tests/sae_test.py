@@ -503,3 +503,21 @@ def test_vmap_over_variants_equals_separate_calls(activation):
   if config.uses_k:  # the variants really differ in k
     counts = (np.asarray(c_N) != 0).sum(axis=(1, 2, 3))
     assert len(set(counts.tolist())) == 3
+
+
+@pytest.mark.parametrize("k_max", [8, 40])  # lax.top_k path and bisection path
+def test_topk_paths_keep_the_k_largest_with_dynamic_k(k_max):
+  rng = np.random.default_rng(3)
+  z = rng.normal(size=(6, 64)).astype(np.float32)
+  z[0, :60] = -1.0  # a row with 4 positive values
+  for k in (1, 5, k_max):
+    codes = np.asarray(sae_lib.topk(jnp.asarray(z), jnp.int32(k), k_max))
+    for c, row in zip(codes, z):
+      n = min(k, int((row > 0).sum()))
+      top = np.argsort(-row)[:n]
+      assert (c != 0).sum() == n
+      np.testing.assert_array_equal(c[top], row[top])
+  # Gradients reach exactly the kept entries.
+  g = jax.grad(lambda p: jnp.sum(sae_lib.topk(p, jnp.int32(5), k_max) * 2.0))(jnp.asarray(z))
+  np.testing.assert_array_equal(np.asarray(g) != 0,
+                                np.asarray(sae_lib.topk(jnp.asarray(z), jnp.int32(5), k_max)) != 0)
