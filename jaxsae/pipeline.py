@@ -227,7 +227,7 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
 
   Args:
     a: the analysis config (`num_sequences`, `seed`, `threshold`, `max_pairs`, `causal`,
-      `heatmap_latents`).
+      `causal_variants` ('per_type': the chosen SAE of each type; 'all'), `heatmap_latents`).
     sae_workdir: the trained grid.
     out_dir: where to write.
     eval_dir: optional eval workdir; the chosen SAE of a type is the one with the best
@@ -270,13 +270,14 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
   score = {vid: float(s.get("mean_best_abs_corr", float("-inf")))
            for vid, s in features["variants"].items() if not ok or vid in ok}
   chosen = _choose(hparams_by_id, types, score)
+  tested = sorted(hparams_by_id) if a.get("causal_variants", "per_type") == "all" else chosen
   np.savez_compressed(os.path.join(out_dir, "corr.npz"), names=np.asarray(names),
                       **{vid: corr[vid] for vid in chosen})
 
-  causal: dict[str, Any] = {"chosen": chosen, "types": {v: types[v] for v in chosen},
+  causal: dict[str, Any] = {"chosen": chosen, "types": {v: types[v] for v in tested},
                             "variants": {}}
   if a.causal:
-    for n, vid in enumerate(chosen):
+    for n, vid in enumerate(tested):
       gi, i = where[vid]
       spec = setup.specs[gi]
       one = lambda t, i=i: jax.tree.map(lambda x: x[i], t)
@@ -289,7 +290,7 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
           sae_state=one(trained.state.groups[gi].sae_state), empirical_fallback=True)
       causal["variants"][vid] = res
       logging.info("analysis: causal predictability %d/%d (%s, %s): %s of %s pairs as "
-                   "predicted (%.0f s)", n + 1, len(chosen), vid, types[vid],
+                   "predicted (%.0f s)", n + 1, len(tested), vid, types[vid],
                    res.get("fraction_as_predicted"), res.get("n_tested"),
                    time.perf_counter() - t1)
   _write_json(os.path.join(out_dir, "causal.json"), _jsonable(causal))

@@ -12,7 +12,8 @@ SAE batches, 5,000 SAE steps, the spec's 5 × 128 generations in both splice mod
 (tiny everything: well under a minute, for tests).
 
 The default grid, at resid_post.0, expansion 4 (F = 512), the e2e_sae optimisation profile
-(Adam lr 1e-3, warm-up + cosine to 0.1×, clip 1), sentence tokens:
+(Adam lr 1e-3, warm-up + cosine to 0.1×, clip 1), sentence tokens (`grid=causal` swaps in
+the causal-interpolation grid of `sae_causal.py` and tests every SAE's causal predictability):
 - ReLU SAEs trained `local` (MSE + λ·mean‖c‖₁/d), `e2e` (KL(clean ‖ spliced) + sparsity) and
   `e2e_ds` (½ KL + downstream MSE at resid_post.1 + sparsity), three λ each;
 - TopK SAEs (k ∈ {4, 8, 16}, local MSE).
@@ -31,9 +32,11 @@ from experiments.configs import args as args_lib
 from experiments.configs import eval as eval_configs
 from experiments.configs import lm as lm_configs
 from experiments.configs import sae_base
+from experiments.configs import sae_causal
 from jaxsae import grammars
 
 STAGES = ("lm", "sae", "eval", "analysis", "report")
+GRIDS = ("default", "causal")
 # Sparsity coefficients λ (e2e_sae reduction: λ · mean_tokens ‖c‖₁ / d) per loss family.
 LAMBDAS = {"local": [1.0, 4.0, 16.0], "e2e": [0.5, 2.0, 8.0], "e2e_ds": [4.0, 16.0, 64.0]}
 TOPK_KS = [4, 8, 16]  # TopK latents per token
@@ -42,12 +45,15 @@ EXPANSION = 4  # SAE width / d_model
 
 def get_config(arg=None):
   opts = args_lib.parse(arg, switches=("smoke", "full"),
-                        keys={"language": "english", "seed": 0, "stages": "+".join(STAGES)})
+                        keys={"language": "english", "seed": 0, "stages": "+".join(STAGES),
+                              "grid": "default"})
   lang, smoke, full = opts["language"], opts["smoke"], opts["full"]
   if lang not in grammars.names():
     raise ValueError(f"unknown language '{lang}'; use one of {grammars.names()}")
   if smoke and full:
     raise ValueError("choose at most one of the switches smoke and full")
+  if opts["grid"] not in GRIDS:
+    raise ValueError(f"grid={opts['grid']!r}: use one of {GRIDS}")
   stages = tuple(s for s in opts["stages"].split("+") if s)
   bad = [s for s in stages if s not in STAGES]
   if bad or not stages:
@@ -80,6 +86,14 @@ def get_config(arg=None):
              for loss, lams in lambdas.items()]
   s.sweep.append({"product": {"k": ks}, "set": {"loss": "local", "activation": "topk",
                                                 "expansion": expansion}})
+  if opts["grid"] == "causal":
+    # The causal-interpolation grid of sae_causal.py (TopK 16, expansion 2, β × λ options, plus
+    # a plain TopK baseline) under this pipeline's optimisation profile (lr 1e-3 with warm-up
+    # and cosine instead of Menon's constant 1e-5, which needs 5,000 steps of 128 sequences).
+    grid = sae_causal.get_config(f"language={lang}" + (",smoke" if smoke else ""))
+    s.sweep = [dict(block, set=dict(block["set"], lr=1e-3, decoder_norm="forward"))
+               for block in grid.sweep]
+    s.grad_clip = 1.0
   c.sae = s
 
   # Stage 3: evaluation (sae_workdir is filled in: <workdir>/sae).
@@ -99,7 +113,9 @@ def get_config(arg=None):
   a.num_sequences = 8 if smoke else 256  # held-out sequences whose selected tokens are analysed
   a.threshold = 0.5  # |corr| above which a (latent, label) pair is tested causally
   a.max_pairs = 4 if smoke else 24  # causal tests per chosen SAE (strongest pairs first)
-  a.causal = True  # run the causal-predictability interventions on one SAE per type
+  a.causal = True  # run the causal-predictability interventions
+  # ... on one SAE per type ('per_type') or on every SAE ('all': the causal grid compares them)
+  a.causal_variants = "all" if opts["grid"] == "causal" else "per_type"
   a.heatmap_latents = 24  # latents shown in the correlation heatmaps
   c.analysis = a
   return c
