@@ -17,7 +17,8 @@ Prints one JSON object with, per (variant loop, N): `batch_s` (clean + group pas
 `variant_tokens_per_s` = N × 4,096 / batch_s, and `cost_ratio_vs_n1` = batch_s(N) /
 batch_s(1), which is far below N when cost does not grow linearly with N at small N (the clean
 pass and the per-call overheads are shared). `--generation`: also the time of one spliced
-generation batch (128 samples × 118 tokens) per variant, compile excluded.
+generation batch (128 samples × 118 tokens, `jaxsae.spliced_generation`) per variant, compile
+excluded.
 
 Last measured (`--loops vmap,map`, jax 0.10.2, 2 CPU cores shared with other jobs, load
 average 3.3-4.1; 'map' is what the grid's variant_loop='auto' picks on CPU):
@@ -55,6 +56,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from experiments.configs import lm as lm_configs  # pylint: disable=g-import-not-at-top
 from experiments.configs import sae_base  # pylint: disable=g-import-not-at-top
 from jaxsae import evaluate as ev  # pylint: disable=g-import-not-at-top
+from jaxsae import spliced_generation as sg  # pylint: disable=g-import-not-at-top
 from jaxsae import train_lm  # pylint: disable=g-import-not-at-top
 from jaxsae import train_sae  # pylint: disable=g-import-not-at-top
 
@@ -122,15 +124,15 @@ def time_group(lm_dir: str, n: int, loop: str, repeats: int, data, generation: b
          "variant_evaluations_per_s": n / batch_s, "variant_tokens_per_s": n * tokens / batch_s,
          "first_call_s": first}
   if generation:
-    gen = ev._GenStatic(sae=spec.sae, mode="corrected", positions="all", site=setup.site,
+    gen = sg._GenStatic(sae=spec.sae, mode="corrected", positions="all", site=setup.site,
                         model_config=setup.model_config, prefix_len=setup.grammar.prefix_len,
                         batch_size=128, max_new_tokens=118, top_k=0)
     pick = lambda t: jax.tree.map(lambda a: a[0], t)
     args = (lm.params, pick(state.params), pick(state.sae_state), pick(hparams), setup.grammar,
             jax.random.key(0), jnp.float32(1.0))
-    jax.block_until_ready(ev._generate_spliced(*args, st=gen))
+    jax.block_until_ready(sg._generate_spliced(*args, st=gen))
     out["generation_batch_s"] = statistics.median(
-        _times(lambda: ev._generate_spliced(*args, st=gen), max(repeats, 2)))
+        _times(lambda: sg._generate_spliced(*args, st=gen), max(repeats, 2)))
   return out
 
 

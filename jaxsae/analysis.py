@@ -1,4 +1,4 @@
-"""Feature recovery and dictionary geometry: SAE latents against ground-truth token labels.
+"""Feature recovery: SAE latents against ground-truth token labels.
 
 The inputs are plain arrays: codes `[M, F]` (one variant) or `[N, M, F]` (a grid, N variants
 sharing the M tokens) and a `LabelMatrix` of K label columns over the same M tokens, built by
@@ -11,8 +11,8 @@ column) over the tokens where that column is defined:
 - `best_f1`: the best F1 of "positive iff latent ≥ t" over the latent's distinct values (binary
   columns), from a per-latent sort and cumulative positive counts;
 - `best_latents`, `matching_score` (one-to-one Hungarian matching of columns to latents);
-- `dictionary_similarity` (within- / cross-SAE max cosine) and `cross_seed_consistency`;
-- `summarise`: the JSON-able per-variant table that reports are built from;
+- `summarise`: the JSON-able per-variant table that reports are built from (with the
+  dictionary geometry of `geometry.py` when decoders are given);
 - `collect_codes` (and `analysis_batch`): codes of a trained grid on held-out tokens.
 
 Degenerate cases never produce NaN: a latent or column with (numerically) zero variance over the
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
+from jaxsae import geometry
 from jaxsae import grammars
 from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
@@ -420,95 +420,6 @@ def matching_score(scores: Any) -> tuple[float, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Dictionary geometry.
-
-
-@functools.partial(jax.jit, static_argnames=("exclude_self",))
-def _max_cos(a_FD: jax.Array, b_GD: jax.Array, exclude_self: bool) -> jax.Array:
-  unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-  cos_FG = jnp.einsum("fd,gd->fg", unit(a_FD), unit(b_GD), precision=_HIGHEST)
-  if exclude_self:
-    cos_FG = jnp.where(jnp.eye(cos_FG.shape[0], dtype=bool), -jnp.inf, cos_FG)
-  return jnp.max(cos_FG, axis=1)
-
-
-@dataclasses.dataclass(frozen=True)
-class Similarity:
-  """Max cosine similarity of each direction of a dictionary (see `dictionary_similarity`).
-
-  Attributes:
-    max_cos: float `[F]`.
-    mean, median: of `max_cos`.
-    frac_above: fraction of `max_cos` > `threshold`.
-    threshold: the cut-off used for `frac_above`.
-  """
-
-  max_cos: np.ndarray
-  mean: float
-  median: float
-  frac_above: float
-  threshold: float
-
-  def summary(self) -> dict[str, float]:
-    """JSON-able stats: `mean`, `median`, `frac_above_<threshold>`."""
-    return {"mean": self.mean, "median": self.median,
-            f"frac_above_{self.threshold:g}": self.frac_above}
-
-
-def _check_dict(d: Any, what: str) -> jax.Array:
-  d = jnp.asarray(d, jnp.float32)
-  if d.ndim != 2:
-    raise ValueError(f"{what} must be [F, D] (rows = directions, as sae.dictionary returns), "
-                     f"got shape {d.shape}.")
-  return d
-
-
-def dictionary_similarity(dict_FD: Any, other_GD: Any = None,
-                          threshold: float = 0.9) -> Similarity:
-  """Max cosine similarity of each direction with another direction.
-
-  Args:
-    dict_FD: `[F, D]` dictionary (rows = directions, `sae.dictionary(params, config)`).
-    other_GD: optional `[G, D]` dictionary. Without it: within-SAE similarity, each direction
-      against the other F − 1 of the same dictionary. With it: cross-SAE, against every row of
-      `other_GD` (e.g. an e2e vs a local SAE).
-    threshold: cut-off for `frac_above`.
-
-  Returns:
-    A `Similarity` (zero rows have cosine 0 with everything).
-  """
-  a = _check_dict(dict_FD, "dict_FD")
-  if other_GD is None:
-    if a.shape[0] < 2:
-      raise ValueError("within-SAE similarity needs at least 2 directions; pass other_GD for a "
-                       "cross-SAE comparison.")
-    m = _max_cos(a, a, True)
-  else:
-    b = _check_dict(other_GD, "other_GD")
-    if b.shape[1] != a.shape[1]:
-      raise ValueError(f"dictionaries live in different spaces: D={a.shape[1]} vs "
-                       f"{b.shape[1]}; compare SAEs trained at the same site.")
-    m = _max_cos(a, b, False)
-  m = np.asarray(m, np.float64)
-  return Similarity(max_cos=m, mean=float(m.mean()), median=float(np.median(m)),
-                    frac_above=float(np.mean(m > threshold)), threshold=float(threshold))
-
-
-def cross_seed_consistency(dicts: Sequence[Any]) -> float:
-  """Mean over ordered pairs (i ≠ j) of the mean max cosine of dictionary i's directions with
-  dictionary j's: 1 when every seed finds the same directions.
-
-  Args:
-    dicts: two or more `[F_i, D]` dictionaries (e.g. one architecture, different seeds).
-  """
-  ds = [_check_dict(d, f"dicts[{i}]") for i, d in enumerate(dicts)]
-  if len(ds) < 2:
-    raise ValueError(f"cross_seed_consistency needs at least 2 dictionaries, got {len(ds)}.")
-  return float(np.mean([dictionary_similarity(a, b).mean
-                        for a, b in itertools.permutations(ds, 2)]))
-
-
-# ------------------------------------------------------------------------------------------------
 # Per-variant summary.
 
 
@@ -531,7 +442,8 @@ def summarise(codes_NMF: Any, lm: LabelMatrix, decoders_NFD: Any = None,
       `mean_best_abs_corr`: mean over columns of the best |corr|;
       `n_labels_corr_ge_0.8`, `n_labels_corr_ge_0.5`: columns whose best |corr| reaches it;
       `n_columns`; `dead_latents`: latents that are 0 on every token; `finite`: codes finite;
-      `dictionary` (with decoders): within-SAE max cosine `mean`, `median`, `frac_above_0.9`.
+      `dictionary` (with decoders): within-SAE max cosine `mean`, `median`, `frac_above_0.9`
+        (`geometry.dictionary_similarity`).
   """
   codes_NMF = jnp.asarray(codes_NMF)
   if codes_NMF.ndim != 3:
@@ -581,7 +493,7 @@ def summarise(codes_NMF: Any, lm: LabelMatrix, decoders_NFD: Any = None,
         "finite": bool(finite_N[i]),
     }
     if decoders_NFD is not None:
-      summary["dictionary"] = dictionary_similarity(decoders_NFD[i]).summary()
+      summary["dictionary"] = geometry.dictionary_similarity(decoders_NFD[i]).summary()
     variants[vid] = summary
   columns = [{"name": nm, "kind": kd, "label": src}
              for nm, kd, src in zip(lm.names, lm.kinds, lm.sources)]

@@ -1,12 +1,15 @@
 """Evaluation of an SAE grid: every metric of specs/sae.md for all variants of a group at once.
 
 The `eval` job (`run(config, workdir)`) reads a finished `sae` workdir (`train_sae.load_trained`),
-evaluates every variant on a held-out data stream and writes `eval.json`. Feature recovery and
-dictionary geometry live in `analysis.py`; everything else of the spec's "Metrics" is here.
+evaluates every variant on a held-out data stream and writes `eval.json`. This module holds the
+held-out data, the compiled passes over it (`evaluate_group`), the whole-grid evaluation
+(`evaluate_trained`) and the job. The per-token formulas are in `metrics.py`, spliced
+grammaticality (generation with the SAE spliced in) in `spliced_generation.py`, feature recovery
+in `analysis.py` and dictionary geometry in `geometry.py`.
 
 Data. Held-out batch k is `grammars.sample(fold_in(fold_in(key(seed), 1000), k), ...)` and the
-generations of `spliced_grammaticality` use `fold_in(key(seed), 1001)` (batch i: its
-`fold_in(., i)`). SAE training uses the branches 1 (data), 2 (capacity probe) and 3 (pre-bias
+generations of `spliced_generation.spliced_grammaticality` use `fold_in(key(seed), 1001)` (batch
+i: its `fold_in(., i)`). SAE training uses the branches 1 (data), 2 (capacity probe) and 3 (pre-bias
 sample) of its own root key, the LM job 0-4 of the LM's root: the streams never share a key.
 Sequences are sampled at the grid's `max_len`; the model sees the first `forward_len`
 positions, as in training.
@@ -28,13 +31,13 @@ Metrics per variant (all exact token means over the whole held-out set: per-batc
 in float64 on the host, divided at the end). x = clean activation at the site, x̂ = the spliced
 activation (in the model's space, i.e. after the splice mode's rescaling), mu = mean of x
 over the held-out `mask_BT` tokens (a first pass computes it), LN = layer norm without affine
-and eps 1e-5 (e2e_sae's `_layer_norm_pre`):
+and eps 1e-5 (e2e_sae's `_layer_norm_pre`; the formulas are `metrics.py`'s):
 
     l0                mean over tokens of #(latents != 0); frac_zeros = 1 - l0 / F
     alive, dead       latents firing at least once / never in the first `window_tokens` masked
                       tokens (0: all of them); dense: firing on > 10% of them; *_fraction of F;
                       density_histogram: alive latents per log10(firing frequency) bin
-                      (`DENSITY_BIN_EDGES`; below -6 goes to the first bin)
+                      (`metrics.DENSITY_BIN_EDGES`; below -6 goes to the first bin)
     mse               mean over tokens × dims of (x̂ - x)²  (mse_sae_space: x_hat vs the SAE's
                       own target, what the training loss saw; differs only under input/recon
                       norm)
@@ -77,159 +80,20 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxsae import generate as generate_lib
 from jaxsae import grammars
 from jaxsae import losses as losses_lib
+from jaxsae import metrics as metrics_lib
 from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
+from jaxsae import spliced_generation
 from jaxsae import sweep as sweep_lib
 from jaxsae import train_sae
 
 _HELDOUT_STREAM = 1000  # held-out batch k: fold_in(fold_in(key(seed), 1000), k)
-_GENERATION_STREAM = 1001  # spliced / clean generations: fold_in(key(seed), 1001)
-POSITIONS = ("sentence", "all")
-DENSE_THRESHOLD = 0.1  # a latent is dense if it fires on more than this fraction of tokens
-DENSITY_BIN_EDGES = np.linspace(-6.0, 0.0, 13)  # log10 firing-frequency bins (width 0.5)
-LN_EPS = 1e-5  # e2e_sae's layer norm (no affine) for ev_layernorm
+POSITIONS = ("sentence", "all")  # where the SAE is spliced for the held-out metrics
 _ALL_WINDOW = 2**30  # window_tokens=0: every evaluated token
-
-
-# ------------------------------------------------------------------------------------------------
-# Metric formulas on arrays (per token; the pipeline sums them, tests pin them).
-
-
-def _lead(v: jax.Array, like: jax.Array) -> jax.Array:
-  """Reshapes a trailing-axis vector to `like`'s rank (explicit, for rank_promotion='raise')."""
-  return v.reshape((1,) * (like.ndim - v.ndim) + v.shape)
-
-
-def layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
-  """Layer norm over the last axis without affine parameters: (x - mean) / sqrt(var + eps)."""
-  centred = x - jnp.mean(x, axis=-1, keepdims=True)
-  return centred / jnp.sqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
-
-
-def token_sq_error(x_hat: jax.Array, x: jax.Array) -> jax.Array:
-  """Σ_d (x̂ - x)², `[..., D] -> [...]`."""
-  return jnp.sum(jnp.square(x_hat - x), axis=-1)
-
-
-def token_explained_variance(x_hat: jax.Array, x: jax.Array, mean_D: jax.Array) -> jax.Array:
-  """1 - Σ_d (x̂ - x)² / Σ_d (x - mean)² per token (e2e_sae's form before its token mean)."""
-  den = jnp.sum(jnp.square(x - _lead(mean_D, x)), axis=-1)
-  return 1.0 - token_sq_error(x_hat, x) / jnp.maximum(den, 1e-12)
-
-
-def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """-log softmax(logits)[target] per position, `[..., V], [...] -> [...]`."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-
-
-def token_kl(clean_logits: jax.Array, spliced_logits: jax.Array) -> jax.Array:
-  """KL(p_clean ‖ p_spliced) = Σ_v p (log p - log q) per position."""
-  logp = jax.nn.log_softmax(clean_logits.astype(jnp.float32), axis=-1)
-  logq = jax.nn.log_softmax(spliced_logits.astype(jnp.float32), axis=-1)
-  return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
-
-
-def token_total_variation(clean_logits: jax.Array, spliced_logits: jax.Array) -> jax.Array:
-  """½ Σ_v |p_clean - p_spliced| per position."""
-  p = jax.nn.softmax(clean_logits.astype(jnp.float32), axis=-1)
-  q = jax.nn.softmax(spliced_logits.astype(jnp.float32), axis=-1)
-  return 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
-
-
-def token_top1_agreement(clean_logits: jax.Array, spliced_logits: jax.Array) -> jax.Array:
-  """1.0 where both distributions have the same most likely token, else 0.0."""
-  same = jnp.argmax(clean_logits, axis=-1) == jnp.argmax(spliced_logits, axis=-1)
-  return same.astype(jnp.float32)
-
-
-def token_grammatical_mass(logits: jax.Array, valid: jax.Array) -> jax.Array:
-  """Σ_v softmax(logits)_v over the grammatical next tokens (`valid`, bool `[..., V]`)."""
-  p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.sum(jnp.where(valid, p, 0.0), axis=-1)
-
-
-def masked_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-  """Σ mask·values / Σ mask over all axes (NaN when the mask is empty)."""
-  if mask is None:
-    return jnp.mean(values)
-  w = mask.astype(jnp.float32)
-  return jnp.sum(w * values) / jnp.sum(w)
-
-
-def explained_variance(x_hat: jax.Array, x: jax.Array, mask: jax.Array | None = None, *,
-                       form: str = "token_mean", layernorm: bool = False,
-                       mean_D: jax.Array | None = None) -> jax.Array:
-  """Explained variance of `x_hat` for `x` (`[..., D]`) over the masked tokens.
-
-  Args:
-    x_hat, x: reconstruction and target.
-    mask: bool `x.shape[:-1]` or None (all tokens).
-    form: `token_mean`: mean over tokens of 1 - Σ_d (x̂-x)² / Σ_d (x-mu)² (e2e_sae);
-      `ratio_of_sums`: 1 - Σ_tokens Σ_d (x̂-x)² / Σ_tokens Σ_d (x-mu)² (1 - FVU).
-    layernorm: apply `layer_norm` to x_hat and x first (e2e_sae's `layer_norm=True`).
-    mean_D: mu; default the masked token mean of (the layer-normed) x.
-
-  Returns:
-    A scalar.
-  """
-  if form not in ("token_mean", "ratio_of_sums"):
-    raise ValueError(f"form={form!r}: use 'token_mean' or 'ratio_of_sums'")
-  if layernorm:
-    x_hat, x = layer_norm(x_hat), layer_norm(x)
-  w = (jnp.ones(x.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32))
-  if mean_D is None:
-    lead = tuple(range(x.ndim - 1))
-    mean_D = jnp.sum(w[..., None] * x, axis=lead) / jnp.sum(w)
-  if form == "token_mean":
-    return masked_mean(token_explained_variance(x_hat, x, mean_D), w)
-  den = jnp.sum(w * jnp.sum(jnp.square(x - _lead(mean_D, x)), axis=-1))
-  return 1.0 - jnp.sum(w * token_sq_error(x_hat, x)) / den
-
-
-def ce_recovered(ce_ablated, ce_spliced, ce_clean):
-  """(CE_ablated - CE_spliced) / (CE_ablated - CE_clean): 1 = as good as clean, 0 = ablated."""
-  with np.errstate(divide="ignore", invalid="ignore"):
-    return (np.asarray(ce_ablated, np.float64) - ce_spliced) / (
-        np.asarray(ce_ablated, np.float64) - ce_clean)
-
-
-def latent_counts(fired_NF: np.ndarray, window: int) -> dict[str, np.ndarray]:
-  """Alive / dead / dense latent counts and fractions from firing counts over `window` tokens.
-
-  Args:
-    fired_NF: int `[..., F]`, tokens (of the window) on which each latent was nonzero.
-    window: number of tokens in the window (> 0).
-
-  Returns:
-    dict of `[...]` arrays: alive, dead, dense (counts) and alive_fraction, dead_fraction,
-    dense_fraction (of F).
-  """
-  fired = np.asarray(fired_NF)
-  f = fired.shape[-1]
-  alive = np.sum(fired > 0, axis=-1)
-  dense = np.sum(fired > DENSE_THRESHOLD * window, axis=-1)
-  return {"alive": alive, "dead": f - alive, "dense": dense, "alive_fraction": alive / f,
-          "dead_fraction": (f - alive) / f, "dense_fraction": dense / f}
-
-
-def density_histogram(fired_NF: np.ndarray, window: int) -> np.ndarray:
-  """Alive latents per log10(firing frequency) bin of `DENSITY_BIN_EDGES`, `[..., n_bins]`.
-
-  Bin i holds edges[i] <= log10(count / window) < edges[i+1]; the first bin also takes
-  frequencies below 10^edges[0], the last includes frequency 1. Dead latents are not counted.
-  """
-  fired = np.asarray(fired_NF)
-  n_bins = len(DENSITY_BIN_EDGES) - 1
-  with np.errstate(divide="ignore"):
-    log_freq = np.log10(fired / max(window, 1))
-  idx = np.clip(np.searchsorted(DENSITY_BIN_EDGES, log_freq, side="right") - 1, 0, n_bins - 1)
-  onehot = (idx[..., None] == np.arange(n_bins)) & (fired > 0)[..., None]
-  return onehot.sum(axis=-2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,9 +127,7 @@ def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
 
 
 def _check_options(*, positions: str = "sentence", window_tokens: int = 0,
-                   splice_mode: str | None = None, mask_positions: str | None = None,
-                   modes: Sequence[str] = ("corrected",),
-                   gen_positions: Sequence[str] = ("all",)) -> None:
+                   splice_mode: str | None = None, mask_positions: str | None = None) -> None:
   if positions not in POSITIONS:
     raise ValueError(f"positions={positions!r}: use 'sentence' (SAE at the mask's tokens) or "
                      "'all' (at every position)")
@@ -276,14 +138,6 @@ def _check_options(*, positions: str = "sentence", window_tokens: int = 0,
   if mask_positions is not None and mask_positions not in POSITIONS:
     raise ValueError(f"mask_positions={mask_positions!r}: use 'sentence', 'all' or None (the "
                      "grid's training positions)")
-  for m in modes:
-    if m not in sae_lib.SPLICE_MODES:
-      raise ValueError(f"modes: {m!r} is unknown; use {sae_lib.SPLICE_MODES}")
-  for p in gen_positions:
-    if p not in POSITIONS:
-      raise ValueError(f"positions: {p!r} is unknown; use {POSITIONS}")
-  if not modes or not gen_positions:
-    raise ValueError("grammaticality needs at least one mode and one positions value")
 
 
 def heldout(setup: train_sae.Setup, seed: int, num_batches: int, batch_size: int, *,
@@ -385,7 +239,7 @@ def _reference_sums(lm_params, tokens_BT, mask_BT, *, st: _Static):
   w = mask_BT.astype(jnp.float32)[..., None]
   total = lambda a: jnp.sum(w * a, axis=(0, 1))
   x = res.acts[st.site]
-  return {"x": total(x), "ln": total(layer_norm(x)),
+  return {"x": total(x), "ln": total(metrics_lib.layer_norm(x)),
           **{f"ds/{h}": total(res.acts[h]) for h in st.ds_sites}}
 
 
@@ -405,19 +259,20 @@ def _clean_pass(lm_params, tokens_BT, next_BT, mask_BT, valid_BTV, ref: Referenc
   def ablated_ce(value_BTD):
     out = jnp.where(splice_at[..., None], value_BTD, x)
     logits = model_lib.apply_from(lm_params, st.site, out, mc).logits
-    return _masked_sum(token_cross_entropy(logits, next_BT), predict)
+    return _masked_sum(metrics_lib.token_cross_entropy(logits, next_BT), predict)
 
   w = mask_BT.astype(jnp.float32)
   sums = {
       "tokens": jnp.sum(w),
       "predictions": jnp.sum(predict.astype(jnp.float32)),
       "window": jnp.sum(window.astype(jnp.float32)),
-      "var": jnp.sum(w * jnp.sum(jnp.square(x - _lead(ref.mean_D, x)), axis=-1)),
+      "var": jnp.sum(w * jnp.sum(jnp.square(x - ref.mean_D[None, None, :]), axis=-1)),
       "sq_x": jnp.sum(w * jnp.sum(jnp.square(x), axis=-1)),
-      "ce_clean": _masked_sum(token_cross_entropy(clean.logits, next_BT), predict),
-      "mass_clean": _masked_sum(token_grammatical_mass(clean.logits, valid_BTV), predict),
+      "ce_clean": _masked_sum(metrics_lib.token_cross_entropy(clean.logits, next_BT), predict),
+      "mass_clean": _masked_sum(metrics_lib.token_grammatical_mass(clean.logits, valid_BTV),
+                                predict),
       "ce_zero": ablated_ce(jnp.zeros_like(x)),
-      "ce_mean": ablated_ce(jnp.broadcast_to(_lead(ref.mean_D, x), x.shape)),
+      "ce_mean": ablated_ce(jnp.broadcast_to(ref.mean_D[None, None, :], x.shape)),
   }
   c = _Clean(acts_BTD=x, logits_BTV=clean.logits, ds_acts={h: clean.acts[h] for h in st.ds_sites},
              mask_BT=mask_BT, predict_BT=predict, window_BT=window, next_BT=next_BT,
@@ -442,21 +297,25 @@ def _group_pass(sae_params, sae_state, hparams, lm_params, c: _Clean, ref: Refer
     logits = res.logits
     sums = {
         "l0": jnp.sum(w * jnp.sum(nonzero, axis=-1)),
-        "sq_err": jnp.sum(w * token_sq_error(out, x)),
-        "sq_err_sae": jnp.sum(w * token_sq_error(aux["x_hat"], aux["target"])),
-        "ev_tok": jnp.sum(w * token_explained_variance(out, x, ref.mean_D)),
-        "ev_ln_tok": jnp.sum(w * token_explained_variance(layer_norm(out), layer_norm(x),
+        "sq_err": jnp.sum(w * metrics_lib.token_sq_error(out, x)),
+        "sq_err_sae": jnp.sum(w * metrics_lib.token_sq_error(aux["x_hat"], aux["target"])),
+        "ev_tok": jnp.sum(w * metrics_lib.token_explained_variance(out, x, ref.mean_D)),
+        "ev_ln_tok": jnp.sum(w * metrics_lib.token_explained_variance(
+            metrics_lib.layer_norm(out), metrics_lib.layer_norm(x),
                                                           ref.ln_mean_D)),
-        "ce": _masked_sum(token_cross_entropy(logits, c.next_BT), c.predict_BT),
-        "kl": _masked_sum(token_kl(c.logits_BTV, logits), c.predict_BT),
-        "tv": _masked_sum(token_total_variation(c.logits_BTV, logits), c.predict_BT),
-        "top1": _masked_sum(token_top1_agreement(c.logits_BTV, logits), c.predict_BT),
-        "mass": _masked_sum(token_grammatical_mass(logits, c.valid_BTV), c.predict_BT),
+        "ce": _masked_sum(metrics_lib.token_cross_entropy(logits, c.next_BT), c.predict_BT),
+        "kl": _masked_sum(metrics_lib.token_kl(c.logits_BTV, logits), c.predict_BT),
+        "tv": _masked_sum(metrics_lib.token_total_variation(c.logits_BTV, logits), c.predict_BT),
+        "top1": _masked_sum(metrics_lib.token_top1_agreement(c.logits_BTV, logits),
+                            c.predict_BT),
+        "mass": _masked_sum(metrics_lib.token_grammatical_mass(logits, c.valid_BTV),
+                            c.predict_BT),
     }
     for h in b.ds_sites:
-      sums[f"ds_sq_err/{h}"] = jnp.sum(w * token_sq_error(res.acts[h], c.ds_acts[h]))
+      sums[f"ds_sq_err/{h}"] = jnp.sum(
+          w * metrics_lib.token_sq_error(res.acts[h], c.ds_acts[h]))
       sums[f"ds_ev_tok/{h}"] = jnp.sum(
-          w * token_explained_variance(res.acts[h], c.ds_acts[h], ref.ds_mean[h]))
+          w * metrics_lib.token_explained_variance(res.acts[h], c.ds_acts[h], ref.ds_mean[h]))
     fired = jnp.sum(nonzero & c.window_BT[..., None], axis=(0, 1), dtype=jnp.int32)
     return sums, fired
 
@@ -491,13 +350,15 @@ def _finalize(clean: Mapping[str, float], sums: Mapping[str, np.ndarray], fired:
         "grammatical_mass_spliced": sums["mass"] / pred,
     }
     m["ce_increase"] = m["ce_spliced"] - m["ce_clean"]
-    m["ce_recovered_zero"] = ce_recovered(m["ce_zero_ablation"], m["ce_spliced"], m["ce_clean"])
-    m["ce_recovered_mean"] = ce_recovered(m["ce_mean_ablation"], m["ce_spliced"], m["ce_clean"])
+    m["ce_recovered_zero"] = metrics_lib.ce_recovered(m["ce_zero_ablation"], m["ce_spliced"],
+                                                      m["ce_clean"])
+    m["ce_recovered_mean"] = metrics_lib.ce_recovered(m["ce_mean_ablation"], m["ce_spliced"],
+                                                      m["ce_clean"])
     for h in st.base.ds_sites:
       m[f"ds_mse/{h}"] = sums[f"ds_sq_err/{h}"] / (tok * d)
       m[f"ds_ev/{h}"] = sums[f"ds_ev_tok/{h}"] / tok
-  m.update(latent_counts(fired, int(win)))
-  m["density_histogram"] = density_histogram(fired, int(win))
+  m.update(metrics_lib.latent_counts(fired, int(win)))
+  m["density_histogram"] = metrics_lib.density_histogram(fired, int(win))
   m["firing_counts"] = fired
   m["window_tokens"] = full(win)
   return m
@@ -632,7 +493,7 @@ def evaluate_group(spec: train_sae.GroupSpec, params, sae_state: sae_lib.SAEStat
   Returns:
     name -> array with a leading axis `spec.padded` (drop padding with `spec.size`): the
     metrics of the module docstring, plus `firing_counts` `[N, F]`, `density_histogram`
-    `[N, len(DENSITY_BIN_EDGES) - 1]` and `window_tokens`.
+    `[N, len(metrics.DENSITY_BIN_EDGES) - 1]` and `window_tokens`.
   """
   tokens = np.asarray(tokens_BT)
   mask = np.asarray(mask_BT)
@@ -662,156 +523,6 @@ def evaluate_group(spec: train_sae.GroupSpec, params, sae_state: sae_lib.SAEStat
   _, (metrics,) = _evaluate([group], lm_params, data, setup, positions=positions,
                             window_tokens=window_tokens, ref=ref)
   return {k: jnp.asarray(v) for k, v in metrics.items()}
-
-
-# ------------------------------------------------------------------------------------------------
-# Spliced grammaticality.
-
-
-@dataclasses.dataclass(frozen=True)
-class _GenStatic:
-  sae: sae_lib.SAEConfig
-  mode: str
-  positions: str
-  site: str
-  model_config: model_lib.ModelConfig
-  prefix_len: int
-  batch_size: int
-  max_new_tokens: int
-  top_k: int
-
-
-@functools.partial(jax.jit, static_argnames=("st",))
-def _generate_spliced(lm_params, sae_params, sae_state, hparams, grammar, key, temperature, *,
-                      st: _GenStatic):
-  """Generations with one SAE spliced in; its params are traced, so a group compiles once."""
-
-  def replace(x_BtD):
-    # `generate` prefills the decorator (positions 0 .. prefix_len-1) in one chunk, then
-    # decodes one position per step; 'sentence' leaves the decorator chunk clean.
-    if x_BtD.shape[1] != 1:
-      if x_BtD.shape[1] != st.prefix_len:
-        raise ValueError(f"unexpected prompt chunk of {x_BtD.shape[1]} positions (expected the "
-                         f"{st.prefix_len}-token decorator)")
-      if st.positions == "sentence":
-        return x_BtD
-    return sae_lib.splice(sae_params, x_BtD, st.sae, hparams, st.mode, state=sae_state)[0]
-
-  gen = generate_lib.generate(lm_params, st.model_config, grammar, key,
-                              batch_size=st.batch_size, max_new_tokens=st.max_new_tokens,
-                              temperature=temperature, top_k=st.top_k,
-                              replace={st.site: replace})
-  return gen.tokens, gen.finished
-
-
-def _recognise(grammar: grammars.Grammar, tokens: np.ndarray) -> np.ndarray:
-  # One extra <pad> column (as generate.grammaticality does) changes no verdict.
-  padded = np.concatenate([tokens, np.full_like(tokens[:, :1], grammar.pad_id)], axis=1)
-  return np.asarray(generate_lib.jitted_for(grammar, grammars.is_grammatical)(padded))
-
-
-def _gen_settings(trained_or_parts, max_new_tokens, temperature, top_k):
-  """(setup, lm_params, group states, hypers, generation settings) from either input form."""
-  if isinstance(trained_or_parts, train_sae.Trained):
-    t = trained_or_parts
-    setup, lm_params, states, hypers = t.setup, t.lm.params, t.state.groups, t.hypers
-    lm_eval = dict(t.lm.config.get("eval", {}))
-  else:
-    try:
-      setup, lm_params, states, hypers = trained_or_parts
-    except (TypeError, ValueError):
-      raise ValueError("spliced_grammaticality takes a train_sae.Trained or a tuple (setup, "
-                       "lm_params, group_states, group_hypers)") from None
-    lm_eval = {}
-  mc = setup.model_config
-  if max_new_tokens is None:
-    max_new_tokens = lm_eval.get("max_new_tokens", generate_lib.MAX_NEW_TOKENS)
-    max_new_tokens = min(int(max_new_tokens), mc.context - setup.grammar.prefix_len)
-  temperature = lm_eval.get("temperature", 1.0) if temperature is None else temperature
-  top_k = lm_eval.get("top_k", 0) if top_k is None else top_k
-  if len(states) != len(setup.specs) or len(hypers) != len(setup.specs):
-    raise ValueError(f"got {len(states)} group states and {len(hypers)} hypers for "
-                     f"{len(setup.specs)} groups")
-  return setup, lm_params, states, hypers, int(max_new_tokens), float(temperature), int(top_k)
-
-
-def spliced_grammaticality(trained_or_parts, *, seed: int = 0, num_batches: int = 5,
-                           batch_size: int = 128,
-                           modes: Sequence[str] = ("corrected", "original"),
-                           positions: Sequence[str] = ("all", "sentence"),
-                           max_new_tokens: int | None = None, temperature: float | None = None,
-                           top_k: int | None = None) -> dict[str, Any]:
-  """Fraction of grammatical generations with each SAE spliced in, next to the clean model's.
-
-  Every variant samples `num_batches × batch_size` sequences (batch i from
-  `fold_in(fold_in(key(seed), 1001), i)`, the same keys for the clean model and every variant:
-  common random numbers) with its SAE replacing the site during generation; the exact
-  recogniser judges them. `positions='all'` splices at every position, the decorator prompt
-  included; `'sentence'` only at the generated positions (after the 7-token decorator, i.e.
-  the sentence tokens and what follows, as the `sentence` mask of training). For SAEs without
-  input / recon normalisation both modes are the same function and are generated once.
-
-  Generation runs variant by variant, but each (group, mode, positions) compiles once: the
-  SAE params are arguments of one jitted generation loop, not closures.
-
-  Args:
-    trained_or_parts: a `train_sae.Trained`, or `(setup, lm_params, group_states, hypers)`.
-    seed: the evaluation seed.
-    num_batches, batch_size: samples per variant (the spec: 5 × 128).
-    modes: splice modes (`corrected`, `original`).
-    positions: `all` and/or `sentence`.
-    max_new_tokens, temperature, top_k: generation settings; default the LM job's (`eval.*`
-      of its config) or `generate`'s defaults, capped to the model context.
-
-  Returns:
-    `{'clean': {mean, std, per_batch, finished}, 'settings': {...}, 'variants': {id:
-    {'<mode>/<positions>': {mean, std, per_batch, finished}}}}`; padding variants skipped.
-  """
-  _check_positive_int("num_batches", num_batches)
-  _check_positive_int("batch_size", batch_size)
-  modes, positions = tuple(modes), tuple(positions)
-  _check_options(modes=modes, gen_positions=positions)
-  setup, lm_params, states, hypers, max_new, temp, top_k = _gen_settings(
-      trained_or_parts, max_new_tokens, temperature, top_k)
-  if not temp > 0:
-    raise ValueError(f"temperature must be > 0, got {temp}")
-  g, mc = setup.grammar, setup.model_config
-  key = jax.random.fold_in(jax.random.key(seed), _GENERATION_STREAM)
-  clean = generate_lib.grammaticality(lm_params, mc, g, key, num_batches=num_batches,
-                                      batch_size=batch_size, max_new_tokens=max_new,
-                                      temperature=temp, top_k=top_k)
-  out = {"clean": {k: clean[k] for k in ("mean", "std", "per_batch", "finished")},
-         "settings": {"seed": seed, "num_batches": num_batches, "batch_size": batch_size,
-                      "max_new_tokens": max_new, "temperature": temp, "top_k": top_k},
-         "variants": {}}
-  keys = [jax.random.fold_in(key, i) for i in range(num_batches)]
-  temperature_arr = jnp.float32(temp)
-  for spec, gs, hyper in zip(setup.specs, states, hypers):
-    normalised = spec.sae.input_norm or spec.sae.recon_norm
-    for i, vid in enumerate(spec.ids):
-      pick = lambda tree: jax.tree.map(lambda a: a[i], tree)  # pylint: disable=cell-var-from-loop
-      p_i, s_i, h_i = pick(gs.params), pick(gs.sae_state), pick(hyper.hparams)
-      res = {}
-      for mode in modes:
-        for pos in positions:
-          same = f"corrected/{pos}" if mode == "original" else f"original/{pos}"
-          if not normalised and same in res:
-            res[f"{mode}/{pos}"] = res[same]
-            continue
-          st = _GenStatic(sae=spec.sae, mode=mode, positions=pos, site=setup.site,
-                          model_config=mc, prefix_len=g.prefix_len, batch_size=batch_size,
-                          max_new_tokens=max_new, top_k=top_k)
-          fractions, finished = [], []
-          for k in keys:
-            tokens, done = _generate_spliced(lm_params, p_i, s_i, h_i, g, k, temperature_arr,
-                                             st=st)
-            fractions.append(float(_recognise(g, np.asarray(tokens)).mean()))
-            finished.append(np.asarray(done))
-          res[f"{mode}/{pos}"] = {"mean": float(np.mean(fractions)),
-                                  "std": float(np.std(fractions)), "per_batch": fractions,
-                                  "finished": float(np.concatenate(finished).mean())}
-      out["variants"][vid] = res
-  return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -856,8 +567,8 @@ def evaluate_trained(trained: train_sae.Trained, *, seed: int = 0, num_batches: 
   setup = trained.setup
   # Every option is checked before anything is sampled or compiled.
   _check_options(positions=positions, window_tokens=window_tokens, splice_mode=splice_mode,
-                 mask_positions=mask_positions, modes=grammaticality_modes,
-                 gen_positions=grammaticality_positions)
+                 mask_positions=mask_positions)
+  spliced_generation.check_options(grammaticality_modes, grammaticality_positions)
   _check_positive_int("grammaticality_batches", grammaticality_batches, minimum=0)
   _check_positive_int("grammaticality_batch_size", grammaticality_batch_size)
   data = heldout(setup, seed, num_batches, batch_size, mask_positions=mask_positions)
@@ -871,9 +582,10 @@ def evaluate_trained(trained: train_sae.Trained, *, seed: int = 0, num_batches: 
   t_metrics = time.perf_counter() - t0
   gram = None
   if grammaticality_batches:
-    gram = spliced_grammaticality(trained, seed=seed, num_batches=grammaticality_batches,
-                                  batch_size=grammaticality_batch_size,
-                                  modes=grammaticality_modes, positions=grammaticality_positions)
+    gram = spliced_generation.spliced_grammaticality(
+        trained, seed=seed, num_batches=grammaticality_batches,
+        batch_size=grammaticality_batch_size, modes=grammaticality_modes,
+        positions=grammaticality_positions)
   t_gram = time.perf_counter() - t0 - t_metrics
   pred = clean_sums["predictions"]
   clean = {"ce_clean": clean_sums["ce_clean"] / pred,
@@ -909,10 +621,10 @@ def evaluate_trained(trained: train_sae.Trained, *, seed: int = 0, num_batches: 
                   "window_tokens": int(clean_sums["window"]), "forward_len": setup.forward_len,
                   "streams": f"held-out batch k: fold_in(fold_in(key({seed}), "
                              f"{_HELDOUT_STREAM}), k); generations: fold_in(key({seed}), "
-                             f"{_GENERATION_STREAM})"},
+                             f"{spliced_generation.GENERATION_STREAM})"},
       "grammaticality_settings": None if gram is None else gram["settings"],
       "clean": clean,
-      "density_bin_edges_log10": [float(e) for e in DENSITY_BIN_EDGES],
+      "density_bin_edges_log10": [float(e) for e in metrics_lib.DENSITY_BIN_EDGES],
       "seconds": {"metrics": t_metrics, "grammaticality": t_gram},
       "variants": variants,
   }
@@ -936,7 +648,7 @@ def validate_config(config) -> None:
     raise ValueError(f"config.mask_positions={config.mask_positions!r}: use '' (the grid's), "
                      "'sentence' or 'all'")
   for name, allowed in (("grammaticality_modes", sae_lib.SPLICE_MODES),
-                        ("grammaticality_positions", POSITIONS)):
+                        ("grammaticality_positions", spliced_generation.POSITIONS)):
     bad = [v for v in config[name] if v not in allowed]
     if bad or not config[name]:
       raise ValueError(f"config.{name}={tuple(config[name])!r}: choose among {allowed}")

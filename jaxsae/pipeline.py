@@ -7,7 +7,7 @@ the report at the top:
     sae/       the SAE grid (`jaxsae.train_sae`; checkpoints, variants.json, summary.json)
     eval/      every metric of every variant (`jaxsae.evaluate`; eval.json)
     analysis/  latent × label feature recovery (`jaxsae.analysis`; features.json, corr.npz) and
-               causal predictability of chosen SAEs (`jaxsae.interventions`; causal.json)
+               causal predictability of chosen SAEs (`jaxsae.causality`; causal.json)
     report.md, report.json, *.png   (`jaxsae.report`)
 
 Resuming: a finished stage leaves a record in `stages.json` with a fingerprint of its config
@@ -36,8 +36,8 @@ import ml_collections
 import numpy as np
 
 from jaxsae import analysis
+from jaxsae import causality
 from jaxsae import evaluate
-from jaxsae import interventions
 from jaxsae import report as report_lib
 from jaxsae import sae as sae_lib
 from jaxsae import train_lm
@@ -223,7 +223,7 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
 
   Writes `features.json` (`analysis.summarise` of every variant, keyed by id), `corr.npz`
   (latent × label correlations of the chosen SAEs, for heatmaps) and `causal.json`
-  (`interventions.causal_predictability` of the chosen SAEs) in `out_dir`.
+  (`causality.causal_predictability` of the chosen SAEs) in `out_dir`.
 
   Args:
     a: the analysis config (`num_sequences`, `seed`, `threshold`, `max_pairs`, `causal`,
@@ -282,7 +282,7 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
       spec = setup.specs[gi]
       one = lambda t, i=i: jax.tree.map(lambda x: x[i], t)
       t1 = time.perf_counter()
-      res = interventions.causal_predictability(
+      res = causality.causal_predictability(
           trained.lm.params, setup.model_config, setup.site,
           one(trained.state.groups[gi].params), spec.sae, one(trained.hypers[gi].hparams),
           batch.tokens_BT, batch.mask_BT, setup.grammar, _corr_on_positions(corr[vid]),

@@ -1,7 +1,9 @@
 """The report of a run: `report.md`, `report.json` and PNG plots from the jobs' JSON outputs.
 
 `write_report` is called by the eval job and the pipeline; it only reads the dicts below (every
-number in the report comes from them) and never touches a checkpoint.
+number in the report comes from them) and never touches a checkpoint. This module holds the
+data logic (SAE types, Pareto fronts, the matched comparison, grids, feature recovery per type),
+`write_report` and the markdown; the figures are drawn by `report_plots.py`.
 
 Inputs (JSON-able dicts; metric values may be floats or the strings "nan" / "inf" / "-inf"):
 
@@ -28,7 +30,7 @@ Inputs (JSON-able dicts; metric values may be floats or the strings "nan" / "inf
   "mean_best_abs_corr", "n_labels_corr_ge_0.8", ...}}}`, optionally with `"corr": {id:
   [F, K] array}` (correlations of chosen SAEs) for heatmaps, whose K columns are named by
   `"corr_columns"` (default: the `columns` names, in order).
-- `causal` (optional): `{id: interventions.causal_predictability(...) output}` (`n_strong`,
+- `causal` (optional): `{id: causality.causal_predictability(...) output}` (`n_strong`,
   `n_tested`, `n_as_predicted`, `fraction_as_predicted`, `mean_effect`, `median_effect`,
   `pairs`, `not_as_predicted`: [{"latent", "label", "corr", "signed_effect", ...}]).
 - `lm` (optional): the LM job's `summary.json` (`grammatical_fraction`,
@@ -55,10 +57,10 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
-import matplotlib.colors
-import matplotlib.figure
-from matplotlib.backends import backend_agg
 import numpy as np
+
+# report_plots imports this module back (module docstring there); both resolve at call time.
+from jaxsae import report_plots
 
 REFERENCE = "local"
 # Canonical order of the base types (plots, tables); unknown combinations sort after these.
@@ -172,13 +174,6 @@ def _type_key(t: str) -> tuple:
   base = t[len("causal-"):] if t.startswith("causal-") else t
   rank = _TYPE_ORDER.index(base) if base in _TYPE_ORDER else len(_TYPE_ORDER)
   return (rank, base, t.startswith("causal-"))
-
-
-def _colours(types: Sequence[str]) -> dict[str, Any]:
-  palette = [matplotlib.colors.to_hex(c) for c in
-             ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
-              "tab:pink", "tab:gray", "tab:olive", "tab:cyan")]
-  return {t: palette[i % len(palette)] for i, t in enumerate(sorted(types, key=_type_key))}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,169 +413,6 @@ def feature_recovery(features: Mapping[str, Any], types: Mapping[str, str]
 
 
 # ------------------------------------------------------------------------------------------------
-# Plots (matplotlib's Agg canvas, no pyplot state; each function returns the PNG path).
-
-
-def _new_figure(width: float, height: float) -> matplotlib.figure.Figure:
-  fig = matplotlib.figure.Figure(figsize=(width, height), dpi=100)
-  backend_agg.FigureCanvasAgg(fig)
-  return fig
-
-
-def _save(fig: matplotlib.figure.Figure, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, format="png")
-  return path
-
-
-def plot_tradeoff(path: str, points_by_type: Mapping[str, Sequence[Mapping[str, Any]]],
-                  x: str, y: str, *, higher_x_better: bool = False,
-                  higher_y_better: bool = False, hline: float | None = None,
-                  hline_label: str = "", title: str = "") -> str:
-  """Scatter of y against x coloured by SAE type, with each type's Pareto front drawn.
-
-  Points with a non-finite coordinate are not drawn; frozen points (`"frozen": True`) are drawn
-  as crosses and left off the fronts. x uses a log scale when positive and spanning > 20×.
-
-  Args:
-    path: the PNG to write.
-    points_by_type: SAE type -> points (mappings with the keys x, y and optionally `frozen`).
-    x, y: metric keys.
-    higher_x_better, higher_y_better: directions for the fronts.
-    hline: optional horizontal reference line (e.g. the clean model's grammaticality).
-    hline_label: its legend entry.
-    title: axes title.
-  """
-  fig = _new_figure(6.4, 4.4)
-  ax = fig.add_subplot(1, 1, 1)
-  colours = _colours(list(points_by_type))
-  all_x = []
-  for t in sorted(points_by_type, key=_type_key):
-    pts = [p for p in points_by_type[t] if _finite(p.get(x)) and _finite(p.get(y))]
-    live = [p for p in pts if not p.get("frozen", False)]
-    dead = [p for p in pts if p.get("frozen", False)]
-    xs = np.array([_num(p[x]) for p in live])
-    ys = np.array([_num(p[y]) for p in live])
-    all_x += list(xs) + [_num(p[x]) for p in dead]
-    if live:
-      ax.scatter(xs, ys, color=colours[t], label=t, s=24, alpha=0.85)
-      front = pareto_front(xs, ys, higher_x_better=higher_x_better,
-                           higher_y_better=higher_y_better)
-      ax.plot(xs[front], ys[front], color=colours[t], lw=1.2, alpha=0.9)
-    if dead:
-      ax.scatter([_num(p[x]) for p in dead], [_num(p[y]) for p in dead], color=colours[t],
-                 marker="x", s=30, label=f"{t} (frozen)")
-  if hline is not None and _finite(hline):
-    ax.axhline(_num(hline), color="black", ls="--", lw=1, label=hline_label or None)
-  if all_x and min(all_x) > 0 and max(all_x) / min(all_x) > 20:
-    ax.set_xscale("log")
-  ax.set_xlabel(_NAMES.get(x, x))
-  ax.set_ylabel(_NAMES.get(y, y))
-  ax.set_title(title or f"{_NAMES.get(y, y)} vs {_NAMES.get(x, x)}")
-  ax.grid(alpha=0.3)
-  if ax.get_legend_handles_labels()[0]:
-    ax.legend(fontsize=7)
-  return _save(fig, path)
-
-
-def plot_l0_vs_ce(path: str, points_by_type) -> str:
-  """CE increase against L0 per SAE type, with Pareto fronts (the e2e paper's figure)."""
-  return plot_tradeoff(path, points_by_type, "l0", "ce_increase")
-
-
-def plot_alive_vs_ce(path: str, points_by_type) -> str:
-  """CE increase against alive latents per SAE type, with Pareto fronts."""
-  return plot_tradeoff(path, points_by_type, "alive", "ce_increase")
-
-
-def plot_l0_vs_grammaticality(path: str, points_by_type, clean: float | None = None) -> str:
-  """Spliced grammaticality against L0 per SAE type; the clean model's as a horizontal line."""
-  return plot_tradeoff(path, points_by_type, "l0", "grammaticality", higher_y_better=True,
-                       hline=clean, hline_label="clean model")
-
-
-def plot_grids(path: str, grids: Mapping[str, Mapping[str, Any]], title: str = "", *,
-               vmin: float | None = None, vmax: float | None = None) -> str:
-  """Heatmaps of `grid_table` outputs, one panel per SAE type (NaN cells blank; colour range
-  `vmin`..`vmax`, default each panel's own)."""
-  n = max(len(grids), 1)
-  fig = _new_figure(3.6 * n, 3.4)
-  for i, (t, g) in enumerate(grids.items()):
-    ax = fig.add_subplot(1, n, i + 1)
-    vals = np.ma.masked_invalid(np.asarray(g["values"], np.float64))
-    im = ax.imshow(vals, cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
-    for r in range(vals.shape[0]):
-      for c in range(vals.shape[1]):
-        if not np.ma.is_masked(vals[r, c]):
-          ax.text(c, r, f"{vals[r, c]:.2g}", ha="center", va="center", fontsize=7, color="w")
-    ax.set_xticks(range(len(g["cols"])), [_fmt(v) for v in g["cols"]])
-    ax.set_yticks(range(len(g["rows"])), [_fmt(v) if not isinstance(v, str) else v
-                                         for v in g["rows"]])
-    ax.set_xlabel(g["col_field"])
-    ax.set_ylabel(g["row_field"] or "")
-    ax.set_title(t, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  return _save(fig, path)
-
-
-def top_latents(corr_FK: Any, top: int = 16) -> np.ndarray:
-  """Indices of the `top` latents with the largest max |corr| over labels (NaN counts 0)."""
-  corr = np.nan_to_num(np.asarray(corr_FK, np.float64))
-  if corr.ndim != 2:
-    raise ValueError(f"corr must be [F, K], got shape {corr.shape}.")
-  order = np.argsort(-np.abs(corr).max(axis=1), kind="stable")
-  return order[:top]
-
-
-def plot_correlation(path: str, corr_FK: Any, names: Sequence[str], *, top: int = 16,
-                     title: str = "") -> str:
-  """Latent × label correlation heatmap of one SAE: the `top` latents by max |corr| (rows),
-  labels on the x axis."""
-  corr = np.asarray(corr_FK, np.float64)
-  if corr.ndim != 2 or corr.shape[1] != len(names):
-    raise ValueError(f"corr has shape {corr.shape} but {len(names)} label names were given; "
-                     "pass features['columns'] names in the matrix's column order.")
-  rows = top_latents(corr, top)
-  fig = _new_figure(max(4.0, 0.35 * len(names) + 2), max(3.0, 0.25 * len(rows) + 1.8))
-  ax = fig.add_subplot(1, 1, 1)
-  im = ax.imshow(np.ma.masked_invalid(corr[rows]), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-  ax.set_xticks(range(len(names)), list(names), rotation=90, fontsize=7)
-  ax.set_yticks(range(len(rows)), [str(int(r)) for r in rows], fontsize=7)
-  ax.set_ylabel("latent")
-  ax.set_title(title or "latent × label correlation", fontsize=9)
-  fig.colorbar(im, ax=ax, fraction=0.046)
-  return _save(fig, path)
-
-
-def plot_feature_recovery(path: str, recovery: Mapping[str, Mapping[str, Any]]) -> str:
-  """Bars per SAE type: mean best |corr| per label, and the mean matching score."""
-  types = list(recovery)
-  names = list(next(iter(recovery.values()))["mean_best_abs_corr"]) if recovery else []
-  cats = names + ["matching score"]
-  fig = _new_figure(max(5.0, 0.45 * len(cats) * max(len(types), 1) ** 0.5 + 2), 4.0)
-  ax = fig.add_subplot(1, 1, 1)
-  colours = _colours(types)
-  width = 0.8 / max(len(types), 1)
-  for i, t in enumerate(types):
-    r = recovery[t]
-    vals = [r["mean_best_abs_corr"].get(n, math.nan) for n in names] + [r["mean_matching_score"]]
-    vals = np.nan_to_num(np.asarray(vals, np.float64))
-    ax.bar(np.arange(len(cats)) + (i - (len(types) - 1) / 2) * width, vals, width,
-           color=colours[t], label=t)
-  ax.axhline(STRONG_CORR, color="black", ls=":", lw=1)
-  ax.set_xticks(range(len(cats)), cats, rotation=90, fontsize=7)
-  ax.set_ylim(0, 1)
-  ax.set_ylabel("mean best |corr|")
-  ax.set_title("feature recovery per SAE type", fontsize=9)
-  if types:
-    ax.legend(fontsize=7)
-  return _save(fig, path)
-
-
-# ------------------------------------------------------------------------------------------------
 # The report.
 
 
@@ -742,11 +574,11 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
   rep["matched_text"] = {y: matched_sentences(m) for y, m in rep["matched"].items()}
   has = lambda m: any(_finite(r[m]) for r in rows)
   if has("l0") and has("ce_increase"):
-    plot("l0_vs_ce", plot_l0_vs_ce, _points(rows, "l0", "ce_increase"))
+    plot("l0_vs_ce", report_plots.plot_l0_vs_ce, _points(rows, "l0", "ce_increase"))
   if has("alive") and has("ce_increase"):
-    plot("alive_vs_ce", plot_alive_vs_ce, _points(rows, "alive", "ce_increase"))
+    plot("alive_vs_ce", report_plots.plot_alive_vs_ce, _points(rows, "alive", "ce_increase"))
   if has("l0") and has("grammaticality"):
-    plot("l0_vs_grammaticality", plot_l0_vs_grammaticality,
+    plot("l0_vs_grammaticality", report_plots.plot_l0_vs_grammaticality,
          _points(rows, "l0", "grammaticality"), clean_e.get("grammaticality"))
 
   # Menon-layout grids.
@@ -759,7 +591,7 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
         grids[t] = g
     if grids:
       rep["grids"][metric] = grids
-      plot(f"grid_{metric}", plot_grids, grids, _NAMES.get(metric, metric),
+      plot(f"grid_{metric}", report_plots.plot_grids, grids, _NAMES.get(metric, metric),
            **({"vmin": 0.0, "vmax": 1.0} if metric == "grammaticality" else {}))
 
   # Feature recovery and correlation heatmaps.
@@ -773,12 +605,12 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
                         for vid, v in sorted(features["variants"].items())},
         "heatmaps": {}}
     if rec:
-      plot("feature_recovery", plot_feature_recovery, rec)
+      plot("feature_recovery", report_plots.plot_feature_recovery, rec)
     for vid, corr in sorted((features.get("corr") or {}).items()):
       corr = np.asarray(corr, np.float64)
-      plot(f"corr_{_safe(vid)}", plot_correlation, corr, corr_names, top=top_corr_latents,
-           title=f"{vid} ({types.get(vid, '?')})")
-      lat = top_latents(corr, top_corr_latents)
+      plot(f"corr_{_safe(vid)}", report_plots.plot_correlation, corr, corr_names,
+           top=top_corr_latents, title=f"{vid} ({types.get(vid, '?')})")
+      lat = report_plots.top_latents(corr, top_corr_latents)
       rep["feature_recovery"]["heatmaps"][vid] = {
           "latents": lat, "max_abs_corr": np.abs(np.nan_to_num(corr[lat])).max(axis=1)}
   else:
@@ -797,7 +629,7 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
         for vid, c in sorted(causal.items())}
   else:
     notes.append("causal predictability: no `causal` input (run "
-                 "interventions.causal_predictability).")
+                 "causality.causal_predictability).")
   if not meta:
     notes.append("run metadata: no `meta` input (commit, machine, date, stage times).")
   if not lm:

@@ -1,6 +1,6 @@
-"""Feature recovery and geometry: planted latents, NumPy / brute-force references, degenerate
-latents, matching optimality, label expansion on real grammar labels, max cosine, and codes of a
-trained grid against per-variant `sae.encode`."""
+"""Feature recovery: planted latents, NumPy / brute-force references, degenerate latents,
+matching optimality, label expansion on real grammar labels, and codes of a trained grid against
+per-variant `sae.encode`. (Dictionary geometry: geometry_test.py.)"""
 
 import itertools
 import json
@@ -13,6 +13,7 @@ import pytest
 from experiments.configs import lm as lm_configs
 from experiments.configs import sae_e2e
 from jaxsae import analysis
+from jaxsae import geometry
 from jaxsae import grammars
 from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
@@ -212,35 +213,6 @@ def test_label_matrix_expands_categorical_labels_of_dyck2():
     analysis.auroc(np.zeros((lm.num_tokens, 4)), lm)
 
 
-def test_max_cosine_within_and_across_dictionaries():
-  rng = np.random.default_rng(6)
-  q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
-  ortho = q[:5]  # 5 orthonormal directions in D = 8
-  within = analysis.dictionary_similarity(ortho)
-  np.testing.assert_allclose(within.max_cos, 0.0, atol=1e-6)
-  dup = np.concatenate([ortho, 2.5 * ortho[1:2]])  # row 5 duplicates row 1 (rescaled)
-  sim = analysis.dictionary_similarity(dup)
-  np.testing.assert_allclose(sim.max_cos[[1, 5]], 1.0, atol=1e-6)
-  np.testing.assert_allclose(np.delete(sim.max_cos, [1, 5]), 0.0, atol=1e-6)
-  assert sim.frac_above == pytest.approx(2 / 6)
-  assert sim.summary()["frac_above_0.9"] == sim.frac_above
-  rand = rng.normal(size=(12, 8))
-  cross = analysis.dictionary_similarity(rand, rand)
-  np.testing.assert_allclose(cross.max_cos, 1.0, atol=1e-6)
-  assert cross.mean == pytest.approx(1.0, abs=1e-6) and cross.median == pytest.approx(1.0, abs=1e-6)
-  # Brute force within-SAE on random directions.
-  unit = rand / np.linalg.norm(rand, axis=1, keepdims=True)
-  cos = unit @ unit.T
-  np.fill_diagonal(cos, -np.inf)
-  np.testing.assert_allclose(analysis.dictionary_similarity(rand).max_cos, cos.max(1), atol=1e-5)
-  assert analysis.cross_seed_consistency([rand, rand[rng.permutation(12)]]) == pytest.approx(
-      1.0, abs=1e-6)
-  assert analysis.cross_seed_consistency([q[:4], q[4:], q[4:]]) == pytest.approx(
-      (4 * 0.0 + 2 * 1.0) / 6, abs=1e-6)  # ordered pairs: only (q[4:], q[4:]) twice match
-  with pytest.raises(ValueError, match="at least 2 dictionaries"):
-    analysis.cross_seed_consistency([rand])
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("analysis")
@@ -297,7 +269,7 @@ def test_summarise_on_a_trained_group_is_consistent_and_json(trained):
     assert v["matching_score"] == pytest.approx(analysis.matching_score(corr[i])[0], abs=1e-6)
     assert v["dead_latents"] == int(np.sum(np.all(np.asarray(codes[i]) == 0, axis=0)))
     assert v["dictionary"]["mean"] == pytest.approx(
-        analysis.dictionary_similarity(decoders[i]).mean, abs=1e-6)
+        geometry.dictionary_similarity(decoders[i]).mean, abs=1e-6)
     for k, name in enumerate(lm.names):
       entry = v["labels"][name]
       assert entry["corr"] == pytest.approx(corr[i, entry["latent"], k], abs=1e-6)

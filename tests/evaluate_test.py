@@ -1,11 +1,11 @@
-"""Evaluation: metric formulas against closed forms and NumPy, identity / zero SAEs spliced in,
-exact accumulation over batches, vmap equivalence, one compilation per group, spliced
-generation, and the eval job on a tiny trained grid."""
+"""Evaluation: identity / zero SAEs spliced in, exact accumulation over batches against NumPy,
+vmap equivalence, one compilation per group, input validation, and the eval job on a tiny trained
+grid. (The formulas alone: metrics_test.py; generation with SAEs spliced in:
+spliced_generation_test.py.)"""
 # pylint: disable=protected-access,cell-var-from-loop
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,6 @@ from experiments.configs import eval as eval_configs
 from experiments.configs import lm as lm_configs
 from experiments.configs import sae_e2e
 from jaxsae import evaluate as ev
-from jaxsae import generate as generate_lib
 from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
 from jaxsae import train_lm
@@ -86,82 +85,6 @@ def _identity_w_dec(rng):
 def _flat(data, k=None):
   sl = slice(None) if k is None else slice(k, k + 1)
   return data.tokens_KBT[sl], data.mask_KBT[sl], data.next_KBT[sl], data.valid_KBTV[sl]
-
-
-# ------------------------------------------------------------------------------------------------
-# Formulas on arrays.
-
-
-def test_explained_variance_closed_forms():
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(3, 5, 8)) + 2.0, jnp.float32)
-  mask = jnp.asarray(rng.random((3, 5)) < 0.7)
-  mean = np.asarray(x)[np.asarray(mask)].mean(0)
-  for form in ("token_mean", "ratio_of_sums"):
-    assert float(ev.explained_variance(x, x, mask, form=form)) == 1.0
-    # Predicting the token mean explains nothing, in both forms.
-    x_mean = jnp.broadcast_to(jnp.asarray(mean), x.shape)
-    np.testing.assert_allclose(float(ev.explained_variance(x_mean, x, mask, form=form)), 0.0,
-                               atol=1e-5)
-  # The layer-normed form is blind to rescaling the reconstruction.
-  np.testing.assert_allclose(float(ev.explained_variance(3.0 * x, x, mask, layernorm=True)), 1.0,
-                             atol=1e-4)
-  assert float(ev.explained_variance(3.0 * x, x, mask)) < 0
-  # NumPy references of both forms on a random reconstruction.
-  x_hat = x + 0.5 * jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-  xn, xh, m = np.asarray(x, np.float64), np.asarray(x_hat, np.float64), np.asarray(mask)
-  err = ((xh - xn) ** 2).sum(-1)[m]
-  var = ((xn - mean) ** 2).sum(-1)[m]
-  np.testing.assert_allclose(float(ev.explained_variance(x_hat, x, mask)),
-                             np.mean(1 - err / var), rtol=1e-5)
-  np.testing.assert_allclose(float(ev.explained_variance(x_hat, x, mask, form="ratio_of_sums")),
-                             1 - err.sum() / var.sum(), rtol=1e-5)
-
-
-def test_output_metrics_match_numpy():
-  rng = np.random.default_rng(1)
-  a = rng.normal(size=(4, 6, 7)) * 2
-  b = a + rng.normal(size=a.shape)
-  b[0, 0] = a[0, 0]  # one position where the distributions coincide
-  targets = rng.integers(0, 7, size=(4, 6))
-  valid = rng.random(a.shape) < 0.4
-  softmax = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(
-      z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
-  p, q = softmax(a), softmax(b)
-  ref = {"kl": (p * (np.log(p) - np.log(q))).sum(-1), "tv": 0.5 * np.abs(p - q).sum(-1),
-         "ce": -np.log(np.take_along_axis(q, targets[..., None], -1)[..., 0]),
-         "top1": (a.argmax(-1) == b.argmax(-1)).astype(float), "mass": (q * valid).sum(-1)}
-  aj, bj = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-  got = {"kl": ev.token_kl(aj, bj), "tv": ev.token_total_variation(aj, bj),
-         "ce": ev.token_cross_entropy(bj, jnp.asarray(targets)),
-         "top1": ev.token_top1_agreement(aj, bj),
-         "mass": ev.token_grammatical_mass(bj, jnp.asarray(valid))}
-  for k in ref:
-    np.testing.assert_allclose(np.asarray(got[k]), ref[k], rtol=2e-5, atol=1e-6, err_msg=k)
-  assert abs(float(ev.token_kl(aj, bj)[0, 0])) < 1e-6
-  x_hat, x = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
-  np.testing.assert_allclose(np.asarray(ev.token_sq_error(jnp.asarray(x_hat), jnp.asarray(x))),
-                             ((x_hat - x) ** 2).sum(-1), rtol=1e-5)
-  np.testing.assert_allclose(ev.ce_recovered(3.0, [3.0, 2.0, 1.0], 1.0), [0.0, 0.5, 1.0])
-
-
-def test_latent_counts_and_density_histogram():
-  fired = np.array([[0, 1, 5, 11, 50, 100], [0, 0, 0, 0, 0, 10]])
-  c = ev.latent_counts(fired, window=100)
-  np.testing.assert_array_equal(c["alive"], [5, 1])
-  np.testing.assert_array_equal(c["dead"], [1, 5])
-  np.testing.assert_array_equal(c["dense"], [3, 0])  # > 10%: 11, 50, 100 (10 is not)
-  np.testing.assert_allclose(c["dead_fraction"], [1 / 6, 5 / 6])
-  hist = ev.density_histogram(fired, window=100)
-  assert hist.shape == (2, len(ev.DENSITY_BIN_EDGES) - 1)
-  np.testing.assert_array_equal(hist.sum(-1), c["alive"])
-  # log10 frequencies -2, -1.30, -0.96, -0.30, 0 -> bins of width 0.5 starting at -6.
-  expected = np.zeros(12, int)
-  for b in (8, 9, 10, 11, 11):
-    expected[b] += 1
-  np.testing.assert_array_equal(hist[0], expected)
-  assert hist[1, 10] == 1  # frequency 0.1: log10 = -1, the left edge of bin 10
-  assert ev.density_histogram(np.array([1]), window=10**9)[0] == 1  # below 1e-6: first bin
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,39 +244,6 @@ def test_bad_inputs_raise_before_compiling(setup_and_lm, data):
     call(window_tokens=-1)
   with pytest.raises(ValueError, match="variant_loop='scan'"):
     call(variant_loop="scan")
-
-
-# ------------------------------------------------------------------------------------------------
-# Generation with the SAE spliced in.
-
-
-def test_spliced_generation(setup_and_lm):
-  setup, lm_params = setup_and_lm
-  rng = np.random.default_rng(0)
-  spec, params, hyper = _crafted_group(2, [_identity_w_dec(rng), np.zeros((3 * D, D), np.float32)])
-  states = jax.vmap(lambda _: sae_lib.init_state(spec.sae))(jnp.arange(2))
-  g, mc = setup.grammar, setup.model_config
-  key = jax.random.key(5)
-  clean = generate_lib.generate(lm_params, mc, g, key, batch_size=8, max_new_tokens=12)
-
-  def gen(i, positions):
-    st = ev._GenStatic(sae=spec.sae, mode="corrected", positions=positions, site=setup.site,
-                       model_config=mc, prefix_len=g.prefix_len, batch_size=8,
-                       max_new_tokens=12, top_k=0)
-    pick = lambda t: jax.tree.map(lambda a: a[i], t)
-    return np.asarray(ev._generate_spliced(lm_params, pick(params), pick(states),
-                                           pick(hyper.hparams), g, key, jnp.float32(1.0),
-                                           st=st)[0])
-
-  before = ev._generate_spliced._cache_size()
-  np.testing.assert_array_equal(gen(0, "all"), np.asarray(clean.tokens))  # identity SAE
-  zero_all, zero_sentence = gen(1, "all"), gen(1, "sentence")
-  assert ev._generate_spliced._cache_size() == before + 2  # per positions, not per variant
-  # 'sentence' leaves the decorator clean, so the first word is the clean model's; 'all' does not.
-  n = g.prefix_len
-  np.testing.assert_array_equal(zero_sentence[:, n], np.asarray(clean.tokens)[:, n])
-  assert (zero_all[:, n:] != np.asarray(clean.tokens)[:, n:]).any()
-  assert (zero_sentence[:, n + 1:] != np.asarray(clean.tokens)[:, n + 1:]).any()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Tests for jaxsae.interventions: no-op identities, batching, outcome measures against NumPy,
-planted causal effects, generation under interventions, and input validation."""
+token classes, quantiles, generation under interventions (a planted latent), and input
+validation. (Causal predictability: causality_test.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -260,59 +261,11 @@ def test_latent_quantiles_against_numpy():
   np.testing.assert_allclose(got[0], np.quantile(codes, 0.9, axis=0), rtol=1e-5)
 
 
-def test_label_columns_and_pearson(data):
-  names, values = iv.label_columns(DYCK, data.tokens)
-  assert "top_type_after=0" in names and "depth_after" in names
-  depth = np.asarray(grammars.labels(DYCK, data.tokens)["depth_after"])
-  col = values[..., names.index("depth_after")]
-  np.testing.assert_array_equal(np.isnan(col), depth < 0)
-  rng = np.random.default_rng(3)
-  y = values.reshape(-1, len(names))
-  x = rng.random((y.shape[0], 3))
-  x[:, 1] = np.nan_to_num(y[:, names.index("depth_after")]) + 0.1 * x[:, 0]
-  corr = iv.pearson(x, y)
-  for k in (names.index("depth_after"), names.index("is_open")):
-    ok = np.isfinite(y[:, k])
-    for f in range(3):
-      np.testing.assert_allclose(corr[f, k], np.corrcoef(x[ok, f], y[ok, k])[0, 1], rtol=1e-6)
-  assert corr[1, names.index("depth_after")] > 0.9
-
-
-def test_english_expectations_come_from_data():
-  eng = grammars.get("english")
-  batch = grammars.sample(jax.random.key(4), eng, 16, 28)
-  tokens, mask = np.asarray(batch.tokens), np.asarray(batch.sentence_mask)
-  cats = eng.info.categories
-  # Part-of-speech columns built from the lexicon (the sampled sentences are grammatical), so
-  # the test does not need the CKY labeller.
-  cat_of = {i: w.rstrip("0123456789") for i, w in enumerate(eng.vocab[:eng.n_terminals])}
-  stem = {"noun": "N", "verb": "V", "adj": "Adj", "pro": "Pro", "adv": "Adv", "conj": "Conj"}
-  pos = np.full(tokens.shape, -1)
-  for (b, t) in zip(*np.nonzero(mask)):
-    pos[b, t] = cats.index(stem[cat_of[int(tokens[b, t])]])
-  names = tuple(f"pos={c}" for c in cats) + ("eos_legal", "depth")
-  values = np.stack([np.where(pos >= 0, (pos == i).astype(float), np.nan)
-                     for i in range(len(cats))] + [np.zeros(tokens.shape)] * 2, -1)
-  exp = iv.expected_effects(eng, names, tokens, mask, label_values_BTK=values)
-  classes, member = iv.token_classes(eng)
-  assert set(exp) == set(names[:len(cats)]) | {"eos_legal"}  # depth: no expectation
-  np.testing.assert_array_equal(exp["eos_legal"], member[:, eng.eos_id].astype(float))
-  # NP -> Adj N: an adjective is always followed by a noun, which nothing else is as often.
-  w = exp["pos=Adj"]
-  assert classes[int(np.argmax(w))] == "N" and w[classes.index("eos")] < 0
-  # Against P(next class | label) − P(next class | not label), counted directly.
-  nxt = np.array([[classes.index("eos") if v == eng.eos_id else 1 + cats.index(
-      stem[cat_of[int(v)]]) if v < eng.n_terminals else -1 for v in row[1:]] for row in tokens])
-  sel, lab = mask[:, :-1], pos[:, :-1]
-  for c in ("N", "Adv"):
-    i = cats.index(c)
-    want = [np.mean(nxt[sel & (lab == i)] == j) - np.mean(nxt[sel & (lab != i)] == j)
-            for j in range(len(classes))]
-    np.testing.assert_allclose(exp[f"pos={c}"], want, atol=1e-12)
-
-
 # ------------------------------------------------------------------------------------------------
-# Causal predictability.
+# Generation.
+
+
+GEN = dict(batch_size=16, max_new_tokens=20, temperature=2.0)
 
 
 def _planted(lm, sign):
@@ -327,78 +280,6 @@ def _planted(lm, sign):
   d = np.linalg.pinv(np.asarray(lm["wte"], np.float64)) @ target
   params["w_dec"] = params["w_dec"].at[5].set(jnp.asarray(d, jnp.float32))
   return config, params
-
-
-def test_causal_predictability_counts_planted_latent(lm, data):
-  names, _ = iv.label_columns(DYCK, data.tokens)
-  k = names.index("stack_empty_after")
-  results = {}
-  for sign, corr_sign in ((1, 1), (-1, 1), (1, -1)):
-    config, params = _planted(lm, sign)
-    corr = np.zeros((config.width, len(names)))
-    corr[5, k] = 0.9 * corr_sign
-    corr[3, names.index("match_distance")] = 0.8  # no expected effect: untestable
-    corr[7, k] = 0.7  # never fires: not tested
-    corr[2, k] = 0.1  # below the threshold
-    out = iv.causal_predictability(lm, MC, "ln_final", params, config,
-                                   sae_lib.default_hparams(config), data.tokens,
-                                   data.sentence_mask, DYCK, corr, names, threshold=0.5,
-                                   high_scale=3.0)
-    assert (out["n_strong"], out["n_tested"], out["n_untestable_label"],
-            out["n_inactive_latent"]) == (3, 1, 1, 1)
-    pair = out["pairs"][0]
-    assert pair["latent"] == 5 and pair["label"] == "stack_empty_after"
-    assert pair["high_value"] == pytest.approx(3.0)  # 3 × its only active value
-    results[(sign, corr_sign)] = (pair, out)
-  pair, out = results[(1, 1)]
-  assert pair["as_predicted"] and out["fraction_as_predicted"] == 1.0
-  assert pair["shift"]["eos"] > 0.1 and pair["shift_high_vs_spliced"]["eos"] > 0.05
-  assert out["not_as_predicted"] == [] and out["mean_effect"] > 0
-  for key in ((-1, 1), (1, -1)):  # reversed planting, or the label anti-correlated
-    pair, out = results[key]
-    assert not pair["as_predicted"] and out["fraction_as_predicted"] == 0.0
-    assert out["not_as_predicted"] == [pair] and out["mean_effect"] < 0
-  assert results[(-1, 1)][0]["shift"]["eos"] < 0
-
-
-def test_score_pairs_against_fake_outcomes():
-  classes = ("eos", "close", "close0", "close1")
-  names = ("a", "b", "c")
-  expected = {"a": np.array([1.0, -1.0, 0, 0]), "b": np.array([0, 0, 1.0, -1.0])}
-  corr = np.array([[0.9, 0.0, 0.95], [0.0, -0.6, 0.0], [0.55, 0.0, 0.0], [np.nan, 0.8, 0.0]])
-  planted = {0: np.array([0.2, -0.1, 0, 0]), 1: np.array([0, 0, 0.3, -0.1]),
-             2: np.array([-0.1, 0.3, 0, 0]), 3: np.array([0, 0, -0.05, 0.05])}
-  calls = []
-
-  def shift_fn(latents):
-    calls.append(latents.tolist())
-    return np.stack([planted[int(f)] for f in latents]), [{} for _ in latents]
-
-  out = iv.score_pairs(corr, names, expected, classes, shift_fn, threshold=0.5, max_pairs=3)
-  # The 3 strongest of the 4 testable pairs ((2, a) is the weakest); c has no expected effect.
-  assert calls == [[0, 1, 3]]
-  assert (out["n_strong"], out["n_untestable_label"], out["n_testable"], out["n_tested"]) == (
-      5, 1, 4, 3)
-  got = {(p["latent"], p["label"]): p for p in out["pairs"]}
-  assert set(got) == {(0, "a"), (1, "b"), (3, "b")}
-  for (f, lab), p in got.items():
-    w = expected[lab]
-    effect = w @ planted[f] / np.abs(w).sum()
-    assert p["effect"] == pytest.approx(effect)
-    assert p["as_predicted"] == (np.sign(corr[f, names.index(lab)]) * effect > 0)
-  # Strongest first. 0: eos up, close down: as predicted; 3: close0 down: against; 1: close0
-  # up but corr < 0: against.
-  assert [p["latent"] for p in out["pairs"]] == [0, 3, 1]
-  assert [p["as_predicted"] for p in out["pairs"]] == [True, False, False]
-  assert out["fraction_as_predicted"] == pytest.approx(1 / 3)
-  assert len(out["not_as_predicted"]) == 2
-
-
-# ------------------------------------------------------------------------------------------------
-# Generation.
-
-
-GEN = dict(batch_size=16, max_new_tokens=20, temperature=2.0)
 
 
 def test_generation_stats_noop_equals_plain_spliced_generation(lm, sae):
@@ -482,5 +363,3 @@ def test_bad_inputs_raise_clear_errors(lm, sae, data):
   with pytest.raises(ValueError, match="positions=None"):
     iv.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, jax.random.key(0),
                         iv.zero(1, np.ones(tokens.shape, bool)))
-  with pytest.raises(ValueError, match="one name per column"):
-    iv.score_pairs(np.zeros((4, 2)), ("a",), {}, ("eos",), lambda f: None)

@@ -1,0 +1,78 @@
+"""Report plots: each writes a valid PNG of its figure's size (creating the directory), with NaN,
+"nan"-string and frozen points mixed in; heatmap rows against an argsort reference; colours fixed
+per SAE type whatever the input order; and clear errors for mismatched inputs."""
+
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from jaxsae import report_plots
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path):
+  with open(path, "rb") as f:
+    head = f.read(24)
+  assert head[:8] == PNG_MAGIC and head[12:16] == b"IHDR", path
+  return struct.unpack(">II", head[16:24])
+
+
+def _points():
+  rng = np.random.default_rng(0)
+  pts = {t: [{"id": f"{t}{i}", "l0": float(v), "ce_increase": float(c)}
+             for i, (v, c) in enumerate(zip(rng.uniform(1, 100, 6), rng.uniform(0, 1, 6)))]
+         for t in ("local", "e2e", "topk")}
+  pts["local"][0]["ce_increase"] = "nan"  # never drawn
+  pts["e2e"][1]["l0"] = float("inf")
+  pts["topk"][2]["frozen"] = True  # drawn as a cross, off the front
+  return pts
+
+
+def test_tradeoff_plots_write_pngs_of_their_figure_size(tmp_path):
+  pts = _points()
+  path = str(tmp_path / "new" / "dir" / "l0_vs_ce.png")
+  assert report_plots.plot_l0_vs_ce(path, pts) == path
+  assert _png_size(path) == (640, 440)  # 6.4 × 4.4 inches at 100 dpi
+  gram = {t: [dict(p, grammaticality=p["ce_increase"]) for p in ps] for t, ps in pts.items()}
+  path = report_plots.plot_l0_vs_grammaticality(str(tmp_path / "g.png"), gram, clean="0.9")
+  assert _png_size(path) == (640, 440)
+  empty = report_plots.plot_tradeoff(str(tmp_path / "e.png"), {}, "l0", "kl")
+  assert os.path.getsize(empty) > 0
+
+
+def test_grid_and_feature_recovery_plots(tmp_path):
+  grid = {"values": [[0.5, np.nan], [0.7, 0.9]], "rows": [1.0, 4.0], "cols": [2, 4],
+          "row_field": "sparsity_coeff", "col_field": "expansion"}
+  path = report_plots.plot_grids(str(tmp_path / "grid.png"), {"local": grid, "topk": grid},
+                                 "title", vmin=0.0, vmax=1.0)
+  assert _png_size(path) == (720, 340)  # two panels of 3.6 × 3.4 inches
+  recovery = {t: {"mean_best_abs_corr": {"depth": 0.9, "open": np.nan},
+                  "mean_matching_score": 0.5} for t in ("local", "e2e")}
+  w, h = _png_size(report_plots.plot_feature_recovery(str(tmp_path / "fr.png"), recovery))
+  assert w >= 500 and h == 400
+
+
+def test_correlation_heatmap_rows_and_errors(tmp_path):
+  rng = np.random.default_rng(1)
+  corr = rng.uniform(-1, 1, (20, 3))
+  corr[4] = np.nan  # NaN counts as 0: never among the top rows here
+  corr[7, 2] = -0.999  # the strongest, by absolute value
+  rows = report_plots.top_latents(corr, top=5)
+  ref = np.argsort(-np.abs(np.nan_to_num(corr)).max(axis=1), kind="stable")[:5]
+  np.testing.assert_array_equal(rows, ref)
+  assert rows[0] == 7 and 4 not in rows
+  path = report_plots.plot_correlation(str(tmp_path / "c.png"), corr, ["a", "b", "c"], top=5)
+  _png_size(path)
+  with pytest.raises(ValueError, match="3 label names"):
+    report_plots.plot_correlation(str(tmp_path / "x.png"), corr[:, :2], ["a", "b", "c"])
+  with pytest.raises(ValueError, match=r"must be \[F, K\]"):
+    report_plots.top_latents(np.zeros(4))
+
+
+def test_colours_are_fixed_per_type():
+  a = report_plots._colours(["topk", "local", "e2e"])  # pylint: disable=protected-access
+  b = report_plots._colours(["e2e", "topk", "local"])  # pylint: disable=protected-access
+  assert a == b and len(set(a.values())) == 3

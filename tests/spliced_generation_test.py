@@ -1,0 +1,147 @@
+"""Spliced generation: the jitted generation loop with an SAE spliced in (identity SAE = the
+clean model, 'sentence' leaves the decorator clean, one compilation per positions value), and
+`spliced_grammaticality` against the clean model and against `generate.grammaticality` with the
+same replacement as a closure."""
+# pylint: disable=protected-access
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import lm as lm_configs
+from experiments.configs import sae_e2e
+from jaxsae import generate as generate_lib
+from jaxsae import sae as sae_lib
+from jaxsae import spliced_generation as sg
+from jaxsae import train_lm
+from jaxsae import train_sae
+
+D = 32  # the smoke LM's width
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures: an untrained smoke LM (params scaled up so that SAEs change its generations), its grid
+# setup, and a crafted ReLU group whose variants are an identity and a zero SAE.
+
+
+@pytest.fixture(scope="module")
+def setup_and_lm(tmp_path_factory):
+  lm_dir = train_lm.write_untrained(lm_configs.get_config("language=dyck2,smoke"),
+                                    str(tmp_path_factory.mktemp("lm") / "dyck2"))
+  c = sae_e2e.get_config(f"language=dyck2,smoke,lm_workdir={lm_dir}")
+  c.sweep = [{"set": {"loss": "local"}}]
+  setup, lm, _ = train_sae.prepare(c)
+  return setup, jax.tree.map(lambda p: 8.0 * p, lm.params)
+
+
+def _crafted_group(n_variants: int, w_decs):
+  """A ReLU group of width 3D without biases: w_enc = [I, -I, 0], w_dec given per variant."""
+  specs, _ = train_sae.build_groups(
+      [{"product": {"seed": list(range(n_variants))},
+        "set": {"expansion": 3, "enc_bias": False, "dec_bias": False, "decoder_norm": "none",
+                "init": "menon"}}], D)
+  spec, = specs
+  eye = np.eye(D, dtype=np.float32)
+  w_enc = np.concatenate([eye, -eye, np.zeros_like(eye)], axis=1)
+  params = {"w_enc": jnp.asarray(np.stack([w_enc] * n_variants)),
+            "w_dec": jnp.asarray(np.stack(w_decs))}
+  return spec, params, train_sae.group_hyper(spec)
+
+
+def _identity_w_dec(rng):
+  eye = np.eye(D, dtype=np.float32)
+  # The third block never fires, so its decoder rows do not matter: random, to prove it.
+  return np.concatenate([eye, -eye, rng.normal(size=(D, D)).astype(np.float32)], axis=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The generation loop.
+
+
+def test_spliced_generation(setup_and_lm):
+  setup, lm_params = setup_and_lm
+  rng = np.random.default_rng(0)
+  spec, params, hyper = _crafted_group(2, [_identity_w_dec(rng), np.zeros((3 * D, D), np.float32)])
+  states = jax.vmap(lambda _: sae_lib.init_state(spec.sae))(jnp.arange(2))
+  g, mc = setup.grammar, setup.model_config
+  key = jax.random.key(5)
+  clean = generate_lib.generate(lm_params, mc, g, key, batch_size=8, max_new_tokens=12)
+
+  def gen(i, positions):
+    st = sg._GenStatic(sae=spec.sae, mode="corrected", positions=positions, site=setup.site,
+                       model_config=mc, prefix_len=g.prefix_len, batch_size=8,
+                       max_new_tokens=12, top_k=0)
+    pick = lambda t: jax.tree.map(lambda a: a[i], t)
+    return np.asarray(sg._generate_spliced(lm_params, pick(params), pick(states),
+                                           pick(hyper.hparams), g, key, jnp.float32(1.0),
+                                           st=st)[0])
+
+  before = sg._generate_spliced._cache_size()
+  np.testing.assert_array_equal(gen(0, "all"), np.asarray(clean.tokens))  # identity SAE
+  zero_all, zero_sentence = gen(1, "all"), gen(1, "sentence")
+  assert sg._generate_spliced._cache_size() == before + 2  # per positions, not per variant
+  # 'sentence' leaves the decorator clean, so the first word is the clean model's; 'all' does not.
+  n = g.prefix_len
+  np.testing.assert_array_equal(zero_sentence[:, n], np.asarray(clean.tokens)[:, n])
+  assert (zero_all[:, n:] != np.asarray(clean.tokens)[:, n:]).any()
+  assert (zero_sentence[:, n + 1:] != np.asarray(clean.tokens)[:, n + 1:]).any()
+
+
+# ------------------------------------------------------------------------------------------------
+# Spliced grammaticality of a group.
+
+
+def _parts(setup, lm_params, spec, params, hyper):
+  """`(setup, lm_params, group_states, hypers)` of a grid made of the one crafted group."""
+  state = train_sae.init_group(spec, setup, None).replace(params=params)
+  return dataclasses.replace(setup, specs=(spec,)), lm_params, (state,), (hyper,)
+
+
+def test_spliced_grammaticality_against_clean_and_closure_generation(setup_and_lm):
+  setup, lm_params = setup_and_lm
+  rng = np.random.default_rng(1)
+  spec, params, hyper = _crafted_group(2, [_identity_w_dec(rng), np.zeros((3 * D, D), np.float32)])
+  parts = _parts(setup, lm_params, spec, params, hyper)
+  kw = dict(seed=4, num_batches=2, batch_size=8, max_new_tokens=12, temperature=1.0, top_k=0)
+  out = sg.spliced_grammaticality(parts, modes=("corrected", "original"), positions=("all",),
+                                  **kw)
+  assert set(out["variants"]) == set(spec.ids) and len(spec.ids) == 2
+  ident, zero = (out["variants"][vid] for vid in spec.ids)
+  # Common random numbers: the identity SAE generates the clean model's sequences. (An untrained
+  # LM is rarely grammatical, so `finished`, the fraction that emitted <eos>, is the telling
+  # number here.)
+  assert ident["corrected/all"]["per_batch"] == out["clean"]["per_batch"]
+  assert ident["corrected/all"]["finished"] == out["clean"]["finished"]
+  # Without input / recon norm both splice modes are one function.
+  assert zero["original/all"] == zero["corrected/all"]
+  # The zero SAE at every position = generate.grammaticality with a zeroing replacement, batch i
+  # drawn from fold_in(fold_in(key(seed), GENERATION_STREAM), i).
+  key = jax.random.fold_in(jax.random.key(4), sg.GENERATION_STREAM)
+  ref = generate_lib.grammaticality(lm_params, setup.model_config, setup.grammar, key,
+                                    num_batches=2, batch_size=8, max_new_tokens=12,
+                                    replace={setup.site: jnp.zeros_like})
+  assert zero["corrected/all"]["per_batch"] == ref["per_batch"]
+  assert zero["corrected/all"]["finished"] == ref["finished"]
+  assert out["settings"] == {"seed": 4, "num_batches": 2, "batch_size": 8, "max_new_tokens": 12,
+                             "temperature": 1.0, "top_k": 0}
+
+
+def test_spliced_grammaticality_rejects_bad_options(setup_and_lm):
+  setup, lm_params = setup_and_lm
+  spec, params, hyper = _crafted_group(1, [np.zeros((3 * D, D), np.float32)])
+  parts = _parts(setup, lm_params, spec, params, hyper)
+  with pytest.raises(ValueError, match="modes: 'raw' is unknown"):
+    sg.spliced_grammaticality(parts, modes=("raw",))
+  with pytest.raises(ValueError, match="positions: 'middle' is unknown"):
+    sg.spliced_grammaticality(parts, positions=("middle",))
+  with pytest.raises(ValueError, match="at least one mode"):
+    sg.spliced_grammaticality(parts, modes=())
+  with pytest.raises(ValueError, match="num_batches=0"):
+    sg.spliced_grammaticality(parts, num_batches=0)
+  with pytest.raises(ValueError, match="takes a train_sae.Trained or a tuple"):
+    sg.spliced_grammaticality(setup)
+  with pytest.raises(ValueError, match="1 group states and 2 hypers"):
+    sg.spliced_grammaticality(parts[:3] + ((hyper, hyper),))
