@@ -34,18 +34,24 @@ Prints one JSON object with, per (loss, N):
 Also printed: the issue's reference numbers and targets, and whether each target is met.
 Numbers from a shared machine are noisy; `load_average` is recorded before and after.
 
-Last measured (`--quick`, jax 0.10.2, 2 CPU cores shared with other jobs, load average ≈ 7.5,
-i.e. about one core for us; matmul peak measured in the same run 214 GFLOP/s), variant-tokens/s
-(× PyTorch's per-SAE reference) and fraction of peak:
+Last measured (`--quick`, commit 2a36c7e, jax 0.10.2, 2 CPU cores, idle: load average 0.65
+before and 1.4 after; matmul peak measured in the same run 465 GFLOP/s), variant-tokens/s
+(× PyTorch e2e_sae's per-SAE rate: 40k local, 27k e2e and e2e_ds) and fraction of peak:
 
 | loss | N=1 | N=8 | N=32 |
 |---|---|---|---|
-| local | 25.0k (0.62×), 0.21 | 25.1k (0.63×), 0.16 | 27.0k (0.68×), 0.17 |
-| e2e | 15.6k (0.58×), 0.24 | 17.1k (0.63×), 0.19 | 12.2k (0.45×), 0.13 |
-| e2e_ds | 14.6k (0.54×), 0.22 | 16.2k (0.60×), 0.19 | 10.7k (0.40×), 0.12 |
+| local | 89k (2.2×), 0.34 | 157k (3.9×), 0.46 | 173k (4.3×), 0.49 |
+| e2e | 41k (1.5×), 0.28 | 66k (2.4×), 0.35 | 69k (2.6×), 0.35 |
+| e2e_ds | 40k (1.5×), 0.28 | 66k (2.4×), 0.34 | 67k (2.5×), 0.34 |
 
-e2e cost per variant / local: 1.6, 1.5, 2.2 (N = 1, 8, 32). Bare SAE step: 0.29 (N=1) and 0.22
-(N=32) of peak. No target is met under that load; re-measure on an idle machine.
+e2e cost per variant / local: 2.2 (N=1), 2.4 (N=8), 2.5 (N=32). Bare SAE step: 0.33 of peak
+(N=1 and N=32). Targets: ≥ 3× PyTorch per variant in every mode — met for local from N=8,
+not for e2e / e2e_ds (2.5-2.6× at N=32); e2e ≤ 2× local — not met (2.5×); N=32 local at
+≥ 50% of peak — 49%, just short. Before the CPU fixes (variants run one by one inside the
+step with `lax.map` instead of `vmap`, whose batched multiplies XLA's CPU backend runs 3-4×
+slower; attention with batch and heads merged) the same N=32 figures were local 96k (0.27 of
+peak) and e2e 36k. What remains in e2e is the spliced forward + backward through block 1
+(≈ 40 ms per variant at this shape, of which attention's small batched multiplies ≈ 11 ms).
 """
 
 from __future__ import annotations
