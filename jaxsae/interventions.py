@@ -619,7 +619,7 @@ def generation_stats(lm_params: model_lib.Params, model_config: model_lib.ModelC
                      key: jax.Array, intervention: Intervention | None = None, *,
                      splice_mode: str = "corrected", sae_state: sae_lib.SAEState | None = None,
                      num_batches: int = 2, batch_size: int = 64,
-                     max_new_tokens: int = generate_lib.MAX_NEW_TOKENS,
+                     max_new_tokens: int | None = None,
                      temperature: float = 1.0, include_prompt: bool = True,
                      return_tokens: bool = False) -> dict[str, Any]:
   """Statistics of generations with the SAE spliced at `site` and its codes edited.
@@ -634,6 +634,10 @@ def generation_stats(lm_params: model_lib.Params, model_config: model_lib.ModelC
       None: the plain splice. `patch` is not supported here (no aligned source).
     include_prompt: also edit the 7 decorator positions; False edits generated positions only.
     return_tokens: add the generated tokens (int32 [num_batches·B, 7 + max_new_tokens]).
+    max_new_tokens: generation budget after the decorator; None (default): the spec's
+      `generate.MAX_NEW_TOKENS`, capped to what the model's context leaves after the decorator
+      (`min(MAX_NEW_TOKENS, model_config.context - grammar.prefix_len)`, the cap `evaluate`
+      and `spliced_generation` apply too).
     Others: as `generate.grammaticality`.
 
   Returns:
@@ -657,6 +661,8 @@ def generation_stats(lm_params: model_lib.Params, model_config: model_lib.ModelC
     raise ValueError(f"num_batches must be a positive int, got {num_batches!r}.")
   if not float(temperature) > 0:
     raise ValueError(f"temperature must be > 0, got {temperature}.")
+  if max_new_tokens is None:
+    max_new_tokens = min(generate_lib.MAX_NEW_TOKENS, model_config.context - grammar.prefix_len)
   names, member_CV = token_classes(grammar)
   recogniser = generate_lib.jitted_for(grammar, grammars.is_grammatical)
   fractions, finished, lengths, counts, all_tokens = [], [], [], [], []

@@ -37,6 +37,7 @@ import numpy as np
 
 from jaxsae import analysis
 from jaxsae import causality
+from jaxsae import comparison
 from jaxsae import evaluate
 from jaxsae import report as report_lib
 from jaxsae import sae as sae_lib
@@ -141,7 +142,7 @@ def _stage_fingerprints(config) -> dict[str, str]:
   return fp
 
 
-_REPORT_VERSION = 1  # bump when the report's content changes, to re-render old workdirs
+_REPORT_VERSION = 2  # bump when the report's content changes, to re-render old workdirs
 
 
 def validate_config(config) -> None:
@@ -242,7 +243,7 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
   lmat = batch.label_matrix()
   features: dict[str, Any] = {"columns": None, "variants": {}}
   corr: dict[str, np.ndarray] = {}
-  hparams_by_id, where = {}, {}
+  hparams_by_id = {}
   t0 = time.perf_counter()
   for gi, spec in enumerate(setup.specs):
     codes = analysis.collect_codes(trained, gi, batch.tokens_BT, batch.mask_BT)
@@ -255,7 +256,6 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
     for i, vid in enumerate(spec.ids):
       corr[vid] = cmat[i]
       hparams_by_id[vid] = spec.values[i]
-      where[vid] = (gi, i)
     elapsed = time.perf_counter() - t0
     eta = elapsed / (gi + 1) * (len(setup.specs) - gi - 1)
     logging.info("analysis: group %d/%d (%s, %d SAEs) done, ETA %.0f s", gi + 1,
@@ -263,7 +263,7 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
   names = [c["name"] for c in features["columns"]]
   _write_json(os.path.join(out_dir, "features.json"), features)
 
-  types = {vid: report_lib.sae_type(dict(h)) for vid, h in hparams_by_id.items()}
+  types = {vid: comparison.sae_type(dict(h)) for vid, h in hparams_by_id.items()}
   ev = _read_json(os.path.join(eval_dir, "eval.json"), {}) if eval_dir else {}
   ok = {vid for vid, v in ev.get("variants", {}).items()
         if isinstance(v.get("ce_increase"), (int, float)) and np.isfinite(v["ce_increase"])}
@@ -278,16 +278,13 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
                             "variants": {}}
   if a.causal:
     for n, vid in enumerate(tested):
-      gi, i = where[vid]
-      spec = setup.specs[gi]
-      one = lambda t, i=i: jax.tree.map(lambda x: x[i], t)
+      v = train_sae.variant(trained, vid)
       t1 = time.perf_counter()
       res = causality.causal_predictability(
-          trained.lm.params, setup.model_config, setup.site,
-          one(trained.state.groups[gi].params), spec.sae, one(trained.hypers[gi].hparams),
+          trained.lm.params, setup.model_config, setup.site, v.params, v.sae_config, v.hparams,
           batch.tokens_BT, batch.mask_BT, setup.grammar, _corr_on_positions(corr[vid]),
-          names, threshold=a.threshold, max_pairs=a.max_pairs, splice_mode=spec.splice_mode,
-          sae_state=one(trained.state.groups[gi].sae_state), empirical_fallback=True)
+          names, threshold=a.threshold, max_pairs=a.max_pairs, splice_mode=v.splice_mode,
+          sae_state=v.sae_state, empirical_fallback=True)
       causal["variants"][vid] = res
       logging.info("analysis: causal predictability %d/%d (%s, %s): %s of %s pairs as "
                    "predicted (%.0f s)", n + 1, len(tested), vid, types[vid],

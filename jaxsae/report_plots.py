@@ -1,4 +1,4 @@
-"""The report's plots: matplotlib figures of the numbers `report.py` derives, as PNG files.
+"""The report's plots: matplotlib figures of the numbers `comparison.py` derives, as PNG files.
 
 Every function draws on matplotlib's Agg canvas (no pyplot state, safe in threads and on
 headless machines), writes one PNG and returns its path; `report.write_report` calls them, and
@@ -6,22 +6,18 @@ notebooks can call them on the same inputs:
 
 - `plot_tradeoff` (and its presets `plot_l0_vs_ce`, `plot_alive_vs_ce`,
   `plot_l0_vs_grammaticality`): a metric against another per SAE type, with each type's Pareto
-  front (`report.pareto_front`);
-- `plot_grids`: heatmaps of `report.grid_table` grids (Menon et al.'s k/α × expansion layout);
+  front (`comparison.pareto_front`); CE increases (1e-4 .. a few nats, sometimes slightly
+  negative) on a symmetric-log axis;
+- `plot_grids`: heatmaps of `comparison.grid_table` grids (Menon et al.'s k/α × expansion
+  layout);
 - `plot_correlation`: the latent × label correlations of one SAE, its `top_latents` rows;
 - `plot_feature_recovery`: best |corr| per label and matching score per SAE type
-  (`report.feature_recovery`).
+  (`comparison.feature_recovery`).
 
-SAE types (`report.sae_type`) get fixed colours, in the report's canonical type order. Points
-with a non-finite coordinate are never drawn; frozen variants are drawn as crosses and left off
-the fronts.
-
-This module and `report.py` import each other: `write_report` draws these plots, and the plots
-use the report's Pareto fronts, type order, metric names and number formatting. Every
-cross-reference is made at call time, so either module can be imported first.
+SAE types (`comparison.sae_type`) get fixed colours, in the canonical type order. Points with a
+non-finite coordinate are never drawn; frozen variants are drawn as crosses and left off the
+fronts. The points come from `comparison.points_by_type(rows, ..., include_frozen=True)`.
 """
-# The report's private number formatting, metric names and type order are shared with the plots.
-# pylint: disable=protected-access
 
 from __future__ import annotations
 
@@ -34,14 +30,16 @@ import matplotlib.figure
 from matplotlib.backends import backend_agg
 import numpy as np
 
-from jaxsae import report
+from jaxsae import comparison
+
+CE_LINTHRESH = 1e-3  # CE increase axes: linear within ±1e-3 nats, logarithmic beyond
 
 
 def _colours(types: Sequence[str]) -> dict[str, Any]:
   palette = [matplotlib.colors.to_hex(c) for c in
              ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
               "tab:pink", "tab:gray", "tab:olive", "tab:cyan")]
-  ordered = sorted(types, key=report._type_key)
+  ordered = sorted(types, key=comparison.type_sort_key)
   return {t: palette[i % len(palette)] for i, t in enumerate(ordered)}
 
 
@@ -58,10 +56,18 @@ def _save(fig: matplotlib.figure.Figure, path: str) -> str:
   return path
 
 
+def _spans_decades(values: Sequence[float], floor: float) -> bool:
+  """Whether the largest |value| is more than 20× the smallest non-zero one (or `floor`)."""
+  a = np.abs(np.asarray(values, np.float64))
+  a = a[a > 0]
+  return bool(a.size) and float(a.max()) > 20 * max(float(a.min()), floor)
+
+
 def plot_tradeoff(path: str, points_by_type: Mapping[str, Sequence[Mapping[str, Any]]],
                   x: str, y: str, *, higher_x_better: bool = False,
                   higher_y_better: bool = False, hline: float | None = None,
-                  hline_label: str = "", title: str = "") -> str:
+                  hline_label: str = "", title: str = "", yscale: str = "linear",
+                  linthresh: float = CE_LINTHRESH) -> str:
   """Scatter of y against x coloured by SAE type, with each type's Pareto front drawn.
 
   Points with a non-finite coordinate are not drawn; frozen points (`"frozen": True`) are drawn
@@ -75,34 +81,54 @@ def plot_tradeoff(path: str, points_by_type: Mapping[str, Sequence[Mapping[str, 
     hline: optional horizontal reference line (e.g. the clean model's grammaticality).
     hline_label: its legend entry.
     title: axes title.
+    yscale: "linear", "log", or "symlog" (logarithmic beyond ±`linthresh`, linear within: for
+      values spanning decades that can touch or cross 0, like CE increases). "symlog" falls
+      back to linear when the drawn |y| span less than 20× above `linthresh` (within one
+      decade a symlog axis would carry no tick labels).
+    linthresh: the linear range of "symlog".
+
+  Raises:
+    ValueError: an unknown `yscale` or a non-positive `linthresh`.
   """
+  if yscale not in ("linear", "log", "symlog"):
+    raise ValueError(f"yscale={yscale!r} is unknown; use 'linear', 'log' or 'symlog'.")
+  if not linthresh > 0:
+    raise ValueError(f"linthresh={linthresh} must be > 0 (the symlog axis's linear range).")
   fig = _new_figure(6.4, 4.4)
   ax = fig.add_subplot(1, 1, 1)
   colours = _colours(list(points_by_type))
-  all_x = []
-  for t in sorted(points_by_type, key=report._type_key):
+  all_x, all_y = [], []
+  for t in sorted(points_by_type, key=comparison.type_sort_key):
     pts = [p for p in points_by_type[t]
-           if report._finite(p.get(x)) and report._finite(p.get(y))]
+           if comparison.is_finite(p.get(x)) and comparison.is_finite(p.get(y))]
     live = [p for p in pts if not p.get("frozen", False)]
     dead = [p for p in pts if p.get("frozen", False)]
-    xs = np.array([report._num(p[x]) for p in live])
-    ys = np.array([report._num(p[y]) for p in live])
-    all_x += list(xs) + [report._num(p[x]) for p in dead]
+    xs = np.array([comparison.as_float(p[x]) for p in live])
+    ys = np.array([comparison.as_float(p[y]) for p in live])
+    all_x += list(xs) + [comparison.as_float(p[x]) for p in dead]
+    all_y += list(ys) + [comparison.as_float(p[y]) for p in dead]
     if live:
       ax.scatter(xs, ys, color=colours[t], label=t, s=24, alpha=0.85)
-      front = report.pareto_front(xs, ys, higher_x_better=higher_x_better,
-                           higher_y_better=higher_y_better)
+      front = comparison.pareto_front(xs, ys, higher_x_better=higher_x_better,
+                                      higher_y_better=higher_y_better)
       ax.plot(xs[front], ys[front], color=colours[t], lw=1.2, alpha=0.9)
     if dead:
-      ax.scatter([report._num(p[x]) for p in dead], [report._num(p[y]) for p in dead],
+      ax.scatter([comparison.as_float(p[x]) for p in dead],
+                 [comparison.as_float(p[y]) for p in dead],
                  color=colours[t], marker="x", s=30, label=f"{t} (frozen)")
-  if hline is not None and report._finite(hline):
-    ax.axhline(report._num(hline), color="black", ls="--", lw=1, label=hline_label or None)
+  if hline is not None and comparison.is_finite(hline):
+    ax.axhline(comparison.as_float(hline), color="black", ls="--", lw=1,
+               label=hline_label or None)
   if all_x and min(all_x) > 0 and max(all_x) / min(all_x) > 20:
     ax.set_xscale("log")
-  ax.set_xlabel(report._NAMES.get(x, x))
-  ax.set_ylabel(report._NAMES.get(y, y))
-  ax.set_title(title or f"{report._NAMES.get(y, y)} vs {report._NAMES.get(x, x)}")
+  if yscale == "symlog" and _spans_decades(all_y, linthresh):
+    ax.set_yscale("symlog", linthresh=linthresh)
+  elif yscale == "log":
+    ax.set_yscale("log")
+  x_name, y_name = (comparison.METRIC_NAMES.get(m, m) for m in (x, y))
+  ax.set_xlabel(x_name)
+  ax.set_ylabel(y_name)
+  ax.set_title(title or f"{y_name} vs {x_name}")
   ax.grid(alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=7)
@@ -110,13 +136,14 @@ def plot_tradeoff(path: str, points_by_type: Mapping[str, Sequence[Mapping[str, 
 
 
 def plot_l0_vs_ce(path: str, points_by_type) -> str:
-  """CE increase against L0 per SAE type, with Pareto fronts (the e2e paper's figure)."""
-  return plot_tradeoff(path, points_by_type, "l0", "ce_increase")
+  """CE increase against L0 per SAE type, with Pareto fronts (the e2e paper's figure); CE
+  increase on a symlog axis (linear within ±`CE_LINTHRESH`) when it spans decades."""
+  return plot_tradeoff(path, points_by_type, "l0", "ce_increase", yscale="symlog")
 
 
 def plot_alive_vs_ce(path: str, points_by_type) -> str:
-  """CE increase against alive latents per SAE type, with Pareto fronts."""
-  return plot_tradeoff(path, points_by_type, "alive", "ce_increase")
+  """CE increase (symlog axis) against alive latents per SAE type, with Pareto fronts."""
+  return plot_tradeoff(path, points_by_type, "alive", "ce_increase", yscale="symlog")
 
 
 def plot_l0_vs_grammaticality(path: str, points_by_type, clean: float | None = None) -> str:
@@ -127,7 +154,7 @@ def plot_l0_vs_grammaticality(path: str, points_by_type, clean: float | None = N
 
 def plot_grids(path: str, grids: Mapping[str, Mapping[str, Any]], title: str = "", *,
                vmin: float | None = None, vmax: float | None = None) -> str:
-  """Heatmaps of `report.grid_table` outputs, one panel per SAE type (NaN cells blank; colour
+  """Heatmaps of `comparison.grid_table` outputs, one panel per SAE type (NaN cells blank; colour
   range `vmin`..`vmax`, default each panel's own)."""
   n = max(len(grids), 1)
   fig = _new_figure(3.6 * n, 3.4)
@@ -139,9 +166,9 @@ def plot_grids(path: str, grids: Mapping[str, Mapping[str, Any]], title: str = "
       for c in range(vals.shape[1]):
         if not np.ma.is_masked(vals[r, c]):
           ax.text(c, r, f"{vals[r, c]:.2g}", ha="center", va="center", fontsize=7, color="w")
-    ax.set_xticks(range(len(g["cols"])), [report._fmt(v) for v in g["cols"]])
-    ax.set_yticks(range(len(g["rows"])), [report._fmt(v) if not isinstance(v, str) else v
-                                          for v in g["rows"]])
+    ax.set_xticks(range(len(g["cols"])), [comparison.format_number(v) for v in g["cols"]])
+    ax.set_yticks(range(len(g["rows"])),
+                  [v if isinstance(v, str) else comparison.format_number(v) for v in g["rows"]])
     ax.set_xlabel(g["col_field"])
     ax.set_ylabel(g["row_field"] or "")
     ax.set_title(t, fontsize=9)
@@ -195,7 +222,7 @@ def plot_feature_recovery(path: str, recovery: Mapping[str, Mapping[str, Any]]) 
     vals = np.nan_to_num(np.asarray(vals, np.float64))
     ax.bar(np.arange(len(cats)) + (i - (len(types) - 1) / 2) * width, vals, width,
            color=colours[t], label=t)
-  ax.axhline(report.STRONG_CORR, color="black", ls=":", lw=1)
+  ax.axhline(comparison.STRONG_CORR, color="black", ls=":", lw=1)
   ax.set_xticks(range(len(cats)), cats, rotation=90, fontsize=7)
   ax.set_ylim(0, 1)
   ax.set_ylabel("mean best |corr|")

@@ -910,3 +910,40 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
                                 groups=tuple(state.groups)), setup)
   hypers = _shard(tuple(group_hyper(s) for s in setup.specs), setup)
   return Trained(config=config, setup=setup, lm=lm, state=state, hypers=hypers)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One SAE of a trained grid, taken out of its group's stacked arrays (see `variant`)."""
+
+  params: Any  # the SAE's parameters, without the variant axis
+  sae_config: sae_lib.SAEConfig
+  hparams: sae_lib.SAEHparams
+  sae_state: sae_lib.SAEState
+  splice_mode: str
+  spec_index: int  # its group: trained.setup.specs[spec_index]
+  position: int  # its index in the group's stacked arrays (spec.ids[position])
+
+
+def variant(trained: Trained, variant_id: str) -> Variant:
+  """One SAE of `trained` by id, ready for `sae.splice_fn`, `interventions` or `causality`.
+
+  Args:
+    trained: `load_trained(...)` output.
+    variant_id: the SAE's id (`summary.json`'s `variants`, `trained.setup.specs[g].ids`).
+
+  Raises:
+    ValueError: an id the grid does not have (the message lists the known ids).
+  """
+  for gi, spec in enumerate(trained.setup.specs):
+    if variant_id in spec.ids:
+      i = spec.ids.index(variant_id)
+      group = trained.state.groups[gi]
+      pick = functools.partial(jax.tree.map, lambda x: x[i])
+      return Variant(params=pick(group.params), sae_config=spec.sae,
+                     hparams=pick(trained.hypers[gi].hparams), sae_state=pick(group.sae_state),
+                     splice_mode=spec.splice_mode, spec_index=gi, position=i)
+  known = [vid for spec in trained.setup.specs for vid in spec.ids]
+  shown = ", ".join(known[:20]) + (f", ... ({len(known)} in all)" if len(known) > 20 else "")
+  raise ValueError(f"variant_id={variant_id!r} is not in this grid; its SAEs are {shown} (the "
+                   "keys of summary.json's 'variants').")

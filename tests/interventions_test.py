@@ -300,6 +300,22 @@ def test_generation_stats_noop_equals_plain_spliced_generation(lm, sae):
   assert noop["class_counts"]["close0"] == pytest.approx(n_c0 / 32)
 
 
+def test_generation_stats_default_budget_fills_the_context(lm, sae):
+  kw = dict(num_batches=1, batch_size=4, return_tokens=True)
+  key = jax.random.key(4)
+  budget = MC.context - DYCK.prefix_len  # 57 < generate.MAX_NEW_TOKENS: the context decides
+  assert budget < generate_lib.MAX_NEW_TOKENS
+  default = iv.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, key, **kw)
+  explicit = iv.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, key, max_new_tokens=budget,
+                                 **kw)
+  assert default["tokens"].shape == (4, MC.context)
+  np.testing.assert_array_equal(default.pop("tokens"), explicit.pop("tokens"))
+  assert default == explicit
+  with pytest.raises(ValueError, match="context"):
+    iv.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, key,
+                        max_new_tokens=generate_lib.MAX_NEW_TOKENS, **kw)
+
+
 def test_generation_under_planted_clamp_stops_at_once(lm):
   config, params = _planted(lm, 1)
   hp = sae_lib.default_hparams(config)

@@ -76,3 +76,34 @@ def test_colours_are_fixed_per_type():
   a = report_plots._colours(["topk", "local", "e2e"])  # pylint: disable=protected-access
   b = report_plots._colours(["e2e", "topk", "local"])  # pylint: disable=protected-access
   assert a == b and len(set(a.values())) == 3
+
+
+def test_ce_increase_axes_are_symlog(tmp_path, monkeypatch):
+  figures = []
+  original = report_plots._save  # pylint: disable=protected-access
+  monkeypatch.setattr(report_plots, "_save", lambda fig, path: figures.append(fig) or
+                      original(fig, path))
+  pts = _points()
+  pts["e2e"][0]["ce_increase"] = -2e-4  # slightly negative: drawn, on the linear part
+  pts["local"][1]["ce_increase"] = 1e-4
+  report_plots.plot_l0_vs_ce(str(tmp_path / "a.png"), pts)
+  report_plots.plot_alive_vs_ce(str(tmp_path / "b.png"),
+                                {t: [dict(p, alive=p["l0"]) for p in ps] for t, ps in pts.items()})
+  report_plots.plot_l0_vs_grammaticality(
+      str(tmp_path / "c.png"), {t: [dict(p, grammaticality=0.5) for p in ps]
+                                for t, ps in pts.items()})
+  axes = [fig.axes[0] for fig in figures]
+  for ax in axes[:2]:
+    assert ax.get_yscale() == "symlog"
+    assert ax.yaxis.get_transform().linthresh == report_plots.CE_LINTHRESH
+    assert ax.get_ylim()[0] < -2e-4  # the negative CE increase is inside the view
+  # x (L0 / alive, 1..100 here) stays logarithmic; grammaticality keeps a linear y axis.
+  assert axes[0].get_xscale() == "log" and axes[1].get_xscale() == "log"
+  assert axes[2].get_yscale() == "linear"
+  # CE increases within one decade (no decade tick in view): a linear axis, with its labels.
+  narrow = {"local": [{"id": "a", "l0": 1.0, "ce_increase": 0.15},
+                      {"id": "b", "l0": 90.0, "ce_increase": 0.17}]}
+  report_plots.plot_l0_vs_ce(str(tmp_path / "n.png"), narrow)
+  assert figures[-1].axes[0].get_yscale() == "linear"
+  with pytest.raises(ValueError, match="yscale"):
+    report_plots.plot_tradeoff(str(tmp_path / "d.png"), pts, "l0", "ce_increase", yscale="logit")

@@ -1,11 +1,13 @@
-"""Report: Pareto fronts against brute force, the matched comparison on a constructed case, SAE
-types of every kind, Menon grids, and `write_report` on synthetic runs in the real schemas
-(files, valid PNGs, numbers parsed back, NaN / frozen variants, missing optional inputs)."""
+"""Report: `write_report` on synthetic runs in the real schemas (files, valid PNGs, numbers
+parsed back, NaN / frozen variants, missing optional inputs), and the per-type causal summary
+with its sentence parsed back against the inputs. The data logic it renders (SAE types, Pareto
+fronts, matched comparisons, grids, feature recovery) is tested in comparison_test.py."""
 
 import itertools
 import json
 import math
 import os
+import re
 import struct
 
 import numpy as np
@@ -24,150 +26,8 @@ def _hparams(**fields):
   return {k: sweep_lib.to_json(v) for k, v in variant.values.items()}
 
 
-# ------------------------------------------------------------------------------------------------
-# Pareto fronts.
-
-
-def _brute_front(x, y, hx, hy):
-  better = lambda a, b, high: a > b if high else a < b
-  noworse = lambda a, b, high: a >= b if high else a <= b
-  front = set()
-  for i in range(len(x)):
-    if not (np.isfinite(x[i]) and np.isfinite(y[i])):
-      continue
-    dominated = any(
-        np.isfinite(x[j]) and np.isfinite(y[j]) and noworse(x[j], x[i], hx)
-        and noworse(y[j], y[i], hy) and (better(x[j], x[i], hx) or better(y[j], y[i], hy))
-        for j in range(len(x)))
-    if not dominated:
-      front.add(i)
-  return front
-
-
-@pytest.mark.parametrize("hx, hy", list(itertools.product([False, True], repeat=2)))
-def test_pareto_front_matches_brute_force(hx, hy):
-  rng = np.random.default_rng(int(hx) * 2 + int(hy))
-  for _ in range(20):
-    n = int(rng.integers(1, 30))
-    x = rng.integers(0, 6, n).astype(float)  # small integers: many ties and duplicates
-    y = rng.integers(0, 6, n).astype(float)
-    x[rng.random(n) < 0.1] = np.nan
-    y[rng.random(n) < 0.05] = np.inf
-    got = report.pareto_front(x, y, higher_x_better=hx, higher_y_better=hy)
-    assert set(got.tolist()) == _brute_front(x, y, hx, hy)
-    assert len(got) == len(set(got.tolist()))
-    assert np.all(np.diff(x[got]) >= 0)  # ordered by x
-
-
-def test_pareto_front_rejects_bad_shapes():
-  with pytest.raises(ValueError, match="equal length"):
-    report.pareto_front([1.0, 2.0], [1.0])
-
-
-# ------------------------------------------------------------------------------------------------
-# The matched comparison.
-
-
 def _line_l0(x):
   return 50.0 - 100.0 * x  # the local front: (0.1, 40), (0.2, 30), (0.3, 20), (0.4, 10)
-
-
-def test_matched_comparison_known_answer():
-  local = [{"id": f"l{i}", "ce_increase": x, "l0": _line_l0(x)}
-           for i, x in enumerate([0.1, 0.2, 0.3, 0.4])]
-  local.append({"id": "dominated", "ce_increase": 0.25, "l0": 90.0})  # must not bend the front
-  local.append({"id": "broken", "ce_increase": "nan", "l0": 1.0})
-  e2e = [{"id": "a", "ce_increase": 0.25, "l0": 0.5 * _line_l0(0.25)},
-         {"id": "b", "ce_increase": 0.15, "l0": 0.5 * _line_l0(0.15)},
-         {"id": "c", "ce_increase": 0.38, "l0": 0.25 * _line_l0(0.38)},
-         {"id": "out", "ce_increase": 0.9, "l0": 1.0},
-         {"id": "low", "ce_increase": 0.05, "l0": 1.0},
-         {"id": "nan", "ce_increase": 0.2, "l0": "nan"}]
-  topk = [{"id": "t", "ce_increase": 0.3, "l0": 40.0}]
-  res = report.matched_comparison({"local": local, "e2e": e2e, "topk": topk})
-  assert [p["id"] for p in res["reference_front"]] == ["l0", "l1", "l2", "l3"]
-  by_id = {p["id"]: p for p in res["points"]}
-  for vid, ratio in (("a", 0.5), ("b", 0.5), ("c", 0.25)):
-    assert by_id[vid]["in_range"]
-    assert by_id[vid]["ratio"] == pytest.approx(ratio, rel=1e-12)
-  for vid in ("out", "low"):
-    assert not by_id[vid]["in_range"] and by_id[vid]["ratio"] is None
-    assert "outside range" in by_id[vid]["note"]
-  assert by_id["nan"]["ratio"] is None and by_id["nan"]["note"] == "not finite"
-  assert by_id["t"]["ratio"] == pytest.approx(40.0 / 20.0)
-  agg = res["by_type"]["e2e"]
-  assert (agg["n"], agg["n_in_range"]) == (5, 3)
-  assert agg["median_ratio"] == pytest.approx(0.5)
-  assert agg["min_ratio"] == pytest.approx(0.25)
-  text = report.matched_sentences(res)
-  assert "e2e SAEs need a median 0.5× the L0 of local SAEs at the same CE increase (3 of 5 in " \
-         "range)." in text
-  assert any(s.startswith("topk SAEs need a median 2×") for s in text)
-
-
-def test_matched_comparison_without_reference_is_flagged():
-  res = report.matched_comparison({"e2e": [{"id": "a", "ce_increase": 0.1, "l0": 3.0}]})
-  assert res["note"] and res["by_type"]["e2e"]["n_in_range"] == 0
-  assert res["points"][0]["ratio"] is None
-  only = report.matched_comparison({"local": [{"id": "a", "ce_increase": 0.1, "l0": 3.0}]})
-  assert only["by_type"] == {} and "only local" in only["note"]
-  with pytest.raises(ValueError, match="has no 'alive'"):
-    report.matched_comparison({"local": [{"id": "a", "ce_increase": 0.1}]}, y="alive")
-
-
-# ------------------------------------------------------------------------------------------------
-# SAE types.
-
-
-@pytest.mark.parametrize("fields, expected", [
-    ({"loss": "local", "activation": "relu"}, "local"),
-    ({"loss": "e2e", "activation": "relu"}, "e2e"),
-    ({"loss": "e2e_ds", "activation": "relu"}, "e2e_ds"),
-    ({"loss": "local", "activation": "topk", "k": 4}, "topk"),
-    ({"loss": "local", "activation": "batchtopk", "k": 4}, "batchtopk"),
-    ({"loss": "local", "activation": "jumprelu"}, "jumprelu"),
-    ({"loss": "local", "activation": "sparsemax_no_kds"}, "sparsemax_no_kds"),
-    ({"loss": "local", "activation": "sparsemax_recon_dist"}, "sparsemax_recon_dist"),
-    ({"loss": "local", "activation": "sparsemax_dist"}, "sparsemax_dist"),
-    ({"loss": "e2e", "activation": "topk", "k": 4}, "e2e_topk"),
-    ({"loss": "local", "activation": "relu", "causal": True, "causal_coeff": 1.0},
-     "causal-local"),
-    ({"loss": "e2e", "activation": "relu", "causal": True}, "causal-e2e"),
-    ({"loss": "local", "activation": "topk", "k": 4, "causal": True}, "causal-topk"),
-])
-def test_sae_type_of_each_kind(fields, expected):
-  assert report.sae_type(_hparams(**fields)) == expected
-
-
-def test_sae_type_rejects_unknown():
-  with pytest.raises(ValueError, match="activation"):
-    report.sae_type({"loss": "local", "activation": "gelu"})
-  with pytest.raises(ValueError, match="loss"):
-    report.sae_type({"loss": "mystery"})
-  with pytest.raises(ValueError, match="dict"):
-    report.sae_type(["relu"])
-
-
-# ------------------------------------------------------------------------------------------------
-# Menon grids and feature recovery.
-
-
-def test_grid_table_places_each_variant_in_its_cell():
-  rng = np.random.default_rng(0)
-  rows, truth = [], {}
-  for k, e in itertools.product([8, 16, 32], [1, 2, 4, 8]):
-    v = float(rng.random())
-    truth[(k, e)] = v
-    rows.append({"hparams": {"k": k, "expansion": e}, "ev": v})
-  rows.append({"hparams": {"k": 8, "expansion": 1}, "ev": "nan"})  # a NaN duplicate: ignored
-  rows.append({"hparams": {"k": 16, "expansion": 2}, "ev": 1.0})  # a duplicate: averaged
-  g = report.grid_table(rows[::-1], "ev", row_field="k")
-  assert g["rows"] == [8, 16, 32] and g["cols"] == [1, 2, 4, 8]
-  for (i, k), (j, e) in itertools.product(enumerate(g["rows"]), enumerate(g["cols"])):
-    want = (truth[(k, e)] + 1.0) / 2 if (k, e) == (16, 2) else truth[(k, e)]
-    assert g["values"][i][j] == pytest.approx(want)
-  assert g["counts"][0][0] == 2
-  assert report.grid_table(rows[:1], "ev", row_field="k") is None  # one cell: not a grid
 
 
 def _features(ids, names, rng):
@@ -181,24 +41,6 @@ def _features(ids, names, rng):
         "n_labels_corr_ge_0.8": int(np.sum(np.abs(corr) >= 0.8)), "dead_latents": 1}
   return {"columns": [{"name": n, "kind": "binary", "label": n} for n in names],
           "variants": variants}
-
-
-def test_feature_recovery_per_type():
-  rng = np.random.default_rng(1)
-  names = ["depth", "open", "type=a"]
-  feats = _features(["v0", "v1", "v2"], names, rng)
-  feats["variants"]["v1"]["labels"]["open"]["corr"] = -0.9  # strong, negative
-  feats["variants"]["v1"]["matching_score"] = 2.0  # the best local SAE
-  rec = report.feature_recovery(feats, {"v0": "local", "v1": "local", "v2": "e2e"})
-  assert rec["local"]["best_variant"] == "v1" and rec["e2e"]["best_variant"] == "v2"
-  best = feats["variants"]["v1"]["labels"]
-  assert rec["local"]["labels_ge_0.8"] == [n for n in names if abs(best[n]["corr"]) >= 0.8]
-  assert "open" in rec["local"]["labels_ge_0.8"]
-  for n in names:
-    want = np.mean([abs(feats["variants"][v]["labels"][n]["corr"]) for v in ("v0", "v1")])
-    assert rec["local"]["mean_best_abs_corr"][n] == pytest.approx(want)
-  with pytest.raises(ValueError, match="not in the run"):
-    report.feature_recovery(feats, {"v0": "local"})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,6 +212,7 @@ def test_write_report_minimal_single_type(tmp_path):
   rep = json.load(open(paths["report.json"]))
   assert "feature_recovery" not in paths and not any(k.startswith("corr_") for k in paths)
   assert rep["feature_recovery"] is None and rep["causal"] is None and rep["meta"] is None
+  assert rep["causal_by_type"] is None and rep["causal_by_type_text"] == []
   assert "## Feature recovery\n\n_Not computed for this run (no `features` input)._" in md
   assert "## Causal predictability\n\n_Not computed for this run (no `causal` input)._" in md
   assert "_Run metadata (commit, machine, date, stage times) not given._" in md
@@ -420,3 +263,111 @@ def test_write_report_rejects_correlations_of_the_wrong_width(tmp_path):
   paths = report.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
                               features=features)
   _png_size(paths["corr_v000"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The causal summary per SAE type.
+
+
+def _causal_run(rng, with_nmse=True):
+  """Local, causal-local and TopK SAEs with random metrics (one causal-local SAE frozen), and
+  causal results for every causal-local SAE, two local ones and one TopK one."""
+  hps, evals, causal = {}, {}, {}
+  kinds = [("local", {}), ("local", {}), ("local", {}), ("local", {}),
+           ("causal", {"causal": True, "causal_coeff": 1.0}),
+           ("causal", {"causal": True, "causal_coeff": 2.0}),
+           ("causal", {"causal": True, "causal_coeff": 4.0}),
+           ("causal", {"causal": True, "causal_coeff": 8.0}),
+           ("topk", {"activation": "topk", "k": 4})]
+  for i, (kind, fields) in enumerate(kinds):
+    vid = f"v{i:03d}"
+    hps[vid] = _hparams(loss="local", **fields)
+    evals[vid] = _eval_variant(hps[vid], l0=float(rng.uniform(1, 20)), alive=30.0,
+                               ce=float(rng.uniform(-1e-4, 0.05)), gram=float(rng.uniform(0.5, 1)),
+                               ev=float(rng.uniform(0.5, 1)), frozen=vid == "v007")
+    evals[vid]["nmse"] = float(rng.uniform(0.01, 0.3))
+    if not with_nmse:
+      del evals[vid]["nmse"]
+    if kind == "causal" or vid in ("v001", "v002", "v008"):
+      causal[vid] = {"threshold": 0.5, "n_strong": 4, "n_testable": 4, "n_tested": 4,
+                     "n_as_predicted": 2, "fraction_as_predicted": float(rng.random()),
+                     "mean_effect": float(rng.normal(0, 0.01)), "median_effect": 0.0,
+                     "pairs": [], "not_as_predicted": []}
+  summary = {"language": "dyck2", "site": "resid_post.0", "steps": 40, "lm_step": 100,
+             "variants": {v: _variant(hp, v == "v007") for v, hp in hps.items()}}
+  eval_results = {"language": "dyck2", "site": "resid_post.0", "steps": 40,
+                  "clean": {"ce_clean": 0.6, "grammaticality": 0.95},
+                  "variants": evals}
+  return summary, eval_results, causal
+
+
+def _expected_causal(summary, eval_results, causal, fid):
+  """Per type, from the inputs: the mean causal numbers over the tested SAEs and the medians of
+  the live SAEs' metrics."""
+  types = {"v000": "local", "v001": "local", "v002": "local", "v003": "local",
+           "v004": "causal-local", "v005": "causal-local", "v006": "causal-local",
+           "v007": "causal-local", "v008": "topk"}
+  out = {}
+  for t in ("local", "causal-local", "topk"):
+    tested = [v for v in sorted(causal) if types[v] == t]
+    live = [v for v in summary["variants"] if types[v] == t and
+            not summary["variants"][v]["frozen"]]
+    med = lambda key: float(np.median([float(eval_results["variants"][v][key]) for v in live]))
+    out[t] = {"n": len(tested),
+              "fraction": float(np.mean([causal[v]["fraction_as_predicted"] for v in tested])),
+              "effect": float(np.mean([causal[v]["mean_effect"] for v in tested])),
+              "fid": med(fid), "ce": med("ce_increase"),
+              "gram": med("grammaticality/corrected/all")}
+  return out
+
+
+@pytest.mark.parametrize("with_nmse", [True, False])
+def test_write_report_causal_summary_per_type(tmp_path, with_nmse):
+  summary, eval_results, causal = _causal_run(np.random.default_rng(7), with_nmse)
+  fid, fid_name = ("nmse", "NMSE") if with_nmse else ("ev_token_mean", "explained variance")
+  paths = report.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
+                              causal=causal)
+  md = open(paths["report.md"]).read()
+  rep = json.load(open(paths["report.json"]))
+  want = _expected_causal(summary, eval_results, causal, fid)
+
+  # The table right under the section's title, parsed back.
+  section = md.split("## Causal predictability\n\n", 1)[1].split("\n## ", 1)[0]
+  assert section.startswith("Per SAE type:")
+  table = {r["type"]: r for r in _md_table_rows(section, "type")}
+  assert list(table) == ["local", "causal-local", "topk"]
+  for t, w in want.items():
+    r = table[t]
+    assert int(r["SAEs tested"]) == w["n"]
+    for col, key in (("fraction as predicted", "fraction"), ("mean effect", "effect"),
+                     (f"median {fid_name}", "fid"), ("median CE increase", "ce"),
+                     ("median spliced gram.", "gram")):
+      assert float(r[col]) == pytest.approx(w[key], rel=1e-3), (t, col)
+    j = rep["causal_by_type"][t]
+    assert j["n_saes"] == w["n"] and j["fraction_as_predicted"] == pytest.approx(w["fraction"])
+    assert j[fid] == pytest.approx(w["fid"]) and j["ce_increase"] == pytest.approx(w["ce"])
+    assert j["grammaticality"] == pytest.approx(w["gram"])
+  assert rep["causal_by_type"]["causal-local"]["n_variants"] == 3  # v007 frozen
+
+  # One sentence, causal-local against local (topk has no causal counterpart).
+  sentences = [l[2:] for l in section.splitlines() if l.startswith("- ")]
+  assert sentences == rep["causal_by_type_text"] and len(sentences) == 1
+  m = re.fullmatch(r"causal-local SAEs: (\S+) of tested pairs act as predicted vs (\S+) for "
+                   r"local; median CE increase (\S+) vs (\S+), " + fid_name + r" (\S+) vs (\S+), "
+                   r"spliced grammaticality (\S+) vs (\S+)\.", sentences[0])
+  assert m, sentences[0]
+  c, b = want["causal-local"], want["local"]
+  for got, w in zip(m.groups(), [c["fraction"], b["fraction"], c["ce"], b["ce"], c["fid"],
+                                 b["fid"], c["gram"], b["gram"]]):
+    assert float(got) == pytest.approx(w, rel=5e-3), sentences[0]
+
+
+def test_write_report_causal_summary_needs_both_types(tmp_path):
+  summary, eval_results, causal = _causal_run(np.random.default_rng(8))
+  only_causal = {v: c for v, c in causal.items() if v in ("v004", "v005")}
+  paths = report.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
+                              causal=only_causal)
+  rep = json.load(open(paths["report.json"]))
+  assert list(rep["causal_by_type"]) == ["causal-local"]
+  assert rep["causal_by_type"]["causal-local"]["n_saes"] == 2
+  assert rep["causal_by_type_text"] == []

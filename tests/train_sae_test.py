@@ -139,6 +139,33 @@ def test_resume_is_bit_exact(lm_dir, tmp_path):
     ts.load_trained(str(tmp_path))
 
 
+def test_variant_takes_one_sae_out_of_its_group(lm_dir):
+  sweep = [{"zip": {"sparsity_coeff": [1.0, 4.0, 8.0], "seed": [0, 1, 2]},
+            "set": {"loss": "local"}},
+           {"product": {"k": [2, 4]}, "set": {"loss": "e2e", "activation": "topk"}}]
+  setup, lm, root = ts.prepare(_config(lm_dir, sweep))
+  state = ts.init_grid(setup, lm, root)
+  hypers = tuple(ts.group_hyper(s) for s in setup.specs)
+  trained = ts.Trained(config=None, setup=setup, lm=lm, state=state, hypers=hypers)
+  seen = []
+  for gi, spec in enumerate(setup.specs):
+    for i, vid in enumerate(spec.ids):
+      v = ts.variant(trained, vid)
+      assert (v.spec_index, v.position) == (gi, i)
+      assert v.sae_config == spec.sae and v.splice_mode == spec.splice_mode
+      for got, stacked in ((v.params, state.groups[gi].params),
+                           (v.sae_state, state.groups[gi].sae_state),
+                           (v.hparams, hypers[gi].hparams)):
+        assert jax.tree.structure(got) == jax.tree.structure(stacked)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(stacked)):
+          np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[i])
+      seen.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(v.params)]))
+  # Different SAEs (own seeds), not the same slice over and over.
+  assert not any(np.array_equal(seen[0], x) for x in seen[1:3])  # the local group's others
+  with pytest.raises(ValueError, match="v999.*v000, v001"):
+    ts.variant(trained, "v999")
+
+
 def test_nan_variant_is_frozen_and_isolated(lm_dir):
   sweep = [{"zip": {"lr": [1e-3, 1e30, 1e-3], "sparsity_coeff": [1.0, 1.0, 3.0]},
             "set": {"loss": "e2e"}}]

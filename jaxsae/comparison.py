@@ -1,0 +1,502 @@
+"""SAE types, Pareto fronts and matched comparisons across SAE types.
+
+The data logic of the report (`report.py`) and its plots (`report_plots.py`), usable on its own
+(e.g. on `report.json`'s `variants` in a notebook):
+
+- `sae_type`: the SAE type of a variant from its sweep fields (`local`, `e2e`, `topk`,
+  `causal-topk`, ...), and `type_sort_key`, the canonical order of types in plots and tables;
+- `points_by_type`: report rows grouped by type, as the Pareto and plotting functions take them;
+- `pareto_front`, `matched_comparison`, `matched_sentences`: Braun et al.'s question, each
+  non-reference SAE's L0 (or alive latents) against the reference type's Pareto front at the
+  same CE increase;
+- `grid_table`, `grid_row_field`: Menon et al.'s k/α × expansion layout;
+- `feature_recovery`: latent ↔ label recovery per type from `analysis.summarise` output;
+- `causal_by_type`, `causal_sentences`, `fidelity_metric`: causal predictability per type next
+  to what the type costs (NMSE, CE increase, spliced grammaticality), and whether the causal
+  loss (`causal-X` against `X`) raises it;
+- `as_float`, `is_finite`, `format_number`, `METRIC_NAMES`: the JSON numbers ("nan" / "inf"
+  strings allowed) and their display.
+
+The matched comparison: for every SAE of a non-reference type, the reference type's L0 (or alive
+latents) at the same CE increase, linearly interpolated between the two neighbouring points of
+the reference type's Pareto front (lower CE increase and lower L0 are better); an SAE whose CE
+increase lies outside the front's range is flagged `in_range: false` and gets no ratio (never
+extrapolated). Frozen variants (training hit a non-finite value) are left out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+REFERENCE = "local"
+# Canonical order of the base types (plots, tables); unknown combinations sort after these.
+_TYPE_ORDER = ("local", "e2e", "e2e_ds", "topk", "batchtopk", "jumprelu", "sparsemax_no_kds",
+               "sparsemax_recon_dist", "sparsemax_dist")
+_LOSSES = ("local", "e2e", "e2e_ds")
+_ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu", "sparsemax_no_kds",
+                "sparsemax_recon_dist", "sparsemax_dist")
+# Display names of metrics (axis labels, table headers, sentences).
+METRIC_NAMES = {"l0": "L0", "alive": "alive latents", "ce_increase": "CE increase",
+                "grammaticality": "spliced grammaticality", "ev_token_mean": "explained variance"}
+STRONG_CORR = 0.8  # "recovered" labels: best |corr| at least this
+
+
+# ------------------------------------------------------------------------------------------------
+# Numbers.
+
+
+def as_float(x: Any) -> float | None:
+  """A float from a JSON value ("nan"/"inf" strings allowed); None when missing or not a number."""
+  if x is None or isinstance(x, bool):
+    return None if x is None else float(x)
+  try:
+    return float(x)
+  except (TypeError, ValueError):
+    return None
+
+
+def is_finite(x: Any) -> bool:
+  """Whether a JSON value is a finite number ("nan"/"inf" strings and None are not)."""
+  v = as_float(x)
+  return v is not None and math.isfinite(v)
+
+
+def format_number(x: Any, digits: int = 4) -> str:
+  """Markdown text of a number: 4 significant digits, ints as ints, '—' when missing."""
+  if isinstance(x, (bool, np.bool_)):
+    return "yes" if x else "no"
+  if isinstance(x, (int, np.integer)):
+    return str(int(x))
+  v = as_float(x)
+  if v is None:
+    return "—"
+  if math.isnan(v):
+    return "nan"
+  if math.isinf(v):
+    return "inf" if v > 0 else "-inf"
+  if v == int(v) and abs(v) < 1e6:
+    return str(int(v))
+  return f"{v:.{digits}g}"
+
+
+# ------------------------------------------------------------------------------------------------
+# SAE types.
+
+
+def sae_type(hparams: Mapping[str, Any]) -> str:
+  """The SAE type of a variant, for colouring and grouping.
+
+  Rule: a `local` loss gives the activation's name, except ReLU (+ L1), which is `local`
+  (`topk`, `batchtopk`, `jumprelu`, `sparsemax_no_kds`, ...); an `e2e` / `e2e_ds` loss gives the
+  loss name with ReLU (`e2e`, `e2e_ds`) and `<loss>_<activation>` otherwise (`e2e_topk`). A
+  `causal-` prefix is added when `hparams["causal"]` is true. Missing fields take the sweep
+  registry's defaults (loss `local`, activation `relu`, causal off).
+
+  Args:
+    hparams: a variant's sweep fields (`summary.json`'s `hparams`).
+
+  Raises:
+    ValueError: unknown loss or activation.
+  """
+  if not isinstance(hparams, Mapping):
+    raise ValueError(f"hparams must be a dict of sweep fields, got {type(hparams).__name__}; "
+                     "pass summary['variants'][id]['hparams'].")
+  loss = hparams.get("loss", "local")
+  act = hparams.get("activation", "relu")
+  if loss not in _LOSSES:
+    raise ValueError(f"hparams['loss']={loss!r} is unknown; use one of {', '.join(_LOSSES)} "
+                     "(or teach comparison.sae_type the new preset).")
+  if act not in _ACTIVATIONS:
+    raise ValueError(f"hparams['activation']={act!r} is unknown; use one of "
+                     f"{', '.join(_ACTIVATIONS)} (or teach comparison.sae_type the new one).")
+  if loss == "local":
+    base = "local" if act == "relu" else act
+  else:
+    base = loss if act == "relu" else f"{loss}_{act}"
+  return f"causal-{base}" if hparams.get("causal", False) else base
+
+
+def type_sort_key(t: str) -> tuple:
+  """Sort key of an SAE type: the canonical base-type order, each base before its `causal-`."""
+  base = t[len("causal-"):] if t.startswith("causal-") else t
+  rank = _TYPE_ORDER.index(base) if base in _TYPE_ORDER else len(_TYPE_ORDER)
+  return (rank, base, t.startswith("causal-"))
+
+
+def points_by_type(rows: Sequence[Mapping[str, Any]], *metrics: str,
+                   include_frozen: bool = False) -> dict[str, list[dict[str, Any]]]:
+  """Variant rows grouped by SAE type, each reduced to its id, frozen flag and `metrics`.
+
+  The input of `matched_comparison` and of the `report_plots` trade-off plots.
+
+  Args:
+    rows: variants as `report.json`'s `variants` (dicts with `id`, `frozen`, the metrics, and
+      `type` or else `hparams`, from which `sae_type` derives it).
+    *metrics: the metric keys kept (e.g. "ce_increase", "l0").
+    include_frozen: keep frozen variants (flagged `"frozen": True`, which the plots draw as
+      crosses); by default they are left out, as Pareto fronts and matched comparisons need.
+
+  Returns:
+    SAE type -> [{"id", "frozen", metric: value, ...}] (values as given, "nan" strings too),
+    types in the order first seen.
+
+  Raises:
+    ValueError: rows that are not a list of dicts, or a row without a requested metric.
+  """
+  if isinstance(rows, (Mapping, str)) or not all(isinstance(r, Mapping) for r in rows):
+    raise ValueError("rows must be a list of variant dicts, as report.json's 'variants' (not "
+                     f"a {type(rows).__name__} of them); pass json.load(...)['variants'].")
+  if not metrics:
+    raise ValueError("points_by_type needs at least one metric name, e.g. "
+                     "points_by_type(rows, 'ce_increase', 'l0').")
+  out: dict[str, list[dict[str, Any]]] = {}
+  for r in rows:
+    missing = [m for m in metrics if m not in r]
+    if missing:
+      raise ValueError(f"variant {r.get('id', '?')!r} has no {missing}; rows must carry every "
+                       "requested metric (report.json's 'variants' have l0, alive, ce_increase, "
+                       "grammaticality, ...).")
+    frozen = bool(r.get("frozen", False))
+    if frozen and not include_frozen:
+      continue
+    t = r["type"] if "type" in r else sae_type(r.get("hparams", {}))
+    out.setdefault(t, []).append({"id": r.get("id"), "frozen": frozen,
+                                  **{m: r[m] for m in metrics}})
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Pareto fronts and the matched comparison.
+
+
+def pareto_front(x: Any, y: Any, *, higher_x_better: bool = False,
+                 higher_y_better: bool = False) -> np.ndarray:
+  """Indices of the non-dominated points, ordered by increasing x.
+
+  Point i is dominated when some j is at least as good in both coordinates and strictly better
+  in one (lower is better unless `higher_*_better`). Non-finite points are never on the front;
+  duplicated front points are all kept.
+
+  Args:
+    x, y: 1-D sequences of equal length.
+    higher_x_better, higher_y_better: the direction of each coordinate.
+
+  Returns:
+    int64 indices into x / y.
+  """
+  x = np.asarray(x, np.float64)
+  y = np.asarray(y, np.float64)
+  if x.ndim != 1 or x.shape != y.shape:
+    raise ValueError(f"pareto_front needs two 1-D arrays of equal length, got shapes {x.shape} "
+                     f"and {y.shape}.")
+  ok = np.isfinite(x) & np.isfinite(y)
+  cx = -x if higher_x_better else x  # in "lower is better" coordinates
+  cy = -y if higher_y_better else y
+  le = (cx[None, :] <= cx[:, None]) & (cy[None, :] <= cy[:, None])  # [i, j]: j as good as i
+  lt = (cx[None, :] < cx[:, None]) | (cy[None, :] < cy[:, None])
+  dominated = np.any(le & lt & ok[None, :], axis=1)
+  idx = np.nonzero(ok & ~dominated)[0]
+  return idx[np.lexsort((y[idx], x[idx]))].astype(np.int64)
+
+
+def _point_value(point: Mapping[str, Any], key: str, kind: str) -> float:
+  if key not in point:
+    raise ValueError(f"{kind} point {point.get('id', '?')!r} has no {key!r}; every point needs "
+                     f"the compared metrics (keys of eval.json's variants).")
+  v = as_float(point[key])
+  return math.nan if v is None else v
+
+
+def matched_comparison(grouped: Mapping[str, Sequence[Mapping[str, Any]]],
+                       x: str = "ce_increase", y: str = "l0",
+                       reference: str = REFERENCE) -> dict[str, Any]:
+  """Each non-reference SAE's y against the reference type's y at the same x.
+
+  The reference y at x is the linear interpolation between the two neighbouring points of the
+  reference type's Pareto front (lower x and lower y are better). An SAE whose x lies outside
+  the front's x-range, or whose x or y is not finite, is flagged and gets no ratio. Frozen
+  points (`"frozen": True`) are left out, as if not given.
+
+  Args:
+    grouped: SAE type -> points, each a mapping with `id` and the keys `x` and `y` (values may
+      be "nan" strings), e.g. `points_by_type(rows, x, y)`.
+    x, y: the metric names compared (e.g. `ce_increase` and `l0` or `alive`).
+    reference: the type the others are measured against.
+
+  Returns:
+    `{"x", "y", "reference", "reference_front": [{"id", "x", "y"}], "points": [{"id", "type",
+    "x", "y", "reference_y", "ratio", "in_range", "note"}], "by_type": {type: {"n" (points
+    with finite x and y), "n_in_range" (of those, with a ratio), "median_ratio", "min_ratio",
+    "max_ratio"}}, "note"}` (`note` is None unless the comparison could not be made at all).
+  """
+  if not isinstance(grouped, Mapping):
+    raise ValueError("matched_comparison needs a dict SAE type -> list of points (dicts with "
+                     "'id' and the metrics); build it with comparison.points_by_type(rows, x, y).")
+  live = {t: [p for p in ps if not p.get("frozen", False)] for t, ps in grouped.items()}
+  live = {t: ps for t, ps in live.items() if ps}
+  out = {"x": x, "y": y, "reference": reference, "reference_front": [], "points": [],
+         "by_type": {}, "note": None}
+  ref = list(live.get(reference, ()))
+  rx = np.array([_point_value(p, x, reference) for p in ref], np.float64)
+  ry = np.array([_point_value(p, y, reference) for p in ref], np.float64)
+  front = pareto_front(rx, ry) if ref else np.zeros((0,), np.int64)
+  fx, fy = rx[front], ry[front]
+  out["reference_front"] = [{"id": ref[i].get("id"), "x": float(rx[i]), "y": float(ry[i])}
+                            for i in front]
+  others = [t for t in sorted(live, key=type_sort_key) if t != reference]
+  if not others:
+    out["note"] = f"only {reference} SAEs: nothing to compare"
+  elif not front.size:
+    out["note"] = f"no {reference} SAE with finite {x} and {y}: nothing to compare with"
+  for t in others:
+    ratios, n = [], 0
+    for p in live[t]:
+      px, py = _point_value(p, x, t), _point_value(p, y, t)
+      rec = {"id": p.get("id"), "type": t, "x": px, "y": py, "reference_y": None,
+             "ratio": None, "in_range": False, "note": None}
+      n += math.isfinite(px) and math.isfinite(py)
+      if not (math.isfinite(px) and math.isfinite(py)):
+        rec["note"] = "not finite"
+      elif not front.size:
+        rec["note"] = f"no {reference} front"
+      elif not fx[0] <= px <= fx[-1]:
+        rec["note"] = f"outside range [{fx[0]:.4g}, {fx[-1]:.4g}]"
+      else:
+        ref_y = float(np.interp(px, fx, fy))
+        rec.update(reference_y=ref_y, in_range=True)
+        if ref_y > 0:
+          rec["ratio"] = py / ref_y
+          ratios.append(rec["ratio"])
+        else:
+          rec["note"] = f"reference {y} is {ref_y:.4g}: no ratio"
+      out["points"].append(rec)
+    out["by_type"][t] = {
+        "n": n, "n_in_range": len(ratios),
+        "median_ratio": float(np.median(ratios)) if ratios else None,
+        "min_ratio": float(np.min(ratios)) if ratios else None,
+        "max_ratio": float(np.max(ratios)) if ratios else None}
+  return out
+
+
+def matched_sentences(result: Mapping[str, Any]) -> list[str]:
+  """The matched comparison in words, one sentence per compared type (numbers from `result`)."""
+  x_name, y_name = (METRIC_NAMES.get(result[k], result[k]) for k in ("x", "y"))
+  ref = result["reference"]
+  if result.get("note") and not result["by_type"]:
+    return [f"No matched comparison of {y_name}: {result['note']}."]
+  lines = []
+  for t, agg in result["by_type"].items():
+    if agg["median_ratio"] is None:
+      front = result["reference_front"]
+      why = result.get("note") or (
+          f"no {t} SAE falls inside the {x_name} range [{format_number(front[0]['x'])}, "
+          f"{format_number(front[-1]['x'])}] of the {ref} Pareto front; never extrapolated")
+      lines.append(f"{t} vs {ref}, {y_name}: no matched comparison ({why}; "
+                   f"{agg['n_in_range']} of {agg['n']} in range).")
+    else:
+      lines.append(f"{t} SAEs need a median {agg['median_ratio']:.2g}× the {y_name} of {ref} "
+                   f"SAEs at the same {x_name} ({agg['n_in_range']} of {agg['n']} in range).")
+  return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# Menon-layout grids and feature recovery tables.
+
+
+def grid_row_field(t: str) -> str | None:
+  """The hyperparameter of an SAE type's grid rows: `k` (TopK kinds), None (sparsemax kinds,
+  which have no sparsity knob), else `sparsity_coeff`."""
+  base = t[len("causal-"):] if t.startswith("causal-") else t
+  if base.endswith("topk"):
+    return "k"
+  if "sparsemax" in base:
+    return None
+  return "sparsity_coeff"
+
+
+def grid_table(rows: Sequence[Mapping[str, Any]], metric: str, *, row_field: str | None,
+               col_field: str = "expansion") -> dict[str, Any] | None:
+  """A Menon-layout table: `row_field` values (k or α) × `col_field` values (expansion).
+
+  Args:
+    rows: variants, each with `hparams` and the metric (a key of the row or of its `metrics`).
+    metric: the metric shown.
+    row_field: hyperparameter of the rows (None: a single row).
+    col_field: hyperparameter of the columns.
+
+  Returns:
+    `{"row_field", "col_field", "metric", "rows", "cols", "values": [[float]], "counts":
+    [[int]]}` (a cell holding several variants shows the mean of their finite values; NaN when
+    none), or None when the variants do not span at least two cells.
+  """
+  cells: dict[tuple, list[float]] = {}
+  for r in rows:
+    hp = r.get("hparams", {})
+    if col_field not in hp or (row_field is not None and row_field not in hp):
+      return None
+    key = (hp[row_field] if row_field else "—", hp[col_field])
+    v = as_float(r.get(metric, r.get("metrics", {}).get(metric)))
+    cells.setdefault(key, []).append(math.nan if v is None else v)
+  if len(cells) < 2:
+    return None
+  row_vals = sorted({k[0] for k in cells}, key=lambda v: (isinstance(v, str), v))
+  col_vals = sorted({k[1] for k in cells})
+  values, counts = [], []
+  for rv in row_vals:
+    values.append([])
+    counts.append([])
+    for cv in col_vals:
+      vs = [v for v in cells.get((rv, cv), []) if math.isfinite(v)]
+      values[-1].append(float(np.mean(vs)) if vs else math.nan)
+      counts[-1].append(len(cells.get((rv, cv), [])))
+  return {"row_field": row_field, "col_field": col_field, "metric": metric, "rows": row_vals,
+          "cols": col_vals, "values": values, "counts": counts}
+
+
+def feature_recovery(features: Mapping[str, Any], types: Mapping[str, str]
+                     ) -> dict[str, dict[str, Any]]:
+  """Feature recovery per SAE type from `analysis.summarise` output.
+
+  Args:
+    features: `{"columns": [...], "variants": {id: summary}}`.
+    types: variant id -> SAE type.
+
+  Returns:
+    type -> `{"variants": [ids], "mean_best_abs_corr": {column: mean over the type's variants
+    of the best |corr|}, "mean_matching_score", "best_variant" (highest matching score),
+    "matching_score" (of it), "best_latents": {column: {"latent", "corr"}} (of it),
+    "labels_ge_0.8": [columns with best |corr| >= 0.8 in it]}`.
+  """
+  if not isinstance(features, Mapping) or "variants" not in features:
+    raise ValueError("features must be analysis.summarise(...) output: a dict with 'columns' "
+                     "and 'variants'.")
+  names = [c["name"] for c in features.get("columns") or []]
+  by_type: dict[str, list[str]] = {}
+  for vid in sorted(features["variants"]):
+    if vid not in types:
+      raise ValueError(f"features has variant {vid!r}, which is not in the run's summary; pass "
+                       "the analysis of the same sae workdir.")
+    by_type.setdefault(types[vid], []).append(vid)
+  out = {}
+  for t in sorted(by_type, key=type_sort_key):
+    ids = by_type[t]
+    fv = [features["variants"][i] for i in ids]
+    names_t = names or sorted(fv[0].get("labels", {}))
+    mean_abs = {}
+    for n in names_t:
+      vals = [abs(as_float(v["labels"][n]["corr"])) for v in fv
+              if n in v.get("labels", {}) and is_finite(v["labels"][n]["corr"])]
+      mean_abs[n] = float(np.mean(vals)) if vals else math.nan
+    scores = [(as_float(v.get("matching_score")), i) for v, i in zip(fv, ids)]
+    finite_scores = [(s, i) for (s, i), v in zip(scores, fv)
+                     if s is not None and math.isfinite(s) and v.get("finite", True)]
+    best_id = max(finite_scores)[1] if finite_scores else ids[0]
+    best = features["variants"][best_id]
+    best_latents = {n: {"latent": best["labels"][n]["latent"],
+                        "corr": as_float(best["labels"][n]["corr"])}
+                    for n in names_t if n in best.get("labels", {})}
+    out[t] = {
+        "variants": ids, "mean_best_abs_corr": mean_abs,
+        "mean_matching_score": (float(np.mean([s for s, _ in finite_scores]))
+                                if finite_scores else math.nan),
+        "best_variant": best_id, "matching_score": as_float(best.get("matching_score")),
+        "best_latents": best_latents,
+        "labels_ge_0.8": [n for n, b in best_latents.items()
+                          if is_finite(b["corr"]) and abs(b["corr"]) >= STRONG_CORR]}
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Causal predictability per type, and what it costs.
+
+_CAUSAL_PREFIX = "causal-"
+_COST_METRICS = ("nmse", "ev_token_mean", "ce_increase", "grammaticality")
+
+
+def _mean_finite(values: Sequence[Any]) -> float | None:
+  vs = [as_float(v) for v in values if is_finite(v)]
+  return float(np.mean(vs)) if vs else None
+
+
+def _median_finite(values: Sequence[Any]) -> float | None:
+  vs = [as_float(v) for v in values if is_finite(v)]
+  return float(np.median(vs)) if vs else None
+
+
+def causal_by_type(causal: Mapping[str, Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]
+                   ) -> dict[str, dict[str, Any]]:
+  """Causal predictability per SAE type, next to what the type costs in fidelity.
+
+  Args:
+    causal: variant id -> `causality.causal_predictability(...)` output (its
+      `fraction_as_predicted` and `mean_effect` are used).
+    rows: every variant of the run, as `report.json`'s `variants` (`id`, `type`, `frozen`,
+      `nmse`, `ev_token_mean`, `ce_increase`, `grammaticality` (the headline spliced
+      grammaticality); missing metrics count as missing values).
+
+  Returns:
+    SAE type -> `{"n_saes" (SAEs with causal results), "ids", "fraction_as_predicted" and
+    "mean_effect" (means over those SAEs of the finite values), "n_variants" (the type's live
+    SAEs), "nmse", "ev_token_mean", "ce_increase", "grammaticality" (medians over the type's
+    live SAEs of the finite values)}`, types in canonical order; a statistic without a finite
+    value is None. Ids of `causal` that are not in `rows` are left out.
+
+  Raises:
+    ValueError: `causal` not a dict of results, or rows not a list of dicts with `id`/`type`.
+  """
+  if not isinstance(causal, Mapping) or not all(isinstance(c, Mapping)
+                                                for c in causal.values()):
+    raise ValueError("causal must map variant id -> causality.causal_predictability(...) "
+                     "result dict (causal.json's 'variants').")
+  if isinstance(rows, (Mapping, str)) or not all(isinstance(r, Mapping) and "id" in r
+                                                 and "type" in r for r in rows):
+    raise ValueError("rows must be a list of variant dicts with 'id' and 'type', as "
+                     "report.json's 'variants'.")
+  by_id = {r["id"]: r for r in rows}
+  tested: dict[str, list[str]] = {}
+  for vid in sorted(causal):
+    if vid in by_id:
+      tested.setdefault(by_id[vid]["type"], []).append(vid)
+  out = {}
+  for t in sorted(tested, key=type_sort_key):
+    ids = tested[t]
+    live = [r for r in rows if r["type"] == t and not r.get("frozen", False)]
+    out[t] = {"n_saes": len(ids), "ids": ids,
+              "fraction_as_predicted": _mean_finite(
+                  [causal[i].get("fraction_as_predicted") for i in ids]),
+              "mean_effect": _mean_finite([causal[i].get("mean_effect") for i in ids]),
+              "n_variants": len(live),
+              **{m: _median_finite([r.get(m) for r in live]) for m in _COST_METRICS}}
+  return out
+
+
+def fidelity_metric(by_type: Mapping[str, Mapping[str, Any]]) -> str:
+  """The reconstruction metric the causal summary shows: `nmse` when some type has one, else
+  `ev_token_mean` (explained variance)."""
+  return "nmse" if any(v.get("nmse") is not None for v in by_type.values()) else "ev_token_mean"
+
+
+def causal_sentences(by_type: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """Does the causal loss raise causal predictability, and what does it cost? One sentence per
+  `causal-X` type whose base type `X` is also in `by_type` (`causal_by_type` output), e.g.
+  "causal-topk SAEs: 0.81 of tested pairs act as predicted vs 0.74 for topk; median CE increase
+  0.003 vs 0.001, NMSE 0.05 vs 0.02, spliced grammaticality 0.97 vs 0.98." (3 significant
+  digits; '—' for a missing number)."""
+  fid = fidelity_metric(by_type)
+  fid_name = "NMSE" if fid == "nmse" else METRIC_NAMES[fid]
+  lines = []
+  for t in by_type:
+    base = t[len(_CAUSAL_PREFIX):]
+    if not t.startswith(_CAUSAL_PREFIX) or base not in by_type:
+      continue
+    c, b = ({k: format_number(v, 3) for k, v in by_type[n].items()} for n in (t, base))
+    lines.append(
+        f"{t} SAEs: {c['fraction_as_predicted']} of tested pairs act as predicted vs "
+        f"{b['fraction_as_predicted']} for {base}; median CE increase "
+        f"{c['ce_increase']} vs {b['ce_increase']}, {fid_name} {c[fid]} vs "
+        f"{b[fid]}, spliced grammaticality {c['grammaticality']} vs "
+        f"{b['grammaticality']}.")
+  return lines
