@@ -665,7 +665,7 @@ def generation_stats(lm_params: model_lib.Params, model_config: model_lib.ModelC
     max_new_tokens = min(generate_lib.MAX_NEW_TOKENS, model_config.context - grammar.prefix_len)
   names, member_CV = token_classes(grammar)
   recogniser = generate_lib.jitted_for(grammar, grammars.is_grammatical)
-  fractions, finished, lengths, counts, all_tokens = [], [], [], [], []
+  fractions, finished, lengths, all_tokens = [], [], [], []
   for i in range(num_batches):
     gen = _generate_jit(lm_params, sae_params, hparams, sae_state, intervention,
                         jax.random.fold_in(key, i), jnp.float32(temperature), grammar,

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+import fakes
 from jaxsae import comparison
 from jaxsae import sweep as sweep_lib
 from jaxsae import train_sae
@@ -165,17 +166,7 @@ def test_grid_table_places_each_variant_in_its_cell():
   assert comparison.grid_table(rows[:1], "ev", row_field="k") is None  # one cell: not a grid
 
 
-def _features(ids, names, rng):
-  variants = {}
-  for vid in ids:
-    corr = rng.uniform(-1, 1, len(names))
-    variants[vid] = {
-        "labels": {n: {"kind": "binary", "latent": int(rng.integers(0, 8)), "corr": float(c)}
-                   for n, c in zip(names, corr)},
-        "matching_score": float(rng.random()), "mean_best_abs_corr": float(np.abs(corr).mean()),
-        "n_labels_corr_ge_0.8": int(np.sum(np.abs(corr) >= 0.8)), "dead_latents": 1}
-  return {"columns": [{"name": n, "kind": "binary", "label": n} for n in names],
-          "variants": variants}
+_features = fakes.feature_summaries
 
 
 def test_feature_recovery_per_type():

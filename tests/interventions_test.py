@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fakes
 from jaxsae import generate as generate_lib
 from jaxsae import grammars
 from jaxsae import interventions as iv
@@ -269,17 +270,7 @@ GEN = dict(batch_size=16, max_new_tokens=20, temperature=2.0)
 
 
 def _planted(lm, sign):
-  """An SAE at ln_final whose latent 5 always fires (code 1) and adds ±4 per unit to <eos>'s
-  logit and nothing to any other logit (its decoder row solves wte · d = ±4 e_eos)."""
-  config = sae_lib.SAEConfig(d_in=32, width=16, decoder_norm="none", init="menon")
-  params = sae_lib.init(jax.random.key(5), config)
-  params["w_enc"] = params["w_enc"].at[:, 5].set(0.0)
-  params["b_enc"] = params["b_enc"].at[5].set(1.0).at[7].set(-100.0)  # 7 never fires
-  target = np.zeros(MC.vocab_size)
-  target[DYCK.eos_id] = sign * 4.0
-  d = np.linalg.pinv(np.asarray(lm["wte"], np.float64)) @ target
-  params["w_dec"] = params["w_dec"].at[5].set(jnp.asarray(d, jnp.float32))
-  return config, params
+  return fakes.planted_eos_sae(lm["wte"], MC.d_model, DYCK.eos_id, sign)
 
 
 def test_generation_stats_noop_equals_plain_spliced_generation(lm, sae):

@@ -13,6 +13,7 @@ import struct
 import numpy as np
 import pytest
 
+import fakes
 from jaxsae import report
 from jaxsae import sweep as sweep_lib
 from jaxsae import train_sae
@@ -30,17 +31,7 @@ def _line_l0(x):
   return 50.0 - 100.0 * x  # the local front: (0.1, 40), (0.2, 30), (0.3, 20), (0.4, 10)
 
 
-def _features(ids, names, rng):
-  variants = {}
-  for vid in ids:
-    corr = rng.uniform(-1, 1, len(names))
-    variants[vid] = {
-        "labels": {n: {"kind": "binary", "latent": int(rng.integers(0, 8)), "corr": float(c)}
-                   for n, c in zip(names, corr)},
-        "matching_score": float(rng.random()), "mean_best_abs_corr": float(np.abs(corr).mean()),
-        "n_labels_corr_ge_0.8": int(np.sum(np.abs(corr) >= 0.8)), "dead_latents": 1}
-  return {"columns": [{"name": n, "kind": "binary", "label": n} for n in names],
-          "variants": variants}
+_features = fakes.feature_summaries
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,37 @@
+"""Hand-built inputs shared by several test files (the tests directory is not a package)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsae import sae as sae_lib
+
+
+def planted_eos_sae(wte, d_in: int, eos_id: int, sign: float):
+  """An SAE for the `ln_final` site whose latent 5 always fires (code 1) and adds ±4 per unit to
+  `<eos>`'s logit and nothing to any other logit (its decoder row solves wte · d = ±4 e_eos);
+  latent 7 never fires. Returns `(config, params)`."""
+  config = sae_lib.SAEConfig(d_in=d_in, width=16, decoder_norm="none", init="menon")
+  params = sae_lib.init(jax.random.key(5), config)
+  params["w_enc"] = params["w_enc"].at[:, 5].set(0.0)
+  params["b_enc"] = params["b_enc"].at[5].set(1.0).at[7].set(-100.0)  # 7 never fires
+  wte = np.asarray(wte, np.float64)
+  target = np.zeros(wte.shape[0])
+  target[eos_id] = sign * 4.0
+  d = np.linalg.pinv(wte) @ target
+  params["w_dec"] = params["w_dec"].at[5].set(jnp.asarray(d, jnp.float32))
+  return config, params
+
+
+def feature_summaries(ids, names, rng):
+  """A synthetic `analysis.summarise` output with binary columns `names` for variants `ids`."""
+  variants = {}
+  for vid in ids:
+    corr = rng.uniform(-1, 1, len(names))
+    variants[vid] = {
+        "labels": {n: {"kind": "binary", "latent": int(rng.integers(0, 8)), "corr": float(c)}
+                   for n, c in zip(names, corr)},
+        "matching_score": float(rng.random()), "mean_best_abs_corr": float(np.abs(corr).mean()),
+        "n_labels_corr_ge_0.8": int(np.sum(np.abs(corr) >= 0.8)), "dead_latents": 1}
+  return {"columns": [{"name": n, "kind": "binary", "label": n} for n in names],
+          "variants": variants}
