@@ -29,15 +29,15 @@ Settings after the colon (comma-separated):
   encoders, no-kds / recon-dist / dist, per expansion: 56 SAEs in 20 groups) and `smoke`
   (4 steps of 4 sequences, expansions {1, 2}, α {1e-3, 1}, k {8, 16}: seconds, for tests).
 
-Runtime of the default grid (44 SAEs, 128 sequences per step): 50 steps timed after compilation
-on 2 CPU cores SHARED with other jobs (jax 0.10.2 CPU; load average in brackets, so these are
-upper bounds) on an untrained default-size LM (d_model 128; the time depends on the LM only
-through its shape, the sentence-token count only on the grammar), then EXTRAPOLATED to 5,000:
-
-| language | max_len | tokens/step (capacity) | compile | 50 steps | 5,000 (extrapolated) |
-|---|---|---|---|---|---|
-| english | 48 | 1,256 | 9 s | 43 s (load 2.3) | ≈ 71 min |
-| dyck2 | 64 | 1,696 | 18 s | 93 s (load 6.5) | ≈ 2.5 h (less when uncontended) |
+Runtime of the default grid (44 SAEs, 128 sequences per step), english (max_len 48; 1,256
+selected tokens per step), 2 CPU cores, jax 0.10.2, commit 82f6a88 (variants one by one inside
+the step on CPU; TopK at k_max 128 by bisection):
+- uncontended (load average ≈ 1.4): 50-step chunks take 10.3-11.7 s after a ≈ 15 s compile,
+  so the 5,000 steps take ≈ 18 min (17-19.5): within the 20-minute target;
+- the full 5,000-step run measured 29 min 11 s wall (1.2 GB peak memory) while the 13-minute
+  test suite and other jobs shared the same 2 cores (load average 3-6).
+Before this session's CPU fixes the same grid extrapolated to ≈ 71 min. dyck2 (max_len 64,
+≈ 1,700 tokens per step) takes about 1.35× as long.
 
 The LM comes first (english ≈ 4 min, dyck2 ≈ 17 min; `lm.py`). `smoke` runs in ≈ 15 s.
 With `sparsemax` add the 12 sparsemax SAEs (not timed). On an accelerator the grid takes
