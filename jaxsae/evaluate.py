@@ -86,6 +86,7 @@ from jaxsae import grammars
 from jaxsae import losses as losses_lib
 from jaxsae import metrics as metrics_lib
 from jaxsae import model as model_lib
+from jaxsae import report as report_lib
 from jaxsae import sae as sae_lib
 from jaxsae import spliced_generation
 from jaxsae import sweep as sweep_lib
@@ -654,6 +655,25 @@ def validate_config(config) -> None:
       raise ValueError(f"config.{name}={tuple(config[name])!r}: choose among {allowed}")
 
 
+def write_report(sae_workdir: str, workdir: str, result: dict[str, Any]) -> dict[str, str]:
+  """report.md / report.json / plots in `workdir` from the eval result and the grid's training
+  summary (feature recovery and causal predictability come with the `pipeline` job)."""
+  def read(path):
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+  summary = read(os.path.join(sae_workdir, "summary.json"))
+  if summary is None:
+    logging.warning("No summary.json in %s: report skipped.", sae_workdir)
+    return {}
+  lm_dir = read(os.path.join(sae_workdir, "config.json")) or {}
+  lm = read(os.path.join(lm_dir.get("lm_workdir", ""), "summary.json"))
+  paths = report_lib.write_report(workdir, summary=summary, eval_results=result, lm=lm)
+  logging.info("Wrote %s.", os.path.join(workdir, "report.md"))
+  return paths
+
+
 def run(config, workdir: str) -> dict[str, Any]:
   """The `eval` job: evaluates the grid in `config.sae_workdir`, writes `eval.json` in `workdir`.
 
@@ -685,4 +705,5 @@ def run(config, workdir: str) -> dict[str, Any]:
   logging.info("Wrote %s (%d variants; metrics %.1f s, grammaticality %.1f s).", path,
                len(result["variants"]), result["seconds"]["metrics"],
                result["seconds"]["grammaticality"])
+  write_report(config.sae_workdir, workdir, result)
   return result

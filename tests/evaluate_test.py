@@ -279,5 +279,10 @@ def test_eval_job_on_a_tiny_trained_grid(lm_dir, tmp_path):
   clean = written["clean"]
   assert 0 <= clean["grammaticality"] <= 1 and isinstance(clean["ce_clean"], float)
   assert written["heldout"]["tokens"] > 0
+  # The job also writes the report, with the numbers of eval.json.
+  report_json = json.load(open(tmp_path / "eval" / "report.json"))
+  assert {r["id"] for r in report_json["variants"]} == set(written["variants"])
+  text = open(tmp_path / "eval" / "report.md").read()
+  assert "Clean model" in text and all(vid in text for vid in written["variants"])
   with pytest.raises(ValueError, match="sae_workdir is required"):
     ev.run(eval_configs.get_config("smoke"), str(tmp_path / "none"))

@@ -15,7 +15,9 @@ Writes `eval.json` in the workdir: per variant L0, alive / dead / dense latents 
 histogram, MSE / NMSE / three explained variances, spliced CE / CE increase / KL / top-1 / TV,
 CE recovered against zero and mean ablation, downstream MSE / EV, grammatical next-token mass,
 and spliced grammaticality (5 × 128 generations per mode × positions) next to the clean
-model's; the clean numbers once under `clean`.
+model's; the clean numbers once under `clean`. Then `report.md`, `report.json` and the plots
+(Pareto fronts, matched e2e-vs-local comparison, grid tables) from eval.json and the grid's
+summary.json; feature recovery and causal predictability come with the `pipeline` job.
 
 Runtime, measured on 2 CPU cores shared with other jobs (load average ≈ 4) for the 12-variant
 `sae_e2e` dyck2 grid (spec LM, d_model 128, max_len 64) with these defaults: 4.5 min wall,
