@@ -69,8 +69,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
 import os
 import time
 from typing import Any, Mapping, Sequence
@@ -83,6 +81,7 @@ import numpy as np
 
 from jaxsae import generate as generate_lib
 from jaxsae import grammars
+from jaxsae import jsonio
 from jaxsae import losses as losses_lib
 from jaxsae import metrics as metrics_lib
 from jaxsae import model as model_lib
@@ -122,17 +121,12 @@ class HeldOut:
     return self.tokens_KBT.shape[0]
 
 
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name}={value!r} must be an int >= {minimum}.")
-
-
 def _check_options(*, positions: str = "sentence", window_tokens: int = 0,
                    splice_mode: str | None = None, mask_positions: str | None = None) -> None:
   if positions not in POSITIONS:
     raise ValueError(f"positions={positions!r}: use 'sentence' (SAE at the mask's tokens) or "
                      "'all' (at every position)")
-  _check_positive_int("window_tokens", window_tokens, minimum=0)
+  spliced_generation.check_positive_int("window_tokens", window_tokens, minimum=0)
   if splice_mode is not None and splice_mode not in sae_lib.SPLICE_MODES:
     raise ValueError(f"splice_mode={splice_mode!r}: use one of {sae_lib.SPLICE_MODES} (or "
                      "None for each group's own)")
@@ -151,8 +145,8 @@ def heldout(setup: train_sae.Setup, seed: int, num_batches: int, batch_size: int
     num_batches, batch_size: K and B.
     mask_positions: `sentence` or `all` (non-pad); default the grid's `positions`.
   """
-  _check_positive_int("num_batches", num_batches)
-  _check_positive_int("batch_size", batch_size)
+  spliced_generation.check_positive_int("num_batches", num_batches)
+  spliced_generation.check_positive_int("batch_size", batch_size)
   mask_positions = mask_positions or setup.positions
   if mask_positions not in POSITIONS:
     raise ValueError(f"mask_positions={mask_positions!r}: use 'sentence' or 'all'.")
@@ -530,11 +524,6 @@ def evaluate_group(spec: train_sae.GroupSpec, params, sae_state: sae_lib.SAEStat
 # A whole trained grid, and the job.
 
 
-def _json_float(x) -> float | str:
-  x = float(x)
-  return x if math.isfinite(x) else str(x)
-
-
 def evaluate_trained(trained: train_sae.Trained, *, seed: int = 0, num_batches: int = 10,
                      batch_size: int = 128, window_tokens: int = 0,
                      grammaticality_batches: int = 5, grammaticality_batch_size: int = 128,
@@ -570,8 +559,8 @@ def evaluate_trained(trained: train_sae.Trained, *, seed: int = 0, num_batches: 
   _check_options(positions=positions, window_tokens=window_tokens, splice_mode=splice_mode,
                  mask_positions=mask_positions)
   spliced_generation.check_options(grammaticality_modes, grammaticality_positions)
-  _check_positive_int("grammaticality_batches", grammaticality_batches, minimum=0)
-  _check_positive_int("grammaticality_batch_size", grammaticality_batch_size)
+  spliced_generation.check_positive_int("grammaticality_batches", grammaticality_batches, minimum=0)
+  spliced_generation.check_positive_int("grammaticality_batch_size", grammaticality_batch_size)
   data = heldout(setup, seed, num_batches, batch_size, mask_positions=mask_positions)
   groups = [_GroupInput(spec, gs.params, gs.sae_state, hyper.hparams,
                         splice_mode or spec.splice_mode, _variant_loop(setup))
@@ -593,7 +582,7 @@ def evaluate_trained(trained: train_sae.Trained, *, seed: int = 0, num_batches: 
            "ce_zero_ablation": clean_sums["ce_zero"] / pred,
            "ce_mean_ablation": clean_sums["ce_mean"] / pred,
            "grammatical_mass_clean": clean_sums["mass_clean"] / pred}
-  clean = {k: _json_float(v) for k, v in clean.items()}
+  clean = {k: jsonio.finite_or_str(v) for k, v in clean.items()}
   if gram is not None:
     clean["grammaticality"] = gram["clean"]["mean"]
     clean["grammaticality_std"] = gram["clean"]["std"]
@@ -607,7 +596,7 @@ def evaluate_trained(trained: train_sae.Trained, *, seed: int = 0, num_batches: 
       v = {"group": spec.name, "frozen": bool(frozen[i]), "bad_step": int(bad[i]),
            "splice_mode": splice_mode or spec.splice_mode,
            "hparams": {k: sweep_lib.to_json(x) for k, x in spec.values[i].items()}}
-      v.update({k: _json_float(a[i]) for k, a in metrics.items() if k not in skip})
+      v.update({k: jsonio.finite_or_str(a[i]) for k, a in metrics.items() if k not in skip})
       v["density_histogram"] = [int(c) for c in metrics["density_histogram"][i]]
       if gram is not None:
         for combo, r in gram["variants"][vid].items():
@@ -637,9 +626,9 @@ def validate_config(config) -> None:
     raise ValueError("config.sae_workdir is required: the workdir of a finished sae job "
                      "(e.g. experiments/configs/eval.py:sae_workdir=workdirs/sae_e2e_dyck2)")
   for name in ("num_batches", "batch_size", "grammaticality_batch_size"):
-    _check_positive_int(f"config.{name}", config[name])
+    spliced_generation.check_positive_int(f"config.{name}", config[name])
   for name in ("window_tokens", "grammaticality_batches", "seed"):
-    _check_positive_int(f"config.{name}", config[name], minimum=0)
+    spliced_generation.check_positive_int(f"config.{name}", config[name], minimum=0)
   if config.splice_mode and config.splice_mode not in sae_lib.SPLICE_MODES:
     raise ValueError(f"config.splice_mode={config.splice_mode!r}: use '' (each group's), "
                      f"{' or '.join(map(repr, sae_lib.SPLICE_MODES))}")
@@ -658,17 +647,12 @@ def validate_config(config) -> None:
 def write_report(sae_workdir: str, workdir: str, result: dict[str, Any]) -> dict[str, str]:
   """report.md / report.json / plots in `workdir` from the eval result and the grid's training
   summary (feature recovery and causal predictability come with the `pipeline` job)."""
-  def read(path):
-    if not os.path.exists(path):
-      return None
-    with open(path) as f:
-      return json.load(f)
-  summary = read(os.path.join(sae_workdir, "summary.json"))
+  summary = jsonio.read(os.path.join(sae_workdir, "summary.json"))
   if summary is None:
     logging.warning("No summary.json in %s: report skipped.", sae_workdir)
     return {}
-  lm_dir = read(os.path.join(sae_workdir, "config.json")) or {}
-  lm = read(os.path.join(lm_dir.get("lm_workdir", ""), "summary.json"))
+  lm_dir = jsonio.read(os.path.join(sae_workdir, "config.json")) or {}
+  lm = jsonio.read(os.path.join(lm_dir.get("lm_workdir", ""), "summary.json"))
   paths = report_lib.write_report(workdir, summary=summary, eval_results=result, lm=lm)
   logging.info("Wrote %s.", os.path.join(workdir, "report.md"))
   return paths
@@ -695,9 +679,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   result["sae_workdir"] = os.path.abspath(config.sae_workdir)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "eval.json")
-  with open(f"{path}.tmp", "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(f"{path}.tmp", path)
+  jsonio.write(path, result)
   for vid, v in sorted(result["variants"].items()):
     logging.info("%s (%s)%s: L0 %s, CE +%s, KL %s, EV %s, recovered(zero) %s", vid, v["group"],
                  " FROZEN" if v["frozen"] else "", v["l0"], v["ce_increase"], v["kl"],

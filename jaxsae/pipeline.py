@@ -39,6 +39,7 @@ from jaxsae import analysis
 from jaxsae import causality
 from jaxsae import comparison
 from jaxsae import evaluate
+from jaxsae import jsonio
 from jaxsae import report as report_lib
 from jaxsae import sae as sae_lib
 from jaxsae import train_lm
@@ -51,20 +52,6 @@ _ANALYSIS_STREAM = 2000  # folded into the analysis seed (never a training or ev
 def _fingerprint(*parts: Any) -> str:
   blob = json.dumps(parts, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _read_json(path: str, default: Any = None) -> Any:
-  if not os.path.exists(path):
-    return default
-  with open(path) as f:
-    return json.load(f)
-
-
-def _write_json(path: str, value: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(tmp, path)
 
 
 def _sub_config(config: ml_collections.ConfigDict, **updates: Any) -> ml_collections.ConfigDict:
@@ -169,10 +156,10 @@ def run(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) every stage of `config.stages`; returns the stage records."""
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
   paths = _paths(workdir)
   record_path = os.path.join(workdir, "stages.json")
-  records = _read_json(record_path, {})
+  records = jsonio.read(record_path, {})
   fps = _stage_fingerprints(config)
   order = [s for s in STAGES if s in config.stages]
   t_start = time.perf_counter()
@@ -186,14 +173,14 @@ def run(config, workdir: str) -> dict[str, Any]:
     logging.info("[pipeline %d/%d] %s: starting (%.0f s spent so far).", i + 1, len(order),
                  stage, spent)
     records[stage] = {"fingerprint": fps[stage], "done": False}
-    _write_json(record_path, records)
+    jsonio.write(record_path, records)
     t0 = time.perf_counter()
     _STAGE_FNS[stage](config, paths)
     seconds = time.perf_counter() - t0
     records[stage] = {"fingerprint": fps[stage], "done": True, "seconds": round(seconds, 1),
                       "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
                           timespec="seconds")}
-    _write_json(record_path, records)
+    jsonio.write(record_path, records)
     # Later stages read this one's outputs: a re-run stage invalidates them.
     for later in order[i + 1:]:
       if records.get(later, {}).get("fingerprint") != fps[later]:
@@ -261,10 +248,10 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
     logging.info("analysis: group %d/%d (%s, %d SAEs) done, ETA %.0f s", gi + 1,
                  len(setup.specs), spec.name, spec.size, eta)
   names = [c["name"] for c in features["columns"]]
-  _write_json(os.path.join(out_dir, "features.json"), features)
+  jsonio.write(os.path.join(out_dir, "features.json"), features)
 
   types = {vid: comparison.sae_type(dict(h)) for vid, h in hparams_by_id.items()}
-  ev = _read_json(os.path.join(eval_dir, "eval.json"), {}) if eval_dir else {}
+  ev = jsonio.read(os.path.join(eval_dir, "eval.json"), {}) if eval_dir else {}
   ok = {vid for vid, v in ev.get("variants", {}).items()
         if isinstance(v.get("ce_increase"), (int, float)) and np.isfinite(v["ce_increase"])}
   score = {vid: float(s.get("mean_best_abs_corr", float("-inf")))
@@ -282,7 +269,7 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
       t1 = time.perf_counter()
       res = causality.causal_predictability(
           trained.lm.params, setup.model_config, setup.site, v.params, v.sae_config, v.hparams,
-          batch.tokens_BT, batch.mask_BT, setup.grammar, _corr_on_positions(corr[vid]),
+          batch.tokens_BT, batch.mask_BT, setup.grammar, np.nan_to_num(corr[vid]),
           names, threshold=a.threshold, max_pairs=a.max_pairs, splice_mode=v.splice_mode,
           sae_state=v.sae_state, empirical_fallback=True)
       causal["variants"][vid] = res
@@ -290,29 +277,8 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
                    "predicted (%.0f s)", n + 1, len(tested), vid, types[vid],
                    res.get("fraction_as_predicted"), res.get("n_tested"),
                    time.perf_counter() - t1)
-  _write_json(os.path.join(out_dir, "causal.json"), _jsonable(causal))
+  jsonio.write(os.path.join(out_dir, "causal.json"), jsonio.jsonable(causal))
   return {"features": features, "causal": causal}
-
-
-def _corr_on_positions(corr_FK: np.ndarray) -> np.ndarray:
-  return np.nan_to_num(np.asarray(corr_FK, np.float32))
-
-
-def _jsonable(x: Any) -> Any:
-  if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.floating, float)):
-    f = float(x)
-    return f if np.isfinite(f) else str(f)
-  if isinstance(x, np.integer):
-    return int(x)
-  if isinstance(x, np.bool_):
-    return bool(x)
-  if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
-  return x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,19 +288,19 @@ def _jsonable(x: Any) -> Any:
 def write_report(workdir: str, meta: dict[str, Any] | None = None) -> dict[str, str]:
   """Renders report.md / report.json / PNGs in `workdir` from the stages' outputs."""
   paths = _paths(workdir)
-  summary = _read_json(os.path.join(paths["sae"], "summary.json"))
-  eval_results = _read_json(os.path.join(paths["eval"], "eval.json"))
+  summary = jsonio.read(os.path.join(paths["sae"], "summary.json"))
+  eval_results = jsonio.read(os.path.join(paths["eval"], "eval.json"))
   if summary is None or eval_results is None:
     raise FileNotFoundError(f"the report needs {paths['sae']}/summary.json and "
                             f"{paths['eval']}/eval.json; run the sae and eval stages first")
-  features = _read_json(os.path.join(paths["analysis"], "features.json"))
+  features = jsonio.read(os.path.join(paths["analysis"], "features.json"))
   corr_path = os.path.join(paths["analysis"], "corr.npz")
   if features is not None and os.path.exists(corr_path):
     with np.load(corr_path) as z:
       features = dict(features, corr={k: z[k] for k in z.files if k != "names"},
                       corr_columns=[str(n) for n in z["names"]])
-  causal = _read_json(os.path.join(paths["analysis"], "causal.json"))
-  stages = _read_json(os.path.join(workdir, "stages.json"), {})
+  causal = jsonio.read(os.path.join(paths["analysis"], "causal.json"))
+  stages = jsonio.read(os.path.join(workdir, "stages.json"), {})
   meta = dict(meta or {})
   meta.setdefault("commit", _commit())
   meta.setdefault("machine", machine())
@@ -351,5 +317,5 @@ def write_report(workdir: str, meta: dict[str, Any] | None = None) -> dict[str, 
   return report_lib.write_report(
       workdir, summary=summary, eval_results=eval_results, features=features,
       causal=(causal or {}).get("variants") or None,
-      lm=_read_json(os.path.join(paths["lm"], "summary.json")), meta=meta,
+      lm=jsonio.read(os.path.join(paths["lm"], "summary.json")), meta=meta,
       grammaticality=headline)

@@ -58,8 +58,6 @@ variance when eval.json has no NMSE), CE increase and headline spliced grammatic
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 from typing import Any, Mapping, Sequence
@@ -67,6 +65,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from jaxsae import comparison
+from jaxsae import jsonio
 from jaxsae import report_plots
 
 _GRAM_COMBOS = ("corrected/all", "corrected/sentence", "original/all", "original/sentence")
@@ -77,23 +76,6 @@ _METRICS = ("l0", "alive", "dead", "ce_increase", "kl", "ce_recovered_zero", "ce
 
 # ------------------------------------------------------------------------------------------------
 # Numbers.
-
-
-def _jsonable(x: Any) -> Any:
-  """Plain JSON: NumPy to Python, non-finite floats to strings (as eval.json writes them)."""
-  if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
-  if isinstance(x, (bool, np.bool_)):
-    return bool(x)
-  if isinstance(x, (int, np.integer)):
-    return int(x)
-  if isinstance(x, (float, np.floating)):
-    return float(x) if math.isfinite(x) else str(float(x))
-  return x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,9 +316,7 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
   with open(md_path, "w") as f:
     f.write("\n".join(_render(rep)) + "\n")
   json_path = os.path.join(out_dir, "report.json")
-  with open(f"{json_path}.tmp", "w") as f:
-    json.dump(_jsonable(rep), f, indent=1)
-  os.replace(f"{json_path}.tmp", json_path)
+  jsonio.write(json_path, jsonio.jsonable(rep))
   return {"report.md": md_path, "report.json": json_path, **paths}
 
 

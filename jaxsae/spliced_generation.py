@@ -39,7 +39,8 @@ GENERATION_STREAM = 1001  # generations: fold_in(key(seed), 1001), batch i: fold
 POSITIONS = ("sentence", "all")  # where the SAE is spliced during generation
 
 
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
+  """ValueError unless `value` is an int (not a bool) >= `minimum`."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f"{name}={value!r} must be an int >= {minimum}.")
 
@@ -160,8 +161,8 @@ def spliced_grammaticality(trained_or_parts, *, seed: int = 0, num_batches: int 
     `{'clean': {mean, std, per_batch, finished}, 'settings': {...}, 'variants': {id:
     {'<mode>/<positions>': {mean, std, per_batch, finished}}}}`; padding variants skipped.
   """
-  _check_positive_int("num_batches", num_batches)
-  _check_positive_int("batch_size", batch_size)
+  check_positive_int("num_batches", num_batches)
+  check_positive_int("batch_size", batch_size)
   modes, positions = tuple(modes), tuple(positions)
   check_options(modes, positions)
   setup, lm_params, states, hypers, max_new, temp, top_k = _gen_settings(

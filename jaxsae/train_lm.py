@@ -62,6 +62,7 @@ import optax
 from jaxsae import checkpoint as ckpt_lib
 from jaxsae import generate as generate_lib
 from jaxsae import grammars
+from jaxsae import jsonio
 from jaxsae import model as model_lib
 
 # Config fields that may differ between the run that wrote a checkpoint and the one resuming
@@ -373,13 +374,6 @@ def _read_metrics(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
-
-
 def _truncate_metrics(path: str, step: int) -> None:
   """Drops metric lines after `step` (written by a run that crashed before checkpointing)."""
   records = _read_metrics(path)
@@ -416,7 +410,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   hyper = _hyper(config)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   summary_path = os.path.join(workdir, "summary.json")
-  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
 
   ckpt_dir = os.path.join(workdir, "checkpoints")
   with ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints) as ckpt:
@@ -488,7 +482,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     _append_metric(metrics_path, {"kind": "final", "step": step, **final,
                                   "grammatical_fraction": gen["mean"],
                                   "grammatical_fraction_std": gen["std"]})
-    _write_json(summary_path, summary)
+    jsonio.write(summary_path, summary)
     logging.info("Finished %s at step %d: grammatical %.4f ± %.4f, eval CE %.4f, %.0f s of "
                  "training.", config.language, step, gen["mean"], gen["std"], final["eval_ce"],
                  train_seconds)
@@ -583,7 +577,7 @@ def write_untrained(config, workdir: str) -> str:
   """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
   with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     ckpt.save(0, init_state(config))
   return workdir

@@ -51,6 +51,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsae import checkpoint as ckpt_lib
 from jaxsae import grammars
+from jaxsae import jsonio
 from jaxsae import losses as losses_lib
 from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
@@ -761,11 +762,6 @@ def _truncate_jsonl(path: str, step: int) -> None:
     f.writelines(keep)
 
 
-def _to_float(x):
-  x = float(x)
-  return x if math.isfinite(x) else str(x)
-
-
 def run(config, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the SAE grid of `config` in `workdir`; returns the summary."""
   if config.get("distributed", False):
@@ -814,7 +810,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       for spec, m, fz, bs in zip(setup.specs, metrics, frozen, bad):
         for i, vid in enumerate(spec.ids):
           rec = {"step": new_step, "variant": vid, "group": spec.name,
-                 **{k: _to_float(v[i]) for k, v in m.items()}, "frozen": bool(fz[i])}
+                 **{k: jsonio.finite_or_str(v[i]) for k, v in m.items()}, "frozen": bool(fz[i])}
           records.append(rec)
           last[vid] = rec
           if fz[i] and not frozen_seen[spec.name][i]:

@@ -1,0 +1,54 @@
+"""The jobs' JSON files: atomic writes, reads, and values made plain JSON.
+
+Non-finite floats are written as the strings "nan", "inf", "-inf" (strict JSON has no such
+numbers), which is how eval.json, summary.json and report.json hold them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def finite_or_str(x: Any) -> float | str:
+  """`float(x)`, or its string form when not finite."""
+  x = float(x)
+  return x if math.isfinite(x) else str(x)
+
+
+def jsonable(x: Any) -> Any:
+  """Plain JSON: mappings and sequences recursively, NumPy to Python, non-finite floats to
+  strings."""
+  if isinstance(x, Mapping):
+    return {str(k): jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return jsonable(x.tolist())
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, (int, np.integer)):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    return finite_or_str(x)
+  return x
+
+
+def write(path: str, value: Any) -> None:
+  """Writes `value` to `path` atomically (a reader never sees a half-written file)."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
+
+
+def read(path: str, default: Any = None) -> Any:
+  """The JSON in `path`, or `default` when the file does not exist."""
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
