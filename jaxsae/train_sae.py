@@ -431,21 +431,27 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
   """Loss and metrics of ONE variant (vmapped over the group)."""
   cfg, lcfg = spec.sae, spec.loss
   if lcfg.needs_sequences:
-    out, codes, aux = sae_lib.splice(params, batch.acts_BTD, cfg, hparams, spec.splice_mode,
-                                     mask=batch.mask_BT, state=sae_state, train=True)
-    mask = batch.mask_BT
+    # The SAE runs on the tokens flattened to [B·T, D], the layout of the local groups (XLA's
+    # CPU backend transposes [B, T, F] code gradients for the encoder's weight gradient).
+    b, t, d = batch.acts_BTD.shape
+    mask = batch.mask_BT.reshape(b * t)
+    out_ND, codes, aux = sae_lib.splice(params, batch.acts_BTD.reshape(b * t, d), cfg, hparams,
+                                        spec.splice_mode, mask=mask, state=sae_state, train=True)
+    out = out_ND.reshape(b, t, d)
     extra = {}
     spliced_logits = None
     if lcfg.needs_spliced_forward:
       ds = lcfg.downstream_sites(setup.model_config, setup.site) if lcfg.needs_downstream else ()
       res = model_lib.apply_from(lm_params, setup.site, out, setup.model_config, collect=ds)
       spliced_logits = res.logits
-      extra = dict(clean_logits=batch.clean_logits, spliced_logits=res.logits)
+      flat = lambda v: v.reshape(b * t, v.shape[-1])
+      extra = dict(clean_logits=flat(batch.clean_logits), spliced_logits=flat(res.logits))
       if ds:
-        extra.update(spliced_acts={h: res.acts[h] for h in ds},
-                     clean_acts={h: batch.clean_downstream[h] for h in ds})
+        extra.update(spliced_acts={h: flat(res.acts[h]) for h in ds},
+                     clean_acts={h: flat(batch.clean_downstream[h]) for h in ds})
     if lcfg.causal:
-      extra["causal"] = _causal_term(params, codes, batch.acts_BTD, out, spliced_logits, batch,
+      extra["causal"] = _causal_term(params, codes.reshape(b, t, -1), batch.acts_BTD, out,
+                                     spliced_logits, batch,
                                      lm_params, rng, lam_fixed, spec, setup)
   else:
     # Local training always encodes as configured (input_norm applies); the splice mode
@@ -460,13 +466,15 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
                                    target=aux["target"], mask=mask, **extra)
   total, terms = losses_lib.total_loss(terms, coeffs)
   w = mask.astype(jnp.float32)
-  nonzero = codes != 0
+  # Per-latent counts of masked-in tokens where it fires, as one matrix-vector product (XLA's
+  # CPU backend fuses the comparison into it; an integer reduction over [tokens, F] costs as
+  # much as an SAE matrix multiply there).
+  fires_F = jnp.einsum("n,nf->f", w, (jax.lax.stop_gradient(codes) != 0).astype(jnp.float32))
   metrics = dict(terms)
   metrics["loss"] = total
-  metrics["l0"] = jnp.sum(w * jnp.sum(nonzero, -1)) / jnp.maximum(jnp.sum(w), 1)
+  metrics["l0"] = jnp.sum(fires_F) / jnp.maximum(jnp.sum(w), 1)
   metrics["explained_variance"] = _explained_variance(x_hat, aux["target"], mask)
-  fired = jnp.any(nonzero & mask[..., None], axis=tuple(range(codes.ndim - 1)))
-  return total, (metrics, aux["state"], fired)
+  return total, (metrics, aux["state"], fires_F > 0)
 
 
 def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, step,
