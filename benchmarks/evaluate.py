@@ -56,6 +56,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from experiments.configs import lm as lm_configs  # pylint: disable=g-import-not-at-top
 from experiments.configs import sae_base  # pylint: disable=g-import-not-at-top
 from jaxsae import evaluate as ev  # pylint: disable=g-import-not-at-top
+from jaxsae import grid_step  # pylint: disable=g-import-not-at-top
 from jaxsae import spliced_generation as sg  # pylint: disable=g-import-not-at-top
 from jaxsae import train_lm  # pylint: disable=g-import-not-at-top
 from jaxsae import train_sae  # pylint: disable=g-import-not-at-top
@@ -96,8 +97,8 @@ def time_group(lm_dir: str, n: int, loop: str, repeats: int, data, generation: b
   """Compiles the clean pass and one group's pass for N variants and times a batch."""
   setup, lm = _setup(lm_dir, n, loop)
   spec = setup.specs[0]
-  state = train_sae.init_group(spec, setup, None)
-  hparams = train_sae.group_hyper(spec).hparams
+  state = grid_step.init_group(spec, setup, None)
+  hparams = grid_step.group_hyper(spec).hparams
   ref = ev.reference(lm.params, data, setup)
   st = ev._static_for(setup, "all")
   gst = ev._GroupStatic(base=st, sae=spec.sae, splice_mode=spec.splice_mode,

@@ -75,6 +75,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from experiments.configs import lm as lm_configs  # pylint: disable=g-import-not-at-top
 from experiments.configs import sae_base  # pylint: disable=g-import-not-at-top
 from jaxsae.flops import matmul_peak  # pylint: disable=g-import-not-at-top
+from jaxsae import grid_step  # pylint: disable=g-import-not-at-top
 from jaxsae import train_lm  # pylint: disable=g-import-not-at-top
 from jaxsae import train_sae  # pylint: disable=g-import-not-at-top
 
@@ -142,7 +143,7 @@ def time_grid(lm_dir: str, loss: str, n: int, steps: int, repeats: int) -> dict:
   config = _config(lm_dir, loss, n, steps)
   setup, lm, root = train_sae.prepare(config)
   state = train_sae.place_state(train_sae.init_grid(setup, lm, root), setup)
-  hypers = tuple(train_sae.group_hyper(s) for s in setup.specs)
+  hypers = tuple(grid_step.group_hyper(s) for s in setup.specs)
   key = jax.random.fold_in(root, train_sae._DATA_STREAM)  # pylint: disable=protected-access
   chunk = train_sae.make_chunk_fn(setup, steps, state)
   box = {"state": state}
@@ -157,7 +158,7 @@ def time_grid(lm_dir: str, loss: str, n: int, steps: int, repeats: int) -> dict:
   times = _median_time(call, repeats)
   step_s = statistics.median(times) / steps
 
-  batch_fn = jax.jit(lambda p, s: train_sae.make_batch(p, s, key, setup))
+  batch_fn = jax.jit(lambda p, s: grid_step.make_batch(p, s, key, setup))
   jax.block_until_ready(batch_fn(lm.params, jnp.int32(0)))
   batch_s = statistics.median(
       _median_time(lambda: batch_fn(lm.params, jnp.int32(1)), max(repeats, 3)))

@@ -62,7 +62,7 @@ group; each group's metrics come from one jitted function of the stacked SAE par
 the SAE config, splice mode and positions), so a group compiles once whatever its size. Inside
 it the variants are vmapped, or run one after another with `lax.map` where the grid's
 `variant_loop` says so (its 'auto' picks the map on CPU, where it is faster; see
-`train_sae.over_variants`).
+`grid_step.over_variants`).
 """
 
 from __future__ import annotations
@@ -81,12 +81,14 @@ import numpy as np
 
 from jaxsae import generate as generate_lib
 from jaxsae import grammars
+from jaxsae import grid_step
 from jaxsae import jsonio
 from jaxsae import losses as losses_lib
 from jaxsae import metrics as metrics_lib
 from jaxsae import model as model_lib
 from jaxsae import report as report_lib
 from jaxsae import sae as sae_lib
+from jaxsae import sae_groups
 from jaxsae import spliced_generation
 from jaxsae import sweep as sweep_lib
 from jaxsae import train_sae
@@ -135,7 +137,7 @@ def _check_options(*, positions: str = "sentence", window_tokens: int = 0,
                      "grid's training positions)")
 
 
-def heldout(setup: train_sae.Setup, seed: int, num_batches: int, batch_size: int, *,
+def heldout(setup: grid_step.Setup, seed: int, num_batches: int, batch_size: int, *,
             mask_positions: str | None = None) -> HeldOut:
   """Samples the held-out set: batch k from `fold_in(fold_in(key(seed), 1000), k)`.
 
@@ -190,7 +192,7 @@ class _GroupStatic:
   base: _Static
   sae: sae_lib.SAEConfig
   splice_mode: str
-  variant_loop: str  # 'vmap' or 'map' (`train_sae.over_variants`)
+  variant_loop: str  # 'vmap' or 'map' (`grid_step.over_variants`)
 
 
 @flax.struct.dataclass
@@ -314,7 +316,7 @@ def _group_pass(sae_params, sae_state, hparams, lm_params, c: _Clean, ref: Refer
     fired = jnp.sum(nonzero & c.window_BT[..., None], axis=(0, 1), dtype=jnp.int32)
     return sums, fired
 
-  return train_sae.over_variants(one, st.variant_loop)(sae_params, sae_state, hparams)
+  return grid_step.over_variants(one, st.variant_loop)(sae_params, sae_state, hparams)
 
 
 def _finalize(clean: Mapping[str, float], sums: Mapping[str, np.ndarray], fired: np.ndarray,
@@ -365,7 +367,7 @@ def _finalize(clean: Mapping[str, float], sums: Mapping[str, np.ndarray], fired:
 
 @dataclasses.dataclass(frozen=True)
 class _GroupInput:
-  spec: train_sae.GroupSpec
+  spec: sae_groups.GroupSpec
   params: Any
   sae_state: sae_lib.SAEState
   hparams: sae_lib.SAEHparams
@@ -373,14 +375,14 @@ class _GroupInput:
   variant_loop: str
 
 
-def _static_for(setup: train_sae.Setup, positions: str) -> _Static:
+def _static_for(setup: grid_step.Setup, positions: str) -> _Static:
   mc = setup.model_config
   return _Static(model_config=mc, site=setup.site,
                  ds_sites=losses_lib.downstream_sites(mc, setup.site, include_final=True),
                  pad_id=setup.grammar.pad_id, splice_all=positions == "all")
 
 
-def _variant_loop(setup: train_sae.Setup) -> str:
+def _variant_loop(setup: grid_step.Setup) -> str:
   return getattr(setup, "variant_loop", "vmap")
 
 
@@ -397,7 +399,7 @@ def _check_group_input(g: _GroupInput) -> None:
                        f"{leaf.shape}; pass the group's GroupState / GroupHyper as trained")
 
 
-def reference(lm_params, data: HeldOut, setup: train_sae.Setup) -> Reference:
+def reference(lm_params, data: HeldOut, setup: grid_step.Setup) -> Reference:
   """The first pass: held-out means of the clean activations over the masked tokens."""
   st = _static_for(setup, "sentence")
   totals: dict[str, np.ndarray] = {}
@@ -415,7 +417,7 @@ def reference(lm_params, data: HeldOut, setup: train_sae.Setup) -> Reference:
                    ds_mean={h: mean(totals[f"ds/{h}"]) for h in st.ds_sites})
 
 
-def _evaluate(groups: Sequence[_GroupInput], lm_params, data: HeldOut, setup: train_sae.Setup,
+def _evaluate(groups: Sequence[_GroupInput], lm_params, data: HeldOut, setup: grid_step.Setup,
               *, positions: str, window_tokens: int, ref: Reference | None = None
               ) -> tuple[dict[str, float], list[dict[str, np.ndarray]]]:
   """Both passes for several groups; returns (clean sums, per-group finalized metrics)."""
@@ -455,9 +457,9 @@ def _evaluate(groups: Sequence[_GroupInput], lm_params, data: HeldOut, setup: tr
   return clean_tot, results
 
 
-def evaluate_group(spec: train_sae.GroupSpec, params, sae_state: sae_lib.SAEState | None,
-                   hyper: train_sae.GroupHyper, lm_params, tokens_BT: jax.Array,
-                   mask_BT: jax.Array, setup: train_sae.Setup, *,
+def evaluate_group(spec: sae_groups.GroupSpec, params, sae_state: sae_lib.SAEState | None,
+                   hyper: grid_step.GroupHyper, lm_params, tokens_BT: jax.Array,
+                   mask_BT: jax.Array, setup: grid_step.Setup, *,
                    next_BT: jax.Array | None = None, valid_BTV: jax.Array | None = None,
                    ref: Reference | None = None, splice_mode: str | None = None,
                    positions: str = "sentence", window_tokens: int = 0,

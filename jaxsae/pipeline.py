@@ -42,6 +42,7 @@ from jaxsae import evaluate
 from jaxsae import jsonio
 from jaxsae import report as report_lib
 from jaxsae import sae as sae_lib
+from jaxsae import sae_groups
 from jaxsae import train_lm
 from jaxsae import train_sae
 
@@ -142,7 +143,7 @@ def validate_config(config) -> None:
                      f"config.lm.language={config.lm.language!r}; set both with :language=")
   train_lm.validate_config(config.lm)
   train_sae.validate_config(config.sae)
-  train_sae.build_groups(list(config.sae.sweep), train_lm.model_config_for(config.lm).d_model)
+  sae_groups.build_groups(list(config.sae.sweep), train_lm.model_config_for(config.lm).d_model)
   evaluate.validate_config(_sub_config(config.eval, sae_workdir="<sae>"))
   a = config.analysis
   for name in ("num_sequences", "max_pairs", "heatmap_latents"):

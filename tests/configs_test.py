@@ -12,6 +12,7 @@ from experiments import main as main_lib
 from experiments.configs import lm as lm_configs
 from experiments.configs import sae_causal
 from experiments.configs import sae_menon
+from jaxsae import sae_groups
 from jaxsae import train_lm
 from jaxsae import train_sae
 
@@ -30,7 +31,7 @@ def _write_lm(directory: str, language: str) -> str:
 
 
 def _groups(config, d_model=D_MODEL):
-  specs, _ = train_sae.build_groups(list(config.sweep), d_model)
+  specs, _ = sae_groups.build_groups(list(config.sweep), d_model)
   return specs
 
 

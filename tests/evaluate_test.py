@@ -17,8 +17,10 @@ from experiments.configs import eval as eval_configs
 from experiments.configs import lm as lm_configs
 from experiments.configs import sae_e2e
 from jaxsae import evaluate as ev
+from jaxsae import grid_step
 from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
+from jaxsae import sae_groups
 from jaxsae import train_lm
 from jaxsae import train_sae
 
@@ -58,7 +60,7 @@ def data(setup_and_lm):
 
 
 def _spec(sweep, d_model=D):
-  specs, _ = train_sae.build_groups(sweep, d_model)
+  specs, _ = sae_groups.build_groups(sweep, d_model)
   assert len(specs) == 1
   return specs[0]
 
@@ -72,7 +74,7 @@ def _crafted_group(n_variants: int, w_decs):
   w_enc = np.concatenate([eye, -eye, np.zeros_like(eye)], axis=1)
   params = {"w_enc": jnp.asarray(np.stack([w_enc] * n_variants)),
             "w_dec": jnp.asarray(np.stack(w_decs))}
-  hyper = train_sae.group_hyper(spec)
+  hyper = grid_step.group_hyper(spec)
   return spec, params, hyper
 
 
@@ -141,8 +143,8 @@ def test_accumulation_is_exact_over_batches_and_window(setup_and_lm, data):
   setup, lm_params = setup_and_lm
   spec = _spec([{"product": {"seed": [0, 1]},
                  "set": {"activation": "topk", "k": 3, "expansion": 2}}])
-  state = train_sae.init_group(spec, setup, None)
-  hyper = train_sae.group_hyper(spec)
+  state = grid_step.init_group(spec, setup, None)
+  hyper = grid_step.group_hyper(spec)
   tokens, mask, nxt, valid = _flat(data)
   assert mask[0].sum() != mask[1].sum()  # unequal batches: a mean of batch means would differ
   window = int(mask[0].sum()) + 3  # ends inside the second batch
@@ -198,8 +200,8 @@ def test_group_equals_variants_one_by_one_and_compiles_once(setup_and_lm, data):
   ks = [1, 4, 16]
   common = {"activation": "topk", "expansion": 2, "loss": "e2e"}
   spec = _spec([{"product": {"k": ks}, "set": common}])
-  state = train_sae.init_group(spec, setup, None)
-  hyper = train_sae.group_hyper(spec)
+  state = grid_step.init_group(spec, setup, None)
+  hyper = grid_step.group_hyper(spec)
   tokens, mask, nxt, valid = _flat(data)
   before = ev._group_pass._cache_size()
   together = ev.evaluate_group(spec, state.params, state.sae_state, hyper, lm_params, tokens,

@@ -15,15 +15,15 @@ import pytest
 
 import fakes
 from jaxsae import report
+from jaxsae import sae_groups
 from jaxsae import sweep as sweep_lib
-from jaxsae import train_sae
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _hparams(**fields):
   """Every sweep field (registry defaults) with `fields` set, JSON-ified as summary.json has it."""
-  variant, = sweep_lib.expand([{"set": fields}], train_sae.registry())
+  variant, = sweep_lib.expand([{"set": fields}], sae_groups.registry())
   return {k: sweep_lib.to_json(v) for k, v in variant.values.items()}
 
 

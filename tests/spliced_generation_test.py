@@ -14,7 +14,9 @@ import pytest
 from experiments.configs import lm as lm_configs
 from experiments.configs import sae_e2e
 from jaxsae import generate as generate_lib
+from jaxsae import grid_step
 from jaxsae import sae as sae_lib
+from jaxsae import sae_groups
 from jaxsae import spliced_generation as sg
 from jaxsae import train_lm
 from jaxsae import train_sae
@@ -39,7 +41,7 @@ def setup_and_lm(tmp_path_factory):
 
 def _crafted_group(n_variants: int, w_decs):
   """A ReLU group of width 3D without biases: w_enc = [I, -I, 0], w_dec given per variant."""
-  specs, _ = train_sae.build_groups(
+  specs, _ = sae_groups.build_groups(
       [{"product": {"seed": list(range(n_variants))},
         "set": {"expansion": 3, "enc_bias": False, "dec_bias": False, "decoder_norm": "none",
                 "init": "menon"}}], D)
@@ -48,7 +50,7 @@ def _crafted_group(n_variants: int, w_decs):
   w_enc = np.concatenate([eye, -eye, np.zeros_like(eye)], axis=1)
   params = {"w_enc": jnp.asarray(np.stack([w_enc] * n_variants)),
             "w_dec": jnp.asarray(np.stack(w_decs))}
-  return spec, params, train_sae.group_hyper(spec)
+  return spec, params, grid_step.group_hyper(spec)
 
 
 def _identity_w_dec(rng):
@@ -96,7 +98,7 @@ def test_spliced_generation(setup_and_lm):
 
 def _parts(setup, lm_params, spec, params, hyper):
   """`(setup, lm_params, group_states, hypers)` of a grid made of the one crafted group."""
-  state = train_sae.init_group(spec, setup, None).replace(params=params)
+  state = grid_step.init_group(spec, setup, None).replace(params=params)
   return dataclasses.replace(setup, specs=(spec,)), lm_params, (state,), (hyper,)
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from experiments.configs import lm as lm_configs
 from experiments.configs import sae_e2e
+from jaxsae import grid_step
 from jaxsae import sweep as sweep_lib
 from jaxsae import train_lm
 from jaxsae import train_sae as ts
@@ -41,7 +42,7 @@ def _train(config, steps=None):
   setup, lm, root = ts.prepare(config)
   state = ts.place_state(ts.init_grid(setup, lm, root), setup)
   chunk = ts.make_chunk_fn(setup, config.log_every, state)
-  hypers = tuple(ts.group_hyper(s) for s in setup.specs)
+  hypers = tuple(grid_step.group_hyper(s) for s in setup.specs)
   key = jax.random.fold_in(root, ts._DATA_STREAM)  # pylint: disable=protected-access
   for _ in range((steps or config.steps) // config.log_every):
     state, metrics = chunk(state, hypers, lm.params, key)
@@ -75,13 +76,13 @@ def test_grid_equals_separate_runs(lm_dir, loss, activation, extra):
 
 def test_one_trace_per_group_whatever_the_group_size(lm_dir, monkeypatch):
   traces = []
-  original = ts._group_step  # pylint: disable=protected-access
+  original = grid_step._group_step  # pylint: disable=protected-access
 
   def counting(state, hyper, batch, lm_params, step, spec, setup):
     traces.append(spec.name)
     return original(state, hyper, batch, lm_params, step, spec, setup)
 
-  monkeypatch.setattr(ts, "_group_step", counting)
+  monkeypatch.setattr(grid_step, "_group_step", counting)
   for n in (1, 5):
     traces.clear()
     sweep = [{"product": {"sparsity_coeff": list(np.linspace(0.1, 1, n))}, "set": {"loss": "local"}},
@@ -96,15 +97,15 @@ def test_lm_is_frozen_and_gets_no_gradient(lm_dir):
   setup, lm, root = ts.prepare(config)
   before = jax.tree.map(np.array, lm.params)
   state = ts.init_grid(setup, lm, root)
-  batch = ts.make_batch(lm.params, jnp.int32(0), jax.random.key(1), setup)
+  batch = grid_step.make_batch(lm.params, jnp.int32(0), jax.random.key(1), setup)
   spec = setup.specs[0]
-  hyper = ts.group_hyper(spec)
+  hyper = grid_step.group_hyper(spec)
   one = lambda t: jax.tree.map(lambda x: x[0], t)
 
   def loss_wrt_lm(lm_params):
-    return ts._variant_loss(one(state.groups[0].params), one(state.groups[0].sae_state),  # pylint: disable=protected-access
-                            one(hyper.hparams), one(hyper.coeffs), batch, lm_params, spec,
-                            setup)[0]
+    return grid_step._variant_loss(one(state.groups[0].params), one(state.groups[0].sae_state),  # pylint: disable=protected-access
+                                   one(hyper.hparams), one(hyper.coeffs), batch, lm_params, spec,
+                                   setup)[0]
 
   grads = jax.grad(loss_wrt_lm)(lm.params)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
@@ -145,7 +146,7 @@ def test_variant_takes_one_sae_out_of_its_group(lm_dir):
            {"product": {"k": [2, 4]}, "set": {"loss": "e2e", "activation": "topk"}}]
   setup, lm, root = ts.prepare(_config(lm_dir, sweep))
   state = ts.init_grid(setup, lm, root)
-  hypers = tuple(ts.group_hyper(s) for s in setup.specs)
+  hypers = tuple(grid_step.group_hyper(s) for s in setup.specs)
   trained = ts.Trained(config=None, setup=setup, lm=lm, state=state, hypers=hypers)
   seen = []
   for gi, spec in enumerate(setup.specs):
@@ -278,13 +279,13 @@ def _one_variant_loss(lm_dir, values, preset_fields=None):
   config = _config(lm_dir, [{"set": {**CAUSAL, **values}}])
   setup, lm, root = ts.prepare(config)
   state = ts.init_grid(setup, lm, root)
-  batch = ts.make_batch(lm.params, jnp.int32(0), jax.random.key(1), setup)
-  spec, hyper = setup.specs[0], ts.group_hyper(setup.specs[0])
+  batch = grid_step.make_batch(lm.params, jnp.int32(0), jax.random.key(1), setup)
+  spec, hyper = setup.specs[0], grid_step.group_hyper(setup.specs[0])
   one = lambda t: jax.tree.map(lambda x: x[0], t)
   rng = jax.random.key(5)
 
   def loss(params):
-    return ts._variant_loss(params, one(state.groups[0].sae_state), one(hyper.hparams),  # pylint: disable=protected-access
+    return grid_step._variant_loss(params, one(state.groups[0].sae_state), one(hyper.hparams),  # pylint: disable=protected-access
                             one(hyper.coeffs), batch, lm.params, spec, setup, rng,
                             one(hyper.causal).lambda_value)
   return loss, one(state.groups[0].params)

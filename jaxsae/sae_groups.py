@@ -1,0 +1,211 @@
+"""The SAE grid's sweepable fields and its compilation groups.
+
+`registry` lists every field a sweep may set (static fields choose the architecture and loss
+family; dynamic ones are stacked per variant). `build_groups` validates a sweep, resolves the
+preset coefficients, and groups the variants by static structure into `GroupSpec`s: one
+compilation each, their per-variant values stacked on a leading axis padded to a multiple of
+the mesh's variant axis. No compilation happens here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.struct
+import numpy as np
+
+from jaxsae import losses as losses_lib
+from jaxsae import sae as sae_lib
+from jaxsae import sweep as sweep_lib
+
+# ------------------------------------------------------------------------------------------------
+# The sweepable fields.
+
+
+def _nonneg(v):
+  return None if v is None or (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)) \
+      else "must be a finite number >= 0"
+
+
+def _positive(v):
+  return None if isinstance(v, (int, float)) and v > 0 and math.isfinite(v) \
+      else "must be a finite number > 0"
+
+
+def _choice(options):
+  return lambda v: None if v in options else f"must be one of {list(options)}"
+
+
+def registry() -> list[sweep_lib.Field]:
+  """Every field a sweep may set, with defaults (the e2e_sae conventions) and units."""
+  F = sweep_lib.Field
+  return [
+      # Static: architecture and loss family (one compilation group per combination).
+      F("activation", "relu", True, check=_choice(sae_lib.ACTIVATIONS),
+        doc="SAE activation"),
+      F("expansion", 4, True, check=lambda v: None if isinstance(v, int) and v > 0
+        else "must be a positive int", doc="latents per input dimension (F = expansion × d)"),
+      F("enc_bias", True, True, doc="encoder bias"),
+      F("dec_bias", True, True, doc="decoder bias"),
+      F("pre_bias", False, True, doc="pre-bias subtracted before encoding, added after decoding"),
+      F("decoder_norm", "forward", True, check=_choice(sae_lib.DECODER_NORMS),
+        doc="dictionary normalisation"),
+      F("input_norm", False, True, doc="L2-normalise the SAE input (Menon 'input')"),
+      F("recon_norm", False, True, doc="L2-normalise the reconstruction (Menon 'recon')"),
+      F("init", "e2e", True, check=_choice(sae_lib.INITS), doc="initialisation scheme"),
+      F("pre_bias_init", "zero", True, check=_choice(sae_lib.PRE_BIAS_INITS),
+        doc="pre-bias init (data mean/median is an improvement)"),
+      F("loss", "local", True, check=_choice(losses_lib.PRESETS),
+        doc="loss preset: local, e2e or e2e_ds"),
+      F("sparsity_p", 1.0, True, check=_positive, doc="order p of the sparsity norm"),
+      F("sparsity_reduction", "e2e_sae", True, check=_choice(losses_lib.REDUCTIONS),
+        doc="e2e_sae (mean over tokens / d) or sum_batch (Menon: sum over the batch)"),
+      F("include_final_resid", True, True,
+        doc="in_to_orig includes the final resid_post (the e2e paper omitted it)"),
+      F("splice_mode", "corrected", True, check=_choice(sae_lib.SPLICE_MODES),
+        doc="how normalised SAEs are spliced in (corrected rescales to ‖x‖)"),
+      F("causal", False, True, doc="add the causal-interpolation term (β = causal_coeff)"),
+      F("causal_lambda", "step", True, check=_choice(losses_lib.CAUSAL_LAMBDAS),
+        doc="interpolation λ: U(0,1) per step, per token, or fixed (causal_lambda_value)"),
+      F("causal_target", "sae", True, check=_choice(losses_lib.CAUSAL_TARGETS),
+        doc="interpolated target logits: of the SAE-spliced run (paper) or the clean run"),
+      F("causal_distance", "mse", True, check=_choice(losses_lib.CAUSAL_DISTANCES),
+        doc="distance of the causal term: MSE on logits or KL"),
+      # Dynamic: stacked per variant.
+      F("lr", 1e-3, False, check=_positive, doc="peak learning rate"),
+      F("seed", 0, False, np.int32, doc="SAE init seed (same seed + architecture = same init)"),
+      F("k", 0, False, np.int32, doc="TopK / BatchTopK latents per token"),
+      F("sparsity_coeff", 0.0, False, check=_nonneg, doc="sparsity coefficient (λ or α)"),
+      F("out_to_in_coeff", None, False, check=_nonneg,
+        doc="local MSE coefficient (None: the preset's)"),
+      F("logits_kl_coeff", None, False, check=_nonneg, doc="KL coefficient (None: preset's)"),
+      F("in_to_orig_coeff", None, False, check=_nonneg,
+        doc="downstream MSE coefficient (None: preset's)"),
+      F("jumprelu_bandwidth", 1e-3, False, check=_positive, doc="JumpReLU STE bandwidth"),
+      F("jumprelu_init_threshold", 1e-3, False, check=_positive, doc="JumpReLU initial θ"),
+      F("threshold_decay", 0.99, False, doc="BatchTopK inference-threshold EMA decay"),
+      F("causal_coeff", 0.0, False, check=_nonneg, doc="β of the causal-interpolation term"),
+      F("causal_lambda_value", 0.2, False, check=lambda v: None if 0 <= v <= 1
+        else "must lie in [0, 1]", doc="λ when causal_lambda='fixed' (paper: 0.2 or 0.02)"),
+      F("causal_start", 0, False, np.int32, check=_nonneg,
+        doc="step at which the causal term starts (plain pre-training before; steps)"),
+      F("causal_ramp", 0, False, np.int32, check=_nonneg,
+        doc="steps over which β ramps linearly from 0 after causal_start (0: constant β)"),
+      F("causal_lr_scale", 1.0, False, check=_positive,
+        doc="lr multiplier from causal_start on (fine-tuning at a lower lr)"),
+      F("causal_reset_opt", False, False, doc="fresh Adam state at causal_start (> 0)"),
+  ]
+
+
+_COEFF_FIELDS = {"out_to_in": "out_to_in_coeff", "logits_kl": "logits_kl_coeff",
+                 "in_to_orig": "in_to_orig_coeff"}
+
+
+@flax.struct.dataclass
+class CausalHparams:
+  """Per-variant schedule of the causal term (leading axis N in a group)."""
+
+  lambda_value: Any  # float: λ when causal_lambda == 'fixed'
+  start: Any  # int: first step with the causal term (and the lr scale)
+  ramp: Any  # int: β ramp length in steps (0: constant)
+  lr_scale: Any  # float: lr multiplier from `start` on
+  reset_opt: Any  # bool: fresh Adam state at `start` (when start > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSpec:
+  """A compilation group: static SAE and loss structure plus stacked per-variant values.
+
+  Arrays have a leading axis of `padded` entries: the `size` real variants, then copies of the
+  last one that fill the group to a multiple of the mesh's variant axis (never reported).
+  """
+
+  name: str
+  sae: sae_lib.SAEConfig
+  loss: losses_lib.LossConfig
+  splice_mode: str
+  ids: tuple[str, ...]
+  size: int
+  padded: int
+  hparams: sae_lib.SAEHparams
+  coeffs: losses_lib.LossCoeffs
+  lr: np.ndarray
+  seed: np.ndarray
+  values: tuple[Mapping[str, Any], ...]  # every field of each real variant (for reports)
+  causal: CausalHparams | None = None
+
+
+def _k_max_hook(static, members):
+  if static["activation"] in ("topk", "batchtopk"):
+    static["k_max"] = max(int(m.values["k"]) for m in members)
+  else:
+    static["k_max"] = None
+  return static
+
+
+def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
+                 ) -> tuple[list[GroupSpec], list[sweep_lib.Group]]:
+  """Validates the sweep and builds the groups (no compilation)."""
+  reg = registry()
+  variants = sweep_lib.expand(sweep_blocks, reg)
+  resolved = []
+  for v in variants:
+    values = dict(v.values)
+    preset = losses_lib.default_coeffs(losses_lib.LossConfig(preset=values["loss"]), 0.0)
+    for term, field in _COEFF_FIELDS.items():
+      if values[field] is None:
+        values[field] = float(getattr(preset, term))
+    if values["activation"] in ("topk", "batchtopk"):
+      width = values["expansion"] * d_model
+      if not 1 <= int(values["k"]) <= width:
+        raise sweep_lib.SweepError(
+            f"variant {v.id} ({v.label}): k={values['k']} must lie in [1, width={width}] for "
+            f"activation={values['activation']}; set k in the sweep or widen the SAE")
+    resolved.append(dataclasses.replace(v, values=values))
+  groups = sweep_lib.group(resolved, reg, derive=_k_max_hook)
+  specs = []
+  for g in groups:
+    s = g.static
+    sae_cfg = sae_lib.SAEConfig(
+        d_in=d_model, width=s["expansion"] * d_model, activation=s["activation"],
+        k_max=s["k_max"], enc_bias=s["enc_bias"] and not s["activation"].startswith("sparsemax"),
+        dec_bias=s["dec_bias"], pre_bias=s["pre_bias"], decoder_norm=s["decoder_norm"],
+        input_norm=s["input_norm"], recon_norm=s["recon_norm"], init=s["init"],
+        pre_bias_init=s["pre_bias_init"])
+    loss_cfg = losses_lib.LossConfig(preset=s["loss"], sparsity_p=float(s["sparsity_p"]),
+                                     sparsity_reduction=s["sparsity_reduction"],
+                                     include_final_resid=s["include_final_resid"],
+                                     causal=s["causal"], causal_lambda=s["causal_lambda"],
+                                     causal_target=s["causal_target"],
+                                     causal_distance=s["causal_distance"])
+    n = g.size
+    padded = -(-n // n_variant_devices) * n_variant_devices
+    pad = lambda a: np.concatenate([a, np.repeat(a[-1:], padded - n, axis=0)])
+    d = {k: pad(v) for k, v in g.dynamic.items()}
+    hparams = sae_lib.SAEHparams(
+        k=np.maximum(d["k"], 1).astype(np.int32) if sae_cfg.uses_k else d["k"].astype(np.int32),
+        jumprelu_bandwidth=d["jumprelu_bandwidth"].astype(np.float32),
+        jumprelu_init_threshold=d["jumprelu_init_threshold"].astype(np.float32),
+        threshold_decay=d["threshold_decay"].astype(np.float32))
+    coeffs = losses_lib.LossCoeffs(
+        sparsity=d["sparsity_coeff"].astype(np.float32),
+        out_to_in=d["out_to_in_coeff"].astype(np.float32),
+        logits_kl=d["logits_kl_coeff"].astype(np.float32),
+        in_to_orig=d["in_to_orig_coeff"].astype(np.float32),
+        causal=d["causal_coeff"].astype(np.float32))
+    causal = CausalHparams(
+        lambda_value=d["causal_lambda_value"].astype(np.float32),
+        start=d["causal_start"].astype(np.int32), ramp=d["causal_ramp"].astype(np.int32),
+        lr_scale=d["causal_lr_scale"].astype(np.float32),
+        reset_opt=d["causal_reset_opt"].astype(bool))
+    sae_lib.check_hparams(hparams, sae_cfg)
+    losses_lib.check_coeffs(coeffs)
+    specs.append(GroupSpec(
+        name=g.name, sae=sae_cfg, loss=loss_cfg, splice_mode=s["splice_mode"], ids=g.ids,
+        size=n, padded=padded, hparams=hparams, coeffs=coeffs,
+        lr=d["lr"].astype(np.float32), seed=d["seed"].astype(np.int32),
+        values=tuple(dict(v.values, **{k: g.static[k] for k in ("k_max",)})
+                     for v in g.variants), causal=causal))
+  return specs, groups
