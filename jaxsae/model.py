@@ -124,44 +124,54 @@ def _normal(std: float) -> nn.initializers.Initializer:
   return nn.initializers.normal(stddev=std)
 
 
-def causal_attention(q_BTNH: jax.Array, k_BTNH: jax.Array, v_BTNH: jax.Array) -> jax.Array:
-  """Softmax(q kᵀ / √H + causal mask) v, per head; `[B, T, N, H]` in and out.
-
-  Batch and heads are merged into one leading axis `[B·N, T, H]` before the two matrix
-  multiplies: XLA's CPU backend runs batched multiplies with the batch axes leading and
-  contiguous about 3x faster (forward + backward) than the `[B, T, N, H]` einsum that
-  `jax.nn.dot_product_attention` lowers to (measured 8.4 ms vs 25 ms at B 32, T 128, 4 heads
-  of 32). The softmax runs in float32.
-  """
-  b, t, n, h = q_BTNH.shape
-  merge = lambda z: jnp.transpose(z, (0, 2, 1, 3)).reshape(b * n, t, h)
-  q_ZTH, k_ZTH, v_ZTH = merge(q_BTNH), merge(k_BTNH), merge(v_BTNH)
-  scores_ZTS = jnp.einsum("zth,zsh->zts", q_ZTH, k_ZTH).astype(jnp.float32) / math.sqrt(h)
+def causal_attention(q_BTH: jax.Array, k_BTH: jax.Array, v_BTH: jax.Array) -> jax.Array:
+  """One head's softmax(q kᵀ / √H + causal mask) v; `[B, T, H]` in and out, softmax in float32."""
+  h = q_BTH.shape[-1]
+  t = q_BTH.shape[1]
+  scores_BTS = jnp.einsum("bth,bsh->bts", q_BTH, k_BTH).astype(jnp.float32) / math.sqrt(h)
   causal_TS = jnp.tril(jnp.ones((t, t), bool))
-  scores_ZTS = jnp.where(causal_TS[None], scores_ZTS, jnp.finfo(jnp.float32).min)
-  probs_ZTS = jax.nn.softmax(scores_ZTS, axis=-1).astype(v_ZTH.dtype)
-  out_ZTH = jnp.einsum("zts,zsh->zth", probs_ZTS, v_ZTH)
-  return jnp.transpose(out_ZTH.reshape(b, n, t, h), (0, 2, 1, 3))
+  scores_BTS = jnp.where(causal_TS[None], scores_BTS, jnp.finfo(jnp.float32).min)
+  probs_BTS = jax.nn.softmax(scores_BTS, axis=-1).astype(v_BTH.dtype)
+  return jnp.einsum("bts,bsh->bth", probs_BTS, v_BTH)
+
+
+class _Kernel(nn.Module):
+  """A bias-free `Dense`'s kernel on its own (same name and init), for sliced use."""
+
+  shape: tuple[int, int]
+  std: float
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    return self.param("kernel", _normal(self.std), self.shape)
 
 
 class CausalSelfAttention(nn.Module):
-  """Multi-head causal self-attention with a fused, bias-free QKV projection."""
+  """Multi-head causal self-attention with a fused, bias-free QKV kernel.
+
+  Each head's q, k and v come from their own `[D, H]` column block of the kernel and attend with
+  batch-leading `[B, T, H]` multiplies; the heads' outputs are concatenated for the output
+  projection. The same arithmetic as one `[D, 3D]` projection split into `[B, T, N, H]` heads,
+  without the head transposes: on XLA's CPU backend forward + backward through block 1 at B 32,
+  T 128, 2 heads of 64 takes about 5.7 ms this way against 7.1-7.9 ms with batch and heads merged
+  into one `[B·N, T, H]` axis (and 25 ms for the `[B, T, N, H]` einsum of
+  `jax.nn.dot_product_attention`).
+  """
 
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     cfg = self.config
-    b, t, d = x_BTD.shape
-    qkv_BT3D = nn.Dense(3 * d, use_bias=False, kernel_init=_normal(cfg.init_std), dtype=cfg.dtype,
-                        name="c_attn")(x_BTD)
-    # nanoGPT's split order (q, k, v, then heads), so its checkpoints map one-to-one.
-    q_BTNH, k_BTNH, v_BTNH = (
-        z.reshape(b, t, cfg.n_heads, cfg.head_dim) for z in jnp.split(qkv_BT3D, 3, axis=-1))
-    out_BTNH = causal_attention(q_BTNH, k_BTNH, v_BTNH)
+    d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
+    # nanoGPT's column order (q, k, v, then heads), so its checkpoints map one-to-one.
+    w_DGNH = _Kernel((d, 3 * d), cfg.init_std, name="c_attn")().astype(cfg.dtype).reshape(
+        d, 3, n, h)
+    x_BTD = x_BTD.astype(cfg.dtype)
+    heads = [causal_attention(*(x_BTD @ w_DGNH[:, g, i] for g in range(3))) for i in range(n)]
     resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
     return nn.Dense(d, use_bias=False, kernel_init=_normal(resid_std), dtype=cfg.dtype,
-                    name="c_proj")(out_BTNH.reshape(b, t, d))
+                    name="c_proj")(jnp.concatenate(heads, axis=-1))
 
 
 class MLP(nn.Module):
