@@ -30,14 +30,15 @@ Settings after the colon (comma-separated):
   (4 steps of 4 sequences, expansions {1, 2}, α {1e-3, 1}, k {8, 16}: seconds, for tests).
 
 Runtime of the default grid (44 SAEs, 128 sequences per step), english (max_len 48; 1,256
-selected tokens per step), 2 CPU cores, jax 0.10.2, commit 82f6a88 (variants one by one inside
-the step on CPU; TopK at k_max 128 by bisection):
-- uncontended (load average ≈ 1.4): 50-step chunks take 10.3-11.7 s after a ≈ 15 s compile,
-  so the 5,000 steps take ≈ 18 min (17-19.5): within the 20-minute target;
-- the full 5,000-step run measured 29 min 11 s wall (1.2 GB peak memory) while the 13-minute
-  test suite and other jobs shared the same 2 cores (load average 3-6).
-Before this session's CPU fixes the same grid extrapolated to ≈ 71 min. dyck2 (max_len 64,
-≈ 1,700 tokens per step) takes about 1.35× as long.
+selected tokens per step), 2 CPU cores, jax 0.10.2:
+- measured at commit 0dcb15f on an otherwise idle machine (`/usr/bin/time -v`): **15 min 54 s
+  wall** for the whole 5,000-step run, compile included (50-step chunks take ≈ 9.0 s after a
+  ≈ 19 s first chunk), 1.18 GB peak memory: within the 20-minute target. Its final metrics are
+  bit-identical to the run at commit 82f6a88, which took 29 min 11 s while the test suite and
+  other jobs shared the same 2 cores (uncontended chunks there took 10.3-11.7 s);
+- before the CPU fixes (variants one by one inside the step; TopK at k_max 128 by bisection;
+  L0 and fired latents from one masked count) the same grid extrapolated to ≈ 71 min. dyck2
+  (max_len 64, ≈ 1,700 tokens per step) takes about 1.35× as long.
 
 The LM comes first (english ≈ 4 min, dyck2 ≈ 17 min; `lm.py`). `smoke` runs in ≈ 15 s.
 With `sparsemax` add the 12 sparsemax SAEs (not timed). On an accelerator the grid takes
