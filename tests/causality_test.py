@@ -10,22 +10,19 @@ import fakes
 from jaxsae import causality
 from jaxsae import grammars
 from jaxsae import interventions
-from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
 
-DYCK = grammars.get("dyck2")
-MC = model_lib.ModelConfig(vocab_size=DYCK.vocab_size, n_layers=1, n_heads=2, d_model=32,
-                           d_mlp=64, context=64)
+DYCK, MC = fakes.DYCK, fakes.TINY_DYCK_MC
 
 
 @pytest.fixture(scope="module")
 def lm():
-  return model_lib.init(jax.random.key(0), MC)
+  return fakes.tiny_dyck_lm()
 
 
 @pytest.fixture(scope="module")
 def data():
-  return grammars.sample(jax.random.key(2), DYCK, 8, 32)
+  return fakes.dyck_batch()
 
 
 # ------------------------------------------------------------------------------------------------

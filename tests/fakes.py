@@ -4,7 +4,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsae import grammars
+from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
+
+# A tiny one-layer Dyck-2 LM (untrained) and a batch of its language, for the intervention and
+# causality tests.
+DYCK = grammars.get("dyck2")
+TINY_DYCK_MC = model_lib.ModelConfig(vocab_size=DYCK.vocab_size, n_layers=1, n_heads=2,
+                                     d_model=32, d_mlp=64, context=64)
+
+
+def tiny_dyck_lm():
+  return model_lib.init(jax.random.key(0), TINY_DYCK_MC)
+
+
+def dyck_batch():
+  return grammars.sample(jax.random.key(2), DYCK, 8, 32)
 
 
 def planted_eos_sae(wte, d_in: int, eos_id: int, sign: float):
