@@ -34,24 +34,34 @@ Prints one JSON object with, per (loss, N):
 Also printed: the issue's reference numbers and targets, and whether each target is met.
 Numbers from a shared machine are noisy; `load_average` is recorded before and after.
 
-Last measured (`--quick`, commit 2a36c7e, jax 0.10.2, 2 CPU cores, idle: load average 0.65
-before and 1.4 after; matmul peak measured in the same run 465 GFLOP/s), variant-tokens/s
-(× PyTorch e2e_sae's per-SAE rate: 40k local, 27k e2e and e2e_ds) and fraction of peak:
+Last measured: the default settings (3 steps per call, median of 3 calls), run three times in a
+row at commit f4dd6f6 (jax 0.10.2, 2 CPU cores, otherwise idle: load average 0.2-2.9, the
+matmul peak measured in the runs 442-482 GFLOP/s); the medians of the three runs, as
+variant-tokens/s (× PyTorch e2e_sae's per-SAE rate: 40k local, 27k e2e and e2e_ds), fraction
+of the peak, and for e2e / e2e_ds the cost per variant relative to local at the same N (the
+median over the runs of each run's ratio):
 
 | loss | N=1 | N=8 | N=32 |
 |---|---|---|---|
-| local | 89k (2.2×), 0.34 | 157k (3.9×), 0.46 | 173k (4.3×), 0.49 |
-| e2e | 41k (1.5×), 0.28 | 66k (2.4×), 0.35 | 69k (2.6×), 0.35 |
-| e2e_ds | 40k (1.5×), 0.28 | 66k (2.4×), 0.34 | 67k (2.5×), 0.34 |
+| local | 121k (3.0×), 0.47 | 181k (4.5×), 0.53 | 183k (4.6×), 0.53 |
+| e2e | 64k (2.4×), 0.45, 1.93 | 90k (3.35×), 0.49, 1.96 | 100k (3.7×), 0.51, 1.86 |
+| e2e_ds | 61k (2.3×), 0.43, 1.97 | 91k (3.4×), 0.50, 1.90 | 98k (3.6×), 0.51, 1.84 |
 
-e2e cost per variant / local: 2.2 (N=1), 2.4 (N=8), 2.5 (N=32). Bare SAE step: 0.33 of peak
-(N=1 and N=32). Targets: ≥ 3× PyTorch per variant in every mode — met for local from N=8,
-not for e2e / e2e_ds (2.5-2.6× at N=32); e2e ≤ 2× local — not met (2.5×); N=32 local at
-≥ 50% of peak — 49%, just short. Before the CPU fixes (variants run one by one inside the
-step with `lax.map` instead of `vmap`, whose batched multiplies XLA's CPU backend runs 3-4×
-slower; attention with batch and heads merged) the same N=32 figures were local 96k (0.27 of
-peak) and e2e 36k. What remains in e2e is the spliced forward + backward through block 1
-(≈ 40 ms per variant at this shape, of which attention's small batched multiplies ≈ 11 ms).
+Against the targets: ≥ 3× PyTorch per variant — met in every mode for the grids (N = 8 and
+32); with one variant the shared per-step work (sampling and the clean forward, 8-23 ms per
+step) is not spread over variants and e2e reaches 2.3-2.4× (`checks` prints both:
+`all_modes_3x_pytorch_grids` for N > 1, true, and `all_modes_3x_pytorch_every_n`, false). e2e cost ≤ 2× local — met at the medians (1.84-1.97),
+but single runs range 1.76-2.13, so the check flips with machine noise. N = 32 local at
+≥ 50% of the peak — 0.53 (0.527-0.532 over the runs). The bare SAE step reaches 0.27-0.36 of
+the peak. `--quick` (1 step per call) reads lower at N = 1, since every call allocates fresh
+buffers and pays their page faults (local N = 1: 43 ms per step against 34 ms).
+
+History at this shape (N = 32, variant-tokens/s): local 96k and e2e 36k with the variants
+vmapped and the attention in `[B, T, N, H]`; local 173k and e2e 69k with the variants run one
+by one (`lax.map`), batch and heads merged in attention and TopK by bisection (commit 2a36c7e);
+then the sequence groups' SAE on tokens flattened to `[B·T, D]` (no transposed copy of the
+code gradients), L0 and fired latents from one masked count per latent instead of an integer
+reduction, and attention per head from the kernel's column blocks gave the figures above.
 """
 
 from __future__ import annotations
@@ -249,7 +259,9 @@ def main():
   for b in bare:
     b["fraction_of_peak"] = b["gflops"] / peak
   checks = {
-      "all_modes_3x_pytorch": all(r["speedup_vs_pytorch"] >= 3 for r in results),
+      "all_modes_3x_pytorch_grids": all(r["speedup_vs_pytorch"] >= 3 for r in results
+                                        if r["n"] > 1),
+      "all_modes_3x_pytorch_every_n": all(r["speedup_vs_pytorch"] >= 3 for r in results),
       "e2e_per_variant_le_2x_local": all(r.get("cost_per_variant_vs_local", 0) <= 2
                                          for r in results),
   }
