@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from experiments.configs import lm as lm_configs  # pylint: disable=g-import-not-at-top
 from experiments.configs import sae_base  # pylint: disable=g-import-not-at-top
+from jaxsae import eval_passes  # pylint: disable=g-import-not-at-top
 from jaxsae import evaluate as ev  # pylint: disable=g-import-not-at-top
 from jaxsae import grid_step  # pylint: disable=g-import-not-at-top
 from jaxsae import spliced_generation as sg  # pylint: disable=g-import-not-at-top
@@ -100,20 +101,20 @@ def time_group(lm_dir: str, n: int, loop: str, repeats: int, data, generation: b
   state = grid_step.init_group(spec, setup, None)
   hparams = grid_step.group_hyper(spec).hparams
   ref = ev.reference(lm.params, data, setup)
-  st = ev._static_for(setup, "all")
-  gst = ev._GroupStatic(base=st, sae=spec.sae, splice_mode=spec.splice_mode,
-                        variant_loop=setup.variant_loop)
+  st = eval_passes.static_for(setup, "all")
+  gst = eval_passes.GroupStatic(base=st, sae=spec.sae, splice_mode=spec.splice_mode,
+                                variant_loop=setup.variant_loop)
   batch = (data.tokens_KBT[0], data.next_KBT[0], data.mask_KBT[0], data.valid_KBTV[0])
   batch = jax.device_put(batch)
   left = jnp.int32(2**30)
 
   def clean():
-    return ev._clean_pass(lm.params, *batch, ref, left, st=st)
+    return eval_passes.clean_pass(lm.params, *batch, ref, left, st=st)
 
   def both():
     c, sums = clean()
-    return sums, ev._group_pass(state.params, state.sae_state, hparams, lm.params, c, ref,
-                                st=gst)
+    return sums, eval_passes.group_pass(state.params, state.sae_state, hparams, lm.params, c,
+                                        ref, st=gst)
 
   t0 = time.perf_counter()
   jax.block_until_ready(both())
@@ -153,7 +154,7 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     lm_dir = write_untrained_lm(os.path.join(tmp, "lm"))
     setup, _ = _setup(lm_dir, 1, "vmap")
-    data = ev.heldout(setup, seed=0, num_batches=1, batch_size=BATCH_SIZE)
+    data = eval_passes.heldout(setup, seed=0, num_batches=1, batch_size=BATCH_SIZE)
     for loop in loops:
       for n in ns:
         r = time_group(lm_dir, n, loop, args.repeats, data, args.generation)

@@ -5,7 +5,7 @@ terms (`token_*`: squared error, explained variance, cross-entropy, KL, total va
 agreement, grammatical mass) that `evaluate` sums over its held-out batches, the whole-array
 forms (`masked_mean`, `explained_variance`) and the host-side ratios and counts
 (`ce_recovered`, `latent_counts`, `density_histogram`). Which tokens count, and how the sums
-become the reported metrics, is `evaluate`'s business (its module docstring).
+become the reported metrics, is `eval_passes`'s business (its module docstring).
 
 Conventions: x = target activation, x̂ = reconstruction, mu = the token mean of x (an argument:
 the pipeline computes it over the held-out set), LN = layer norm over the last axis without

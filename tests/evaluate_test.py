@@ -16,6 +16,7 @@ from experiments import main as main_lib
 from experiments.configs import eval as eval_configs
 from experiments.configs import lm as lm_configs
 from experiments.configs import sae_e2e
+from jaxsae import eval_passes
 from jaxsae import evaluate as ev
 from jaxsae import grid_step
 from jaxsae import model as model_lib
@@ -56,7 +57,7 @@ def setup_and_lm(lm_dir):
 @pytest.fixture(scope="module")
 def data(setup_and_lm):
   setup, _ = setup_and_lm
-  return ev.heldout(setup, seed=3, num_batches=2, batch_size=4)
+  return eval_passes.heldout(setup, seed=3, num_batches=2, batch_size=4)
 
 
 def _spec(sweep, d_model=D):
@@ -203,11 +204,12 @@ def test_group_equals_variants_one_by_one_and_compiles_once(setup_and_lm, data):
   state = grid_step.init_group(spec, setup, None)
   hyper = grid_step.group_hyper(spec)
   tokens, mask, nxt, valid = _flat(data)
-  before = ev._group_pass._cache_size()
+  before = eval_passes.group_pass._cache_size()
   together = ev.evaluate_group(spec, state.params, state.sae_state, hyper, lm_params, tokens,
                                mask, setup, next_BT=nxt, valid_BTV=valid, positions="all",
                                variant_loop="vmap")
-  assert ev._group_pass._cache_size() == before + 1  # two batches, three variants: one compile
+  # two batches, three variants: one compile
+  assert eval_passes.group_pass._cache_size() == before + 1
   assert len(set(np.asarray(together["l0"]).round(3))) == 3  # the variants do differ
   mapped = ev.evaluate_group(spec, state.params, state.sae_state, hyper, lm_params, tokens,
                              mask, setup, next_BT=nxt, valid_BTV=valid, positions="all",

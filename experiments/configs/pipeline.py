@@ -22,10 +22,11 @@ fewer alive latents than local ones, shows the clean model's and every SAE's spl
 grammaticality, and lists the latents that track grammar features and whether they act
 causally as their labels predict.
 
-Runtime of the default on 2 CPU cores (measured at commit 16d596e with other jobs sharing the
-cores, so pessimistic): 6 min 05 s wall: LM 207 s, SAE grid 76 s, evaluation 43 s, analysis
-34 s, report 2 s. `language=dyck2`: 8 min 16 s (its LM trains 1,500 steps of 64 tokens);
-`grid=causal`: 9 min 16 s with the English LM already trained. `smoke`: ≈ 20-40 s.
+Runtime of the default on 2 CPU cores, otherwise idle (commit b5a6175, `/usr/bin/time -v`):
+5 min 29 s wall, 2.7 GB peak memory: LM 185 s, SAE grid 70 s, evaluation 41 s, analysis 29 s,
+report 1 s. Earlier runs (commit 16d596e, other jobs sharing the cores): the default 6 min
+05 s; `language=dyck2` 8 min 16 s (its LM trains 1,500 steps of 64 tokens); `grid=causal`
+9 min 16 s with the English LM already trained. `smoke`: ≈ 20-40 s.
 Headline numbers of those runs are in the README and `experiments/results/`.
 """
 
