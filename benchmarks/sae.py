@@ -59,6 +59,11 @@ but single runs range 1.76-2.13, so the check flips with machine noise. N = 32 l
 the peak. `--quick` (1 step per call) reads lower at N = 1, since every call allocates fresh
 buffers and pays their page faults (local N = 1: 43 ms per step against 34 ms).
 
+Confirmed with `--rounds 3` (interleaved, commit 9d80477, load average 2.0, peak 463 GFLOP/s):
+local 122k / 178k / 183k (N = 1 / 8 / 32; 0.52 of peak at N = 32), e2e 62k / 95k / 101k,
+e2e_ds 61k / 95k / 100k; cost per variant vs local 1.96 / 1.87 / 1.81 (e2e) and 2.00 / 1.87 /
+1.84 (e2e_ds), the single rounds 1.70-2.04.
+
 History at this shape (N = 32, variant-tokens/s): local 96k and e2e 36k with the variants
 vmapped and the attention in `[B, T, N, H]`; local 173k and e2e 69k with the variants run one
 by one (`lax.map`), batch and heads merged in attention and TopK by bisection (commit 2a36c7e);
