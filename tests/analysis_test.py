@@ -10,14 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import lm as lm_configs
-from experiments.configs import sae_e2e
+import fakes
 from jaxsae import analysis
 from jaxsae import geometry
 from jaxsae import grammars
 from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
-from jaxsae import train_lm
 from jaxsae import train_sae as ts
 
 BIN = grammars.LabelInfo("binary")
@@ -216,12 +214,11 @@ def test_label_matrix_expands_categorical_labels_of_dyck2():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("analysis")
-  lm_dir = train_lm.write_untrained(lm_configs.get_config("language=dyck2,smoke"),
-                                    str(root / "lm"))
-  c = sae_e2e.get_config(f"language=dyck2,smoke,lm_workdir={lm_dir}")
-  c.sweep = [{"product": {"k": [2, 3]}, "set": {"loss": "local", "activation": "batchtopk",
-                                                "expansion": 2}}]
-  c.steps, c.log_every, c.checkpoint_every = 2, 2, 2
+  c = fakes.smoke_sae_config(
+      fakes.write_smoke_lm(root / "lm"),
+      [{"product": {"k": [2, 3]}, "set": {"loss": "local", "activation": "batchtopk",
+                                          "expansion": 2}}],
+      steps=2, log_every=2, checkpoint_every=2)
   ts.run(c, str(root / "sae"))
   return ts.load_trained(str(root / "sae"))
 

@@ -15,14 +15,7 @@ from jaxsae import sae as sae_lib
 DYCK, MC = fakes.DYCK, fakes.TINY_DYCK_MC
 
 
-@pytest.fixture(scope="module")
-def lm():
-  return fakes.tiny_dyck_lm()
-
-
-@pytest.fixture(scope="module")
-def data():
-  return fakes.dyck_batch()
+lm, data = fakes.TINY_DYCK_LM_FIXTURE, fakes.DYCK_BATCH_FIXTURE
 
 
 # ------------------------------------------------------------------------------------------------

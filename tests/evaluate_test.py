@@ -12,17 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fakes
 from experiments import main as main_lib
 from experiments.configs import eval as eval_configs
-from experiments.configs import lm as lm_configs
-from experiments.configs import sae_e2e
 from jaxsae import eval_passes
 from jaxsae import evaluate as ev
 from jaxsae import grid_step
 from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
 from jaxsae import sae_groups
-from jaxsae import train_lm
 from jaxsae import train_sae
 
 D = 32  # the smoke LM's width
@@ -35,16 +33,10 @@ D = 32  # the smoke LM's width
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
-  return train_lm.write_untrained(lm_configs.get_config("language=dyck2,smoke"),
-                                  str(tmp_path_factory.mktemp("lm") / "dyck2"))
+  return fakes.write_smoke_lm(tmp_path_factory.mktemp("lm") / "dyck2")
 
 
-def _sae_config(lm_dir, sweep, **overrides):
-  c = sae_e2e.get_config(f"language=dyck2,smoke,lm_workdir={lm_dir}")
-  c.sweep = sweep
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+_sae_config = fakes.smoke_sae_config
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fakes
 from experiments import main as main_lib
 from experiments.configs import export as export_configs
-from experiments.configs import lm as lm_configs
-from experiments.configs import sae_e2e
 from jaxsae import export as export_lib
 from jaxsae import sae as sae_lib
-from jaxsae import train_lm
 from jaxsae import train_sae
 
 D, F = 8, 24
@@ -234,14 +232,12 @@ def test_bad_input_raises_clearly(tmp_path):
 def sae_dir(tmp_path_factory):
   """A tiny trained grid (2 steps): two ReLU variants and one BatchTopK variant."""
   root = tmp_path_factory.mktemp("grid")
-  lm_dir = train_lm.write_untrained(lm_configs.get_config("language=dyck2,smoke"),
-                                    str(root / "lm"))
-  c = sae_e2e.get_config(f"language=dyck2,smoke,lm_workdir={lm_dir}")
-  c.sweep = [{"product": {"sparsity_coeff": [1.0, 4.0]}, "set": {"loss": "local",
-                                                                  "expansion": 2}},
-             {"set": {"loss": "local", "activation": "batchtopk", "k": 3, "expansion": 2,
-                      "pre_bias": True}}]
-  c.steps, c.log_every, c.checkpoint_every = 2, 2, 2
+  c = fakes.smoke_sae_config(
+      fakes.write_smoke_lm(root / "lm"),
+      [{"product": {"sparsity_coeff": [1.0, 4.0]}, "set": {"loss": "local", "expansion": 2}},
+       {"set": {"loss": "local", "activation": "batchtopk", "k": 3, "expansion": 2,
+                "pre_bias": True}}],
+      steps=2, log_every=2, checkpoint_every=2)
   workdir = str(root / "sae")
   train_sae.run(c, workdir)
   return workdir

@@ -3,10 +3,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from experiments.configs import lm as lm_configs
+from experiments.configs import sae_e2e
 from jaxsae import grammars
 from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
+from jaxsae import train_lm
 
 # A tiny one-layer Dyck-2 LM (untrained) and a batch of its language, for the intervention and
 # causality tests.
@@ -21,6 +25,30 @@ def tiny_dyck_lm():
 
 def dyck_batch():
   return grammars.sample(jax.random.key(2), DYCK, 8, 32)
+
+
+# The same two as module-scoped pytest fixtures named `lm` and `data`
+# (`lm, data = fakes.TINY_DYCK_LM_FIXTURE, fakes.DYCK_BATCH_FIXTURE` in a test module).
+TINY_DYCK_LM_FIXTURE = pytest.fixture(scope="module", name="lm")(tiny_dyck_lm)
+DYCK_BATCH_FIXTURE = pytest.fixture(scope="module", name="data")(dyck_batch)
+
+
+# Smoke-size LM workdirs and SAE grid configs for the trainer, evaluation and analysis tests.
+
+
+def write_smoke_lm(directory, language: str = "dyck2") -> str:
+  """An untrained smoke-size LM workdir (the SAE trainer needs config.json + a checkpoint)."""
+  return train_lm.write_untrained(lm_configs.get_config(f"language={language},smoke"),
+                                  str(directory))
+
+
+def smoke_sae_config(lm_dir, sweep, **overrides):
+  """`sae_e2e`'s dyck2 smoke config on `lm_dir` with `sweep` and fields overridden."""
+  c = sae_e2e.get_config(f"language=dyck2,smoke,lm_workdir={lm_dir}")
+  c.sweep = sweep
+  for k, v in overrides.items():
+    c[k] = v
+  return c
 
 
 def planted_eos_sae(wte, d_in: int, eos_id: int, sign: float):

@@ -21,14 +21,7 @@ HP = sae_lib.default_hparams(SAE)
 DEAD = 0  # planted: never fires
 
 
-@pytest.fixture(scope="module")
-def lm():
-  return fakes.tiny_dyck_lm()
-
-
-@pytest.fixture(scope="module")
-def data():
-  return fakes.dyck_batch()
+lm, data = fakes.TINY_DYCK_LM_FIXTURE, fakes.DYCK_BATCH_FIXTURE
 
 
 def _sae(key, config=SAE):

@@ -11,14 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import lm as lm_configs
-from experiments.configs import sae_e2e
+import fakes
 from jaxsae import generate as generate_lib
 from jaxsae import grid_step
 from jaxsae import sae as sae_lib
 from jaxsae import sae_groups
 from jaxsae import spliced_generation as sg
-from jaxsae import train_lm
 from jaxsae import train_sae
 
 D = 32  # the smoke LM's width
@@ -31,11 +29,8 @@ D = 32  # the smoke LM's width
 
 @pytest.fixture(scope="module")
 def setup_and_lm(tmp_path_factory):
-  lm_dir = train_lm.write_untrained(lm_configs.get_config("language=dyck2,smoke"),
-                                    str(tmp_path_factory.mktemp("lm") / "dyck2"))
-  c = sae_e2e.get_config(f"language=dyck2,smoke,lm_workdir={lm_dir}")
-  c.sweep = [{"set": {"loss": "local"}}]
-  setup, lm, _ = train_sae.prepare(c)
+  lm_dir = fakes.write_smoke_lm(tmp_path_factory.mktemp("lm") / "dyck2")
+  setup, lm, _ = train_sae.prepare(fakes.smoke_sae_config(lm_dir, [{"set": {"loss": "local"}}]))
   return setup, jax.tree.map(lambda p: 8.0 * p, lm.params)
 
 

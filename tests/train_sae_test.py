@@ -11,17 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import lm as lm_configs
+import fakes
 from experiments.configs import sae_e2e
 from jaxsae import grid_step
 from jaxsae import sweep as sweep_lib
-from jaxsae import train_lm
 from jaxsae import train_sae as ts
 
 
 def _write_lm(directory: str, language: str) -> str:
-  """An untrained smoke-size LM workdir (the SAE trainer needs config.json + a checkpoint)."""
-  return train_lm.write_untrained(lm_configs.get_config(f"language={language},smoke"), directory)
+  return fakes.write_smoke_lm(directory, language)
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +27,7 @@ def lm_dir(tmp_path_factory):
   return _write_lm(str(tmp_path_factory.mktemp("lm") / "dyck2"), "dyck2")
 
 
-def _config(lm_dir, sweep, **overrides):
-  c = sae_e2e.get_config(f"language=dyck2,smoke,lm_workdir={lm_dir}")
-  c.sweep = sweep
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+_config = fakes.smoke_sae_config  # (also used by the multi-device subprocess below)
 
 
 def _train(config, steps=None):
