@@ -306,7 +306,7 @@ def group_pass(sae_params, sae_state, hparams, lm_params, c: Clean, ref: Referen
           w * metrics_lib.token_sq_error(res.acts[h], c.ds_acts[h]))
       sums[f"ds_ev_tok/{h}"] = jnp.sum(
           w * metrics_lib.token_explained_variance(res.acts[h], c.ds_acts[h], ref.ds_mean[h]))
-    fired = jnp.sum(nonzero & c.window_BT[..., None], axis=(0, 1), dtype=jnp.int32)
+    fired = metrics_lib.latent_fire_counts(codes, c.window_BT).astype(jnp.int32)
     return sums, fired
 
   return grid_step.over_variants(one, st.variant_loop)(sae_params, sae_state, hparams)

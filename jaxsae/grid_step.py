@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsae import grammars
 from jaxsae import losses as losses_lib
+from jaxsae import metrics as metrics_lib
 from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
 from jaxsae.sae_groups import CausalHparams, GroupSpec
@@ -186,16 +187,6 @@ def make_batch(lm_params, step: jax.Array, data_key: jax.Array, setup: Setup) ->
                clean_logits=clean.logits, clean_downstream={h: clean.acts[h] for h in ds_sites})
 
 
-def _explained_variance(x_hat, x, mask):
-  """e2e_sae's form: mean over tokens of 1 − Σ_d (x̂−x)² / Σ_d (x − mean_tokens x)²."""
-  w = mask.astype(jnp.float32)
-  lead = tuple(range(x.ndim - 1))
-  mean = jnp.sum(w[..., None] * x, axis=lead, keepdims=True) / jnp.maximum(jnp.sum(w), 1)
-  num = jnp.sum(jnp.square(x_hat - x), -1)
-  den = jnp.maximum(jnp.sum(jnp.square(x - mean), -1), 1e-12)
-  return jnp.sum(w * (1 - num / den)) / jnp.maximum(jnp.sum(w), 1)
-
-
 def _causal_term(params, codes_BTF, x_BTD, out_BTD, spliced_logits, batch: Batch, lm_params,
                  rng, lam_fixed, spec: GroupSpec, setup: Setup):
   """The causal-interpolation distance of one variant (see `losses_lib` for the formula).
@@ -260,14 +251,16 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
                                    target=aux["target"], mask=mask, **extra)
   total, terms = losses_lib.total_loss(terms, coeffs)
   w = mask.astype(jnp.float32)
-  # Per-latent counts of masked-in tokens where it fires, as one matrix-vector product (XLA's
-  # CPU backend fuses the comparison into it; an integer reduction over [tokens, F] costs as
-  # much as an SAE matrix multiply there).
-  fires_F = jnp.einsum("n,nf->f", w, (jax.lax.stop_gradient(codes) != 0).astype(jnp.float32))
+  n = jnp.maximum(jnp.sum(w), 1)
+  fires_F = metrics_lib.latent_fire_counts(codes, w)
+  target = aux["target"]
+  # e2e_sae's explained variance: the token mean of 1 − Σ_d (x̂−x)² / Σ_d (x − mean_tokens x)².
+  mean_D = jnp.sum(w[:, None] * target, axis=0) / n
   metrics = dict(terms)
   metrics["loss"] = total
-  metrics["l0"] = jnp.sum(fires_F) / jnp.maximum(jnp.sum(w), 1)
-  metrics["explained_variance"] = _explained_variance(x_hat, aux["target"], mask)
+  metrics["l0"] = jnp.sum(fires_F) / n
+  metrics["explained_variance"] = jnp.sum(
+      w * metrics_lib.token_explained_variance(x_hat, target, mean_D)) / n
   return total, (metrics, aux["state"], fires_F > 0)
 
 

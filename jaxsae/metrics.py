@@ -78,6 +78,18 @@ def token_grammatical_mass(logits: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(valid, p, 0.0), axis=-1)
 
 
+def latent_fire_counts(codes: jax.Array, weights: jax.Array) -> jax.Array:
+  """Σ_tokens weight · [code != 0] per latent, `[..., F]` codes and `[...]` weights -> `[F]`.
+
+  One matrix-vector product (float32: exact integer counts below 2^24 per latent). XLA's CPU
+  backend lowers the equivalent integer reduction over `[tokens, F]` to a reduce-window that
+  costs as much as an SAE matrix multiply. No gradient flows through the comparison.
+  """
+  nonzero = (jax.lax.stop_gradient(codes) != 0).astype(jnp.float32)
+  return jnp.einsum("n,nf->f", weights.astype(jnp.float32).reshape(-1),
+                    nonzero.reshape(-1, codes.shape[-1]))
+
+
 def masked_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Σ mask·values / Σ mask over all axes (NaN when the mask is empty)."""
   if mask is None:
