@@ -47,6 +47,37 @@ def flops_per_token(mc, seq_len: int) -> dict[str, float]:
           "n_matmul_params": n_matmul}
 
 
+def train_throughput(config, steps_per_call: int, calls: int) -> dict:
+  """Training tokens per second of `config`'s LM: best of `calls` host calls of
+  `steps_per_call` jitted steps each (data sampling on device included), after compilation."""
+  config = config.copy_and_resolve_references()
+  config.steps_per_call = steps_per_call
+  config.num_steps = config.log_every = config.eval_every = config.checkpoint_every = (
+      steps_per_call * calls)
+  train_lm.validate_config(config)
+  setup = train_lm._setup(config)  # pylint: disable=protected-access
+  hyper = train_lm._hyper(config)  # pylint: disable=protected-access
+  state = train_lm.init_state(config)
+  t0 = time.perf_counter()
+  state, m = train_lm.train_steps(state, hyper, setup)
+  jax.block_until_ready(m)
+  compile_and_first = time.perf_counter() - t0
+  best = float("inf")
+  for _ in range(calls):
+    t0 = time.perf_counter()
+    state, m = train_lm.train_steps(state, hyper, setup)
+    jax.block_until_ready(m)
+    best = min(best, time.perf_counter() - t0)
+  tokens = steps_per_call * config.batch_size * config.max_len
+  fl = flops_per_token(setup.model_config, config.max_len - 1)
+  return {"language": config.language, "batch_size": config.batch_size,
+          "max_len": config.max_len, "steps_per_call": steps_per_call,
+          "seconds_per_step": best / steps_per_call, "first_call_s": compile_and_first,
+          "train_tokens_per_s": tokens / best, "model_flops_per_token": fl,
+          "achieved_gflops": tokens / best * fl["total"] / 1e9,
+          "state": state, "setup": setup}
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--language", default="dyck2")
@@ -59,28 +90,8 @@ def main():
   config = lm_config.get_config(f"language={args.language}")
   config.batch_size = args.batch_size
   config.max_len = args.max_len
-  config.steps_per_call = args.steps_per_call
-  config.num_steps = config.log_every = config.eval_every = config.checkpoint_every = (
-      args.steps_per_call * args.calls)
-  train_lm.validate_config(config)
-  setup = train_lm._setup(config)  # pylint: disable=protected-access
-  hyper = train_lm._hyper(config)  # pylint: disable=protected-access
-  state = train_lm.init_state(config)
-
-  t0 = time.perf_counter()
-  state, m = train_lm.train_steps(state, hyper, setup)
-  jax.block_until_ready(m)
-  compile_and_first = time.perf_counter() - t0
-  best = float("inf")
-  for _ in range(args.calls):
-    t0 = time.perf_counter()
-    state, m = train_lm.train_steps(state, hyper, setup)
-    jax.block_until_ready(m)
-    best = min(best, time.perf_counter() - t0)
-  tokens = args.steps_per_call * args.batch_size * args.max_len
-  tok_s = tokens / best
-  fl = flops_per_token(setup.model_config, args.max_len - 1)
-  achieved = tok_s * fl["total"] / 1e9
+  r = train_throughput(config, args.steps_per_call, args.calls)
+  state, setup = r.pop("state"), r.pop("setup")
   peak, peak_n = matmul_peak()
 
   grammar = grammars.get(args.language)
@@ -92,17 +103,11 @@ def main():
   gen_s = time.perf_counter() - t0
 
   print(json.dumps({
-      "language": args.language, "batch_size": args.batch_size, "max_len": args.max_len,
-      "steps_per_call": args.steps_per_call,
+      **r,
       "param_count": int(jax.tree_util.tree_reduce(lambda a, x: a + x.size, state.params, 0)
                          - state.params["wpe"].size),
-      "seconds_per_step": best / args.steps_per_call,
-      "first_call_s": compile_and_first,
-      "train_tokens_per_s": tok_s,
-      "model_flops_per_token": fl,
-      "achieved_gflops": achieved,
       "matmul_peak_gflops": peak, "matmul_peak_size": peak_n,
-      "fraction_of_peak": achieved / peak,
+      "fraction_of_peak": r["achieved_gflops"] / peak,
       "generate_tokens_per_s": out.tokens.shape[0] * generate_lib.MAX_NEW_TOKENS / gen_s,
       "generate_batch_seconds": gen_s,
       "backend": jax.default_backend(), "devices": len(jax.devices()),
