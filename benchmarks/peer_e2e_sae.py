@@ -40,6 +40,7 @@ import argparse
 import importlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import statistics
@@ -79,11 +80,13 @@ def _stand_in_for_missing_loader_dependency() -> None:
 
 _stand_in_for_missing_loader_dependency()
 
-import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
-import transformer_lens  # pylint: disable=g-import-not-at-top,wrong-import-position
-from e2e_sae import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
-from e2e_sae import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
-from e2e_sae.models import transformers as e2e_transformers  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import torch
+import transformer_lens
+from e2e_sae import losses
+from e2e_sae import utils
+from e2e_sae.models import transformers as e2e_transformers
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 def loss_configs(loss: str) -> losses.LossConfigs:
@@ -173,7 +176,7 @@ def time_loss(loss: str, steps: int, repeats: int, warmup: int, seed: int) -> di
       last = step(batches[(r * steps + i) % len(batches)])
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times) / steps
-  if not last == last:  # NaN
+  if math.isnan(last):
     raise FloatingPointError(f"{loss}: the loss turned NaN")
   return {"loss": loss, "step_s": step_s, "tokens_per_s": BATCH_SIZE * SEQ_LEN / step_s,
           "call_times_s": times, "steps": steps, "repeats": repeats, "warmup": warmup,
@@ -181,6 +184,7 @@ def time_loss(loss: str, steps: int, repeats: int, warmup: int, seed: int) -> di
 
 
 def versions() -> dict:
+  """Python's and the peer packages' installed versions, and torch's CUDA version (None)."""
   out = {"python": platform.python_version()}
   for name in PACKAGES:
     try:
