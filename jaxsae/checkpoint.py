@@ -47,6 +47,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxsae import distributed
+
 PyTree = Any
 
 _FINGERPRINT_FILE = "fingerprint.json"
@@ -148,7 +150,9 @@ def _to_host(tree: PyTree) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if _is_key(leaf):
       keys[name] = str(jax.random.key_impl(leaf))
       leaf = jax.random.key_data(leaf)
-    flat[name] = np.array(leaf, copy=True)  # a copy: the device buffer may be donated next
+    # A copy (the device buffer may be donated next), whole even where other processes hold
+    # some of the shards.
+    flat[name] = np.array(distributed.to_host(leaf), copy=True)
   return flat, keys
 
 

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsae import checkpoint as ckpt_lib
+from jaxsae import distributed
 from jaxsae import grammars
 from jaxsae import grid_step
 from jaxsae import jsonio
@@ -75,7 +76,8 @@ def load_lm(lm_workdir: str) -> LoadedLM:
                   config=lm_config.to_dict())
 
 
-MUTABLE_FIELDS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints")
+MUTABLE_FIELDS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "distributed",
+                  "coordinator_address", "num_processes", "process_id", "heartbeat_s")
 _DATA_STREAM, _PROBE_STREAM = 1, 2
 
 
@@ -233,20 +235,22 @@ def _truncate_jsonl(path: str, step: int) -> None:
 
 def run(config, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the SAE grid of `config` in `workdir`; returns the summary."""
-  if config.get("distributed", False):
-    jax.distributed.initialize()
+  distributed.initialize(config)
   setup, lm, root = prepare(config, workdir)
+  writer = distributed.is_writer()  # one process writes the workdir's files
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f, indent=1)
-  _write_variants(os.path.join(workdir, "variants.json"), setup)
+  if writer:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=1)
+    _write_variants(os.path.join(workdir, "variants.json"), setup)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   summary_path = os.path.join(workdir, "summary.json")
   ckpt_dir = os.path.join(workdir, "checkpoints")
   hypers = _shard(tuple(grid_step.group_hyper(s) for s in setup.specs), setup)
   lm_params = _shard(lm.params, setup, P())
   data_key = jax.random.fold_in(root, _DATA_STREAM)
-  with ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints) as ckpt:
+  with distributed.peers_guard("SAE grid training"), ckpt_lib.Checkpointer(
+      ckpt_dir, max_to_keep=config.keep_checkpoints) as ckpt:
     ckpt_lib.check_fingerprint(ckpt_dir, config, MUTABLE_FIELDS,
                                has_checkpoints=bool(ckpt.all_steps()))
     if ckpt.all_steps():
@@ -262,7 +266,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     if start % config.log_every:
       raise ValueError(f"the checkpoint is at step {start}, not a multiple of log_every="
                        f"{config.log_every}; resume with a log_every that divides it")
-    _truncate_jsonl(metrics_path, start)
+    if writer:
+      _truncate_jsonl(metrics_path, start)
     chunk = make_chunk_fn(setup, config.log_every, state)
     last = {}
     n_variants = sum(s.size for s in setup.specs)
@@ -270,9 +275,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     for step in range(start, config.steps, config.log_every):
       t0 = time.perf_counter()
       state, metrics = chunk(state, hypers, lm_params, data_key)
-      metrics = jax.device_get(metrics)
-      frozen = [np.asarray(g.frozen) for g in state.groups]
-      bad = [np.asarray(g.bad_step) for g in state.groups]
+      metrics, frozen, bad = distributed.to_host(
+          (metrics, [g.frozen for g in state.groups], [g.bad_step for g in state.groups]))
       dt = time.perf_counter() - t0
       new_step = step + config.log_every
       records = []
@@ -287,7 +291,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                             "%d and is frozen at its last finite parameters.", vid, spec.name,
                             json.dumps(_jsonable(spec.values[i])), int(bs[i]))
         frozen_seen[spec.name] = frozen_seen[spec.name] | fz
-      _append_jsonl(metrics_path, records)
+      if writer:
+        _append_jsonl(metrics_path, records)
       eta = (config.steps - new_step) * dt / config.log_every
       toks = setup.batch_size * setup.forward_len * config.log_every / dt
       losses_txt = " ".join(f"{s.name}:{np.mean(m['loss'][:s.size]):.4g}"
@@ -296,9 +301,10 @@ def run(config, workdir: str) -> dict[str, Any]:
                    config.steps, losses_txt, toks, n_variants, eta)
       if new_step % config.checkpoint_every == 0 or new_step == config.steps:
         ckpt.save(new_step, state, metadata={"language": lm.language})
-  summary = _summary(setup, state, last, lm, config)
-  with open(summary_path, "w") as f:
-    json.dump(summary, f, indent=1)
+  summary = _summary(setup, distributed.to_host(state), last, lm, config)
+  if writer:
+    with open(summary_path, "w") as f:
+      json.dump(summary, f, indent=1)
   return summary
 
 

@@ -30,5 +30,9 @@ def base_config(*, language: str, lm_workdir: str) -> ml_collections.ConfigDict:
   c.seed = 0  # data seed (SAE init seeds are per variant, in the sweep)
   c.mesh_variant_devices = -1  # devices on the mesh's variant axis (-1: all; rest: data)
   c.variant_loop = "auto"  # 'vmap' | 'map' (variants one by one in the step) | 'auto' (map on CPU)
-  c.distributed = False  # jax.distributed.initialize() first (multi-host TPU pods)
+  c.distributed = False  # start jax.distributed first (several hosts / processes, one grid)
+  c.coordinator_address = ""  # distributed: 'host:port' of process 0 ('' = cluster detection)
+  c.num_processes = 0  # distributed: processes in all (0 = cluster detection)
+  c.process_id = -1  # distributed: this process's index (-1 = cluster detection)
+  c.heartbeat_s = 100  # distributed: seconds of silence after which a process counts as dead
   return c
