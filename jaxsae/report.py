@@ -2,9 +2,9 @@
 
 `write_report` is called by the eval job and the pipeline; it only reads the dicts below (every
 number in the report comes from them) and never touches a checkpoint. This module holds
-`write_report` and the markdown; the data logic (SAE types, Pareto fronts, the matched
-comparison, grids, feature recovery per type) is in `comparison.py`, the figures are drawn by
-`report_plots.py`.
+`write_report` and the markdown; the data logic is in `comparison.py` (SAE types, grids,
+feature recovery and causal predictability per type) and `matched.py` (Pareto fronts and the
+matched comparison), the figures are drawn by `report_plots.py`.
 
 Inputs (JSON-able dicts; metric values may be floats or the strings "nan" / "inf" / "-inf"):
 
@@ -43,11 +43,13 @@ SAE types (`comparison.sae_type`) colour the plots and group the comparisons. Fr
 comparisons; NaN metrics are shown as "nan" and never plotted. Sections whose input is missing
 are replaced by a one-line note.
 
-The matched comparison (Braun et al.'s question): for every SAE of a non-reference type, the
-reference type's L0 (or alive latents) at the same CE increase, linearly interpolated between
-the two neighbouring points of the reference type's Pareto front (lower CE increase and lower
-L0 are better); an SAE whose CE increase lies outside the front's range is flagged
-`in_range: false` and gets no ratio (never extrapolated).
+The matched comparison (Braun et al.'s question, `matched.py`): for every configuration of a
+non-reference type, the reference type's L0 (or alive latents) at the same CE increase, read off
+the reference Pareto front only where it covers the point (between neighbouring front points at
+most `matched.MAX_GAP_FACTOR`× apart in CE increase, interpolated in log CE increase; "not
+covered" otherwise, never extrapolated). Variants that differ only in `seed` are one
+configuration (seed means), and with several seeds the ratios carry bootstrap intervals over
+seeds. The sentences say how many points are covered.
 
 The causal summary per SAE type (`causal_by_type`): for each type with causal results, the
 number of SAEs tested, the mean over them of `fraction_as_predicted` and of `mean_effect`, and
@@ -66,6 +68,7 @@ import numpy as np
 
 from jaxsae import comparison
 from jaxsae import jsonio
+from jaxsae import matched
 from jaxsae import report_plots
 
 _GRAM_COMBOS = ("corrected/all", "corrected/sentence", "original/all", "original/sentence")
@@ -157,6 +160,13 @@ def _pm(mean, std) -> str:
   return f"{comparison.format_number(mean)} ± {comparison.format_number(std)}"
 
 
+def _ratio_interval(interval: Mapping[str, Any] | None) -> str:
+  if interval is None:
+    return "—"
+  return (f"[{comparison.format_number(interval['lo'], 3)}, "
+          f"{comparison.format_number(interval['hi'], 3)}]")
+
+
 def _safe(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name))
 
@@ -231,11 +241,12 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
   rep["variants"] = rows
 
   # Trade-offs (frozen variants drawn as crosses) and the matched comparison (left out).
+  configs = matched.seed_configs(rows)
   rep["matched"] = {
-      y: comparison.matched_comparison(comparison.points_by_type(rows, "ce_increase", y),
-                                       "ce_increase", y)
+      y: matched.matched_comparison(comparison.points_by_type(rows, "ce_increase", y),
+                                    "ce_increase", y, configs=configs)
       for y in ("l0", "alive")}
-  rep["matched_text"] = {y: comparison.matched_sentences(m) for y, m in rep["matched"].items()}
+  rep["matched_text"] = {y: matched.matched_sentences(m) for y, m in rep["matched"].items()}
   has = lambda m: any(comparison.is_finite(r[m]) for r in rows)
   points = lambda *m: comparison.points_by_type(rows, *m, include_frozen=True)
   if has("l0") and has("ce_increase"):
@@ -384,12 +395,14 @@ def _render(rep: Mapping[str, Any]) -> list[str]:
     pts = m["points"]
     y_name = comparison.METRIC_NAMES[y]
     if pts:
-      out += [f"Per SAE ({y_name}; reference = {m['reference']} Pareto front, "
-              f"{len(m['reference_front'])} points):", ""]
-      out += _md_table(["id", "type", "CE increase", y_name, f"{m['reference']} at same CE",
-                        "ratio", "note"],
-                       [[p["id"], p["type"], p["x"], p["y"], p["reference_y"], p["ratio"],
-                         p["note"] or ""] for p in pts])
+      out += [f"Per configuration ({y_name}; reference = {m['reference']} Pareto front, "
+              f"{len(m['reference_front'])} points; CE increase and {y_name} are means over "
+              "seeds):", ""]
+      out += _md_table(["id", "type", "seeds", "CE increase", y_name,
+                        f"{m['reference']} at same CE", "ratio", "95% interval", "note"],
+                       [[p["id"], p["type"], p["n_seeds"], p["x"], p["y"], p["reference_y"],
+                         p["ratio"], _ratio_interval(p["ratio_interval"]), p["note"] or ""]
+                        for p in pts])
   out += ["Frozen variants are left out of the comparison.", ""]
   out += img("l0_vs_ce", "CE increase vs L0") + img("alive_vs_ce", "CE increase vs alive")
 
