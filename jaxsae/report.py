@@ -33,7 +33,9 @@ Inputs (JSON-able dicts; metric values may be floats or the strings "nan" / "inf
   `"corr_columns"` (default: the `columns` names, in order).
 - `causal` (optional): `{id: causality.causal_predictability(...) output}` (`n_strong`,
   `n_tested`, `n_as_predicted`, `fraction_as_predicted`, `mean_effect`, `median_effect`,
-  `pairs`, `not_as_predicted`: [{"latent", "label", "corr", "signed_effect", ...}]).
+  `pairs`, `not_as_predicted`: [{"latent", "label", "corr", "signed_effect", ...}]; optionally
+  the null's `fraction_as_predicted_interval`, `n_right_sign`, `mean_effect_se`, `null`, and
+  per pair `p_value`, `null_quantile`).
 - `lm` (optional): the LM job's `summary.json` (`grammatical_fraction`,
   `grammatical_fraction_std`, `eval_ce`, `grammatical_next_token_mass`, `steps`, ...).
 - `meta` (optional): `{"commit", "machine", "date", "stage_seconds": {stage: seconds}}`.
@@ -70,6 +72,7 @@ from jaxsae import comparison
 from jaxsae import jsonio
 from jaxsae import matched
 from jaxsae import report_plots
+from jaxsae import stats
 
 _GRAM_COMBOS = ("corrected/all", "corrected/sentence", "original/all", "original/sentence")
 _METRICS = ("l0", "alive", "dead", "ce_increase", "kl", "ce_recovered_zero", "ce_recovered_mean",
@@ -163,8 +166,14 @@ def _pm(mean, std) -> str:
 def _ratio_interval(interval: Mapping[str, Any] | None) -> str:
   if interval is None:
     return "—"
-  return (f"[{comparison.format_number(interval['lo'], 3)}, "
-          f"{comparison.format_number(interval['hi'], 3)}]")
+  return _interval([interval["lo"], interval["hi"]])
+
+
+def _interval(lo_hi: Sequence[Any] | None) -> str:
+  if not lo_hi:
+    return "—"
+  return (f"[{comparison.format_number(lo_hi[0], 3)}, "
+          f"{comparison.format_number(lo_hi[1], 3)}]")
 
 
 def _safe(name: str) -> str:
@@ -305,8 +314,11 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
     rep["causal_by_type_text"] = comparison.causal_sentences(rep["causal_by_type"])
     rep["causal"] = {vid: {"type": types.get(vid), **{k: c.get(k) for k in (
         "threshold", "n_strong", "n_testable", "n_tested", "n_as_predicted",
-        "fraction_as_predicted", "mean_effect", "median_effect")},
-        "not_as_predicted": [{k: p.get(k) for k in ("latent", "label", "corr", "signed_effect")}
+        "fraction_as_predicted", "fraction_as_predicted_interval", "n_right_sign",
+        "mean_effect", "mean_effect_se", "median_effect")},
+        "null_size": (c.get("null") or {}).get("size"),
+        "not_as_predicted": [{k: p.get(k) for k in ("latent", "label", "corr", "signed_effect",
+                                                    "p_value", "null_quantile")}
                              for p in c.get("not_as_predicted", [])]}
         for vid, c in sorted(causal.items())}
   else:
@@ -447,25 +459,35 @@ def _render(rep: Mapping[str, Any]) -> list[str]:
   if by_type:
     fid = comparison.fidelity_metric(by_type)
     fid_name = "NMSE" if fid == "nmse" else comparison.METRIC_NAMES[fid]
-    out += ["Per SAE type: means over the SAEs tested; medians over all of the type's live SAEs "
-            f"(spliced grammaticality: `{rep['grammaticality_combo']}`).", ""]
-    out += _md_table(["type", "SAEs tested", "fraction as predicted", "mean effect",
-                      f"median {fid_name}", "median CE increase", "median spliced gram."],
-                     [[t, v["n_saes"], v["fraction_as_predicted"], v["mean_effect"], v[fid],
+    out += ["A pair acts as predicted when its signed effect (expected token classes moved in "
+            "the direction of the correlation) is positive and beats the same effect of random "
+            "live latents of the SAE at 95% (one-sided permutation test).", ""]
+    out += ["Per SAE type: means over the SAEs tested, and pooled over their pairs (Wilson 95% "
+            "interval; mean signed effect ± SE over pairs); medians over all of the type's live "
+            f"SAEs (spliced grammaticality: `{rep['grammaticality_combo']}`).", ""]
+    out += _md_table(["type", "SAEs tested", "fraction as predicted", "mean effect", "pairs",
+                      "pooled fraction [95% CI]", "pair effect ± SE", f"median {fid_name}",
+                      "median CE increase", "median spliced gram."],
+                     [[t, v["n_saes"], v["fraction_as_predicted"], v["mean_effect"],
+                       v.get("n_pairs"), stats.format_estimate(v.get("pooled_fraction")),
+                       stats.format_estimate(v.get("pooled_mean_effect"), style="se"), v[fid],
                        v["ce_increase"], v["grammaticality"]] for t, v in by_type.items()])
     out += [f"- {line}" for line in rep["causal_by_type_text"]]
     out += [""] if rep["causal_by_type_text"] else []
   if cz:
     out += _md_table(["id", "type", "strong pairs", "tested", "as predicted", "fraction",
-                      "mean effect"],
+                      "95% interval", "right sign", "mean effect", "± SE", "null latents"],
                      [[vid, c["type"], c["n_strong"], c["n_tested"], c["n_as_predicted"],
-                       c["fraction_as_predicted"], c["mean_effect"]] for vid, c in cz.items()])
+                       c["fraction_as_predicted"], _interval(c["fraction_as_predicted_interval"]),
+                       c["n_right_sign"], c["mean_effect"], c["mean_effect_se"], c["null_size"]]
+                      for vid, c in cz.items()])
     for vid, c in cz.items():
       bad = c["not_as_predicted"]
       if bad:
         out += [f"{vid}: pairs not acting as predicted:", ""]
-        out += _md_table(["latent", "label", "corr", "signed effect"],
-                         [[p["latent"], p["label"], p["corr"], p["signed_effect"]] for p in bad])
+        out += _md_table(["latent", "label", "corr", "signed effect", "p", "null 95% quantile"],
+                         [[p["latent"], p["label"], p["corr"], p["signed_effect"], p["p_value"],
+                           p["null_quantile"]] for p in bad])
   else:
     out += ["_Not computed for this run (no `causal` input)._", ""]
 

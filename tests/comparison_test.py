@@ -11,6 +11,7 @@ import pytest
 import fakes
 from jaxsae import comparison
 from jaxsae import sae_groups
+from jaxsae import stats
 from jaxsae import sweep as sweep_lib
 
 
@@ -164,8 +165,11 @@ def _causal_run(rng, with_nmse=True):
                    "ce_increase": float(rng.uniform(-1e-3, 0.1)),
                    "grammaticality": float(rng.uniform(0.5, 1))})
       if t != "local" and i != 1:
+        n_tested = int(rng.integers(1, 9))
+        pairs = [{"signed_effect": float(rng.normal())} for _ in range(n_tested)]
         causal[vid] = {"fraction_as_predicted": float(rng.random()),
-                       "mean_effect": float(rng.normal())}
+                       "mean_effect": float(rng.normal()), "n_tested": n_tested,
+                       "n_as_predicted": int(rng.integers(0, n_tested + 1)), "pairs": pairs}
   rows[4]["ce_increase"] = "nan"  # topk1: not in the median
   causal["topk2"]["fraction_as_predicted"] = None  # no tested pairs: not in the mean
   causal["ghost"] = {"fraction_as_predicted": 1.0, "mean_effect": 9.0}
@@ -189,6 +193,18 @@ def test_causal_by_type_against_numpy():
       vals = np.array([float(r[m]) for r in live])
       assert v[m] == pytest.approx(np.median(vals[np.isfinite(vals)])), (t, m)
   assert got["topk"]["n_variants"] == 3
+  # Pooled over the tested pairs: the counts' Wilson interval, the effects' mean ± SE.
+  for t, v in got.items():
+    ids = v["ids"]
+    k, n = (sum(causal[i][key] for i in ids) for key in ("n_as_predicted", "n_tested"))
+    assert (v["n_pairs_as_predicted"], v["n_pairs"]) == (k, n)
+    lo, hi = stats.wilson_interval(k, n)
+    assert v["pooled_fraction"]["value"] == pytest.approx(k / n)
+    assert (v["pooled_fraction"]["lo"], v["pooled_fraction"]["hi"]) == pytest.approx((lo, hi))
+    effects = [p["signed_effect"] for i in ids for p in causal[i]["pairs"]]
+    assert v["pooled_mean_effect"]["value"] == pytest.approx(np.mean(effects))
+    assert v["pooled_mean_effect"]["se"] == pytest.approx(
+        np.std(effects, ddof=1) / np.sqrt(len(effects)))
 
 
 @pytest.mark.parametrize("with_nmse", [True, False])
@@ -197,8 +213,10 @@ def test_causal_sentences_carry_the_numbers(with_nmse):
   by_type = comparison.causal_by_type(causal, rows)
   text, = comparison.causal_sentences(by_type)
   fid, fid_name = ("nmse", "NMSE") if with_nmse else ("ev_token_mean", "explained variance")
-  m = re.fullmatch(r"causal-topk SAEs: (\S+) of tested pairs act as predicted vs (\S+) for topk; "
-                   r"median CE increase (\S+) vs (\S+), " + fid_name + r" (\S+) vs (\S+), "
+  m = re.fullmatch(r"causal-topk SAEs: (\S+) of tested pairs act as predicted \(pooled \S+ "
+                   r"\[\S+, \S+\] of \d+ pairs\) vs (\S+) \(pooled \S+ \[\S+, \S+\] of \d+ "
+                   r"pairs\) for topk; median CE increase (\S+) vs (\S+), " + fid_name +
+                   r" (\S+) vs (\S+), "
                    r"spliced grammaticality (\S+) vs (\S+)\.", text)
   assert m, text
   c, b = by_type["causal-topk"], by_type["topk"]

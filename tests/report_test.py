@@ -355,7 +355,7 @@ def test_write_report_causal_summary_per_type(tmp_path, with_nmse):
 
   # The table right under the section's title, parsed back.
   section = md.split("## Causal predictability\n\n", 1)[1].split("\n## ", 1)[0]
-  assert section.startswith("Per SAE type:")
+  assert section.startswith("A pair acts as predicted when its signed effect")
   table = {r["type"]: r for r in _md_table_rows(section, "type")}
   assert list(table) == ["local", "causal-local", "topk"]
   for t, w in want.items():
@@ -374,8 +374,9 @@ def test_write_report_causal_summary_per_type(tmp_path, with_nmse):
   # One sentence, causal-local against local (topk has no causal counterpart).
   sentences = [l[2:] for l in section.splitlines() if l.startswith("- ")]
   assert sentences == rep["causal_by_type_text"] and len(sentences) == 1
-  m = re.fullmatch(r"causal-local SAEs: (\S+) of tested pairs act as predicted vs (\S+) for "
-                   r"local; median CE increase (\S+) vs (\S+), " + fid_name + r" (\S+) vs (\S+), "
+  m = re.fullmatch(r"causal-local SAEs: (\S+) of tested pairs act as predicted \(pooled \S+ "
+                   r"\[\S+, \S+\] of \d+ pairs\) vs (\S+) \(pooled \S+ \[\S+, \S+\] of \d+ pairs\) "
+                   r"for local; median CE increase (\S+) vs (\S+), " + fid_name + r" (\S+) vs (\S+), "
                    r"spliced grammaticality (\S+) vs (\S+)\.", sentences[0])
   assert m, sentences[0]
   c, b = want["causal-local"], want["local"]
