@@ -23,7 +23,7 @@ Inputs (JSON-able dicts; metric values may be floats or the strings "nan" / "inf
                  ["grammaticality", "grammaticality_std", ...]},
        "variants": {id: {"group", "frozen", "bad_step", "splice_mode", "hparams",
                          "l0", "alive", "dead", "ce_increase", "kl", "ce_recovered_zero",
-                         "ce_recovered_mean", "ev_token_mean", ...,
+                         "ce_recovered_mean", "ev_token_mean", "norm_ratio", "b_dec_norm", ...,
                          "grammaticality/<mode>/<positions>", "grammaticality_std/<mode>/..."}}}
 
 - `features` (optional): `analysis.summarise(...)` output, `{"columns": [{"name", "kind",
@@ -77,7 +77,7 @@ from jaxsae import stats
 _GRAM_COMBOS = ("corrected/all", "corrected/sentence", "original/all", "original/sentence")
 _METRICS = ("l0", "alive", "dead", "ce_increase", "kl", "ce_recovered_zero", "ce_recovered_mean",
             "ev_token_mean", "ev_ratio_of_sums", "nmse", "top1_agreement",
-            "grammatical_mass_spliced")
+            "grammatical_mass_spliced", "norm_ratio", "b_dec_norm")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -384,12 +384,14 @@ def _render(rep: Mapping[str, Any]) -> list[str]:
   clean_g = ce["grammaticality"]
   combo = rep["grammaticality_combo"]
   out += [f"Spliced grammaticality: generation combo `{combo}` (mode/positions); CE recovered "
-          "against zero ablation; EV = token-mean explained variance.", ""]
+          "against zero ablation; EV = token-mean explained variance; ‖x̂‖/‖x‖ = token mean of "
+          "the reconstruction's norm over the activation's (shrinkage below 1); ‖b_dec‖ = the "
+          "decoder bias norm.", ""]
   out += _md_table(
       ["id", "type", "key hparams", "L0", "alive", "CE increase", "KL", "CE recovered", "EV",
-       "spliced gram.", "clean gram.", "frozen"],
+       "‖x̂‖/‖x‖", "‖b_dec‖", "spliced gram.", "clean gram.", "frozen"],
       [[r["id"], r["type"], r["key_hparam"], r["l0"], r["alive"], r["ce_increase"], r["kl"],
-        r["ce_recovered_zero"], r["ev_token_mean"],
+        r["ce_recovered_zero"], r["ev_token_mean"], r["norm_ratio"], r["b_dec_norm"],
         _pm(r["grammaticality"], r["grammaticality_std"]), clean_g,
         f"FROZEN (step {r['bad_step']})" if r["frozen"] else ""] for r in rep["variants"]])
   if len(rep["grammaticality_combos"]) > 1:
