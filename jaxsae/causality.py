@@ -6,8 +6,11 @@ labels predict?
 (0) at every measured position, and check that the token classes the label predicts
 (`EXPECTED_EFFECTS`) move in the direction given by the sign of the correlation. Per pair:
 effect = w·(p_high − p_low) / ‖w‖₁, with w the expected per-class weights (classes of
-`interventions.token_classes`) and p the mean class probabilities; "acts as predicted" iff
-sign(corr)·effect > 0. For English parts of speech w is derived from data (`EMPIRICAL`): the
+`interventions.token_classes`) and p the mean class probabilities. "Acts as predicted" iff
+the signed effect sign(corr)·effect is > 0 and beats a null at 95%: the same signed effect of
+random live latents of the SAE, clamped the same way (one-sided permutation p ≤ 0.05; a latent
+unrelated to the label passes with probability ≤ 5%, so a tiny effect of the right sign no
+longer counts). For English parts of speech w is derived from data (`EMPIRICAL`): the
 regression slope of "the next token is in class c" on the label, over the measured positions.
 
 The pieces: `label_columns` (per-token labels as float columns), `pearson` (latent × column
@@ -27,8 +30,10 @@ from jaxsae import grammars
 from jaxsae import interventions
 from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
+from jaxsae import stats
 
 EMPIRICAL = "empirical"
+NULL_LATENTS = 64  # random live latents clamped per SAE for the null of causal effects
 
 # (family, label column) -> expected effect of increasing the label: ((token class, sign), ...),
 # or EMPIRICAL (derived from data). A column is looked up by its full name ("top_type_after=0")
@@ -178,8 +183,18 @@ def score_pairs(corr_FK: np.ndarray, names: Sequence[str], expected: Mapping[str
                 class_names: Sequence[str],
                 shift_fn: Callable[[np.ndarray], tuple[np.ndarray, list[dict[str, Any]]]], *,
                 threshold: float = 0.5, max_pairs: int = 64,
-                testable_latents: np.ndarray | None = None) -> dict[str, Any]:
-  """Scores strongly correlated (latent, label) pairs against their expected effects.
+                testable_latents: np.ndarray | None = None, null_latents: int = NULL_LATENTS,
+                confidence: float = stats.CONFIDENCE, seed: int = 0) -> dict[str, Any]:
+  """Scores strongly correlated (latent, label) pairs against their expected effects and a null.
+
+  A pair (f, k) with expected weights w and correlation sign s has the signed effect
+  s·w·shift_f / ‖w‖₁. Its null: the same quantity for `null_latents` random live latents j
+  (drawn once per call with `numpy.random.default_rng(seed)`; j ≠ f and |corr[j, k]| below the
+  threshold), clamped the same way. The pair acts as predicted when its signed effect is > 0
+  and beats that random-latent null at `confidence` (`stats.null_test`: one-sided
+  p = (1 + #{null ≥ effect}) / (1 + m) ≤ 1 − confidence): a latent unrelated to the label passes
+  with probability at most 5%, whatever the sign. With fewer than 19 null latents (a narrow or
+  mostly dead SAE) no pair can pass at 95%; `right_sign` still records the direction.
 
   Args:
     corr_FK: latent-label correlations; names: the K column names.
@@ -190,13 +205,20 @@ def score_pairs(corr_FK: np.ndarray, names: Sequence[str], expected: Mapping[str
     threshold: pairs with |corr| >= threshold are strong.
     max_pairs: test at most this many testable pairs, the strongest first.
     testable_latents: optional bool [F]; strong pairs of other latents (e.g. never active, so
-      no high value to clamp to) are counted but not tested.
+      no high value to clamp to) are counted but not tested, and they are not in the null.
+    null_latents: size of the random-latent null sample (the tested latents' shifts and these
+      are measured in one `shift_fn` call).
+    confidence: the null test's level; seed: the null sample's generator seed.
 
   Returns:
     JSON-able summary: counts (`n_strong`; of those `n_untestable_label`, `n_inactive_latent`,
-    `n_testable`; `n_tested` = min(n_testable, max_pairs)), `fraction_as_predicted`,
-    `mean_effect` / `median_effect` (signed: > 0 is the predicted direction), every tested pair
-    in `pairs` and the failures in `not_as_predicted`.
+    `n_testable`; `n_tested` = min(n_testable, max_pairs)), `n_as_predicted`,
+    `fraction_as_predicted` with its Wilson interval `fraction_as_predicted_interval` [lo, hi],
+    `n_right_sign` / `fraction_right_sign` (sign only, no null), `mean_effect` (± `mean_effect_se`
+    over pairs) / `median_effect` (signed: > 0 is the predicted direction), `null` (the null's
+    latents, size and level), every tested pair in `pairs` (with `effect`, `signed_effect`,
+    `right_sign`, `p_value`, `null_quantile`, `n_null`, `as_predicted`) and the failures in
+    `not_as_predicted`.
   """
   corr = np.asarray(corr_FK, np.float64)
   if corr.ndim != 2 or corr.shape[1] != len(names):
@@ -206,30 +228,44 @@ def score_pairs(corr_FK: np.ndarray, names: Sequence[str], expected: Mapping[str
     raise ValueError(f"threshold={threshold} must lie in (0, 1].")
   if not (isinstance(max_pairs, int) and max_pairs > 0):
     raise ValueError(f"max_pairs must be a positive int, got {max_pairs!r}.")
+  if not (isinstance(null_latents, int) and null_latents >= 0):
+    raise ValueError(f"null_latents must be an int >= 0, got {null_latents!r} (19 or more for a "
+                     "test at 95%).")
   strong = np.isfinite(corr) & (np.abs(np.nan_to_num(corr)) >= threshold)
   f_idx, k_idx = np.nonzero(strong)
   has_exp = np.array([names[k] in expected for k in k_idx], bool)
-  live = (np.ones(len(f_idx), bool) if testable_latents is None
-          else np.asarray(testable_latents, bool)[f_idx])
+  live_F = (np.ones(corr.shape[0], bool) if testable_latents is None
+            else np.asarray(testable_latents, bool))
+  live = live_F[f_idx]
   test = has_exp & live
   order = np.argsort(-np.abs(corr[f_idx[test], k_idx[test]]), kind="stable")[:max_pairs]
   pf, pk = f_idx[test][order], k_idx[test][order]
-  uniq = np.unique(pf)
+  candidates = np.nonzero(live_F)[0]
+  rng = np.random.default_rng(seed)
+  pool = (np.sort(rng.choice(candidates, size=min(null_latents, candidates.size), replace=False))
+          if pf.size else np.zeros((0,), np.int64))
+  uniq = np.unique(np.concatenate([pf, pool])).astype(np.int64)
   shifts_UC, extras = shift_fn(uniq) if uniq.size else (np.zeros((0, len(class_names))), [])
   shifts_UC = np.asarray(shifts_UC, np.float64)
   row = {int(f): i for i, f in enumerate(uniq)}
+  pool_rows = np.array([row[int(j)] for j in pool], np.int64)
   pairs = []
   for f, k in zip(pf, pk):
     w = np.asarray(expected[names[k]], np.float64)
     s = shifts_UC[row[int(f)]]
     effect = float(w @ s / np.sum(np.abs(w)))
     sign = np.sign(corr[f, k])
+    weak = (pool != f) & ~(np.abs(np.nan_to_num(corr[pool, k])) >= threshold)
+    null = sign * (shifts_UC[pool_rows[weak]] @ w) / np.sum(np.abs(w))
+    nt = stats.null_test(sign * effect, null, confidence=confidence)
     rec = {
         "latent": int(f), "label": names[k], "corr": float(corr[f, k]),
         "expected": {c: float(w[j]) for j, c in enumerate(class_names) if w[j]},
         "shift": {c: float(s[j]) for j, c in enumerate(class_names)},
         "effect": effect, "signed_effect": float(sign * effect),
-        "as_predicted": bool(sign * effect > 0),
+        "right_sign": bool(sign * effect > 0), "p_value": nt["p_value"],
+        "null_quantile": nt["null_quantile"], "n_null": nt["n_null"],
+        "as_predicted": bool(sign * effect > 0 and nt["significant"]),
         "class_agreement": {c: bool(sign * w[j] * s[j] > 0)
                             for j, c in enumerate(class_names) if w[j]},
     }
@@ -237,15 +273,23 @@ def score_pairs(corr_FK: np.ndarray, names: Sequence[str], expected: Mapping[str
     pairs.append(rec)
   n_tested = len(pairs)
   n_ok = sum(p["as_predicted"] for p in pairs)
+  n_sign = sum(p["right_sign"] for p in pairs)
   effects = [p["signed_effect"] for p in pairs]
+  frac = stats.fraction(n_ok, n_tested, confidence) if n_tested else None
   return {
       "threshold": float(threshold), "n_strong": int(strong.sum()),
       "n_untestable_label": int((~has_exp).sum()),
       "n_inactive_latent": int((has_exp & ~live).sum()),
       "n_testable": int(test.sum()), "n_tested": n_tested, "n_as_predicted": int(n_ok),
       "fraction_as_predicted": n_ok / n_tested if n_tested else None,
+      "fraction_as_predicted_interval": [frac["lo"], frac["hi"]] if frac else None,
+      "n_right_sign": int(n_sign),
+      "fraction_right_sign": n_sign / n_tested if n_tested else None,
       "mean_effect": float(np.mean(effects)) if effects else None,
+      "mean_effect_se": stats.mean_se(effects)["se"] if len(effects) > 1 else None,
       "median_effect": float(np.median(effects)) if effects else None,
+      "null": {"kind": "random live latents", "latents": pool.tolist(), "size": int(pool.size),
+               "confidence": float(confidence), "seed": int(seed)},
       "untestable_labels": sorted({names[k] for k in k_idx[~has_exp]}),
       "pairs": pairs,
       "not_as_predicted": [p for p in pairs if not p["as_predicted"]],
@@ -261,7 +305,9 @@ def causal_predictability(lm_params: model_lib.Params, model_config: model_lib.M
                           sae_state: sae_lib.SAEState | None = None,
                           high_quantile: float = 0.95, high_scale: float = 1.0,
                           label_values_BTK: np.ndarray | None = None,
-                          empirical_fallback: bool = False, chunk: int = 8) -> dict[str, Any]:
+                          empirical_fallback: bool = False, chunk: int = 8,
+                          null_latents: int = NULL_LATENTS, null_seed: int = 0
+                          ) -> dict[str, Any]:
   """Do strongly label-correlated latents act on the model as their labels predict?
 
   For each pair with |corr| >= threshold whose label has an expected effect (`EXPECTED_EFFECTS`,
@@ -269,6 +315,8 @@ def causal_predictability(lm_params: model_lib.Params, model_config: model_lib.M
   over the masked tokens where it fires; e.g. 0.95 × 1, or 1.0 × 2 for twice its max) and low
   (0) at every masked position, and the mean class probabilities over those positions are
   compared (see `score_pairs`). Latents that never fire on the masked tokens are not tested.
+  A pair acts as predicted only when its effect beats the same measurement on `null_latents`
+  random live latents at 95% (`score_pairs`); those latents cost one clamp pair each.
 
   Args:
     tokens_BT, mask_BT: the data and the positions intervened on and measured (e.g. sentence
@@ -278,6 +326,7 @@ def causal_predictability(lm_params: model_lib.Params, model_config: model_lib.M
       `interventions.site_codes` and `label_columns` over the masked tokens.
     label_values_BTK: the label columns on `tokens_BT` if already computed (see
       `expected_effects`).
+    null_latents, null_seed: the random-latent null (`score_pairs`' `null_latents`, `seed`).
     Others: as `interventions.intervened_logits` and `score_pairs`.
 
   Returns:
@@ -332,7 +381,8 @@ def causal_predictability(lm_params: model_lib.Params, model_config: model_lib.M
     return shift, extras
 
   out = score_pairs(corr, names, expected, class_names, shift_fn, threshold=threshold,
-                    max_pairs=max_pairs, testable_latents=active_F)
+                    max_pairs=max_pairs, testable_latents=active_F, null_latents=null_latents,
+                    seed=null_seed)
   out.update(high_quantile=float(high_quantile), high_scale=float(high_scale),
              spliced_vs_clean=baseline or None, classes=list(class_names))
   return out

@@ -1,14 +1,12 @@
-"""SAE types, Pareto fronts and matched comparisons across SAE types.
+"""SAE types and the tables that compare them: grids, feature recovery, causal predictability.
 
 The data logic of the report (`report.py`) and its plots (`report_plots.py`), usable on its own
 (e.g. on `report.json`'s `variants` in a notebook):
 
 - `sae_type`: the SAE type of a variant from its sweep fields (`local`, `e2e`, `topk`,
   `causal-topk`, ...), and `type_sort_key`, the canonical order of types in plots and tables;
-- `points_by_type`: report rows grouped by type, as the Pareto and plotting functions take them;
-- `pareto_front`, `matched_comparison`, `matched_sentences`: Braun et al.'s question, each
-  non-reference SAE's L0 (or alive latents) against the reference type's Pareto front at the
-  same CE increase;
+- `points_by_type`: report rows grouped by type, as the Pareto fronts and matched comparisons
+  (`matched.py`) and the plotting functions take them;
 - `grid_table`, `grid_row_field`: Menon et al.'s k/α × expansion layout;
 - `feature_recovery`: latent ↔ label recovery per type from `analysis.summarise` output;
 - `causal_by_type`, `causal_sentences`, `fidelity_metric`: causal predictability per type next
@@ -17,11 +15,7 @@ The data logic of the report (`report.py`) and its plots (`report_plots.py`), us
 - `as_float`, `is_finite`, `format_number`, `METRIC_NAMES`: the JSON numbers ("nan" / "inf"
   strings allowed) and their display.
 
-The matched comparison: for every SAE of a non-reference type, the reference type's L0 (or alive
-latents) at the same CE increase, linearly interpolated between the two neighbouring points of
-the reference type's Pareto front (lower CE increase and lower L0 are better); an SAE whose CE
-increase lies outside the front's range is flagged `in_range: false` and gets no ratio (never
-extrapolated). Frozen variants (training hit a non-finite value) are left out.
+Frozen variants (training hit a non-finite value) are left out of what compares types.
 """
 
 from __future__ import annotations
@@ -31,7 +25,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-REFERENCE = "local"
+from jaxsae import stats
+
 # Canonical order of the base types (plots, tables); unknown combinations sort after these.
 _TYPE_ORDER = ("local", "e2e", "e2e_ds", "topk", "batchtopk", "jumprelu", "sparsemax_no_kds",
                "sparsemax_recon_dist", "sparsemax_dist")
@@ -130,7 +125,7 @@ def points_by_type(rows: Sequence[Mapping[str, Any]], *metrics: str,
                    include_frozen: bool = False) -> dict[str, list[dict[str, Any]]]:
   """Variant rows grouped by SAE type, each reduced to its id, frozen flag and `metrics`.
 
-  The input of `matched_comparison` and of the `report_plots` trade-off plots.
+  The input of `matched.matched_comparison` and of the `report_plots` trade-off plots.
 
   Args:
     rows: variants as `report.json`'s `variants` (dicts with `id`, `frozen`, the metrics, and
@@ -166,140 +161,6 @@ def points_by_type(rows: Sequence[Mapping[str, Any]], *metrics: str,
     out.setdefault(t, []).append({"id": r.get("id"), "frozen": frozen,
                                   **{m: r[m] for m in metrics}})
   return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Pareto fronts and the matched comparison.
-
-
-def pareto_front(x: Any, y: Any, *, higher_x_better: bool = False,
-                 higher_y_better: bool = False) -> np.ndarray:
-  """Indices of the non-dominated points, ordered by increasing x.
-
-  Point i is dominated when some j is at least as good in both coordinates and strictly better
-  in one (lower is better unless `higher_*_better`). Non-finite points are never on the front;
-  duplicated front points are all kept.
-
-  Args:
-    x, y: 1-D sequences of equal length.
-    higher_x_better, higher_y_better: the direction of each coordinate.
-
-  Returns:
-    int64 indices into x / y.
-  """
-  x = np.asarray(x, np.float64)
-  y = np.asarray(y, np.float64)
-  if x.ndim != 1 or x.shape != y.shape:
-    raise ValueError(f"pareto_front needs two 1-D arrays of equal length, got shapes {x.shape} "
-                     f"and {y.shape}.")
-  ok = np.isfinite(x) & np.isfinite(y)
-  cx = -x if higher_x_better else x  # in "lower is better" coordinates
-  cy = -y if higher_y_better else y
-  le = (cx[None, :] <= cx[:, None]) & (cy[None, :] <= cy[:, None])  # [i, j]: j as good as i
-  lt = (cx[None, :] < cx[:, None]) | (cy[None, :] < cy[:, None])
-  dominated = np.any(le & lt & ok[None, :], axis=1)
-  idx = np.nonzero(ok & ~dominated)[0]
-  return idx[np.lexsort((y[idx], x[idx]))].astype(np.int64)
-
-
-def _point_value(point: Mapping[str, Any], key: str, kind: str) -> float:
-  if key not in point:
-    raise ValueError(f"{kind} point {point.get('id', '?')!r} has no {key!r}; every point needs "
-                     f"the compared metrics (keys of eval.json's variants).")
-  v = as_float(point[key])
-  return math.nan if v is None else v
-
-
-def matched_comparison(grouped: Mapping[str, Sequence[Mapping[str, Any]]],
-                       x: str = "ce_increase", y: str = "l0",
-                       reference: str = REFERENCE) -> dict[str, Any]:
-  """Each non-reference SAE's y against the reference type's y at the same x.
-
-  The reference y at x is the linear interpolation between the two neighbouring points of the
-  reference type's Pareto front (lower x and lower y are better). An SAE whose x lies outside
-  the front's x-range, or whose x or y is not finite, is flagged and gets no ratio. Frozen
-  points (`"frozen": True`) are left out, as if not given.
-
-  Args:
-    grouped: SAE type -> points, each a mapping with `id` and the keys `x` and `y` (values may
-      be "nan" strings), e.g. `points_by_type(rows, x, y)`.
-    x, y: the metric names compared (e.g. `ce_increase` and `l0` or `alive`).
-    reference: the type the others are measured against.
-
-  Returns:
-    `{"x", "y", "reference", "reference_front": [{"id", "x", "y"}], "points": [{"id", "type",
-    "x", "y", "reference_y", "ratio", "in_range", "note"}], "by_type": {type: {"n" (points
-    with finite x and y), "n_in_range" (of those, with a ratio), "median_ratio", "min_ratio",
-    "max_ratio"}}, "note"}` (`note` is None unless the comparison could not be made at all).
-  """
-  if not isinstance(grouped, Mapping):
-    raise ValueError("matched_comparison needs a dict SAE type -> list of points (dicts with "
-                     "'id' and the metrics); build it with comparison.points_by_type(rows, x, y).")
-  live = {t: [p for p in ps if not p.get("frozen", False)] for t, ps in grouped.items()}
-  live = {t: ps for t, ps in live.items() if ps}
-  out = {"x": x, "y": y, "reference": reference, "reference_front": [], "points": [],
-         "by_type": {}, "note": None}
-  ref = list(live.get(reference, ()))
-  rx = np.array([_point_value(p, x, reference) for p in ref], np.float64)
-  ry = np.array([_point_value(p, y, reference) for p in ref], np.float64)
-  front = pareto_front(rx, ry) if ref else np.zeros((0,), np.int64)
-  fx, fy = rx[front], ry[front]
-  out["reference_front"] = [{"id": ref[i].get("id"), "x": float(rx[i]), "y": float(ry[i])}
-                            for i in front]
-  others = [t for t in sorted(live, key=type_sort_key) if t != reference]
-  if not others:
-    out["note"] = f"only {reference} SAEs: nothing to compare"
-  elif not front.size:
-    out["note"] = f"no {reference} SAE with finite {x} and {y}: nothing to compare with"
-  for t in others:
-    ratios, n = [], 0
-    for p in live[t]:
-      px, py = _point_value(p, x, t), _point_value(p, y, t)
-      rec = {"id": p.get("id"), "type": t, "x": px, "y": py, "reference_y": None,
-             "ratio": None, "in_range": False, "note": None}
-      n += math.isfinite(px) and math.isfinite(py)
-      if not (math.isfinite(px) and math.isfinite(py)):
-        rec["note"] = "not finite"
-      elif not front.size:
-        rec["note"] = f"no {reference} front"
-      elif not fx[0] <= px <= fx[-1]:
-        rec["note"] = f"outside range [{fx[0]:.4g}, {fx[-1]:.4g}]"
-      else:
-        ref_y = float(np.interp(px, fx, fy))
-        rec.update(reference_y=ref_y, in_range=True)
-        if ref_y > 0:
-          rec["ratio"] = py / ref_y
-          ratios.append(rec["ratio"])
-        else:
-          rec["note"] = f"reference {y} is {ref_y:.4g}: no ratio"
-      out["points"].append(rec)
-    out["by_type"][t] = {
-        "n": n, "n_in_range": len(ratios),
-        "median_ratio": float(np.median(ratios)) if ratios else None,
-        "min_ratio": float(np.min(ratios)) if ratios else None,
-        "max_ratio": float(np.max(ratios)) if ratios else None}
-  return out
-
-
-def matched_sentences(result: Mapping[str, Any]) -> list[str]:
-  """The matched comparison in words, one sentence per compared type (numbers from `result`)."""
-  x_name, y_name = (METRIC_NAMES.get(result[k], result[k]) for k in ("x", "y"))
-  ref = result["reference"]
-  if result.get("note") and not result["by_type"]:
-    return [f"No matched comparison of {y_name}: {result['note']}."]
-  lines = []
-  for t, agg in result["by_type"].items():
-    if agg["median_ratio"] is None:
-      front = result["reference_front"]
-      why = result.get("note") or (
-          f"no {t} SAE falls inside the {x_name} range [{format_number(front[0]['x'])}, "
-          f"{format_number(front[-1]['x'])}] of the {ref} Pareto front; never extrapolated")
-      lines.append(f"{t} vs {ref}, {y_name}: no matched comparison ({why}; "
-                   f"{agg['n_in_range']} of {agg['n']} in range).")
-    else:
-      lines.append(f"{t} SAEs need a median {agg['median_ratio']:.2g}× the {y_name} of {ref} "
-                   f"SAEs at the same {x_name} ({agg['n_in_range']} of {agg['n']} in range).")
-  return lines
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,10 +300,13 @@ def causal_by_type(causal: Mapping[str, Mapping[str, Any]], rows: Sequence[Mappi
 
   Returns:
     SAE type -> `{"n_saes" (SAEs with causal results), "ids", "fraction_as_predicted" and
-    "mean_effect" (means over those SAEs of the finite values), "n_variants" (the type's live
-    SAEs), "nmse", "ev_token_mean", "ce_increase", "grammaticality" (medians over the type's
-    live SAEs of the finite values)}`, types in canonical order; a statistic without a finite
-    value is None. Ids of `causal` that are not in `rows` are left out.
+    "mean_effect" (means over those SAEs of the finite values), "n_pairs" and
+    "n_pairs_as_predicted" (summed over them), "pooled_fraction" (`stats.fraction` of those: a
+    Wilson interval; None without pairs), "pooled_mean_effect" (`stats.mean_se` of the tested
+    pairs' signed effects; None without pairs), "n_variants" (the type's live SAEs), "nmse",
+    "ev_token_mean", "ce_increase", "grammaticality" (medians over the type's live SAEs of the
+    finite values)}`, types in canonical order; a statistic without a finite value is None. Ids
+    of `causal` that are not in `rows` are left out.
 
   Raises:
     ValueError: `causal` not a dict of results, or rows not a list of dicts with `id`/`type`.
@@ -464,10 +328,17 @@ def causal_by_type(causal: Mapping[str, Mapping[str, Any]], rows: Sequence[Mappi
   for t in sorted(tested, key=type_sort_key):
     ids = tested[t]
     live = [r for r in rows if r["type"] == t and not r.get("frozen", False)]
+    n_pairs = sum(int(causal[i].get("n_tested") or 0) for i in ids)
+    n_ok = sum(int(causal[i].get("n_as_predicted") or 0) for i in ids)
+    effects = [as_float(p.get("signed_effect")) for i in ids for p in causal[i].get("pairs") or ()
+               if is_finite(p.get("signed_effect"))]
     out[t] = {"n_saes": len(ids), "ids": ids,
               "fraction_as_predicted": _mean_finite(
                   [causal[i].get("fraction_as_predicted") for i in ids]),
               "mean_effect": _mean_finite([causal[i].get("mean_effect") for i in ids]),
+              "n_pairs": n_pairs, "n_pairs_as_predicted": n_ok,
+              "pooled_fraction": stats.fraction(n_ok, n_pairs) if n_pairs else None,
+              "pooled_mean_effect": stats.mean_se(effects) if effects else None,
               "n_variants": len(live),
               **{m: _median_finite([r.get(m) for r in live]) for m in _COST_METRICS}}
   return out
@@ -479,12 +350,22 @@ def fidelity_metric(by_type: Mapping[str, Mapping[str, Any]]) -> str:
   return "nmse" if any(v.get("nmse") is not None for v in by_type.values()) else "ev_token_mean"
 
 
+def pooled_fraction_text(v: Mapping[str, Any]) -> str:
+  """"pooled 0.5 [0.24, 0.76] of 12 pairs" from a `causal_by_type` entry ("no pairs tested"
+  without pairs)."""
+  est = v.get("pooled_fraction")
+  if not est:
+    return "no pairs tested"
+  return f"pooled {stats.format_estimate(est)} of {v['n_pairs']} pairs"
+
+
 def causal_sentences(by_type: Mapping[str, Mapping[str, Any]]) -> list[str]:
   """Does the causal loss raise causal predictability, and what does it cost? One sentence per
   `causal-X` type whose base type `X` is also in `by_type` (`causal_by_type` output), e.g.
-  "causal-topk SAEs: 0.81 of tested pairs act as predicted vs 0.74 for topk; median CE increase
-  0.003 vs 0.001, NMSE 0.05 vs 0.02, spliced grammaticality 0.97 vs 0.98." (3 significant
-  digits; '—' for a missing number)."""
+  "causal-topk SAEs: 0.81 of tested pairs act as predicted (pooled 0.81 [0.66, 0.9] of 42
+  pairs) vs 0.74 (pooled 0.74 [0.59, 0.85] of 42 pairs) for topk; median CE increase 0.003 vs
+  0.001, NMSE 0.05 vs 0.02, spliced grammaticality 0.97 vs 0.98." (3 significant digits,
+  intervals to their resolution; '—' for a missing number)."""
   fid = fidelity_metric(by_type)
   fid_name = "NMSE" if fid == "nmse" else METRIC_NAMES[fid]
   lines = []
@@ -494,8 +375,9 @@ def causal_sentences(by_type: Mapping[str, Mapping[str, Any]]) -> list[str]:
       continue
     c, b = ({k: format_number(v, 3) for k, v in by_type[n].items()} for n in (t, base))
     lines.append(
-        f"{t} SAEs: {c['fraction_as_predicted']} of tested pairs act as predicted vs "
-        f"{b['fraction_as_predicted']} for {base}; median CE increase "
+        f"{t} SAEs: {c['fraction_as_predicted']} of tested pairs act as predicted "
+        f"({pooled_fraction_text(by_type[t])}) vs {b['fraction_as_predicted']} "
+        f"({pooled_fraction_text(by_type[base])}) for {base}; median CE increase "
         f"{c['ce_increase']} vs {b['ce_increase']}, {fid_name} {c[fid]} vs "
         f"{b[fid]}, spliced grammaticality {c['grammaticality']} vs "
         f"{b['grammaticality']}.")

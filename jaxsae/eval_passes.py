@@ -55,6 +55,9 @@ and eps 1e-5 (e2e_sae's `_layer_norm_pre`; the formulas are `metrics.py`'s):
                       every later resid_post (mu: its held-out mean)
     grammatical_mass_clean / _spliced  mean over predictions of the probability mass on the
                       grammatical next tokens (`grammars.valid_next`)
+    norm_ratio        mean over tokens of ‖x̂‖ / ‖x‖ (shrinkage: < 1 when the SAE meets its
+                      sparsity penalty by shrinking codes rather than turning latents off)
+    b_dec_norm        ‖b_dec‖ of the SAE's decoder bias (NaN without one; `evaluate` adds it)
 
 Compilation: the clean forward runs once per batch and is shared by every variant of every
 group; each group's metrics come from one jitted function of the stacked SAE params (static:
@@ -290,6 +293,8 @@ def group_pass(sae_params, sae_state, hparams, lm_params, c: Clean, ref: Referen
         "sq_err": jnp.sum(w * metrics_lib.token_sq_error(out, x)),
         "sq_err_sae": jnp.sum(w * metrics_lib.token_sq_error(aux["x_hat"], aux["target"])),
         "ev_tok": jnp.sum(w * metrics_lib.token_explained_variance(out, x, ref.mean_D)),
+        "norm_ratio": jnp.sum(w * jnp.linalg.norm(out, axis=-1)
+                              / jnp.maximum(jnp.linalg.norm(x, axis=-1), 1e-12)),
         "ev_ln_tok": jnp.sum(w * metrics_lib.token_explained_variance(
             metrics_lib.layer_norm(out), metrics_lib.layer_norm(x),
                                                           ref.ln_mean_D)),
@@ -329,6 +334,7 @@ def finalize(clean: Mapping[str, float], sums: Mapping[str, np.ndarray], fired: 
         "ev_token_mean": sums["ev_tok"] / tok,
         "ev_ratio_of_sums": 1.0 - sums["sq_err"] / clean["var"],
         "ev_layernorm": sums["ev_ln_tok"] / tok,
+        "norm_ratio": sums["norm_ratio"] / tok,
         "ce_clean": full(clean["ce_clean"] / pred),
         "ce_spliced": sums["ce"] / pred,
         "kl": sums["kl"] / pred,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -125,7 +125,11 @@ def _evaluate(groups: Sequence[_GroupInput], lm_params, data: eval_passes.HeldOu
   for g, sums, fired in zip(groups, group_tot, fired_tot):
     gst = eval_passes.GroupStatic(base=st, sae=g.spec.sae, splice_mode=g.splice_mode,
                                   variant_loop=g.variant_loop)
-    results.append(eval_passes.finalize(clean_tot, sums, fired, gst))
+    m = eval_passes.finalize(clean_tot, sums, fired, gst)
+    b_dec = g.params.get("b_dec") if isinstance(g.params, Mapping) else None
+    m["b_dec_norm"] = (np.linalg.norm(np.asarray(b_dec, np.float64), axis=-1) if b_dec is not None
+                       else np.full((fired.shape[0],), np.nan))
+    results.append(m)
   return clean_tot, results
 
 

@@ -2,9 +2,9 @@
 
 `write_report` is called by the eval job and the pipeline; it only reads the dicts below (every
 number in the report comes from them) and never touches a checkpoint. This module holds
-`write_report` and the markdown; the data logic (SAE types, Pareto fronts, the matched
-comparison, grids, feature recovery per type) is in `comparison.py`, the figures are drawn by
-`report_plots.py`.
+`write_report` and the markdown; the data logic is in `comparison.py` (SAE types, grids,
+feature recovery and causal predictability per type) and `matched.py` (Pareto fronts and the
+matched comparison), the figures are drawn by `report_plots.py`.
 
 Inputs (JSON-able dicts; metric values may be floats or the strings "nan" / "inf" / "-inf"):
 
@@ -23,7 +23,7 @@ Inputs (JSON-able dicts; metric values may be floats or the strings "nan" / "inf
                  ["grammaticality", "grammaticality_std", ...]},
        "variants": {id: {"group", "frozen", "bad_step", "splice_mode", "hparams",
                          "l0", "alive", "dead", "ce_increase", "kl", "ce_recovered_zero",
-                         "ce_recovered_mean", "ev_token_mean", ...,
+                         "ce_recovered_mean", "ev_token_mean", "norm_ratio", "b_dec_norm", ...,
                          "grammaticality/<mode>/<positions>", "grammaticality_std/<mode>/..."}}}
 
 - `features` (optional): `analysis.summarise(...)` output, `{"columns": [{"name", "kind",
@@ -33,7 +33,9 @@ Inputs (JSON-able dicts; metric values may be floats or the strings "nan" / "inf
   `"corr_columns"` (default: the `columns` names, in order).
 - `causal` (optional): `{id: causality.causal_predictability(...) output}` (`n_strong`,
   `n_tested`, `n_as_predicted`, `fraction_as_predicted`, `mean_effect`, `median_effect`,
-  `pairs`, `not_as_predicted`: [{"latent", "label", "corr", "signed_effect", ...}]).
+  `pairs`, `not_as_predicted`: [{"latent", "label", "corr", "signed_effect", ...}]; optionally
+  the null's `fraction_as_predicted_interval`, `n_right_sign`, `mean_effect_se`, `null`, and
+  per pair `p_value`, `null_quantile`).
 - `lm` (optional): the LM job's `summary.json` (`grammatical_fraction`,
   `grammatical_fraction_std`, `eval_ce`, `grammatical_next_token_mass`, `steps`, ...).
 - `meta` (optional): `{"commit", "machine", "date", "stage_seconds": {stage: seconds}}`.
@@ -43,11 +45,13 @@ SAE types (`comparison.sae_type`) colour the plots and group the comparisons. Fr
 comparisons; NaN metrics are shown as "nan" and never plotted. Sections whose input is missing
 are replaced by a one-line note.
 
-The matched comparison (Braun et al.'s question): for every SAE of a non-reference type, the
-reference type's L0 (or alive latents) at the same CE increase, linearly interpolated between
-the two neighbouring points of the reference type's Pareto front (lower CE increase and lower
-L0 are better); an SAE whose CE increase lies outside the front's range is flagged
-`in_range: false` and gets no ratio (never extrapolated).
+The matched comparison (Braun et al.'s question, `matched.py`): for every configuration of a
+non-reference type, the reference type's L0 (or alive latents) at the same CE increase, read off
+the reference Pareto front only where it covers the point (between neighbouring front points at
+most `matched.MAX_GAP_FACTOR`× apart in CE increase, interpolated in log CE increase; "not
+covered" otherwise, never extrapolated). Variants that differ only in `seed` are one
+configuration (seed means), and with several seeds the ratios carry bootstrap intervals over
+seeds. The sentences say how many points are covered.
 
 The causal summary per SAE type (`causal_by_type`): for each type with causal results, the
 number of SAEs tested, the mean over them of `fraction_as_predicted` and of `mean_effect`, and
@@ -66,12 +70,14 @@ import numpy as np
 
 from jaxsae import comparison
 from jaxsae import jsonio
+from jaxsae import matched
 from jaxsae import report_plots
+from jaxsae import stats
 
 _GRAM_COMBOS = ("corrected/all", "corrected/sentence", "original/all", "original/sentence")
 _METRICS = ("l0", "alive", "dead", "ce_increase", "kl", "ce_recovered_zero", "ce_recovered_mean",
             "ev_token_mean", "ev_ratio_of_sums", "nmse", "top1_agreement",
-            "grammatical_mass_spliced")
+            "grammatical_mass_spliced", "norm_ratio", "b_dec_norm")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,6 +163,19 @@ def _pm(mean, std) -> str:
   return f"{comparison.format_number(mean)} ± {comparison.format_number(std)}"
 
 
+def _ratio_interval(interval: Mapping[str, Any] | None) -> str:
+  if interval is None:
+    return "—"
+  return _interval([interval["lo"], interval["hi"]])
+
+
+def _interval(lo_hi: Sequence[Any] | None) -> str:
+  if not lo_hi:
+    return "—"
+  return (f"[{comparison.format_number(lo_hi[0], 3)}, "
+          f"{comparison.format_number(lo_hi[1], 3)}]")
+
+
 def _safe(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name))
 
@@ -231,11 +250,12 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
   rep["variants"] = rows
 
   # Trade-offs (frozen variants drawn as crosses) and the matched comparison (left out).
+  configs = matched.seed_configs(rows)
   rep["matched"] = {
-      y: comparison.matched_comparison(comparison.points_by_type(rows, "ce_increase", y),
-                                       "ce_increase", y)
+      y: matched.matched_comparison(comparison.points_by_type(rows, "ce_increase", y),
+                                    "ce_increase", y, configs=configs)
       for y in ("l0", "alive")}
-  rep["matched_text"] = {y: comparison.matched_sentences(m) for y, m in rep["matched"].items()}
+  rep["matched_text"] = {y: matched.matched_sentences(m) for y, m in rep["matched"].items()}
   has = lambda m: any(comparison.is_finite(r[m]) for r in rows)
   points = lambda *m: comparison.points_by_type(rows, *m, include_frozen=True)
   if has("l0") and has("ce_increase"):
@@ -294,8 +314,11 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
     rep["causal_by_type_text"] = comparison.causal_sentences(rep["causal_by_type"])
     rep["causal"] = {vid: {"type": types.get(vid), **{k: c.get(k) for k in (
         "threshold", "n_strong", "n_testable", "n_tested", "n_as_predicted",
-        "fraction_as_predicted", "mean_effect", "median_effect")},
-        "not_as_predicted": [{k: p.get(k) for k in ("latent", "label", "corr", "signed_effect")}
+        "fraction_as_predicted", "fraction_as_predicted_interval", "n_right_sign",
+        "mean_effect", "mean_effect_se", "median_effect")},
+        "null_size": (c.get("null") or {}).get("size"),
+        "not_as_predicted": [{k: p.get(k) for k in ("latent", "label", "corr", "signed_effect",
+                                                    "p_value", "null_quantile")}
                              for p in c.get("not_as_predicted", [])]}
         for vid, c in sorted(causal.items())}
   else:
@@ -361,12 +384,14 @@ def _render(rep: Mapping[str, Any]) -> list[str]:
   clean_g = ce["grammaticality"]
   combo = rep["grammaticality_combo"]
   out += [f"Spliced grammaticality: generation combo `{combo}` (mode/positions); CE recovered "
-          "against zero ablation; EV = token-mean explained variance.", ""]
+          "against zero ablation; EV = token-mean explained variance; ‖x̂‖/‖x‖ = token mean of "
+          "the reconstruction's norm over the activation's (shrinkage below 1); ‖b_dec‖ = the "
+          "decoder bias norm.", ""]
   out += _md_table(
       ["id", "type", "key hparams", "L0", "alive", "CE increase", "KL", "CE recovered", "EV",
-       "spliced gram.", "clean gram.", "frozen"],
+       "‖x̂‖/‖x‖", "‖b_dec‖", "spliced gram.", "clean gram.", "frozen"],
       [[r["id"], r["type"], r["key_hparam"], r["l0"], r["alive"], r["ce_increase"], r["kl"],
-        r["ce_recovered_zero"], r["ev_token_mean"],
+        r["ce_recovered_zero"], r["ev_token_mean"], r["norm_ratio"], r["b_dec_norm"],
         _pm(r["grammaticality"], r["grammaticality_std"]), clean_g,
         f"FROZEN (step {r['bad_step']})" if r["frozen"] else ""] for r in rep["variants"]])
   if len(rep["grammaticality_combos"]) > 1:
@@ -384,12 +409,14 @@ def _render(rep: Mapping[str, Any]) -> list[str]:
     pts = m["points"]
     y_name = comparison.METRIC_NAMES[y]
     if pts:
-      out += [f"Per SAE ({y_name}; reference = {m['reference']} Pareto front, "
-              f"{len(m['reference_front'])} points):", ""]
-      out += _md_table(["id", "type", "CE increase", y_name, f"{m['reference']} at same CE",
-                        "ratio", "note"],
-                       [[p["id"], p["type"], p["x"], p["y"], p["reference_y"], p["ratio"],
-                         p["note"] or ""] for p in pts])
+      out += [f"Per configuration ({y_name}; reference = {m['reference']} Pareto front, "
+              f"{len(m['reference_front'])} points; CE increase and {y_name} are means over "
+              "seeds):", ""]
+      out += _md_table(["id", "type", "seeds", "CE increase", y_name,
+                        f"{m['reference']} at same CE", "ratio", "95% interval", "note"],
+                       [[p["id"], p["type"], p["n_seeds"], p["x"], p["y"], p["reference_y"],
+                         p["ratio"], _ratio_interval(p["ratio_interval"]), p["note"] or ""]
+                        for p in pts])
   out += ["Frozen variants are left out of the comparison.", ""]
   out += img("l0_vs_ce", "CE increase vs L0") + img("alive_vs_ce", "CE increase vs alive")
 
@@ -434,25 +461,35 @@ def _render(rep: Mapping[str, Any]) -> list[str]:
   if by_type:
     fid = comparison.fidelity_metric(by_type)
     fid_name = "NMSE" if fid == "nmse" else comparison.METRIC_NAMES[fid]
-    out += ["Per SAE type: means over the SAEs tested; medians over all of the type's live SAEs "
-            f"(spliced grammaticality: `{rep['grammaticality_combo']}`).", ""]
-    out += _md_table(["type", "SAEs tested", "fraction as predicted", "mean effect",
-                      f"median {fid_name}", "median CE increase", "median spliced gram."],
-                     [[t, v["n_saes"], v["fraction_as_predicted"], v["mean_effect"], v[fid],
+    out += ["A pair acts as predicted when its signed effect (expected token classes moved in "
+            "the direction of the correlation) is positive and beats the same effect of random "
+            "live latents of the SAE at 95% (one-sided permutation test).", ""]
+    out += ["Per SAE type: means over the SAEs tested, and pooled over their pairs (Wilson 95% "
+            "interval; mean signed effect ± SE over pairs); medians over all of the type's live "
+            f"SAEs (spliced grammaticality: `{rep['grammaticality_combo']}`).", ""]
+    out += _md_table(["type", "SAEs tested", "fraction as predicted", "mean effect", "pairs",
+                      "pooled fraction [95% CI]", "pair effect ± SE", f"median {fid_name}",
+                      "median CE increase", "median spliced gram."],
+                     [[t, v["n_saes"], v["fraction_as_predicted"], v["mean_effect"],
+                       v.get("n_pairs"), stats.format_estimate(v.get("pooled_fraction")),
+                       stats.format_estimate(v.get("pooled_mean_effect"), style="se"), v[fid],
                        v["ce_increase"], v["grammaticality"]] for t, v in by_type.items()])
     out += [f"- {line}" for line in rep["causal_by_type_text"]]
     out += [""] if rep["causal_by_type_text"] else []
   if cz:
     out += _md_table(["id", "type", "strong pairs", "tested", "as predicted", "fraction",
-                      "mean effect"],
+                      "95% interval", "right sign", "mean effect", "± SE", "null latents"],
                      [[vid, c["type"], c["n_strong"], c["n_tested"], c["n_as_predicted"],
-                       c["fraction_as_predicted"], c["mean_effect"]] for vid, c in cz.items()])
+                       c["fraction_as_predicted"], _interval(c["fraction_as_predicted_interval"]),
+                       c["n_right_sign"], c["mean_effect"], c["mean_effect_se"], c["null_size"]]
+                      for vid, c in cz.items()])
     for vid, c in cz.items():
       bad = c["not_as_predicted"]
       if bad:
         out += [f"{vid}: pairs not acting as predicted:", ""]
-        out += _md_table(["latent", "label", "corr", "signed effect"],
-                         [[p["latent"], p["label"], p["corr"], p["signed_effect"]] for p in bad])
+        out += _md_table(["latent", "label", "corr", "signed effect", "p", "null 95% quantile"],
+                         [[p["latent"], p["label"], p["corr"], p["signed_effect"], p["p_value"],
+                           p["null_quantile"]] for p in bad])
   else:
     out += ["_Not computed for this run (no `causal` input)._", ""]
 

@@ -6,7 +6,7 @@ notebooks can call them on the same inputs:
 
 - `plot_tradeoff` (and its presets `plot_l0_vs_ce`, `plot_alive_vs_ce`,
   `plot_l0_vs_grammaticality`): a metric against another per SAE type, with each type's Pareto
-  front (`comparison.pareto_front`); CE increases (1e-4 .. a few nats, sometimes slightly
+  front (`matched.pareto_front`); CE increases (1e-4 .. a few nats, sometimes slightly
   negative) on a symmetric-log axis;
 - `plot_grids`: heatmaps of `comparison.grid_table` grids (Menon et al.'s k/α × expansion
   layout);
@@ -31,6 +31,7 @@ from matplotlib.backends import backend_agg
 import numpy as np
 
 from jaxsae import comparison
+from jaxsae import matched
 
 CE_LINTHRESH = 1e-3  # CE increase axes: linear within ±1e-3 nats, logarithmic beyond
 
@@ -109,8 +110,8 @@ def plot_tradeoff(path: str, points_by_type: Mapping[str, Sequence[Mapping[str, 
     all_y += list(ys) + [comparison.as_float(p[y]) for p in dead]
     if live:
       ax.scatter(xs, ys, color=colours[t], label=t, s=24, alpha=0.85)
-      front = comparison.pareto_front(xs, ys, higher_x_better=higher_x_better,
-                                      higher_y_better=higher_y_better)
+      front = matched.pareto_front(xs, ys, higher_x_better=higher_x_better,
+                                   higher_y_better=higher_y_better)
       ax.plot(xs[front], ys[front], color=colours[t], lw=1.2, alpha=0.9)
     if dead:
       ax.scatter([comparison.as_float(p[x]) for p in dead],

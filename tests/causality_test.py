@@ -1,6 +1,7 @@
 """Tests for jaxsae.causality: label columns and Pearson correlations against NumPy, expected
-effects derived from data (English), causal predictability of planted latents, pair scoring
-against fake outcomes, and input validation."""
+effects derived from data (English), causal predictability of planted latents against the
+random-latent null, pair scoring against fake outcomes (a planted effect passes the null, random
+latents pass at the nominal rate), and input validation."""
 
 import jax
 import numpy as np
@@ -77,8 +78,8 @@ def test_english_expectations_come_from_data():
 # Causal predictability.
 
 
-def _planted(lm, sign):
-  return fakes.planted_eos_sae(lm["wte"], MC.d_model, DYCK.eos_id, sign)
+def _planted(lm, sign, width=16):
+  return fakes.planted_eos_sae(lm["wte"], MC.d_model, DYCK.eos_id, sign, width)
 
 
 def test_causal_predictability_counts_planted_latent(lm, data):
@@ -86,7 +87,7 @@ def test_causal_predictability_counts_planted_latent(lm, data):
   k = names.index("stack_empty_after")
   results = {}
   for sign, corr_sign in ((1, 1), (-1, 1), (1, -1)):
-    config, params = _planted(lm, sign)
+    config, params = _planted(lm, sign, width=48)  # enough live random latents for a null
     corr = np.zeros((config.width, len(names)))
     corr[5, k] = 0.9 * corr_sign
     corr[3, names.index("match_distance")] = 0.8  # no expected effect: untestable
@@ -95,7 +96,7 @@ def test_causal_predictability_counts_planted_latent(lm, data):
     out = causality.causal_predictability(lm, MC, "ln_final", params, config,
                                    sae_lib.default_hparams(config), data.tokens,
                                    data.sentence_mask, DYCK, corr, names, threshold=0.5,
-                                   high_scale=3.0)
+                                   high_scale=3.0, null_latents=24)
     assert (out["n_strong"], out["n_tested"], out["n_untestable_label"],
             out["n_inactive_latent"]) == (3, 1, 1, 1)
     pair = out["pairs"][0]
@@ -103,12 +104,18 @@ def test_causal_predictability_counts_planted_latent(lm, data):
     assert pair["high_value"] == pytest.approx(3.0)  # 3 × its only active value
     results[(sign, corr_sign)] = (pair, out)
   pair, out = results[(1, 1)]
+  # The null: 24 random live latents, less latent 5 itself when drawn; it beats them all.
+  assert out["null"]["size"] == 24
+  assert pair["n_null"] == 24 - (5 in out["null"]["latents"])
+  assert pair["p_value"] == pytest.approx(1 / (pair["n_null"] + 1))
+  assert pair["signed_effect"] > pair["null_quantile"]
   assert pair["as_predicted"] and out["fraction_as_predicted"] == 1.0
   assert pair["shift"]["eos"] > 0.1 and pair["shift_high_vs_spliced"]["eos"] > 0.05
   assert out["not_as_predicted"] == [] and out["mean_effect"] > 0
   for key in ((-1, 1), (1, -1)):  # reversed planting, or the label anti-correlated
     pair, out = results[key]
-    assert not pair["as_predicted"] and out["fraction_as_predicted"] == 0.0
+    assert not pair["as_predicted"] and not pair["right_sign"] and pair["p_value"] == 1.0
+    assert out["fraction_as_predicted"] == 0.0
     assert out["not_as_predicted"] == [pair] and out["mean_effect"] < 0
   assert results[(-1, 1)][0]["shift"]["eos"] < 0
 
@@ -117,33 +124,107 @@ def test_score_pairs_against_fake_outcomes():
   classes = ("eos", "close", "close0", "close1")
   names = ("a", "b", "c")
   expected = {"a": np.array([1.0, -1.0, 0, 0]), "b": np.array([0, 0, 1.0, -1.0])}
-  corr = np.array([[0.9, 0.0, 0.95], [0.0, -0.6, 0.0], [0.55, 0.0, 0.0], [np.nan, 0.8, 0.0]])
-  planted = {0: np.array([0.2, -0.1, 0, 0]), 1: np.array([0, 0, 0.3, -0.1]),
-             2: np.array([-0.1, 0.3, 0, 0]), 3: np.array([0, 0, -0.05, 0.05])}
+  rng = np.random.default_rng(0)
+  n_f = 64  # latents 0-3 as below; 4.. are weak random latents, the null's pool
+  corr = np.zeros((n_f, 3))
+  corr[:4] = [[0.9, 0.0, 0.95], [0.0, -0.6, 0.0], [0.55, 0.0, 0.0], [np.nan, 0.8, 0.0]]
+  corr[4:] = rng.uniform(-0.3, 0.3, (n_f - 4, 3))
+  shifts = rng.normal(0, 0.01, (n_f, 4))
+  shifts[:4] = [[0.2, -0.1, 0, 0], [0, 0, -0.3, 0.1], [-0.1, 0.3, 0, 0], [0, 0, -0.05, 0.05]]
+  live = np.ones(n_f, bool)
+  live[9] = False  # a dead latent: neither tested nor in the null
   calls = []
 
   def shift_fn(latents):
     calls.append(latents.tolist())
-    return np.stack([planted[int(f)] for f in latents]), [{} for _ in latents]
+    return shifts[latents], [{"extra": int(f)} for f in latents]
 
-  out = causality.score_pairs(corr, names, expected, classes, shift_fn, threshold=0.5, max_pairs=3)
-  # The 3 strongest of the 4 testable pairs ((2, a) is the weakest); c has no expected effect.
-  assert calls == [[0, 1, 3]]
+  out = causality.score_pairs(corr, names, expected, classes, shift_fn, threshold=0.5,
+                              max_pairs=3, testable_latents=live, null_latents=40, seed=1)
+  # The 3 strongest of the 4 testable pairs ((2, a) is the weakest); c has no expected effect;
+  # one call measures the tested latents and the null's 40 live random latents.
+  pool = out["null"]["latents"]
+  assert len(pool) == 40 == out["null"]["size"] and 9 not in pool
+  assert calls == [sorted(set(pool) | {0, 1, 3})]
   assert (out["n_strong"], out["n_untestable_label"], out["n_testable"], out["n_tested"]) == (
       5, 1, 4, 3)
   got = {(p["latent"], p["label"]): p for p in out["pairs"]}
   assert set(got) == {(0, "a"), (1, "b"), (3, "b")}
   for (f, lab), p in got.items():
     w = expected[lab]
-    effect = w @ planted[f] / np.abs(w).sum()
-    assert p["effect"] == pytest.approx(effect)
-    assert p["as_predicted"] == (np.sign(corr[f, names.index(lab)]) * effect > 0)
-  # Strongest first. 0: eos up, close down: as predicted; 3: close0 down: against; 1: close0
-  # up but corr < 0: against.
+    k = names.index(lab)
+    sign = np.sign(corr[f, k])
+    effect = w @ shifts[f] / np.abs(w).sum()
+    assert p["effect"] == pytest.approx(effect) and p["extra"] == f
+    assert p["right_sign"] == (sign * effect > 0)
+    # The null by hand: the pool's latents other than f with |corr| below the threshold.
+    null = [sign * (w @ shifts[j]) / np.abs(w).sum() for j in pool
+            if j != f and not abs(corr[j, k]) >= 0.5]  # NaN: unrelated, in the null
+    assert p["n_null"] == len(null)
+    assert p["p_value"] == pytest.approx((1 + np.sum(np.array(null) >= sign * effect))
+                                         / (1 + len(null)))
+    assert p["as_predicted"] == (p["right_sign"] and p["p_value"] <= 0.05)
+  # Strongest first. 0: eos up, close down: as predicted, far above the null; 3: close0 down:
+  # against; 1: close0 down with corr < 0: the right sign and far above the null.
   assert [p["latent"] for p in out["pairs"]] == [0, 3, 1]
-  assert [p["as_predicted"] for p in out["pairs"]] == [True, False, False]
-  assert out["fraction_as_predicted"] == pytest.approx(1 / 3)
-  assert len(out["not_as_predicted"]) == 2
+  assert [p["as_predicted"] for p in out["pairs"]] == [True, False, True]
+  assert out["fraction_as_predicted"] == pytest.approx(2 / 3)
+  lo, hi = out["fraction_as_predicted_interval"]
+  assert lo < 2 / 3 < hi
+  assert len(out["not_as_predicted"]) == 1 and out["n_right_sign"] == 2
+
+
+def test_score_pairs_small_right_sign_effects_do_not_pass():
+  """An effect of the right sign but no larger than random latents' (the −1.8e-7 kind) fails."""
+  classes = ("eos", "close")
+  expected = {"a": np.array([1.0, 0.0])}
+  rng = np.random.default_rng(2)
+  shifts = rng.normal(0, 1e-3, (100, 2))
+  shifts[0] = [1e-7, 0.0]  # right sign, tiny
+  corr = np.zeros((100, 1))
+  corr[0, 0] = 0.9
+  out = causality.score_pairs(corr, ("a",), expected, classes,
+                              lambda f: (shifts[f], [{} for _ in f]), null_latents=99)
+  pair, = out["pairs"]
+  assert pair["right_sign"] and not pair["as_predicted"] and pair["p_value"] > 0.05
+  assert out["fraction_right_sign"] == 1.0 and out["fraction_as_predicted"] == 0.0
+  # Too few live latents for a 5% test: nothing can pass, however large the effect.
+  shifts[0] = [1.0, 0.0]
+  few = causality.score_pairs(corr[:10], ("a",), expected, classes,
+                              lambda f: (shifts[f], [{} for _ in f]), null_latents=99)
+  assert few["pairs"][0]["p_value"] == pytest.approx(1 / 10)
+  assert not few["pairs"][0]["as_predicted"] and few["pairs"][0]["right_sign"]
+
+
+def test_random_latents_pass_at_the_nominal_rate():
+  """Latents whose correlation with a label is unrelated to their effect (random shifts, random
+  correlation signs) pass the null at the nominal rate.
+
+  A pair exchangeable with its n null latents passes with probability ⌊0.05(n + 1)⌋ / (n + 1)
+  (4/99 at n = 98: the test is exact up to discreteness, never above 5%). Pairs of one call
+  share the null sample, so their passes are correlated: given the null, a pair passes with
+  probability about Beta(5, 95) (its 95% quantile's upper tail), SD 0.022. Over R calls of m
+  pairs, the pass rate's SD is √(0.022²/R + 0.05·0.95/(R·m)); the check allows 4 of them."""
+  classes = ("eos", "close", "close0")
+  expected = {"a": np.array([1.0, -1.0, 0.0]), "b": np.array([0.0, 0.5, -1.0])}
+  reps, n_f, m = 200, 140, 20
+  passed, nominal = [], []
+  for r in range(reps):
+    rng = np.random.default_rng(100 + r)
+    shifts = rng.normal(0, 1.0, (n_f, 3))
+    corr = rng.uniform(-0.2, 0.2, (n_f, 2))
+    strong = rng.choice(n_f, m, replace=False)  # m random latents, strongly "correlated"
+    corr[strong, rng.integers(0, 2, m)] = rng.choice([-1, 1], m) * rng.uniform(0.6, 0.9, m)
+    out = causality.score_pairs(corr, ("a", "b"), expected, classes,
+                                lambda f, s=shifts: (s[f], [{} for _ in f]), max_pairs=m,
+                                null_latents=99, seed=r)
+    assert out["n_tested"] == m
+    passed += [p["as_predicted"] for p in out["pairs"]]
+    nominal += [np.floor(0.05 * (p["n_null"] + 1) + 1e-9) / (p["n_null"] + 1)
+                for p in out["pairs"]]
+  sd = np.sqrt(0.022 ** 2 / reps + 0.05 * 0.95 / (reps * m))
+  assert 0.04 <= np.mean(nominal) <= 0.05
+  assert abs(np.mean(passed) - np.mean(nominal)) <= 4 * sd, (np.mean(passed), np.mean(nominal))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,6 +236,9 @@ def test_bad_inputs_raise_clear_errors(lm, data):
     causality.score_pairs(np.zeros((4, 2)), ("a",), {}, ("eos",), lambda f: None)
   with pytest.raises(ValueError, match="threshold=0"):
     causality.score_pairs(np.zeros((4, 1)), ("a",), {}, ("eos",), lambda f: None, threshold=0)
+  with pytest.raises(ValueError, match="null_latents"):
+    causality.score_pairs(np.zeros((4, 1)), ("a",), {}, ("eos",), lambda f: None,
+                          null_latents=-1)
   with pytest.raises(ValueError, match="same tokens"):
     causality.pearson(np.zeros((5, 2)), np.zeros((4, 3)))
   config, params = _planted(lm, 1)

@@ -1,6 +1,6 @@
-"""Comparison: Pareto fronts against brute force, the matched comparison on a constructed case
-(frozen points left out), SAE types of every kind, points grouped by type, Menon grids, feature
-recovery and the causal summary per type against NumPy references."""
+"""Comparison: SAE types of every kind, points grouped by type, Menon grids, feature recovery
+and the causal summary per type against NumPy references (Pareto fronts and the matched
+comparison: matched_test.py)."""
 
 import itertools
 import re
@@ -11,6 +11,7 @@ import pytest
 import fakes
 from jaxsae import comparison
 from jaxsae import sae_groups
+from jaxsae import stats
 from jaxsae import sweep as sweep_lib
 
 
@@ -18,97 +19,6 @@ def _hparams(**fields):
   """Every sweep field (registry defaults) with `fields` set, JSON-ified as summary.json has it."""
   variant, = sweep_lib.expand([{"set": fields}], sae_groups.registry())
   return {k: sweep_lib.to_json(v) for k, v in variant.values.items()}
-
-
-# ------------------------------------------------------------------------------------------------
-# Pareto fronts.
-
-
-def _brute_front(x, y, hx, hy):
-  better = lambda a, b, high: a > b if high else a < b
-  noworse = lambda a, b, high: a >= b if high else a <= b
-  front = set()
-  for i in range(len(x)):
-    if not (np.isfinite(x[i]) and np.isfinite(y[i])):
-      continue
-    dominated = any(
-        np.isfinite(x[j]) and np.isfinite(y[j]) and noworse(x[j], x[i], hx)
-        and noworse(y[j], y[i], hy) and (better(x[j], x[i], hx) or better(y[j], y[i], hy))
-        for j in range(len(x)))
-    if not dominated:
-      front.add(i)
-  return front
-
-
-@pytest.mark.parametrize("hx, hy", list(itertools.product([False, True], repeat=2)))
-def test_pareto_front_matches_brute_force(hx, hy):
-  rng = np.random.default_rng(int(hx) * 2 + int(hy))
-  for _ in range(20):
-    n = int(rng.integers(1, 30))
-    x = rng.integers(0, 6, n).astype(float)  # small integers: many ties and duplicates
-    y = rng.integers(0, 6, n).astype(float)
-    x[rng.random(n) < 0.1] = np.nan
-    y[rng.random(n) < 0.05] = np.inf
-    got = comparison.pareto_front(x, y, higher_x_better=hx, higher_y_better=hy)
-    assert set(got.tolist()) == _brute_front(x, y, hx, hy)
-    assert len(got) == len(set(got.tolist()))
-    assert np.all(np.diff(x[got]) >= 0)  # ordered by x
-
-
-def test_pareto_front_rejects_bad_shapes():
-  with pytest.raises(ValueError, match="equal length"):
-    comparison.pareto_front([1.0, 2.0], [1.0])
-
-
-# ------------------------------------------------------------------------------------------------
-# The matched comparison.
-
-
-def _line_l0(x):
-  return 50.0 - 100.0 * x  # the local front: (0.1, 40), (0.2, 30), (0.3, 20), (0.4, 10)
-
-
-def test_matched_comparison_known_answer():
-  local = [{"id": f"l{i}", "ce_increase": x, "l0": _line_l0(x)}
-           for i, x in enumerate([0.1, 0.2, 0.3, 0.4])]
-  local.append({"id": "dominated", "ce_increase": 0.25, "l0": 90.0})  # must not bend the front
-  local.append({"id": "broken", "ce_increase": "nan", "l0": 1.0})
-  e2e = [{"id": "a", "ce_increase": 0.25, "l0": 0.5 * _line_l0(0.25)},
-         {"id": "b", "ce_increase": 0.15, "l0": 0.5 * _line_l0(0.15)},
-         {"id": "c", "ce_increase": 0.38, "l0": 0.25 * _line_l0(0.38)},
-         {"id": "out", "ce_increase": 0.9, "l0": 1.0},
-         {"id": "low", "ce_increase": 0.05, "l0": 1.0},
-         {"id": "nan", "ce_increase": 0.2, "l0": "nan"}]
-  topk = [{"id": "t", "ce_increase": 0.3, "l0": 40.0}]
-  res = comparison.matched_comparison({"local": local, "e2e": e2e, "topk": topk})
-  assert [p["id"] for p in res["reference_front"]] == ["l0", "l1", "l2", "l3"]
-  by_id = {p["id"]: p for p in res["points"]}
-  for vid, ratio in (("a", 0.5), ("b", 0.5), ("c", 0.25)):
-    assert by_id[vid]["in_range"]
-    assert by_id[vid]["ratio"] == pytest.approx(ratio, rel=1e-12)
-  for vid in ("out", "low"):
-    assert not by_id[vid]["in_range"] and by_id[vid]["ratio"] is None
-    assert "outside range" in by_id[vid]["note"]
-  assert by_id["nan"]["ratio"] is None and by_id["nan"]["note"] == "not finite"
-  assert by_id["t"]["ratio"] == pytest.approx(40.0 / 20.0)
-  agg = res["by_type"]["e2e"]
-  assert (agg["n"], agg["n_in_range"]) == (5, 3)
-  assert agg["median_ratio"] == pytest.approx(0.5)
-  assert agg["min_ratio"] == pytest.approx(0.25)
-  text = comparison.matched_sentences(res)
-  assert "e2e SAEs need a median 0.5× the L0 of local SAEs at the same CE increase (3 of 5 in " \
-         "range)." in text
-  assert any(s.startswith("topk SAEs need a median 2×") for s in text)
-
-
-def test_matched_comparison_without_reference_is_flagged():
-  res = comparison.matched_comparison({"e2e": [{"id": "a", "ce_increase": 0.1, "l0": 3.0}]})
-  assert res["note"] and res["by_type"]["e2e"]["n_in_range"] == 0
-  assert res["points"][0]["ratio"] is None
-  only = comparison.matched_comparison({"local": [{"id": "a", "ce_increase": 0.1, "l0": 3.0}]})
-  assert only["by_type"] == {} and "only local" in only["note"]
-  with pytest.raises(ValueError, match="has no 'alive'"):
-    comparison.matched_comparison({"local": [{"id": "a", "ce_increase": 0.1}]}, y="alive")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,9 +98,12 @@ def test_feature_recovery_per_type():
 
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Points by type, and frozen variants.
+
+
+def _line_l0(x):
+  return 50.0 - 100.0 * x  # a local front: (0.1, 40), (0.2, 30), (0.3, 20), (0.4, 10)
 
 
 def _rows():
@@ -235,16 +148,6 @@ def test_points_by_type_rejects_bad_rows():
     comparison.points_by_type(_rows())
 
 
-def test_matched_comparison_leaves_frozen_points_out():
-  rows = _rows()
-  with_frozen = comparison.points_by_type(rows, "ce_increase", "l0", include_frozen=True)
-  without = comparison.points_by_type([r for r in rows if not r["frozen"]], "ce_increase", "l0")
-  a = comparison.matched_comparison(with_frozen, "ce_increase", "l0")
-  assert a == comparison.matched_comparison(without, "ce_increase", "l0")
-  assert [p["id"] for p in a["reference_front"]] == ["l0", "l1", "l2", "l3"]
-  assert list(a["by_type"]) == ["e2e"] and a["by_type"]["e2e"]["median_ratio"] == 0.5
-
-
 # ------------------------------------------------------------------------------------------------
 # The causal summary per type.
 
@@ -262,8 +165,11 @@ def _causal_run(rng, with_nmse=True):
                    "ce_increase": float(rng.uniform(-1e-3, 0.1)),
                    "grammaticality": float(rng.uniform(0.5, 1))})
       if t != "local" and i != 1:
+        n_tested = int(rng.integers(1, 9))
+        pairs = [{"signed_effect": float(rng.normal())} for _ in range(n_tested)]
         causal[vid] = {"fraction_as_predicted": float(rng.random()),
-                       "mean_effect": float(rng.normal())}
+                       "mean_effect": float(rng.normal()), "n_tested": n_tested,
+                       "n_as_predicted": int(rng.integers(0, n_tested + 1)), "pairs": pairs}
   rows[4]["ce_increase"] = "nan"  # topk1: not in the median
   causal["topk2"]["fraction_as_predicted"] = None  # no tested pairs: not in the mean
   causal["ghost"] = {"fraction_as_predicted": 1.0, "mean_effect": 9.0}
@@ -287,6 +193,18 @@ def test_causal_by_type_against_numpy():
       vals = np.array([float(r[m]) for r in live])
       assert v[m] == pytest.approx(np.median(vals[np.isfinite(vals)])), (t, m)
   assert got["topk"]["n_variants"] == 3
+  # Pooled over the tested pairs: the counts' Wilson interval, the effects' mean ± SE.
+  for t, v in got.items():
+    ids = v["ids"]
+    k, n = (sum(causal[i][key] for i in ids) for key in ("n_as_predicted", "n_tested"))
+    assert (v["n_pairs_as_predicted"], v["n_pairs"]) == (k, n)
+    lo, hi = stats.wilson_interval(k, n)
+    assert v["pooled_fraction"]["value"] == pytest.approx(k / n)
+    assert (v["pooled_fraction"]["lo"], v["pooled_fraction"]["hi"]) == pytest.approx((lo, hi))
+    effects = [p["signed_effect"] for i in ids for p in causal[i]["pairs"]]
+    assert v["pooled_mean_effect"]["value"] == pytest.approx(np.mean(effects))
+    assert v["pooled_mean_effect"]["se"] == pytest.approx(
+        np.std(effects, ddof=1) / np.sqrt(len(effects)))
 
 
 @pytest.mark.parametrize("with_nmse", [True, False])
@@ -295,8 +213,10 @@ def test_causal_sentences_carry_the_numbers(with_nmse):
   by_type = comparison.causal_by_type(causal, rows)
   text, = comparison.causal_sentences(by_type)
   fid, fid_name = ("nmse", "NMSE") if with_nmse else ("ev_token_mean", "explained variance")
-  m = re.fullmatch(r"causal-topk SAEs: (\S+) of tested pairs act as predicted vs (\S+) for topk; "
-                   r"median CE increase (\S+) vs (\S+), " + fid_name + r" (\S+) vs (\S+), "
+  m = re.fullmatch(r"causal-topk SAEs: (\S+) of tested pairs act as predicted \(pooled \S+ "
+                   r"\[\S+, \S+\] of \d+ pairs\) vs (\S+) \(pooled \S+ \[\S+, \S+\] of \d+ "
+                   r"pairs\) for topk; median CE increase (\S+) vs (\S+), " + fid_name +
+                   r" (\S+) vs (\S+), "
                    r"spliced grammaticality (\S+) vs (\S+)\.", text)
   assert m, text
   c, b = by_type["causal-topk"], by_type["topk"]

@@ -131,6 +131,39 @@ def test_identity_and_zero_saes_spliced(setup_and_lm, data):
   assert m["window_tokens"][ident] == len(x_MD) == mask.sum()
 
 
+def test_shrinkage_metrics_by_hand(setup_and_lm, data):
+  """‖x̂‖/‖x‖ and ‖b_dec‖ of crafted SAEs: x̂ = x (ratio 1), x̂ = 0 (ratio 0), and x̂ = x/2 + b
+  (ratio by hand from the clean activations; ‖b‖ = 5)."""
+  setup, lm_params = setup_and_lm
+  rng = np.random.default_rng(4)
+  spec = _spec([{"product": {"seed": [0, 1, 2]},
+                 "set": {"expansion": 3, "enc_bias": False, "dec_bias": True,
+                         "decoder_norm": "none", "init": "menon"}}])
+  eye = np.eye(D, dtype=np.float32)
+  w_enc = np.concatenate([eye, -eye, np.zeros_like(eye)], axis=1)
+  ident = _identity_w_dec(rng)
+  b = np.zeros((D,), np.float32)
+  b[:2] = [3.0, 4.0]
+  params = {"w_enc": jnp.asarray(np.stack([w_enc] * 3)),
+            "w_dec": jnp.asarray(np.stack([ident, np.zeros_like(ident), 0.5 * ident])),
+            "b_dec": jnp.asarray(np.stack([np.zeros_like(b), np.zeros_like(b), b]))}
+  tokens, mask, nxt, valid = _flat(data)
+  m = ev.evaluate_group(spec, params, None, grid_step.group_hyper(spec), lm_params, tokens,
+                        mask, setup, next_BT=nxt, valid_BTV=valid)
+  acts = [np.asarray(model_lib.apply(lm_params, jnp.asarray(t), setup.model_config,
+                                     stop_at=setup.site).acts[setup.site]) for t in tokens]
+  x_MD = np.concatenate([a[mk] for a, mk in zip(acts, mask)]).astype(np.float64)
+  want = np.mean(np.linalg.norm(0.5 * x_MD + b, axis=1) / np.linalg.norm(x_MD, axis=1))
+  np.testing.assert_allclose(np.asarray(m["norm_ratio"]), [1.0, 0.0, want], rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(m["b_dec_norm"]), [0.0, 0.0, 5.0], rtol=1e-6)
+  # Without a decoder bias there is no norm to report.
+  spec0, params0, hyper0 = _crafted_group(1, [ident])
+  m0 = ev.evaluate_group(spec0, params0, None, hyper0, lm_params, tokens, mask, setup,
+                         next_BT=nxt, valid_BTV=valid)
+  assert np.isnan(np.asarray(m0["b_dec_norm"])).all()
+
+
 def test_accumulation_is_exact_over_batches_and_window(setup_and_lm, data):
   """A random TopK group against NumPy over the concatenated held-out set (not batch means)."""
   setup, lm_params = setup_and_lm

@@ -51,11 +51,11 @@ def smoke_sae_config(lm_dir, sweep, **overrides):
   return c
 
 
-def planted_eos_sae(wte, d_in: int, eos_id: int, sign: float):
+def planted_eos_sae(wte, d_in: int, eos_id: int, sign: float, width: int = 16):
   """An SAE for the `ln_final` site whose latent 5 always fires (code 1) and adds ±4 per unit to
   `<eos>`'s logit and nothing to any other logit (its decoder row solves wte · d = ±4 e_eos);
-  latent 7 never fires. Returns `(config, params)`."""
-  config = sae_lib.SAEConfig(d_in=d_in, width=16, decoder_norm="none", init="menon")
+  latent 7 never fires; the others are the random init. Returns `(config, params)`."""
+  config = sae_lib.SAEConfig(d_in=d_in, width=width, decoder_norm="none", init="menon")
   params = sae_lib.init(jax.random.key(5), config)
   params["w_enc"] = params["w_enc"].at[:, 5].set(0.0)
   params["b_enc"] = params["b_enc"].at[5].set(1.0).at[7].set(-100.0)  # 7 never fires

@@ -160,11 +160,16 @@ def test_write_report_full(tmp_path):
   for text in ("abc1234", "2 CPU cores", "| sae | 30.25 |"):
     assert text in md
 
-  # The matched comparison, in words and in JSON.
-  assert ("e2e SAEs need a median 0.5× the L0 of local SAEs at the same CE increase (1 of 1 in "
-          "range).") in md
-  assert "e2e SAEs need a median 0.8× the alive latents of local SAEs" in md
-  assert rep["matched"]["l0"]["by_type"]["e2e"]["median_ratio"] == pytest.approx(0.5)
+  # The matched comparison, in words and in JSON: the local front interpolated in log CE
+  # increase between its points at 0.2 and 0.3 (1.5× apart, covered).
+  t = math.log(0.25 / 0.2) / math.log(0.3 / 0.2)
+  l0_ratio = 0.5 * _line_l0(0.25) / (30.0 + t * (20.0 - 30.0))
+  alive_ratio = 0.8 * 75.0 / (80.0 + t * (70.0 - 80.0))
+  assert (f"e2e SAEs need a median {l0_ratio:.2g}× the L0 of local SAEs at the same CE increase "
+          "(1 of 1 points covered: interpolated between local front points at most 4× apart in "
+          "CE increase, never extrapolated; one seed per configuration, no interval).") in md
+  assert f"e2e SAEs need a median {alive_ratio:.2g}× the alive latents of local SAEs" in md
+  assert rep["matched"]["l0"]["by_type"]["e2e"]["median_ratio"] == pytest.approx(l0_ratio)
   assert rep["matched"]["l0"]["by_type"]["e2e_ds"]["n_in_range"] == 0
   points = {p["id"]: p for p in rep["matched"]["l0"]["points"]}
   assert points["v006"]["ratio"] == pytest.approx(4.0 / _line_l0(0.2))
@@ -212,6 +217,32 @@ def test_write_report_minimal_single_type(tmp_path):
   assert len(_md_table_rows(md, "source")) == 1  # no LM-job row without `lm`
   for name in ("l0_vs_ce", "alive_vs_ce", "l0_vs_grammaticality"):
     _png_size(paths[name])
+
+
+def test_write_report_matched_comparison_over_seeds(tmp_path):
+  summary, eval_results = _synthetic_run()
+  for vid in list(summary["variants"]):  # a second seed of every variant, L0 10% higher
+    new = f"{vid}s1"
+    hp = dict(summary["variants"][vid]["hparams"], seed=1)
+    summary["variants"][new] = dict(summary["variants"][vid], hparams=hp)
+    ev = dict(eval_results["variants"][vid], hparams=hp)
+    ev["l0"] = 1.1 * float(ev["l0"])
+    eval_results["variants"][new] = ev
+  paths = report.write_report(str(tmp_path), summary=summary, eval_results=eval_results)
+  md = open(paths["report.md"]).read()
+  rep = json.load(open(paths["report.json"]))
+  m = rep["matched"]["l0"]
+  assert m["n_seeds_max"] == 2 and all(f["n_seeds"] == 2 for f in m["reference_front"])
+  e2e = next(p for p in m["points"] if p["type"] == "e2e")
+  assert e2e["ids"] == ["v004", "v004s1"] and e2e["n_seeds"] == 2
+  iv = e2e["ratio_interval"]
+  assert iv["lo"] <= e2e["ratio"] <= iv["hi"] and iv["lo"] < iv["hi"]
+  assert m["by_type"]["e2e"]["median_ratio_interval"] is not None
+  assert "bootstrap over up to 2 seeds" in md
+  line = next(l for l in md.splitlines() if l.startswith("| v004,v004s1 | e2e |"))
+  cells = [c.strip() for c in line.strip("|").split("|")]
+  assert cells[2] == "2" and float(cells[6]) == pytest.approx(e2e["ratio"], rel=1e-3)
+  assert cells[7] == f"[{iv['lo']:.3g}, {iv['hi']:.3g}]"
 
 
 def test_write_report_without_grammaticality_and_all_nan(tmp_path):
@@ -324,7 +355,7 @@ def test_write_report_causal_summary_per_type(tmp_path, with_nmse):
 
   # The table right under the section's title, parsed back.
   section = md.split("## Causal predictability\n\n", 1)[1].split("\n## ", 1)[0]
-  assert section.startswith("Per SAE type:")
+  assert section.startswith("A pair acts as predicted when its signed effect")
   table = {r["type"]: r for r in _md_table_rows(section, "type")}
   assert list(table) == ["local", "causal-local", "topk"]
   for t, w in want.items():
@@ -343,8 +374,9 @@ def test_write_report_causal_summary_per_type(tmp_path, with_nmse):
   # One sentence, causal-local against local (topk has no causal counterpart).
   sentences = [l[2:] for l in section.splitlines() if l.startswith("- ")]
   assert sentences == rep["causal_by_type_text"] and len(sentences) == 1
-  m = re.fullmatch(r"causal-local SAEs: (\S+) of tested pairs act as predicted vs (\S+) for "
-                   r"local; median CE increase (\S+) vs (\S+), " + fid_name + r" (\S+) vs (\S+), "
+  m = re.fullmatch(r"causal-local SAEs: (\S+) of tested pairs act as predicted \(pooled \S+ "
+                   r"\[\S+, \S+\] of \d+ pairs\) vs (\S+) \(pooled \S+ \[\S+, \S+\] of \d+ pairs\) "
+                   r"for local; median CE increase (\S+) vs (\S+), " + fid_name + r" (\S+) vs (\S+), "
                    r"spliced grammaticality (\S+) vs (\S+)\.", sentences[0])
   assert m, sentences[0]
   c, b = want["causal-local"], want["local"]
