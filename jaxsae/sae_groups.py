@@ -13,12 +13,17 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from absl import logging
 import flax.struct
 import numpy as np
 
+from jaxsae import divergence
 from jaxsae import losses as losses_lib
 from jaxsae import sae as sae_lib
 from jaxsae import sweep as sweep_lib
+
+# Learning rates above this are accepted with a warning (they are finite, but rarely sane).
+LR_WARN = 1.0
 
 # ------------------------------------------------------------------------------------------------
 # The sweepable fields.
@@ -163,6 +168,10 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         raise sweep_lib.SweepError(
             f"variant {v.id} ({v.label}): k={values['k']} must lie in [1, width={width}] for "
             f"activation={values['activation']}; set k in the sweep or widen the SAE")
+    if float(values["lr"]) > LR_WARN:
+      logging.warning("variant %s (%s): lr=%g is above %g; Adam steps of that size usually "
+                      "diverge (the summary flags variants whose loss grows %gx).", v.id,
+                      v.label, float(values["lr"]), LR_WARN, divergence.FACTOR)
     resolved.append(dataclasses.replace(v, values=values))
   groups = sweep_lib.group(resolved, reg, derive=_k_max_hook)
   specs = []
