@@ -39,6 +39,11 @@ def _positive(v):
       else "must be a finite number > 0"
 
 
+def _int32_nonneg(v):
+  ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < 2**31
+  return None if ok else "must be an int in [0, 2^31) (stored as int32; larger values wrap)"
+
+
 def _choice(options):
   return lambda v: None if v in options else f"must be one of {list(options)}"
 
@@ -80,8 +85,9 @@ def registry() -> list[sweep_lib.Field]:
         doc="distance of the causal term: MSE on logits or KL"),
       # Dynamic: stacked per variant.
       F("lr", 1e-3, False, check=_positive, doc="peak learning rate"),
-      F("seed", 0, False, np.int32, doc="SAE init seed (same seed + architecture = same init)"),
-      F("k", 0, False, np.int32, doc="TopK / BatchTopK latents per token"),
+      F("seed", 0, False, np.int32, check=_int32_nonneg,
+        doc="SAE init seed (same seed + architecture = same init)"),
+      F("k", 0, False, np.int32, check=_int32_nonneg, doc="TopK / BatchTopK latents per token"),
       F("sparsity_coeff", 0.0, False, check=_nonneg, doc="sparsity coefficient (λ or α)"),
       F("out_to_in_coeff", None, False, check=_nonneg,
         doc="local MSE coefficient (None: the preset's)"),
@@ -90,7 +96,8 @@ def registry() -> list[sweep_lib.Field]:
         doc="downstream MSE coefficient (None: preset's)"),
       F("jumprelu_bandwidth", 1e-3, False, check=_positive, doc="JumpReLU STE bandwidth"),
       F("jumprelu_init_threshold", 1e-3, False, check=_positive, doc="JumpReLU initial θ"),
-      F("threshold_decay", 0.99, False, doc="BatchTopK inference-threshold EMA decay"),
+      F("threshold_decay", 0.99, False, check=lambda v: None if _nonneg(v) is None and v <= 1
+        else "must lie in [0, 1]", doc="BatchTopK inference-threshold EMA decay"),
       F("causal_coeff", 0.0, False, check=_nonneg, doc="β of the causal-interpolation term"),
       F("causal_lambda_value", 0.2, False, check=lambda v: None if 0 <= v <= 1
         else "must lie in [0, 1]", doc="λ when causal_lambda='fixed' (paper: 0.2 or 0.02)"),

@@ -195,6 +195,9 @@ def test_nan_variant_is_frozen_and_isolated(lm_dir):
     ([{"set": {}}], {"token_capacity": -2}, ValueError, "config.token_capacity=-2 must be"),
     ([{"set": {}}], {"steps": 0}, ValueError, "config.steps=0 must be a positive int"),
     ([{"set": {"lr": float("inf")}}], {}, sweep_lib.SweepError, "must be a finite number > 0"),
+    ([{"set": {"seed": 2**32 + 1}}], {}, sweep_lib.SweepError, "larger values wrap"),
+    ([{"set": {"seed": -1}}], {}, sweep_lib.SweepError, "seed=-1: must be an int in [0, 2^31)"),
+    ([{"set": {"threshold_decay": 1.5}}], {}, sweep_lib.SweepError, "must lie in [0, 1]"),
     ([{"set": {"loss": "e2e_ds", "include_final_resid": False}}], {"site": "resid_post.1"},
      ValueError, "no resid_post follows"),
 ])
