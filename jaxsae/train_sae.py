@@ -120,8 +120,8 @@ def validate_config(config) -> None:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
   need(number("lr_floor") and 0 <= config.lr_floor <= 1,
        f"config.lr_floor={config.lr_floor!r} must lie in [0, 1]")
-  need(number("grad_clip") and config.grad_clip > 0,
-       f"config.grad_clip={config.grad_clip!r} must be a finite number > 0 (global-norm clip)")
+  need(isinstance(config.grad_clip, (int, float)) and config.grad_clip > 0,
+       f"config.grad_clip={config.grad_clip!r} must be > 0 (global-norm clip; inf: none)")
   for name in ("adam_b1", "adam_b2"):
     need(number(name) and 0 <= config[name] < 1,
          f"config.{name}={config[name]!r} must lie in [0, 1) (Adam moment decay; usual "
