@@ -3,16 +3,21 @@
     python -m experiments.main --config=experiments/configs/<file>.py[:<arg>] --workdir=DIR
 
 The config's `job` field picks the library function; this file only parses flags. Bad configs
-fail in `get_config` or in the job's own validation, before anything is compiled.
+fail in `get_config` or in the job's own validation, before anything is compiled; a
+`--config.<field>=` override of an unknown field or with a value of the wrong type fails
+naming the field (`experiments/overrides.py`).
 """
 
 import importlib
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from experiments import overrides
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file, optionally with ':<arg>'.", lock_config=True)
@@ -47,5 +52,14 @@ def main(argv):
       print(f"{name}: {path}")
 
 
+def parse_flags(argv):
+  """absl's flag parsing, after checking `--config.<field>=` overrides (clear messages)."""
+  message = overrides.problem(argv)
+  if message:
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
+    sys.exit(1)
+  return app.parse_flags_with_usage(argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -292,11 +292,15 @@ class Checkpointer:
       A `Restored`.
 
     Raises:
-      CheckpointError: no checkpoint, or none valid; names each path tried and the reason.
+      CheckpointError: no checkpoint, none valid (names each path tried and the reason), or
+        no checkpoint `step` (lists the available steps).
     """
     steps = [int(step)] if step is not None else sorted(self.all_steps(), reverse=True)
     if not steps:
       raise CheckpointError(f"no checkpoint in {self.directory}")
+    if step is not None and int(step) not in self.all_steps():
+      raise CheckpointError(f"checkpoint step {int(step)} does not exist in {self.directory}; "
+                            f"the available steps are {self.all_steps() or 'none'}")
     errors, skipped = [], []
     for s in steps:
       path = self.step_path(s)

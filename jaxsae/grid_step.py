@@ -340,7 +340,9 @@ def resolve_variant_loop(choice: str, mesh) -> str:
 def train_chunk(state: GridState, hypers: tuple[GroupHyper, ...], lm_params, data_key,
                 *, setup: Setup, num_steps: int):
   """`num_steps` steps in one `lax.scan`; returns the new state and per-group metrics
-  (mean over the steps) with the dead-latent fraction over the chunk's tokens."""
+  (mean over the steps) with the dead-latent fraction over the chunk's tokens, and
+  `first_step_loss`, the loss of the chunk's first step (before its update: at a run's start,
+  the initial loss that divergence is measured against)."""
   def body(carry, _):
     grid, fired = carry
     batch = make_batch(lm_params, grid.step, data_key, setup)
@@ -362,5 +364,6 @@ def train_chunk(state: GridState, hypers: tuple[GroupHyper, ...], lm_params, dat
     mean = {k: jnp.mean(v, axis=0) for k, v in m.items()}
     mean["dead_fraction"] = 1.0 - jnp.mean(f.astype(jnp.float32), axis=-1)
     mean["lr"] = m["lr"][-1]
+    mean["first_step_loss"] = m["loss"][0]
     summary.append(mean)
   return state, tuple(summary)

@@ -13,12 +13,17 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from absl import logging
 import flax.struct
 import numpy as np
 
+from jaxsae import divergence
 from jaxsae import losses as losses_lib
 from jaxsae import sae as sae_lib
 from jaxsae import sweep as sweep_lib
+
+# Learning rates above this are accepted with a warning (they are finite, but rarely sane).
+LR_WARN = 1.0
 
 # ------------------------------------------------------------------------------------------------
 # The sweepable fields.
@@ -32,6 +37,11 @@ def _nonneg(v):
 def _positive(v):
   return None if isinstance(v, (int, float)) and v > 0 and math.isfinite(v) \
       else "must be a finite number > 0"
+
+
+def _int32_nonneg(v):
+  ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < 2**31
+  return None if ok else "must be an int in [0, 2^31) (stored as int32; larger values wrap)"
 
 
 def _choice(options):
@@ -75,8 +85,9 @@ def registry() -> list[sweep_lib.Field]:
         doc="distance of the causal term: MSE on logits or KL"),
       # Dynamic: stacked per variant.
       F("lr", 1e-3, False, check=_positive, doc="peak learning rate"),
-      F("seed", 0, False, np.int32, doc="SAE init seed (same seed + architecture = same init)"),
-      F("k", 0, False, np.int32, doc="TopK / BatchTopK latents per token"),
+      F("seed", 0, False, np.int32, check=_int32_nonneg,
+        doc="SAE init seed (same seed + architecture = same init)"),
+      F("k", 0, False, np.int32, check=_int32_nonneg, doc="TopK / BatchTopK latents per token"),
       F("sparsity_coeff", 0.0, False, check=_nonneg, doc="sparsity coefficient (λ or α)"),
       F("out_to_in_coeff", None, False, check=_nonneg,
         doc="local MSE coefficient (None: the preset's)"),
@@ -85,7 +96,8 @@ def registry() -> list[sweep_lib.Field]:
         doc="downstream MSE coefficient (None: preset's)"),
       F("jumprelu_bandwidth", 1e-3, False, check=_positive, doc="JumpReLU STE bandwidth"),
       F("jumprelu_init_threshold", 1e-3, False, check=_positive, doc="JumpReLU initial θ"),
-      F("threshold_decay", 0.99, False, doc="BatchTopK inference-threshold EMA decay"),
+      F("threshold_decay", 0.99, False, check=lambda v: None if _nonneg(v) is None and v <= 1
+        else "must lie in [0, 1]", doc="BatchTopK inference-threshold EMA decay"),
       F("causal_coeff", 0.0, False, check=_nonneg, doc="β of the causal-interpolation term"),
       F("causal_lambda_value", 0.2, False, check=lambda v: None if 0 <= v <= 1
         else "must lie in [0, 1]", doc="λ when causal_lambda='fixed' (paper: 0.2 or 0.02)"),
@@ -163,6 +175,10 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         raise sweep_lib.SweepError(
             f"variant {v.id} ({v.label}): k={values['k']} must lie in [1, width={width}] for "
             f"activation={values['activation']}; set k in the sweep or widen the SAE")
+    if float(values["lr"]) > LR_WARN:
+      logging.warning("variant %s (%s): lr=%g is above %g; Adam steps of that size usually "
+                      "diverge (the summary flags variants whose loss grows %gx).", v.id,
+                      v.label, float(values["lr"]), LR_WARN, divergence.FACTOR)
     resolved.append(dataclasses.replace(v, values=values))
   groups = sweep_lib.group(resolved, reg, derive=_k_max_hook)
   specs = []

@@ -40,7 +40,8 @@ retrained; its summary is re-computed only if summary.json is missing or stale. 
 
 NaN/inf: the losses and gradient norms of every host call are checked; the first non-finite
 step raises `FloatingPointError` naming it. The state is checkpointed only after that check,
-so the checkpoints on disk stay valid.
+so the checkpoints on disk stay valid. A finite loss that grows by orders of magnitude is
+flagged in summary.json's `divergence` and the log (`jaxsae.divergence`).
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from absl import logging
 import flax.struct
@@ -60,6 +62,7 @@ import numpy as np
 import optax
 
 from jaxsae import checkpoint as ckpt_lib
+from jaxsae import divergence
 from jaxsae import generate as generate_lib
 from jaxsae import grammars
 from jaxsae import jsonio
@@ -69,6 +72,9 @@ from jaxsae import model as model_lib
 # it (they do not change the training trajectory). Dotted prefixes exempt whole groups.
 MUTABLE_FIELDS = ("job", "num_steps", "steps_per_call", "log_every", "eval_every",
                   "checkpoint_every", "keep_checkpoints", "eval", "debug_nan_step")
+
+# Learning rates above this are accepted with a warning (finite, but rarely sane).
+LR_WARN = 1.0
 
 # Branches of the run's root key (module docstring).
 _INIT, _DATA, _HELDOUT, _GEN, _FINAL_GEN = range(5)
@@ -149,17 +155,19 @@ def validate_config(config) -> None:
                        f"one of them.")
   o = config.optim
   checks = [
-      ("optim.peak_lr", o.peak_lr > 0, "must be > 0"),
-      ("optim.end_lr", o.end_lr >= 0, "must be >= 0"),
+      ("optim.peak_lr", _finite(o.peak_lr) and o.peak_lr > 0, "must be a finite number > 0"),
+      ("optim.end_lr", _finite(o.end_lr) and o.end_lr >= 0, "must be a finite number >= 0"),
       ("optim.warmup_steps", isinstance(o.warmup_steps, int) and o.warmup_steps >= 0,
        "must be an integer >= 0"),
       ("optim.decay_steps", isinstance(o.decay_steps, int) and o.decay_steps > o.warmup_steps,
        f"must be an integer > optim.warmup_steps={o.warmup_steps}"),
-      ("optim.b1", 0 <= o.b1 < 1, "must lie in [0, 1)"),
-      ("optim.b2", 0 <= o.b2 < 1, "must lie in [0, 1)"),
-      ("optim.weight_decay", o.weight_decay >= 0, "must be >= 0"),
-      ("optim.grad_clip", o.grad_clip > 0, "must be > 0 (global-norm clip)"),
-      ("eval.temperature", config.eval.temperature > 0, "must be > 0"),
+      ("optim.b1", _finite(o.b1) and 0 <= o.b1 < 1, "must lie in [0, 1)"),
+      ("optim.b2", _finite(o.b2) and 0 <= o.b2 < 1, "must lie in [0, 1)"),
+      ("optim.weight_decay", _finite(o.weight_decay) and o.weight_decay >= 0,
+       "must be a finite number >= 0"),
+      ("optim.grad_clip", o.grad_clip > 0, "must be > 0 (global-norm clip; inf: none)"),
+      ("eval.temperature", _finite(config.eval.temperature) and config.eval.temperature > 0,
+       "must be a finite number > 0"),
       ("eval.top_k", 0 <= config.eval.top_k <= grammar.vocab_size,
        f"must lie in [0, {grammar.vocab_size}] (0 = off)"),
   ]
@@ -169,6 +177,35 @@ def validate_config(config) -> None:
       for part in name.split("."):
         value = value[part]
       raise ValueError(f"config.{name}={value!r} {why}.")
+  for name in ("peak_lr", "end_lr"):
+    if o[name] > LR_WARN:
+      logging.warning("config.optim.%s=%g is above %g: AdamW steps of that size usually "
+                      "diverge (summary.json flags a run whose loss grows %gx).", name, o[name],
+                      LR_WARN, divergence.FACTOR)
+
+
+def _finite(x) -> bool:
+  """A real number (not a bool) that is finite."""
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_lm_workdir_config(config: Mapping[str, Any], lm_workdir: str) -> None:
+  """Checks that `config` (a workdir's config.json) is an `lm` job's config.
+
+  Raises:
+    ValueError: the workdir belongs to another job (an SAE grid, an eval, ...): names the job
+      and what to point at instead.
+  """
+  job = config.get("job")
+  if job == "lm" and all(k in config for k in ("model", "optim", "language")):
+    return
+  if job == "sae":
+    hint = (f"this is an SAE workdir, not an LM workdir; point lm_workdir at the LM it was "
+            f"trained on ({config.get('lm_workdir', '?')!r})")
+  else:
+    hint = (f"its config.json is of job {job!r}, not an LM (job 'lm') workdir; point "
+            "lm_workdir at the workdir of an lm job (experiments/configs/lm.py)")
+  raise ValueError(f"lm_workdir={lm_workdir!r}: {hint}")
 
 
 def model_config_for(config) -> model_lib.ModelConfig:
@@ -479,6 +516,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         "rejection_rate": eval_set.rejection_rate,  # of the training distribution at max_len
         "length": {"generated_mean": gen["mean_length"], "heldout_mean": eval_set.mean_length},
     }
+    divergence.flag_run(summary, metrics_path, setup.model_config.vocab_size)
     _append_metric(metrics_path, {"kind": "final", "step": step, **final,
                                   "grammatical_fraction": gen["mean"],
                                   "grammatical_fraction_std": gen["std"]})

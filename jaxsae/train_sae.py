@@ -6,6 +6,8 @@ builds its groups (`sae_groups`) before compiling anything, then trains all grou
 donated; metrics are fetched once per call and appended to `metrics.jsonl` per variant. A
 variant whose loss or gradients turn non-finite is frozen at its last good parameters and
 flagged (with its hyperparameters) in the logs and `summary.json`; the others are untouched.
+A variant whose finite loss grows by orders of magnitude is flagged the same way
+(`summary.json`'s `diverged`; `jaxsae.divergence`).
 Checkpoints hold the whole grid state; data is a pure function of (seed, step), so resume is
 exact. `load_trained` / `variant` read a finished workdir back.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from typing import Any, Mapping, Sequence
@@ -31,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsae import checkpoint as ckpt_lib
 from jaxsae import distributed
+from jaxsae import divergence
 from jaxsae import grammars
 from jaxsae import grid_step
 from jaxsae import jsonio
@@ -65,6 +69,7 @@ def load_lm(lm_workdir: str) -> LoadedLM:
         f"--workdir={lm_workdir}, or point config.lm_workdir at an LM workdir")
   with open(cfg_path) as f:
     lm_config = ml_collections.ConfigDict(json.load(f))
+  train_lm.check_lm_workdir_config(lm_config, lm_workdir)
   template = jax.eval_shape(lambda: train_lm.init_state(lm_config))
   with ckpt_lib.Checkpointer(ckpt_dir) as ckpt:
     if not ckpt.all_steps():
@@ -100,8 +105,31 @@ def validate_config(config) -> None:
        f"must be multiples of config.log_every ({config.log_every})")
   need(config.schedule in ("constant", "warmup_cosine"),
        f"config.schedule={config.schedule!r}: use 'constant' (Menon) or 'warmup_cosine' (e2e)")
-  need(0 <= config.lr_floor <= 1, f"config.lr_floor={config.lr_floor} must lie in [0, 1]")
-  need(config.grad_clip > 0, f"config.grad_clip={config.grad_clip} must be > 0")
+  need(isinstance(config.warmup_steps, int) and config.warmup_steps >= 0,
+       f"config.warmup_steps={config.warmup_steps!r} must be an int >= 0 (linear warm-up "
+       "steps; 0: none)")
+  need(isinstance(config.decay_steps, int) and config.decay_steps >= 0,
+       f"config.decay_steps={config.decay_steps!r} must be an int >= 0 (0: config.steps)")
+  need(isinstance(config.keep_checkpoints, int) and config.keep_checkpoints >= 1,
+       f"config.keep_checkpoints={config.keep_checkpoints!r} must be an int >= 1")
+  need(isinstance(config.token_capacity, int) and config.token_capacity >= -1,
+       f"config.token_capacity={config.token_capacity!r} must be an int >= -1 (0: probe, "
+       "-1: every token)")
+  need(isinstance(config.seed, int) and config.seed >= 0,
+       f"config.seed={config.seed!r} must be an int >= 0")
+  def number(name):
+    v = config[name]
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  need(number("lr_floor") and 0 <= config.lr_floor <= 1,
+       f"config.lr_floor={config.lr_floor!r} must lie in [0, 1]")
+  need(isinstance(config.grad_clip, (int, float)) and config.grad_clip > 0,
+       f"config.grad_clip={config.grad_clip!r} must be > 0 (global-norm clip; inf: none)")
+  for name in ("adam_b1", "adam_b2"):
+    need(number(name) and 0 <= config[name] < 1,
+         f"config.{name}={config[name]!r} must lie in [0, 1) (Adam moment decay; usual "
+         f"{0.9 if name == 'adam_b1' else 0.999})")
+  need(number("adam_eps") and config.adam_eps > 0,
+       f"config.adam_eps={config.adam_eps!r} must be a finite number > 0 (usual 1e-8)")
 
 
 def _mesh(config) -> Any:
@@ -302,7 +330,8 @@ def run(config, workdir: str) -> dict[str, Any]:
       if new_step % config.checkpoint_every == 0 or new_step == config.steps:
         ckpt.save(new_step, state, metadata={"language": lm.language})
   summary = _summary(setup, distributed.to_host(state), last, lm, config)
-  if writer:
+  if writer:  # the metrics file is the writer's: only it reads it back for the flags
+    divergence.flag_variants(summary, metrics_path)
     with open(summary_path, "w") as f:
       json.dump(summary, f, indent=1)
   return summary

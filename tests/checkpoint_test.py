@@ -59,6 +59,12 @@ def test_keeps_the_last_n(tmp_path):
       ck.save(s, _state(step=s))
     assert ck.all_steps() == [3, 4]
     assert int(ck.restore(_state(), step=3).state.step) == 3
+    # A step that is not there is named as missing, with the steps there are (not "corrupted").
+    with pytest.raises(ckpt_lib.CheckpointError,
+                       match=r"checkpoint step 2 does not exist in .*the available steps are "
+                             r"\[3, 4\]"):
+      ck.restore(_state(), step=2)
+    assert ck.all_steps() == [3, 4]  # nothing moved aside
 
 
 def test_crash_mid_save_keeps_previous(tmp_path):

@@ -364,7 +364,6 @@ def test_format_rules():
   cases["empty sentence"] = _sequence(g, [], T)
   cases["special inside"] = _sequence(g, [pro, g.token_id("<sep>"), verb], T)
   cases["pad inside"] = _sequence(g, [pro, g.pad_id, verb], T)
-  cases["negative id inside"] = _sequence(g, [pro, -1, verb], T)
   cases["non-pad after eos"] = good[:10] + [verb] + good[11:]
   cases["second eos"] = good[:11] + [g.eos_id] + good[12:]
   cases["wrong decorator"] = [g.token_id("Ops:")] + good[1:]
@@ -377,6 +376,11 @@ def test_format_rules():
   ok, length = cky.well_formed(g, tokens)
   assert dict(zip(cases, np.asarray(ok))) == expect
   assert int(length[0]) == 2 and int(length[2]) == 0
+  # Ids outside the vocabulary are refused; under jit (no values to check) they are no terminal.
+  negative = np.array([_sequence(g, [pro, -1, verb], T)], np.int32)
+  with pytest.raises(ValueError, match=r"parse: token ids must lie in \[0, "):
+    cky.parse(g, negative)
+  assert not _parse_whole(g, negative).grammatical.any()
   # A sentence longer than the chart is reported ungrammatical, not misparsed.
   short_chart = cky.parse(g, tokens, max_sentence_len=4)
   assert dict(zip(cases, np.asarray(short_chart.grammatical))) == {k: k == "good" for k in cases}

@@ -143,7 +143,9 @@ def test_menon_smoke_is_small():
     ("language=klingon", "unknown language 'klingon'"),
     ("norm=recon", "unknown norm 'recon'"),
     ("steps=75", "multiple of log_every=50"),
-    ("steps=-50", "positive multiple"),
+    ("steps=-50", "steps=-50 must be >= 1"),
+    ("steps=0", "steps=0 must be >= 1; omit it for the config's default"),
+    ("steps=abc", r"steps='abc' is not an int; write steps=<int>"),
     ("smoke,steps=3", "multiple of log_every=2"),
     ("width=4", "unknown config setting 'width'"),
     ("prebias", "unknown config switch 'prebias'"),
@@ -253,3 +255,54 @@ def test_causal_config_grid():
                                  for v in s.causal.reset_opt)
   with pytest.raises(ValueError, match="target="):
     sae_causal.get_config("target=other")
+
+
+# ------------------------------------------------------------------------------------------------
+# The `:arg` settings of every config: domains and parse errors.
+
+
+@pytest.mark.parametrize("module, arg, message", [
+    ("lm", "steps=0", "steps=0 must be >= 1; omit it"),
+    ("lm", "batch_size=0", "batch_size=0 must be >= 1"),
+    ("lm", "max_len=-3", "max_len=-3 must be >= 1"),
+    ("lm", "steps=abc", r"config setting steps='abc' is not an int; write steps=<int>"),
+    ("lm", "seed=1.5", "seed='1.5' is not an int"),
+    ("lm", "steps=5,steps=6", "given twice"),
+    ("sae_e2e", "steps=0", "steps=0 must be >= 1"),
+    ("sae_causal", "steps=0", "steps=0 must be >= 1"),
+    ("eval", "num_batches=0", "num_batches=0 must be >= 1"),
+    ("eval", "batch_size=0", "batch_size=0 must be >= 1"),
+    ("eval", "grammaticality_batch_size=0", "grammaticality_batch_size=0 must be >= 1"),
+    ("eval", "grammaticality_batches=-1", "grammaticality_batches=-1 must be >= 0"),
+    ("eval", "window_tokens=-1", "window_tokens=-1 must be >= 0"),
+    ("export", "step=x", "step='x' is not an int"),
+    ("pipeline", "seed=x", "seed='x' is not an int"),
+])
+def test_bad_settings_name_the_setting_and_the_form(module, arg, message):
+  mod = importlib.import_module(f"experiments.configs.{module}")
+  with pytest.raises(ValueError, match=message):
+    mod.get_config(arg)
+
+
+def test_settings_not_given_keep_defaults_and_zero_keeps_its_documented_meaning():
+  assert lm_configs.get_config("smoke").num_steps == 4
+  assert lm_configs.get_config("smoke,steps=6").num_steps == 6
+  assert lm_configs.get_config("language=english").batch_size == 128
+  ev = importlib.import_module("experiments.configs.eval")
+  smoke = ev.get_config("smoke")
+  assert (smoke.num_batches, smoke.grammaticality_batches, smoke.window_tokens) == (2, 1, 0)
+  # 0 is documented for these two: skip spliced generation / every held-out token.
+  zero = ev.get_config("smoke,grammaticality_batches=0,window_tokens=0")
+  assert (zero.grammaticality_batches, zero.window_tokens) == (0, 0)
+  export = importlib.import_module("experiments.configs.export")
+  assert export.get_config("step=0").step == 0  # 0: the latest checkpoint (documented)
+
+
+def test_bool_settings_are_strict():
+  from experiments.configs import args as args_lib  # pylint: disable=g-import-not-at-top
+  parse = lambda a: args_lib.parse(a, switches=(), keys={"flag": False, "x": 1.0})
+  assert parse("flag=yes")["flag"] and not parse("flag=0")["flag"]
+  with pytest.raises(ValueError, match=r"flag='maybe' is not a bool \(true / false\)"):
+    parse("flag=maybe")
+  with pytest.raises(ValueError, match="x='nan' must be a finite number"):
+    parse("x=nan")

@@ -13,6 +13,7 @@ import pytest
 import fakes
 from experiments import main as main_lib
 from experiments.configs import export as export_configs
+from jaxsae import checkpoint as ckpt_lib
 from jaxsae import export as export_lib
 from jaxsae import sae as sae_lib
 from jaxsae import train_sae
@@ -333,5 +334,10 @@ def test_export_job_bad_input_fails_before_loading(sae_dir, tmp_path):
   assert not os.path.exists(tmp_path / "export")
   with pytest.raises(ValueError, match="step=-1 must be >= 0"):
     export_configs.get_config("step=-1")
+  config = export_configs.get_config(f"sae_workdir={sae_dir},step=7")
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=r"checkpoint step 7 does not exist .*available steps are \[2\]"):
+    export_lib.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "export")
   with pytest.raises(ValueError, match="unknown config setting 'workdir'"):
     export_configs.get_config("workdir=x")

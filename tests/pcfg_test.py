@@ -26,11 +26,30 @@ from jaxsae.grammars import pcfg
     ("S -> <eos> [1.0]", "collides with a special token"),
     ("| a [1.0]", "no rule precedes it"),
     ("", "no rules"),
+    ("S -> 'a [1.0]", "line 1: the quote ' at ''a [1.0]' is never closed"),
+    ('S -> a [0.5]\n | "b [0.5]', "line 2: the quote \" at"),
+    ("S -> 'a [0.5] | b [0.5]", "never closed"),
 ])
 def test_bad_grammar_text_names_the_problem(text, fragment):
   with pytest.raises(grammars.GrammarError, match=None) as err:
     grammars.from_string(text)
   assert fragment in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("text", [b"S -> a [1.0]", None, 3, ["S -> a [1.0]"]])
+def test_grammar_text_must_be_a_str(text):
+  with pytest.raises(grammars.GrammarError, match="grammar text must be a str"):
+    grammars.from_string(text)
+
+
+def test_quotes_closed_on_their_line_and_quotes_in_comments_are_fine():
+  g = grammars.from_string("S -> 'a' S [0.5] | \"b\" [0.5]  # it's a comment")
+  assert g.info.terminals == ("a", "b")
+
+
+def test_terminal_order_must_be_a_sequence_not_a_str():
+  with pytest.raises(grammars.GrammarError, match="pass a sequence of terminal names"):
+    grammars.from_string("S -> a [0.5] | b [0.5]", terminals="ab")
 
 
 def test_terminal_order_must_cover_the_terminals():

@@ -9,6 +9,7 @@ import pytest
 
 from experiments.configs import lm as lm_config
 from jaxsae import checkpoint as ckpt_lib
+from jaxsae import grammars
 from jaxsae import train_lm
 
 _TIMING = ("tokens_per_s", "train_seconds")
@@ -160,12 +161,39 @@ def test_huge_learning_rate_is_detected(tmp_path):
     ("max_len", 100, "exceeds config.model.context"),
     ("eval_every", 3, "multiple of config.steps_per_call"),
     ("optim.b2", 1.0, r"config.optim.b2=1.0 must lie in \[0, 1\)"),
+    ("optim.b1", 1.5, r"config.optim.b1=1.5 must lie in \[0, 1\)"),
+    ("optim.warmup_steps", -5, "config.optim.warmup_steps=-5 must be an integer >= 0"),
+    ("optim.peak_lr", float("inf"), "config.optim.peak_lr=inf must be a finite number > 0"),
+    ("optim.peak_lr", float("nan"), "config.optim.peak_lr=nan must be a finite number > 0"),
+    ("optim.end_lr", float("inf"), "config.optim.end_lr=inf must be a finite number >= 0"),
+    ("optim.grad_clip", float("nan"), r"config.optim.grad_clip=nan must be > 0"),
+    ("num_steps", 0, "config.num_steps=0 must be a positive"),
     ("eval.max_new_tokens", 80, "exceed config.model.context"),
 ])
 def test_config_validation(field, value, match, tmp_path):
   with pytest.raises(ValueError, match=match):
     train_lm.run(_config(**{field: value}), str(tmp_path))
   assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints"))  # failed before work
+
+
+def test_learning_rate_above_one_is_accepted_with_a_warning(caplog):
+  train_lm.validate_config(_config(**{"optim.peak_lr": 10.0}))
+  assert "config.optim.peak_lr=10 is above 1" in caplog.text
+  caplog.clear()
+  train_lm.validate_config(_config())
+  assert "is above" not in caplog.text
+
+
+def test_diverging_run_is_flagged_in_the_summary(straight, tmp_path, caplog):
+  assert straight[1]["divergence"] is None
+  # lr 10: finite, but the CE grows to ~2e3, far above the uniform guess ln 13 = 2.56.
+  summary = train_lm.run(_config(**{"optim.peak_lr": 10.0}), str(tmp_path))
+  verdict = summary["divergence"]
+  assert verdict is not None and verdict["ratio"] > 100
+  assert verdict["reference"] == pytest.approx(np.log(grammars.get("dyck2").vocab_size))
+  with open(os.path.join(str(tmp_path), "summary.json")) as f:
+    assert json.load(f)["divergence"] == verdict
+  assert "The run diverged" in caplog.text
 
 
 def test_lm_smoke_config_end_to_end(tmp_path):

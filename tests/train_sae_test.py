@@ -184,6 +184,20 @@ def test_nan_variant_is_frozen_and_isolated(lm_dir):
     ([{"set": {}}], {"language": "english"}, ValueError, "was trained on 'dyck2'"),
     ([{"set": {}}], {"lm_workdir": "/nonexistent"}, FileNotFoundError, "no trained LM"),
     ([{"set": {}}], {"positions": "words"}, ValueError, "config.positions"),
+    ([{"set": {}}], {"adam_b1": 1.5}, ValueError, "config.adam_b1=1.5 must lie in [0, 1)"),
+    ([{"set": {}}], {"adam_b2": 1.0}, ValueError, "config.adam_b2=1.0 must lie in [0, 1)"),
+    ([{"set": {}}], {"adam_eps": -1.0}, ValueError, "config.adam_eps=-1.0 must be a finite"),
+    ([{"set": {}}], {"warmup_steps": -5}, ValueError, "config.warmup_steps=-5 must be an int"),
+    ([{"set": {}}], {"decay_steps": -1}, ValueError, "config.decay_steps=-1 must be an int"),
+    ([{"set": {}}], {"lr_floor": float("nan")}, ValueError, "config.lr_floor=nan must lie"),
+    ([{"set": {}}], {"grad_clip": float("nan")}, ValueError, "config.grad_clip=nan must be"),
+    ([{"set": {}}], {"keep_checkpoints": 0}, ValueError, "config.keep_checkpoints=0 must be"),
+    ([{"set": {}}], {"token_capacity": -2}, ValueError, "config.token_capacity=-2 must be"),
+    ([{"set": {}}], {"steps": 0}, ValueError, "config.steps=0 must be a positive int"),
+    ([{"set": {"lr": float("inf")}}], {}, sweep_lib.SweepError, "must be a finite number > 0"),
+    ([{"set": {"seed": 2**32 + 1}}], {}, sweep_lib.SweepError, "larger values wrap"),
+    ([{"set": {"seed": -1}}], {}, sweep_lib.SweepError, "seed=-1: must be an int in [0, 2^31)"),
+    ([{"set": {"threshold_decay": 1.5}}], {}, sweep_lib.SweepError, "must lie in [0, 1]"),
     ([{"set": {"loss": "e2e_ds", "include_final_resid": False}}], {"site": "resid_post.1"},
      ValueError, "no resid_post follows"),
 ])
@@ -240,6 +254,25 @@ def test_smoke_config_runs_through_the_job(lm_dir, tmp_path):
       assert "logits_kl" in m
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert {l["step"] for l in lines} == {2, 4}
+  assert summary["diverged"] == {}
+  # The grid's workdir is no LM workdir: said so, naming the LM to use instead.
+  with pytest.raises(ValueError, match=r"this is an SAE workdir, not an LM workdir; point "
+                                       r"lm_workdir at the LM it was trained on"):
+    ts.prepare(_config(str(tmp_path), [{"set": {}}]))
+
+
+def test_diverging_variant_is_flagged_with_its_hparams(lm_dir, tmp_path, caplog):
+  sweep = [{"zip": {"lr": [1e-3, 1e6, 1e-3], "sparsity_coeff": [1.0, 1.0, 3.0]},
+            "set": {"loss": "local"}}]
+  summary = ts.run(_config(lm_dir, sweep, steps=4), str(tmp_path))
+  assert "lr=1e+06 is above 1" in caplog.text
+  (vid, verdict), = summary["diverged"].items()
+  assert verdict["hparams"]["lr"] == 1e6 and verdict["ratio"] > 100
+  assert not summary["variants"][vid]["frozen"]  # finite: the NaN guard does not see it
+  others = [v for k, v in summary["variants"].items() if k != vid]
+  assert len(others) == 2 and all(v["divergence"] is None for v in others)
+  assert f"variant {vid} (group g0" in caplog.text and "diverged" in caplog.text
+  assert json.load(open(tmp_path / "summary.json"))["diverged"] == summary["diverged"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ Command (after the grid's `sae` job; the eval workdir may be the grid's own)::
         --workdir=workdirs/sae_e2e_dyck2
 
 Settings after the colon (comma-separated): `sae_workdir=<dir>` (required), `seed=<int>`,
-`num_batches=<int>`, `batch_size=<int>`, `window_tokens=<int>`, `grammaticality_batches=<int>`,
-`grammaticality_batch_size=<int>`, `splice_mode=corrected|original`, `positions=sentence|all`,
-`mask_positions=sentence|all`; switch `smoke` (a few tiny batches, seconds, for tests).
+`num_batches=<int>`, `batch_size=<int>`, `window_tokens=<int>` (0: every held-out token),
+`grammaticality_batches=<int>` (0: skip spliced generation), `grammaticality_batch_size=<int>`,
+`splice_mode=corrected|original`, `positions=sentence|all`, `mask_positions=sentence|all`;
+switch `smoke` (a few tiny batches, seconds, for tests). Counts are >= 1 unless 0 is listed;
+omitted settings take the defaults below.
 
 Writes `eval.json` in the workdir: per variant L0, alive / dead / dense latents and a density
 histogram, MSE / NMSE / three explained variances, spliced CE / CE increase / KL / top-1 / TV,
@@ -40,23 +42,25 @@ from experiments.configs import args as args_lib
 def get_config(arg=None):
   opts = args_lib.parse(
       arg, switches=("smoke",),
-      keys={"sae_workdir": "", "seed": 0, "num_batches": 0, "batch_size": 0,
-            "window_tokens": -1, "grammaticality_batches": -1, "grammaticality_batch_size": 0,
-            "splice_mode": "", "positions": "sentence", "mask_positions": ""})
+      keys={"sae_workdir": "", "seed": 0, "num_batches": int, "batch_size": int,
+            "window_tokens": 0, "grammaticality_batches": int, "grammaticality_batch_size": int,
+            "splice_mode": "", "positions": "sentence", "mask_positions": ""},
+      minimum={"num_batches": 1, "batch_size": 1, "window_tokens": 0,
+               "grammaticality_batches": 0, "grammaticality_batch_size": 1})
+  default = lambda name, value: value if opts[name] is None else opts[name]
   smoke = opts["smoke"]
   c = ml_collections.ConfigDict()
   c.job = "eval"  # experiments.main job (jaxsae.evaluate.run)
   c.sae_workdir = opts["sae_workdir"]  # workdir of a finished `sae` job (required)
   c.seed = opts["seed"]  # evaluation seed: held-out stream and generations (never training's)
-  c.num_batches = opts["num_batches"] or (2 if smoke else 10)  # held-out batches
-  c.batch_size = opts["batch_size"] or (4 if smoke else 128)  # sequences per held-out batch
+  c.num_batches = default("num_batches", 2 if smoke else 10)  # held-out batches
+  c.batch_size = default("batch_size", 4 if smoke else 128)  # sequences per held-out batch
   # Firing window for alive / dead / dense latents, in masked tokens (0: every held-out token).
-  c.window_tokens = opts["window_tokens"] if opts["window_tokens"] >= 0 else 0
+  c.window_tokens = opts["window_tokens"]
   # Spliced grammaticality: generation batches per variant and combination (0: skip) ...
-  c.grammaticality_batches = (opts["grammaticality_batches"]
-                              if opts["grammaticality_batches"] >= 0 else (1 if smoke else 5))
+  c.grammaticality_batches = default("grammaticality_batches", 1 if smoke else 5)
   # ... of this many sequences each (the spec: 5 × 128).
-  c.grammaticality_batch_size = opts["grammaticality_batch_size"] or (4 if smoke else 128)
+  c.grammaticality_batch_size = default("grammaticality_batch_size", 4 if smoke else 128)
   c.grammaticality_modes = ("corrected", "original")  # splice modes generated with
   c.grammaticality_positions = ("all", "sentence")  # SAE at every position / after the decorator
   c.splice_mode = opts["splice_mode"]  # held-out metrics: '' (each group's), corrected, original

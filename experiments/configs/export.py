@@ -21,9 +21,8 @@ from experiments.configs import args as args_lib
 def get_config(arg=None):
   opts = args_lib.parse(arg, switches=(),
                         keys={"sae_workdir": "workdirs/sae_e2e_dyck2", "variants": "all",
-                              "step": 0})
-  if opts["step"] < 0:
-    raise ValueError(f"step={opts['step']} must be >= 0 (0: the latest checkpoint)")
+                              "step": 0},
+                        minimum={"step": 0})
   variants = "all" if opts["variants"] == "all" else opts["variants"].replace("+", ",")
   if not variants:
     raise ValueError("variants= is empty; give 'all' or ids joined by '+' (e.g. v000+v003)")

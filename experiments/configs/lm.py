@@ -7,7 +7,8 @@ Command (CPU default for the language; rerun the same command to resume)::
 
 Settings after the colon (comma-separated): `language=<name>` (any of
 `jaxsae.grammars.names()`), `seed=<int>`, `steps=<int>` (overrides num_steps; a finished run
-in the same workdir is extended), `batch_size=<int>`, `max_len=<int>`; switches `full` (the
+in the same workdir is extended), `batch_size=<int>`, `max_len=<int>` (each >= 1; omitted: the
+defaults below); switches `full` (the
 paper's budget for accelerators: batch 128 x 128, 70k steps) and `smoke` (a few steps of a
 small batch, seconds, for tests).
 
@@ -75,8 +76,9 @@ _CPU = {
 
 def get_config(arg=None):
   opts = args_lib.parse(arg, switches=("smoke", "full"),
-                        keys={"language": "dyck2", "seed": 42, "steps": 0, "batch_size": 0,
-                              "max_len": 0})
+                        keys={"language": "dyck2", "seed": 42, "steps": int,
+                              "batch_size": int, "max_len": int},
+                        minimum={"steps": 1, "batch_size": 1, "max_len": 1})
   language = opts["language"]
   if language not in grammars.names():
     raise ValueError(f"unknown language '{language}'; use one of {grammars.names()}")
@@ -88,9 +90,10 @@ def get_config(arg=None):
     max_len, num_steps, steps_per_call = 128, 70_000, 100
   if opts["smoke"]:
     max_len, num_steps, batch_size, steps_per_call = 32, 4, 8, 2
-  max_len = opts["max_len"] or max_len
-  batch_size = opts["batch_size"] or batch_size
-  num_steps = opts["steps"] or num_steps
+  # Settings not given (None) keep the language's / switch's defaults.
+  max_len = max_len if opts["max_len"] is None else opts["max_len"]
+  batch_size = batch_size if opts["batch_size"] is None else opts["batch_size"]
+  num_steps = num_steps if opts["steps"] is None else opts["steps"]
 
   config = ml_collections.ConfigDict()
   config.job = "lm"  # which job experiments.main runs

@@ -52,8 +52,9 @@ LAMBDAS = {
 
 def get_config(arg=None):
   opts = args_lib.parse(arg, switches=("smoke", "finetune"),
-                        keys={"language": "english", "lm_workdir": "", "steps": 0,
-                              "target": "sae", "distance": "mse"})
+                        keys={"language": "english", "lm_workdir": "", "steps": int,
+                              "target": "sae", "distance": "mse"},
+                        minimum={"steps": 1})
   if opts["language"] not in grammars.names():
     raise ValueError(f"unknown language '{opts['language']}'; use one of {grammars.names()}")
   if opts["target"] not in ("sae", "clean"):
@@ -74,8 +75,8 @@ def get_config(arg=None):
   if opts["smoke"]:
     betas, lambdas = [0.5, 100.0], ["step", "fixed0.2"]
     c.steps, c.log_every, c.checkpoint_every, c.batch_size = 4, 2, 4, 4
-  if opts["steps"]:
-    if opts["steps"] < 0 or opts["steps"] % c.log_every:
+  if opts["steps"] is not None:
+    if opts["steps"] % c.log_every:
       raise ValueError(f"steps={opts['steps']} must be a positive multiple of log_every="
                        f"{c.log_every}")
     c.steps = opts["steps"]

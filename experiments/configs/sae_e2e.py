@@ -36,7 +36,8 @@ _LAMBDAS = {"local": [0.5, 1.0, 2.0, 4.0, 8.0], "e2e": [2.0, 4.0, 8.0, 16.0],
 
 def get_config(arg=None):
   opts = args_lib.parse(arg, switches=("smoke",),
-                        keys={"language": "dyck2", "lm_workdir": "", "steps": 0})
+                        keys={"language": "dyck2", "lm_workdir": "", "steps": int},
+                        minimum={"steps": 1})
   if opts["language"] not in grammars.names():
     raise ValueError(f"unknown language '{opts['language']}'; use one of {grammars.names()}")
   c = sae_base.base_config(language=opts["language"],
@@ -48,6 +49,6 @@ def get_config(arg=None):
     c.warmup_steps = 1
     c.sweep = [{"product": {"sparsity_coeff": [1.0, 4.0]}, "set": {"loss": loss, "expansion": 2}}
                for loss in _LAMBDAS]
-  if opts["steps"]:
+  if opts["steps"] is not None:
     c.steps = opts["steps"]
   return c

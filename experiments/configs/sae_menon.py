@@ -78,7 +78,8 @@ _SMOKE_EXPANSIONS, _SMOKE_ALPHAS, _SMOKE_KS = [1, 2], [1e-3, 1.0], [8, 16]
 
 def get_config(arg=None):
   opts = args_lib.parse(arg, switches=("smoke", "pre_bias", "sparsemax"),
-                        keys={"language": "dyck2", "lm_workdir": "", "steps": 0, "norm": "none"})
+                        keys={"language": "dyck2", "lm_workdir": "", "steps": int, "norm": "none"},
+                        minimum={"steps": 1})
   if opts["language"] not in grammars.names():
     raise ValueError(f"unknown language '{opts['language']}'; use one of {grammars.names()}")
   if opts["norm"] not in NORMS:
@@ -117,8 +118,8 @@ def get_config(arg=None):
   if opts["sparsemax"]:
     c.sweep.append({"product": {"expansion": expansions, "activation": SPARSEMAX},
                     "set": dict(common, sparsity_coeff=0.0)})
-  if opts["steps"]:
-    if opts["steps"] < 0 or opts["steps"] % c.log_every:
+  if opts["steps"] is not None:
+    if opts["steps"] % c.log_every:
       raise ValueError(f"steps={opts['steps']} must be a positive multiple of log_every="
                        f"{c.log_every} (metrics are fetched every log_every steps)")
     c.steps = opts["steps"]

@@ -39,13 +39,13 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxsae.grammars import pcfg
+from jaxsae.grammars import token_check
 
 _BUCKETS = (8, 16, 32, 64)
 # Chart elements (rows * N^2 * C) per compiled call on the host-bucketed path: bounds memory
@@ -188,6 +188,8 @@ def well_formed(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> tuple[jax.Array,
     terminals and only `<pad>` follows the first `<eos>`; and the sentence length (first
     `<eos>` position - 7, or T - 7 when there is none).
   """
+  tokens_BT = token_check.check(grammar, tokens_BT, where="well_formed",
+                                min_len=grammar.prefix_len + 1)
   _, ok_B, length_B = _format_check(_static(grammar), jnp.asarray(tokens_BT))
   return ok_B, length_B
 
@@ -635,10 +637,12 @@ def parse(grammar: pcfg.Grammar, tokens_BT: jax.Array, *,
 
   Returns:
     A `ParseResult`.
+
+  Raises:
+    TypeError / ValueError: `tokens_BT` is not an integer [B, T] array of ids in
+      [0, vocab_size) with T >= 9 (`token_check.check`; under jit only dtype and shape).
   """
-  if not isinstance(tokens_BT, jax.Array):
-    tokens_BT = np.asarray(tokens_BT)
-  chex.assert_rank(tokens_BT, 2)
+  tokens_BT = token_check.check(grammar, tokens_BT, where="parse")
   t = tokens_BT.shape[1]
   n_max = _default_len(max_sentence_len, t - len(pcfg.DECORATOR) - 1)
   static = _static(grammar)
@@ -678,10 +682,13 @@ def next_terminals(grammar: pcfg.Grammar, tokens_BT: jax.Array, *,
   Returns:
     `(viable_BT, next_BTV, complete_BT)`: the prefix ending at t is a prefix of some sentence;
     terminal v can follow it (V = `grammar.n_terminals`); it is itself a sentence.
+
+  Raises:
+    TypeError / ValueError: `tokens_BT` is not an integer [B, T] array of ids in
+      [0, vocab_size) with T >= 8 (`token_check.check`; under jit only dtype and shape).
   """
-  if not isinstance(tokens_BT, jax.Array):
-    tokens_BT = np.asarray(tokens_BT)
-  chex.assert_rank(tokens_BT, 2)
+  tokens_BT = token_check.check(grammar, tokens_BT, where="next_terminals",
+                                min_len=grammar.prefix_len + 1)
   b, t = tokens_BT.shape
   n_dec = len(pcfg.DECORATOR)
   n_max = _default_len(max_sentence_len, t - n_dec)

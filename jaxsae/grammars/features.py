@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxsae.grammars import pcfg
 from jaxsae.grammars import recognise
+from jaxsae.grammars import token_check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +97,13 @@ def _to_full(grammar: pcfg.Grammar, values_BN: jax.Array, defined_BN: jax.Array)
 
 
 def labels(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> dict[str, jax.Array]:
-  """Per-token labels (see module docstring and `label_info`)."""
-  tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
+  """Per-token labels (see module docstring and `label_info`).
+
+  Raises:
+    TypeError / ValueError: `tokens_BT` is not an integer [B, T] array of ids in
+      [0, vocab_size) with T >= 9 (`token_check.check`; under jit only dtype and shape).
+  """
+  tokens_BT = jnp.asarray(token_check.check(grammar, tokens_BT, where="labels"))
   lay = recognise.layout(grammar, tokens_BT)
   n_cols = lay.sentence_BN.shape[1]
   in_sentence = (jnp.arange(n_cols)[None, :] < lay.sentence_len[:, None]) & lay.decorator_ok[:, None]
@@ -178,8 +184,12 @@ def first_terminals(grammar: pcfg.Grammar) -> np.ndarray:
 
 
 def valid_next(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> jax.Array:
-  """bool [B, T, V]: which tokens may grammatically follow each prefix (module docstring)."""
-  tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
+  """bool [B, T, V]: which tokens may grammatically follow each prefix (module docstring).
+
+  Raises:
+    TypeError / ValueError: as `labels`.
+  """
+  tokens_BT = jnp.asarray(token_check.check(grammar, tokens_BT, where="valid_next"))
   lay = recognise.layout(grammar, tokens_BT)
   b, t = tokens_BT.shape
   n_dec, n_t, v = grammar.prefix_len, grammar.n_terminals, grammar.vocab_size

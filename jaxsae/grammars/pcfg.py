@@ -78,6 +78,18 @@ def _split_alternatives(body: str) -> list[str]:
   return parts
 
 
+def _open_quote(line: str) -> int | None:
+  """Column of a quote that is never closed on `line`, or None."""
+  quote, start = None, None
+  for i, ch in enumerate(line):
+    if quote:
+      if ch == quote:
+        quote = None
+    elif ch in "'\"":
+      quote, start = ch, i
+  return start if quote else None
+
+
 def _strip_comment(line: str) -> str:
   """Drops a `#` comment that is outside quotes."""
   quote = None
@@ -99,13 +111,22 @@ def parse_rules(text: str) -> tuple[list[Rule], set[str]]:
     The rules in source order and the set of symbols that were quoted (forced terminals).
 
   Raises:
-    GrammarError: naming the line for malformed text.
+    GrammarError: naming the line for malformed text, or when `text` is not a str.
   """
+  if not isinstance(text, str):
+    raise GrammarError(f"the grammar text must be a str, got {type(text).__name__}; pass the "
+                       "rules as text, e.g. \"S -> 'a' S [0.5] | 'a' [0.5]\" (decode bytes "
+                       "first)")
   logical: list[tuple[int, str]] = []
   for lineno, raw in enumerate(text.splitlines(), start=1):
     line = _strip_comment(raw).strip()
     if not line:
       continue
+    col = _open_quote(line)
+    if col is not None:
+      raise GrammarError(
+          f"line {lineno}: the quote {line[col]} at '{line[col:col + 12]}' is never closed; "
+          f"close it on the same line (quoted terminals are written {line[col]}x{line[col]})")
     if line.startswith("|"):
       if not logical:
         raise GrammarError(f"line {lineno}: '{raw.strip()}' continues a rule but no rule precedes it")
@@ -625,6 +646,11 @@ def from_text(text: str, *, name: str = "custom", kind: str = "pcfg",
   """
   if kind not in KINDS:
     raise GrammarError(f"kind '{kind}' is unknown; use one of {KINDS}")
+  if not isinstance(name, str):
+    raise GrammarError(f"name={name!r} must be a str")
+  if isinstance(terminals, str):
+    raise GrammarError(f"terminals={terminals!r} is a str; pass a sequence of terminal names, "
+                       "e.g. ['a', 'b']")
   rules, quoted = parse_rules(text)
   nonterminals, found_terminals = _check_rules(rules, quoted)
   if terminals is not None:

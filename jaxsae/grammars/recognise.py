@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae.grammars import pcfg
+from jaxsae.grammars import token_check
 
 
 @flax.struct.dataclass
@@ -41,18 +42,24 @@ class Layout:
 
 
 def layout(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> Layout:
-  """Splits full sequences into decorator / sentence / end and checks the format."""
+  """Splits full sequences into decorator / sentence / end and checks the format.
+
+  Raises:
+    TypeError / ValueError: `tokens_BT` is not an integer [B, T] array of ids in
+      [0, vocab_size) with T >= 9 (`token_check.check`).
+  """
+  return _layout(grammar, token_check.check(grammar, tokens_BT, where="layout"))
+
+
+def _layout(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> Layout:
+  """`layout` of already validated ids."""
   tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
-  if tokens_BT.ndim != 2:
-    raise ValueError(f"expected tokens of shape [B, T], got {tokens_BT.shape}")
   n_dec = grammar.prefix_len
-  if tokens_BT.shape[1] <= n_dec + 1:
-    raise ValueError(f"sequences of length {tokens_BT.shape[1]} cannot hold the {n_dec}-token "
-                     "decorator, a sentence and <eos>")
   decorator = jnp.asarray(grammar.decorator_ids, jnp.int32)
   decorator_ok = jnp.all(tokens_BT[:, :n_dec] == decorator[None, :], axis=1)
   sentence_BN = tokens_BT[:, n_dec:]
-  is_term = sentence_BN < grammar.n_terminals
+  # Ids < 0 cannot reach here from concrete input (validated); under jit they are not terminals.
+  is_term = (sentence_BN >= 0) & (sentence_BN < grammar.n_terminals)
   n = jnp.sum(jnp.cumprod(is_term, axis=1), axis=1).astype(jnp.int32)
   n_cols = sentence_BN.shape[1]
   after = jnp.take_along_axis(sentence_BN, jnp.minimum(n, n_cols - 1)[:, None], axis=1)[:, 0]
@@ -246,8 +253,13 @@ def is_grammatical(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> jax.Array:
   """bool [B]: is each full sequence grammatical? Exact for every kind of grammar.
 
   Dyck and Expr use linear-time scans; any other grammar uses the CKY parser.
+
+  Raises:
+    TypeError / ValueError: `tokens_BT` is not an integer [B, T] array of ids in
+      [0, vocab_size) with T >= 9 (`token_check.check`; under jit only dtype and shape).
   """
-  lay = layout(grammar, tokens_BT)
+  tokens_BT = token_check.check(grammar, tokens_BT, where="is_grammatical")
+  lay = _layout(grammar, tokens_BT)
   n = lay.sentence_len
   last = jnp.maximum(n - 1, 0)[:, None]
   if grammar.kind == "dyck":
