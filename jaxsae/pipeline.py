@@ -309,14 +309,9 @@ def write_report(workdir: str, meta: dict[str, Any] | None = None) -> dict[str, 
       timespec="seconds"))
   meta.setdefault("stage_seconds", {s: r.get("seconds") for s, r in stages.items()
                                     if r.get("done")})
-  # Headline spliced grammaticality: the SAE at the positions it was trained on (an SAE trained
-  # on sentence tokens only has never seen the decorator; both are in the report's tables).
-  trained_on = "sentence" if summary.get("positions", "sentence") == "sentence" else "all"
-  headline = next((k for k in (f"corrected/{trained_on}", "corrected/all", "original/all")
-                   if f"grammaticality/{k}" in next(iter(eval_results["variants"].values()), {})),
-                  None)
+  # The headline spliced grammaticality is the report's default: the corrected splice at the
+  # positions the grid was trained on (`report.headline_combo`).
   return report_lib.write_report(
       workdir, summary=summary, eval_results=eval_results, features=features,
       causal=(causal or {}).get("variants") or None,
-      lm=jsonio.read(os.path.join(paths["lm"], "summary.json")), meta=meta,
-      grammaticality=headline)
+      lm=jsonio.read(os.path.join(paths["lm"], "summary.json")), meta=meta)

@@ -132,6 +132,16 @@ def _combos(eval_results) -> list[str]:
   return [c for c in _GRAM_COMBOS if c in found] + sorted(found - set(_GRAM_COMBOS))
 
 
+def headline_combo(summary: Mapping[str, Any], eval_results: Mapping[str, Any]) -> str | None:
+  """The `<mode>/<positions>` combo of the headline spliced grammaticality: the corrected splice
+  at the positions the grid was trained on (an SAE trained on sentence tokens has never seen the
+  decorator), else the first combo eval.json has; None when it has none."""
+  combos = _combos(eval_results)
+  trained_on = "sentence" if summary.get("positions", "sentence") == "sentence" else "all"
+  preferred = f"corrected/{trained_on}"
+  return preferred if preferred in combos else (combos[0] if combos else None)
+
+
 def _check_inputs(summary, eval_results) -> None:
   for name, d in (("summary", summary), ("eval_results", eval_results)):
     if not isinstance(d, Mapping) or not isinstance(d.get("variants"), Mapping):
@@ -198,8 +208,8 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
     out_dir: directory (created if needed).
     summary, eval_results, features, causal, lm, meta: see the module docstring.
     grammaticality: the `<mode>/<positions>` generation combo of the headline spliced
-      grammaticality (default: the first of corrected/all, corrected/sentence, original/all,
-      original/sentence that eval.json has); every combo is listed in its own table.
+      grammaticality (default: `headline_combo`, the corrected splice at the grid's training
+      positions); every combo is listed in its own table.
     top_corr_latents: latents shown in each correlation heatmap.
 
   Returns:
@@ -210,7 +220,7 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
   if grammaticality is not None and grammaticality not in combos:
     raise ValueError(f"grammaticality={grammaticality!r} is not in eval_results; it has "
                      f"{combos or 'no spliced grammaticality (grammaticality_batches=0)'}.")
-  combo = grammaticality or (combos[0] if combos else None)
+  combo = grammaticality or headline_combo(summary, eval_results)
   corr_names = _corr_names(features)
   for vid, corr in ((features or {}).get("corr") or {}).items():
     if np.ndim(corr) != 2 or np.shape(corr)[1] != len(corr_names):

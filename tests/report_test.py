@@ -394,3 +394,29 @@ def test_write_report_causal_summary_needs_both_types(tmp_path):
   assert list(rep["causal_by_type"]) == ["causal-local"]
   assert rep["causal_by_type"]["causal-local"]["n_saes"] == 2
   assert rep["causal_by_type_text"] == []
+
+
+@pytest.mark.parametrize("positions, found, expected", [
+    ("sentence", ("corrected/all", "corrected/sentence"), "corrected/sentence"),
+    ("all", ("corrected/all", "corrected/sentence"), "corrected/all"),
+    ("sentence", ("corrected/all", "original/all"), "corrected/all"),  # not evaluated there
+    ("all", ("original/sentence",), "original/sentence"),
+    ("sentence", (), None),
+])
+def test_headline_combo_follows_the_training_positions(positions, found, expected):
+  eval_results = {"variants": {"v000": {f"grammaticality/{c}": 0.5 for c in found}}}
+  assert report.headline_combo({"positions": positions, "variants": {}}, eval_results) == expected
+
+
+def test_eval_report_headline_is_the_training_positions_combo(tmp_path):
+  """Without an explicit combo (the eval job's call), a grid trained on sentence tokens is read
+  at sentence positions even where 'corrected/all' is also evaluated."""
+  summary = {"positions": "sentence", "variants": {"v000": {
+      "group": "g0", "hparams": _hparams(), "frozen": False, "metrics": {}}}}
+  eval_results = {"clean": {}, "variants": {"v000": {
+      "l0": 2.0, "ce_increase": 0.1, "grammaticality/corrected/all": 0.0,
+      "grammaticality/corrected/sentence": 0.9}}}
+  report.write_report(str(tmp_path), summary=summary, eval_results=eval_results)
+  rep = json.loads((tmp_path / "report.json").read_text())
+  assert rep["grammaticality_combo"] == "corrected/sentence"
+  assert rep["variants"][0]["grammaticality"] == 0.9
