@@ -208,6 +208,18 @@ def read_fingerprint(directory: str) -> dict[str, Any] | None:
                               "without it)") from None
 
 
+def fingerprint_diffs(recorded: Mapping[str, Any], config: Mapping[str, Any] | Any,
+                      exempt: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+  """(field, recorded value, value in `config`) for every field that differs, outside `exempt`
+  (dotted names; a prefix 'eval' exempts 'eval.*'); '<absent>' stands for a missing field."""
+  new = flatten_config(config)
+  exempt = tuple(exempt)
+  skip = lambda n: any(n == m or n.startswith(m + ".") for m in exempt)
+  return [(n, recorded.get(n, "<absent>"), new.get(n, "<absent>"))
+          for n in sorted(set(recorded) | set(new))
+          if not skip(n) and recorded.get(n, "<absent>") != new.get(n, "<absent>")]
+
+
 def verify_fingerprint(directory: str, config: Mapping[str, Any] | Any,
                        mutable: Iterable[str] = (), *, has_checkpoints: bool) -> None:
   """Checks `config` against `directory/fingerprint.json`; writes nothing.
@@ -227,15 +239,8 @@ def verify_fingerprint(directory: str, config: Mapping[str, Any] | Any,
         f"{directory} holds checkpoints but no {_FINGERPRINT_FILE} (the record of the config "
         "that wrote them), so a resume cannot be checked against it. Put the file back, or use "
         "a new --workdir.")
-  new = flatten_config(config)
   mutable = tuple(mutable)
-
-  def exempt(name):
-    return any(name == m or name.startswith(m + ".") for m in mutable)
-
-  diffs = [(n, old.get(n, "<absent>"), new.get(n, "<absent>"))
-           for n in sorted(set(old) | set(new))
-           if not exempt(n) and old.get(n, "<absent>") != new.get(n, "<absent>")]
+  diffs = fingerprint_diffs(old, config, mutable)
   if diffs:
     lines = "\n".join(f"  {n}: {o!r} (checkpoint) != {v!r} (now)" for n, o, v in diffs)
     raise ConfigMismatchError(

@@ -495,10 +495,7 @@ def _check_config_unedited(config, workdir: str, ckpt_dir: str) -> dict[str, Any
     raise ckpt_lib.ConfigMismatchError(
         f"{ckpt_dir} holds checkpoints but no fingerprint.json, so {workdir}/config.json cannot "
         "be checked against the config that trained them; put the file back.")
-  now = ckpt_lib.flatten_config(_fingerprinted(config, workdir))
-  diffs = [(n, recorded.get(n, "<absent>"), now.get(n, "<absent>"))
-           for n in sorted(set(recorded) | set(now)) if n != "lm_workdir"
-           and recorded.get(n, "<absent>") != now.get(n, "<absent>")]
+  diffs = ckpt_lib.fingerprint_diffs(recorded, _fingerprinted(config, workdir), ("lm_workdir",))
   if diffs:
     lines = "\n".join(f"  {n}: {o!r} (trained) != {v!r} (config.json)" for n, o, v in diffs)
     raise ckpt_lib.ConfigMismatchError(

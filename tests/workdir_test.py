@@ -134,9 +134,9 @@ def test_finished_run_has_every_record(straight):
     assert v["metrics"]["step"] == 6 and {"loss", "l0", "lr"} <= set(v["metrics"])
 
 
-# Named points, then two random instants (seeded; the seed is in the test id).
-_POINTS = ["save:2", "torn:3", "summary", "save:3"] + [
-    f"timer:{random.Random(seed).uniform(1.5, 6.0):.2f}" for seed in (0, 1)]
+# Named points, then a random instant (seeded: the test id shows it).
+_POINTS = ["save:2", "torn:3", "summary"] + [
+    f"timer:{random.Random(seed).uniform(1.0, 3.0):.2f}" for seed in (0,)]
 
 
 @pytest.mark.parametrize("point", _POINTS)
