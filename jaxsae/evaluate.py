@@ -340,6 +340,10 @@ def run(config, workdir: str) -> dict[str, Any]:
   """The `eval` job: evaluates the grid in `config.sae_workdir`, writes `eval.json` in `workdir`.
 
   Returns the eval dict (the hook for the report job, which reads it or `eval.json`).
+
+  Raises:
+    workdir.LockedError: another job is writing to `workdir`.
+    workdir.InputMismatchError: `workdir` holds the evaluation of another grid (or checkpoint).
   """
   validate_config(config)
   if not os.path.isdir(config.sae_workdir):

@@ -522,6 +522,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   Raises:
     FileNotFoundError: sae_workdir is not a trained sae job workdir.
     ValueError: bad variants / step, or an id the grid does not hold (before anything loads).
+    workdir.LockedError: another job is writing to `workdir`.
+    workdir.InputMismatchError: `workdir` holds an export of another grid (or checkpoint).
   """
   from jaxsae import train_sae  # pylint: disable=g-import-not-at-top
   sae_workdir = config.sae_workdir

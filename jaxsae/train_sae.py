@@ -23,6 +23,7 @@ of the variant-axis size and sharded over it, the batch over 'data'.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -308,7 +309,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   if config.get("distributed", False):
     jax.distributed.initialize()
   validate_config(config)
-  with workdir_lib.lock(workdir):
+  # Multi-host: the processes of one job share the workdir; the first holds its lock.
+  with (workdir_lib.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()):
     return _run_locked(config, workdir)
 
 
