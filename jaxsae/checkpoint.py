@@ -16,19 +16,27 @@ Layout of a checkpoint directory (`Checkpointer(directory)`, e.g. `workdir/check
 
 Atomicity: orbax writes each step into a temporary directory and renames it into place only
 when complete, so a crash mid-save leaves the earlier checkpoints untouched (the unfinished
-temporary directory is ignored and cleaned up on the next open). Saving is synchronous and
-copies the arrays to host memory first, so donated device buffers may be reused right away.
+temporary directory is ignored, and cleaned up when the next writer opens the directory). Saving
+is synchronous and copies the arrays to host memory first, so donated device buffers may be
+reused right away.
+
+Readers: `Checkpointer(directory, read_only=True)` never creates, deletes or moves anything, so
+it may read a directory another process is writing (an LM still training): it leaves the
+writer's temporary directories alone and skips a corrupted checkpoint instead of moving it.
 
 Corruption: every leaf's bytes are hashed at save time and checked at restore. `restore` falls
 back to the newest *valid* checkpoint: a corrupted one (unreadable files, bad metadata, digest
-mismatch) is moved aside to `<directory>_corrupt/<step>-<time>` with a warning naming its path
-and the error, and the previous one is tried. If none is valid it raises `CheckpointError`
+mismatch, orbax metadata missing) is moved aside to `<directory>_corrupt/<step>-<time>` with a
+warning naming its path and the error (a read-only reader only skips it), and the previous one
+is tried. If none is valid it raises `CheckpointError`
 listing every path tried and why. `restore(..., fallback=False)` raises on the first corrupted
 checkpoint instead.
 
-Config fingerprint: `check_fingerprint` compares the config of a resumed run with the one that
+Config fingerprint: `verify_fingerprint` compares the config of a resumed run with the one that
 wrote the checkpoints and raises `ConfigMismatchError` naming every differing field (fields
-that may legitimately change, e.g. total steps or logging intervals, are exempt).
+that may legitimately change, e.g. total steps or logging intervals, are exempt); checkpoints
+without a fingerprint are refused too. `record_fingerprint` writes it; `check_fingerprint` does
+both.
 """
 
 from __future__ import annotations
@@ -55,10 +63,10 @@ _FINGERPRINT_FILE = "fingerprint.json"
 
 
 @contextlib.contextmanager
-def _quiet():
-  """Orbax logs every save/restore phase at INFO; keep only its warnings."""
+def _quiet(level: int = logging.WARNING):
+  """Orbax logs every save/restore phase at INFO; keep only its warnings (or `level`)."""
   previous = logging.get_verbosity()
-  logging.set_verbosity(min(previous, logging.WARNING))
+  logging.set_verbosity(min(previous, level))
   try:
     yield
   finally:
@@ -82,13 +90,17 @@ class Restored:
       as jax key arrays).
     step: the step of the checkpoint restored.
     metadata: the caller's metadata saved with it.
-    skipped: paths of corrupted newer checkpoints that were moved aside (fallback), newest first.
+    skipped: paths of corrupted newer checkpoints that were moved aside (fallback; only
+      skipped by a read-only reader), newest first.
+    digest: the sha256 content digest of the restored leaves (verified), the checkpoint's
+      identity.
   """
 
   state: PyTree
   step: int
   metadata: dict[str, Any]
   skipped: tuple[str, ...] = ()
+  digest: str = ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,39 +198,77 @@ def _atomic_write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def check_fingerprint(directory: str, config: Mapping[str, Any] | Any,
-                      mutable: Iterable[str] = (), *, has_checkpoints: bool) -> None:
-  """Checks `config` against `directory/fingerprint.json`, or records it.
+def read_fingerprint(directory: str) -> dict[str, Any] | None:
+  """The recorded config fingerprint of `directory` (flattened config), or None."""
+  path = os.path.join(directory, _FINGERPRINT_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConfigMismatchError(f"{path} is not valid JSON ({e}); restore it from a copy, or use "
+                              "a new workdir (the checkpoints cannot be matched to a config "
+                              "without it)") from None
 
-  If the directory holds checkpoints and a fingerprint, every field outside `mutable` (dotted
-  names; a prefix 'eval' exempts 'eval.*') must be equal; otherwise `ConfigMismatchError`
-  names the differing fields. If there are no checkpoints yet, the fingerprint is (re)written.
+
+def fingerprint_diffs(recorded: Mapping[str, Any], config: Mapping[str, Any] | Any,
+                      exempt: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+  """(field, recorded value, value in `config`) for every field that differs, outside `exempt`
+  (dotted names; a prefix 'eval' exempts 'eval.*'); '<absent>' stands for a missing field."""
+  new = flatten_config(config)
+  exempt = tuple(exempt)
+  skip = lambda n: any(n == m or n.startswith(m + ".") for m in exempt)
+  return [(n, recorded.get(n, "<absent>"), new.get(n, "<absent>"))
+          for n in sorted(set(recorded) | set(new))
+          if not skip(n) and recorded.get(n, "<absent>") != new.get(n, "<absent>")]
+
+
+def verify_fingerprint(directory: str, config: Mapping[str, Any] | Any,
+                       mutable: Iterable[str] = (), *, has_checkpoints: bool) -> None:
+  """Checks `config` against `directory/fingerprint.json`; writes nothing.
+
+  If the directory holds checkpoints, every field outside `mutable` (dotted names; a prefix
+  'eval' exempts 'eval.*') must equal the recorded one. Checkpoints without a fingerprint are
+  refused: nothing would show that they come from this config.
 
   Raises:
     ConfigMismatchError: the fields that differ, their old and new values, and the fix.
   """
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, _FINGERPRINT_FILE)
-  new = flatten_config(config)
+  if not has_checkpoints:
+    return
+  old = read_fingerprint(directory)
+  if old is None:
+    raise ConfigMismatchError(
+        f"{directory} holds checkpoints but no {_FINGERPRINT_FILE} (the record of the config "
+        "that wrote them), so a resume cannot be checked against it. Put the file back, or use "
+        "a new --workdir.")
   mutable = tuple(mutable)
+  diffs = fingerprint_diffs(old, config, mutable)
+  if diffs:
+    lines = "\n".join(f"  {n}: {o!r} (checkpoint) != {v!r} (now)" for n, o, v in diffs)
+    raise ConfigMismatchError(
+        f"The checkpoints in {directory} were written with a different config; differing "
+        f"fields:\n{lines}\nResuming would mix two runs. Use a new --workdir for the new "
+        f"config (or restore the old values to resume). Fields that may change on resume: "
+        f"{', '.join(mutable) or 'none'}.")
 
-  def exempt(name):
-    return any(name == m or name.startswith(m + ".") for m in mutable)
 
-  if has_checkpoints and os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    diffs = [(n, old.get(n, "<absent>"), new.get(n, "<absent>"))
-             for n in sorted(set(old) | set(new))
-             if not exempt(n) and old.get(n, "<absent>") != new.get(n, "<absent>")]
-    if diffs:
-      lines = "\n".join(f"  {n}: {o!r} (checkpoint) != {v!r} (now)" for n, o, v in diffs)
-      raise ConfigMismatchError(
-          f"The checkpoints in {directory} were written with a different config; differing "
-          f"fields:\n{lines}\nResuming would mix two runs. Use a new --workdir for the new "
-          f"config (or restore the old values to resume). Fields that may change on resume: "
-          f"{', '.join(mutable) or 'none'}.")
-  _atomic_write_json(path, new)
+def record_fingerprint(directory: str, config: Mapping[str, Any] | Any) -> None:
+  """Writes `config` (flattened) as `directory/fingerprint.json`, atomically."""
+  os.makedirs(directory, exist_ok=True)
+  _atomic_write_json(os.path.join(directory, _FINGERPRINT_FILE), flatten_config(config))
+
+
+def check_fingerprint(directory: str, config: Mapping[str, Any] | Any,
+                      mutable: Iterable[str] = (), *, has_checkpoints: bool) -> None:
+  """`verify_fingerprint`, then `record_fingerprint`.
+
+  Raises:
+    ConfigMismatchError: see `verify_fingerprint`.
+  """
+  verify_fingerprint(directory, config, mutable, has_checkpoints=has_checkpoints)
+  record_fingerprint(directory, config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,19 +278,28 @@ def check_fingerprint(directory: str, config: Mapping[str, Any] | Any,
 class Checkpointer:
   """Saves and restores a state pytree under `directory/<step>` (see the module docstring).
 
-  Use as a context manager or call `close()`.
+  Use as a context manager or call `close()`. With `read_only=True` it only reads: no directory
+  is created, no temporary directory cleaned up, no corrupted checkpoint moved, no save.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3):
+  def __init__(self, directory: str, *, max_to_keep: int = 3, read_only: bool = False):
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
-        enable_async_checkpointing=False,  # saves are small; sync keeps crash semantics simple
-        cleanup_tmp_directories=True,  # leftovers of a crash mid-save
-        create=True)
-    with _quiet():
+    self.read_only = read_only
+    if read_only:
+      with _quiet(logging.ERROR):  # orbax warns that read-only disables saving
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=False, cleanup_tmp_directories=False, create=False,
+            read_only=True, save_root_metadata=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
+          enable_async_checkpointing=False,  # saves are small; sync keeps crash semantics simple
+          cleanup_tmp_directories=True,  # leftovers of a crash mid-save
+          create=True)
+    # A read-only manager warns that it is read-only; that is the point here.
+    with _quiet(logging.ERROR if read_only else logging.WARNING):
       self._manager = ocp.CheckpointManager(
           self.directory, options=options,
           item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -258,6 +317,13 @@ class Checkpointer:
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
+  def metadata(self, step: int) -> dict[str, Any]:
+    """The caller's metadata saved with checkpoint `step` (read alone; the arrays are not read
+    or verified)."""
+    with _quiet():
+      restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored.meta["metadata"])
+
   # -- save / restore --
 
   def save(self, step: int, state: PyTree, metadata: Mapping[str, Any] | None = None) -> str:
@@ -266,6 +332,8 @@ class Checkpointer:
     Returns:
       The checkpoint's path.
     """
+    if self.read_only:
+      raise CheckpointError(f"{self.directory} was opened read-only; cannot save step {step}")
     step = int(step)
     flat, keys = _to_host(state)
     meta = {"step": step, "digest": _digest(flat), "prng_keys": keys,
@@ -286,7 +354,8 @@ class Checkpointer:
       template: a pytree with the structure, shapes and dtypes of the saved state (arrays or
         `jax.ShapeDtypeStruct`s; typed PRNG keys as key arrays or key-typed structs).
       step: restore this step only (no fallback); default the newest valid one.
-      fallback: on a corrupted newest checkpoint, move it aside and try the previous one.
+      fallback: on a corrupted newest checkpoint, move it aside (read-only: leave it) and try
+        the previous one.
 
     Returns:
       A `Restored`.
@@ -316,12 +385,18 @@ class Checkpointer:
           raise CheckpointError(f"checkpoint {path} is corrupted or unreadable ({reason}). "
                                 f"Delete it (or restore with fallback) to resume from an "
                                 f"earlier one.") from e
-        moved = self._quarantine(s)
-        logging.warning("Checkpoint %s is corrupted or unreadable (%s); moved it to %s and "
-                        "falling back to the previous one.", path, reason, moved)
+        if self.read_only:
+          logging.warning("Checkpoint %s is corrupted or unreadable (%s); skipping it (left in "
+                          "place: read-only) and falling back to the previous one.", path,
+                          reason)
+        else:
+          moved = self._quarantine(s)
+          logging.warning("Checkpoint %s is corrupted or unreadable (%s); moved it to %s and "
+                          "falling back to the previous one.", path, reason, moved)
         skipped.append(path)
         continue
-      return Restored(state=state, step=s, metadata=meta["metadata"], skipped=tuple(skipped))
+      return Restored(state=state, step=s, metadata=meta["metadata"], skipped=tuple(skipped),
+                      digest=meta["digest"])
     raise CheckpointError(f"no valid checkpoint in {self.directory}; tried:\n  "
                           + "\n  ".join(errors))
 
@@ -334,7 +409,11 @@ class Checkpointer:
       abstract[name] = jax.ShapeDtypeStruct(np.shape(leaf), np.dtype(leaf.dtype))
     # Structure, shapes and dtypes from the saved metadata, before reading any data: a wrong
     # template is the caller's error and must not be mistaken for corruption.
-    saved = _flatten_nested(dict(self._manager.item_metadata(step).state))
+    item_meta = self._manager.item_metadata(step)
+    if item_meta is None or item_meta.get("state") is None:
+      raise ValueError("orbax metadata of the state (state/_METADATA) is missing: the "
+                       "checkpoint is incomplete")
+    saved = _flatten_nested(dict(item_meta["state"]))
     if set(saved) != set(abstract):
       missing = sorted(set(abstract) - set(saved))[:5]
       extra = sorted(set(saved) - set(abstract))[:5]

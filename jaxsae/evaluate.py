@@ -1,7 +1,9 @@
 """Evaluation of an SAE grid: every metric of specs/sae.md for all variants of a group at once.
 
 The `eval` job (`run(config, workdir)`) reads a finished `sae` workdir (`train_sae.load_trained`),
-evaluates every variant on a held-out data stream and writes `eval.json`. This module drives
+evaluates every variant on a held-out data stream and writes `eval.json`; it holds the eval
+workdir's writer lock and records the grid's identity there (`inputs.json`), refusing to write
+the results of a changed grid over those of the old one. This module drives
 the passes over batches and groups (`reference`, `evaluate_group`), evaluates a whole grid
 (`evaluate_trained`) and holds the job; the held-out data, the compiled passes and the metric
 definitions (which tokens count, where the SAE is spliced, every metric's formula) are in
@@ -34,6 +36,7 @@ from jaxsae import spliced_generation
 from jaxsae import sweep as sweep_lib
 from jaxsae import train_sae
 from jaxsae import eval_passes
+from jaxsae import workdir as workdir_lib
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,12 +344,22 @@ def run(config, workdir: str) -> dict[str, Any]:
   """The `eval` job: evaluates the grid in `config.sae_workdir`, writes `eval.json` in `workdir`.
 
   Returns the eval dict (the hook for the report job, which reads it or `eval.json`).
+
+  Raises:
+    workdir.LockedError: another job is writing to `workdir`.
+    workdir.InputMismatchError: `workdir` holds the evaluation of another grid (or checkpoint).
   """
   validate_config(config)
   if not os.path.isdir(config.sae_workdir):
     raise FileNotFoundError(f"config.sae_workdir={config.sae_workdir!r} does not exist; train "
                             "the grid first (experiments/configs/sae_*.py)")
+  with workdir_lib.lock(workdir):
+    return _run_locked(config, workdir)
+
+
+def _run_locked(config, workdir: str) -> dict[str, Any]:
   trained = train_sae.load_trained(config.sae_workdir)
+  identity = workdir_lib.check_grid(workdir, trained.identity, "eval")
   result = evaluate_trained(
       trained, seed=config.seed, num_batches=config.num_batches, batch_size=config.batch_size,
       window_tokens=config.window_tokens, grammaticality_batches=config.grammaticality_batches,
@@ -356,7 +369,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       grammaticality_modes=tuple(config.grammaticality_modes),
       grammaticality_positions=tuple(config.grammaticality_positions))
   result["sae_workdir"] = os.path.abspath(config.sae_workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.record_input(workdir, "grid", identity)
   path = os.path.join(workdir, "eval.json")
   jsonio.write(path, result)
   for vid, v in sorted(result["variants"].items()):

@@ -74,8 +74,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsae import jsonio
 from jaxsae import sae as sae_lib
 from jaxsae import sweep as sweep_lib
+from jaxsae import workdir as workdir_lib
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "cfg.json"
@@ -520,6 +522,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   Raises:
     FileNotFoundError: sae_workdir is not a trained sae job workdir.
     ValueError: bad variants / step, or an id the grid does not hold (before anything loads).
+    workdir.LockedError: another job is writing to `workdir`.
+    workdir.InputMismatchError: `workdir` holds an export of another grid (or checkpoint).
   """
   from jaxsae import train_sae  # pylint: disable=g-import-not-at-top
   sae_workdir = config.sae_workdir
@@ -537,13 +541,14 @@ def run(config, workdir: str) -> dict[str, Any]:
     with open(variants_path) as f:
       known = [v["id"] for v in json.load(f)["variants"]]
     _check_ids(ids, known, f"config.variants ({sae_workdir})")
-  trained = train_sae.load_trained(sae_workdir, step or None)
-  export_dir = os.path.join(workdir, "export")
-  paths = export_trained(trained, export_dir, ids)
-  summary = {"sae_workdir": os.path.abspath(sae_workdir), "step": int(trained.state.step),
-             "export_dir": export_dir, "format_version": FORMAT_VERSION,
-             "variants": {os.path.basename(p): p for p in paths}}
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  with workdir_lib.lock(workdir):
+    trained = train_sae.load_trained(sae_workdir, step or None)
+    identity = workdir_lib.check_grid(workdir, trained.identity, "export")
+    export_dir = os.path.join(workdir, "export")
+    workdir_lib.record_input(workdir, "grid", identity)
+    paths = export_trained(trained, export_dir, ids)
+    summary = {"sae_workdir": os.path.abspath(sae_workdir), "step": int(trained.state.step),
+               "export_dir": export_dir, "format_version": FORMAT_VERSION,
+               "variants": {os.path.basename(p): p for p in paths}}
+    jsonio.write(os.path.join(workdir, "summary.json"), summary)
   return summary

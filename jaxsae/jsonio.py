@@ -39,16 +39,35 @@ def jsonable(x: Any) -> Any:
 
 
 def write(path: str, value: Any) -> None:
-  """Writes `value` to `path` atomically (a reader never sees a half-written file)."""
-  tmp = f"{path}.tmp"
+  """Writes `value` to `path` atomically (a reader never sees a half-written file, and a crash
+  leaves the old file or the new one)."""
+  tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(value, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
 
 
-def read(path: str, default: Any = None) -> Any:
-  """The JSON in `path`, or `default` when the file does not exist."""
+def read(path: str, default: Any = None, fix: str | None = None) -> Any:
+  """The JSON in `path`, or `default` when the file does not exist.
+
+  Args:
+    path: the file.
+    default: returned when it does not exist.
+    fix: what to do if it is not valid JSON (appended to the error; a generic hint by default).
+
+  Raises:
+    ValueError: the file is not valid JSON (names the file, the parse error and the fix).
+  """
   if not os.path.exists(path):
     return default
   with open(path) as f:
-    return json.load(f)
+    text = f.read()
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(
+        f"{path} is not valid JSON ({e}): cut short or edited by hand. "
+        + (fix or "Restore it from a copy, or delete it and rerun the job that writes it.")
+    ) from None

@@ -12,9 +12,11 @@ the report at the top:
 
 Resuming: a finished stage leaves a record in `stages.json` with a fingerprint of its config
 (and of the stages it reads from); rerunning the job skips stages whose record matches and
-re-runs the others. An interrupted training stage resumes from its last checkpoint (both are
-bit-exact on CPU) and the later stages are deterministic functions of (config, seed), so a
-killed and rerun pipeline ends with the same numbers as an uninterrupted one.
+re-runs the others; a torn stages.json is refused with the fix. The job holds the workdir's
+writer lock (each stage also locks its own subdirectory). An interrupted training stage resumes
+from its last checkpoint (both are bit-exact on CPU) and the later stages are deterministic
+functions of (config, seed), so a killed and rerun pipeline ends with the same numbers as an
+uninterrupted one.
 
 Library code: no flag parsing; `experiments/configs/pipeline.py` builds the config.
 """
@@ -45,6 +47,7 @@ from jaxsae import sae as sae_lib
 from jaxsae import sae_groups
 from jaxsae import train_lm
 from jaxsae import train_sae
+from jaxsae import workdir as workdir_lib
 
 STAGES = ("lm", "sae", "eval", "analysis", "report")
 _ANALYSIS_STREAM = 2000  # folded into the analysis seed (never a training or eval stream)
@@ -97,6 +100,9 @@ def _stage_sae(config, paths) -> None:
 
 
 def _stage_eval(config, paths) -> None:
+  # The pipeline re-runs this stage exactly when the grid or the eval config changed: the old
+  # results are replaced, not mixed (the eval workdir would otherwise refuse a changed grid).
+  workdir_lib.forget_input(paths["eval"], "grid")
   evaluate.run(_sub_config(config.eval, sae_workdir=paths["sae"]), paths["eval"])
 
 
@@ -156,11 +162,17 @@ def validate_config(config) -> None:
 def run(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) every stage of `config.stages`; returns the stage records."""
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
+  with workdir_lib.lock(workdir):
+    return _run_locked(config, workdir)
+
+
+def _run_locked(config, workdir: str) -> dict[str, Any]:
   paths = _paths(workdir)
   record_path = os.path.join(workdir, "stages.json")
-  records = jsonio.read(record_path, {})
+  records = jsonio.read(record_path, {}, fix=(
+      "Delete it and rerun: every stage is then re-entered, and the training stages resume "
+      "from their checkpoints (a finished one is not retrained)."))
+  jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
   fps = _stage_fingerprints(config)
   order = [s for s in STAGES if s in config.stages]
   t_start = time.perf_counter()

@@ -33,10 +33,12 @@ Workdir layout::
 
 Resume: rerunning the same command restores the newest valid checkpoint (a corrupted newest one
 is moved aside with a warning and the previous one is used), drops metric lines after its
-step, and continues; a config differing in a field outside `MUTABLE_FIELDS` raises
+step (and a torn last line), and continues; a config differing in a field outside `MUTABLE_FIELDS` raises
 `checkpoint.ConfigMismatchError`. A finished run (checkpoint step >= num_steps) is not
-retrained; its summary is re-computed only if summary.json is missing or stale. Raising
-`num_steps` extends a finished run.
+retrained; its summary is re-computed (from the checkpoint and metrics.jsonl, replacing the
+'final' record) only if summary.json is missing or stale. Raising `num_steps` extends a finished
+run. The job holds the workdir's writer lock (`jaxsae.workdir.lock`) and checks the config
+fingerprint before it writes anything.
 
 NaN/inf: the losses and gradient norms of every host call are checked; the first non-finite
 step raises `FloatingPointError` naming it. The state is checkpointed only after that check,
@@ -67,6 +69,7 @@ from jaxsae import generate as generate_lib
 from jaxsae import grammars
 from jaxsae import jsonio
 from jaxsae import model as model_lib
+from jaxsae import workdir as workdir_lib
 
 # Config fields that may differ between the run that wrote a checkpoint and the one resuming
 # it (they do not change the training trajectory). Dotted prefixes exempt whole groups.
@@ -405,22 +408,7 @@ def _generation_eval(params, config, setup: _Setup, key, num_batches, batch_size
 
 
 def _read_metrics(path: str) -> list[dict[str, Any]]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-  """Drops metric lines after `step` (written by a run that crashed before checkpointing)."""
-  records = _read_metrics(path)
-  kept = [r for r in records if r["step"] <= step]
-  if len(kept) != len(records):
-    logging.info("Dropping %d metric lines after step %d.", len(records) - len(kept), step)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
+  return workdir_lib.read_records(path)
 
 
 def _append_metric(path: str, record: dict[str, Any]) -> None:
@@ -442,17 +430,22 @@ def run(config, workdir: str) -> dict[str, Any]:
     FloatingPointError: a non-finite loss or gradient norm (names the step).
   """
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.lock(workdir):
+    return _run_locked(config, workdir)
+
+
+def _run_locked(config, workdir: str) -> dict[str, Any]:
   setup = _setup(config)
   hyper = _hyper(config)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   summary_path = os.path.join(workdir, "summary.json")
-  jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
-
   ckpt_dir = os.path.join(workdir, "checkpoints")
+  with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ro:  # check before writing anything
+    ckpt_lib.verify_fingerprint(ckpt_dir, config, MUTABLE_FIELDS,
+                                has_checkpoints=bool(ro.all_steps()))
   with ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints) as ckpt:
-    ckpt_lib.check_fingerprint(ckpt_dir, config, MUTABLE_FIELDS,
-                               has_checkpoints=bool(ckpt.all_steps()))
+    ckpt_lib.record_fingerprint(ckpt_dir, config)
+    jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
     template = jax.eval_shape(_init_state, jax.random.key(config.seed), hyper, setup)
     train_seconds = 0.0
     if ckpt.all_steps():
@@ -467,7 +460,6 @@ def run(config, workdir: str) -> dict[str, Any]:
       raise ValueError(f"The checkpoint is at step {start_step}, not a multiple of "
                        f"config.steps_per_call={config.steps_per_call}; resume with a "
                        f"steps_per_call that divides {start_step}.")
-    _truncate_metrics(metrics_path, start_step)
     param_count = model_lib.count_params(state.params)
     root = _copy_key(state.key)
 
@@ -475,14 +467,16 @@ def run(config, workdir: str) -> dict[str, Any]:
       if start_step > config.num_steps:
         logging.warning("The checkpoint is at step %d, beyond num_steps=%d; summarising it.",
                         start_step, config.num_steps)
-      if os.path.exists(summary_path):
-        with open(summary_path) as f:
-          summary = json.load(f)
-        if summary.get("steps") == start_step:
-          logging.info("Run already finished at step %d; summary.json is up to date.",
-                       start_step)
-          return summary
-    else:
+      summary = jsonio.read(summary_path)
+      if summary and summary.get("steps") == start_step:
+        logging.info("Run already finished at step %d; summary.json is up to date.",
+                     start_step)
+        return summary
+    # The 'final' record of this step is rewritten below (a run killed after writing it).
+    workdir_lib.resume_records(
+        metrics_path, start_step,
+        drop=lambda r: r.get("kind") == "final" and r.get("step") == start_step)
+    if start_step < config.num_steps:
       state, train_seconds = _train(config, setup, hyper, state, ckpt, metrics_path,
                                     train_seconds)
 
@@ -614,8 +608,10 @@ def write_untrained(config, workdir: str) -> str:
   What SAE training and benchmarks need when the LM's weights do not matter (tests, timing).
   """
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
-  with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
-    ckpt.save(0, init_state(config))
+  with workdir_lib.lock(workdir):
+    jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    with ckpt_lib.Checkpointer(ckpt_dir) as ckpt:
+      ckpt_lib.record_fingerprint(ckpt_dir, config)
+      ckpt.save(0, init_state(config))
   return workdir

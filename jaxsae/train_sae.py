@@ -11,12 +11,21 @@ A variant whose finite loss grows by orders of magnitude is flagged the same way
 Checkpoints hold the whole grid state; data is a pure function of (seed, step), so resume is
 exact. `load_trained` / `variant` read a finished workdir back.
 
+Workdir guarantees (`jaxsae.workdir`): the job holds the workdir's writer lock; the LM it trains
+on is pinned (its workdir relative to this one, checkpoint step and content digest, in
+`inputs.json` and in every checkpoint's metadata), and a resume or a `load_trained` against a
+different LM, a config that differs from the checkpoints' fingerprint, or a `config.json` edited
+after training is refused before anything is written. `summary.json` is built from the
+checkpoint and `metrics.jsonl`, so a rerun of a finished job, or a resume after any kill, writes
+the same summary as an uninterrupted run. The LM is read without writing to its workdir.
+
 Devices: a mesh with axes ('variant', 'data'); each group's variant axis is padded to a multiple
 of the variant-axis size and sharded over it, the batch over 'data'.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -42,6 +51,7 @@ from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
 from jaxsae import sae_groups
 from jaxsae import sweep as sweep_lib
+from jaxsae import workdir as workdir_lib
 
 # ------------------------------------------------------------------------------------------------
 # The job.
@@ -54,10 +64,26 @@ class LoadedLM:
   language: str
   step: int
   config: Mapping[str, Any]
+  workdir: str = ""
+  digest: str = ""  # content digest of the checkpoint restored (`checkpoint.Restored.digest`)
+
+  def identity(self, relative_to: str) -> dict[str, Any]:
+    """What a workdir built on this LM records: its path relative to `relative_to`, the
+    checkpoint step and content digest."""
+    return {"path": workdir_lib.relative_path(self.workdir, relative_to), "step": self.step,
+            "digest": self.digest}
 
 
-def load_lm(lm_workdir: str) -> LoadedLM:
-  """Loads the newest valid LM checkpoint of a `train_lm` workdir (params only)."""
+def load_lm(lm_workdir: str, step: int | None = None) -> LoadedLM:
+  """Loads an LM checkpoint of a `train_lm` workdir (params only), without writing there.
+
+  Args:
+    lm_workdir: the LM job's workdir (it may still be training).
+    step: the checkpoint step to load; default the newest valid one.
+
+  Raises:
+    FileNotFoundError: no LM there, or no checkpoint (at `step`).
+  """
   from jaxsae import train_lm  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   cfg_path = os.path.join(lm_workdir, "config.json")
@@ -67,22 +93,45 @@ def load_lm(lm_workdir: str) -> LoadedLM:
         f"no trained LM in {lm_workdir!r} (config.json / checkpoints missing); train one with "
         f"python -m experiments.main --config=experiments/configs/lm.py:language=<name> "
         f"--workdir={lm_workdir}, or point config.lm_workdir at an LM workdir")
-  with open(cfg_path) as f:
-    lm_config = ml_collections.ConfigDict(json.load(f))
+  lm_config = ml_collections.ConfigDict(jsonio.read(cfg_path))
   train_lm.check_lm_workdir_config(lm_config, lm_workdir)
   template = jax.eval_shape(lambda: train_lm.init_state(lm_config))
-  with ckpt_lib.Checkpointer(ckpt_dir) as ckpt:
-    if not ckpt.all_steps():
+  with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ckpt:
+    steps = ckpt.all_steps()
+    if not steps:
       raise FileNotFoundError(f"{ckpt_dir!r} holds no checkpoint; finish the LM run first")
-    restored = ckpt.restore(template)
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"{ckpt_dir!r} holds no checkpoint at step {step} (it holds "
+                              f"{steps})")
+    restored = ckpt.restore(template, step)
   return LoadedLM(params=restored.state.params,
                   model_config=train_lm.model_config_for(lm_config),
                   language=lm_config.language, step=int(restored.state.step),
-                  config=lm_config.to_dict())
+                  config=lm_config.to_dict(), workdir=os.path.abspath(lm_workdir),
+                  digest=restored.digest)
 
 
-MUTABLE_FIELDS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "distributed",
-                  "coordinator_address", "num_processes", "process_id", "heartbeat_s")
+def _load_pinned_lm(lm_workdir: str, pin: Mapping[str, Any] | None, workdir: str) -> LoadedLM:
+  """The LM of a grid: at the pinned step when the grid has one, checked against the pin."""
+  fix = (f"The grid in {workdir!r} was trained on that LM's checkpoint; point lm_workdir at it "
+         "(or put it back), or train a new grid in a new --workdir.")
+  if not pin:
+    return load_lm(lm_workdir)
+  try:
+    lm = load_lm(lm_workdir, int(pin["step"]))
+  except FileNotFoundError as e:
+    raise workdir_lib.InputMismatchError(
+        f"the LM in {lm_workdir!r} is not the one this workdir was built from (step "
+        f"{pin['step']}, digest {pin['digest'][:12]}…): {e}. {fix}") from None
+  workdir_lib.check_input(f"the LM in {lm_workdir!r}", pin, lm.identity(workdir), fix)
+  return lm
+
+
+# Fields a resume may change. The LM's path may change too (a workdir moved with its LM): the
+# LM itself is pinned by content. So may the processes' addresses and ids (several hosts).
+MUTABLE_FIELDS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "lm_workdir",
+                  "distributed", "coordinator_address", "num_processes", "process_id",
+                  "heartbeat_s")
 _DATA_STREAM, _PROBE_STREAM = 1, 2
 
 
@@ -162,10 +211,20 @@ def _probe_capacity(grammar, batch_size, max_len, forward_len, positions, token_
   return int(min(full, -(-int(1.25 * max(counts)) // 8) * 8))
 
 
-def prepare(config, workdir: str | None = None):
-  """Validates everything and builds the static setup (no compilation)."""
+def prepare(config, workdir: str | None = None, lm_pin: Mapping[str, Any] | None = None):
+  """Validates everything and builds the static setup (no compilation).
+
+  Args:
+    config: the job's config.
+    workdir: the grid's workdir (where `lm_pin` was recorded).
+    lm_pin: the identity of the LM the grid was built from (`LoadedLM.identity`); the LM is
+      loaded at its step and must match it. Default: the newest LM checkpoint.
+  """
   validate_config(config)
-  lm = load_lm(config.lm_workdir)
+  lm_dir = config.lm_workdir
+  if lm_pin and not os.path.isdir(lm_dir) and workdir and lm_pin.get("path"):
+    lm_dir = workdir_lib.resolve(workdir, lm_pin["path"])  # both moved together
+  lm = _load_pinned_lm(lm_dir, lm_pin, workdir or ".")
   if config.language and config.language != lm.language:
     raise ValueError(f"config.language={config.language!r} but the LM in {config.lm_workdir!r} "
                      f"was trained on {lm.language!r}; point lm_workdir at a {config.language} "
@@ -246,44 +305,67 @@ def make_chunk_fn(setup: grid_step.Setup, num_steps: int, state_template: grid_s
 
 
 def _append_jsonl(path: str, records: Sequence[Mapping[str, Any]]) -> None:
-  with open(path, "a") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
+  workdir_lib.append_records(path, records)
 
 
-def _truncate_jsonl(path: str, step: int) -> None:
-  """Drops records after `step` (they belong to steps the checkpoint does not hold)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    keep = [line for line in f if json.loads(line).get("step", 0) <= step]
-  with open(path, "w") as f:
-    f.writelines(keep)
+def _fingerprinted(config, workdir: str) -> dict[str, Any]:
+  """The config as the checkpoints' fingerprint records it (lm_workdir relative to `workdir`)."""
+  out = config.to_dict()
+  if out.get("lm_workdir"):
+    out["lm_workdir"] = workdir_lib.relative_path(out["lm_workdir"], workdir)
+  return out
+
+
+def _recorded_lm_pin(workdir: str, ckpt: ckpt_lib.Checkpointer) -> dict[str, Any] | None:
+  """The LM identity a grid with checkpoints was built from (inputs.json, else the newest
+  checkpoint's metadata; None for grids written before LMs were pinned)."""
+  pin = workdir_lib.read_inputs(workdir).get("lm")
+  if pin:
+    return pin
+  try:
+    return ckpt.metadata(ckpt.latest_step()).get("lm")
+  except Exception:  # pylint: disable=broad-except  # a corrupted newest one: restore decides
+    return None
+
+
+def _check_restored_lm(restored: ckpt_lib.Restored, lm: LoadedLM, workdir: str) -> None:
+  workdir_lib.check_input(
+      f"the LM in {lm.workdir!r}", restored.metadata.get("lm"), lm.identity(workdir),
+      f"Checkpoint step {restored.step} of {workdir!r} was trained on another LM; point "
+      "lm_workdir at that LM, or train a new grid in a new --workdir.")
 
 
 def run(config, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the SAE grid of `config` in `workdir`; returns the summary."""
+  validate_config(config)
   distributed.initialize(config)
-  setup, lm, root = prepare(config, workdir)
+  # Several processes share the workdir: the writer (process 0) holds its lock.
+  with (workdir_lib.lock(workdir) if distributed.is_writer() else contextlib.nullcontext()):
+    return _run_locked(config, workdir)
+
+
+def _run_locked(config, workdir: str) -> dict[str, Any]:
   writer = distributed.is_writer()  # one process writes the workdir's files
-  os.makedirs(workdir, exist_ok=True)
-  if writer:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=1)
-    _write_variants(os.path.join(workdir, "variants.json"), setup)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   summary_path = os.path.join(workdir, "summary.json")
   ckpt_dir = os.path.join(workdir, "checkpoints")
+  fingerprint = _fingerprinted(config, workdir)
+  # Every check (config fingerprint, pinned LM) comes before anything is written.
+  with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ro:
+    has_checkpoints = bool(ro.all_steps())
+    ckpt_lib.verify_fingerprint(ckpt_dir, fingerprint, MUTABLE_FIELDS,
+                                has_checkpoints=has_checkpoints)
+    pin = _recorded_lm_pin(workdir, ro) if has_checkpoints else None
+  setup, lm, root = prepare(config, workdir, lm_pin=pin)
   hypers = _shard(tuple(grid_step.group_hyper(s) for s in setup.specs), setup)
   lm_params = _shard(lm.params, setup, P())
   data_key = jax.random.fold_in(root, _DATA_STREAM)
   with distributed.peers_guard("SAE grid training"), ckpt_lib.Checkpointer(
       ckpt_dir, max_to_keep=config.keep_checkpoints) as ckpt:
-    ckpt_lib.check_fingerprint(ckpt_dir, config, MUTABLE_FIELDS,
-                               has_checkpoints=bool(ckpt.all_steps()))
     if ckpt.all_steps():
       template = jax.eval_shape(lambda: init_grid(setup, lm, root))
       restored = ckpt.restore(template)
+      _check_restored_lm(restored, lm, workdir)
       state = restored.state
       logging.info("Resuming the SAE grid at step %d.", int(state.step))
     else:
@@ -294,10 +376,13 @@ def run(config, workdir: str) -> dict[str, Any]:
     if start % config.log_every:
       raise ValueError(f"the checkpoint is at step {start}, not a multiple of log_every="
                        f"{config.log_every}; resume with a log_every that divides it")
-    if writer:
-      _truncate_jsonl(metrics_path, start)
+    if writer:  # checks passed: record what this run is
+      ckpt_lib.record_fingerprint(ckpt_dir, fingerprint)
+      jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
+      _write_variants(os.path.join(workdir, "variants.json"), setup)
+      workdir_lib.record_input(workdir, "lm", lm.identity(workdir))
+      workdir_lib.resume_records(metrics_path, start)
     chunk = make_chunk_fn(setup, config.log_every, state)
-    last = {}
     n_variants = sum(s.size for s in setup.specs)
     frozen_seen = {s.name: np.zeros(s.padded, bool) for s in setup.specs}
     for step in range(start, config.steps, config.log_every):
@@ -313,7 +398,6 @@ def run(config, workdir: str) -> dict[str, Any]:
           rec = {"step": new_step, "variant": vid, "group": spec.name,
                  **{k: jsonio.finite_or_str(v[i]) for k, v in m.items()}, "frozen": bool(fz[i])}
           records.append(rec)
-          last[vid] = rec
           if fz[i] and not frozen_seen[spec.name][i]:
             logging.warning("variant %s (group %s, %s) hit a non-finite loss/gradient at step "
                             "%d and is frozen at its last finite parameters.", vid, spec.name,
@@ -328,13 +412,27 @@ def run(config, workdir: str) -> dict[str, Any]:
       logging.info("step %d/%d  %s  %.0f tok/s (x%d variants)  ETA %.0f s", new_step,
                    config.steps, losses_txt, toks, n_variants, eta)
       if new_step % config.checkpoint_every == 0 or new_step == config.steps:
-        ckpt.save(new_step, state, metadata={"language": lm.language})
-  summary = _summary(setup, distributed.to_host(state), last, lm, config)
-  if writer:  # the metrics file is the writer's: only it reads it back for the flags
-    divergence.flag_variants(summary, metrics_path)
-    with open(summary_path, "w") as f:
-      json.dump(summary, f, indent=1)
+        ckpt.save(new_step, state, metadata={"language": lm.language,
+                                             "lm": lm.identity(workdir)})
+  # From the files, not from this process's chunks: a rerun or a resume writes the same. The
+  # metrics file is the writer's, so only the writer reads it back (other processes return the
+  # summary without the per-variant records).
+  host_state = distributed.to_host(state)
+  if not writer:
+    return _summary(setup, host_state, {}, lm)
+  summary = _summary(setup, host_state, _last_records(metrics_path, int(host_state.step)), lm)
+  divergence.flag_variants(summary, metrics_path)
+  jsonio.write(summary_path, summary)
   return summary
+
+
+def _last_records(metrics_path: str, step: int) -> dict[str, dict[str, Any]]:
+  """Each variant's newest record at or before `step` in metrics.jsonl."""
+  last = {}
+  for r in workdir_lib.read_records(metrics_path):
+    if r["step"] <= step and r["step"] >= last.get(r["variant"], {}).get("step", -1):
+      last[r["variant"]] = r
+  return last
 
 
 def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -351,12 +449,11 @@ def _write_variants(path: str, setup: grid_step.Setup) -> None:
       out["variants"].append({"id": vid, "group": s.name, "position": i,
                               "hparams": _jsonable(s.values[i])})
   out["variants"].sort(key=lambda v: v["id"])
-  with open(path, "w") as f:
-    json.dump(out, f, indent=1)
+  jsonio.write(path, out)
 
 
-def _summary(setup: grid_step.Setup, state: grid_step.GridState, last, lm,
-             config) -> dict[str, Any]:
+def _summary(setup: grid_step.Setup, state: grid_step.GridState, last,
+             lm: LoadedLM) -> dict[str, Any]:
   variants = {}
   for spec, g in zip(setup.specs, state.groups):
     frozen, bad = np.asarray(g.frozen), np.asarray(g.bad_step)
@@ -379,17 +476,26 @@ class Trained:
   lm: LoadedLM
   state: grid_step.GridState  # the latest checkpoint
   hypers: tuple[grid_step.GroupHyper, ...]
+  # What an eval or export of it records: workdir, checkpoint step and content digest, and a
+  # digest of the config it was trained with.
+  identity: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def load_trained(workdir: str, step: int | None = None) -> Trained:
   """Rebuilds the setup of the `sae` run in `workdir` and restores its checkpoint.
+
+  Reads only: nothing in `workdir` or the LM's workdir is written (the grid may still be
+  training).
 
   Args:
     workdir: the SAE job's workdir (config.json and checkpoints/).
     step: checkpoint step to restore (default: the latest).
 
   Raises:
-    FileNotFoundError: no config.json or no checkpoint (the message says which job to run).
+    FileNotFoundError: no config.json or no checkpoint (at `step`; the message says which job
+      to run or which steps there are).
+    checkpoint.ConfigMismatchError: config.json was edited after training.
+    workdir.InputMismatchError: the LM is not the one the grid was trained on.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "config.json")
@@ -397,20 +503,47 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
     raise FileNotFoundError(f"{path} not found: {workdir!r} is not an sae job workdir; train "
                             "the grid first (python -m experiments.main --config="
                             "experiments/configs/sae_*.py --workdir=...)")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  setup, lm, root = prepare(config, workdir)
+  config = ml_collections.ConfigDict(jsonio.read(path))
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  with ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=max(int(config.keep_checkpoints), 1)) as ckpt:
-    if not ckpt.all_steps():
+  with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ckpt:
+    steps = ckpt.all_steps()
+    if not steps:
       raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; the sae job in {workdir!r} has "
                               "not saved one yet (rerun it to finish training)")
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint at step {step}; it holds steps "
+                              f"{steps} (the last keep_checkpoints of the run)")
+    fingerprint = _check_config_unedited(config, workdir, ckpt_dir)
+    setup, lm, root = prepare(config, workdir, lm_pin=_recorded_lm_pin(workdir, ckpt))
     template = jax.eval_shape(lambda: init_grid(setup, lm, root))
-    state = ckpt.restore(template, step).state
-  state = place_state(grid_step.GridState(step=jnp.asarray(state.step, jnp.int32),
-                                groups=tuple(state.groups)), setup)
+    restored = ckpt.restore(template, step)
+    _check_restored_lm(restored, lm, workdir)
+  state = place_state(grid_step.GridState(step=jnp.asarray(restored.state.step, jnp.int32),
+                                groups=tuple(restored.state.groups)), setup)
   hypers = _shard(tuple(grid_step.group_hyper(s) for s in setup.specs), setup)
-  return Trained(config=config, setup=setup, lm=lm, state=state, hypers=hypers)
+  identity = {"path": os.path.abspath(workdir), "step": restored.step,
+              "digest": restored.digest, "config": workdir_lib.digest_of(fingerprint)}
+  return Trained(config=config, setup=setup, lm=lm, state=state, hypers=hypers,
+                 identity=identity)
+
+
+def _check_config_unedited(config, workdir: str, ckpt_dir: str) -> dict[str, Any]:
+  """config.json must be the config the checkpoints were written with (the fingerprint);
+  returns the fingerprint."""
+  recorded = ckpt_lib.read_fingerprint(ckpt_dir)
+  if recorded is None:
+    raise ckpt_lib.ConfigMismatchError(
+        f"{ckpt_dir} holds checkpoints but no fingerprint.json, so {workdir}/config.json cannot "
+        "be checked against the config that trained them; put the file back.")
+  diffs = ckpt_lib.fingerprint_diffs(recorded, _fingerprinted(config, workdir), ("lm_workdir",))
+  if diffs:
+    lines = "\n".join(f"  {n}: {o!r} (trained) != {v!r} (config.json)" for n, o, v in diffs)
+    raise ckpt_lib.ConfigMismatchError(
+        f"{workdir}/config.json was edited after training; it differs from the config the "
+        f"checkpoints were written with ({ckpt_dir}/fingerprint.json):\n{lines}\nRestore "
+        "those values (the grid's SAEs were trained with them); to train other values, use a "
+        "new --workdir.")
+  return recorded
 
 
 @dataclasses.dataclass(frozen=True)
