@@ -11,7 +11,8 @@ that way). Prints one JSON object:
    of ReLU local / e2e / e2e+ds and TopK local / e2e groups trained on that CPU-trained LM) run
    in child processes on the CPU backend and on the default backend, both with
    `jax_default_matmul_precision=highest`, and once more on the default backend at its default
-   precision (on GPUs float32 matmuls then use TF32). Every logged metric of every step and
+   precision (on GPUs float32 matmuls then use TF32; skipped by `--smoke` on a CPU-only
+   machine, where it would repeat the second run). Every logged metric of every step and
    variant (metrics.jsonl of both jobs) is compared: `max_rel_dev` = max |a - b| / (|b| + 1e-3)
    over continuous metrics; counts (L0, dead fraction) within `count_tolerance` (a latent whose
    pre-activation sits at 0 may fire on one backend and not the other). `pass` when the
@@ -170,8 +171,9 @@ def compare_records(a: dict[tuple, dict], b: dict[tuple, dict]) -> dict:
           "compared": compared, "missing": missing[:20]}
 
 
-def agreement(tmp: str) -> dict:
-  """CPU vs the default backend on the smoke LM and SAE jobs (module docstring, item 1)."""
+def agreement(tmp: str, default_precision: bool = True) -> dict:
+  """CPU vs the default backend on the smoke LM and SAE jobs (module docstring, item 1);
+  `default_precision=False` skips the third run (at the backend's default precision)."""
   hi = {"JAX_DEFAULT_MATMUL_PRECISION": "highest"}
   cpu = _run_child(tmp, "cpu", "", dict(hi, JAX_PLATFORMS="cpu"))
   if cpu["rc"]:
@@ -179,7 +181,8 @@ def agreement(tmp: str) -> dict:
   runs = [cpu]
   out = {"backend": jax.default_backend(), "rel_tolerance": REL_TOLERANCE,
          "count_tolerance": COUNT_TOLERANCE}
-  for name, env in (("default_highest", hi), ("default_default", {})):
+  for name, env in (("default_highest", hi), ("default_default", {}))[:2 if default_precision
+                                                                       else 1]:
     r = _run_child(tmp, name, cpu["lm"], env)
     runs.append(r)
     if r["rc"]:
@@ -291,8 +294,9 @@ def _short(r: dict) -> dict:
 
 
 def _agreement_part(tmp, shape, ns, args, steps, repeats):
-  del shape, ns, args, steps, repeats
-  return agreement(tmp)
+  del shape, ns, steps, repeats
+  # On a CPU-only machine the default-precision run repeats the highest-precision one.
+  return agreement(tmp, default_precision=not args.smoke or jax.default_backend() != "cpu")
 
 
 def _grid_part(tmp, shape, ns, args, steps, repeats):
