@@ -100,8 +100,38 @@ def _key_hparam(hp: Mapping[str, Any]) -> str:
   return " ".join(parts)
 
 
+def generations(settings: Mapping[str, Any] | str | None) -> int | None:
+  """How many generations a grammaticality fraction counts: `num_batches × batch_size` of the
+  eval job's `grammaticality_settings`, or the LM job's "B x S" string; None if unknown."""
+  if isinstance(settings, str):
+    m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", settings)
+    return int(m.group(1)) * int(m.group(2)) if m else None
+  if isinstance(settings, Mapping) and settings.get("num_batches") and settings.get("batch_size"):
+    return int(settings["num_batches"]) * int(settings["batch_size"])
+  return None
+
+
+def wilson(fraction: float | None, n: int | None) -> list[float] | None:
+  """The Wilson 95% interval of a grammaticality fraction over `n` generations (None if either
+  is unknown or not finite)."""
+  if fraction is None or n is None or not np.isfinite(fraction):
+    return None
+  lo, hi = stats.wilson_interval(int(round(fraction * n)), n)
+  return [lo, hi]
+
+
+def _frac(p, interval) -> str:
+  """A fraction with its 95% interval, e.g. '0.984 [0.945, 0.996]'."""
+  if p is None:
+    return comparison.format_number(p)
+  if not interval:
+    return comparison.format_number(p)
+  return f"{p:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
 def _variant_rows(summary, eval_results, combo: str | None) -> list[dict[str, Any]]:
   ev = eval_results["variants"]
+  n_gen = generations(eval_results.get("grammaticality_settings"))
   rows = []
   for vid in sorted(set(summary["variants"]) | set(ev)):
     s, e = summary["variants"].get(vid, {}), ev.get(vid, {})
@@ -116,6 +146,7 @@ def _variant_rows(summary, eval_results, combo: str | None) -> list[dict[str, An
                              if combo else None)
     row["grammaticality_std"] = (comparison.as_float(e.get(f"grammaticality_std/{combo}"))
                                  if combo else None)
+    row["grammaticality_interval"] = wilson(row["grammaticality"], n_gen)
     row["grammaticality_by_combo"] = {
         k.split("/", 1)[1]: {
             "mean": comparison.as_float(v),
@@ -165,12 +196,6 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str
            "|" + "---|" * len(headers)]
   lines += ["| " + " | ".join(cell(v).replace("|", "\\|") for v in r) + " |" for r in rows]
   return lines + [""]
-
-
-def _pm(mean, std) -> str:
-  if std is None:
-    return comparison.format_number(mean)
-  return f"{comparison.format_number(mean)} ± {comparison.format_number(std)}"
 
 
 def _ratio_interval(interval: Mapping[str, Any] | None) -> str:
@@ -255,6 +280,13 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
     rep["clean"]["lm"] = {k: comparison.as_float(lm.get(k)) for k in (
         "grammatical_fraction", "grammatical_fraction_std", "eval_ce",
         "grammatical_next_token_mass", "steps")}
+    rep["clean"]["lm"]["generations"] = generations(lm.get("generations"))
+    rep["clean"]["lm"]["grammatical_fraction_interval"] = wilson(
+        rep["clean"]["lm"]["grammatical_fraction"], rep["clean"]["lm"]["generations"])
+  n_gen = generations(eval_results.get("grammaticality_settings"))
+  rep["clean"]["eval"]["generations"] = n_gen
+  rep["clean"]["eval"]["grammaticality_interval"] = wilson(
+      rep["clean"]["eval"]["grammaticality"], n_gen)
   rep["grammaticality_combo"] = combo
   rep["grammaticality_combos"] = combos
   rep["variants"] = rows
@@ -377,13 +409,18 @@ def _render(rep: Mapping[str, Any]) -> list[str]:
 
   out += ["## Clean model", ""]
   ce, cl = rep["clean"]["eval"], rep["clean"].get("lm")
-  table = [["eval job (held-out)", _pm(ce["grammaticality"], ce["grammaticality_std"]),
-            ce["ce_clean"], ce["grammatical_mass_clean"]]]
+  table = [["eval job (held-out)", _frac(ce["grammaticality"], ce["grammaticality_interval"]),
+            ce["generations"], ce["ce_clean"], ce["grammatical_mass_clean"]]]
   if cl:
-    table.append(["LM job", _pm(cl["grammatical_fraction"], cl["grammatical_fraction_std"]),
-                  cl["eval_ce"], cl["grammatical_next_token_mass"]])
-  out += _md_table(["source", "grammaticality (mean ± std)", "CE (nats)", "grammatical mass"],
-                   table)
+    table.append(["LM job", _frac(cl["grammatical_fraction"],
+                                  cl["grammatical_fraction_interval"]),
+                  cl["generations"], cl["eval_ce"], cl["grammatical_next_token_mass"]])
+  out += _md_table(["source", "grammaticality [Wilson 95%]", "generations", "CE (nats)",
+                    "grammatical mass"], table)
+  out += ["The two CEs average over different tokens: the eval job's over the held-out "
+          "sequences' selected positions (next-token CE at the SAE's positions), the LM job's "
+          "over every non-pad target of its own held-out batches, the near-deterministic "
+          "decorator included (unless the LM masked it).", ""]
   out += [f"Zero-ablation CE {comparison.format_number(ce['ce_zero_ablation'])}, mean-ablation CE "
           f"{comparison.format_number(ce['ce_mean_ablation'])} (the baselines of CE "
           "recovered).", ""]
@@ -393,7 +430,8 @@ def _render(rep: Mapping[str, Any]) -> list[str]:
   out += ["## Variants", ""]
   clean_g = ce["grammaticality"]
   combo = rep["grammaticality_combo"]
-  out += [f"Spliced grammaticality: generation combo `{combo}` (mode/positions); CE recovered "
+  out += [f"Spliced grammaticality: generation combo `{combo}` (mode/positions), with its Wilson "
+          f"95% interval over {ce['generations'] or '?'} generations; CE recovered "
           "against zero ablation; EV = token-mean explained variance; ‖x̂‖/‖x‖ = token mean of "
           "the reconstruction's norm over the activation's (shrinkage below 1); ‖b_dec‖ = the "
           "decoder bias norm.", ""]
@@ -402,7 +440,7 @@ def _render(rep: Mapping[str, Any]) -> list[str]:
        "‖x̂‖/‖x‖", "‖b_dec‖", "spliced gram.", "clean gram.", "frozen"],
       [[r["id"], r["type"], r["key_hparam"], r["l0"], r["alive"], r["ce_increase"], r["kl"],
         r["ce_recovered_zero"], r["ev_token_mean"], r["norm_ratio"], r["b_dec_norm"],
-        _pm(r["grammaticality"], r["grammaticality_std"]), clean_g,
+        _frac(r["grammaticality"], r["grammaticality_interval"]), clean_g,
         f"FROZEN (step {r['bad_step']})" if r["frozen"] else ""] for r in rep["variants"]])
   if len(rep["grammaticality_combos"]) > 1:
     cs = rep["grammaticality_combos"]

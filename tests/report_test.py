@@ -82,6 +82,7 @@ def _synthetic_run(single_type=False):
       "clean": {"ce_clean": 0.61234, "ce_zero_ablation": 2.5, "ce_mean_ablation": 1.5,
                 "grammatical_mass_clean": 0.987654, "grammaticality": 0.953125,
                 "grammaticality_std": 0.0123},
+      "grammaticality_settings": {"num_batches": 2, "batch_size": 64},
       "variants": {v: _eval_variant(hps[v], frozen=v in frozen, **e) for v, e in evals.items()}}
   return summary, eval_results
 
@@ -147,15 +148,24 @@ def test_write_report_full(tmp_path):
       assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=1e-3), \
           (vid, col)
     gram = float(ev["grammaticality/corrected/all"])
-    mean, std = r["spliced gram."].split(" ± ")
-    assert (math.isnan(gram) and mean == "nan") or float(mean) == pytest.approx(gram, rel=1e-3)
-    assert float(std) == pytest.approx(0.01)
+    if math.isnan(gram):
+      assert r["spliced gram."] == "nan"
+    else:  # 'p [lo, hi]': the Wilson interval over the 2 x 64 generations, computed here
+      mean, lo, hi = map(float, re.fullmatch(r"(\S+) \[(\S+), (\S+)\]",
+                                             r["spliced gram."]).groups())
+      k, n, z = round(gram * 128), 128, 1.959964
+      centre = (k / n + z * z / (2 * n)) / (1 + z * z / n)
+      half = z / (1 + z * z / n) * math.sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n))
+      assert mean == pytest.approx(gram, abs=5e-4)
+      assert (lo, hi) == (pytest.approx(centre - half, abs=5e-4), pytest.approx(centre + half,
+                                                                              abs=5e-4))
     assert float(r["clean gram."]) == pytest.approx(0.953125, rel=1e-3)
   assert rows["v007"]["frozen"] == "FROZEN (step 7)" and rows["v000"]["frozen"] == ""
   assert rows["v007"]["EV"] == "inf" and rows["v004"]["type"] == "e2e"
   clean = _md_table_rows(md, "source")
-  mean, std = clean[0]["grammaticality (mean ± std)"].split(" ± ")
-  assert (float(mean), float(std)) == (pytest.approx(0.9531, abs=1e-4), pytest.approx(0.0123))
+  mean = clean[0]["grammaticality [Wilson 95%]"].split(" [")[0]
+  assert float(mean) == pytest.approx(0.953, abs=1e-3)
+  assert int(clean[0]["generations"]) == 128
   assert float(clean[1]["CE (nats)"]) == pytest.approx(0.6031)
   for text in ("abc1234", "2 CPU cores", "| sae | 30.25 |"):
     assert text in md
@@ -420,3 +430,14 @@ def test_eval_report_headline_is_the_training_positions_combo(tmp_path):
   rep = json.loads((tmp_path / "report.json").read_text())
   assert rep["grammaticality_combo"] == "corrected/sentence"
   assert rep["variants"][0]["grammaticality"] == 0.9
+
+
+def test_grammaticality_carries_wilson_intervals_over_its_generations():
+  assert report.generations({"num_batches": 5, "batch_size": 128}) == 640
+  assert report.generations("2 x 64") == 128 and report.generations("?") is None
+  lo, hi = report.wilson(0.5, 640)
+  # Independent: the normal approximation is close to Wilson at p = 0.5, n = 640.
+  assert abs(lo - (0.5 - 1.96 * (0.25 / 640) ** 0.5)) < 1e-3 and abs(hi + lo - 1) < 1e-12
+  lo, hi = report.wilson(1.0, 64)
+  assert hi == 1.0 and 0.9 < lo < 0.96  # not degenerate at k = n
+  assert report.wilson(None, 64) is None and report.wilson(0.5, None) is None
