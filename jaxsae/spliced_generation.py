@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Sequence
 
 import jax
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import generate as generate_lib
-from jaxsae import grammars
+from jaxsae import grid_step
 from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
 from jaxsae import train_sae
@@ -66,42 +67,106 @@ def check_options(modes: Sequence[str], positions: Sequence[str]) -> None:
 class _GenStatic:
   sae: sae_lib.SAEConfig
   mode: str
-  positions: str
   site: str
   model_config: model_lib.ModelConfig
-  prefix_len: int
   batch_size: int
   max_new_tokens: int
   top_k: int
+  variant_loop: str  # over variants and over batches: 'vmap' or 'map'
+
+
+def _replacement(sae_params, sae_state, hparams, st: _GenStatic):
+  return {st.site: lambda x_BtD: sae_lib.splice(sae_params, x_BtD, st.sae, hparams, st.mode,
+                                                state=sae_state)[0]}
 
 
 @functools.partial(jax.jit, static_argnames=("st",))
-def _generate_spliced(lm_params, sae_params, sae_state, hparams, grammar, key, temperature, *,
-                      st: _GenStatic):
-  """Generations with one SAE spliced in; its params are traced, so a group compiles once."""
-
-  def replace(x_BtD):
-    # `generate` prefills the decorator (positions 0 .. prefix_len-1) in one chunk, then
-    # decodes one position per step; 'sentence' leaves the decorator chunk clean.
-    if x_BtD.shape[1] != 1:
-      if x_BtD.shape[1] != st.prefix_len:
-        raise ValueError(f"unexpected prompt chunk of {x_BtD.shape[1]} positions (expected the "
-                         f"{st.prefix_len}-token decorator)")
-      if st.positions == "sentence":
-        return x_BtD
-    return sae_lib.splice(sae_params, x_BtD, st.sae, hparams, st.mode, state=sae_state)[0]
-
-  gen = generate_lib.generate(lm_params, st.model_config, grammar, key,
-                              batch_size=st.batch_size, max_new_tokens=st.max_new_tokens,
-                              temperature=temperature, top_k=st.top_k,
-                              replace={st.site: replace})
-  return gen.tokens, gen.finished
+def _clean_prefix(lm_params, grammar, *, st: _GenStatic) -> generate_lib.Prefix:
+  return generate_lib.prefill(lm_params, st.model_config, grammar, batch_size=st.batch_size,
+                              max_new_tokens=st.max_new_tokens)
 
 
-def _recognise(grammar: grammars.Grammar, tokens: np.ndarray) -> np.ndarray:
-  # One extra <pad> column (as generate.grammaticality does) changes no verdict.
-  padded = np.concatenate([tokens, np.full_like(tokens[:, :1], grammar.pad_id)], axis=1)
-  return np.asarray(generate_lib.jitted_for(grammar, grammars.is_grammatical)(padded))
+@functools.partial(jax.jit, static_argnames=("st",))
+def _decode_group(lm_params, sae_params, sae_state, hparams, clean_prefix, splice_prompt, grammar,
+                  keys_G, temperature, *, st: _GenStatic):
+  """Tokens `[N, G, B, T]` and finished `[N, G, B]`: every variant of a group (leading axis N of
+  the SAE arrays) samples G batches (one per key) from one prefilled prompt: its own with the
+  SAE spliced in where `splice_prompt` (a traced bool, so both positions values share this
+  compilation), else the shared `clean_prefix`."""
+
+  def one(p, s, h):
+    replace = _replacement(p, s, h, st)
+    prefix = jax.lax.cond(
+        splice_prompt,
+        lambda: generate_lib.prefill(lm_params, st.model_config, grammar,
+                                     batch_size=st.batch_size, max_new_tokens=st.max_new_tokens,
+                                     replace=replace),
+        lambda: clean_prefix)
+
+    def batch(key):
+      gen = generate_lib.decode(lm_params, st.model_config, grammar, prefix, key,
+                                max_new_tokens=st.max_new_tokens, temperature=temperature,
+                                top_k=st.top_k, replace=replace)
+      return gen.tokens, gen.finished
+
+    return grid_step.over_variants(batch, st.variant_loop)(keys_G)
+
+  return grid_step.over_variants(one, st.variant_loop)(sae_params, sae_state, hparams)
+
+
+def group_generations(setup: grid_step.Setup, lm_params, sae: sae_lib.SAEConfig, params,
+                      sae_state: sae_lib.SAEState, hparams: sae_lib.SAEHparams,
+                      keys: jax.Array, *, mode: str, positions: str, batch_size: int = 128,
+                      max_new_tokens: int = generate_lib.MAX_NEW_TOKENS,
+                      temperature: float = 1.0, top_k: int = 0,
+                      clean_prefix: generate_lib.Prefix | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Generations with each variant of a group spliced in, G batches per variant, in one call.
+
+  Batch g of every variant equals `generate.generate(..., key=keys[g], replace={site: that
+  variant's SAE})` token for token (for `positions='sentence'`, with the decorator prompt
+  left clean). The prompt is prefilled once per variant (`all`), or once for every variant
+  and group (`sentence`: the clean prefix, computed here unless passed); variants and batches
+  run vmapped or one after another (`lax.map`) as the grid's `variant_loop` says, and each
+  batch stops as soon as all its rows have emitted <eos>. One compilation per (group, mode)
+  for the sampling loop, shared by both positions values.
+
+  Args:
+    setup: the grid's setup (model, site, grammar, variant_loop).
+    lm_params: the frozen LM.
+    sae: the group's SAE config.
+    params, sae_state, hparams: its stacked SAE params / state / hparams (leading axis N: the
+      variants to generate with).
+    keys: typed PRNG keys `[G]`, one per batch.
+    mode: splice mode (`sae.SPLICE_MODES`).
+    positions: `all` (the SAE also replaces the prompt's activations) or `sentence`.
+    batch_size, max_new_tokens, temperature, top_k: generation settings.
+    clean_prefix: the clean model's prefilled prompt for `sentence` (from a previous call's
+      `clean_prefix_for`), to share it across groups.
+
+  Returns:
+    `(tokens [N, G, B, 7 + max_new_tokens], finished [N, G, B])` as host arrays.
+  """
+  check_options((mode,), (positions,))
+  st = _GenStatic(sae=sae, mode=mode, site=setup.site, model_config=setup.model_config,
+                  batch_size=int(batch_size), max_new_tokens=int(max_new_tokens),
+                  top_k=int(top_k), variant_loop=getattr(setup, "variant_loop", "vmap"))
+  if clean_prefix is None:
+    clean_prefix = clean_prefix_for(setup, lm_params, batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens)
+  tokens, finished = _decode_group(lm_params, params, sae_state, hparams, clean_prefix,
+                                   jnp.asarray(positions == "all"), setup.grammar, keys,
+                                   jnp.float32(temperature), st=st)
+  return np.asarray(tokens), np.asarray(finished)
+
+
+def clean_prefix_for(setup: grid_step.Setup, lm_params, *, batch_size: int = 128,
+                     max_new_tokens: int = generate_lib.MAX_NEW_TOKENS) -> generate_lib.Prefix:
+  """The clean model's prefilled decorator (`generate.prefill`), shared by `sentence` runs."""
+  st = _GenStatic(sae=None, mode="corrected", site=setup.site, model_config=setup.model_config,
+                  batch_size=int(batch_size), max_new_tokens=int(max_new_tokens), top_k=0,
+                  variant_loop="vmap")
+  return _clean_prefix(lm_params, setup.grammar, st=st)
 
 
 def _gen_settings(trained_or_parts, max_new_tokens, temperature, top_k):
@@ -171,6 +236,7 @@ def spliced_grammaticality(trained_or_parts, *, seed: int = 0, num_batches: int 
     raise ValueError(f"temperature must be > 0, got {temp}")
   g, mc = setup.grammar, setup.model_config
   key = jax.random.fold_in(jax.random.key(seed), GENERATION_STREAM)
+  t0 = time.perf_counter()
   clean = generate_lib.grammaticality(lm_params, mc, g, key, num_batches=num_batches,
                                       batch_size=batch_size, max_new_tokens=max_new,
                                       temperature=temp, top_k=top_k)
@@ -178,31 +244,36 @@ def spliced_grammaticality(trained_or_parts, *, seed: int = 0, num_batches: int 
          "settings": {"seed": seed, "num_batches": num_batches, "batch_size": batch_size,
                       "max_new_tokens": max_new, "temperature": temp, "top_k": top_k},
          "variants": {}}
-  keys = [jax.random.fold_in(key, i) for i in range(num_batches)]
-  temperature_arr = jnp.float32(temp)
+  t_clean = time.perf_counter() - t0
+  keys = jnp.stack([jax.random.fold_in(key, i) for i in range(num_batches)])
+  settings = dict(batch_size=batch_size, max_new_tokens=max_new, temperature=temp, top_k=top_k)
+  clean_prefix = clean_prefix_for(setup, lm_params, batch_size=batch_size, max_new_tokens=max_new)
+  t_gen = t_rec = 0.0
   for spec, gs, hyper in zip(setup.specs, states, hypers):
     normalised = spec.sae.input_norm or spec.sae.recon_norm
-    for i, vid in enumerate(spec.ids):
-      pick = lambda tree: jax.tree.map(lambda a: a[i], tree)  # pylint: disable=cell-var-from-loop
-      p_i, s_i, h_i = pick(gs.params), pick(gs.sae_state), pick(hyper.hparams)
-      res = {}
-      for mode in modes:
-        for pos in positions:
-          same = f"corrected/{pos}" if mode == "original" else f"original/{pos}"
-          if not normalised and same in res:
-            res[f"{mode}/{pos}"] = res[same]
-            continue
-          st = _GenStatic(sae=spec.sae, mode=mode, positions=pos, site=setup.site,
-                          model_config=mc, prefix_len=g.prefix_len, batch_size=batch_size,
-                          max_new_tokens=max_new, top_k=top_k)
-          fractions, finished = [], []
-          for k in keys:
-            tokens, done = _generate_spliced(lm_params, p_i, s_i, h_i, g, k, temperature_arr,
-                                             st=st)
-            fractions.append(float(_recognise(g, np.asarray(tokens)).mean()))
-            finished.append(np.asarray(done))
-          res[f"{mode}/{pos}"] = {"mean": float(np.mean(fractions)),
-                                  "std": float(np.std(fractions)), "per_batch": fractions,
-                                  "finished": float(np.concatenate(finished).mean())}
-      out["variants"][vid] = res
+    real = lambda tree: jax.tree.map(lambda a: a[:spec.size], tree)  # pylint: disable=cell-var-from-loop
+    res = {vid: {} for vid in spec.ids}
+    for mode in modes:
+      for pos in positions:
+        same = f"corrected/{pos}" if mode == "original" else f"original/{pos}"
+        if not normalised and same in res[spec.ids[0]]:
+          for r in res.values():
+            r[f"{mode}/{pos}"] = r[same]
+          continue
+        t1 = time.perf_counter()
+        tokens, done = group_generations(
+            setup, lm_params, spec.sae, real(gs.params),
+            real(gs.sae_state), real(hyper.hparams), keys, mode=mode, positions=pos,
+            clean_prefix=clean_prefix, **settings)
+        t2 = time.perf_counter()
+        ok = generate_lib.recognise(g, tokens)  # [N, G, B]
+        t_rec += time.perf_counter() - t2
+        t_gen += t2 - t1
+        for i, vid in enumerate(spec.ids):
+          fractions = [float(f) for f in ok[i].mean(axis=1)]
+          res[vid][f"{mode}/{pos}"] = {"mean": float(np.mean(fractions)),
+                                       "std": float(np.std(fractions)), "per_batch": fractions,
+                                       "finished": float(done[i].mean())}
+    out["variants"].update(res)
+  out["seconds"] = {"clean": t_clean, "generation": t_gen, "recognition": t_rec}
   return out
