@@ -66,7 +66,6 @@ def check_options(modes: Sequence[str], positions: Sequence[str]) -> None:
 @dataclasses.dataclass(frozen=True)
 class _GenStatic:
   sae: sae_lib.SAEConfig
-  mode: str
   site: str
   model_config: model_lib.ModelConfig
   batch_size: int
@@ -75,9 +74,20 @@ class _GenStatic:
   variant_loop: str  # over variants and over batches: 'vmap' or 'map'
 
 
-def _replacement(sae_params, sae_state, hparams, st: _GenStatic):
-  return {st.site: lambda x_BtD: sae_lib.splice(sae_params, x_BtD, st.sae, hparams, st.mode,
-                                                state=sae_state)[0]}
+def _replacement(sae_params, sae_state, hparams, original, st: _GenStatic):
+  """The SAE at the site, in splice mode 'original' where the traced bool `original` says so,
+  else 'corrected' (one compilation for both; without input / recon norm they coincide)."""
+
+  def splice(mode, x_BtD):
+    return sae_lib.splice(sae_params, x_BtD, st.sae, hparams, mode, state=sae_state)[0]
+
+  def replace(x_BtD):
+    if not (st.sae.input_norm or st.sae.recon_norm):
+      return splice("corrected", x_BtD)
+    return jax.lax.cond(original, functools.partial(splice, "original"),
+                        functools.partial(splice, "corrected"), x_BtD)
+
+  return {st.site: replace}
 
 
 @functools.partial(jax.jit, static_argnames=("st",))
@@ -87,15 +97,16 @@ def _clean_prefix(lm_params, grammar, *, st: _GenStatic) -> generate_lib.Prefix:
 
 
 @functools.partial(jax.jit, static_argnames=("st",))
-def _decode_group(lm_params, sae_params, sae_state, hparams, clean_prefix, splice_prompt, grammar,
-                  keys_G, temperature, *, st: _GenStatic):
+def _decode_group(lm_params, sae_params, sae_state, hparams, clean_prefix, splice_prompt, original,
+                  grammar, keys_G, temperature, *, st: _GenStatic):
   """Tokens `[N, G, B, T]` and finished `[N, G, B]`: every variant of a group (leading axis N of
   the SAE arrays) samples G batches (one per key) from one prefilled prompt: its own with the
-  SAE spliced in where `splice_prompt` (a traced bool, so both positions values share this
-  compilation), else the shared `clean_prefix`."""
+  SAE spliced in where `splice_prompt`, else the shared `clean_prefix`. `splice_prompt` and
+  `original` (the splice mode) are traced bools, so one compilation serves a group's every
+  mode and positions value."""
 
   def one(p, s, h):
-    replace = _replacement(p, s, h, st)
+    replace = _replacement(p, s, h, original, st)
     prefix = jax.lax.cond(
         splice_prompt,
         lambda: generate_lib.prefill(lm_params, st.model_config, grammar,
@@ -128,8 +139,8 @@ def group_generations(setup: grid_step.Setup, lm_params, sae: sae_lib.SAEConfig,
   left clean). The prompt is prefilled once per variant (`all`), or once for every variant
   and group (`sentence`: the clean prefix, computed here unless passed); variants and batches
   run vmapped or one after another (`lax.map`) as the grid's `variant_loop` says, and each
-  batch stops as soon as all its rows have emitted <eos>. One compilation per (group, mode)
-  for the sampling loop, shared by both positions values.
+  batch stops as soon as all its rows have emitted <eos>. One compilation per group (its
+  SAE config and the sizes) for every mode and positions value.
 
   Args:
     setup: the grid's setup (model, site, grammar, variant_loop).
@@ -147,23 +158,38 @@ def group_generations(setup: grid_step.Setup, lm_params, sae: sae_lib.SAEConfig,
   Returns:
     `(tokens [N, G, B, 7 + max_new_tokens], finished [N, G, B])` as host arrays.
   """
+  tokens, finished = dispatch_group(setup, lm_params, sae, params, sae_state, hparams, keys,
+                                    mode=mode, positions=positions, batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_k=top_k, clean_prefix=clean_prefix)
+  return np.asarray(tokens), np.asarray(finished)
+
+
+def dispatch_group(setup: grid_step.Setup, lm_params, sae: sae_lib.SAEConfig, params,
+                   sae_state: sae_lib.SAEState, hparams: sae_lib.SAEHparams, keys: jax.Array, *,
+                   mode: str, positions: str, batch_size: int = 128,
+                   max_new_tokens: int = generate_lib.MAX_NEW_TOKENS, temperature: float = 1.0,
+                   top_k: int = 0, clean_prefix: generate_lib.Prefix | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """`group_generations` without waiting: returns the device arrays as soon as the work is
+  dispatched, so the next group compiles (and finished groups are recognised) while this one
+  runs."""
   check_options((mode,), (positions,))
-  st = _GenStatic(sae=sae, mode=mode, site=setup.site, model_config=setup.model_config,
+  st = _GenStatic(sae=sae, site=setup.site, model_config=setup.model_config,
                   batch_size=int(batch_size), max_new_tokens=int(max_new_tokens),
                   top_k=int(top_k), variant_loop=getattr(setup, "variant_loop", "vmap"))
   if clean_prefix is None:
     clean_prefix = clean_prefix_for(setup, lm_params, batch_size=batch_size,
                                     max_new_tokens=max_new_tokens)
-  tokens, finished = _decode_group(lm_params, params, sae_state, hparams, clean_prefix,
-                                   jnp.asarray(positions == "all"), setup.grammar, keys,
-                                   jnp.float32(temperature), st=st)
-  return np.asarray(tokens), np.asarray(finished)
+  return _decode_group(lm_params, params, sae_state, hparams, clean_prefix,
+                       jnp.asarray(positions == "all"), jnp.asarray(mode == "original"),
+                       setup.grammar, keys, jnp.float32(temperature), st=st)
 
 
 def clean_prefix_for(setup: grid_step.Setup, lm_params, *, batch_size: int = 128,
                      max_new_tokens: int = generate_lib.MAX_NEW_TOKENS) -> generate_lib.Prefix:
   """The clean model's prefilled decorator (`generate.prefill`), shared by `sentence` runs."""
-  st = _GenStatic(sae=None, mode="corrected", site=setup.site, model_config=setup.model_config,
+  st = _GenStatic(sae=None, site=setup.site, model_config=setup.model_config,
                   batch_size=int(batch_size), max_new_tokens=int(max_new_tokens), top_k=0,
                   variant_loop="vmap")
   return _clean_prefix(lm_params, setup.grammar, st=st)
@@ -248,32 +274,37 @@ def spliced_grammaticality(trained_or_parts, *, seed: int = 0, num_batches: int 
   keys = jnp.stack([jax.random.fold_in(key, i) for i in range(num_batches)])
   settings = dict(batch_size=batch_size, max_new_tokens=max_new, temperature=temp, top_k=top_k)
   clean_prefix = clean_prefix_for(setup, lm_params, batch_size=batch_size, max_new_tokens=max_new)
-  t_gen = t_rec = 0.0
+  # Every group's work is dispatched first (each call returns once compiled), then collected:
+  # a group compiles, and a finished one is recognised, while the previous ones run.
+  t1 = time.perf_counter()
+  pending, shared = [], []
   for spec, gs, hyper in zip(setup.specs, states, hypers):
     normalised = spec.sae.input_norm or spec.sae.recon_norm
     real = lambda tree: jax.tree.map(lambda a: a[:spec.size], tree)  # pylint: disable=cell-var-from-loop
-    res = {vid: {} for vid in spec.ids}
     for mode in modes:
       for pos in positions:
-        same = f"corrected/{pos}" if mode == "original" else f"original/{pos}"
-        if not normalised and same in res[spec.ids[0]]:
-          for r in res.values():
-            r[f"{mode}/{pos}"] = r[same]
+        twin = f"{'corrected' if mode == 'original' else 'original'}/{pos}"
+        if not normalised and twin.split("/")[0] in modes[:modes.index(mode)]:
+          shared.append((spec, f"{mode}/{pos}", twin))  # the same function: generated once
           continue
-        t1 = time.perf_counter()
-        tokens, done = group_generations(
-            setup, lm_params, spec.sae, real(gs.params),
-            real(gs.sae_state), real(hyper.hparams), keys, mode=mode, positions=pos,
-            clean_prefix=clean_prefix, **settings)
-        t2 = time.perf_counter()
-        ok = generate_lib.recognise(g, tokens)  # [N, G, B]
-        t_rec += time.perf_counter() - t2
-        t_gen += t2 - t1
-        for i, vid in enumerate(spec.ids):
-          fractions = [float(f) for f in ok[i].mean(axis=1)]
-          res[vid][f"{mode}/{pos}"] = {"mean": float(np.mean(fractions)),
-                                       "std": float(np.std(fractions)), "per_batch": fractions,
-                                       "finished": float(done[i].mean())}
-    out["variants"].update(res)
+        pending.append((spec, f"{mode}/{pos}", dispatch_group(
+            setup, lm_params, spec.sae, real(gs.params), real(gs.sae_state),
+            real(hyper.hparams), keys, mode=mode, positions=pos, clean_prefix=clean_prefix,
+            **settings)))
+  t_rec = 0.0
+  for spec, combo, (tokens, done) in pending:
+    tokens, done = np.asarray(tokens), np.asarray(done)
+    t2 = time.perf_counter()
+    ok = generate_lib.recognise(g, tokens)  # [N, G, B]
+    t_rec += time.perf_counter() - t2
+    for i, vid in enumerate(spec.ids):
+      fractions = [float(f) for f in ok[i].mean(axis=1)]
+      out["variants"].setdefault(vid, {})[combo] = {
+          "mean": float(np.mean(fractions)), "std": float(np.std(fractions)),
+          "per_batch": fractions, "finished": float(done[i].mean())}
+  for spec, combo, twin in shared:
+    for vid in spec.ids:
+      out["variants"][vid][combo] = out["variants"][vid][twin]
+  t_gen = time.perf_counter() - t1 - t_rec
   out["seconds"] = {"clean": t_clean, "generation": t_gen, "recognition": t_rec}
   return out

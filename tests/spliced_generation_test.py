@@ -58,7 +58,7 @@ def _identity_w_dec(rng):
 # The generation loop.
 
 
-def _splice_closure(spec, params, states, hparams, i, positions, prefix_len):
+def _splice_closure(spec, params, states, hparams, i, positions, prefix_len, mode="corrected"):
   """Variant i's SAE as a closure for `generate` (the un-shared reference): the prompt chunk
   (`prefix_len` positions at once) stays clean for 'sentence'."""
   pick = lambda t: jax.tree.map(lambda a: a[i], t)
@@ -67,7 +67,7 @@ def _splice_closure(spec, params, states, hparams, i, positions, prefix_len):
   def replace(x_BtD):
     if positions == "sentence" and x_BtD.shape[1] == prefix_len:
       return x_BtD
-    return sae_lib.splice(p, x_BtD, spec.sae, h, "corrected", state=s)[0]
+    return sae_lib.splice(p, x_BtD, spec.sae, h, mode, state=s)[0]
 
   return replace
 
@@ -114,6 +114,35 @@ def test_group_generations_equal_one_variant_and_batch_at_a_time(setup_and_lm, v
   np.testing.assert_array_equal(sentence_t[1, 0, :, n], clean[0][:, n])
   assert (all_t[1, 0, :, n:] != clean[0][:, n:]).any()
   assert (sentence_t[1, 0, :, n + 1:] != clean[0][:, n + 1:]).any()
+
+
+def test_normalised_group_one_compilation_for_both_modes_and_positions(setup_and_lm):
+  setup, lm_params = setup_and_lm
+  specs, _ = sae_groups.build_groups(
+      [{"product": {"seed": [0, 1]},
+        "set": {"expansion": 2, "input_norm": True, "recon_norm": True, "init": "menon"}}], D)
+  spec, = specs
+  state = grid_step.init_group(spec, setup, None)
+  # Larger weights, so that the SAE's output (and so the mode) changes the generations.
+  params = jax.tree.map(lambda a: 4.0 * a, state.params)
+  hparams = grid_step.group_hyper(spec).hparams
+  g, mc = setup.grammar, setup.model_config
+  keys = jnp.stack([jax.random.key(7)])
+  before = sg._decode_group._cache_size()
+  out = {}
+  for mode in ("corrected", "original"):
+    for positions in ("all", "sentence"):
+      out[mode, positions] = sg.group_generations(
+          setup, lm_params, spec.sae, params, state.sae_state, hparams, keys, mode=mode,
+          positions=positions, batch_size=8, max_new_tokens=12)[0]
+      for i in range(2):
+        fn = _splice_closure(spec, params, state.sae_state, hparams, i, positions, g.prefix_len,
+                             mode)
+        ref = generate_lib.generate(lm_params, mc, g, keys[0], batch_size=8, max_new_tokens=12,
+                                    replace={setup.site: fn})
+        np.testing.assert_array_equal(out[mode, positions][i, 0], np.asarray(ref.tokens))
+  assert sg._decode_group._cache_size() == before + 1  # the group compiles once for all four
+  assert (out["corrected", "all"] != out["original", "all"]).any()  # the modes differ here
 
 
 # ------------------------------------------------------------------------------------------------
