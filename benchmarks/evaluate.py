@@ -144,6 +144,12 @@ def menon_grid(lm_dir: str, norm: str) -> train_sae.Trained:
   return train_sae.Trained(config=c, setup=setup, lm=lm, state=state, hypers=hypers)
 
 
+def _cpu_s() -> float:
+  """CPU seconds of this process so far (user + system, every thread)."""
+  t = os.times()
+  return t.user + t.system
+
+
 def _generated_combos(spec, modes, positions) -> int:
   normalised = spec.sae.input_norm or spec.sae.recon_norm
   return (len(modes) if normalised else 1) * len(positions)
@@ -153,10 +159,10 @@ def time_grid_generation(trained: train_sae.Trained, num_batches: int, batch_siz
                          modes, positions) -> dict:
   """Spliced grammaticality of the whole grid (`spliced_generation.spliced_grammaticality`, as
   the eval job calls it): wall time, compilation included, and its stages."""
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), _cpu_s()
   out = sg.spliced_grammaticality(trained, num_batches=num_batches, batch_size=batch_size,
                                   modes=modes, positions=positions)
-  wall = time.perf_counter() - t0
+  wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
   specs = trained.setup.specs
   saes = sum(s.size for s in specs)
   seqs = sum(s.size * _generated_combos(s, modes, positions) for s in specs) * (
@@ -164,7 +170,8 @@ def time_grid_generation(trained: train_sae.Trained, num_batches: int, batch_siz
   finished = [r["finished"] for v in out["variants"].values() for r in v.values()]
   return {"saes": saes, "groups": len(specs), "modes": list(modes), "positions": list(positions),
           "generations_per_sae_and_combo": num_batches * batch_size, "sequences": seqs,
-          "wall_s": wall, "stages_s": out["seconds"], "sequences_per_s": seqs / wall,
+          "wall_s": wall, "cpu_s": cpu, "stages_s": out["seconds"],
+          "sequences_per_s": seqs / wall,
           "mean_finished": float(np.mean(finished)), "clean_finished": out["clean"]["finished"]}
 
 
@@ -197,9 +204,9 @@ def time_group_steady(trained: train_sae.Trained, index: int, mode: str, positio
 def time_full_eval(trained: train_sae.Trained) -> dict:
   """`evaluate.evaluate_trained` with the eval job's defaults (held-out metrics on 10 × 128
   sequences; spliced grammaticality 5 × 128 per SAE for both modes × both positions)."""
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), _cpu_s()
   out = ev.evaluate_trained(trained)
-  return {"wall_s": time.perf_counter() - t0, "seconds": out["seconds"]}
+  return {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0, "seconds": out["seconds"]}
 
 
 def grid_main(args) -> dict:

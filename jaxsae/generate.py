@@ -1,11 +1,17 @@
 """Sampling from the LM with a KV cache, and the fraction of grammatical generations.
 
-`generate` starts every sequence from the 7-token decorator, prefills it in one chunk, then
-runs one `lax.scan` step per new token through `model.decode_step` (so the cost is linear in
-the length), picking each token by ancestral sampling at a temperature, top-k sampling, or
-greedily. The first `<eos>` ends a sequence: every later position is `<pad>`. An optional
-`replace` dict (site -> fn, as in `model.apply`) is active for every position, prompt included,
-which is how grammaticality is measured with an SAE spliced in.
+`generate` starts every sequence from the 7-token decorator, prefills it in one chunk
+(`prefill`), then runs one `lax.while_loop` step per new token through `model.decode_step`
+(`decode`; the cost is linear in the length), picking each token by ancestral sampling at a
+temperature, top-k sampling, or greedily. The first `<eos>` ends a sequence: every later
+position is `<pad>`, and the loop stops as soon as every row of the batch has emitted `<eos>`
+(the remaining steps would only append `<pad>`). An optional `replace` dict (site -> fn, as in
+`model.apply`) is active for every position, prompt included, which is how grammaticality is
+measured with an SAE spliced in.
+
+`generate_batches` draws G batches (one key each) in one call: the prompt is prefilled once
+and shared, and the batches run one after another (`lax.map`, each stopping on its own) on CPU
+or vmapped elsewhere; batch g equals `generate` with key g token for token.
 
 `grammaticality` samples `num_batches x batch_size` generations and returns the fraction the
 exact recogniser (`grammars.is_grammatical`) accepts, mean ± std over batches. A generation
@@ -14,8 +20,9 @@ that emits no `<eos>` within the budget is ungrammatical (it has no end).
 Compilation: called outside a trace, `generate` is jitted with the model config, sizes,
 sampling method and the `replace` functions as static arguments, so repeated calls with the
 same functions reuse one compilation; new closures (e.g. a new SAE's params baked in) compile
-again. To sweep many SAEs without recompiling, call `generate` inside your own `jax.jit` with
-the SAE params as arguments and build the replacement closures there.
+again. To sweep many SAEs without recompiling, call `prefill` / `decode` (or `generate`) inside
+your own `jax.jit` with the SAE params as arguments and build the replacement closures there
+(`spliced_generation` does).
 """
 
 from __future__ import annotations

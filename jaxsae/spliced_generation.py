@@ -15,8 +15,16 @@ included; `'sentence'` only at the generated positions (after the decorator). Sp
 `sae.SPLICE_MODES` (`corrected`, `original`); for SAEs without input / recon normalisation both
 modes are the same function and are generated once.
 
-Compilation: generation runs variant by variant, but each (group, mode, positions) compiles once:
-the SAE params are arguments of one jitted generation loop, not closures.
+How it runs (`group_generations`): one compiled call per group and (mode, positions) samples
+every variant's `num_batches` batches; variants and batches are vmapped, or run one after
+another (`lax.map`) where the grid's `variant_loop` says so (its 'auto' picks the map on CPU).
+The decorator prompt is prefilled once per variant for `positions='all'` and once for the whole
+grid for 'sentence' (the clean prompt), and shared by the batches; each batch stops as soon as
+every row has emitted `<eos>`. The SAE params, the splice mode and the positions value are
+traced arguments, so each group compiles once. Every group is dispatched before any is
+collected, so later groups compile, and finished ones are recognised, while earlier ones run.
+The tokens equal those of `generate.generate` with the SAE as a replacement closure, batch by
+batch with the same keys.
 """
 
 from __future__ import annotations
@@ -236,8 +244,9 @@ def spliced_grammaticality(trained_or_parts, *, seed: int = 0, num_batches: int 
   the sentence tokens and what follows, as the `sentence` mask of training). For SAEs without
   input / recon normalisation both modes are the same function and are generated once.
 
-  Generation runs variant by variant, but each (group, mode, positions) compiles once: the
-  SAE params are arguments of one jitted generation loop, not closures.
+  Each group runs all its variants and batches in one call and compiles once (the module
+  docstring). `seconds` in the result: the clean model's generations (`clean`), the spliced
+  ones (`generation`, compilation included) and the recogniser's (`recognition`).
 
   Args:
     trained_or_parts: a `train_sae.Trained`, or `(setup, lm_params, group_states, hypers)`.
@@ -250,7 +259,8 @@ def spliced_grammaticality(trained_or_parts, *, seed: int = 0, num_batches: int 
 
   Returns:
     `{'clean': {mean, std, per_batch, finished}, 'settings': {...}, 'variants': {id:
-    {'<mode>/<positions>': {mean, std, per_batch, finished}}}}`; padding variants skipped.
+    {'<mode>/<positions>': {mean, std, per_batch, finished}}}, 'seconds': {...}}`; padding
+    variants skipped.
   """
   check_positive_int("num_batches", num_batches)
   check_positive_int("batch_size", batch_size)
