@@ -1,6 +1,8 @@
-"""Evaluation throughput: variant-evaluations per second for N = 1 and N = 32 variants in a group.
+"""Evaluation throughput: held-out metrics per group (N = 1, 32) and spliced generation at grid scale.
 
-    python benchmarks/evaluate.py [--n 1,32] [--repeats 3] [--loops auto,vmap,map] [--generation]
+    python benchmarks/evaluate.py [--n 1,32] [--repeats 3] [--loops auto,vmap,map]
+    python benchmarks/evaluate.py --grid [--norm input_recon] [--modes corrected,original]
+        [--positions all] [--batches 5] [--batch-size 128] [--steady 3,7] [--full-eval]
 
 Reference shape (as `benchmarks/sae.py`): an untrained English LM of the spec's size (2 layers,
 d_model 128, d_mlp 512, vocab 69), held-out batches of 32 sequences × 128 tokens, one ReLU SAE
@@ -16,9 +18,7 @@ Prints one JSON object with, per (variant loop, N): `batch_s` (clean + group pas
 `clean_s` (the shared part alone), `variant_evaluations_per_s` = N / batch_s,
 `variant_tokens_per_s` = N × 4,096 / batch_s, and `cost_ratio_vs_n1` = batch_s(N) /
 batch_s(1), which is far below N when cost does not grow linearly with N at small N (the clean
-pass and the per-call overheads are shared). `--generation`: also the time of one spliced
-generation batch (128 samples × 118 tokens, `jaxsae.spliced_generation`) per variant, compile
-excluded.
+pass and the per-call overheads are shared).
 
 Last measured (`--loops vmap,map`, jax 0.10.2, 2 CPU cores shared with other jobs, load
 average 3.3-4.1; 'map' is what the grid's variant_loop='auto' picks on CPU):
@@ -33,6 +33,45 @@ average 3.3-4.1; 'map' is what the grid's variant_loop='auto' picks on CPU):
 Half the N = 1 cost is the shared clean pass (three forwards: clean, zero- and mean-ablated),
 which N = 32 amortises; on CPU XLA's batched matmuls make 'vmap' the slower loop, as in
 training. Re-measure on an idle machine (and on an accelerator, where 'vmap' is the default).
+
+`--grid`: spliced grammaticality over the 44-SAE Menon grid (`experiments/configs/sae_menon.py`,
+English, untrained SAE params on the untrained spec-size LM: the cost does not depend on the
+weights except through how soon generations emit <eos>), 5 × 128 generations of up to 118 new
+tokens per SAE and combination, through `spliced_generation.spliced_grammaticality` exactly as
+the eval job calls it, compilation and the clean model's generations included. `--norm
+input_recon` (default) makes the two splice modes different functions, so both are generated
+(with `none` they coincide and are generated once). Reports wall and CPU seconds, the stages
+(clean, generation, recognition), sequences/s; `--steady` groups timed again (compiled):
+sequences/s per SAE = 640 / (seconds of the group's call / its variants); `--full-eval` the
+eval job's `evaluate.evaluate_trained` with its defaults on the Menon grid (norm none: held-out
+metrics on 10 × 128 sequences; grammaticality for both modes × positions all / sentence).
+
+Last measured, `--grid --steady 3,7` (commit b22aafe, jax 0.10.2, 2 CPU cores shared with other
+workers' jobs, load average 5.6 before / 5.0 after; our process got 237 CPU s in 378 s wall):
+44 SAEs × 640 generations × 2 splice modes = 56,320 sequences in **378 s wall** (149
+sequences/s; target ≤ 600 s met under load): clean generations 18 s, spliced generation 204 s
+(8 compilations included), the rest waiting in the recogniser's eager ops (fixed since: the
+stages are now timed after every group is collected). Sequences/s per SAE, compiled, under the
+same load: 245 for ReLU ×8 (width 1,024, 6 SAEs), 172 for TopK ×8 (5 SAEs). About 82% of the
+generations emit <eos> within the budget, so early stopping rarely ends a 128-row batch early
+on this untrained LM; a trained LM's sentences end sooner.
+
+Idle-machine estimate: the process used 237 CPU s; on 2 idle cores the wall time lies between
+CPU/2 ≈ 120 s (both cores busy all the time) and CPU ≈ 240 s (one core): ≈ 2-4 minutes for the
+grid's generations in both modes (contention also inflates CPU time, so this is an upper
+estimate of the CPU needed).
+
+Before (commit 60d7be5, same machine, load average 5.9): one 128 × 118 batch per call and
+variant took 2.5-3.3 s (a 128-row decode step 19 ms: the KV cache re-stacked every step and
+`jax.nn.dot_product_attention`'s head transposes), 4-7 s to compile each (group, mode,
+positions): ≈ 440 × 2.7 s + 16 × 5 s ≈ 21 minutes for the same workload. What changed: the
+`[L, B, N, S, H]` cache updated in place with batch-leading per-head attention (decode step
+≈ 3 ms at B 128), every variant and batch of a group in one call (`lax.map` on CPU), the prompt
+prefilled once per variant (once for the grid where it stays clean), one compilation per group
+for both modes and positions (traced flags), generation stopping once every row of a batch has
+emitted <eos>, and groups compiled while earlier ones run. The tokens are identical to the
+previous path (checked on 4,096 rows over all 8 groups × 2 modes × 2 positions at this shape,
+and the smoke eval.json is bit-identical).
 """
 
 from __future__ import annotations

@@ -180,8 +180,7 @@ def dispatch_group(setup: grid_step.Setup, lm_params, sae: sae_lib.SAEConfig, pa
                    top_k: int = 0, clean_prefix: generate_lib.Prefix | None = None
                    ) -> tuple[jax.Array, jax.Array]:
   """`group_generations` without waiting: returns the device arrays as soon as the work is
-  dispatched, so the next group compiles while this one
-  runs."""
+  dispatched, so the next group compiles while this one runs."""
   check_options((mode,), (positions,))
   st = _GenStatic(sae=sae, site=setup.site, model_config=setup.model_config,
                   batch_size=int(batch_size), max_new_tokens=int(max_new_tokens),
