@@ -1,11 +1,17 @@
 """Sampling from the LM with a KV cache, and the fraction of grammatical generations.
 
-`generate` starts every sequence from the 7-token decorator, prefills it in one chunk, then
-runs one `lax.scan` step per new token through `model.decode_step` (so the cost is linear in
-the length), picking each token by ancestral sampling at a temperature, top-k sampling, or
-greedily. The first `<eos>` ends a sequence: every later position is `<pad>`. An optional
-`replace` dict (site -> fn, as in `model.apply`) is active for every position, prompt included,
-which is how grammaticality is measured with an SAE spliced in.
+`generate` starts every sequence from the 7-token decorator, prefills it in one chunk
+(`prefill`), then runs one `lax.while_loop` step per new token through `model.decode_step`
+(`decode`; the cost is linear in the length), picking each token by ancestral sampling at a
+temperature, top-k sampling, or greedily. The first `<eos>` ends a sequence: every later
+position is `<pad>`, and the loop stops as soon as every row of the batch has emitted `<eos>`
+(the remaining steps would only append `<pad>`). An optional `replace` dict (site -> fn, as in
+`model.apply`) is active for every position, prompt included, which is how grammaticality is
+measured with an SAE spliced in.
+
+`generate_batches` draws G batches (one key each) in one call: the prompt is prefilled once
+and shared, and the batches run one after another (`lax.map`, each stopping on its own) on CPU
+or vmapped elsewhere; batch g equals `generate` with key g token for token.
 
 `grammaticality` samples `num_batches x batch_size` generations and returns the fraction the
 exact recogniser (`grammars.is_grammatical`) accepts, mean ± std over batches. A generation
@@ -14,8 +20,9 @@ that emits no `<eos>` within the budget is ungrammatical (it has no end).
 Compilation: called outside a trace, `generate` is jitted with the model config, sizes,
 sampling method and the `replace` functions as static arguments, so repeated calls with the
 same functions reuse one compilation; new closures (e.g. a new SAE's params baked in) compile
-again. To sweep many SAEs without recompiling, call `generate` inside your own `jax.jit` with
-the SAE params as arguments and build the replacement closures there.
+again. To sweep many SAEs without recompiling, call `prefill` / `decode` (or `generate`) inside
+your own `jax.jit` with the SAE params as arguments and build the replacement closures there
+(`spliced_generation` does).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import grammars
+from jaxsae import grid_step
 from jaxsae import model as model_lib
 
 MAX_NEW_TOKENS = 118  # the spec's budget: 7 + 118 = 125 positions (<= 127 input positions)
@@ -76,34 +84,78 @@ def _pick(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, st: _Sta
   return jax.random.categorical(key, logits_BV / temperature, axis=-1).astype(jnp.int32)
 
 
-def _generate(params, key, temperature, st: _Static) -> Generation:
-  cfg = st.model_config
+@flax.struct.dataclass
+class Prefix:
+  """The prefilled decorator: what every generation from it shares.
+
+  Attributes:
+    cache: the model's KV cache after the decorator's positions (`model.init_cache` sized for
+      the decorator and the whole generation budget).
+    logits_BV: float32 `[B, V]` next-token logits after the last decorator position.
+  """
+
+  cache: Any
+  logits_BV: jax.Array
+
+
+def _prefill(params, st: _Static) -> Prefix:
   replace = dict(st.replace) or None
   n_dec = len(st.decorator)
-  b = st.batch_size
-  cache = model_lib.init_cache(cfg, b, n_dec + st.max_new_tokens)
-  dec_BT = jnp.broadcast_to(jnp.asarray(st.decorator, jnp.int32)[None], (b, n_dec))
-  res, cache = model_lib.decode_step(params, cache, dec_BT, cfg, replace=replace)
+  cache = model_lib.init_cache(st.model_config, st.batch_size, n_dec + st.max_new_tokens)
+  dec_BT = jnp.broadcast_to(jnp.asarray(st.decorator, jnp.int32)[None], (st.batch_size, n_dec))
+  res, cache = model_lib.decode_step(params, cache, dec_BT, st.model_config, replace=replace)
+  return Prefix(cache=cache, logits_BV=res.logits[:, -1])
 
-  def step(carry, i):
-    cache, logits_BV, done_B = carry
+
+def _decode(params, prefix: Prefix, key, temperature, st: _Static) -> Generation:
+  """Samples from a prefilled decorator until every row has emitted <eos> or the budget ends.
+
+  Token i is drawn from `fold_in(key, i)`. The loop stops as soon as every row is done (the
+  rest of the budget would only append `<pad>`), and never runs the forward of the last token.
+  """
+  cfg = st.model_config
+  replace = dict(st.replace) or None
+  b, n_new = st.batch_size, st.max_new_tokens
+
+  def pick(logits_BV, done_B, i, new_BT):
     tok_B = _pick(logits_BV, jax.random.fold_in(key, i), temperature, st)
     tok_B = jnp.where(done_B, st.pad_id, tok_B)
-    done_B = done_B | (tok_B == st.eos_id)
-    # The last step's forward is unused; one wasted position keeps the loop uniform.
-    res, cache = model_lib.decode_step(params, cache, tok_B[:, None], cfg, replace=replace)
-    return (cache, res.logits[:, 0], done_B), tok_B
+    new_BT = jax.lax.dynamic_update_slice_in_dim(new_BT, tok_B[:, None], i, axis=1)
+    return tok_B, done_B | (tok_B == st.eos_id), new_BT
 
-  init = (cache, res.logits[:, -1], jnp.zeros((b,), bool))
-  (_, _, done_B), new_TB = jax.lax.scan(step, init, jnp.arange(st.max_new_tokens))
-  new_BT = new_TB.T
+  def cond(carry):
+    i, _, _, done_B, _ = carry
+    return (i < n_new) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, cache, tok_B, done_B, new_BT = carry
+    res, cache = model_lib.decode_step(params, cache, tok_B[:, None], cfg, replace=replace)
+    tok_B, done_B, new_BT = pick(res.logits[:, 0], done_B, i, new_BT)
+    return i + 1, cache, tok_B, done_B, new_BT
+
+  new_BT = jnp.full((b, n_new), st.pad_id, jnp.int32)
+  tok_B, done_B, new_BT = pick(prefix.logits_BV, jnp.zeros((b,), bool), 0, new_BT)
+  init = (jnp.int32(1), prefix.cache, tok_B, done_B, new_BT)
+  _, _, _, done_B, new_BT = jax.lax.while_loop(cond, body, init)
   is_eos_BT = new_BT == st.eos_id
-  lengths = jnp.where(done_B, jnp.argmax(is_eos_BT, axis=1), st.max_new_tokens).astype(jnp.int32)
+  lengths = jnp.where(done_B, jnp.argmax(is_eos_BT, axis=1), n_new).astype(jnp.int32)
+  dec_BT = jnp.broadcast_to(jnp.asarray(st.decorator, jnp.int32)[None], (b, len(st.decorator)))
   return Generation(tokens=jnp.concatenate([dec_BT, new_BT], axis=1), finished=done_B,
                     lengths=lengths)
 
 
+def _generate(params, key, temperature, st: _Static) -> Generation:
+  return _decode(params, _prefill(params, st), key, temperature, st)
+
+
+def _generate_batches(params, keys_G, temperature, st: _Static, batch_loop: str) -> Generation:
+  prefix = _prefill(params, st)
+  return grid_step.over_variants(lambda k: _decode(params, prefix, k, temperature, st),
+                                 batch_loop)(keys_G)
+
+
 _generate_jit = jax.jit(_generate, static_argnames=("st",))
+_generate_batches_jit = jax.jit(_generate_batches, static_argnames=("st", "batch_loop"))
 
 
 def _static(model_config, grammar, batch_size, max_new_tokens, greedy, top_k, replace) -> _Static:
@@ -133,6 +185,18 @@ def _static(model_config, grammar, batch_size, max_new_tokens, greedy, top_k, re
                  replace=pairs)
 
 
+def _checked(model_config, grammar, batch_size, max_new_tokens, temperature, top_k, greedy,
+             replace) -> tuple[_Static, jax.Array]:
+  st = _static(model_config, grammar, batch_size, max_new_tokens, greedy, top_k, replace)
+  if not isinstance(temperature, jax.core.Tracer) and not greedy and not float(temperature) > 0:
+    raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+  return st, jnp.asarray(temperature, jnp.float32)
+
+
+def _traced(*trees) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(trees))
+
+
 def generate(params: model_lib.Params, model_config: model_lib.ModelConfig,
              grammar: grammars.Grammar, key: jax.Array, *, batch_size: int = 128,
              max_new_tokens: int = MAX_NEW_TOKENS, temperature: float | jax.Array = 1.0,
@@ -156,17 +220,92 @@ def generate(params: model_lib.Params, model_config: model_lib.ModelConfig,
     A `Generation`.
   """
   chex.assert_shape(key, ())
-  st = _static(model_config, grammar, batch_size, max_new_tokens, greedy, top_k, replace)
-  if not isinstance(temperature, jax.core.Tracer) and not greedy and not float(temperature) > 0:
-    raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
-  temperature = jnp.asarray(temperature, jnp.float32)
-  if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((params, key))):
+  st, temperature = _checked(model_config, grammar, batch_size, max_new_tokens, temperature,
+                             top_k, greedy, replace)
+  if _traced(params, key):
     return _generate(params, key, temperature, st)
   try:
     hash(st)
   except TypeError:  # unhashable replacement callables: compile this call on its own
     return jax.jit(functools.partial(_generate, st=st))(params, key, temperature)
   return _generate_jit(params, key, temperature, st=st)
+
+
+def generate_batches(params: model_lib.Params, model_config: model_lib.ModelConfig,
+                     grammar: grammars.Grammar, keys: jax.Array, *, batch_size: int = 128,
+                     max_new_tokens: int = MAX_NEW_TOKENS, temperature: float | jax.Array = 1.0,
+                     top_k: int = 0, greedy: bool = False, replace: model_lib.Replace = None,
+                     batch_loop: str = "auto") -> Generation:
+  """`generate` for each of G keys in one call: the same tokens as G calls, the prefill shared.
+
+  The decorator is prefilled once (every batch starts from the same prompt) and the G batches
+  are sampled from it, vmapped or one after another (`lax.map`, each stopping on its own as
+  soon as its rows have all emitted <eos>).
+
+  Args:
+    params, model_config, grammar, batch_size, max_new_tokens, temperature, top_k, greedy,
+      replace: as in `generate`.
+    keys: typed PRNG keys `[G]`; batch g is `generate(..., key=keys[g])`.
+    batch_loop: `vmap`, `map`, or `auto` (`map` on a CPU backend, `vmap` elsewhere: the
+      convention of `grid_step.over_variants`).
+
+  Returns:
+    A `Generation` whose fields have a leading axis G.
+  """
+  chex.assert_rank(keys, 1)
+  st, temperature = _checked(model_config, grammar, batch_size, max_new_tokens, temperature,
+                             top_k, greedy, replace)
+  batch_loop = resolve_loop(batch_loop)
+  if _traced(params, keys):
+    return _generate_batches(params, keys, temperature, st, batch_loop)
+  try:
+    hash(st)
+  except TypeError:
+    return jax.jit(functools.partial(_generate_batches, st=st, batch_loop=batch_loop))(
+        params, keys, temperature)
+  return _generate_batches_jit(params, keys, temperature, st=st, batch_loop=batch_loop)
+
+
+def resolve_loop(choice: str) -> str:
+  """`auto` -> `map` on a CPU backend, `vmap` elsewhere; `vmap` / `map` as given."""
+  if choice not in grid_step.VARIANT_LOOPS:
+    raise ValueError(f"batch_loop={choice!r}: use one of {grid_step.VARIANT_LOOPS}")
+  if choice == "auto":
+    return "map" if jax.default_backend() == "cpu" else "vmap"
+  return choice
+
+
+def prefill(params: model_lib.Params, model_config: model_lib.ModelConfig,
+            grammar: grammars.Grammar, *, batch_size: int = 128,
+            max_new_tokens: int = MAX_NEW_TOKENS,
+            replace: model_lib.Replace = None) -> Prefix:
+  """The decorator prompt run through the model for `batch_size` rows (call it inside jit).
+
+  Every generation starts from the same prompt, so one `Prefix` serves any number of `decode`
+  calls (keys, batches, and for a replacement that leaves the prompt alone, variants).
+  """
+  st = _static(model_config, grammar, batch_size, max_new_tokens, False, 0, replace)
+  return _prefill(params, st)
+
+
+def decode(params: model_lib.Params, model_config: model_lib.ModelConfig,
+           grammar: grammars.Grammar, prefix: Prefix, key: jax.Array, *,
+           max_new_tokens: int = MAX_NEW_TOKENS, temperature: float | jax.Array = 1.0,
+           top_k: int = 0, greedy: bool = False,
+           replace: model_lib.Replace = None) -> Generation:
+  """Samples from a `prefill`ed prompt (call it inside jit): `prefill` then `decode` with the
+  same replacement equals `generate` token for token.
+
+  Args:
+    params, model_config, grammar, key, temperature, top_k, greedy, replace: as in `generate`
+      (`replace` acts on the generated positions only; the prompt is the prefix's).
+    prefix: from `prefill` with the same `max_new_tokens`; its rows are the batch.
+    max_new_tokens: the generation budget the prefix was made for.
+  """
+  chex.assert_shape(key, ())
+  st, temperature = _checked(model_config, grammar, prefix.logits_BV.shape[0], max_new_tokens,
+                             temperature, top_k, greedy, replace)
+  return _decode(params, prefix, key, temperature, st)
 
 
 _SCAN_KINDS = ("dyck", "expr_prefix", "expr_postfix")
@@ -186,8 +325,18 @@ def jitted_for(grammar: grammars.Grammar, fn: Callable[..., Any]) -> Callable[..
   return entry[1]
 
 
-def _recogniser(grammar: grammars.Grammar) -> Callable[..., Any]:
-  return jitted_for(grammar, grammars.is_grammatical)
+def recognise(grammar: grammars.Grammar, tokens: np.ndarray) -> np.ndarray:
+  """The exact recogniser's verdicts on generations `[..., T]` (bool `[...]`), all rows at once.
+
+  One extra `<pad>` column changes no verdict and lets the recogniser accept tiny budgets.
+  Concrete tokens: the CKY recogniser (English) buckets rows by sentence length, much faster
+  than a chart under jit.
+  """
+  tokens = np.asarray(tokens)
+  flat = tokens.reshape(-1, tokens.shape[-1])
+  padded = np.concatenate([flat, np.full_like(flat[:, :1], grammar.pad_id)], axis=1)
+  ok = np.asarray(jitted_for(grammar, grammars.is_grammatical)(padded))
+  return ok.reshape(tokens.shape[:-1])
 
 
 def grammaticality(params: model_lib.Params, model_config: model_lib.ModelConfig,
@@ -207,30 +356,25 @@ def grammaticality(params: model_lib.Params, model_config: model_lib.ModelConfig
     sentence length of the finished ones), and `samples`: the first `num_samples` sentences
     of batch 0, decoded, each marked with its verdict.
   """
-  fractions, finished, lengths, samples = [], [], [], []
-  for i in range(int(num_batches)):
-    gen = generate(params, model_config, grammar, jax.random.fold_in(key, i),
-                   batch_size=batch_size, max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_k=top_k, greedy=greedy, replace=replace)
-    tokens = np.asarray(gen.tokens)
-    # One extra <pad> column changes no verdict and lets the recogniser accept tiny budgets.
-    # Concrete tokens: the CKY recogniser (English) buckets by sentence length, much faster.
-    padded = np.concatenate([tokens, np.full_like(tokens[:, :1], grammar.pad_id)], axis=1)
-    ok = np.asarray(_recogniser(grammar)(padded))
-    done = np.asarray(gen.finished)
-    fractions.append(float(ok.mean()))
-    finished.append(done)
-    lengths.append(np.asarray(gen.lengths)[done])
-    if i == 0:
-      texts = grammar.decode(tokens[:num_samples], sentence_only=True)
-      samples = [f"{'✓' if g else '✗'} {t}{'' if d else ' …(no <eos>)'}"
-                 for t, g, d in zip(texts, ok, done)]
-  lengths = np.concatenate(lengths)
+  if int(num_batches) < 1:
+    raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+  keys = jnp.stack([jax.random.fold_in(key, i) for i in range(int(num_batches))])
+  gen = generate_batches(params, model_config, grammar, keys, batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         greedy=greedy, replace=replace)
+  tokens_GBT = np.asarray(gen.tokens)
+  ok_GB = recognise(grammar, tokens_GBT)
+  done_GB = np.asarray(gen.finished)
+  fractions = [float(ok.mean()) for ok in ok_GB]
+  lengths = np.asarray(gen.lengths)[done_GB]
+  texts = grammar.decode(tokens_GBT[0, :num_samples], sentence_only=True)
+  samples = [f"{'✓' if g else '✗'} {t}{'' if d else ' …(no <eos>)'}"
+             for t, g, d in zip(texts, ok_GB[0], done_GB[0])]
   return {
       "mean": float(np.mean(fractions)),
       "std": float(np.std(fractions)),
       "per_batch": fractions,
-      "finished": float(np.concatenate(finished).mean()),
+      "finished": float(done_GB.mean()),
       "mean_length": float(lengths.mean()) if lengths.size else float("nan"),
       "samples": samples,
   }

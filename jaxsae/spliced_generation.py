@@ -15,14 +15,23 @@ included; `'sentence'` only at the generated positions (after the decorator). Sp
 `sae.SPLICE_MODES` (`corrected`, `original`); for SAEs without input / recon normalisation both
 modes are the same function and are generated once.
 
-Compilation: generation runs variant by variant, but each (group, mode, positions) compiles once:
-the SAE params are arguments of one jitted generation loop, not closures.
+How it runs (`group_generations`): one compiled call per group and (mode, positions) samples
+every variant's `num_batches` batches; variants and batches are vmapped, or run one after
+another (`lax.map`) where the grid's `variant_loop` says so (its 'auto' picks the map on CPU).
+The decorator prompt is prefilled once per variant for `positions='all'` and once for the whole
+grid for 'sentence' (the clean prompt), and shared by the batches; each batch stops as soon as
+every row has emitted `<eos>`. The SAE params, the splice mode and the positions value are
+traced arguments, so each group compiles once. Every group is dispatched before any is
+collected, so later groups compile while earlier ones run.
+The tokens equal those of `generate.generate` with the SAE as a replacement closure, batch by
+batch with the same keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Sequence
 
 import jax
@@ -30,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import generate as generate_lib
-from jaxsae import grammars
+from jaxsae import grid_step
 from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
 from jaxsae import train_sae
@@ -65,43 +74,132 @@ def check_options(modes: Sequence[str], positions: Sequence[str]) -> None:
 @dataclasses.dataclass(frozen=True)
 class _GenStatic:
   sae: sae_lib.SAEConfig
-  mode: str
-  positions: str
   site: str
   model_config: model_lib.ModelConfig
-  prefix_len: int
   batch_size: int
   max_new_tokens: int
   top_k: int
+  variant_loop: str  # over variants and over batches: 'vmap' or 'map'
+
+
+def _replacement(sae_params, sae_state, hparams, original, st: _GenStatic):
+  """The SAE at the site, in splice mode 'original' where the traced bool `original` says so,
+  else 'corrected' (one compilation for both; without input / recon norm they coincide)."""
+
+  def splice(mode, x_BtD):
+    return sae_lib.splice(sae_params, x_BtD, st.sae, hparams, mode, state=sae_state)[0]
+
+  def replace(x_BtD):
+    if not (st.sae.input_norm or st.sae.recon_norm):
+      return splice("corrected", x_BtD)
+    return jax.lax.cond(original, functools.partial(splice, "original"),
+                        functools.partial(splice, "corrected"), x_BtD)
+
+  return {st.site: replace}
 
 
 @functools.partial(jax.jit, static_argnames=("st",))
-def _generate_spliced(lm_params, sae_params, sae_state, hparams, grammar, key, temperature, *,
-                      st: _GenStatic):
-  """Generations with one SAE spliced in; its params are traced, so a group compiles once."""
-
-  def replace(x_BtD):
-    # `generate` prefills the decorator (positions 0 .. prefix_len-1) in one chunk, then
-    # decodes one position per step; 'sentence' leaves the decorator chunk clean.
-    if x_BtD.shape[1] != 1:
-      if x_BtD.shape[1] != st.prefix_len:
-        raise ValueError(f"unexpected prompt chunk of {x_BtD.shape[1]} positions (expected the "
-                         f"{st.prefix_len}-token decorator)")
-      if st.positions == "sentence":
-        return x_BtD
-    return sae_lib.splice(sae_params, x_BtD, st.sae, hparams, st.mode, state=sae_state)[0]
-
-  gen = generate_lib.generate(lm_params, st.model_config, grammar, key,
-                              batch_size=st.batch_size, max_new_tokens=st.max_new_tokens,
-                              temperature=temperature, top_k=st.top_k,
-                              replace={st.site: replace})
-  return gen.tokens, gen.finished
+def _clean_prefix(lm_params, grammar, *, st: _GenStatic) -> generate_lib.Prefix:
+  return generate_lib.prefill(lm_params, st.model_config, grammar, batch_size=st.batch_size,
+                              max_new_tokens=st.max_new_tokens)
 
 
-def _recognise(grammar: grammars.Grammar, tokens: np.ndarray) -> np.ndarray:
-  # One extra <pad> column (as generate.grammaticality does) changes no verdict.
-  padded = np.concatenate([tokens, np.full_like(tokens[:, :1], grammar.pad_id)], axis=1)
-  return np.asarray(generate_lib.jitted_for(grammar, grammars.is_grammatical)(padded))
+@functools.partial(jax.jit, static_argnames=("st",))
+def _decode_group(lm_params, sae_params, sae_state, hparams, clean_prefix, splice_prompt, original,
+                  grammar, keys_G, temperature, *, st: _GenStatic):
+  """Tokens `[N, G, B, T]` and finished `[N, G, B]`: every variant of a group (leading axis N of
+  the SAE arrays) samples G batches (one per key) from one prefilled prompt: its own with the
+  SAE spliced in where `splice_prompt`, else the shared `clean_prefix`. `splice_prompt` and
+  `original` (the splice mode) are traced bools, so one compilation serves a group's every
+  mode and positions value."""
+
+  def one(p, s, h):
+    replace = _replacement(p, s, h, original, st)
+    prefix = jax.lax.cond(
+        splice_prompt,
+        lambda: generate_lib.prefill(lm_params, st.model_config, grammar,
+                                     batch_size=st.batch_size, max_new_tokens=st.max_new_tokens,
+                                     replace=replace),
+        lambda: clean_prefix)
+
+    def batch(key):
+      gen = generate_lib.decode(lm_params, st.model_config, grammar, prefix, key,
+                                max_new_tokens=st.max_new_tokens, temperature=temperature,
+                                top_k=st.top_k, replace=replace)
+      return gen.tokens, gen.finished
+
+    return grid_step.over_variants(batch, st.variant_loop)(keys_G)
+
+  return grid_step.over_variants(one, st.variant_loop)(sae_params, sae_state, hparams)
+
+
+def group_generations(setup: grid_step.Setup, lm_params, sae: sae_lib.SAEConfig, params,
+                      sae_state: sae_lib.SAEState, hparams: sae_lib.SAEHparams,
+                      keys: jax.Array, *, mode: str, positions: str, batch_size: int = 128,
+                      max_new_tokens: int = generate_lib.MAX_NEW_TOKENS,
+                      temperature: float = 1.0, top_k: int = 0,
+                      clean_prefix: generate_lib.Prefix | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Generations with each variant of a group spliced in, G batches per variant, in one call.
+
+  Batch g of every variant equals `generate.generate(..., key=keys[g], replace={site: that
+  variant's SAE})` token for token (for `positions='sentence'`, with the decorator prompt
+  left clean). The prompt is prefilled once per variant (`all`), or once for every variant
+  and group (`sentence`: the clean prefix, computed here unless passed); variants and batches
+  run vmapped or one after another (`lax.map`) as the grid's `variant_loop` says, and each
+  batch stops as soon as all its rows have emitted <eos>. One compilation per group (its
+  SAE config and the sizes) for every mode and positions value.
+
+  Args:
+    setup: the grid's setup (model, site, grammar, variant_loop).
+    lm_params: the frozen LM.
+    sae: the group's SAE config.
+    params, sae_state, hparams: its stacked SAE params / state / hparams (leading axis N: the
+      variants to generate with).
+    keys: typed PRNG keys `[G]`, one per batch.
+    mode: splice mode (`sae.SPLICE_MODES`).
+    positions: `all` (the SAE also replaces the prompt's activations) or `sentence`.
+    batch_size, max_new_tokens, temperature, top_k: generation settings.
+    clean_prefix: the clean model's prefilled prompt for `sentence` (from a previous call's
+      `clean_prefix_for`), to share it across groups.
+
+  Returns:
+    `(tokens [N, G, B, 7 + max_new_tokens], finished [N, G, B])` as host arrays.
+  """
+  tokens, finished = dispatch_group(setup, lm_params, sae, params, sae_state, hparams, keys,
+                                    mode=mode, positions=positions, batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_k=top_k, clean_prefix=clean_prefix)
+  return np.asarray(tokens), np.asarray(finished)
+
+
+def dispatch_group(setup: grid_step.Setup, lm_params, sae: sae_lib.SAEConfig, params,
+                   sae_state: sae_lib.SAEState, hparams: sae_lib.SAEHparams, keys: jax.Array, *,
+                   mode: str, positions: str, batch_size: int = 128,
+                   max_new_tokens: int = generate_lib.MAX_NEW_TOKENS, temperature: float = 1.0,
+                   top_k: int = 0, clean_prefix: generate_lib.Prefix | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """`group_generations` without waiting: returns the device arrays as soon as the work is
+  dispatched, so the next group compiles while this one runs."""
+  check_options((mode,), (positions,))
+  st = _GenStatic(sae=sae, site=setup.site, model_config=setup.model_config,
+                  batch_size=int(batch_size), max_new_tokens=int(max_new_tokens),
+                  top_k=int(top_k), variant_loop=getattr(setup, "variant_loop", "vmap"))
+  if clean_prefix is None:
+    clean_prefix = clean_prefix_for(setup, lm_params, batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens)
+  return _decode_group(lm_params, params, sae_state, hparams, clean_prefix,
+                       jnp.asarray(positions == "all"), jnp.asarray(mode == "original"),
+                       setup.grammar, keys, jnp.float32(temperature), st=st)
+
+
+def clean_prefix_for(setup: grid_step.Setup, lm_params, *, batch_size: int = 128,
+                     max_new_tokens: int = generate_lib.MAX_NEW_TOKENS) -> generate_lib.Prefix:
+  """The clean model's prefilled decorator (`generate.prefill`), shared by `sentence` runs."""
+  st = _GenStatic(sae=None, site=setup.site, model_config=setup.model_config,
+                  batch_size=int(batch_size), max_new_tokens=int(max_new_tokens), top_k=0,
+                  variant_loop="vmap")
+  return _clean_prefix(lm_params, setup.grammar, st=st)
 
 
 def _gen_settings(trained_or_parts, max_new_tokens, temperature, top_k):
@@ -145,8 +243,9 @@ def spliced_grammaticality(trained_or_parts, *, seed: int = 0, num_batches: int 
   the sentence tokens and what follows, as the `sentence` mask of training). For SAEs without
   input / recon normalisation both modes are the same function and are generated once.
 
-  Generation runs variant by variant, but each (group, mode, positions) compiles once: the
-  SAE params are arguments of one jitted generation loop, not closures.
+  Each group runs all its variants and batches in one call and compiles once (the module
+  docstring). `seconds` in the result: the clean model's generations (`clean`), the spliced
+  ones (`generation`, compilation included) and the recogniser's (`recognition`).
 
   Args:
     trained_or_parts: a `train_sae.Trained`, or `(setup, lm_params, group_states, hypers)`.
@@ -159,7 +258,8 @@ def spliced_grammaticality(trained_or_parts, *, seed: int = 0, num_batches: int 
 
   Returns:
     `{'clean': {mean, std, per_batch, finished}, 'settings': {...}, 'variants': {id:
-    {'<mode>/<positions>': {mean, std, per_batch, finished}}}}`; padding variants skipped.
+    {'<mode>/<positions>': {mean, std, per_batch, finished}}}, 'seconds': {...}}`; padding
+    variants skipped.
   """
   check_positive_int("num_batches", num_batches)
   check_positive_int("batch_size", batch_size)
@@ -171,6 +271,7 @@ def spliced_grammaticality(trained_or_parts, *, seed: int = 0, num_batches: int 
     raise ValueError(f"temperature must be > 0, got {temp}")
   g, mc = setup.grammar, setup.model_config
   key = jax.random.fold_in(jax.random.key(seed), GENERATION_STREAM)
+  t0 = time.perf_counter()
   clean = generate_lib.grammaticality(lm_params, mc, g, key, num_batches=num_batches,
                                       batch_size=batch_size, max_new_tokens=max_new,
                                       temperature=temp, top_k=top_k)
@@ -178,31 +279,40 @@ def spliced_grammaticality(trained_or_parts, *, seed: int = 0, num_batches: int 
          "settings": {"seed": seed, "num_batches": num_batches, "batch_size": batch_size,
                       "max_new_tokens": max_new, "temperature": temp, "top_k": top_k},
          "variants": {}}
-  keys = [jax.random.fold_in(key, i) for i in range(num_batches)]
-  temperature_arr = jnp.float32(temp)
+  t_clean = time.perf_counter() - t0
+  keys = jnp.stack([jax.random.fold_in(key, i) for i in range(num_batches)])
+  settings = dict(batch_size=batch_size, max_new_tokens=max_new, temperature=temp, top_k=top_k)
+  clean_prefix = clean_prefix_for(setup, lm_params, batch_size=batch_size, max_new_tokens=max_new)
+  # Every group's work is dispatched first (each call returns once compiled), then collected:
+  # a group compiles while the previous ones run.
+  t1 = time.perf_counter()
+  pending, shared = [], []
   for spec, gs, hyper in zip(setup.specs, states, hypers):
     normalised = spec.sae.input_norm or spec.sae.recon_norm
+    real = lambda tree: jax.tree.map(lambda a: a[:spec.size], tree)  # pylint: disable=cell-var-from-loop
+    for mode in modes:
+      for pos in positions:
+        twin = f"{'corrected' if mode == 'original' else 'original'}/{pos}"
+        if not normalised and twin.split("/")[0] in modes[:modes.index(mode)]:
+          shared.append((spec, f"{mode}/{pos}", twin))  # the same function: generated once
+          continue
+        pending.append((spec, f"{mode}/{pos}", dispatch_group(
+            setup, lm_params, spec.sae, real(gs.params), real(gs.sae_state),
+            real(hyper.hparams), keys, mode=mode, positions=pos, clean_prefix=clean_prefix,
+            **settings)))
+  # The recogniser's eager ops would queue behind the groups still running: wait for all.
+  pending = [(spec, combo, jax.device_get(out_)) for spec, combo, out_ in pending]
+  t_gen = time.perf_counter() - t1
+  for spec, combo, (tokens, done) in pending:
+    ok = generate_lib.recognise(g, tokens)  # [N, G, B]
     for i, vid in enumerate(spec.ids):
-      pick = lambda tree: jax.tree.map(lambda a: a[i], tree)  # pylint: disable=cell-var-from-loop
-      p_i, s_i, h_i = pick(gs.params), pick(gs.sae_state), pick(hyper.hparams)
-      res = {}
-      for mode in modes:
-        for pos in positions:
-          same = f"corrected/{pos}" if mode == "original" else f"original/{pos}"
-          if not normalised and same in res:
-            res[f"{mode}/{pos}"] = res[same]
-            continue
-          st = _GenStatic(sae=spec.sae, mode=mode, positions=pos, site=setup.site,
-                          model_config=mc, prefix_len=g.prefix_len, batch_size=batch_size,
-                          max_new_tokens=max_new, top_k=top_k)
-          fractions, finished = [], []
-          for k in keys:
-            tokens, done = _generate_spliced(lm_params, p_i, s_i, h_i, g, k, temperature_arr,
-                                             st=st)
-            fractions.append(float(_recognise(g, np.asarray(tokens)).mean()))
-            finished.append(np.asarray(done))
-          res[f"{mode}/{pos}"] = {"mean": float(np.mean(fractions)),
-                                  "std": float(np.std(fractions)), "per_batch": fractions,
-                                  "finished": float(np.concatenate(finished).mean())}
-      out["variants"][vid] = res
+      fractions = [float(f) for f in ok[i].mean(axis=1)]
+      out["variants"].setdefault(vid, {})[combo] = {
+          "mean": float(np.mean(fractions)), "std": float(np.std(fractions)),
+          "per_batch": fractions, "finished": float(done[i].mean())}
+  for spec, combo, twin in shared:
+    for vid in spec.ids:
+      out["variants"][vid][combo] = out["variants"][vid][twin]
+  t_rec = time.perf_counter() - t1 - t_gen
+  out["seconds"] = {"clean": t_clean, "generation": t_gen, "recognition": t_rec}
   return out

@@ -58,33 +58,91 @@ def _identity_w_dec(rng):
 # The generation loop.
 
 
-def test_spliced_generation(setup_and_lm):
+def _splice_closure(spec, params, states, hparams, i, positions, prefix_len, mode="corrected"):
+  """Variant i's SAE as a closure for `generate` (the un-shared reference): the prompt chunk
+  (`prefix_len` positions at once) stays clean for 'sentence'."""
+  pick = lambda t: jax.tree.map(lambda a: a[i], t)
+  p, s, h = pick(params), pick(states), pick(hparams)
+
+  def replace(x_BtD):
+    if positions == "sentence" and x_BtD.shape[1] == prefix_len:
+      return x_BtD
+    return sae_lib.splice(p, x_BtD, spec.sae, h, mode, state=s)[0]
+
+  return replace
+
+
+@pytest.mark.parametrize("variant_loop", ["map", "vmap"])
+def test_group_generations_equal_one_variant_and_batch_at_a_time(setup_and_lm, variant_loop):
   setup, lm_params = setup_and_lm
+  setup = dataclasses.replace(setup, variant_loop=variant_loop)
   rng = np.random.default_rng(0)
-  spec, params, hyper = _crafted_group(2, [_identity_w_dec(rng), np.zeros((3 * D, D), np.float32)])
-  states = jax.vmap(lambda _: sae_lib.init_state(spec.sae))(jnp.arange(2))
+  w_random = rng.normal(size=(3 * D, D)).astype(np.float32) * 0.2
+  spec, params, hyper = _crafted_group(
+      3, [_identity_w_dec(rng), np.zeros((3 * D, D), np.float32), w_random])
+  states = jax.vmap(lambda _: sae_lib.init_state(spec.sae))(jnp.arange(3))
   g, mc = setup.grammar, setup.model_config
-  key = jax.random.key(5)
-  clean = generate_lib.generate(lm_params, mc, g, key, batch_size=8, max_new_tokens=12)
+  keys = jnp.stack([jax.random.key(5), jax.random.key(6)])
+  clean = [np.asarray(generate_lib.generate(lm_params, mc, g, k, batch_size=8,
+                                            max_new_tokens=12).tokens) for k in keys]
 
-  def gen(i, positions):
-    st = sg._GenStatic(sae=spec.sae, mode="corrected", positions=positions, site=setup.site,
-                       model_config=mc, prefix_len=g.prefix_len, batch_size=8,
-                       max_new_tokens=12, top_k=0)
-    pick = lambda t: jax.tree.map(lambda a: a[i], t)
-    return np.asarray(sg._generate_spliced(lm_params, pick(params), pick(states),
-                                           pick(hyper.hparams), g, key, jnp.float32(1.0),
-                                           st=st)[0])
+  def group(positions):
+    return sg.group_generations(setup, lm_params, spec.sae, params, states, hyper.hparams, keys,
+                                mode="corrected", positions=positions, batch_size=8,
+                                max_new_tokens=12)
 
-  before = sg._generate_spliced._cache_size()
-  np.testing.assert_array_equal(gen(0, "all"), np.asarray(clean.tokens))  # identity SAE
-  zero_all, zero_sentence = gen(1, "all"), gen(1, "sentence")
-  assert sg._generate_spliced._cache_size() == before + 2  # per positions, not per variant
+  before = sg._decode_group._cache_size()
+  all_t, all_done = group("all")
+  sentence_t, _ = group("sentence")
+  # One compilation of the sampling loop per (group, mode): both positions values share it.
+  assert sg._decode_group._cache_size() == before + 1
+  assert all_t.shape == (3, 2, 8, g.prefix_len + 12) and all_done.shape == (3, 2, 8)
+  for b in range(2):
+    np.testing.assert_array_equal(all_t[0, b], clean[b])  # identity SAE = the clean model
+    np.testing.assert_array_equal(sentence_t[0, b], clean[b])
+  # Every variant and batch equals its own un-shared generation (prompt prefilled per call,
+  # the SAE as a closure), token for token with the same keys.
+  for i in range(3):
+    for positions, tokens in (("all", all_t), ("sentence", sentence_t)):
+      fn = _splice_closure(spec, params, states, hyper.hparams, i, positions, g.prefix_len)
+      for b in range(2):
+        ref = generate_lib.generate(lm_params, mc, g, keys[b], batch_size=8, max_new_tokens=12,
+                                    replace={setup.site: fn})
+        np.testing.assert_array_equal(tokens[i, b], np.asarray(ref.tokens))
   # 'sentence' leaves the decorator clean, so the first word is the clean model's; 'all' does not.
   n = g.prefix_len
-  np.testing.assert_array_equal(zero_sentence[:, n], np.asarray(clean.tokens)[:, n])
-  assert (zero_all[:, n:] != np.asarray(clean.tokens)[:, n:]).any()
-  assert (zero_sentence[:, n + 1:] != np.asarray(clean.tokens)[:, n + 1:]).any()
+  np.testing.assert_array_equal(sentence_t[1, 0, :, n], clean[0][:, n])
+  assert (all_t[1, 0, :, n:] != clean[0][:, n:]).any()
+  assert (sentence_t[1, 0, :, n + 1:] != clean[0][:, n + 1:]).any()
+
+
+def test_normalised_group_one_compilation_for_both_modes_and_positions(setup_and_lm):
+  setup, lm_params = setup_and_lm
+  specs, _ = sae_groups.build_groups(
+      [{"product": {"seed": [0, 1]},
+        "set": {"expansion": 2, "input_norm": True, "recon_norm": True, "init": "menon"}}], D)
+  spec, = specs
+  state = grid_step.init_group(spec, setup, None)
+  # Larger weights, so that the SAE's output (and so the mode) changes the generations.
+  params = jax.tree.map(lambda a: 4.0 * a, state.params)
+  hparams = grid_step.group_hyper(spec).hparams
+  g, mc = setup.grammar, setup.model_config
+  keys = jnp.stack([jax.random.key(7)])
+  before = sg._decode_group._cache_size()
+  out = {}
+  for mode in ("corrected", "original"):
+    for positions in ("all", "sentence"):
+      out[mode, positions] = sg.group_generations(
+          setup, lm_params, spec.sae, params, state.sae_state, hparams, keys, mode=mode,
+          positions=positions, batch_size=8, max_new_tokens=12)[0]
+      for i in range(2):
+        fn = _splice_closure(spec, params, state.sae_state, hparams, i, positions, g.prefix_len,
+                             mode)
+        ref = generate_lib.generate(lm_params, mc, g, keys[0], batch_size=8, max_new_tokens=12,
+                                    replace={setup.site: fn})
+        np.testing.assert_array_equal(out[mode, positions][i, 0], np.asarray(ref.tokens))
+  assert sg._decode_group._cache_size() == before + 1  # the group compiles once for all four
+  assert (out["corrected", "all"] != out["original", "all"]).any()  # the modes differ here
 
 
 # ------------------------------------------------------------------------------------------------
