@@ -1,0 +1,159 @@
+"""The SAELens 6 on-disk form of one SAE: `cfg.json` and `sae_weights.safetensors`.
+
+The two files are what SAELens 6's own `SAE.save_model` writes (checked against sae-lens 6.54),
+so `sae_lens.SAE.load_from_disk(<dir>)` loads an SAE with one call:
+
+  cfg.json   `SAEConfig.to_dict()` of the SAELens class: d_in, d_sae, dtype, device,
+             apply_b_dec_to_input, normalize_activations, reshape_activations ('none'),
+             metadata, architecture, and for 'topk' also k and rescale_acts_by_decoder_norm
+             (false). `metadata` holds sae_lens_version (so SAELens reads the file through its
+             6.x path, not its pre-6.0 compatibility path), sae_lens_training_version (null:
+             trained by jaxsae), model_name, model_class_name, hook_name (TransformerLens form,
+             `hook_name`), hook_head_index, context_size, prepend_bos, seqpos_slice,
+             exclude_special_tokens, model_from_pretrained_kwargs.
+  sae_weights.safetensors   float32 W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in],
+             b_dec [d_in], and `threshold` [d_sae] for 'jumprelu'.
+
+What the SAELens SAE computes is the variant *as spliced into the model* under its splice mode
+(`sae.splice(..., mode=splice_mode)`): the same codes, and `sae(x)` equal to the spliced
+activation. For SAEs without input / recon normalisation that is `sae.forward` exactly. How each
+kind maps (`form`):
+
+- ReLU -> 'standard'; TopK -> 'topk' with the variant's k; JumpReLU -> 'jumprelu' with threshold
+  exp(log_threshold); BatchTopK -> 'jumprelu' with its tracked inference threshold on every
+  latent (what SAELens itself saves for its BatchTopK SAEs).
+- Input normalisation under splice mode 'corrected' (x -> x/‖x‖ into the SAE, its output
+  times ‖x‖): SAELens' 'constant_norm_rescale' (x·√d/‖x‖ in, output ·‖x‖/√d) with W_enc/√d,
+  b_dec·√d, W_dec·√d, which gives the same pre-activations and the same spliced output (exact
+  in real arithmetic). Under splice mode 'original' the model feeds raw x and takes the raw
+  output, so the plain tensors with 'none' are exact.
+- Not expressible in SAELens, so written to be refused loudly: sparsemax encoders (architecture
+  'jaxsae_sparsemax', which SAELens' registry does not know) and recon normalisation
+  (normalize_activations 'jaxsae_recon' / 'jaxsae_input_recon', which SAELens' config rejects).
+  Their files hold the tensors of `sae.forward` (output in the SAE's space), with 'jaxsae_input'
+  marking input normalisation of a sparsemax encoder and, for sparsemax, `b_pre` [d_in] and
+  `lam` [] (see `jaxsae.export.numpy_forward`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from jaxsae import sae as sae_lib
+
+SAELENS_VERSION = "6.54.12"  # the SAELens release whose save_model this format reproduces
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+# SAELens' allowed normalize_activations values that we write, and our own (refused) ones.
+NORMALIZATIONS = ("none", "constant_norm_rescale", "jaxsae_input", "jaxsae_recon",
+                  "jaxsae_input_recon")
+ARCHITECTURES = ("standard", "topk", "jumprelu", "jaxsae_sparsemax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Form:
+  """How one SAE is written in the SAELens format.
+
+  Attributes:
+    loadable: whether SAELens 6 loads it (and then reproduces the spliced SAE).
+    architecture: SAELens `architecture` (or 'jaxsae_sparsemax').
+    normalize_activations: one of `NORMALIZATIONS`.
+    note: one sentence on the mapping (or why SAELens cannot express the SAE).
+  """
+
+  loadable: bool
+  architecture: str
+  normalize_activations: str
+  note: str
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def hook_name(site: str) -> str:
+  """TransformerLens hook name of a model site: 'resid_post.0' -> 'blocks.0.hook_resid_post'.
+
+  Raises:
+    ValueError: a name that is not one of `jaxsae.model.site_names`' forms.
+  """
+  if site == "ln_final":
+    return "unembed.hook_in"
+  kind, _, layer = site.partition(".")
+  if kind not in ("resid_pre", "resid_post", "attn_out", "mlp_out") or not layer.isdigit():
+    raise ValueError(f"site={site!r} is not a model site (resid_pre.<l>, attn_out.<l>, "
+                     "mlp_out.<l>, resid_post.<l>, ln_final)")
+  return f"blocks.{int(layer)}.hook_{kind}"
+
+
+def form(config: sae_lib.SAEConfig, splice_mode: str = "corrected") -> Form:
+  """How the SAE of `config`, spliced under `splice_mode`, is written (module docstring)."""
+  if splice_mode not in sae_lib.SPLICE_MODES:
+    raise ValueError(f"splice_mode={splice_mode!r}: use one of {sae_lib.SPLICE_MODES}")
+  arch = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu",
+          "batchtopk": "jumprelu"}.get(config.activation, "jaxsae_sparsemax")
+  what = {"relu": "ReLU", "topk": "TopK", "jumprelu": "JumpReLU",
+          "batchtopk": "BatchTopK (its inference threshold, as JumpReLU)"}.get(
+              config.activation, config.activation)
+  if config.recon_norm:
+    norm = "jaxsae_input_recon" if config.input_norm else "jaxsae_recon"
+    return Form(False, arch, norm, "refused: SAELens has no normalisation of the "
+                    "reconstruction to unit norm")
+  if config.is_sparsemax:
+    norm = "jaxsae_input" if config.input_norm else "none"
+    return Form(False, arch, norm, "refused: SAELens has no sparsemax (prototype) encoder")
+  if config.input_norm and splice_mode == "corrected":
+    return Form(True, arch, "constant_norm_rescale",
+                    f"{what}; input normalisation as constant_norm_rescale with W_enc/sqrt(d), "
+                    "b_dec*sqrt(d), W_dec*sqrt(d)")
+  if config.input_norm:
+    return Form(True, arch, "none", f"{what}; splice mode 'original' feeds the raw "
+                    "activation, so no normalisation")
+  return Form(True, arch, "none", what)
+
+
+def tensors(effective: Mapping[str, np.ndarray], config: sae_lib.SAEConfig,
+            how: Form) -> dict[str, np.ndarray]:
+  """The safetensors arrays: `effective` (jaxsae.export's folded tensors) in SAELens' scale."""
+  out = {k: np.ascontiguousarray(v, np.float32) for k, v in effective.items()}
+  if how.normalize_activations == "constant_norm_rescale":
+    root = np.float32(math.sqrt(config.d_in))
+    out["W_enc"] = out["W_enc"] / root
+    out["b_dec"] = out["b_dec"] * root
+    out["W_dec"] = out["W_dec"] * root
+  return out
+
+
+def cfg(config: sae_lib.SAEConfig, k: int, how: Form, *, site: str, model_name: str,
+        context_size: int | None) -> dict[str, Any]:
+  """cfg.json: the SAELens 6 `SAEConfig.to_dict()` of the SAE, key for key."""
+  metadata = {
+      "sae_lens_version": SAELENS_VERSION,
+      "sae_lens_training_version": None,
+      "model_name": model_name,
+      "model_class_name": "HookedTransformer",
+      "hook_name": hook_name(site),
+      "hook_head_index": None,
+      "context_size": context_size,
+      "prepend_bos": False,
+      "seqpos_slice": [None],
+      "exclude_special_tokens": False,
+      "model_from_pretrained_kwargs": {},
+  }
+  out = {
+      "d_in": config.d_in,
+      "d_sae": config.width,
+      "dtype": "float32",
+      "device": "cpu",
+      "apply_b_dec_to_input": bool(config.pre_bias and not config.is_sparsemax),
+      "normalize_activations": how.normalize_activations,
+      "reshape_activations": "none",
+      "metadata": metadata,
+  }
+  if how.architecture == "topk":
+    out.update(k=int(k), rescale_acts_by_decoder_norm=False)
+  out["architecture"] = how.architecture
+  return out
