@@ -544,6 +544,12 @@ def run(config, workdir: str) -> dict[str, Any]:
   trained = train_sae.load_trained(sae_workdir, step or None)
   export_dir = os.path.join(workdir, "export")
   paths = export_trained(trained, export_dir, ids)
+  if config.lm:
+    from jaxsae import lm_export  # pylint: disable=g-import-not-at-top
+    lm_export.export_lm(os.path.join(workdir, "lm"), trained.lm.params,
+                        trained.lm.model_config, model_name=f"jaxsae-{trained.lm.language}")
+    lm_export.export_dataset(os.path.join(workdir, "data"), trained.lm.config,
+                             config.train_batches)
   saelens = manifest(paths)
   with open(os.path.join(export_dir, MANIFEST_FILE), "w") as f:
     json.dump(saelens, f, indent=1)
@@ -551,7 +557,9 @@ def run(config, workdir: str) -> dict[str, Any]:
              "export_dir": export_dir, "format_version": FORMAT_VERSION,
              "variants": {os.path.basename(p): p for p in paths},
              "saelens_loadable": sorted(v for v, m in saelens.items() if m["loadable"]),
-             "saelens_refused": sorted(v for v, m in saelens.items() if not m["loadable"])}
+             "saelens_refused": sorted(v for v, m in saelens.items() if not m["loadable"]),
+             "lm_dir": os.path.join(workdir, "lm") if config.lm else None,
+             "data_dir": os.path.join(workdir, "data") if config.lm else None}
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)

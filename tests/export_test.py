@@ -355,6 +355,10 @@ def test_export_job(sae_dir, trained, tmp_path):
   assert sorted(manifest) == [ids[0], ids[2]]
   assert all(m["loadable"] and m["dir"] == summary["variants"][v] for v, m in manifest.items())
   assert summary["saelens_loadable"] == [ids[0], ids[2]] and summary["saelens_refused"] == []
+  # The grid's LM for TransformerLens and its token streams (tests/interop_test.py loads them).
+  assert sorted(os.listdir(summary["lm_dir"])) == ["config.json", "model.safetensors"]
+  with open(os.path.join(summary["data_dir"], "dataset.json")) as f:
+    assert json.load(f)["splits"]["train"]["rows"] == 8 * trained.lm.config["batch_size"]
   rows = _grid_rows(trained)
   for vid, path in summary["variants"].items():
     params, _, _, meta = export_lib.load_sae(path)
@@ -370,6 +374,8 @@ def test_export_job_bad_input_fails_before_loading(sae_dir, tmp_path):
   with pytest.raises(ValueError, match=r"unknown variant id\(s\) \['v999'\]"):
     export_lib.run(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "export")
+  with pytest.raises(ValueError, match="train_batches=0 must be >= 1"):
+    export_configs.get_config("train_batches=0")
   with pytest.raises(ValueError, match="step=-1 must be >= 0"):
     export_configs.get_config("step=-1")
   with pytest.raises(ValueError, match="unknown config setting 'workdir'"):

@@ -228,3 +228,36 @@ def test_dataset_files_hold_the_lm_streams_and_labels(lm, tmp_path):
   np.testing.assert_array_equal(
       npz["train/sentence_mask"], np.concatenate([np.asarray(b.sentence_mask) for b in train]))
   assert npz["heldout/sentence_mask"].sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The README's guide: an SAE trained by SAELens on the exported LM and data.
+
+
+def _readme_guide() -> str:
+  readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+  with open(readme) as f:
+    text = f.read()
+  found = re.search(r"<!-- interop-guide -->\n```python\n(.*?)```", text, re.S)
+  assert found, "README.md lost its <!-- interop-guide --> python block"
+  return found.group(1)
+
+
+def test_readme_guide_trains_an_saelens_sae_on_the_exported_lm(lm, tmp_path, monkeypatch):
+  params, loaded = lm
+  lm_export.export_lm(str(tmp_path / "lm"), params, loaded.model_config,
+                      model_name="jaxsae-dyck2")
+  lm_export.export_dataset(str(tmp_path / "data"), loaded.config, train_batches=4)
+  monkeypatch.chdir(tmp_path)
+  exec(compile(_readme_guide(), "README.md", "exec"), {})  # pylint: disable=exec-used
+  sae = sae_lens.SAE.load_from_disk(str(tmp_path / "sae_saelens"))
+  assert isinstance(sae, sae_lens.TopKSAE) and sae.cfg.k == 4
+  assert sae.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
+  # Applied to jaxsae's own activations at that site: at most k latents per token, some on.
+  tokens = np.asarray(train_lm.training_batch(ml_collections.ConfigDict(loaded.config),
+                                              5).tokens)
+  acts = model_lib.apply(params, jnp.asarray(tokens), loaded.model_config,
+                         collect=["resid_post.0"]).acts["resid_post.0"]
+  with torch.no_grad():
+    l0 = (sae.encode(torch.from_numpy(np.asarray(acts))) != 0).sum(-1).numpy()
+  assert l0.max() <= 4 and l0.mean() > 1
