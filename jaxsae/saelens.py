@@ -33,15 +33,25 @@ kind maps (`form`):
   Their files hold the tensors of `sae.forward` (output in the SAE's space), with 'jaxsae_input'
   marking input normalisation of a sparsemax encoder and, for sparsemax, `b_pre` [d_in] and
   `lam` [] (see `jaxsae.export.numpy_forward`).
+
+`load` reads an SAELens 6 directory (ours, or one SAELens trained: 'standard', 'topk' with or
+without rescale_acts_by_decoder_norm, 'jumprelu'; normalisation 'none' or
+'constant_norm_rescale') back into our representation, exactly: `sae.splice` of the result
+equals SAELens' `sae(x)` and its codes SAELens' `encode(x)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors import numpy as safetensors_np
 
 from jaxsae import sae as sae_lib
 
@@ -157,3 +167,98 @@ def cfg(config: sae_lib.SAEConfig, k: int, how: Form, *, site: str, model_name: 
     out.update(k=int(k), rescale_acts_by_decoder_norm=False)
   out["architecture"] = how.architecture
   return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading SAELens directories.
+
+
+@dataclasses.dataclass(frozen=True)
+class Imported:
+  """An SAELens SAE in our representation (`load`).
+
+  Attributes:
+    params, sae_config, hparams: one variant, for `sae.splice` / `sae.forward`.
+    splice_mode: the mode under which `sae.splice` equals SAELens' forward.
+    site: our model site of its hook (None when the hook is not one of ours).
+    cfg: the cfg.json dict.
+  """
+
+  params: sae_lib.Params
+  sae_config: sae_lib.SAEConfig
+  hparams: sae_lib.SAEHparams
+  splice_mode: str
+  site: str | None
+  cfg: dict[str, Any]
+
+
+def site_of(hook: str | None) -> str | None:
+  """Inverse of `hook_name` (None for hooks that are not one of our sites)."""
+  if hook == "unembed.hook_in":
+    return "ln_final"
+  parts = (hook or "").split(".")
+  if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in (
+      "hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out"):
+    return f"{parts[2][len('hook_'):]}.{int(parts[1])}"
+  return None
+
+
+def load(path: str) -> Imported:
+  """Reads `<path>/cfg.json` + `sae_weights.safetensors` (SAELens 6) as one of our SAEs.
+
+  Raises:
+    FileNotFoundError: missing files. ValueError: an architecture, normalisation or setting
+    with no exact counterpart here (the message names it).
+  """
+  files = [os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)]
+  for file in files:
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f"{file} not found: {path!r} is not an SAELens SAE directory "
+                              f"({CONFIG_FILE} + {WEIGHTS_FILE})")
+  with open(files[0]) as f:
+    cfg = json.load(f)
+  t = {k: np.asarray(v, np.float32) for k, v in safetensors_np.load_file(files[1]).items()}
+  arch, norm = cfg.get("architecture"), cfg.get("normalize_activations", "none")
+  if arch not in ("standard", "topk", "jumprelu"):
+    raise ValueError(f"{path!r}: architecture={arch!r} has no exact jaxsae counterpart; "
+                     "supported: standard, topk, jumprelu")
+  if norm not in ("none", "constant_norm_rescale"):
+    raise ValueError(f"{path!r}: normalize_activations={norm!r} is not supported; fold it into "
+                     "the weights first (SAELens: sae.fold_activation_norm_scaling_factor) or "
+                     "use 'none' / 'constant_norm_rescale'")
+  if cfg.get("reshape_activations", "none") != "none":
+    raise ValueError(f"{path!r}: reshape_activations={cfg['reshape_activations']!r} (hook_z "
+                     "SAEs) is not supported")
+  d, f = int(cfg["d_in"]), int(cfg["d_sae"])
+  w_enc, b_enc, w_dec, b_dec = t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"]
+  if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
+    # SAELens: pre·‖W_dec_j‖, then codes @ (W_dec_j / ‖W_dec_j‖): fold the norms.
+    norms = np.linalg.norm(w_dec, axis=-1)
+    w_enc, b_enc, w_dec = w_enc * norms[None], b_enc * norms, w_dec / norms[:, None]
+  if norm == "constant_norm_rescale":  # x·√d/‖x‖ in, ·‖x‖/√d out: our input_norm, rescaled
+    root = np.float32(math.sqrt(d))
+    w_enc, b_dec, w_dec = w_enc * root, b_dec / root, w_dec / root
+  pre_bias = bool(cfg.get("apply_b_dec_to_input", True))
+  k = int(cfg["k"]) if arch == "topk" else None
+  config = sae_lib.SAEConfig(
+      d_in=d, width=f, activation={"standard": "relu"}.get(arch, arch), k_max=k,
+      enc_bias=True, dec_bias=not pre_bias, pre_bias=pre_bias, decoder_norm="none",
+      input_norm=norm == "constant_norm_rescale", init="menon")
+  params = {"w_enc": w_enc, "b_enc": b_enc, "w_dec": w_dec,
+            ("b_pre" if pre_bias else "b_dec"): b_dec}
+  if arch == "jumprelu":
+    if np.any(t["threshold"] < 0):
+      raise ValueError(f"{path!r}: negative JumpReLU thresholds have no exact counterpart "
+                       "(ours keeps z·1[z > θ], SAELens relu(z)·1[z > θ])")
+    with np.errstate(divide="ignore"):
+      params["log_threshold"] = np.log(t["threshold"])  # θ = 0: log 0 = -inf, exp -> 0
+  expected = jax.eval_shape(lambda: sae_lib.init(jax.random.key(0), config))
+  for name, shape in expected.items():
+    if np.shape(params[name]) != shape.shape:
+      raise ValueError(f"{path!r}: {name} has shape {np.shape(params[name])}, expected "
+                       f"{shape.shape} for d_in={d}, d_sae={f}")
+  params = {name: jnp.asarray(v, jnp.float32) for name, v in params.items()}
+  hparams = sae_lib.default_hparams(config, **({"k": k} if k else {}))
+  hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+  return Imported(params=params, sae_config=config, hparams=hparams, splice_mode="corrected",
+                  site=site_of(hook), cfg=cfg)

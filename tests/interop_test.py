@@ -24,6 +24,7 @@ from jaxsae import grammars
 from jaxsae import lm_export
 from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
+from jaxsae import saelens as saelens_lib
 from jaxsae import train_lm
 from jaxsae import train_sae
 
@@ -259,5 +260,14 @@ def test_readme_guide_trains_an_saelens_sae_on_the_exported_lm(lm, tmp_path, mon
   acts = model_lib.apply(params, jnp.asarray(tokens), loaded.model_config,
                          collect=["resid_post.0"]).acts["resid_post.0"]
   with torch.no_grad():
-    l0 = (sae.encode(torch.from_numpy(np.asarray(acts))) != 0).sum(-1).numpy()
+    codes_pt = sae.encode(torch.from_numpy(np.asarray(acts))).numpy()
+    out_pt = sae(torch.from_numpy(np.asarray(acts))).numpy()
+  l0 = (codes_pt != 0).sum(-1)
   assert l0.max() <= 4 and l0.mean() > 1
+  # Read back into jaxsae, the SAELens-trained SAE is the same function of the activations.
+  imp = saelens_lib.load(str(tmp_path / "sae_saelens"))
+  assert imp.site == "resid_post.0" and imp.sae_config.activation == "topk"
+  out, codes, _ = sae_lib.splice(imp.params, acts, imp.sae_config, imp.hparams,
+                                 mode=imp.splice_mode)
+  np.testing.assert_allclose(np.asarray(codes), codes_pt, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out), out_pt, rtol=0, atol=1e-5)
