@@ -242,7 +242,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   if writer:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=1)
-    _write_variants(os.path.join(workdir, "variants.json"), setup)
+    write_variants(os.path.join(workdir, "variants.json"), setup)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   summary_path = os.path.join(workdir, "summary.json")
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -312,7 +312,8 @@ def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
   return {k: sweep_lib.to_json(v) for k, v in values.items()}
 
 
-def _write_variants(path: str, setup: grid_step.Setup) -> None:
+def write_variants(path: str, setup: grid_step.Setup) -> None:
+  """variants.json: the groups (static fields, loss, splice mode) and every variant's values."""
   out = {"groups": [], "variants": []}
   for s in setup.specs:
     out["groups"].append({"name": s.name, "size": s.size, "padded": s.padded,
