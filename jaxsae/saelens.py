@@ -32,7 +32,7 @@ kind maps (`form`):
   (normalize_activations 'jaxsae_recon' / 'jaxsae_input_recon', which SAELens' config rejects).
   Their files hold the tensors of `sae.forward` (output in the SAE's space), with 'jaxsae_input'
   marking input normalisation of a sparsemax encoder and, for sparsemax, `b_pre` [d_in] and
-  `lam` [] (see `jaxsae.export.numpy_forward`).
+  `lam` [] (see `numpy_forward`).
 
 `load` reads an SAELens 6 directory (ours, or one SAELens trained: 'standard', 'topk' with or
 without rescale_acts_by_decoder_norm, 'jumprelu'; normalisation 'none' or
@@ -167,6 +167,85 @@ def cfg(config: sae_lib.SAEConfig, k: int, how: Form, *, site: str, model_name: 
     out.update(k=int(k), rescale_acts_by_decoder_norm=False)
   out["architecture"] = how.architecture
   return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The files' reference forward, NumPy only.
+
+
+_EPS = 1e-8  # as `sae._EPS`: norms are clipped below at 1e-8 before dividing
+
+
+def _np_normalize(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(_EPS))
+
+
+def _np_sparsemax(z: np.ndarray) -> np.ndarray:
+  z = z - z.max(axis=-1, keepdims=True)
+  z_sorted = -np.sort(-z, axis=-1)
+  cumsum = np.cumsum(z_sorted, axis=-1)
+  rank = np.arange(1, z.shape[-1] + 1, dtype=z.dtype)
+  support = np.sum(1 + rank * z_sorted > cumsum, axis=-1, keepdims=True)
+  tau = (np.take_along_axis(cumsum, support - 1, axis=-1) - 1) / support
+  return np.maximum(z - tau, 0)
+
+
+def numpy_forward(tensors: Mapping[str, np.ndarray], cfg: Mapping[str, Any], x: np.ndarray, *,
+                  return_codes: bool = False, sparsemax_kind: str | None = None
+                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  """The exported files' forward in plain NumPy (their executable definition).
+
+  Args:
+    tensors: the arrays of sae_weights.safetensors (`load_weights(path)[0]`).
+    cfg: the cfg.json dict (only its SAELens fields are read).
+    x: activations `[..., d_in]`.
+    return_codes: also return the latents.
+    sparsemax_kind: for 'jaxsae_sparsemax', 'no_kds' | 'recon_dist' | 'dist' (jaxsae.json's
+      sae_config.activation without its 'sparsemax_' prefix).
+
+  Returns:
+    x_hat `[..., d_in]` (`jaxsae.export`'s module docstring), or `(x_hat, codes)`.
+  """
+  t = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+  x = np.asarray(x, np.float32)
+  if x.shape[-1] != cfg["d_in"]:
+    raise ValueError(f"x has {x.shape[-1]} features, the SAE reads d_in={cfg['d_in']}")
+  norm, arch = cfg["normalize_activations"], cfg["architecture"]
+  if norm not in NORMALIZATIONS or arch not in ARCHITECTURES:
+    raise ValueError(f"unsupported normalize_activations={norm!r} / architecture={arch!r}; "
+                     f"this reader knows {NORMALIZATIONS} / {ARCHITECTURES}")
+  scale = np.sqrt(np.float32(cfg["d_in"])) / np.linalg.norm(x, axis=-1, keepdims=True)
+  if norm == "constant_norm_rescale":
+    x = x * scale
+  elif norm in ("jaxsae_input", "jaxsae_input_recon"):
+    x = _np_normalize(x)
+  if arch == "jaxsae_sparsemax":
+    xt = _np_normalize(x - t["b_pre"])
+    dots = xt @ t["W_enc"]
+    sq = (np.sum(xt * xt, axis=-1, keepdims=True) + np.sum(t["W_enc"] ** 2, axis=0)
+          - 2 * dots)
+    lam = t["lam"]
+    if sparsemax_kind not in ("no_kds", "recon_dist", "dist"):
+      raise ValueError(f"sparsemax_kind={sparsemax_kind!r}: give 'no_kds', 'recon_dist' or "
+                       "'dist' (jaxsae.json's sae_config.activation) for a sparsemax encoder")
+    pre = {"no_kds": lam * dots, "recon_dist": dots - lam * sq,
+           "dist": -lam * sq}[sparsemax_kind]
+    codes = _np_sparsemax(pre + t["b_enc"])
+  else:
+    sae_in = x - t["b_dec"] if cfg["apply_b_dec_to_input"] else x
+    pre = sae_in @ t["W_enc"] + t["b_enc"]
+    codes = np.maximum(pre, 0)
+    if arch == "topk":
+      drop = np.argsort(-pre, axis=-1, kind="stable")[..., int(cfg["k"]):]
+      np.put_along_axis(codes, drop, 0, axis=-1)
+    elif arch == "jumprelu":
+      codes = codes * (pre > t["threshold"])
+  x_hat = codes @ t["W_dec"] + t["b_dec"]
+  if norm == "constant_norm_rescale":
+    x_hat = x_hat / scale
+  elif norm in ("jaxsae_recon", "jaxsae_input_recon"):
+    x_hat = _np_normalize(x_hat)
+  return (x_hat, codes) if return_codes else x_hat
 
 
 # ------------------------------------------------------------------------------------------------

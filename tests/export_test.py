@@ -16,6 +16,7 @@ from experiments import main as main_lib
 from experiments.configs import export as export_configs
 from jaxsae import export as export_lib
 from jaxsae import sae as sae_lib
+from jaxsae import saelens as saelens_lib
 from jaxsae import train_sae
 
 D, F = 8, 24
@@ -112,7 +113,7 @@ def test_numpy_forward_of_the_export_equals_the_spliced_sae(tmp_path, name, spli
   else:
     x_hat, codes, aux = sae_lib.forward(params, jnp.asarray(x_BTD), config, hparams, state=state)
   kind = config.activation.replace("sparsemax_", "") if config.is_sparsemax else None
-  x_hat_np, codes_np = export_lib.numpy_forward(tensors, cfg, x_BTD, return_codes=True,
+  x_hat_np, codes_np = saelens_lib.numpy_forward(tensors, cfg, x_BTD, return_codes=True,
                                                 sparsemax_kind=kind)
   np.testing.assert_allclose(codes_np, np.asarray(codes), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(x_hat_np, np.asarray(x_hat), rtol=1e-5, atol=1e-5)
@@ -254,7 +255,7 @@ def test_bad_input_raises_clearly(tmp_path):
   path = export_lib.export_sae(str(tmp_path), params, config, hparams, **kw)
   tensors, cfg = export_lib.load_weights(path)
   with pytest.raises(ValueError, match="d_in=8"):
-    export_lib.numpy_forward(tensors, cfg, np.zeros((2, D + 1), np.float32))
+    saelens_lib.numpy_forward(tensors, cfg, np.zeros((2, D + 1), np.float32))
 
 
 # ------------------------------------------------------------------------------------------------
