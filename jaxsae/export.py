@@ -1,33 +1,42 @@
-"""Export of trained SAEs in a documented, framework-neutral (SAELens-style) format, and back.
-
-This docstring is the format's definition; `numpy_forward` is its executable form.
+"""Export of trained SAEs in SAELens 6's on-disk format, plus our own bit-exact params.
 
 Layout: one directory per SAE, `<out>/<variant_id>/`, holding
 
-  cfg.json           SAELens field names (below) plus a `jaxsae` block.
-  sae_weights.npz    float32 *effective* tensors, SAELens names and layouts:
-                       W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in];
-                       `threshold` [d_sae] (architecture 'jumprelu');
-                       `b_pre` [d_in] and `lam` [] (architecture 'jaxsae_sparsemax').
-  jaxsae_params.npz  our raw params (`jaxsae.sae` names and layouts), bit-exact; what `load_sae`
-                     reads to rebuild the variant (the effective tensors are derived, lossy).
+  cfg.json                  exactly what SAELens 6's `save_model` writes (`jaxsae.saelens`).
+  sae_weights.safetensors   float32 tensors in SAELens' names and layouts: W_enc [d_in, d_sae],
+                            b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]; `threshold` [d_sae]
+                            ('jumprelu'); `b_pre` [d_in] and `lam` [] ('jaxsae_sparsemax').
+  jaxsae.json               our metadata: format_version, variant_id, language, site,
+                            splice_mode, sae_config (every `SAEConfig` field), hparams
+                            (`SAEHparams`), state (BatchTopK threshold and update count), saelens
+                            (`jaxsae.saelens.Form`: loadable or refused, and how) and extra (free
+                            JSON; for trained grids the sweep values, group, loss, lr, step...).
+  jaxsae_params.npz         our raw params (`jaxsae.sae` names and layouts), bit-exact; what
+                            `load_sae` reads to rebuild the variant (the tensors above are
+                            derived, lossy).
 
-The forward of the effective tensors (x [..., d_in] -> x_hat [..., d_in], codes [..., d_sae]):
+SAEs of a kind SAELens can express load with `sae_lens.SAE.load_from_disk(<dir>)` and give the
+codes and spliced output of `sae.splice` under the variant's splice mode; the others are written
+so that SAELens refuses them (see `jaxsae.saelens`). `saelens.numpy_forward` is the files'
+executable definition (x [..., d_in] -> x_hat [..., d_in], codes [..., d_sae]):
 
-  x_in   = x / max(‖x‖, 1e-8)          if normalize_activations is 'input' or 'input_recon'
-  sae_in = x_in − b_dec                if apply_b_dec_to_input, else x_in
+  x_in   = x·√d/‖x‖                     normalize_activations 'constant_norm_rescale'
+         = x/max(‖x‖, 1e-8)             'jaxsae_input' or 'jaxsae_input_recon'
+         = x                            otherwise
+  sae_in = x_in − b_dec                 if apply_b_dec_to_input, else x_in
   pre    = sae_in @ W_enc + b_enc
   codes  = relu(pre)                                   architecture 'standard'
-         = relu of the k largest of pre, others 0      'topk', k = activation_fn_kwargs['k']
+         = relu of the k largest of pre, others 0      'topk' (top-level k)
          = relu(pre) · 1[pre > threshold]              'jumprelu'
   x_hat  = codes @ W_dec + b_dec
-  x_hat  = x_hat / max(‖x_hat‖, 1e-8)  if normalize_activations is 'recon' or 'input_recon'
+  x_hat  = x_hat·‖x‖/√d                 'constant_norm_rescale'
+         = x_hat/max(‖x_hat‖, 1e-8)     'jaxsae_recon' or 'jaxsae_input_recon'
 
-'jaxsae_sparsemax' (Menon's prototype encoders; activation_fn_str is `no_kds`, `recon_dist` or
-`dist`; apply_b_dec_to_input is always false): x̃ = (x_in − b_pre) / max(‖x_in − b_pre‖, 1e-8),
-dots = x̃ @ W_enc (columns of W_enc are the unit prototypes a_j), sq_j = ‖x̃‖² + ‖a_j‖² − 2·dots_j,
-pre = lam·dots (no_kds) | dots − lam·sq (recon_dist) | −lam·sq (dist), plus b_enc (zeros),
-codes = sparsemax(pre) (Euclidean projection onto the simplex), x_hat as above.
+'jaxsae_sparsemax' (Menon's prototype encoders; the kind is jaxsae.json's sae_config.activation;
+apply_b_dec_to_input is false): x̃ = (x_in − b_pre)/max(‖x_in − b_pre‖, 1e-8), dots = x̃ @ W_enc
+(columns of W_enc are the unit prototypes a_j), sq_j = ‖x̃‖² + ‖a_j‖² − 2·dots_j, pre = lam·dots
+(no_kds) | dots − lam·sq (recon_dist) | −lam·sq (dist), codes = sparsemax(pre) (Euclidean
+projection onto the simplex), x_hat as above.
 
 How our parameters map onto these tensors (`jaxsae.sae`: pre = (x_in − b_pre) @ w_enc + b_enc,
 x_hat = codes @ dictionary + b_dec + b_pre):
@@ -46,20 +55,9 @@ x_hat = codes @ dictionary + b_dec + b_pre):
 - JumpReLU: threshold = exp(log_threshold). BatchTopK exports its *inference* rule, codes =
   relu(pre)·1[pre > thr] with the tracked scalar threshold thr (0 before any update): that is
   architecture 'jumprelu' with threshold = thr for every latent (what SAELens saves for its own
-  BatchTopK SAEs); the training-time k sits in `jaxsae.hparams`.
-- Normalisation: x_hat lives in the SAE's space, like `sae.forward`: under input normalisation it
-  reconstructs x/‖x‖. Splicing into the model (`jaxsae.splice_mode` 'corrected') multiplies x_hat
-  by ‖x‖; SAELens' own `normalize_activations` values do not express this.
-
-cfg.json fields: d_in, d_sae, architecture, activation_fn_str, activation_fn_kwargs,
-apply_b_dec_to_input, finetuning_scaling_factor (false), normalize_activations ('none' | 'input'
-| 'recon' | 'input_recon'), hook_name (our site, e.g. 'resid_post.0'), hook_layer,
-hook_head_index (null), model_name, model_from_pretrained_kwargs ({}), context_size, prepend_bos
-(false), dtype ('float32'), device ('cpu'), sae_lens_training_version (null), `metadata` (the
-newer SAELens home of hook_name / model_name / context_size), and `jaxsae`: format_version,
-variant_id, language, site, sae_config (every `SAEConfig` field), hparams (the variant's
-`SAEHparams`), state (BatchTopK threshold and update count) and extra (free JSON; for trained
-grids the variant's sweep values, group, loss, learning rate, step, frozen flag).
+  BatchTopK SAEs); the training-time k sits in jaxsae.json's hparams.
+- Normalisation: see `jaxsae.saelens` (input normalisation under splice mode 'corrected' becomes
+  'constant_norm_rescale' with rescaled tensors; recon normalisation is refused).
 """
 
 from __future__ import annotations
@@ -73,19 +71,20 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import numpy as safetensors_np
 
 from jaxsae import jsonio
 from jaxsae import sae as sae_lib
+from jaxsae import saelens as saelens_lib
 from jaxsae import sweep as sweep_lib
 from jaxsae import workdir as workdir_lib
 
-FORMAT_VERSION = 1
-CONFIG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.npz"
+FORMAT_VERSION = 2
+CONFIG_FILE = saelens_lib.CONFIG_FILE
+WEIGHTS_FILE = saelens_lib.WEIGHTS_FILE
+META_FILE = "jaxsae.json"
 PARAMS_FILE = "jaxsae_params.npz"
-NORMALIZATIONS = ("none", "input", "recon", "input_recon")
-ARCHITECTURES = ("standard", "topk", "jumprelu", "jaxsae_sparsemax")
-_EPS = 1e-8  # as `sae._EPS`: norms are clipped below at 1e-8 before dividing
+MANIFEST_FILE = "export.json"
 _ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
@@ -93,22 +92,9 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 # Effective tensors and cfg.json.
 
 
-def _architecture(config: sae_lib.SAEConfig) -> tuple[str, str]:
-  """(architecture, activation_fn_str) of the exported format."""
-  if config.is_sparsemax:
-    return "jaxsae_sparsemax", config.activation[len("sparsemax_"):]
-  return {"relu": ("standard", "relu"), "topk": ("topk", "topk"),
-          "jumprelu": ("jumprelu", "relu"), "batchtopk": ("jumprelu", "relu")}[config.activation]
-
-
-def _normalization(config: sae_lib.SAEConfig) -> str:
-  return {(False, False): "none", (True, False): "input", (False, True): "recon",
-          (True, True): "input_recon"}[(config.input_norm, config.recon_norm)]
-
-
 def effective_tensors(params: sae_lib.Params, config: sae_lib.SAEConfig,
                       state: sae_lib.SAEState | None = None) -> dict[str, np.ndarray]:
-  """The float32 tensors of `sae_weights.npz` for one variant (see the module docstring).
+  """The folded float32 tensors of one variant in our scale (see the module docstring).
 
   Args:
     params: one variant's params (no leading variant axis).
@@ -165,47 +151,24 @@ def _hook_layer(site: str) -> int:
   return int(tail) if tail.isdigit() else -1
 
 
-def sae_cfg(config: sae_lib.SAEConfig, hparams: sae_lib.SAEHparams,
-            state: sae_lib.SAEState | None = None, *, site: str, language: str,
-            variant_id: str, model_name: str | None = None, context_size: int | None = None,
-            extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """The cfg.json dict of one variant (SAELens fields plus the `jaxsae` block)."""
+def jaxsae_meta(config: sae_lib.SAEConfig, hparams: sae_lib.SAEHparams,
+                state: sae_lib.SAEState | None = None, *, site: str, language: str,
+                variant_id: str, splice_mode: str = "corrected",
+                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """jaxsae.json of one variant (what `load_sae` needs besides the params)."""
   state = sae_lib.init_state(config) if state is None else state
-  architecture, act = _architecture(config)
-  kwargs = {"k": int(np.asarray(hparams.k))} if config.activation == "topk" else {}
-  model_name = model_name or f"jaxsae-{language}"
   return {
-      "d_in": config.d_in,
-      "d_sae": config.width,
-      "architecture": architecture,
-      "activation_fn_str": act,
-      "activation_fn_kwargs": kwargs,
-      "apply_b_dec_to_input": bool(config.pre_bias and not config.is_sparsemax),
-      "finetuning_scaling_factor": False,
-      "normalize_activations": _normalization(config),
-      "hook_name": site,
-      "hook_layer": _hook_layer(site),
-      "hook_head_index": None,
-      "model_name": model_name,
-      "model_from_pretrained_kwargs": {},
-      "context_size": context_size,
-      "prepend_bos": False,
-      "dtype": "float32",
-      "device": "cpu",
-      "sae_lens_training_version": None,
-      "metadata": {"hook_name": site, "model_name": model_name, "context_size": context_size,
-                   "prepend_bos": False},
-      "jaxsae": {
-          "format_version": FORMAT_VERSION,
-          "variant_id": variant_id,
-          "language": language,
-          "site": site,
-          "sae_config": dataclasses.asdict(config),
-          "hparams": _hparams_json(hparams),
-          "state": {"threshold": float(np.asarray(state.threshold, np.float32)),
-                    "count": int(np.asarray(state.count))},
-          "extra": dict(extra or {}),
-      },
+      "format_version": FORMAT_VERSION,
+      "variant_id": variant_id,
+      "language": language,
+      "site": site,
+      "splice_mode": splice_mode,
+      "sae_config": dataclasses.asdict(config),
+      "hparams": _hparams_json(hparams),
+      "state": {"threshold": float(np.asarray(state.threshold, np.float32)),
+                "count": int(np.asarray(state.count))},
+      "saelens": saelens_lib.form(config, splice_mode).to_json(),
+      "extra": dict(extra or {}),
   }
 
 
@@ -260,21 +223,25 @@ def _check_variant_id(variant_id: Any) -> None:
 def export_sae(out_dir: str, params: sae_lib.Params, sae_config: sae_lib.SAEConfig,
                hparams: sae_lib.SAEHparams, *, site: str, language: str, variant_id: str,
                extra: Mapping[str, Any] | None = None, state: sae_lib.SAEState | None = None,
-               model_name: str | None = None, context_size: int | None = None) -> str:
-  """Writes one SAE as `<out_dir>/<variant_id>/` (cfg.json, sae_weights.npz, jaxsae_params.npz).
+               model_name: str | None = None, context_size: int | None = None,
+               splice_mode: str = "corrected") -> str:
+  """Writes one SAE as `<out_dir>/<variant_id>/` (the four files of the module docstring).
 
   Args:
     out_dir: parent directory (created if missing); an existing variant directory is overwritten.
     params: one variant's params (no leading variant axis).
     sae_config: its architecture.
     hparams: its scalar `SAEHparams`.
-    site: the model site it reads (SAELens `hook_name`).
+    site: the model site it reads (`jaxsae.model` name; cfg.json holds its TransformerLens
+      hook name).
     language: the grammar the LM was trained on.
     variant_id: the directory name (e.g. the sweep id 'v003').
     extra: JSON-serialisable metadata stored under cfg['jaxsae']['extra'].
     state: BatchTopK's `SAEState` (its inference threshold); default `sae.init_state`.
     model_name: SAELens `model_name` (default 'jaxsae-<language>').
     context_size: SAELens `context_size` (positions the SAE was trained on), if known.
+    splice_mode: how the variant is spliced into the model (`sae.SPLICE_MODES`); the SAELens
+      SAE reproduces `sae.splice` in this mode.
 
   Returns:
     The variant directory's path.
@@ -291,34 +258,40 @@ def export_sae(out_dir: str, params: sae_lib.Params, sae_config: sae_lib.SAEConf
       raise ValueError(f"{name}={value!r} must be a non-empty string")
   _check_params(params, sae_config, f"export_sae({variant_id!r})")
   _check_hparams(hparams, sae_config)
+  how = saelens_lib.form(sae_config, splice_mode)
+  saelens_lib.hook_name(site)  # a model site, before anything is written
   state = sae_lib.init_state(sae_config) if state is None else state
   if np.shape(state.threshold) != () or np.shape(state.count) != ():
     raise ValueError("state must be one variant's SAEState (scalar threshold and count); index "
                      "a stacked grid with jax.tree.map(lambda a: a[i], state)")
-  cfg = sae_cfg(sae_config, hparams, state, site=site, language=language,
-                variant_id=variant_id, model_name=model_name, context_size=context_size,
-                extra=extra)
+  meta = jaxsae_meta(sae_config, hparams, state, site=site, language=language,
+                     variant_id=variant_id, splice_mode=splice_mode, extra=extra)
   try:
-    text = json.dumps(cfg, indent=1, allow_nan=False)
+    meta_text = json.dumps(meta, indent=1, allow_nan=False)
   except (TypeError, ValueError) as e:
     raise ValueError(f"extra must be JSON-serialisable (finite numbers, str, lists, dicts): "
                      f"{e}") from e
+  cfg = saelens_lib.cfg(sae_config, int(np.asarray(hparams.k)), how, site=site,
+                        model_name=model_name or f"jaxsae-{language}", context_size=context_size)
+  weights = saelens_lib.tensors(effective_tensors(params, sae_config, state), sae_config, how)
   path = os.path.join(out_dir, variant_id)
   os.makedirs(path, exist_ok=True)
   raw = {k: np.asarray(v) for k, v in params.items()}
   np.savez(os.path.join(path, PARAMS_FILE), **raw)
-  np.savez(os.path.join(path, WEIGHTS_FILE), **effective_tensors(params, sae_config, state))
+  safetensors_np.save_file(weights, os.path.join(path, WEIGHTS_FILE))
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    f.write(text)
+    json.dump(cfg, f)  # as SAELens' save_model: one line
+  with open(os.path.join(path, META_FILE), "w") as f:
+    f.write(meta_text)
   return path
 
 
-def _read_cfg(path: str) -> dict[str, Any]:
-  cfg_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f"{cfg_path} not found: {path!r} is not an exported SAE directory "
+def _read_json(path: str, name: str = CONFIG_FILE) -> dict[str, Any]:
+  file = os.path.join(path, name)
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"{file} not found: {path!r} is not an exported SAE directory "
                             "(write one with jaxsae.export.export_sae or the export job)")
-  with open(cfg_path) as f:
+  with open(file) as f:
     return json.load(f)
 
 
@@ -332,9 +305,13 @@ def _read_npz(path: str, name: str) -> dict[str, np.ndarray]:
 
 
 def load_weights(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """The effective tensors and cfg.json of an exported SAE, as plain NumPy arrays and a dict."""
-  cfg = _read_cfg(path)
-  return _read_npz(path, WEIGHTS_FILE), cfg
+  """The tensors of sae_weights.safetensors and cfg.json, as NumPy arrays and a dict."""
+  cfg = _read_json(path)
+  file = os.path.join(path, WEIGHTS_FILE)
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"{file} not found; the export in {path!r} is incomplete, export "
+                            "it again")
+  return safetensors_np.load_file(file), cfg
 
 
 def load_sae(path: str) -> tuple[sae_lib.Params, sae_lib.SAEConfig, sae_lib.SAEHparams,
@@ -346,17 +323,18 @@ def load_sae(path: str) -> tuple[sae_lib.Params, sae_lib.SAEConfig, sae_lib.SAEH
 
   Returns:
     `(params, sae_config, hparams, meta)`: params as jax arrays with our names; meta holds
-    `variant_id`, `language`, `site`, `state` (the `SAEState`), `extra` and `cfg` (cfg.json).
+    `variant_id`, `language`, `site`, `splice_mode`, `state` (the `SAEState`), `saelens` (the
+    format decision), `extra` and `cfg` (cfg.json).
 
   Raises:
-    FileNotFoundError: not an export directory. ValueError: a cfg.json without a usable
-    `jaxsae` block (not written by jaxsae, or a newer format) or params that do not fit it.
+    FileNotFoundError: not an export directory. ValueError: no usable jaxsae.json (not written
+    by jaxsae, or a newer format) or params that do not fit it.
   """
-  cfg = _read_cfg(path)
-  block = cfg.get("jaxsae")
-  if not isinstance(block, dict) or "sae_config" not in block:
-    raise ValueError(f"{path!r}: cfg.json has no 'jaxsae' block, so it was not written by "
-                     "jaxsae.export; read its tensors with load_weights / numpy_forward instead")
+  cfg = _read_json(path)
+  if not os.path.isfile(os.path.join(path, META_FILE)):
+    raise ValueError(f"{path!r}: no {META_FILE}, so it was not written by jaxsae.export; read "
+                     "its tensors with load_weights / saelens.numpy_forward instead")
+  block = _read_json(path, META_FILE)
   if block.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{path!r}: jaxsae format_version {block.get('format_version')!r}, this "
                      f"reader knows {FORMAT_VERSION}; update jaxsae or export again")
@@ -368,73 +346,9 @@ def load_sae(path: str) -> tuple[sae_lib.Params, sae_lib.SAEConfig, sae_lib.SAEH
   state = sae_lib.SAEState(threshold=jnp.asarray(np.float32(block["state"]["threshold"])),
                            count=jnp.asarray(block["state"]["count"], jnp.int32))
   meta = {"variant_id": block["variant_id"], "language": block["language"],
-          "site": block["site"], "state": state, "extra": block.get("extra", {}), "cfg": cfg}
+          "site": block["site"], "splice_mode": block["splice_mode"], "state": state,
+          "saelens": block["saelens"], "extra": block.get("extra", {}), "cfg": cfg}
   return params, config, hparams, meta
-
-
-# ------------------------------------------------------------------------------------------------
-# The format's reference forward, NumPy only.
-
-
-def _np_normalize(x: np.ndarray) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(_EPS))
-
-
-def _np_sparsemax(z: np.ndarray) -> np.ndarray:
-  z = z - z.max(axis=-1, keepdims=True)
-  z_sorted = -np.sort(-z, axis=-1)
-  cumsum = np.cumsum(z_sorted, axis=-1)
-  rank = np.arange(1, z.shape[-1] + 1, dtype=z.dtype)
-  support = np.sum(1 + rank * z_sorted > cumsum, axis=-1, keepdims=True)
-  tau = (np.take_along_axis(cumsum, support - 1, axis=-1) - 1) / support
-  return np.maximum(z - tau, 0)
-
-
-def numpy_forward(tensors: Mapping[str, np.ndarray], cfg: Mapping[str, Any], x: np.ndarray, *,
-                  return_codes: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-  """The exported format's forward in plain NumPy (the format's executable definition).
-
-  Args:
-    tensors: the arrays of `sae_weights.npz` (`load_weights(path)[0]`).
-    cfg: the cfg.json dict (only its SAELens fields are read).
-    x: activations `[..., d_in]`.
-    return_codes: also return the latents.
-
-  Returns:
-    x_hat `[..., d_in]` (in the SAE's space, as `sae.forward`), or `(x_hat, codes)`.
-  """
-  t = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
-  x = np.asarray(x, np.float32)
-  if x.shape[-1] != cfg["d_in"]:
-    raise ValueError(f"x has {x.shape[-1]} features, the SAE reads d_in={cfg['d_in']}")
-  norm, arch = cfg["normalize_activations"], cfg["architecture"]
-  if norm not in NORMALIZATIONS or arch not in ARCHITECTURES:
-    raise ValueError(f"unsupported normalize_activations={norm!r} / architecture={arch!r}; "
-                     f"this reader knows {NORMALIZATIONS} / {ARCHITECTURES}")
-  if norm in ("input", "input_recon"):
-    x = _np_normalize(x)
-  if arch == "jaxsae_sparsemax":
-    xt = _np_normalize(x - t["b_pre"])
-    dots = xt @ t["W_enc"]
-    sq = (np.sum(xt * xt, axis=-1, keepdims=True) + np.sum(t["W_enc"] ** 2, axis=0)
-          - 2 * dots)
-    lam, kind = t["lam"], cfg["activation_fn_str"]
-    pre = {"no_kds": lam * dots, "recon_dist": dots - lam * sq, "dist": -lam * sq}[kind]
-    codes = _np_sparsemax(pre + t["b_enc"])
-  else:
-    sae_in = x - t["b_dec"] if cfg["apply_b_dec_to_input"] else x
-    pre = sae_in @ t["W_enc"] + t["b_enc"]
-    codes = np.maximum(pre, 0)
-    if arch == "topk":
-      k = int(cfg["activation_fn_kwargs"]["k"])
-      drop = np.argsort(-pre, axis=-1, kind="stable")[..., k:]
-      np.put_along_axis(codes, drop, 0, axis=-1)
-    elif arch == "jumprelu":
-      codes = codes * (pre > t["threshold"])
-  x_hat = codes @ t["W_dec"] + t["b_dec"]
-  if norm in ("recon", "input_recon"):
-    x_hat = _np_normalize(x_hat)
-  return (x_hat, codes) if return_codes else x_hat
 
 
 # ------------------------------------------------------------------------------------------------
@@ -495,8 +409,18 @@ def export_trained(trained, out_dir: str, variant_ids: Sequence[str] | None = No
              "positions": setup.positions, "lm_step": int(trained.lm.step)}
     paths.append(export_sae(out_dir, row(params), spec.sae, row(hparams), site=setup.site,
                             language=language, variant_id=vid, extra=extra,
-                            state=row(sae_state), context_size=setup.forward_len))
+                            state=row(sae_state), context_size=setup.forward_len,
+                            splice_mode=spec.splice_mode))
   return paths
+
+
+def manifest(paths: Sequence[str]) -> dict[str, dict[str, Any]]:
+  """variant id -> its SAELens form (`saelens.Form` fields) and directory: export.json."""
+  out = {}
+  for path in paths:
+    meta = _read_json(path, META_FILE)
+    out[meta["variant_id"]] = {**meta["saelens"], "dir": os.path.abspath(path)}
+  return out
 
 
 def parse_variants(variants: str) -> list[str] | None:
@@ -510,7 +434,8 @@ def parse_variants(variants: str) -> list[str] | None:
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-  """The `export` job: writes `<workdir>/export/<variant_id>/` per variant and summary.json.
+  """The `export` job: `<workdir>/export/<variant_id>/` per variant, export/export.json (per
+  variant: loadable by SAELens or refused, and how it was mapped) and summary.json.
 
   Args:
     config: `experiments/configs/export.py` (sae_workdir, variants, step).
@@ -547,8 +472,20 @@ def run(config, workdir: str) -> dict[str, Any]:
     export_dir = os.path.join(workdir, "export")
     workdir_lib.record_input(workdir, "grid", identity)
     paths = export_trained(trained, export_dir, ids)
+    if config.lm:
+      from jaxsae import lm_export  # pylint: disable=g-import-not-at-top
+      lm_export.export_lm(os.path.join(workdir, "lm"), trained.lm.params,
+                          trained.lm.model_config, model_name=f"jaxsae-{trained.lm.language}")
+      lm_export.export_dataset(os.path.join(workdir, "data"), trained.lm.config,
+                               config.train_batches)
+    saelens = manifest(paths)
+    jsonio.write(os.path.join(export_dir, MANIFEST_FILE), saelens)
     summary = {"sae_workdir": os.path.abspath(sae_workdir), "step": int(trained.state.step),
                "export_dir": export_dir, "format_version": FORMAT_VERSION,
-               "variants": {os.path.basename(p): p for p in paths}}
+               "variants": {os.path.basename(p): p for p in paths},
+               "saelens_loadable": sorted(v for v, m in saelens.items() if m["loadable"]),
+               "saelens_refused": sorted(v for v, m in saelens.items() if not m["loadable"]),
+               "lm_dir": os.path.join(workdir, "lm") if config.lm else None,
+               "data_dir": os.path.join(workdir, "data") if config.lm else None}
     jsonio.write(os.path.join(workdir, "summary.json"), summary)
   return summary

@@ -290,6 +290,18 @@ def loss_from_logits(logits_BTV: jax.Array, tokens_BT: jax.Array, *, pad_id: int
   return jnp.mean(per_seq_B)
 
 
+def training_batch(config, step: int) -> grammars.Batch:
+  """The batch the run of `config` trains on at optimizer step `step` (its data stream)."""
+  data_key = jax.random.fold_in(jax.random.key(config.seed), _DATA)
+  return grammars.sample(jax.random.fold_in(data_key, step), grammars.get(config.language),
+                         config.batch_size, config.max_len)
+
+
+def heldout_key(config) -> jax.Array:
+  """The key of the run's held-out set (`make_eval_set(config, heldout_key(config))`)."""
+  return jax.random.fold_in(jax.random.key(config.seed), _HELDOUT)
+
+
 def init_state(config) -> TrainState:
   """A fresh state from `config.seed` (one compilation per model shape)."""
   return _init_state(jax.random.key(config.seed), _hyper(config), _setup(config))

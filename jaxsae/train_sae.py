@@ -379,7 +379,7 @@ def _run_locked(config, workdir: str) -> dict[str, Any]:
     if writer:  # checks passed: record what this run is
       ckpt_lib.record_fingerprint(ckpt_dir, fingerprint)
       jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
-      _write_variants(os.path.join(workdir, "variants.json"), setup)
+      write_variants(os.path.join(workdir, "variants.json"), setup)
       workdir_lib.record_input(workdir, "lm", lm.identity(workdir))
       workdir_lib.resume_records(metrics_path, start)
     chunk = make_chunk_fn(setup, config.log_every, state)
@@ -439,7 +439,8 @@ def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
   return {k: sweep_lib.to_json(v) for k, v in values.items()}
 
 
-def _write_variants(path: str, setup: grid_step.Setup) -> None:
+def write_variants(path: str, setup: grid_step.Setup) -> None:
+  """variants.json: the groups (static fields, loss, splice mode) and every variant's values."""
   out = {"groups": [], "variants": []}
   for s in setup.specs:
     out["groups"].append({"name": s.name, "size": s.size, "padded": s.padded,

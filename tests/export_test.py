@@ -1,5 +1,6 @@
 """SAE export: bit-exact round trips, the NumPy reference forward of the format against
-`sae.forward`, cfg.json's SAELens fields, trained grids, the export job, and bad input."""
+`sae.splice` / `sae.forward`, cfg.json's SAELens fields, trained grids, the export job, and bad
+input. (Loading the files with SAELens itself: tests/interop_test.py.)"""
 
 import dataclasses
 import json
@@ -16,6 +17,7 @@ from experiments.configs import export as export_configs
 from jaxsae import checkpoint as ckpt_lib
 from jaxsae import export as export_lib
 from jaxsae import sae as sae_lib
+from jaxsae import saelens as saelens_lib
 from jaxsae import train_sae
 
 D, F = 8, 24
@@ -34,6 +36,8 @@ CASES = {
     "batchtopk_threshold": (dict(activation="batchtopk", k_max=4, pre_bias=True), dict(k=3), 0.4),
     "batchtopk_fresh": (dict(activation="batchtopk", k_max=4), dict(k=2), None),
     "relu_input_recon": (dict(input_norm=True, recon_norm=True, pre_bias=True), {}, None),
+    "relu_input": (dict(input_norm=True, pre_bias=True), {}, None),
+    "topk_input_forward": (dict(activation="topk", k_max=5, input_norm=True), dict(k=3), None),
     "sparsemax_no_kds": (dict(activation="sparsemax_no_kds", enc_bias=False, init="menon",
                               pre_bias=True, decoder_norm="forward"), {}, None),
     "sparsemax_recon_dist": (dict(activation="sparsemax_recon_dist", enc_bias=False,
@@ -85,7 +89,7 @@ def test_round_trip_is_bit_exact(tmp_path, name):
   path, (params, config, hparams, state) = _export(tmp_path, name, extra={"note": [1, 2.5]})
   assert path == os.path.join(str(tmp_path), name)
   assert sorted(os.listdir(path)) == sorted(
-      [export_lib.CONFIG_FILE, export_lib.WEIGHTS_FILE, export_lib.PARAMS_FILE])
+      ["cfg.json", "sae_weights.safetensors", "jaxsae.json", "jaxsae_params.npz"])
   params2, config2, hparams2, meta = export_lib.load_sae(path)
   assert config2 == config
   _assert_tree_equal(params2, params)
@@ -95,13 +99,23 @@ def test_round_trip_is_bit_exact(tmp_path, name):
   assert meta["extra"] == {"note": [1, 2.5]}
 
 
+@pytest.mark.parametrize("splice_mode", sae_lib.SPLICE_MODES)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_numpy_forward_of_the_export_equals_sae_forward(tmp_path, name):
-  path, (params, config, hparams, state) = _export(tmp_path, name)
+def test_numpy_forward_of_the_export_equals_the_spliced_sae(tmp_path, name, splice_mode):
+  # SAELens-loadable exports reproduce `sae.splice` in the variant's mode; refused ones (their
+  # files are ours only) reproduce `sae.forward`.
+  path, (params, config, hparams, state) = _export(tmp_path, name, splice_mode=splice_mode)
   tensors, cfg = export_lib.load_weights(path)
+  meta = export_lib.load_sae(path)[3]
   x_BTD = 1.5 * np.asarray(jax.random.normal(jax.random.key(3), (3, 5, D)), np.float32)
-  x_hat, codes, aux = sae_lib.forward(params, jnp.asarray(x_BTD), config, hparams, state=state)
-  x_hat_np, codes_np = export_lib.numpy_forward(tensors, cfg, x_BTD, return_codes=True)
+  if meta["saelens"]["loadable"]:
+    x_hat, codes, aux = sae_lib.splice(params, jnp.asarray(x_BTD), config, hparams,
+                                       mode=splice_mode, state=state)
+  else:
+    x_hat, codes, aux = sae_lib.forward(params, jnp.asarray(x_BTD), config, hparams, state=state)
+  kind = config.activation.replace("sparsemax_", "") if config.is_sparsemax else None
+  x_hat_np, codes_np = saelens_lib.numpy_forward(tensors, cfg, x_BTD, return_codes=True,
+                                                sparsemax_kind=kind)
   np.testing.assert_allclose(codes_np, np.asarray(codes), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(x_hat_np, np.asarray(x_hat), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(codes_np != 0, np.asarray(codes) != 0)
@@ -146,29 +160,43 @@ def test_exported_tensors_are_the_effective_ones(tmp_path):
                                 np.full((F,), 0.4, np.float32))
 
 
-@pytest.mark.parametrize("name, architecture, act, kwargs, norm", [
-    ("relu_prebias_decbias", "standard", "relu", {}, "none"),
-    ("topk_prebias_forward", "topk", "topk", {"k": 4}, "none"),
-    ("jumprelu_project", "jumprelu", "relu", {}, "none"),
-    ("batchtopk_threshold", "jumprelu", "relu", {}, "none"),
-    ("relu_input_recon", "standard", "relu", {}, "input_recon"),
-    ("sparsemax_recon_dist", "jaxsae_sparsemax", "recon_dist", {}, "input"),
+_SAELENS_KEYS = ["d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
+                 "normalize_activations", "reshape_activations", "metadata", "architecture"]
+
+
+@pytest.mark.parametrize("name, architecture, extra_keys, norm, loadable", [
+    ("relu_prebias_decbias", "standard", {}, "none", True),
+    ("topk_prebias_forward", "topk", {"k": 4, "rescale_acts_by_decoder_norm": False}, "none",
+     True),
+    ("jumprelu_project", "jumprelu", {}, "none", True),
+    ("batchtopk_threshold", "jumprelu", {}, "none", True),
+    ("relu_input", "standard", {}, "constant_norm_rescale", True),
+    ("relu_input_recon", "standard", {}, "jaxsae_input_recon", False),
+    ("sparsemax_recon_dist", "jaxsae_sparsemax", {}, "jaxsae_input", False),
 ])
-def test_cfg_json_has_the_saelens_fields(tmp_path, name, architecture, act, kwargs, norm):
+def test_cfg_json_is_saelens_6(tmp_path, name, architecture, extra_keys, norm, loadable):
   path, (_, config, hparams, _) = _export(tmp_path, name, model_name="tiny-dyck2",
                                           context_size=48)
   with open(os.path.join(path, "cfg.json")) as f:
     cfg = json.load(f)
+  # SAELens' SAEConfig.to_dict() keys, in its order, and nothing else.
+  assert list(cfg) == _SAELENS_KEYS[:-1] + list(extra_keys) + ["architecture"]
   assert (cfg["d_in"], cfg["d_sae"]) == (D, F)
-  assert (cfg["architecture"], cfg["activation_fn_str"]) == (architecture, act)
-  assert cfg["activation_fn_kwargs"] == kwargs
+  assert cfg["architecture"] == architecture
+  assert {k: cfg[k] for k in extra_keys} == extra_keys
   assert cfg["normalize_activations"] == norm
-  assert (cfg["hook_name"], cfg["hook_layer"], cfg["model_name"]) == (
-      "resid_post.0", 0, "tiny-dyck2")
-  assert (cfg["dtype"], cfg["device"], cfg["context_size"]) == ("float32", "cpu", 48)
+  md = cfg["metadata"]
+  assert int(md["sae_lens_version"].split(".")[0]) >= 6
+  assert (md["hook_name"], md["model_name"], md["context_size"]) == (
+      "blocks.0.hook_resid_post", "tiny-dyck2", 48)
+  assert (cfg["dtype"], cfg["device"], cfg["reshape_activations"]) == ("float32", "cpu", "none")
   assert isinstance(cfg["apply_b_dec_to_input"], bool)
-  assert cfg["jaxsae"]["sae_config"] == dataclasses.asdict(config)
-  assert cfg["jaxsae"]["hparams"]["k"] == int(hparams.k)
+  meta = export_lib.load_sae(path)[3]
+  assert meta["saelens"]["loadable"] is loadable
+  with open(os.path.join(path, "jaxsae.json")) as f:
+    block = json.load(f)
+  assert block["sae_config"] == dataclasses.asdict(config)
+  assert block["hparams"]["k"] == int(hparams.k)
   tensors, _ = export_lib.load_weights(path)
   shapes = {k: v.shape for k, v in tensors.items()}
   assert (shapes["W_enc"], shapes["b_enc"], shapes["W_dec"], shapes["b_dec"]) == (
@@ -176,13 +204,15 @@ def test_cfg_json_has_the_saelens_fields(tmp_path, name, architecture, act, kwar
   assert all(v.dtype == np.float32 for v in tensors.values())
 
 
-def test_default_model_name_and_hook_layer(tmp_path):
+@pytest.mark.parametrize("site, hook", [
+    ("resid_pre.1", "blocks.1.hook_resid_pre"), ("attn_out.0", "blocks.0.hook_attn_out"),
+    ("mlp_out.1", "blocks.1.hook_mlp_out"), ("ln_final", "unembed.hook_in")])
+def test_default_model_name_and_hook_names(tmp_path, site, hook):
   params, config, hparams, _ = _variant("relu_forward")
-  path = export_lib.export_sae(str(tmp_path), params, config, hparams, site="resid_pre.1",
+  path = export_lib.export_sae(str(tmp_path), params, config, hparams, site=site,
                                language="expr_prefix", variant_id="v001")
-  cfg = export_lib.load_weights(path)[1]
-  assert (cfg["model_name"], cfg["hook_layer"], cfg["hook_name"]) == (
-      "jaxsae-expr_prefix", 1, "resid_pre.1")
+  md = export_lib.load_weights(path)[1]["metadata"]
+  assert (md["model_name"], md["hook_name"]) == ("jaxsae-expr_prefix", hook)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,18 +241,22 @@ def test_bad_input_raises_clearly(tmp_path):
     export_lib.export_sae(str(tmp_path), params, config, hparams, extra={"x": object()}, **kw)
   with pytest.raises(ValueError, match="site=''"):
     export_lib.export_sae(str(tmp_path), params, config, hparams, **dict(kw, site=""))
+  with pytest.raises(ValueError, match="site='block0' is not a model site"):
+    export_lib.export_sae(str(tmp_path), params, config, hparams, **dict(kw, site="block0"))
+  with pytest.raises(ValueError, match="splice_mode='raw'"):
+    export_lib.export_sae(str(tmp_path), params, config, hparams, splice_mode="raw", **kw)
   assert not os.path.exists(tmp_path / "v000")  # nothing half-written
   with pytest.raises(FileNotFoundError, match="not an exported SAE directory"):
     export_lib.load_sae(str(tmp_path / "missing"))
   os.makedirs(tmp_path / "foreign")
   with open(tmp_path / "foreign" / "cfg.json", "w") as f:
     json.dump({"d_in": D, "d_sae": F, "architecture": "standard"}, f)
-  with pytest.raises(ValueError, match="no 'jaxsae' block"):
+  with pytest.raises(ValueError, match="no jaxsae.json"):
     export_lib.load_sae(str(tmp_path / "foreign"))
   path = export_lib.export_sae(str(tmp_path), params, config, hparams, **kw)
   tensors, cfg = export_lib.load_weights(path)
   with pytest.raises(ValueError, match="d_in=8"):
-    export_lib.numpy_forward(tensors, cfg, np.zeros((2, D + 1), np.float32))
+    saelens_lib.numpy_forward(tensors, cfg, np.zeros((2, D + 1), np.float32))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,7 +309,8 @@ def test_export_trained_writes_every_variant_and_reloads_the_grid(trained, tmp_p
     _assert_tree_equal(meta["state"], want_state)
     assert meta["extra"]["group"] == spec.name and meta["extra"]["step"] == 2
     assert meta["site"] == trained.setup.site and meta["language"] == "dyck2"
-    assert meta["cfg"]["context_size"] == trained.setup.forward_len
+    assert meta["cfg"]["metadata"]["context_size"] == trained.setup.forward_len
+    assert meta["splice_mode"] == spec.splice_mode
   # The BatchTopK variant tracked a positive threshold, exported per latent.
   btk = [p for p in paths if export_lib.load_sae(p)[1].activation == "batchtopk"]
   assert len(btk) == 1
@@ -313,10 +348,19 @@ def test_export_job(sae_dir, trained, tmp_path):
   assert (config.job, config.variants, config.step) == ("export", f"{ids[0]},{ids[2]}", 0)
   config.lock()
   summary = export_lib.run(config, str(tmp_path))
-  assert sorted(os.listdir(tmp_path / "export")) == [ids[0], ids[2]]
+  assert sorted(os.listdir(tmp_path / "export")) == ["export.json", ids[0], ids[2]]
   assert summary["step"] == 2 and sorted(summary["variants"]) == [ids[0], ids[2]]
   with open(tmp_path / "summary.json") as f:
     assert json.load(f) == summary
+  with open(tmp_path / "export" / "export.json") as f:
+    manifest = json.load(f)
+  assert sorted(manifest) == [ids[0], ids[2]]
+  assert all(m["loadable"] and m["dir"] == summary["variants"][v] for v, m in manifest.items())
+  assert summary["saelens_loadable"] == [ids[0], ids[2]] and summary["saelens_refused"] == []
+  # The grid's LM for TransformerLens and its token streams (tests/interop_test.py loads them).
+  assert sorted(os.listdir(summary["lm_dir"])) == ["config.json", "model.safetensors"]
+  with open(os.path.join(summary["data_dir"], "dataset.json")) as f:
+    assert json.load(f)["splits"]["train"]["rows"] == 8 * trained.lm.config["batch_size"]
   rows = _grid_rows(trained)
   for vid, path in summary["variants"].items():
     params, _, _, meta = export_lib.load_sae(path)
@@ -332,6 +376,8 @@ def test_export_job_bad_input_fails_before_loading(sae_dir, tmp_path):
   with pytest.raises(ValueError, match=r"unknown variant id\(s\) \['v999'\]"):
     export_lib.run(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "export")
+  with pytest.raises(ValueError, match="train_batches=0 must be >= 1"):
+    export_configs.get_config("train_batches=0")
   with pytest.raises(ValueError, match="step=-1 must be >= 0"):
     export_configs.get_config("step=-1")
   config = export_configs.get_config(f"sae_workdir={sae_dir},step=7")

@@ -1,4 +1,5 @@
-"""Export a trained SAE grid in jaxsae's SAELens-style format (see `jaxsae/export.py`).
+"""Export a trained SAE grid in SAELens 6's format, and its LM for TransformerLens with the LM run's
+token streams (see `jaxsae/export.py`, `jaxsae/saelens.py`, `jaxsae/lm_export.py`).
 
 Command (needs a finished sae job; seconds: restoring the checkpoint and writing files)::
 
@@ -6,11 +7,16 @@ Command (needs a finished sae job; seconds: restoring the checkpoint and writing
         --config=experiments/configs/export.py:sae_workdir=workdirs/sae_e2e_dyck2 \
         --workdir=workdirs/export_sae_e2e_dyck2
 
-Writes `<workdir>/export/<variant_id>/` (cfg.json, sae_weights.npz, jaxsae_params.npz) for each
-variant and `<workdir>/summary.json` (variant id -> directory). Settings: `sae_workdir=<dir>`,
-`variants=<id>+<id>...` (ids joined by '+', since ',' separates settings; default all),
-`step=<int>` (checkpoint step, 0 = the latest). Expected: one directory per requested variant;
-`jaxsae.export.load_sae` on each returns the grid's params bit for bit.
+Writes `<workdir>/export/<variant_id>/` (cfg.json, sae_weights.safetensors, jaxsae.json,
+jaxsae_params.npz) for each variant, `<workdir>/export/export.json` (per variant: loaded by
+SAELens or refused, and how it was mapped), `<workdir>/lm/` (TransformerLens config.json +
+model.safetensors), `<workdir>/data/` (tokens.npz, tokens.parquet if pyarrow is installed,
+dataset.json) and `<workdir>/summary.json`. Settings: `sae_workdir=<dir>`, `variants=<id>+<id>...`
+(ids joined by '+', since ',' separates settings; default all), `step=<int>` (checkpoint step, 0 =
+the latest), `lm=<bool>` (also the LM and data; default true), `train_batches=<int>` (LM training
+batches in the dataset's train split). Expected: one directory per requested variant;
+`jaxsae.export.load_sae` on each returns the grid's params bit for bit, `sae_lens.SAE.load_from_disk`
+loads every variant export.json marks loadable.
 """
 
 import ml_collections
@@ -21,9 +27,11 @@ from experiments.configs import args as args_lib
 def get_config(arg=None):
   opts = args_lib.parse(arg, switches=(),
                         keys={"sae_workdir": "workdirs/sae_e2e_dyck2", "variants": "all",
-                              "step": 0},
-                        minimum={"step": 0})
+                              "step": 0, "lm": True, "train_batches": 8},
+                        minimum={"step": 0, "train_batches": 1})
   variants = "all" if opts["variants"] == "all" else opts["variants"].replace("+", ",")
+  if opts["train_batches"] < 1:
+    raise ValueError(f"train_batches={opts['train_batches']} must be >= 1")
   if not variants:
     raise ValueError("variants= is empty; give 'all' or ids joined by '+' (e.g. v000+v003)")
   config = ml_collections.ConfigDict()
@@ -31,4 +39,6 @@ def get_config(arg=None):
   config.sae_workdir = opts["sae_workdir"]  # workdir of a finished `sae` job (config + checkpoints)
   config.variants = variants  # 'all', or comma-separated variant ids from its variants.json
   config.step = opts["step"]  # checkpoint step to export (0: the latest)
+  config.lm = opts["lm"]  # also export the grid's LM (TransformerLens) and its token streams
+  config.train_batches = opts["train_batches"]  # LM training batches in the dataset (batches)
   return config
