@@ -57,7 +57,8 @@ and eps 1e-5 (e2e_sae's `_layer_norm_pre`; the formulas are `metrics.py`'s):
                       grammatical next tokens (`grammars.valid_next`)
     norm_ratio        mean over tokens of ‖x̂‖ / ‖x‖ (shrinkage: < 1 when the SAE meets its
                       sparsity penalty by shrinking codes rather than turning latents off)
-    b_dec_norm        ‖b_dec‖ of the SAE's decoder bias (NaN without one; `evaluate` adds it)
+    b_dec_norm        ‖b_dec + b_pre‖, the bias added to every reconstruction (NaN without
+                      either; `evaluate` adds it)
 
 Compilation: the clean forward runs once per batch and is shared by every variant of every
 group; each group's metrics come from one jitted function of the stacked SAE params (static:

@@ -129,8 +129,12 @@ def _evaluate(groups: Sequence[_GroupInput], lm_params, data: eval_passes.HeldOu
     gst = eval_passes.GroupStatic(base=st, sae=g.spec.sae, splice_mode=g.splice_mode,
                                   variant_loop=g.variant_loop)
     m = eval_passes.finalize(clean_tot, sums, fired, gst)
-    b_dec = g.params.get("b_dec") if isinstance(g.params, Mapping) else None
-    m["b_dec_norm"] = (np.linalg.norm(np.asarray(b_dec, np.float64), axis=-1) if b_dec is not None
+    # The bias added to every reconstruction: b_dec, plus the pre-bias added back after
+    # decoding (so an SAE whose output bias lives in b_pre, e.g. one imported from SAELens,
+    # reads the same as its b_dec twin).
+    biases = [np.asarray(g.params[k], np.float64) for k in ("b_dec", "b_pre")
+              if isinstance(g.params, Mapping) and k in g.params]
+    m["b_dec_norm"] = (np.linalg.norm(sum(biases), axis=-1) if biases
                        else np.full((fired.shape[0],), np.nan))
     results.append(m)
   return clean_tot, results

@@ -433,8 +433,8 @@ def _render(rep: Mapping[str, Any]) -> list[str]:
   out += [f"Spliced grammaticality: generation combo `{combo}` (mode/positions), with its Wilson "
           f"95% interval over {ce['generations'] or '?'} generations; CE recovered "
           "against zero ablation; EV = token-mean explained variance; ‖x̂‖/‖x‖ = token mean of "
-          "the reconstruction's norm over the activation's (shrinkage below 1); ‖b_dec‖ = the "
-          "decoder bias norm.", ""]
+          "the reconstruction's norm over the activation's (shrinkage below 1); ‖b_dec‖ = the norm of "
+          "the bias added to every reconstruction (decoder bias plus pre-bias).", ""]
   out += _md_table(
       ["id", "type", "key hparams", "L0", "alive", "CE increase", "KL", "CE recovered", "EV",
        "‖x̂‖/‖x‖", "‖b_dec‖", "spliced gram.", "clean gram.", "frozen"],

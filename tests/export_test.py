@@ -381,8 +381,8 @@ def test_export_job_bad_input_fails_before_loading(sae_dir, tmp_path):
   with pytest.raises(ValueError, match="step=-1 must be >= 0"):
     export_configs.get_config("step=-1")
   config = export_configs.get_config(f"sae_workdir={sae_dir},step=7")
-  with pytest.raises(ckpt_lib.CheckpointError,
-                     match=r"checkpoint step 7 does not exist .*available steps are \[2\]"):
+  with pytest.raises(FileNotFoundError,
+                     match=r"no checkpoint at step 7; it holds steps \[2\]"):
     export_lib.run(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "export")
   with pytest.raises(ValueError, match="unknown config setting 'workdir'"):

@@ -61,6 +61,7 @@ def test_round_trip_evaluates_to_the_same_metrics(grids):
     for name, value in a[vid].items():
       if isinstance(value, float) and not isinstance(value, bool):
         other = b[vid][name]
+        assert isinstance(other, float), (vid, name, value, other)
         assert math.isclose(value, other, rel_tol=1e-4, abs_tol=1e-5), (vid, name, value, other)
         compared += 1
   assert compared > 20 * len(a)
