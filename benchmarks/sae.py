@@ -125,11 +125,13 @@ from experiments.configs import lm as lm_configs  # pylint: disable=g-import-not
 from experiments.configs import sae_base  # pylint: disable=g-import-not-at-top
 from jaxsae.flops import matmul_peak  # pylint: disable=g-import-not-at-top
 from jaxsae import grid_step  # pylint: disable=g-import-not-at-top
+from jaxsae import sae as sae_lib  # pylint: disable=g-import-not-at-top
 from jaxsae import train_lm  # pylint: disable=g-import-not-at-top
 from jaxsae import train_sae  # pylint: disable=g-import-not-at-top
 
 LANGUAGE = "english"
 BATCH_SIZE, SEQ_LEN, EXPANSION, SITE = 32, 128, 8, "resid_post.0"
+TOPK_VS_RELU_TARGET = 1.5  # a TopK grid's speed per variant over ReLU's at the same width
 
 def write_untrained_lm(directory: str, language: str = LANGUAGE, max_len: int = SEQ_LEN) -> str:
   """An LM workdir with the default (non-smoke) model and an untrained checkpoint at step 0."""
@@ -138,12 +140,19 @@ def write_untrained_lm(directory: str, language: str = LANGUAGE, max_len: int = 
   return train_lm.write_untrained(config, directory)
 
 
-def flop_model(mc, loss: str, n: int, tokens: int, seq_len: int, width: int) -> dict:
-  """Matmul FLOPs per step (see the module docstring), exact and by the 6x rule of thumb."""
+def flop_model(mc, loss: str, n: int, tokens: int, seq_len: int, width: int,
+               active: int | None = None) -> dict:
+  """Matmul FLOPs per step (see the module docstring), exact and by the 6x rule of thumb.
+
+  `active`: latents per token decoded sparsely (TopK with the sparse decode): the encoder's
+  forward stays dense (2·tokens·d·F), the decoder's forward, its two gradients and the encoder's
+  weight gradient touch only the active latents (8·tokens·d·k).
+  """
   d, v = mc.d_model, mc.vocab_size
   block = 4 * d * d + 2 * d * mc.d_mlp  # qkv + out projection + MLP (bias-free)
   attn_fwd = 2 * 2 * seq_len * d  # per token per layer: scores + weighted values
-  sae = 10 * tokens * d * width
+  sae = (10 * tokens * d * width if active is None
+         else 2 * tokens * d * width + 8 * tokens * d * active)
   sae_6x = 6 * tokens * d * width
   if loss == "local":
     clean = tokens * (2 * block + attn_fwd)  # block 0 only (stops at resid_post.0)
@@ -156,13 +165,16 @@ def flop_model(mc, loss: str, n: int, tokens: int, seq_len: int, width: int) -> 
           "sae_per_variant": sae, "downstream_per_variant": down, "clean_once": clean}
 
 
-def _config(lm_dir: str, loss: str, n: int, steps: int):
+def _config(lm_dir: str, loss: str, n: int, steps: int, activation: str = "relu",
+            k: int = 16, decode: str = "auto"):
   c = sae_base.base_config(language=LANGUAGE, lm_workdir=lm_dir)
   c.positions = "all"
   c.batch_size, c.max_len, c.forward_len, c.site = BATCH_SIZE, SEQ_LEN, SEQ_LEN, SITE
   c.steps = c.log_every = c.checkpoint_every = steps
-  c.sweep = [{"product": {"seed": list(range(n))},
-              "set": {"loss": loss, "expansion": EXPANSION, "sparsity_coeff": 1.0}}]
+  fields = {"loss": loss, "expansion": EXPANSION, "sparsity_coeff": 1.0}
+  if activation != "relu":
+    fields.update(activation=activation, k=k, decode=decode, sparsity_coeff=0.0)
+  c.sweep = [{"product": {"seed": list(range(n))}, "set": fields}]
   return c
 
 
@@ -175,9 +187,10 @@ def _median_time(fn, repeats: int) -> list[float]:
   return times
 
 
-def time_grid(lm_dir: str, loss: str, n: int, steps: int, repeats: int) -> dict:
-  """Compiles the chunk of one (loss, N) group and times it."""
-  config = _config(lm_dir, loss, n, steps)
+def time_grid(lm_dir: str, loss: str, n: int, steps: int, repeats: int,
+              activation: str = "relu", k: int = 16, decode: str = "auto") -> dict:
+  """Compiles the chunk of one (loss, activation, N) group and times it."""
+  config = _config(lm_dir, loss, n, steps, activation, k, decode)
   setup, lm, root = train_sae.prepare(config)
   state = train_sae.place_state(train_sae.init_grid(setup, lm, root), setup)
   hypers = tuple(grid_step.group_hyper(s) for s in setup.specs)
@@ -202,9 +215,14 @@ def time_grid(lm_dir: str, loss: str, n: int, steps: int, repeats: int) -> dict:
 
   tokens = setup.batch_size * setup.forward_len
   assert setup.capacity == tokens, (setup.capacity, tokens)
-  fl = flop_model(setup.model_config, loss, n, tokens, setup.forward_len, setup.specs[0].sae.width)
+  sae_cfg = setup.specs[0].sae
+  sparse = sae_lib.sparse_decode(sae_cfg, train=True)
+  fl = flop_model(setup.model_config, loss, n, tokens, setup.forward_len, sae_cfg.width,
+                  active=sae_cfg.k_max if sparse else None)
   tok_s = tokens / step_s
-  return {"loss": loss, "n": n, "step_s": step_s, "steps_per_s": 1 / step_s,
+  return {"loss": loss, "activation": activation, "n": n,
+          **({"k": k, "decode": decode, "sparse_decode": sparse} if sae_cfg.uses_k else {}),
+          "step_s": step_s, "steps_per_s": 1 / step_s,
           "tokens_per_s": tok_s, "variant_tokens_per_s": n * tok_s,
           "gflop_per_step": fl["total"] / 1e9, "gflop_per_step_6x": fl["total_6x"] / 1e9,
           "gflops": fl["total"] / step_s / 1e9, "batch_s": batch_s,
@@ -273,6 +291,12 @@ def main():
                       help="1 step per call, 2 calls (the peer: 3 steps per call, 2 calls)")
   parser.add_argument("--n", default="1,8,32", help="variant counts, comma-separated")
   parser.add_argument("--losses", default="local,e2e,e2e_ds")
+  parser.add_argument("--activations", default="relu",
+                      help="relu and/or topk, batchtopk (comma-separated): each is timed next "
+                           "to the others at every (loss, N); the ratios to relu are printed")
+  parser.add_argument("--k", type=int, default=16, help="k of the topk / batchtopk groups")
+  parser.add_argument("--decode", default="auto", choices=sae_lib.DECODES,
+                      help="SAEConfig.decode of the topk / batchtopk groups")
   parser.add_argument("--steps", type=int, default=3, help="steps per timed call")
   parser.add_argument("--repeats", type=int, default=3, help="timed calls (median)")
   parser.add_argument("--rounds", type=int, default=1,
@@ -290,10 +314,15 @@ def main():
                                            (args.peer_steps, args.peer_repeats, args.peer_warmup))
   ns = [int(x) for x in args.n.split(",")]
   losses = args.losses.split(",")
+  activations = args.activations.split(",")
   unknown = [x for x in losses if x not in ("local", "e2e", "e2e_ds")]
+  bad_act = [x for x in activations if x not in ("relu", "topk", "batchtopk")]
   if unknown or min(ns) < 1 or min(steps, repeats, args.rounds) < 1:
     parser.error(f"--losses takes local, e2e, e2e_ds (got {unknown or losses}); --n, --steps, "
                  f"--repeats and --rounds must be >= 1")
+  if bad_act or not 1 <= args.k <= EXPANSION * 128:
+    parser.error(f"--activations takes relu, topk, batchtopk (got {bad_act or activations}); "
+                 f"--k must lie in [1, {EXPANSION * 128}]")
   threads = len(os.sched_getaffinity(0))  # XLA's CPU thread pool uses every core it may run on
   peer_python, peer_info = _peer_setup(args, losses, threads)
   peer_runs: dict[str, list[list[float]]] = {}  # loss -> per round, the peer's tokens/s
@@ -321,12 +350,15 @@ def main():
       for loss in losses:
         measure_peer(loss, i, "before")
         for n in ns:
-          r = time_grid(lm_dir, loss, n, steps, repeats)
-          print(f"# round {i + 1}/{args.rounds} {loss} N={n}: {r['step_s']:.3f} s/step, "
-                f"{r['gflops']:.1f} GFLOP/s", file=sys.stderr, flush=True)
-          rounds.setdefault((loss, n), []).append(r)
+          for act in activations:
+            r = time_grid(lm_dir, loss, n, steps, repeats, act, args.k, args.decode)
+            print(f"# round {i + 1}/{args.rounds} {loss} {act} N={n}: {r['step_s']:.3f} s/step, "
+                  f"{r['gflops']:.1f} GFLOP/s, load {os.getloadavg()[0]:.2f}", file=sys.stderr,
+                  flush=True)
+            rounds.setdefault((loss, act, n), []).append(r)
         measure_peer(loss, i, "after")
-  results = [_median_round(rs) for rs in rounds.values()]
+  all_results = [_median_round(rs) for rs in rounds.values()]
+  results = [r for r in all_results if r["activation"] == "relu"]  # what the peer is compared with
   bare = [bare_sae_step(n, BATCH_SIZE * SEQ_LEN, 128, EXPANSION * 128, max(repeats, 3))
           for n in (1, 32)]
   peak1, n1 = matmul_peak()
@@ -350,12 +382,34 @@ def main():
       r["cost_per_variant_vs_local"] = r["step_s"] / by[("local", r["n"])]["step_s"]
       r["cost_per_variant_vs_local_rounds"] = [
           e / l for e, l in zip(r["step_s_rounds"], by[("local", r["n"])]["step_s_rounds"])]
+  relu_by = by
+  for r in all_results:
+    if r["activation"] == "relu":
+      continue
+    r["fraction_of_peak"] = r["gflops"] / peak
+    local = next((x for x in all_results if (x["loss"], x["activation"], x["n"]) ==
+                  ("local", r["activation"], r["n"])), None)
+    if r["loss"] != "local" and local is not None:
+      r["cost_per_variant_vs_local"] = r["step_s"] / local["step_s"]
+    relu = relu_by.get((r["loss"], r["n"]))
+    if relu is not None:  # per-variant speed over relu's at the same (loss, N), in this run
+      r["speedup_vs_relu"] = relu["step_s"] / r["step_s"]
+      r["speedup_vs_relu_rounds"] = [a / b for a, b in zip(relu["step_s_rounds"],
+                                                             r["step_s_rounds"])]
   for b in bare:
     b["fraction_of_peak"] = b["gflops"] / peak
   checks = {"e2e_per_variant_le_2x_local": all(r.get("cost_per_variant_vs_local", 0) <= 2
                                                for r in results)}
   if ("local", 32) in by:
     checks["local_n32_ge_half_peak"] = by[("local", 32)]["fraction_of_peak"] >= 0.5
+  vs_relu = {f"{r['loss']}_{r['activation']}_n{r['n']}": {
+      "speedup": round(r["speedup_vs_relu"], 3),
+      "rounds": [round(x, 3) for x in r["speedup_vs_relu_rounds"]],
+      "met": r["speedup_vs_relu"] >= TOPK_VS_RELU_TARGET}
+             for r in all_results if "speedup_vs_relu" in r and r["activation"] == "topk"
+             and r["n"] >= 8}
+  if vs_relu:
+    checks[f"topk_ge_{TOPK_VS_RELU_TARGET}x_relu_per_variant_n_ge_8"] = vs_relu
   if peer_python is not None:
     checks["vs_pytorch"] = {
         name: {k: ([round(x, 3) for x in v] if k == "range" else
@@ -375,7 +429,8 @@ def main():
       "steps_per_call": steps, "repeats": repeats, "rounds": args.rounds,
       "matmul_peak_gflops": round(peak, 2), "matmul_peak_size": peak_n,
       "matmul_peak_before_after": [round(peak0, 2), round(peak1, 2)],
-      "results": [short(r) for r in results],
+      "activations": activations,
+      "results": [short(r) for r in all_results],
       "bare_sae": [{k: round(v, 4) if isinstance(v, float) else v for k, v in b.items()}
                    for b in bare],
       "peer": peer_info, "checks": checks,
