@@ -292,8 +292,9 @@ def main():
   parser.add_argument("--n", default="1,8,32", help="variant counts, comma-separated")
   parser.add_argument("--losses", default="local,e2e,e2e_ds")
   parser.add_argument("--activations", default="relu",
-                      help="relu and/or topk, batchtopk (comma-separated): each is timed next "
-                           "to the others at every (loss, N); the ratios to relu are printed")
+                      help="relu and/or topk, batchtopk, each optionally as NAME:DECODE "
+                           "(e.g. topk:dense), comma-separated: each is timed next to the "
+                           "others at every (loss, N); the ratios to relu are printed")
   parser.add_argument("--k", type=int, default=16, help="k of the topk / batchtopk groups")
   parser.add_argument("--decode", default="auto", choices=sae_lib.DECODES,
                       help="SAEConfig.decode of the topk / batchtopk groups")
@@ -316,7 +317,9 @@ def main():
   losses = args.losses.split(",")
   activations = args.activations.split(",")
   unknown = [x for x in losses if x not in ("local", "e2e", "e2e_ds")]
-  bad_act = [x for x in activations if x not in ("relu", "topk", "batchtopk")]
+  bad_act = [x for x in activations if x.split(":")[0] not in ("relu", "topk", "batchtopk")
+             or x.split(":")[1:] not in ([], *([d] for d in sae_lib.DECODES))
+             or (x.startswith("relu:"))]
   if unknown or min(ns) < 1 or min(steps, repeats, args.rounds) < 1:
     parser.error(f"--losses takes local, e2e, e2e_ds (got {unknown or losses}); --n, --steps, "
                  f"--repeats and --rounds must be >= 1")
@@ -351,7 +354,9 @@ def main():
         measure_peer(loss, i, "before")
         for n in ns:
           for act in activations:
-            r = time_grid(lm_dir, loss, n, steps, repeats, act, args.k, args.decode)
+            name, _, decode = act.partition(":")
+            r = time_grid(lm_dir, loss, n, steps, repeats, name, args.k, decode or args.decode)
+            r["activation"] = act
             print(f"# round {i + 1}/{args.rounds} {loss} {act} N={n}: {r['step_s']:.3f} s/step, "
                   f"{r['gflops']:.1f} GFLOP/s, load {os.getloadavg()[0]:.2f}", file=sys.stderr,
                   flush=True)
@@ -406,8 +411,8 @@ def main():
       "speedup": round(r["speedup_vs_relu"], 3),
       "rounds": [round(x, 3) for x in r["speedup_vs_relu_rounds"]],
       "met": r["speedup_vs_relu"] >= TOPK_VS_RELU_TARGET}
-             for r in all_results if "speedup_vs_relu" in r and r["activation"] == "topk"
-             and r["n"] >= 8}
+             for r in all_results if "speedup_vs_relu" in r
+             and r["activation"].startswith("topk") and r["n"] >= 8}
   if vs_relu:
     checks[f"topk_ge_{TOPK_VS_RELU_TARGET}x_relu_per_variant_n_ge_8"] = vs_relu
   if peer_python is not None:
