@@ -11,7 +11,8 @@ slots of M entries each. TopK: J = k_max, M = n, and `tok` is None (entry m of e
 token m, so the decode is a plain sum of gathered rows). BatchTopK: J = k_max, M = n, the k_max·n
 batch-selected entries in any order, with `tok` given (a scatter-add per slot).
 
-Both products have custom VJPs that stay sparse in the backward pass too (`decode`):
+`topk` / `batch_topk` select the entries from dense pre-activations (as `sae.topk` /
+`sae.batch_topk`, by `lax.top_k`). Both products have custom VJPs that stay sparse in the backward pass too (`decode`):
 d vals[j, m] = g[tok] · dictionary[lat], and d dictionary = Σ vals·g[tok] scattered to the
 gathered rows; and `gather_pre`, the encoder's pre-activations at the active entries, whose
 gradients d w_enc, d b_enc, d x come from the active entries only (for TopK the code gradient is
@@ -159,3 +160,35 @@ def fire_counts(active: ActiveCodes, weights_N: jax.Array) -> jax.Array:
   w_JM = jnp.broadcast_to(w[None], active.lat.shape) if active.tok is None else w[active.tok]
   fired = (jax.lax.stop_gradient(active.vals) != 0).astype(jnp.float32) * w_JM
   return jnp.zeros((active.width,), jnp.float32).at[active.lat.reshape(-1)].add(fired.reshape(-1))
+
+
+def topk(pre_NF: jax.Array, x_ND: jax.Array, w_DF: jax.Array, b_F: jax.Array, k: jax.Array,
+         k_max: int) -> ActiveCodes:
+  """`sae.topk` of `pre = x @ w + b` (given under stop_gradient) as k_max slots per token:
+  the k_max largest by `lax.top_k`, relu'd, values past the dynamic k zero. Gradients reach x,
+  w and b through `gather_pre`."""
+  n, f = pre_NF.shape
+  _, idx_NK = jax.lax.top_k(pre_NF, k_max)
+  lat_KN = idx_NK.T.astype(jnp.int32)
+  vals_KN = gather_pre(pre_NF, x_ND, w_DF, b_F, lat_KN, None)
+  keep = jax.lax.broadcasted_iota(jnp.int32, vals_KN.shape, 0) < k
+  vals_KN = jnp.where(keep, jnp.maximum(vals_KN, 0), 0)
+  return ActiveCodes(vals=vals_KN, lat=lat_KN, tok=None, n=n, width=f)
+
+
+def batch_topk(pre_NF: jax.Array, x_ND: jax.Array, w_DF: jax.Array, b_F: jax.Array,
+               k: jax.Array, k_max: int, valid_N: jax.Array | None = None
+               ) -> tuple[ActiveCodes, jax.Array, jax.Array]:
+  """`sae.batch_topk` as the k_max·n batch-selected entries (k_max slots of n): the k·n largest
+  positive pre-activations over the valid tokens; returns `(active, min_kept, any_kept)`."""
+  n, f = pre_NF.shape
+  valid_N = jnp.ones((n,), bool) if valid_N is None else valid_N.astype(bool)
+  scores = jnp.where(valid_N[:, None], pre_NF, -jnp.inf).reshape(n * f)
+  top, idx = jax.lax.top_k(scores, k_max * n)
+  keep = (jnp.arange(k_max * n) < k * jnp.sum(valid_N.astype(jnp.int32))) & (top > 0)
+  lat_KN = (idx % f).astype(jnp.int32).reshape(k_max, n)
+  tok_KN = (idx // f).astype(jnp.int32).reshape(k_max, n)
+  vals_KN = gather_pre(pre_NF, x_ND, w_DF, b_F, lat_KN, tok_KN)
+  vals_KN = jnp.where(keep.reshape(k_max, n), vals_KN, 0)
+  active = ActiveCodes(vals=vals_KN, lat=lat_KN, tok=tok_KN, n=n, width=f)
+  return active, jnp.min(jnp.where(keep, top, jnp.inf)), jnp.any(keep)

@@ -18,6 +18,12 @@ matrix multiplies are slow; see `over_variants`):
   (constant or ramped), an optional plain pre-training phase and a fresh optimizer at a lower
   lr for the fine-tuning phase.
 
+What the variants share is computed once per step, outside the per-variant function: the clean
+forward, its log-softmax (the KL target) and the downstream clean activations (`Batch`).
+TopK / BatchTopK groups with the sparse decode (`sae.sparse_decode`) take the sparsity term and
+the fired-latent counts from the active latents too (`active_codes`). Every per-step metric is
+part of the chunk's logged means (only `lr` is taken at the last step, a scalar).
+
 Each variant has its own Adam state, learning rate (× a shared schedule: constant, or linear
 warm-up + cosine to a floor) and global-norm clip. A variant whose loss or gradients turn
 non-finite keeps its last good parameters and is flagged (`frozen`, `bad_step`); the others are

@@ -38,6 +38,20 @@ update, then decay·thr + (1 − decay)·m, decay = `hparams.threshold_decay`), 
 `aux['state']` for the trainer to carry next to the params. `train=False` (default, inference):
 codes = relu(pre)·1[pre > thr] per token (thr = 0 before any update: plain ReLU). Masked-out
 tokens take no part in the selection or the EMA and are encoded with the threshold.
+
+Sparse decode (`SAEConfig.decode`, resolved by `sparse_decode`): TopK codes (and BatchTopK's in
+training) are also held as their active entries (`active_codes.ActiveCodes`, `aux['active']`);
+x_hat is summed from the gathered dictionary rows of the active latents, and the backward pass
+stays on them: d w_dec only at the gathered rows (scatter-add), d codes only at the active
+positions, and d w_enc, d b_enc, d x from the active pre-activations only. (The dense path's
+gradient multiplies the zeros: XLA lowers d w_enc to a dense `[D, n] @ [n, F]` product of the
+scattered code gradient.) The encoder's forward stays dense: the selection needs every
+pre-activation. The values are the dense decode's, the sums run in another order (float32
+differences ~1e-6 relative; a smoke grid's final parameters and metrics agree to 1e-4 relative,
+tests/train_sae_test.py). Sparse BatchTopK leaves masked-out tokens' codes at zero instead of
+thresholding them: nothing reads them in training (they weigh 0 in every loss term and metric,
+and `splice` keeps x there). `auto` takes the sparse path for TopK on CPU (k_max <= 32), where
+it was measured faster; see `sparse_decode`.
 """
 
 from __future__ import annotations
@@ -476,39 +490,11 @@ def sparse_decode(config: SAEConfig, train: bool = False) -> bool:
 
 
 def _active_inputs(params, x_in, pre, config):
-  lead, f = pre.shape[:-1], pre.shape[-1]
-  n = math.prod(lead)
+  """(pre `[n, F]` under stop_gradient, the encoder's input `[n, D]`, b_enc or zeros)."""
+  n = math.prod(pre.shape[:-1])
   xb_ND = _encoder_input(params, x_in, config).reshape(n, config.d_in)
-  b_F = params["b_enc"] if config.enc_bias else jnp.zeros((f,), pre.dtype)
-  return n, f, jax.lax.stop_gradient(pre).reshape(n, f), xb_ND, b_F
-
-
-def _active_topk(params, x_in, pre, config, k):
-  """`topk` as `ActiveCodes` (k_max slots per token, values past k zero)."""
-  n, f, pre_NF, xb_ND, b_F = _active_inputs(params, x_in, pre, config)
-  _, idx_NK = jax.lax.top_k(pre_NF, config.k_max)
-  lat_KN = idx_NK.T.astype(jnp.int32)
-  vals_KN = active_codes.gather_pre(pre_NF, xb_ND, params["w_enc"], b_F, lat_KN, None)
-  keep = jax.lax.broadcasted_iota(jnp.int32, vals_KN.shape, 0) < k
-  vals_KN = jnp.where(keep, jnp.maximum(vals_KN, 0), 0)
-  return active_codes.ActiveCodes(vals=vals_KN, lat=lat_KN, tok=None, n=n, width=f)
-
-
-def _active_batch_topk(params, x_in, pre, config, k, mask):
-  """`batch_topk` as `ActiveCodes` (the k_max·n batch-selected entries, k_max slots of n);
-  returns `(active, min_kept, any_kept)`."""
-  n, f, pre_NF, xb_ND, b_F = _active_inputs(params, x_in, pre, config)
-  valid_N = (jnp.ones((n,), bool) if mask is None
-             else jnp.broadcast_to(mask, pre.shape[:-1]).reshape(n).astype(bool))
-  scores = jnp.where(valid_N[:, None], pre_NF, -jnp.inf).reshape(n * f)
-  top, idx = jax.lax.top_k(scores, config.k_max * n)
-  keep = (jnp.arange(config.k_max * n) < k * jnp.sum(valid_N.astype(jnp.int32))) & (top > 0)
-  lat_KN = (idx % f).astype(jnp.int32).reshape(config.k_max, n)
-  tok_KN = (idx // f).astype(jnp.int32).reshape(config.k_max, n)
-  vals_KN = active_codes.gather_pre(pre_NF, xb_ND, params["w_enc"], b_F, lat_KN, tok_KN)
-  vals_KN = jnp.where(keep.reshape(config.k_max, n), vals_KN, 0)
-  active = active_codes.ActiveCodes(vals=vals_KN, lat=lat_KN, tok=tok_KN, n=n, width=f)
-  return active, jnp.min(jnp.where(keep, top, jnp.inf)), jnp.any(keep)
+  b_F = params["b_enc"] if config.enc_bias else jnp.zeros((config.width,), pre.dtype)
+  return jax.lax.stop_gradient(pre).reshape(n, config.width), xb_ND, b_F
 
 
 def _batch_topk_state(state, hparams, min_kept, any_kept):
@@ -525,10 +511,13 @@ def _encode(params, x_in, config, hparams, state, train, mask):
   aux = {"pre_acts": pre}
   act = config.activation
   if sparse_decode(config, train):
+    pre_NF, xb_ND, b_F = _active_inputs(params, x_in, pre, config)
     if act == "topk":
-      active = _active_topk(params, x_in, pre, config, hparams.k)
+      active = active_codes.topk(pre_NF, xb_ND, params["w_enc"], b_F, hparams.k, config.k_max)
     else:
-      active, min_kept, any_kept = _active_batch_topk(params, x_in, pre, config, hparams.k, mask)
+      valid = None if mask is None else jnp.broadcast_to(mask, pre.shape[:-1]).reshape(-1)
+      active, min_kept, any_kept = active_codes.batch_topk(
+          pre_NF, xb_ND, params["w_enc"], b_F, hparams.k, config.k_max, valid)
       state = _batch_topk_state(state, hparams, min_kept, any_kept)
     aux["active"] = active
     aux["state"] = state
@@ -608,7 +597,9 @@ def forward(params: Params, x: jax.Array, config: SAEConfig, hparams: SAEHparams
   Returns:
     `(x_hat, codes, aux)`: x_hat `[..., D]` in the SAE's space; codes `[..., F]`; aux with
     `target` (the SAE input, what x_hat reconstructs), `pre_acts` `[..., F]`, `state` (updated in
-    BatchTopK training mode, else as given), and `gates` (JumpReLU's L0 surrogate) for JumpReLU.
+    BatchTopK training mode, else as given), `gates` (JumpReLU's L0 surrogate) for JumpReLU, and
+    `active` (`active_codes.ActiveCodes` of the codes, flattened over the leading axes) when
+    `sparse_decode(config, train)`.
   """
   return _forward(params, x, config, hparams, state, train, mask, config.input_norm)
 
