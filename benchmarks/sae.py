@@ -81,8 +81,8 @@ sparse path saves; the e2e step adds the same downstream pass to both. No formul
 tried beat it (two-stage block top-k 14.5 ms, iterative max extraction 20-136 ms, bisection on
 the bit patterns 41 ms, `approx_max_k` 35 ms). Against the dense decode of the same TopK grid
 (`--activations relu,topk,topk:dense`, same settings but 2 steps per call, commit 0ae7b9a, load
-4.5-10), the sparse decode is 1.0-3.1x faster per round in local (dense TopK is slower than ReLU:
-median 0.90-1.08x) and 0.8-1.5x in e2e. The sparse products themselves at n = 4,096, D = 128,
+4.5-10), the sparse decode is 1.7-3.1x faster per round in local (where dense TopK runs at
+0.5-1.4x ReLU) and 0.8-2.0x in e2e. The sparse products themselves at n = 4,096, D = 128,
 F = 1,024, k = 16: decode 0.3-0.6 ms against 2-4 ms dense, d w_dec 1.3 ms against 11-15 ms
 (`codesᵀ @ g`), d codes at the active entries 1.6 ms against 4 ms.
 
