@@ -1,7 +1,14 @@
 """SAE grid-training throughput at the reference shape, side by side with PyTorch e2e_sae.
 
     python benchmarks/sae.py [--quick] [--n 1,8,32] [--losses local,e2e,e2e_ds] \
-        [--steps 3] [--repeats 3] [--rounds 1] [--peer-venv DIR | --no-peer]
+        [--steps 3] [--repeats 3] [--rounds 1] [--peer-venv DIR | --no-peer] \
+        [--activations relu,topk,topk:dense] [--k 16] [--decode auto|dense|sparse]
+
+`--activations`: besides ReLU (the default, the peer's architecture), TopK / BatchTopK groups
+(k = `--k`, `SAEConfig.decode` = `--decode`, or per item as `topk:dense`) at the same width,
+each timed right after ReLU at every (loss, N) in every round; `speedup_vs_relu` is the median
+over rounds of that round's per-variant ratio, checked against the target (a TopK k = 16 grid
+>= 1.5x ReLU per variant at N >= 8). The peer is compared with ReLU only.
 
 The peer: e2e_sae 2.1.1's own training step on torch (CPU) at the same shape, one SAE at a time,
 in a separate virtual environment that `bash benchmarks/peer_setup.sh` creates
@@ -53,6 +60,31 @@ e2e_sae in local and ≥ 2.5× in e2e and e2e_ds at N = 32, ≥ 2× in local and
 N = 1; `met` on the median ratio, `met_over_range` at the slowest-peer end), plus e2e cost per
 variant ≤ 2× local and N = 32 local at ≥ 50% of the peak. Numbers from a shared machine are
 noisy; `load_average` is recorded before and after.
+
+TopK k = 16 against ReLU (sparse decode, `jaxsae/active_codes.py`): `python benchmarks/sae.py
+--no-peer --n 8,32 --losses local,e2e --activations relu,topk --rounds 3` at commit 9158973 (jax
+0.10.2, 2 CPU cores shared with other jobs: load average 3.9 before, 3.7 after, 2.7-8.4 during;
+matmul peak 256 / 450 GFLOP/s before / after). Per-variant speed of TopK over ReLU, each
+round's ratio (the two timed back to back), the median in brackets:
+
+| loss | N=8 | N=32 |
+|---|---|---|
+| local | 1.74, 2.74, 1.24 [1.74] | 1.39, 2.00, 1.38 [1.39] |
+| e2e | 1.47, 0.68, 1.01 [1.01] | 1.43, 0.96, 0.51 [0.96] |
+
+The target (>= 1.5x at N = 8 and 32, local and e2e) is met only for local N = 8, and not
+reliably: the ratio falls as the machine quietens (the last round, load 2.7-3.7: 1.24 / 1.38
+local, 1.01 / 0.51 e2e). What remains of a TopK step on CPU is the dense encoder forward and the
+selection: XLA's CPU TopK (a single-threaded custom call) takes 14-15 ms for 4,096 × 1,024 at
+k = 16 (4 ms even at k = 1, while a row max takes 0.2 ms), as much as the decoder products the
+sparse path saves; the e2e step adds the same downstream pass to both. No formulation in XLA ops
+tried beat it (two-stage block top-k 14.5 ms, iterative max extraction 20-136 ms, bisection on
+the bit patterns 41 ms, `approx_max_k` 35 ms). Against the dense decode of the same TopK grid
+(`--activations relu,topk,topk:dense`, same settings but 2 steps per call, commit 0ae7b9a, load
+4.5-10), the sparse decode is 1.7-3.1x faster per round in local (where dense TopK runs at
+0.5-1.4x ReLU) and 0.8-2.0x in e2e. The sparse products themselves at n = 4,096, D = 128,
+F = 1,024, k = 16: decode 0.3-0.6 ms against 2-4 ms dense, d w_dec 1.3 ms against 11-15 ms
+(`codesᵀ @ g`), d codes at the active entries 1.6 ms against 4 ms.
 
 Measured with the peer: `python benchmarks/sae.py --quick` at commit 69064f0 (jax 0.10.2; the
 peer e2e_sae 2.1.1, torch 2.13.0+cpu, transformer_lens 2.16.1; 2 threads each; 2 shared CPU
@@ -125,11 +157,13 @@ from experiments.configs import lm as lm_configs  # pylint: disable=g-import-not
 from experiments.configs import sae_base  # pylint: disable=g-import-not-at-top
 from jaxsae.flops import matmul_peak  # pylint: disable=g-import-not-at-top
 from jaxsae import grid_step  # pylint: disable=g-import-not-at-top
+from jaxsae import sae as sae_lib  # pylint: disable=g-import-not-at-top
 from jaxsae import train_lm  # pylint: disable=g-import-not-at-top
 from jaxsae import train_sae  # pylint: disable=g-import-not-at-top
 
 LANGUAGE = "english"
 BATCH_SIZE, SEQ_LEN, EXPANSION, SITE = 32, 128, 8, "resid_post.0"
+TOPK_VS_RELU_TARGET = 1.5  # a TopK grid's speed per variant over ReLU's at the same width
 
 def write_untrained_lm(directory: str, language: str = LANGUAGE, max_len: int = SEQ_LEN) -> str:
   """An LM workdir with the default (non-smoke) model and an untrained checkpoint at step 0."""
@@ -138,12 +172,19 @@ def write_untrained_lm(directory: str, language: str = LANGUAGE, max_len: int = 
   return train_lm.write_untrained(config, directory)
 
 
-def flop_model(mc, loss: str, n: int, tokens: int, seq_len: int, width: int) -> dict:
-  """Matmul FLOPs per step (see the module docstring), exact and by the 6x rule of thumb."""
+def flop_model(mc, loss: str, n: int, tokens: int, seq_len: int, width: int,
+               active: int | None = None) -> dict:
+  """Matmul FLOPs per step (see the module docstring), exact and by the 6x rule of thumb.
+
+  `active`: latents per token decoded sparsely (TopK with the sparse decode): the encoder's
+  forward stays dense (2·tokens·d·F), the decoder's forward, its two gradients and the encoder's
+  weight gradient touch only the active latents (8·tokens·d·k).
+  """
   d, v = mc.d_model, mc.vocab_size
   block = 4 * d * d + 2 * d * mc.d_mlp  # qkv + out projection + MLP (bias-free)
   attn_fwd = 2 * 2 * seq_len * d  # per token per layer: scores + weighted values
-  sae = 10 * tokens * d * width
+  sae = (10 * tokens * d * width if active is None
+         else 2 * tokens * d * width + 8 * tokens * d * active)
   sae_6x = 6 * tokens * d * width
   if loss == "local":
     clean = tokens * (2 * block + attn_fwd)  # block 0 only (stops at resid_post.0)
@@ -156,13 +197,16 @@ def flop_model(mc, loss: str, n: int, tokens: int, seq_len: int, width: int) -> 
           "sae_per_variant": sae, "downstream_per_variant": down, "clean_once": clean}
 
 
-def _config(lm_dir: str, loss: str, n: int, steps: int):
+def _config(lm_dir: str, loss: str, n: int, steps: int, activation: str = "relu",
+            k: int = 16, decode: str = "auto"):
   c = sae_base.base_config(language=LANGUAGE, lm_workdir=lm_dir)
   c.positions = "all"
   c.batch_size, c.max_len, c.forward_len, c.site = BATCH_SIZE, SEQ_LEN, SEQ_LEN, SITE
   c.steps = c.log_every = c.checkpoint_every = steps
-  c.sweep = [{"product": {"seed": list(range(n))},
-              "set": {"loss": loss, "expansion": EXPANSION, "sparsity_coeff": 1.0}}]
+  fields = {"loss": loss, "expansion": EXPANSION, "sparsity_coeff": 1.0}
+  if activation != "relu":
+    fields.update(activation=activation, k=k, decode=decode, sparsity_coeff=0.0)
+  c.sweep = [{"product": {"seed": list(range(n))}, "set": fields}]
   return c
 
 
@@ -175,9 +219,10 @@ def _median_time(fn, repeats: int) -> list[float]:
   return times
 
 
-def time_grid(lm_dir: str, loss: str, n: int, steps: int, repeats: int) -> dict:
-  """Compiles the chunk of one (loss, N) group and times it."""
-  config = _config(lm_dir, loss, n, steps)
+def time_grid(lm_dir: str, loss: str, n: int, steps: int, repeats: int,
+              activation: str = "relu", k: int = 16, decode: str = "auto") -> dict:
+  """Compiles the chunk of one (loss, activation, N) group and times it."""
+  config = _config(lm_dir, loss, n, steps, activation, k, decode)
   setup, lm, root = train_sae.prepare(config)
   state = train_sae.place_state(train_sae.init_grid(setup, lm, root), setup)
   hypers = tuple(grid_step.group_hyper(s) for s in setup.specs)
@@ -202,9 +247,14 @@ def time_grid(lm_dir: str, loss: str, n: int, steps: int, repeats: int) -> dict:
 
   tokens = setup.batch_size * setup.forward_len
   assert setup.capacity == tokens, (setup.capacity, tokens)
-  fl = flop_model(setup.model_config, loss, n, tokens, setup.forward_len, setup.specs[0].sae.width)
+  sae_cfg = setup.specs[0].sae
+  sparse = sae_lib.sparse_decode(sae_cfg, train=True)
+  fl = flop_model(setup.model_config, loss, n, tokens, setup.forward_len, sae_cfg.width,
+                  active=sae_cfg.k_max if sparse else None)
   tok_s = tokens / step_s
-  return {"loss": loss, "n": n, "step_s": step_s, "steps_per_s": 1 / step_s,
+  return {"loss": loss, "activation": activation, "n": n,
+          **({"k": k, "decode": decode, "sparse_decode": sparse} if sae_cfg.uses_k else {}),
+          "step_s": step_s, "steps_per_s": 1 / step_s,
           "tokens_per_s": tok_s, "variant_tokens_per_s": n * tok_s,
           "gflop_per_step": fl["total"] / 1e9, "gflop_per_step_6x": fl["total_6x"] / 1e9,
           "gflops": fl["total"] / step_s / 1e9, "batch_s": batch_s,
@@ -273,6 +323,13 @@ def main():
                       help="1 step per call, 2 calls (the peer: 3 steps per call, 2 calls)")
   parser.add_argument("--n", default="1,8,32", help="variant counts, comma-separated")
   parser.add_argument("--losses", default="local,e2e,e2e_ds")
+  parser.add_argument("--activations", default="relu",
+                      help="relu and/or topk, batchtopk, each optionally as NAME:DECODE "
+                           "(e.g. topk:dense), comma-separated: each is timed next to the "
+                           "others at every (loss, N); the ratios to relu are printed")
+  parser.add_argument("--k", type=int, default=16, help="k of the topk / batchtopk groups")
+  parser.add_argument("--decode", default="auto", choices=sae_lib.DECODES,
+                      help="SAEConfig.decode of the topk / batchtopk groups")
   parser.add_argument("--steps", type=int, default=3, help="steps per timed call")
   parser.add_argument("--repeats", type=int, default=3, help="timed calls (median)")
   parser.add_argument("--rounds", type=int, default=1,
@@ -290,10 +347,17 @@ def main():
                                            (args.peer_steps, args.peer_repeats, args.peer_warmup))
   ns = [int(x) for x in args.n.split(",")]
   losses = args.losses.split(",")
+  activations = args.activations.split(",")
   unknown = [x for x in losses if x not in ("local", "e2e", "e2e_ds")]
+  bad_act = [x for x in activations if x.split(":")[0] not in ("relu", "topk", "batchtopk")
+             or x.split(":")[1:] not in ([], *([d] for d in sae_lib.DECODES))
+             or (x.startswith("relu:"))]
   if unknown or min(ns) < 1 or min(steps, repeats, args.rounds) < 1:
     parser.error(f"--losses takes local, e2e, e2e_ds (got {unknown or losses}); --n, --steps, "
                  f"--repeats and --rounds must be >= 1")
+  if bad_act or not 1 <= args.k <= EXPANSION * 128:
+    parser.error(f"--activations takes relu, topk, batchtopk (got {bad_act or activations}); "
+                 f"--k must lie in [1, {EXPANSION * 128}]")
   threads = len(os.sched_getaffinity(0))  # XLA's CPU thread pool uses every core it may run on
   peer_python, peer_info = _peer_setup(args, losses, threads)
   peer_runs: dict[str, list[list[float]]] = {}  # loss -> per round, the peer's tokens/s
@@ -321,12 +385,17 @@ def main():
       for loss in losses:
         measure_peer(loss, i, "before")
         for n in ns:
-          r = time_grid(lm_dir, loss, n, steps, repeats)
-          print(f"# round {i + 1}/{args.rounds} {loss} N={n}: {r['step_s']:.3f} s/step, "
-                f"{r['gflops']:.1f} GFLOP/s", file=sys.stderr, flush=True)
-          rounds.setdefault((loss, n), []).append(r)
+          for act in activations:
+            name, _, decode = act.partition(":")
+            r = time_grid(lm_dir, loss, n, steps, repeats, name, args.k, decode or args.decode)
+            r["activation"] = act
+            print(f"# round {i + 1}/{args.rounds} {loss} {act} N={n}: {r['step_s']:.3f} s/step, "
+                  f"{r['gflops']:.1f} GFLOP/s, load {os.getloadavg()[0]:.2f}", file=sys.stderr,
+                  flush=True)
+            rounds.setdefault((loss, act, n), []).append(r)
         measure_peer(loss, i, "after")
-  results = [_median_round(rs) for rs in rounds.values()]
+  all_results = [_median_round(rs) for rs in rounds.values()]
+  results = [r for r in all_results if r["activation"] == "relu"]  # what the peer is compared with
   bare = [bare_sae_step(n, BATCH_SIZE * SEQ_LEN, 128, EXPANSION * 128, max(repeats, 3))
           for n in (1, 32)]
   peak1, n1 = matmul_peak()
@@ -350,12 +419,35 @@ def main():
       r["cost_per_variant_vs_local"] = r["step_s"] / by[("local", r["n"])]["step_s"]
       r["cost_per_variant_vs_local_rounds"] = [
           e / l for e, l in zip(r["step_s_rounds"], by[("local", r["n"])]["step_s_rounds"])]
+  relu_by = by
+  for r in all_results:
+    if r["activation"] == "relu":
+      continue
+    r["fraction_of_peak"] = r["gflops"] / peak
+    local = next((x for x in all_results if (x["loss"], x["activation"], x["n"]) ==
+                  ("local", r["activation"], r["n"])), None)
+    if r["loss"] != "local" and local is not None:
+      r["cost_per_variant_vs_local"] = r["step_s"] / local["step_s"]
+    relu = relu_by.get((r["loss"], r["n"]))
+    if relu is not None:  # per-variant speed over relu's at the same (loss, N), in this run:
+      # the median over rounds of each round's ratio (the two are timed back to back)
+      r["speedup_vs_relu_rounds"] = [a / b for a, b in zip(relu["step_s_rounds"],
+                                                             r["step_s_rounds"])]
+      r["speedup_vs_relu"] = statistics.median(r["speedup_vs_relu_rounds"])
   for b in bare:
     b["fraction_of_peak"] = b["gflops"] / peak
   checks = {"e2e_per_variant_le_2x_local": all(r.get("cost_per_variant_vs_local", 0) <= 2
                                                for r in results)}
   if ("local", 32) in by:
     checks["local_n32_ge_half_peak"] = by[("local", 32)]["fraction_of_peak"] >= 0.5
+  vs_relu = {f"{r['loss']}_{r['activation']}_n{r['n']}": {
+      "speedup": round(r["speedup_vs_relu"], 3),
+      "rounds": [round(x, 3) for x in r["speedup_vs_relu_rounds"]],
+      "met": r["speedup_vs_relu"] >= TOPK_VS_RELU_TARGET}
+             for r in all_results if "speedup_vs_relu" in r
+             and r["activation"].startswith("topk") and r["n"] >= 8}
+  if vs_relu:
+    checks[f"topk_ge_{TOPK_VS_RELU_TARGET}x_relu_per_variant_n_ge_8"] = vs_relu
   if peer_python is not None:
     checks["vs_pytorch"] = {
         name: {k: ([round(x, 3) for x in v] if k == "range" else
@@ -375,7 +467,8 @@ def main():
       "steps_per_call": steps, "repeats": repeats, "rounds": args.rounds,
       "matmul_peak_gflops": round(peak, 2), "matmul_peak_size": peak_n,
       "matmul_peak_before_after": [round(peak0, 2), round(peak1, 2)],
-      "results": [short(r) for r in results],
+      "activations": activations,
+      "results": [short(r) for r in all_results],
       "bare_sae": [{k: round(v, 4) if isinstance(v, float) else v for k, v in b.items()}
                    for b in bare],
       "peer": peer_info, "checks": checks,

@@ -18,6 +18,12 @@ matrix multiplies are slow; see `over_variants`):
   (constant or ramped), an optional plain pre-training phase and a fresh optimizer at a lower
   lr for the fine-tuning phase.
 
+What the variants share is computed once per step, outside the per-variant function: the clean
+forward, its log-softmax (the KL target) and the downstream clean activations (`Batch`).
+TopK / BatchTopK groups with the sparse decode (`sae.sparse_decode`) take the sparsity term and
+the fired-latent counts from the active latents too (`active_codes`). Every per-step metric is
+part of the chunk's logged means (only `lr` is taken at the last step, a scalar).
+
 Each variant has its own Adam state, learning rate (× a shared schedule: constant, or linear
 warm-up + cosine to a floor) and global-norm clip. A variant whose loss or gradients turn
 non-finite keeps its last good parameters and is flagged (`frozen`, `bad_step`); the others are
@@ -36,6 +42,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxsae import active_codes
 from jaxsae import grammars
 from jaxsae import losses as losses_lib
 from jaxsae import metrics as metrics_lib
@@ -157,6 +164,7 @@ class Batch:
   flat_mask_C: jax.Array  # which of the C slots hold a token
   dropped: jax.Array  # selected tokens beyond the capacity this step
   clean_logits: jax.Array | None
+  clean_logp: jax.Array | None  # log softmax of clean_logits (the KL target), once per batch
   clean_downstream: dict[str, jax.Array]
 
 
@@ -184,7 +192,10 @@ def make_batch(lm_params, step: jax.Array, data_key: jax.Array, setup: Setup) ->
   flat = acts.reshape(-1, acts.shape[-1])[idx]
   return Batch(acts_BTD=acts, mask_BT=mask, flat_CD=flat, flat_mask_C=slot_ok,
                dropped=jnp.maximum(count - setup.capacity, 0),
-               clean_logits=clean.logits, clean_downstream={h: clean.acts[h] for h in ds_sites})
+               clean_logits=clean.logits,
+               clean_logp=(losses_lib.clean_log_probs(clean.logits)
+                           if any(s.loss.needs_spliced_forward for s in setup.specs) else None),
+               clean_downstream={h: clean.acts[h] for h in ds_sites})
 
 
 def _causal_term(params, codes_BTF, x_BTD, out_BTD, spliced_logits, batch: Batch, lm_params,
@@ -230,7 +241,7 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
       res = model_lib.apply_from(lm_params, setup.site, out, setup.model_config, collect=ds)
       spliced_logits = res.logits
       flat = lambda v: v.reshape(b * t, v.shape[-1])
-      extra = dict(clean_logits=flat(batch.clean_logits), spliced_logits=flat(res.logits))
+      extra = dict(clean_logp=flat(batch.clean_logp), spliced_logits=flat(res.logits))
       if ds:
         extra.update(spliced_acts={h: flat(res.acts[h]) for h in ds},
                      clean_acts={h: flat(batch.clean_downstream[h]) for h in ds})
@@ -246,13 +257,20 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
                                     train=True, mask=mask)
     extra = {}
   x_hat = aux["x_hat"]
-  sparse_codes = aux["gates"] if cfg.activation == "jumprelu" else codes
+  active = aux.get("active")
+  if cfg.activation == "jumprelu":
+    sparse_codes = aux["gates"]
+  elif active is not None and active.tok is None:
+    sparse_codes = active.vals.T  # [tokens, k_max]: the same per-token norms as the codes
+  else:
+    sparse_codes = codes
   terms = losses_lib.compute_terms(lcfg, d_in=cfg.d_in, codes=sparse_codes, x_hat=x_hat,
                                    target=aux["target"], mask=mask, **extra)
   total, terms = losses_lib.total_loss(terms, coeffs)
   w = mask.astype(jnp.float32)
   n = jnp.maximum(jnp.sum(w), 1)
-  fires_F = metrics_lib.latent_fire_counts(codes, w)
+  fires_F = (metrics_lib.latent_fire_counts(codes, w) if active is None
+             else active_codes.fire_counts(active, w))
   target = aux["target"]
   # e2e_sae's explained variance: the token mean of 1 − Σ_d (x̂−x)² / Σ_d (x − mean_tokens x)².
   mean_D = jnp.sum(w[:, None] * target, axis=0) / n

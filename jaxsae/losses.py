@@ -111,11 +111,23 @@ def in_to_orig(spliced_acts: Mapping[str, jax.Array], clean_acts: Mapping[str, j
   return sum(per_site.values()) / len(sites), per_site
 
 
+def clean_log_probs(clean_logits: jax.Array) -> jax.Array:
+  """log softmax of the clean logits (float32, constant): `logits_kl_from_log_probs`'s target,
+  computed once per batch when many variants share it."""
+  return jax.nn.log_softmax(jax.lax.stop_gradient(clean_logits).astype(jnp.float32), axis=-1)
+
+
 def logits_kl(clean_logits: jax.Array, spliced_logits: jax.Array,
               mask: jax.Array | None) -> jax.Array:
   """KL(clean ‖ spliced) summed over the vocab, averaged over masked tokens; clean is constant."""
-  chex.assert_equal_shape([clean_logits, spliced_logits])
-  logp = jax.nn.log_softmax(jax.lax.stop_gradient(clean_logits).astype(jnp.float32), axis=-1)
+  return logits_kl_from_log_probs(clean_log_probs(clean_logits), spliced_logits, mask)
+
+
+def logits_kl_from_log_probs(clean_logp: jax.Array, spliced_logits: jax.Array,
+                             mask: jax.Array | None) -> jax.Array:
+  """`logits_kl` with the clean side given as `clean_log_probs(clean_logits)`."""
+  chex.assert_equal_shape([clean_logp, spliced_logits])
+  logp = jax.lax.stop_gradient(clean_logp)
   logq = jax.nn.log_softmax(spliced_logits.astype(jnp.float32), axis=-1)
   kl = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
   return _masked_mean(kl, _token_weights(mask, kl.shape))
@@ -338,7 +350,8 @@ def compute_terms(config: LossConfig, *, d_in: int, codes: jax.Array, x_hat: jax
                   clean_logits: jax.Array | None = None, spliced_logits: jax.Array | None = None,
                   spliced_acts: Mapping[str, jax.Array] | None = None,
                   clean_acts: Mapping[str, jax.Array] | None = None,
-                  causal: jax.Array | None = None) -> dict[str, jax.Array]:
+                  causal: jax.Array | None = None,
+                  clean_logp: jax.Array | None = None) -> dict[str, jax.Array]:
   """Every term of the preset, coefficient-free (sparsity with coeff 1).
 
   Args:
@@ -348,6 +361,8 @@ def compute_terms(config: LossConfig, *, d_in: int, codes: jax.Array, x_hat: jax
     x_hat, target: `[B, T, D]` SAE output and what it reconstructs (`aux['target']`).
     mask: bool `[B, T]` or None.
     clean_logits, spliced_logits: `[B, T, V]`, needed when `config.needs_spliced_forward`.
+    clean_logp: optional `clean_log_probs(clean_logits)`, used instead of `clean_logits` (the
+      trainer computes it once per batch for all variants).
     spliced_acts, clean_acts: site -> `[B, T, D]` over H, needed when `config.needs_downstream`.
     causal: the causal-interpolation distance (`causal_distance` of the interpolated run, which
       the trainer computes since it runs the model), needed when `config.causal`.
@@ -360,9 +375,11 @@ def compute_terms(config: LossConfig, *, d_in: int, codes: jax.Array, x_hat: jax
       "out_to_in": out_to_in(x_hat, target, mask),
   }
   if config.needs_spliced_forward:
-    if clean_logits is None or spliced_logits is None:
+    if (clean_logits is None and clean_logp is None) or spliced_logits is None:
       raise ValueError(f"Preset {config.preset!r} needs clean_logits and spliced_logits.")
-    terms["logits_kl"] = logits_kl(clean_logits, spliced_logits, mask)
+    if clean_logp is None:
+      clean_logp = clean_log_probs(clean_logits)
+    terms["logits_kl"] = logits_kl_from_log_probs(clean_logp, spliced_logits, mask)
   if config.needs_downstream:
     if spliced_acts is None or clean_acts is None:
       raise ValueError(f"Preset {config.preset!r} needs spliced_acts and clean_acts.")

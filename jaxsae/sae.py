@@ -38,6 +38,20 @@ update, then decay·thr + (1 − decay)·m, decay = `hparams.threshold_decay`), 
 `aux['state']` for the trainer to carry next to the params. `train=False` (default, inference):
 codes = relu(pre)·1[pre > thr] per token (thr = 0 before any update: plain ReLU). Masked-out
 tokens take no part in the selection or the EMA and are encoded with the threshold.
+
+Sparse decode (`SAEConfig.decode`, resolved by `sparse_decode`): TopK codes (and BatchTopK's in
+training) are also held as their active entries (`active_codes.ActiveCodes`, `aux['active']`);
+x_hat is summed from the gathered dictionary rows of the active latents, and the backward pass
+stays on them: d w_dec only at the gathered rows (scatter-add), d codes only at the active
+positions, and d w_enc, d b_enc, d x from the active pre-activations only. (The dense path's
+gradient multiplies the zeros: XLA lowers d w_enc to a dense `[D, n] @ [n, F]` product of the
+scattered code gradient.) The encoder's forward stays dense: the selection needs every
+pre-activation. The values are the dense decode's, the sums run in another order (float32
+differences ~1e-6 relative; a smoke grid's final parameters and metrics agree to 1e-4 relative,
+tests/train_sae_test.py). Sparse BatchTopK leaves masked-out tokens' codes at zero instead of
+thresholding them: nothing reads them in training (they weigh 0 in every loss term and metric,
+and `splice` keeps x there). `auto` takes the sparse path for TopK on CPU (k_max <= 32), where
+it was measured faster; see `sparse_decode`.
 """
 
 from __future__ import annotations
@@ -52,6 +66,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsae import active_codes
+
 Params = dict[str, jax.Array]
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu", "sparsemax_no_kds",
@@ -61,6 +77,7 @@ DECODER_NORMS = ("none", "forward", "project")
 INITS = ("e2e", "menon")
 PRE_BIAS_INITS = ("zero", "mean", "median")
 SPLICE_MODES = ("corrected", "original")
+DECODES = ("auto", "dense", "sparse")
 _EPS = 1e-8  # norms are clipped below at _EPS before dividing (Menon adds 1e-8)
 
 
@@ -89,6 +106,9 @@ class SAEConfig:
     input_norm, recon_norm: L2-normalise x before the SAE / x_hat (Menon's `input` / `recon`).
     init: `e2e` (e2e_sae) or `menon`; see `init`.
     pre_bias_init: `zero`, or `mean` / `median` (geometric) of a data sample (needs `pre_bias`).
+    decode: how `topk` / `batchtopk` codes are decoded: `dense` (`codes @ dictionary`),
+      `sparse` (from the active latents only, forward and backward; see `sparse_decode`), or
+      `auto` (per backend, from measurements: `sparse_decode`). Other activations: always dense.
   """
 
   d_in: int
@@ -103,6 +123,7 @@ class SAEConfig:
   recon_norm: bool = False
   init: str = "e2e"
   pre_bias_init: str = "zero"
+  decode: str = "auto"
 
   def __post_init__(self):
     for name in ("d_in", "width"):
@@ -115,6 +136,10 @@ class SAEConfig:
     _check_choice("SAEConfig.decoder_norm", self.decoder_norm, DECODER_NORMS)
     _check_choice("SAEConfig.init", self.init, INITS)
     _check_choice("SAEConfig.pre_bias_init", self.pre_bias_init, PRE_BIAS_INITS)
+    _check_choice("SAEConfig.decode", self.decode, DECODES)
+    if self.decode == "sparse" and not self.uses_k:
+      raise ValueError(f"SAEConfig.decode='sparse' needs a topk/batchtopk activation (got "
+                       f"{self.activation!r}); use decode='auto' or 'dense'.")
     if self.uses_k:
       if not _is_positive_int(self.k_max):
         raise ValueError(f"SAEConfig.k_max must be a positive int for activation="
@@ -422,9 +447,12 @@ def dictionary(params: Params, config: SAEConfig) -> jax.Array:
   return _l2_normalize(w_FD) if config.decoder_norm == "forward" else w_FD
 
 
+def _encoder_input(params: Params, x_in: jax.Array, config: SAEConfig) -> jax.Array:
+  return x_in - _lead(params["b_pre"], x_in) if config.pre_bias else x_in
+
+
 def _pre_acts(params: Params, x_in: jax.Array, config: SAEConfig) -> jax.Array:
-  if config.pre_bias:
-    x_in = x_in - _lead(params["b_pre"], x_in)
+  x_in = _encoder_input(params, x_in, config)
   if not config.is_sparsemax:
     pre = jnp.einsum("...d,df->...f", x_in, params["w_enc"])
     return pre + _lead(params["b_enc"], pre) if config.enc_bias else pre
@@ -441,11 +469,59 @@ def _pre_acts(params: Params, x_in: jax.Array, config: SAEConfig) -> jax.Array:
   return -lam * sq_dist
 
 
+def sparse_decode(config: SAEConfig, train: bool = False) -> bool:
+  """Whether `forward` encodes into `active_codes.ActiveCodes` and decodes from them.
+
+  Only for `topk` (training or not) and `batchtopk` in training mode (at inference its codes come
+  from a threshold, with no bound on the count per token). `decode='auto'` takes the sparse path
+  where it was measured faster (`benchmarks/sae.py --activations relu,topk --decode ...`, see its
+  docstring): on CPU for `topk` with k_max <= 32 (selection by `lax.top_k`, which `topk` uses
+  there anyway); for `batchtopk` the selection over the whole batch dominates and the dense path
+  stays. Other backends: dense until measured there.
+  """
+  if not config.uses_k or config.decode == "dense":
+    return False
+  if config.activation == "batchtopk" and not train:
+    return False
+  if config.decode == "sparse":
+    return True
+  return (jax.default_backend() == "cpu" and config.activation == "topk"
+          and config.k_max <= _TOPK_SORT_MAX)
+
+
+def _active_inputs(params, x_in, pre, config):
+  """(pre `[n, F]` under stop_gradient, the encoder's input `[n, D]`, b_enc or zeros)."""
+  n = math.prod(pre.shape[:-1])
+  xb_ND = _encoder_input(params, x_in, config).reshape(n, config.d_in)
+  b_F = params["b_enc"] if config.enc_bias else jnp.zeros((config.width,), pre.dtype)
+  return jax.lax.stop_gradient(pre).reshape(n, config.width), xb_ND, b_F
+
+
+def _batch_topk_state(state, hparams, min_kept, any_kept):
+  m = jax.lax.stop_gradient(min_kept)
+  ema = hparams.threshold_decay * state.threshold + (1 - hparams.threshold_decay) * m
+  new_thr = jnp.where(state.count == 0, m, ema)
+  return SAEState(threshold=jnp.where(any_kept, new_thr, state.threshold).astype(jnp.float32),
+                  count=state.count + any_kept.astype(jnp.int32))
+
+
 def _encode(params, x_in, config, hparams, state, train, mask):
   state = init_state(config) if state is None else state
   pre = _pre_acts(params, x_in, config)
   aux = {"pre_acts": pre}
   act = config.activation
+  if sparse_decode(config, train):
+    pre_NF, xb_ND, b_F = _active_inputs(params, x_in, pre, config)
+    if act == "topk":
+      active = active_codes.topk(pre_NF, xb_ND, params["w_enc"], b_F, hparams.k, config.k_max)
+    else:
+      valid = None if mask is None else jnp.broadcast_to(mask, pre.shape[:-1]).reshape(-1)
+      active, min_kept, any_kept = active_codes.batch_topk(
+          pre_NF, xb_ND, params["w_enc"], b_F, hparams.k, config.k_max, valid)
+      state = _batch_topk_state(state, hparams, min_kept, any_kept)
+    aux["active"] = active
+    aux["state"] = state
+    return active_codes.to_dense(active).reshape(pre.shape), aux
   if act == "relu":
     codes = jax.nn.relu(pre)
   elif act == "topk":
@@ -456,11 +532,7 @@ def _encode(params, x_in, config, hparams, state, train, mask):
       codes, min_kept, any_kept = batch_topk(pre, hparams.k, config.k_max, mask)
       if mask is not None:
         codes = jnp.where(jnp.broadcast_to(mask, pre.shape[:-1])[..., None], codes, thr_codes)
-      m = jax.lax.stop_gradient(min_kept)
-      ema = hparams.threshold_decay * state.threshold + (1 - hparams.threshold_decay) * m
-      new_thr = jnp.where(state.count == 0, m, ema)
-      state = SAEState(threshold=jnp.where(any_kept, new_thr, state.threshold).astype(jnp.float32),
-                       count=state.count + any_kept.astype(jnp.int32))
+      state = _batch_topk_state(state, hparams, min_kept, any_kept)
     else:
       codes = thr_codes
   elif act == "jumprelu":
@@ -485,7 +557,11 @@ def encode(params: Params, x: jax.Array, config: SAEConfig, hparams: SAEHparams,
 def decode(params: Params, codes: jax.Array, config: SAEConfig) -> jax.Array:
   """`codes @ dictionary + b_dec + b_pre`, L2-normalised if `recon_norm`; `[..., F] -> [..., D]`."""
   chex.assert_axis_dimension(codes, -1, config.width)
-  x_hat = jnp.einsum("...f,fd->...d", codes, dictionary(params, config))
+  return _decode_tail(params, jnp.einsum("...f,fd->...d", codes, dictionary(params, config)),
+                      config)
+
+
+def _decode_tail(params: Params, x_hat: jax.Array, config: SAEConfig) -> jax.Array:
   if config.dec_bias:
     x_hat = x_hat + _lead(params["b_dec"], x_hat)
   if config.pre_bias:
@@ -497,7 +573,11 @@ def _forward(params, x, config, hparams, state, train, mask, normalize_input):
   chex.assert_axis_dimension(x, -1, config.d_in)
   x_in = _l2_normalize(x) if normalize_input else x
   codes, aux = _encode(params, x_in, config, hparams, state, train, mask)
-  x_hat = decode(params, codes, config)
+  if "active" in aux:
+    x_hat_ND = active_codes.decode(aux["active"], dictionary(params, config))
+    x_hat = _decode_tail(params, x_hat_ND.reshape(codes.shape[:-1] + (config.d_in,)), config)
+  else:
+    x_hat = decode(params, codes, config)
   aux["target"] = x_in
   aux["x_hat"] = x_hat  # in the SAE's space (splice's output may be rescaled / masked)
   return x_hat, codes, aux
@@ -517,7 +597,9 @@ def forward(params: Params, x: jax.Array, config: SAEConfig, hparams: SAEHparams
   Returns:
     `(x_hat, codes, aux)`: x_hat `[..., D]` in the SAE's space; codes `[..., F]`; aux with
     `target` (the SAE input, what x_hat reconstructs), `pre_acts` `[..., F]`, `state` (updated in
-    BatchTopK training mode, else as given), and `gates` (JumpReLU's L0 surrogate) for JumpReLU.
+    BatchTopK training mode, else as given), `gates` (JumpReLU's L0 surrogate) for JumpReLU, and
+    `active` (`active_codes.ActiveCodes` of the codes, flattened over the leading axes) when
+    `sparse_decode(config, train)`.
   """
   return _forward(params, x, config, hparams, state, train, mask, config.input_norm)
 

@@ -67,6 +67,8 @@ def registry() -> list[sweep_lib.Field]:
       F("init", "e2e", True, check=_choice(sae_lib.INITS), doc="initialisation scheme"),
       F("pre_bias_init", "zero", True, check=_choice(sae_lib.PRE_BIAS_INITS),
         doc="pre-bias init (data mean/median is an improvement)"),
+      F("decode", "auto", True, check=_choice(sae_lib.DECODES),
+        doc="TopK/BatchTopK decode: dense, sparse (active latents only) or auto (per backend)"),
       F("loss", "local", True, check=_choice(losses_lib.PRESETS),
         doc="loss preset: local, e2e or e2e_ds"),
       F("sparsity_p", 1.0, True, check=_positive, doc="order p of the sparsity norm"),
@@ -189,7 +191,8 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         k_max=s["k_max"], enc_bias=s["enc_bias"] and not s["activation"].startswith("sparsemax"),
         dec_bias=s["dec_bias"], pre_bias=s["pre_bias"], decoder_norm=s["decoder_norm"],
         input_norm=s["input_norm"], recon_norm=s["recon_norm"], init=s["init"],
-        pre_bias_init=s["pre_bias_init"])
+        pre_bias_init=s["pre_bias_init"],
+        decode=s["decode"] if s["activation"] in ("topk", "batchtopk") else "auto")
     loss_cfg = losses_lib.LossConfig(preset=s["loss"], sparsity_p=float(s["sparsity_p"]),
                                      sparsity_reduction=s["sparsity_reduction"],
                                      include_final_resid=s["include_final_resid"],

@@ -112,6 +112,14 @@ def test_logits_kl_direction_mask_and_stop_gradient():
       -1, keepdims=True)
   np.testing.assert_allclose(g_spliced, (sm(spliced) - sm(clean)) * m[..., None] / m.sum(),
                              atol=1e-6)
+  # The clean side given once as log-probabilities (the trainer's per-batch form): the same KL
+  # (to the independent numpy value) and the same gradient, none reaching the log-probabilities.
+  logp = losses.clean_log_probs(jnp.asarray(clean))
+  np.testing.assert_allclose(losses.logits_kl_from_log_probs(logp, spliced, m), forward_kl,
+                             rtol=1e-5)
+  g_logp, g_sp = jax.grad(losses.logits_kl_from_log_probs, (0, 1))(logp, jnp.asarray(spliced), m)
+  np.testing.assert_array_equal(g_logp, 0.0)
+  np.testing.assert_allclose(g_sp, g_spliced, atol=1e-7)
 
 
 def test_masked_out_tokens_do_not_matter():

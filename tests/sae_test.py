@@ -55,7 +55,7 @@ def _structure(config):
             "sparsemax_dist" if config.is_sparsemax else config.activation)
   return dataclasses.replace(config, activation=family, k_max=None, decoder_norm="forward",
                              input_norm=False, recon_norm=False, init="menon",
-                             pre_bias_init="zero")
+                             pre_bias_init="zero", decode="auto")
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,6 +91,8 @@ def _cached_stacked_params(structure):
     (dict(width=4), "init='e2e' needs width >= d_in"),
     (dict(d_in=0), "SAEConfig.d_in must be a positive int"),
     (dict(input_norm=1), "SAEConfig.input_norm must be a bool"),
+    (dict(decode="gather"), "SAEConfig.decode"),
+    (dict(decode="sparse"), "decode='sparse' needs a topk/batchtopk"),
 ])
 def test_config_validation(kwargs, match):
   base = dict(d_in=D, width=F)
@@ -464,9 +466,10 @@ def test_splice_mask_and_model_integration():
 # vmap over variants.
 
 
-@pytest.mark.parametrize("activation", sae_lib.ACTIVATIONS)
-def test_vmap_over_variants_equals_separate_calls(activation):
-  config = _config(activation, decoder_norm="forward")
+@pytest.mark.parametrize("activation, decode", [(a, "auto") for a in sae_lib.ACTIVATIONS]
+                         + [("topk", "dense"), ("batchtopk", "sparse")])
+def test_vmap_over_variants_equals_separate_calls(activation, decode):
+  config = _config(activation, decoder_norm="forward", decode=decode)
   hps = [sae_lib.default_hparams(config, k=k, jumprelu_bandwidth=bw, threshold_decay=dec)
          if config.uses_k else
          sae_lib.default_hparams(config, jumprelu_bandwidth=bw, jumprelu_init_threshold=0.1 * bw)
@@ -521,3 +524,103 @@ def test_topk_paths_keep_the_k_largest_with_dynamic_k(k_max):
   g = jax.grad(lambda p: jnp.sum(sae_lib.topk(p, jnp.int32(5), k_max) * 2.0))(jnp.asarray(z))
   np.testing.assert_array_equal(np.asarray(g) != 0,
                                 np.asarray(sae_lib.topk(jnp.asarray(z), jnp.int32(5), k_max)) != 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sparse decode (active latents only) against the dense decode.
+
+
+def _tied_params(config, seed):
+  """Params whose encoder has repeated columns and repeated-magnitude entries: tied
+  pre-activations within every token."""
+  params = dict(_cached_params(_structure(config), seed))
+  w = np.asarray(params["w_enc"]).copy()
+  w[:, 1::3] = w[:, 0::3][:, : w[:, 1::3].shape[1]]  # latents 3i and 3i+1 tie everywhere
+  params["w_enc"] = jnp.asarray(w)
+  if "b_enc" in params:
+    b = np.asarray(params["b_enc"]).copy()
+    b[1::3] = b[0::3][: b[1::3].shape[0]]
+    params["b_enc"] = jnp.asarray(b)
+  return params
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_pair_fn(config, train, masked):
+  def loss(params, x, hp, state, mask):
+    x_hat, codes, aux = sae_lib.forward(params, x, config, hp, state=state, train=train,
+                                        mask=mask if masked else None)
+    w = jnp.ones(x.shape[:-1]) if not masked else mask.astype(jnp.float32)
+    # A loss that weighs every output and code entry differently (catches any swapped entry).
+    value = (jnp.sum(w[..., None] * jnp.sin(3 * x_hat)) + jnp.sum(w[..., None] * codes ** 2)
+             + jnp.sum(jnp.cos(codes) * w[..., None]))
+    return value, (x_hat, codes, aux["state"], "active" in aux)
+  return _jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=())
+
+
+@pytest.mark.parametrize("activation, k_max, k, extra", [
+    ("topk", 6, 4, {}),
+    ("topk", 6, 6, {}),
+    ("topk", F, F, {}),  # k = F: every positive latent kept
+    ("topk", F, 1, dict(pre_bias=True, input_norm=True, recon_norm=True, decoder_norm="none")),
+    ("topk", 5, 3, dict(enc_bias=False, decoder_norm="project")),
+    ("batchtopk", 6, 4, {}),
+    ("batchtopk", F, F, dict(pre_bias=True)),
+    ("batchtopk", 3, 2, dict(enc_bias=False, input_norm=True)),
+])
+@pytest.mark.parametrize("ties", [False, True])
+def test_sparse_decode_equals_dense_decode(activation, k_max, k, extra, ties):
+  """Same reconstruction, codes, state and gradients (params and input) from the active latents
+  alone as from the dense product, including k = F, tied pre-activations and token masks."""
+  results = {}
+  for decode in ("dense", "sparse"):
+    config = _config(activation, k_max=k_max, decode=decode, **extra)
+    params = _tied_params(config, 3) if ties else _params(config, 3)
+    hp = sae_lib.default_hparams(config, k=k, threshold_decay=0.5)
+    state = sae_lib.SAEState(threshold=jnp.float32(0.2), count=jnp.int32(1))
+    for shape in ((3, 5), (7,)):
+      x = _x(shape, key=4)
+      mask = jnp.asarray(np.random.default_rng(5).random(shape) < 0.6)
+      for masked in (False, True):
+        fn = _decode_pair_fn(config, True, masked)
+        (value, (x_hat, codes, new_state, used)), grads = fn(params, x, hp, state, mask)
+        assert used == (decode == "sparse")
+        results.setdefault((shape, masked), []).append(
+            (value, x_hat, codes, new_state, grads, np.asarray(mask)))
+  for (shape, masked), (dense, sparse) in results.items():
+    rows = sparse[5] if masked and activation == "batchtopk" else np.ones(shape, bool)
+    # (Sparse BatchTopK leaves masked-out tokens' codes at zero: they take no part in a loss.)
+    np.testing.assert_allclose(sparse[0], dense[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(sparse[1])[rows], np.asarray(dense[1])[rows],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(sparse[2])[rows], np.asarray(dense[2])[rows])
+    np.testing.assert_array_equal(sparse[3].threshold, dense[3].threshold)
+    for a, b in zip(jax.tree.leaves(sparse[4]), jax.tree.leaves(dense[4])):
+      # float32 sums in another order: 1e-5 of the gradient's scale (entries reach ~100).
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(b).max()))
+    if ties and k > 1:  # the ties were real: some token keeps two equal codes
+      rows_F = np.asarray(dense[2]).reshape(-1, F)
+      assert any(len(set(r[r > 0].tolist())) < (r > 0).sum() for r in rows_F)
+
+
+def test_sparse_decode_for_inference_and_auto_choice():
+  """TopK decodes sparsely at inference too; BatchTopK at inference thresholds (dense); `auto`
+  on CPU: sparse for TopK with k_max <= 32 only."""
+  for activation, k_max, train, expected in (("topk", 6, False, True),
+                                             ("batchtopk", 6, False, False),
+                                             ("batchtopk", 6, True, False),
+                                             ("relu", None, True, False)):
+    config = _config(activation, k_max=k_max)
+    assert sae_lib.sparse_decode(config, train) == (expected and jax.default_backend() == "cpu")
+  big = sae_lib.SAEConfig(d_in=D, width=64, activation="topk", k_max=40, init="menon")
+  assert not sae_lib.sparse_decode(big, True)
+  assert sae_lib.sparse_decode(dataclasses.replace(big, decode="sparse"), True)
+  # Bisection (dense, k_max > 32) and top_k (sparse) select the same latents without ties.
+  params = _init(_key(2), big)
+  hp = sae_lib.default_hparams(big, k=33)
+  x = _x((2, 3), key=6)
+  _, dense_codes, _ = _fwd(params, x, big, hp)
+  x_hat, sparse_codes, aux = _fwd(params, x, dataclasses.replace(big, decode="sparse"), hp)
+  np.testing.assert_array_equal(sparse_codes, dense_codes)
+  np.testing.assert_allclose(x_hat, sae_lib.decode(params, dense_codes, big), rtol=1e-5,
+                             atol=1e-6)
+  assert "active" in aux
