@@ -86,7 +86,25 @@ the bit patterns 41 ms, `approx_max_k` 35 ms). Against the dense decode of the s
 F = 1,024, k = 16: decode 0.3-0.6 ms against 2-4 ms dense, d w_dec 1.3 ms against 11-15 ms
 (`codesᵀ @ g`), d codes at the active entries 1.6 ms against 4 ms.
 
-Measured with the peer: `python benchmarks/sae.py --quick` at commit 69064f0 (jax 0.10.2; the
+Measured with the peer, near idle: `python benchmarks/sae.py --rounds 3` at commit 9f4878a (jax
+0.10.2; peer e2e_sae 2.1.1 on torch 2.13.0+cpu, 2 threads each; load average 1.9 before and 1.7
+after, the benchmark itself included; matmul peak 523 GFLOP/s; 5 min 57 s; the whole JSON in
+`results/sae_cpu_peer_rounds3.json`). The peer's six runs per loss (before and after each round)
+gave local 43-68k, e2e 26-32k and e2e_ds 27-32k tokens/s per SAE. jaxsae as variant-tokens/s
+(× the peer's median, [range over the peer's runs]):
+
+| loss | N=1 | N=8 | N=32 |
+|---|---|---|---|
+| local | 136k (2.62× [2.00, 3.16]) | 185k (3.58× [2.73, 4.31]) | 196k (3.79× [2.89, 4.56]) |
+| e2e | 65k (2.17× [2.02, 2.53]) | 99k (3.28× [3.06, 3.83]) | 106k (3.52× [3.27, 4.10]) |
+| e2e_ds | 60k (2.03× [1.88, 2.18]) | 98k (3.32× [3.09, 3.57]) | 104k (3.54× [3.28, 3.80]) |
+
+Every target is met at the peer's median (N = 32: local 3.79× ≥ 3, e2e 3.52× and e2e_ds 3.54×
+≥ 2.5; N = 1: local 2.62× ≥ 2, e2e 2.17× ≥ 1.5), and over the peer's whole range except local
+N = 32 against its fastest run (2.89×): the peer's local step varies most (43-68k). e2e cost per
+variant against local: 2.07 / 1.86 / 1.84 (N = 1 / 8 / 32); N = 32 local at 0.50 of the peak.
+
+Earlier, with the peer: `python benchmarks/sae.py --quick` at commit 69064f0 (jax 0.10.2; the
 peer e2e_sae 2.1.1, torch 2.13.0+cpu, transformer_lens 2.16.1; 2 threads each; 2 shared CPU
 cores, load average 0.8 before and 1.5 after; matmul peak 528 GFLOP/s). The peer's per-SAE
 tokens/s (median of its runs before and after each loss, [slowest, fastest]): local 31.7k
