@@ -22,8 +22,11 @@ fewer alive latents than local ones, shows the clean model's and every SAE's spl
 grammaticality, and lists the latents that track grammar features and whether they act
 causally as their labels predict.
 
-Runtime of the default on 2 CPU cores, otherwise idle (commit b5a6175, `/usr/bin/time -v`):
-5 min 29 s wall, 2.7 GB peak memory: LM 185 s, SAE grid 70 s, evaluation 41 s, analysis 29 s,
+Runtime of the default on 2 CPU cores, near idle (commit 4b651f5 with 5 × 128 generations per
+SAE and combination): 4 min 57 s wall: LM 149 s, SAE grid 70 s, evaluation 27 s (640
+generations per SAE at two positions), analysis 46 s (the causal null included), report 1 s;
+report in `experiments/results/english_default/`. Before (commit b5a6175, 2 × 64
+generations, `/usr/bin/time -v`): 5 min 29 s wall, 2.7 GB peak memory: LM 185 s, SAE grid 70 s, evaluation 41 s, analysis 29 s,
 report 1 s. Earlier runs (commit 16d596e, other jobs sharing the cores): the default 6 min
 05 s; `language=dyck2` 8 min 16 s (its LM trains 1,500 steps of 64 tokens); `grid=causal`
 9 min 16 s with the English LM already trained. `smoke`: ≈ 20-40 s.
@@ -106,8 +109,8 @@ def get_config(arg=None):
   if not smoke and not full:
     e.num_batches = 8  # held-out batches of batch_size sequences
     e.batch_size = 64
-    e.grammaticality_batches = 2  # generation batches per variant and combination
-    e.grammaticality_batch_size = 64  # (the spec's 5 × 128 under `full`)
+    e.grammaticality_batches = 5  # generation batches per variant and combination (the
+    e.grammaticality_batch_size = 128  # paper's 5 × 128 = 640: Wilson ±0.01 near 0.98)
     e.grammaticality_modes = ("corrected",)  # no normalised SAEs here: the modes coincide
   c.eval = e
 
