@@ -79,3 +79,23 @@ def feature_summaries(ids, names, rng):
         "n_labels_corr_ge_0.8": int(np.sum(np.abs(corr) >= 0.8)), "dead_latents": 1}
   return {"columns": [{"name": n, "kind": "binary", "label": n} for n in names],
           "variants": variants}
+
+
+def perturbed_sae(case, d_in: int, width: int, seed: int):
+  """A non-trivial SAE: `case = (SAEConfig overrides, hparam overrides, BatchTopK threshold or
+  None)`, every tensor perturbed off its init (JumpReLU thresholds spread around 0.3).
+  Returns `(params, config, hparams, state)`."""
+  overrides, hp_overrides, threshold = case
+  config = sae_lib.SAEConfig(d_in=d_in, width=width, **overrides)
+  hparams = sae_lib.default_hparams(config, **hp_overrides)
+  key = jax.random.key(seed)
+  params = sae_lib.init(key, config, hparams=hparams)
+  keys = jax.random.split(jax.random.fold_in(key, 1), len(params))
+  params = {k: v + 0.2 * jax.random.normal(kk, v.shape, v.dtype)
+            for kk, (k, v) in zip(keys, sorted(params.items()))}
+  if "log_threshold" in params:
+    params["log_threshold"] = jnp.log(0.3) + 0.5 * jax.random.normal(keys[0], (width,))
+  state = sae_lib.init_state(config)
+  if threshold is not None:
+    state = sae_lib.SAEState(threshold=jnp.float32(threshold), count=jnp.int32(7))
+  return params, config, hparams, state

@@ -53,19 +53,7 @@ REFUSED = ("relu_input_recon", "relu_recon", "sparsemax_recon_dist")
 
 def _export(tmp_path, name, splice_mode="corrected"):
   """A non-trivial variant (every tensor perturbed), exported; returns (path, variant)."""
-  overrides, hp_overrides, threshold = CASES[name]
-  config = sae_lib.SAEConfig(d_in=D, width=F, **overrides)
-  hparams = sae_lib.default_hparams(config, **hp_overrides)
-  key = jax.random.key(1)
-  params = sae_lib.init(key, config, hparams=hparams)
-  keys = jax.random.split(jax.random.fold_in(key, 1), len(params))
-  params = {k: v + 0.2 * jax.random.normal(kk, v.shape, v.dtype)
-            for kk, (k, v) in zip(keys, sorted(params.items()))}
-  if "log_threshold" in params:
-    params["log_threshold"] = jnp.log(0.3) + 0.5 * jax.random.normal(keys[0], (F,))
-  state = sae_lib.init_state(config)
-  if threshold is not None:
-    state = sae_lib.SAEState(threshold=jnp.float32(threshold), count=jnp.int32(7))
+  params, config, hparams, state = fakes.perturbed_sae(CASES[name], D, F, seed=1)
   path = export_lib.export_sae(str(tmp_path / splice_mode), params, config, hparams,
                                site="resid_post.0", language="dyck2", variant_id=name,
                                state=state, splice_mode=splice_mode, context_size=32)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors import numpy as safetensors_np
 
+import fakes
 from jaxsae import export as export_lib
 from jaxsae import model as model_lib
 from jaxsae import sae as sae_lib
@@ -31,20 +32,7 @@ CASES = {
 
 
 def _variant(name):
-  overrides, hp_overrides, threshold = CASES[name]
-  config = sae_lib.SAEConfig(d_in=D, width=F, **overrides)
-  hparams = sae_lib.default_hparams(config, **hp_overrides)
-  key = jax.random.key(2)
-  params = sae_lib.init(key, config, hparams=hparams)
-  keys = jax.random.split(jax.random.fold_in(key, 1), len(params))
-  params = {k: v + 0.2 * jax.random.normal(kk, v.shape, v.dtype)
-            for kk, (k, v) in zip(keys, sorted(params.items()))}
-  if "log_threshold" in params:
-    params["log_threshold"] = jnp.log(0.3) + 0.5 * jax.random.normal(keys[0], (F,))
-  state = sae_lib.init_state(config)
-  if threshold is not None:
-    state = sae_lib.SAEState(threshold=jnp.float32(threshold), count=jnp.int32(7))
-  return params, config, hparams, state
+  return fakes.perturbed_sae(CASES[name], D, F, seed=2)
 
 
 @pytest.mark.parametrize("splice_mode", sae_lib.SPLICE_MODES)
