@@ -49,20 +49,7 @@ CASES = {
 
 def _variant(name, seed=0):
   """A non-trivial variant: init, then every tensor perturbed (biases and pre-bias nonzero)."""
-  overrides, hp_overrides, threshold = CASES[name]
-  config = sae_lib.SAEConfig(d_in=D, width=F, **overrides)
-  hparams = sae_lib.default_hparams(config, **hp_overrides)
-  key = jax.random.key(seed)
-  params = sae_lib.init(key, config, hparams=hparams)
-  keys = jax.random.split(jax.random.fold_in(key, 1), len(params))
-  params = {k: v + 0.2 * jax.random.normal(kk, v.shape, v.dtype)
-            for kk, (k, v) in zip(keys, sorted(params.items()))}
-  if "log_threshold" in params:  # thresholds around the pre-activations' scale, so some cut
-    params["log_threshold"] = jnp.log(0.3) + 0.5 * jax.random.normal(keys[0], (F,))
-  state = sae_lib.init_state(config)
-  if threshold is not None:
-    state = sae_lib.SAEState(threshold=jnp.float32(threshold), count=jnp.int32(7))
-  return params, config, hparams, state
+  return fakes.perturbed_sae(CASES[name], D, F, seed)
 
 
 def _export(tmp_path, name, **kwargs):
