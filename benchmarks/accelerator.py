@@ -78,10 +78,10 @@ sys.path.insert(0, _HERE)
 import lm as lm_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.configs import lm as lm_configs  # pylint: disable=g-import-not-at-top
 from experiments.configs import sae_base  # pylint: disable=g-import-not-at-top
-from jaxsae import grid_step  # pylint: disable=g-import-not-at-top
-from jaxsae import jsonio  # pylint: disable=g-import-not-at-top
-from jaxsae import train_lm  # pylint: disable=g-import-not-at-top
-from jaxsae import train_sae  # pylint: disable=g-import-not-at-top
+from jaxsae.core import jsonio  # pylint: disable=g-import-not-at-top
+from jaxsae.grid import grid_step  # pylint: disable=g-import-not-at-top
+from jaxsae.grid import train_sae  # pylint: disable=g-import-not-at-top
+from jaxsae.lm import train_lm  # pylint: disable=g-import-not-at-top
 
 REL_TOLERANCE = 2e-3  # highest-precision accelerator vs CPU, relative to |value| + 1e-3
 COUNT_TOLERANCE = 0.05  # L0 (latents per token) and dead fraction: absolute

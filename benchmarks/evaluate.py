@@ -8,7 +8,7 @@ Reference shape (as `benchmarks/sae.py`): an untrained English LM of the spec's 
 d_model 128, d_mlp 512, vocab 69), held-out batches of 32 sequences × 128 tokens, one ReLU SAE
 group of expansion 8 (F = 1,024) at resid_post.0, every non-pad position counted and spliced
 (`mask_positions='all'`, `positions='all'`). One "variant-evaluation" is every held-out metric
-of `jaxsae.evaluate` (L0 and firing counts, MSE / EV, the spliced forward to the logits with CE,
+of `jaxsae.evaluation.evaluate` (L0 and firing counts, MSE / EV, the spliced forward to the logits with CE,
 KL, top-1, TV, grammatical mass, downstream MSE / EV) for one variant on one batch of 4,096
 tokens. Per batch the clean pass (clean forward, zero- and mean-ablation forwards; shared by
 every variant) runs once, then the group's pass over all N variants; the time is the median of
@@ -96,13 +96,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from experiments.configs import lm as lm_configs  # pylint: disable=g-import-not-at-top
 from experiments.configs import sae_base  # pylint: disable=g-import-not-at-top
 from experiments.configs import sae_menon  # pylint: disable=g-import-not-at-top
-from jaxsae import eval_passes  # pylint: disable=g-import-not-at-top
-from jaxsae import evaluate as ev  # pylint: disable=g-import-not-at-top
-from jaxsae import generate as generate_lib  # pylint: disable=g-import-not-at-top
-from jaxsae import grid_step  # pylint: disable=g-import-not-at-top
-from jaxsae import spliced_generation as sg  # pylint: disable=g-import-not-at-top
-from jaxsae import train_lm  # pylint: disable=g-import-not-at-top
-from jaxsae import train_sae  # pylint: disable=g-import-not-at-top
+from jaxsae.evaluation import eval_passes  # pylint: disable=g-import-not-at-top
+from jaxsae.evaluation import evaluate as ev  # pylint: disable=g-import-not-at-top
+from jaxsae.evaluation import spliced_generation as sg  # pylint: disable=g-import-not-at-top
+from jaxsae.grid import grid_step  # pylint: disable=g-import-not-at-top
+from jaxsae.grid import train_sae  # pylint: disable=g-import-not-at-top
+from jaxsae.lm import generate as generate_lib  # pylint: disable=g-import-not-at-top
+from jaxsae.lm import train_lm  # pylint: disable=g-import-not-at-top
 
 LANGUAGE = "english"
 BATCH_SIZE, SEQ_LEN, EXPANSION, SITE = 32, 128, 8, "resid_post.0"

@@ -32,10 +32,10 @@ import jax
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from experiments.configs import lm as lm_config  # pylint: disable=g-import-not-at-top
-from jaxsae import generate as generate_lib  # pylint: disable=g-import-not-at-top
 from jaxsae import grammars  # pylint: disable=g-import-not-at-top
-from jaxsae import train_lm  # pylint: disable=g-import-not-at-top
-from jaxsae.flops import matmul_peak  # pylint: disable=g-import-not-at-top
+from jaxsae.core.flops import matmul_peak  # pylint: disable=g-import-not-at-top
+from jaxsae.lm import generate as generate_lib  # pylint: disable=g-import-not-at-top
+from jaxsae.lm import train_lm  # pylint: disable=g-import-not-at-top
 
 
 def flops_per_token(mc, seq_len: int) -> dict[str, float]:

@@ -61,7 +61,7 @@ N = 1; `met` on the median ratio, `met_over_range` at the slowest-peer end), plu
 variant ≤ 2× local and N = 32 local at ≥ 50% of the peak. Numbers from a shared machine are
 noisy; `load_average` is recorded before and after.
 
-TopK k = 16 against ReLU (sparse decode, `jaxsae/active_codes.py`): `python benchmarks/sae.py
+TopK k = 16 against ReLU (sparse decode, `jaxsae/grid/active_codes.py`): `python benchmarks/sae.py
 --no-peer --n 8,32 --losses local,e2e --activations relu,topk --rounds 3` at commit 9158973 (jax
 0.10.2, 2 CPU cores shared with other jobs: load average 3.9 before, 3.7 after, 2.7-8.4 during;
 matmul peak 256 / 450 GFLOP/s before / after). Per-variant speed of TopK over ReLU, each
@@ -173,11 +173,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks import peer  # pylint: disable=g-import-not-at-top
 from experiments.configs import lm as lm_configs  # pylint: disable=g-import-not-at-top
 from experiments.configs import sae_base  # pylint: disable=g-import-not-at-top
-from jaxsae.flops import matmul_peak  # pylint: disable=g-import-not-at-top
-from jaxsae import grid_step  # pylint: disable=g-import-not-at-top
-from jaxsae import sae as sae_lib  # pylint: disable=g-import-not-at-top
-from jaxsae import train_lm  # pylint: disable=g-import-not-at-top
-from jaxsae import train_sae  # pylint: disable=g-import-not-at-top
+from jaxsae.core.flops import matmul_peak  # pylint: disable=g-import-not-at-top
+from jaxsae.grid import grid_step  # pylint: disable=g-import-not-at-top
+from jaxsae.grid import sae as sae_lib  # pylint: disable=g-import-not-at-top
+from jaxsae.grid import train_sae  # pylint: disable=g-import-not-at-top
+from jaxsae.lm import train_lm  # pylint: disable=g-import-not-at-top
 
 LANGUAGE = "english"
 BATCH_SIZE, SEQ_LEN, EXPANSION, SITE = 32, 128, 8, "resid_post.0"

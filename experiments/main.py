@@ -27,11 +27,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 # job name -> module with `run(config, workdir)`
 JOBS = {
     "grammar": "jaxsae.grammars.survey",
-    "lm": "jaxsae.train_lm",
-    "sae": "jaxsae.train_sae",
+    "lm": "jaxsae.lm.train_lm",
+    "sae": "jaxsae.grid.train_sae",
     "pipeline": "jaxsae.pipeline",
-    "eval": "jaxsae.evaluate",
-    "export": "jaxsae.export",
+    "eval": "jaxsae.evaluation.evaluate",
+    "export": "jaxsae.interop.export",
 }
 
 

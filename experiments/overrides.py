@@ -64,7 +64,7 @@ def _fields(node: Any, prefix: str = "") -> list[str]:
 
 
 def _sweep_fields() -> set[str]:
-  from jaxsae import sae_groups  # pylint: disable=g-import-not-at-top
+  from jaxsae.grid import sae_groups  # pylint: disable=g-import-not-at-top
   return {f.name for f in sae_groups.registry()}
 
 

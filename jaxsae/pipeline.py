@@ -3,12 +3,12 @@
 `run(config, workdir)` runs five stages, each in its own subdirectory of the workdir, and writes
 the report at the top:
 
-    lm/        the language model (`jaxsae.train_lm`; checkpoints, summary.json)
-    sae/       the SAE grid (`jaxsae.train_sae`; checkpoints, variants.json, summary.json)
-    eval/      every metric of every variant (`jaxsae.evaluate`; eval.json)
-    analysis/  latent × label feature recovery (`jaxsae.analysis`; features.json, corr.npz) and
-               causal predictability of chosen SAEs (`jaxsae.causality`; causal.json)
-    report.md, report.json, *.png   (`jaxsae.report`)
+    lm/        the language model (`jaxsae.lm.train_lm`; checkpoints, summary.json)
+    sae/       the SAE grid (`jaxsae.grid.train_sae`; checkpoints, variants.json, summary.json)
+    eval/      every metric of every variant (`jaxsae.evaluation.evaluate`; eval.json)
+    analysis/  latent × label feature recovery (`jaxsae.analysis.recovery`; features.json, corr.npz) and
+               causal predictability of chosen SAEs (`jaxsae.analysis.causality`; causal.json)
+    report.md, report.json, *.png   (`jaxsae.report.assemble`)
 
 Resuming: a finished stage leaves a record in `stages.json` with a fingerprint of its config
 (and of the stages it reads from); rerunning the job skips stages whose record matches and
@@ -37,17 +37,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxsae import analysis
-from jaxsae import causality
-from jaxsae import comparison
-from jaxsae import evaluate
-from jaxsae import jsonio
-from jaxsae import report as report_lib
-from jaxsae import sae as sae_lib
-from jaxsae import sae_groups
-from jaxsae import train_lm
-from jaxsae import train_sae
-from jaxsae import workdir as workdir_lib
+from jaxsae.analysis import causality
+from jaxsae.analysis import comparison
+from jaxsae.analysis import recovery
+from jaxsae.core import jsonio
+from jaxsae.core import workdir as workdir_lib
+from jaxsae.evaluation import evaluate
+from jaxsae.grid import sae as sae_lib
+from jaxsae.grid import sae_groups
+from jaxsae.grid import train_sae
+from jaxsae.lm import train_lm
+from jaxsae.report import assemble as report_lib
 
 STAGES = ("lm", "sae", "eval", "analysis", "report")
 _ANALYSIS_STREAM = 2000  # folded into the analysis seed (never a training or eval stream)
@@ -222,7 +222,7 @@ def _choose(variants: dict[str, Any], types: dict[str, str], score: dict[str, fl
 def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None) -> dict[str, Any]:
   """Feature recovery for every variant and causal predictability for one SAE per type.
 
-  Writes `features.json` (`analysis.summarise` of every variant, keyed by id), `corr.npz`
+  Writes `features.json` (`recovery.summarise` of every variant, keyed by id), `corr.npz`
   (latent × label correlations of the chosen SAEs, for heatmaps) and `causal.json`
   (`causality.causal_predictability` of the chosen SAEs) in `out_dir`.
 
@@ -239,20 +239,20 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
   trained = train_sae.load_trained(sae_workdir)
   setup = trained.setup
   key = jax.random.fold_in(jax.random.key(a.seed), _ANALYSIS_STREAM)
-  batch = analysis.analysis_batch(trained, key, a.num_sequences)
+  batch = recovery.analysis_batch(trained, key, a.num_sequences)
   lmat = batch.label_matrix()
   features: dict[str, Any] = {"columns": None, "variants": {}}
   corr: dict[str, np.ndarray] = {}
   hparams_by_id = {}
   t0 = time.perf_counter()
   for gi, spec in enumerate(setup.specs):
-    codes = analysis.collect_codes(trained, gi, batch.tokens_BT, batch.mask_BT)
+    codes = recovery.collect_codes(trained, gi, batch.tokens_BT, batch.mask_BT)
     params = jax.tree.map(lambda x: x[: spec.size], trained.state.groups[gi].params)
     decoders = jax.vmap(lambda p, c=spec.sae: sae_lib.dictionary(p, c))(params)
-    summ = analysis.summarise(codes, lmat, decoders, ids=list(spec.ids))
+    summ = recovery.summarise(codes, lmat, decoders, ids=list(spec.ids))
     features["columns"] = summ["columns"]
     features["variants"].update(summ["variants"])
-    cmat = np.asarray(analysis.correlations(codes, lmat))
+    cmat = np.asarray(recovery.correlations(codes, lmat))
     for i, vid in enumerate(spec.ids):
       corr[vid] = cmat[i]
       hparams_by_id[vid] = spec.values[i]

@@ -1,4 +1,4 @@
-"""Tests for jaxsae.active_codes: the sparse products and their VJPs equal the dense ones."""
+"""Tests for jaxsae.grid.active_codes: the sparse products and their VJPs equal the dense ones."""
 
 import functools
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsae import active_codes
-from jaxsae import metrics as metrics_lib
+from jaxsae.grid import active_codes
+from jaxsae.grid import metrics as metrics_lib
 
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
                                                     "xla_llvm_disable_expensive_passes": True})

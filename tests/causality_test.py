@@ -1,4 +1,4 @@
-"""Tests for jaxsae.causality: label columns and Pearson correlations against NumPy, expected
+"""Tests for jaxsae.analysis.causality: label columns and Pearson correlations against NumPy, expected
 effects derived from data (English), causal predictability of planted latents against the
 random-latent null, pair scoring against fake outcomes (a planted effect passes the null, random
 latents pass at the nominal rate), and input validation."""
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import fakes
-from jaxsae import causality
 from jaxsae import grammars
-from jaxsae import interventions
-from jaxsae import sae as sae_lib
+from jaxsae.analysis import causality
+from jaxsae.analysis import interventions
+from jaxsae.grid import sae as sae_lib
 
 DYCK, MC = fakes.DYCK, fakes.TINY_DYCK_MC
 

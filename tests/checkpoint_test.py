@@ -1,4 +1,4 @@
-"""Tests for jaxsae.checkpoint: round trips, retention, atomicity, corruption, fingerprints."""
+"""Tests for jaxsae.core.checkpoint: round trips, retention, atomicity, corruption, fingerprints."""
 
 import glob
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxsae import checkpoint as ckpt_lib
+from jaxsae.core import checkpoint as ckpt_lib
 
 
 @flax.struct.dataclass

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import fakes
-from jaxsae import comparison
-from jaxsae import sae_groups
-from jaxsae import stats
-from jaxsae import sweep as sweep_lib
+from jaxsae.analysis import comparison
+from jaxsae.core import stats
+from jaxsae.grid import sae_groups
+from jaxsae.grid import sweep as sweep_lib
 
 
 def _hparams(**fields):

@@ -12,9 +12,9 @@ from experiments import main as main_lib
 from experiments.configs import lm as lm_configs
 from experiments.configs import sae_causal
 from experiments.configs import sae_menon
-from jaxsae import sae_groups
-from jaxsae import train_lm
-from jaxsae import train_sae
+from jaxsae.grid import sae_groups
+from jaxsae.grid import train_sae
+from jaxsae.lm import train_lm
 
 D_MODEL = 128  # the spec's LM width (the default lm config)
 SMOKE_D_MODEL = 32  # the smoke LM's width

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from jaxsae import divergence
+from jaxsae.core import divergence
 
 
 def test_healthy_curves_are_not_flagged():

@@ -15,13 +15,13 @@ import pytest
 import fakes
 from experiments import main as main_lib
 from experiments.configs import eval as eval_configs
-from jaxsae import eval_passes
-from jaxsae import evaluate as ev
-from jaxsae import grid_step
-from jaxsae import model as model_lib
-from jaxsae import sae as sae_lib
-from jaxsae import sae_groups
-from jaxsae import train_sae
+from jaxsae.evaluation import eval_passes
+from jaxsae.evaluation import evaluate as ev
+from jaxsae.grid import grid_step
+from jaxsae.grid import sae as sae_lib
+from jaxsae.grid import sae_groups
+from jaxsae.grid import train_sae
+from jaxsae.lm import model as model_lib
 
 D = 32  # the smoke LM's width
 
@@ -288,7 +288,7 @@ def test_eval_job_on_a_tiny_trained_grid(lm_dir, tmp_path):
                        steps=2, log_every=2, checkpoint_every=2)
   config.lock()
   summary = train_sae.run(config, sae_dir)
-  assert main_lib.JOBS["eval"] == "jaxsae.evaluate"
+  assert main_lib.JOBS["eval"] == "jaxsae.evaluation.evaluate"
   eval_config = eval_configs.get_config(f"smoke,sae_workdir={sae_dir}")
   eval_config.grammaticality_positions = ("sentence",)  # both are tested above; keep it short
   eval_config.lock()

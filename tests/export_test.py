@@ -14,11 +14,11 @@ import pytest
 import fakes
 from experiments import main as main_lib
 from experiments.configs import export as export_configs
-from jaxsae import checkpoint as ckpt_lib
-from jaxsae import export as export_lib
-from jaxsae import sae as sae_lib
-from jaxsae import saelens as saelens_lib
-from jaxsae import train_sae
+from jaxsae.core import checkpoint as ckpt_lib
+from jaxsae.grid import sae as sae_lib
+from jaxsae.grid import train_sae
+from jaxsae.interop import export as export_lib
+from jaxsae.interop import saelens as saelens_lib
 
 D, F = 8, 24
 
@@ -329,7 +329,7 @@ def test_export_trained_drops_padding_and_selects_ids(trained, tmp_path):
 
 
 def test_export_job(sae_dir, trained, tmp_path):
-  assert main_lib.JOBS["export"] == "jaxsae.export"
+  assert main_lib.JOBS["export"] == "jaxsae.interop.export"
   ids = sorted(_grid_rows(trained))
   config = export_configs.get_config(f"sae_workdir={sae_dir},variants={ids[0]}+{ids[2]}")
   assert (config.job, config.variants, config.step) == ("export", f"{ids[0]},{ids[2]}", 0)

@@ -8,9 +8,9 @@ import pytest
 from experiments.configs import lm as lm_configs
 from experiments.configs import sae_e2e
 from jaxsae import grammars
-from jaxsae import model as model_lib
-from jaxsae import sae as sae_lib
-from jaxsae import train_lm
+from jaxsae.grid import sae as sae_lib
+from jaxsae.lm import model as model_lib
+from jaxsae.lm import train_lm
 
 # A tiny one-layer Dyck-2 LM (untrained) and a batch of its language, for the intervention and
 # causality tests.

@@ -1,13 +1,13 @@
-"""Tests for jaxsae.generate: output format, determinism, replacement, grammaticality."""
+"""Tests for jaxsae.lm.generate: output format, determinism, replacement, grammaticality."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsae import generate as generate_lib
 from jaxsae import grammars
-from jaxsae import model as model_lib
+from jaxsae.lm import generate as generate_lib
+from jaxsae.lm import model as model_lib
 
 DYCK = grammars.get("dyck2")
 CONFIG = model_lib.ModelConfig(vocab_size=DYCK.vocab_size, n_layers=1, n_heads=2, d_model=32,

@@ -5,7 +5,7 @@ input validation."""
 import numpy as np
 import pytest
 
-from jaxsae import geometry
+from jaxsae.analysis import geometry
 
 
 def test_max_cosine_within_and_across_dictionaries():

@@ -19,14 +19,14 @@ import transformer_lens
 from pyarrow import parquet
 
 import fakes
-from jaxsae import export as export_lib
 from jaxsae import grammars
-from jaxsae import lm_export
-from jaxsae import model as model_lib
-from jaxsae import sae as sae_lib
-from jaxsae import saelens as saelens_lib
-from jaxsae import train_lm
-from jaxsae import train_sae
+from jaxsae.grid import sae as sae_lib
+from jaxsae.grid import train_sae
+from jaxsae.interop import export as export_lib
+from jaxsae.interop import lm_export
+from jaxsae.interop import saelens as saelens_lib
+from jaxsae.lm import model as model_lib
+from jaxsae.lm import train_lm
 
 D, F = 8, 24
 

@@ -1,4 +1,4 @@
-"""Tests for jaxsae.interventions: no-op identities, batching, outcome measures against NumPy,
+"""Tests for jaxsae.analysis.interventions: no-op identities, batching, outcome measures against NumPy,
 token classes, quantiles, generation under interventions (a planted latent), and input
 validation. (Causal predictability: causality_test.py.)"""
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 import fakes
-from jaxsae import generate as generate_lib
 from jaxsae import grammars
-from jaxsae import interventions as iv
-from jaxsae import model as model_lib
-from jaxsae import sae as sae_lib
+from jaxsae.analysis import interventions as iv
+from jaxsae.grid import sae as sae_lib
+from jaxsae.lm import generate as generate_lib
+from jaxsae.lm import model as model_lib
 
 DYCK, MC = fakes.DYCK, fakes.TINY_DYCK_MC
 SITE = "resid_post.0"

@@ -1,4 +1,4 @@
-"""Tests for jaxsae.losses: every term against an independent NumPy reference (reductions, KL
+"""Tests for jaxsae.grid.losses: every term against an independent NumPy reference (reductions, KL
 direction, masks), identities (x̂ = x, identity SAE spliced into the model), presets and totals."""
 
 import functools
@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsae import losses
-from jaxsae import model as model_lib
-from jaxsae import sae as sae_lib
+from jaxsae.grid import losses
+from jaxsae.grid import sae as sae_lib
+from jaxsae.lm import model as model_lib
 
 B, T, D, F, V = 3, 5, 6, 10, 7
 

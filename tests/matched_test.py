@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from jaxsae import comparison
-from jaxsae import matched
+from jaxsae.analysis import comparison
+from jaxsae.analysis import matched
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ hand-checked firing counts."""
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import metrics
+from jaxsae.grid import metrics
 
 
 def test_explained_variance_closed_forms():

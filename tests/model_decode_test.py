@@ -1,4 +1,4 @@
-"""Tests for the incremental (KV-cache) path of jaxsae.model: it must equal the full forward."""
+"""Tests for the incremental (KV-cache) path of jaxsae.lm.model: it must equal the full forward."""
 
 import functools
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsae import model as model_lib
+from jaxsae.lm import model as model_lib
 
 TINY = model_lib.ModelConfig(vocab_size=11, n_layers=2, n_heads=2, d_model=32, d_mlp=64,
                              context=16)

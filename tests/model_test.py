@@ -1,4 +1,4 @@
-"""Tests for jaxsae.model: spec shape and init, causality, sites, splicing, gradients, vmap."""
+"""Tests for jaxsae.lm.model: spec shape and init, causality, sites, splicing, gradients, vmap."""
 
 import dataclasses
 import math
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsae import model as model_lib
+from jaxsae.lm import model as model_lib
 
 TINY = model_lib.ModelConfig(vocab_size=11, n_layers=2, n_heads=2, d_model=32, d_mlp=64,
                              context=16)

@@ -8,7 +8,7 @@ import pytest
 
 from experiments.configs import pipeline as pipeline_configs
 from jaxsae import pipeline
-from jaxsae import train_sae
+from jaxsae.grid import train_sae
 
 
 def _config(**sae):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import fakes
-from jaxsae import report
-from jaxsae import sae_groups
-from jaxsae import sweep as sweep_lib
+from jaxsae.grid import sae_groups
+from jaxsae.grid import sweep as sweep_lib
+from jaxsae.report import assemble
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -123,7 +123,7 @@ def test_write_report_full(tmp_path):
         "grammatical_fraction_std": 0.0071, "eval_ce": 0.6031, "grammatical_next_token_mass": 0.99}
   meta = {"commit": "abc1234", "machine": "2 CPU cores", "date": "2025-01-01",
           "stage_seconds": {"lm": 12.5, "sae": 30.25, "eval": 4.0}}
-  paths = report.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
+  paths = assemble.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
                               features=features, causal=causal, lm=lm, meta=meta)
   for name in ("report.md", "report.json", "l0_vs_ce", "alive_vs_ce", "l0_vs_grammaticality",
                "grid_grammaticality", "grid_ev_token_mean", "feature_recovery", "corr_v000",
@@ -213,7 +213,7 @@ def test_write_report_full(tmp_path):
 
 def test_write_report_minimal_single_type(tmp_path):
   summary, eval_results = _synthetic_run(single_type=True)
-  paths = report.write_report(str(tmp_path), summary=summary, eval_results=eval_results)
+  paths = assemble.write_report(str(tmp_path), summary=summary, eval_results=eval_results)
   md = open(paths["report.md"]).read()
   rep = json.load(open(paths["report.json"]))
   assert "feature_recovery" not in paths and not any(k.startswith("corr_") for k in paths)
@@ -238,7 +238,7 @@ def test_write_report_matched_comparison_over_seeds(tmp_path):
     ev = dict(eval_results["variants"][vid], hparams=hp)
     ev["l0"] = 1.1 * float(ev["l0"])
     eval_results["variants"][new] = ev
-  paths = report.write_report(str(tmp_path), summary=summary, eval_results=eval_results)
+  paths = assemble.write_report(str(tmp_path), summary=summary, eval_results=eval_results)
   md = open(paths["report.md"]).read()
   rep = json.load(open(paths["report.json"]))
   m = rep["matched"]["l0"]
@@ -261,7 +261,7 @@ def test_write_report_without_grammaticality_and_all_nan(tmp_path):
     for k in [k for k in v if k.startswith("grammaticality")]:
       del v[k]
     v["ce_increase"] = "nan"
-  paths = report.write_report(str(tmp_path), summary=summary, eval_results=eval_results)
+  paths = assemble.write_report(str(tmp_path), summary=summary, eval_results=eval_results)
   assert "l0_vs_grammaticality" not in paths and "l0_vs_ce" not in paths
   rep = json.load(open(paths["report.json"]))
   assert rep["grammaticality_combo"] is None
@@ -272,16 +272,16 @@ def test_write_report_without_grammaticality_and_all_nan(tmp_path):
 def test_write_report_rejects_mismatched_inputs(tmp_path):
   summary, eval_results = _synthetic_run()
   with pytest.raises(ValueError, match="grammaticality='original/all'"):
-    report.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
+    assemble.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
                         grammaticality="original/all")
   other = dict(eval_results, site="resid_post.1")
   with pytest.raises(ValueError, match="different runs"):
-    report.write_report(str(tmp_path), summary=summary, eval_results=other)
+    assemble.write_report(str(tmp_path), summary=summary, eval_results=other)
   extra = dict(eval_results, variants=dict(eval_results["variants"], v999={}))
   with pytest.raises(ValueError, match="v999"):
-    report.write_report(str(tmp_path), summary=summary, eval_results=extra)
+    assemble.write_report(str(tmp_path), summary=summary, eval_results=extra)
   with pytest.raises(ValueError, match="'variants'"):
-    report.write_report(str(tmp_path), summary={}, eval_results=eval_results)
+    assemble.write_report(str(tmp_path), summary={}, eval_results=eval_results)
 
 
 def test_write_report_rejects_correlations_of_the_wrong_width(tmp_path):
@@ -289,10 +289,10 @@ def test_write_report_rejects_correlations_of_the_wrong_width(tmp_path):
   features = _features(["v000"], ["depth", "open"], np.random.default_rng(3))
   features["corr"] = {"v000": np.zeros((8, 3))}
   with pytest.raises(ValueError, match=r"K=2"):
-    report.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
+    assemble.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
                         features=features)
   features["corr_columns"] = ["depth", "open", "type=a"]  # names given with the matrices
-  paths = report.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
+  paths = assemble.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
                               features=features)
   _png_size(paths["corr_v000"])
 
@@ -357,7 +357,7 @@ def _expected_causal(summary, eval_results, causal, fid):
 def test_write_report_causal_summary_per_type(tmp_path, with_nmse):
   summary, eval_results, causal = _causal_run(np.random.default_rng(7), with_nmse)
   fid, fid_name = ("nmse", "NMSE") if with_nmse else ("ev_token_mean", "explained variance")
-  paths = report.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
+  paths = assemble.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
                               causal=causal)
   md = open(paths["report.md"]).read()
   rep = json.load(open(paths["report.json"]))
@@ -398,7 +398,7 @@ def test_write_report_causal_summary_per_type(tmp_path, with_nmse):
 def test_write_report_causal_summary_needs_both_types(tmp_path):
   summary, eval_results, causal = _causal_run(np.random.default_rng(8))
   only_causal = {v: c for v, c in causal.items() if v in ("v004", "v005")}
-  paths = report.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
+  paths = assemble.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
                               causal=only_causal)
   rep = json.load(open(paths["report.json"]))
   assert list(rep["causal_by_type"]) == ["causal-local"]
@@ -415,7 +415,7 @@ def test_write_report_causal_summary_needs_both_types(tmp_path):
 ])
 def test_headline_combo_follows_the_training_positions(positions, found, expected):
   eval_results = {"variants": {"v000": {f"grammaticality/{c}": 0.5 for c in found}}}
-  assert report.headline_combo({"positions": positions, "variants": {}}, eval_results) == expected
+  assert assemble.headline_combo({"positions": positions, "variants": {}}, eval_results) == expected
 
 
 def test_eval_report_headline_is_the_training_positions_combo(tmp_path):
@@ -426,18 +426,18 @@ def test_eval_report_headline_is_the_training_positions_combo(tmp_path):
   eval_results = {"clean": {}, "variants": {"v000": {
       "l0": 2.0, "ce_increase": 0.1, "grammaticality/corrected/all": 0.0,
       "grammaticality/corrected/sentence": 0.9}}}
-  report.write_report(str(tmp_path), summary=summary, eval_results=eval_results)
+  assemble.write_report(str(tmp_path), summary=summary, eval_results=eval_results)
   rep = json.loads((tmp_path / "report.json").read_text())
   assert rep["grammaticality_combo"] == "corrected/sentence"
   assert rep["variants"][0]["grammaticality"] == 0.9
 
 
 def test_grammaticality_carries_wilson_intervals_over_its_generations():
-  assert report.generations({"num_batches": 5, "batch_size": 128}) == 640
-  assert report.generations("2 x 64") == 128 and report.generations("?") is None
-  lo, hi = report.wilson(0.5, 640)
+  assert assemble.generations({"num_batches": 5, "batch_size": 128}) == 640
+  assert assemble.generations("2 x 64") == 128 and assemble.generations("?") is None
+  lo, hi = assemble.wilson(0.5, 640)
   # Independent: the normal approximation is close to Wilson at p = 0.5, n = 640.
   assert abs(lo - (0.5 - 1.96 * (0.25 / 640) ** 0.5)) < 1e-3 and abs(hi + lo - 1) < 1e-12
-  lo, hi = report.wilson(1.0, 64)
+  lo, hi = assemble.wilson(1.0, 64)
   assert hi == 1.0 and 0.9 < lo < 0.96  # not degenerate at k = n
-  assert report.wilson(None, 64) is None and report.wilson(0.5, None) is None
+  assert assemble.wilson(None, 64) is None and assemble.wilson(0.5, None) is None

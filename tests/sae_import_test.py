@@ -8,10 +8,10 @@ import os
 import pytest
 
 import fakes
-from jaxsae import evaluate
-from jaxsae import export as export_lib
-from jaxsae import sae_import
-from jaxsae import train_sae
+from jaxsae.evaluation import evaluate
+from jaxsae.grid import train_sae
+from jaxsae.interop import export as export_lib
+from jaxsae.interop import sae_import
 
 
 def _placeholder_config(lm_dir):

@@ -1,4 +1,4 @@
-"""Tests for jaxsae.sae: config validation, inits, activations and their gradients, decoder norms,
+"""Tests for jaxsae.grid.sae: config validation, inits, activations and their gradients, decoder norms,
 splicing modes, and vmap equivalence over variants for every activation."""
 
 import dataclasses
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsae import model as model_lib
-from jaxsae import sae as sae_lib
+from jaxsae.grid import sae as sae_lib
+from jaxsae.lm import model as model_lib
 
 D, F = 8, 24
 

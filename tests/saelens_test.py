@@ -12,10 +12,10 @@ import pytest
 from safetensors import numpy as safetensors_np
 
 import fakes
-from jaxsae import export as export_lib
-from jaxsae import model as model_lib
-from jaxsae import sae as sae_lib
-from jaxsae import saelens as saelens_lib
+from jaxsae.grid import sae as sae_lib
+from jaxsae.interop import export as export_lib
+from jaxsae.interop import saelens as saelens_lib
+from jaxsae.lm import model as model_lib
 
 D, F = 8, 24
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 import fakes
-from jaxsae import generate as generate_lib
-from jaxsae import grid_step
-from jaxsae import sae as sae_lib
-from jaxsae import sae_groups
-from jaxsae import spliced_generation as sg
-from jaxsae import train_sae
+from jaxsae.evaluation import spliced_generation as sg
+from jaxsae.grid import grid_step
+from jaxsae.grid import sae as sae_lib
+from jaxsae.grid import sae_groups
+from jaxsae.grid import train_sae
+from jaxsae.lm import generate as generate_lib
 
 D = 32  # the smoke LM's width
 

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxsae import stats
+from jaxsae.core import stats
 
 
 def _binomial_pmf(n, p):

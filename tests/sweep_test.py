@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxsae import sweep
+from jaxsae.grid import sweep
 
 REG = [
     sweep.Field("activation", "relu", static=True),

@@ -1,4 +1,4 @@
-"""Tests for jaxsae.train_lm: learning, exact resume, errors, and the `lm` config end to end."""
+"""Tests for jaxsae.lm.train_lm: learning, exact resume, errors, and the `lm` config end to end."""
 
 import json
 import os
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from experiments.configs import lm as lm_config
-from jaxsae import checkpoint as ckpt_lib
 from jaxsae import grammars
-from jaxsae import train_lm
+from jaxsae.core import checkpoint as ckpt_lib
+from jaxsae.lm import train_lm
 
 _TIMING = ("tokens_per_s", "train_seconds")
 
@@ -201,7 +201,7 @@ def test_diverging_run_is_flagged_in_the_summary(straight, tmp_path, caplog):
 def test_lm_smoke_config_end_to_end(tmp_path):
   from experiments import main  # pylint: disable=g-import-not-at-top
   config = lm_config.get_config("smoke")
-  assert main.JOBS[config.job] == "jaxsae.train_lm"
+  assert main.JOBS[config.job] == "jaxsae.lm.train_lm"
   summary = train_lm.run(config, str(tmp_path))
   with open(os.path.join(str(tmp_path), "summary.json")) as f:
     on_disk = json.load(f)

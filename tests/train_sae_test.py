@@ -13,9 +13,9 @@ import pytest
 
 import fakes
 from experiments.configs import sae_e2e
-from jaxsae import grid_step
-from jaxsae import sweep as sweep_lib
-from jaxsae import train_sae as ts
+from jaxsae.grid import grid_step
+from jaxsae.grid import sweep as sweep_lib
+from jaxsae.grid import train_sae as ts
 
 
 def _write_lm(directory: str, language: str) -> str:
@@ -236,7 +236,7 @@ import json, sys
 import jax, numpy as np
 sys.path[:0] = [{root!r}, {root!r} + "/tests"]
 import train_sae_test as t
-from jaxsae import train_sae as ts
+from jaxsae.grid import train_sae as ts
 cfg = t._config({lm!r}, t.MULTI_SWEEP, mesh_variant_devices={nv})
 _, state, _, _ = t._train(cfg)
 leaves = [np.asarray(x)[: {n}].tolist() for g in state.groups for x in jax.tree.leaves(g.params)]

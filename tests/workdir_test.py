@@ -19,13 +19,13 @@ from experiments.configs import export as export_configs
 from experiments.configs import lm as lm_configs
 from experiments.configs import pipeline as pipeline_configs
 from experiments.configs import sae_menon
-from jaxsae import checkpoint as ckpt_lib
-from jaxsae import evaluate
-from jaxsae import export
 from jaxsae import pipeline
-from jaxsae import train_lm
-from jaxsae import train_sae as ts
-from jaxsae import workdir as workdir_lib
+from jaxsae.core import checkpoint as ckpt_lib
+from jaxsae.core import workdir as workdir_lib
+from jaxsae.evaluation import evaluate
+from jaxsae.grid import train_sae as ts
+from jaxsae.interop import export
+from jaxsae.lm import train_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = [{"product": {"sparsity_coeff": [1.0, 4.0]}, "set": {"loss": "local"}}]
@@ -42,7 +42,7 @@ _JOB = """
 import json, os, signal, sys, threading
 sys.path.insert(0, "tests")
 import fakes
-from jaxsae import train_sae as ts
+from jaxsae.grid import train_sae as ts
 point, workdir, lm_dir = sys.argv[1:4]
 die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 name, _, n = point.partition(":")
@@ -168,7 +168,7 @@ def test_rerun_of_a_finished_job_keeps_every_output(straight, tmp_path):
 
 _HOLDER = """
 import sys
-from jaxsae import workdir
+from jaxsae.core import workdir
 with workdir.lock(sys.argv[1], command="the holder"):
   print("locked", flush=True)
   sys.stdin.read()

@@ -1,4 +1,4 @@
-"""Evaluation of a trained SAE grid: every metric of specs/sae.md (`jaxsae.evaluate`, job `eval`).
+"""Evaluation of a trained SAE grid: every metric of specs/sae.md (`jaxsae.evaluation.evaluate`, job `eval`).
 
 Command (after the grid's `sae` job; the eval workdir may be the grid's own)::
 
@@ -50,7 +50,7 @@ def get_config(arg=None):
   default = lambda name, value: value if opts[name] is None else opts[name]
   smoke = opts["smoke"]
   c = ml_collections.ConfigDict()
-  c.job = "eval"  # experiments.main job (jaxsae.evaluate.run)
+  c.job = "eval"  # experiments.main job (jaxsae.evaluation.evaluate.run)
   c.sae_workdir = opts["sae_workdir"]  # workdir of a finished `sae` job (required)
   c.seed = opts["seed"]  # evaluation seed: held-out stream and generations (never training's)
   c.num_batches = default("num_batches", 2 if smoke else 10)  # held-out batches

@@ -1,5 +1,5 @@
 """Export a trained SAE grid in SAELens 6's format, and its LM for TransformerLens with the LM run's
-token streams (see `jaxsae/export.py`, `jaxsae/saelens.py`, `jaxsae/lm_export.py`).
+token streams (see `jaxsae/interop/export.py`, `jaxsae/interop/saelens.py`, `jaxsae/interop/lm_export.py`).
 
 Command (needs a finished sae job; seconds: restoring the checkpoint and writing files)::
 
@@ -15,7 +15,7 @@ dataset.json) and `<workdir>/summary.json`. Settings: `sae_workdir=<dir>`, `vari
 (ids joined by '+', since ',' separates settings; default all), `step=<int>` (checkpoint step, 0 =
 the latest), `lm=<bool>` (also the LM and data; default true), `train_batches=<int>` (LM training
 batches in the dataset's train split). Expected: one directory per requested variant;
-`jaxsae.export.load_sae` on each returns the grid's params bit for bit, `sae_lens.SAE.load_from_disk`
+`jaxsae.interop.export.load_sae` on each returns the grid's params bit for bit, `sae_lens.SAE.load_from_disk`
 loads every variant export.json marks loadable.
 """
 

@@ -1,4 +1,4 @@
-"""LM training on a grammar: the spec's 2-layer, 128-wide GPT (`jaxsae.train_lm`, job `lm`).
+"""LM training on a grammar: the spec's 2-layer, 128-wide GPT (`jaxsae.lm.train_lm`, job `lm`).
 
 Command (CPU default for the language; rerun the same command to resume)::
 
@@ -13,7 +13,7 @@ paper's budget for accelerators: batch 128 x 128, 70k steps) and `smoke` (a few 
 small batch, seconds, for tests).
 
 Writes `metrics.jsonl`, `config.json`, `summary.json` and `checkpoints/` in the workdir (see
-`jaxsae/train_lm.py`).
+`jaxsae/lm/train_lm.py`).
 
 Expected runtime and headline numbers of the CPU defaults, measured on 2 CPU cores shared with
 other jobs (load average 2-7, so wall times vary up to 2x; "wall" is the whole command, compile

@@ -4,7 +4,7 @@ import ml_collections
 
 
 def base_config(*, language: str, lm_workdir: str) -> ml_collections.ConfigDict:
-  """Every non-sweep field of `jaxsae.train_sae`, with the e2e_sae optimisation profile."""
+  """Every non-sweep field of `jaxsae.grid.train_sae`, with the e2e_sae optimisation profile."""
   c = ml_collections.ConfigDict()
   c.job = "sae"  # experiments.main job
   c.language = language  # must match the LM's grammar ('' = take the LM's)

@@ -55,7 +55,7 @@ What the original paper found (spliced grammaticality, their conventions: the fr
   it, the default 'corrected' rescales to ‖x‖).
 This job writes the training metrics (per variant: loss, MSE, sparsity, L0, explained variance,
 dead fraction) to `metrics.jsonl` / `summary.json`; spliced grammaticality needs the evaluation
-job (`jaxsae.evaluate`, not yet written), so no numbers of ours are quoted here yet. Expected
+job (`jaxsae.evaluation.evaluate`, not yet written), so no numbers of ours are quoted here yet. Expected
 (not yet measured on a trained LM): the L1 losses of α ≥ 1e-1 are dominated by the sparsity
 term, so their L0 falls; TopK's L0 is at most k (only positive pre-activations are kept: at
 init, width 128, k = 64 and 128 both give L0 ≈ 61).

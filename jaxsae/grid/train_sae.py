@@ -7,11 +7,11 @@ donated; metrics are fetched once per call and appended to `metrics.jsonl` per v
 variant whose loss or gradients turn non-finite is frozen at its last good parameters and
 flagged (with its hyperparameters) in the logs and `summary.json`; the others are untouched.
 A variant whose finite loss grows by orders of magnitude is flagged the same way
-(`summary.json`'s `diverged`; `jaxsae.divergence`).
+(`summary.json`'s `diverged`; `jaxsae.core.divergence`).
 Checkpoints hold the whole grid state; data is a pure function of (seed, step), so resume is
 exact. `load_trained` / `variant` read a finished workdir back.
 
-Workdir guarantees (`jaxsae.workdir`): the job holds the workdir's writer lock; the LM it trains
+Workdir guarantees (`jaxsae.core.workdir`): the job holds the workdir's writer lock; the LM it trains
 on is pinned (its workdir relative to this one, checkpoint step and content digest, in
 `inputs.json` and in every checkpoint's metadata), and a resume or a `load_trained` against a
 different LM, a config that differs from the checkpoints' fingerprint, or a `config.json` edited
@@ -41,17 +41,17 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsae import checkpoint as ckpt_lib
-from jaxsae import distributed
-from jaxsae import divergence
 from jaxsae import grammars
-from jaxsae import grid_step
-from jaxsae import jsonio
-from jaxsae import model as model_lib
-from jaxsae import sae as sae_lib
-from jaxsae import sae_groups
-from jaxsae import sweep as sweep_lib
-from jaxsae import workdir as workdir_lib
+from jaxsae.core import checkpoint as ckpt_lib
+from jaxsae.core import distributed
+from jaxsae.core import divergence
+from jaxsae.core import jsonio
+from jaxsae.core import workdir as workdir_lib
+from jaxsae.grid import grid_step
+from jaxsae.grid import sae as sae_lib
+from jaxsae.grid import sae_groups
+from jaxsae.grid import sweep as sweep_lib
+from jaxsae.lm import model as model_lib
 
 # ------------------------------------------------------------------------------------------------
 # The job.
@@ -84,7 +84,7 @@ def load_lm(lm_workdir: str, step: int | None = None) -> LoadedLM:
   Raises:
     FileNotFoundError: no LM there, or no checkpoint (at `step`).
   """
-  from jaxsae import train_lm  # pylint: disable=g-import-not-at-top
+  from jaxsae.lm import train_lm  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   cfg_path = os.path.join(lm_workdir, "config.json")
   ckpt_dir = os.path.join(lm_workdir, "checkpoints")

@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from jaxsae import geometry
 from jaxsae import grammars
-from jaxsae import model as model_lib
-from jaxsae import sae as sae_lib
+from jaxsae.analysis import geometry
+from jaxsae.grid import sae as sae_lib
+from jaxsae.lm import model as model_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # A variance below this fraction of the (globally centred) second moment is rounding noise

@@ -80,14 +80,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import generate as generate_lib
 from jaxsae import grammars
-from jaxsae import grid_step
-from jaxsae import losses as losses_lib
-from jaxsae import metrics as metrics_lib
-from jaxsae import model as model_lib
-from jaxsae import sae as sae_lib
-from jaxsae import spliced_generation
+from jaxsae.evaluation import spliced_generation
+from jaxsae.grid import grid_step
+from jaxsae.grid import losses as losses_lib
+from jaxsae.grid import metrics as metrics_lib
+from jaxsae.grid import sae as sae_lib
+from jaxsae.lm import generate as generate_lib
+from jaxsae.lm import model as model_lib
 
 HELDOUT_STREAM = 1000  # held-out batch k: fold_in(fold_in(key(seed), 1000), k)
 POSITIONS = ("sentence", "all")  # where the SAE is spliced for the held-out metrics

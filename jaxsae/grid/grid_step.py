@@ -42,13 +42,13 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsae import active_codes
 from jaxsae import grammars
-from jaxsae import losses as losses_lib
-from jaxsae import metrics as metrics_lib
-from jaxsae import model as model_lib
-from jaxsae import sae as sae_lib
-from jaxsae.sae_groups import CausalHparams, GroupSpec
+from jaxsae.grid import active_codes
+from jaxsae.grid import losses as losses_lib
+from jaxsae.grid import metrics as metrics_lib
+from jaxsae.grid import sae as sae_lib
+from jaxsae.grid.sae_groups import CausalHparams, GroupSpec
+from jaxsae.lm import model as model_lib
 
 # ------------------------------------------------------------------------------------------------
 # State.

@@ -30,8 +30,8 @@ import matplotlib.figure
 from matplotlib.backends import backend_agg
 import numpy as np
 
-from jaxsae import comparison
-from jaxsae import matched
+from jaxsae.analysis import comparison
+from jaxsae.analysis import matched
 
 CE_LINTHRESH = 1e-3  # CE increase axes: linear within ±1e-3 nats, logarithmic beyond
 

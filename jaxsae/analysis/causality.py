@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import grammars
-from jaxsae import interventions
-from jaxsae import model as model_lib
-from jaxsae import sae as sae_lib
-from jaxsae import stats
+from jaxsae.analysis import interventions
+from jaxsae.core import stats
+from jaxsae.grid import sae as sae_lib
+from jaxsae.lm import model as model_lib
 
 EMPIRICAL = "empirical"
 NULL_LATENTS = 64  # random live latents clamped per SAE for the null of causal effects

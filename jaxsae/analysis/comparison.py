@@ -1,6 +1,6 @@
 """SAE types and the tables that compare them: grids, feature recovery, causal predictability.
 
-The data logic of the report (`report.py`) and its plots (`report_plots.py`), usable on its own
+The data logic of the report (`report/assemble.py`) and its plots (`report/plots.py`), usable on its own
 (e.g. on `report.json`'s `variants` in a notebook):
 
 - `sae_type`: the SAE type of a variant from its sweep fields (`local`, `e2e`, `topk`,
@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jaxsae import stats
+from jaxsae.core import stats
 
 # Canonical order of the base types (plots, tables); unknown combinations sort after these.
 _TYPE_ORDER = ("local", "e2e", "e2e_ds", "topk", "batchtopk", "jumprelu", "sparsemax_no_kds",

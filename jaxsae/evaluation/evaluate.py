@@ -9,7 +9,7 @@ the passes over batches and groups (`reference`, `evaluate_group`), evaluates a 
 definitions (which tokens count, where the SAE is spliced, every metric's formula) are in
 `eval_passes.py`. The per-token formulas are in `metrics.py`, spliced
 grammaticality (generation with the SAE spliced in) in `spliced_generation.py`, feature recovery
-in `analysis.py` and dictionary geometry in `geometry.py`.
+in `analysis/recovery.py` and dictionary geometry in `geometry.py`.
 """
 
 from __future__ import annotations
@@ -24,19 +24,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import generate as generate_lib
 from jaxsae import grammars
-from jaxsae import grid_step
-from jaxsae import jsonio
-from jaxsae import metrics as metrics_lib
-from jaxsae import report as report_lib
-from jaxsae import sae as sae_lib
-from jaxsae import sae_groups
-from jaxsae import spliced_generation
-from jaxsae import sweep as sweep_lib
-from jaxsae import train_sae
-from jaxsae import eval_passes
-from jaxsae import workdir as workdir_lib
+from jaxsae.core import jsonio
+from jaxsae.core import workdir as workdir_lib
+from jaxsae.evaluation import eval_passes
+from jaxsae.evaluation import spliced_generation
+from jaxsae.grid import grid_step
+from jaxsae.grid import metrics as metrics_lib
+from jaxsae.grid import sae as sae_lib
+from jaxsae.grid import sae_groups
+from jaxsae.grid import sweep as sweep_lib
+from jaxsae.grid import train_sae
+from jaxsae.lm import generate as generate_lib
+from jaxsae.report import assemble as report_lib
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ from absl import logging
 import flax.struct
 import numpy as np
 
-from jaxsae import divergence
-from jaxsae import losses as losses_lib
-from jaxsae import sae as sae_lib
-from jaxsae import sweep as sweep_lib
+from jaxsae.core import divergence
+from jaxsae.grid import losses as losses_lib
+from jaxsae.grid import sae as sae_lib
+from jaxsae.grid import sweep as sweep_lib
 
 # Learning rates above this are accepted with a warning (they are finite, but rarely sane).
 LR_WARN = 1.0

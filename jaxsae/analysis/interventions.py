@@ -42,12 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import generate as generate_lib
 from jaxsae import grammars
-from jaxsae import model as model_lib
-from jaxsae import sae as sae_lib
 from jaxsae.grammars import features
 from jaxsae.grammars import recognise
+from jaxsae.grid import sae as sae_lib
+from jaxsae.lm import generate as generate_lib
+from jaxsae.lm import model as model_lib
 
 KINDS = ("clamp", "zero", "keep_only", "patch")
 

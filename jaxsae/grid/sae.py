@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import active_codes
+from jaxsae.grid import active_codes
 
 Params = dict[str, jax.Array]
 

@@ -55,7 +55,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxsae import distributed
+from jaxsae.core import distributed
 
 PyTree = Any
 

@@ -38,11 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import generate as generate_lib
-from jaxsae import grid_step
-from jaxsae import model as model_lib
-from jaxsae import sae as sae_lib
-from jaxsae import train_sae
+from jaxsae.grid import grid_step
+from jaxsae.grid import sae as sae_lib
+from jaxsae.grid import train_sae
+from jaxsae.lm import generate as generate_lib
+from jaxsae.lm import model as model_lib
 
 GENERATION_STREAM = 1001  # generations: fold_in(key(seed), 1001), batch i: fold_in(., i)
 POSITIONS = ("sentence", "all")  # where the SAE is spliced during generation

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import numpy as safetensors_np
 
-from jaxsae import sae as sae_lib
+from jaxsae.grid import sae as sae_lib
 
 SAELENS_VERSION = "6.54.12"  # the SAELens release whose save_model this format reproduces
 CONFIG_FILE = "cfg.json"
@@ -88,7 +88,7 @@ def hook_name(site: str) -> str:
   """TransformerLens hook name of a model site: 'resid_post.0' -> 'blocks.0.hook_resid_post'.
 
   Raises:
-    ValueError: a name that is not one of `jaxsae.model.site_names`' forms.
+    ValueError: a name that is not one of `jaxsae.lm.model.site_names`' forms.
   """
   if site == "ln_final":
     return "unembed.hook_in"
@@ -127,7 +127,7 @@ def form(config: sae_lib.SAEConfig, splice_mode: str = "corrected") -> Form:
 
 def tensors(effective: Mapping[str, np.ndarray], config: sae_lib.SAEConfig,
             how: Form) -> dict[str, np.ndarray]:
-  """The safetensors arrays: `effective` (jaxsae.export's folded tensors) in SAELens' scale."""
+  """The safetensors arrays: `effective` (jaxsae.interop.export's folded tensors) in SAELens' scale."""
   out = {k: np.ascontiguousarray(v, np.float32) for k, v in effective.items()}
   if how.normalize_activations == "constant_norm_rescale":
     root = np.float32(math.sqrt(config.d_in))
@@ -204,7 +204,7 @@ def numpy_forward(tensors: Mapping[str, np.ndarray], cfg: Mapping[str, Any], x: 
       sae_config.activation without its 'sparsemax_' prefix).
 
   Returns:
-    x_hat `[..., d_in]` (`jaxsae.export`'s module docstring), or `(x_hat, codes)`.
+    x_hat `[..., d_in]` (`jaxsae.interop.export`'s module docstring), or `(x_hat, codes)`.
   """
   t = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
   x = np.asarray(x, np.float32)

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import checkpoint as ckpt_lib
-from jaxsae import saelens as saelens_lib
-from jaxsae import train_sae
+from jaxsae.core import checkpoint as ckpt_lib
+from jaxsae.grid import train_sae
+from jaxsae.interop import saelens as saelens_lib
 
 IMPORTED_FILE = "imported.json"
 

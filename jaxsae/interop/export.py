@@ -2,22 +2,22 @@
 
 Layout: one directory per SAE, `<out>/<variant_id>/`, holding
 
-  cfg.json                  exactly what SAELens 6's `save_model` writes (`jaxsae.saelens`).
+  cfg.json                  exactly what SAELens 6's `save_model` writes (`jaxsae.interop.saelens`).
   sae_weights.safetensors   float32 tensors in SAELens' names and layouts: W_enc [d_in, d_sae],
                             b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]; `threshold` [d_sae]
                             ('jumprelu'); `b_pre` [d_in] and `lam` [] ('jaxsae_sparsemax').
   jaxsae.json               our metadata: format_version, variant_id, language, site,
                             splice_mode, sae_config (every `SAEConfig` field), hparams
                             (`SAEHparams`), state (BatchTopK threshold and update count), saelens
-                            (`jaxsae.saelens.Form`: loadable or refused, and how) and extra (free
+                            (`jaxsae.interop.saelens.Form`: loadable or refused, and how) and extra (free
                             JSON; for trained grids the sweep values, group, loss, lr, step...).
-  jaxsae_params.npz         our raw params (`jaxsae.sae` names and layouts), bit-exact; what
+  jaxsae_params.npz         our raw params (`jaxsae.grid.sae` names and layouts), bit-exact; what
                             `load_sae` reads to rebuild the variant (the tensors above are
                             derived, lossy).
 
 SAEs of a kind SAELens can express load with `sae_lens.SAE.load_from_disk(<dir>)` and give the
 codes and spliced output of `sae.splice` under the variant's splice mode; the others are written
-so that SAELens refuses them (see `jaxsae.saelens`). `saelens.numpy_forward` is the files'
+so that SAELens refuses them (see `jaxsae.interop.saelens`). `saelens.numpy_forward` is the files'
 executable definition (x [..., d_in] -> x_hat [..., d_in], codes [..., d_sae]):
 
   x_in   = x·√d/‖x‖                     normalize_activations 'constant_norm_rescale'
@@ -38,7 +38,7 @@ apply_b_dec_to_input is false): x̃ = (x_in − b_pre)/max(‖x_in − b_pre‖,
 (no_kds) | dots − lam·sq (recon_dist) | −lam·sq (dist), codes = sparsemax(pre) (Euclidean
 projection onto the simplex), x_hat as above.
 
-How our parameters map onto these tensors (`jaxsae.sae`: pre = (x_in − b_pre) @ w_enc + b_enc,
+How our parameters map onto these tensors (`jaxsae.grid.sae`: pre = (x_in − b_pre) @ w_enc + b_enc,
 x_hat = codes @ dictionary + b_dec + b_pre):
 
 - Pre-bias. SAELens subtracts its b_dec from the input when `apply_b_dec_to_input` is true and
@@ -56,7 +56,7 @@ x_hat = codes @ dictionary + b_dec + b_pre):
   relu(pre)·1[pre > thr] with the tracked scalar threshold thr (0 before any update): that is
   architecture 'jumprelu' with threshold = thr for every latent (what SAELens saves for its own
   BatchTopK SAEs); the training-time k sits in jaxsae.json's hparams.
-- Normalisation: see `jaxsae.saelens` (input normalisation under splice mode 'corrected' becomes
+- Normalisation: see `jaxsae.interop.saelens` (input normalisation under splice mode 'corrected' becomes
   'constant_norm_rescale' with rescaled tensors; recon normalisation is refused).
 """
 
@@ -73,11 +73,11 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import numpy as safetensors_np
 
-from jaxsae import jsonio
-from jaxsae import sae as sae_lib
-from jaxsae import saelens as saelens_lib
-from jaxsae import sweep as sweep_lib
-from jaxsae import workdir as workdir_lib
+from jaxsae.core import jsonio
+from jaxsae.core import workdir as workdir_lib
+from jaxsae.grid import sae as sae_lib
+from jaxsae.grid import sweep as sweep_lib
+from jaxsae.interop import saelens as saelens_lib
 
 FORMAT_VERSION = 2
 CONFIG_FILE = saelens_lib.CONFIG_FILE
@@ -200,7 +200,7 @@ def _check_params(params: Mapping[str, Any], config: sae_lib.SAEConfig, where: s
 
 def _check_hparams(hparams: Any, config: sae_lib.SAEConfig) -> None:
   if not isinstance(hparams, sae_lib.SAEHparams):
-    raise ValueError(f"hparams must be a jaxsae.sae.SAEHparams, got {type(hparams).__name__}; "
+    raise ValueError(f"hparams must be a jaxsae.grid.sae.SAEHparams, got {type(hparams).__name__}; "
                      "build one with sae.default_hparams(config, ...)")
   shapes = {n: np.shape(getattr(hparams, n)) for n in
             ("k", "jumprelu_bandwidth", "jumprelu_init_threshold", "threshold_decay")}
@@ -232,7 +232,7 @@ def export_sae(out_dir: str, params: sae_lib.Params, sae_config: sae_lib.SAEConf
     params: one variant's params (no leading variant axis).
     sae_config: its architecture.
     hparams: its scalar `SAEHparams`.
-    site: the model site it reads (`jaxsae.model` name; cfg.json holds its TransformerLens
+    site: the model site it reads (`jaxsae.lm.model` name; cfg.json holds its TransformerLens
       hook name).
     language: the grammar the LM was trained on.
     variant_id: the directory name (e.g. the sweep id 'v003').
@@ -250,7 +250,7 @@ def export_sae(out_dir: str, params: sae_lib.Params, sae_config: sae_lib.SAEConf
     ValueError: params that do not fit the config, stacked hparams, a bad id or non-JSON extra.
   """
   if not isinstance(sae_config, sae_lib.SAEConfig):
-    raise ValueError(f"sae_config must be a jaxsae.sae.SAEConfig, got "
+    raise ValueError(f"sae_config must be a jaxsae.grid.sae.SAEConfig, got "
                      f"{type(sae_config).__name__}")
   _check_variant_id(variant_id)
   for name, value in (("site", site), ("language", language)):
@@ -290,7 +290,7 @@ def _read_json(path: str, name: str = CONFIG_FILE) -> dict[str, Any]:
   file = os.path.join(path, name)
   if not os.path.isfile(file):
     raise FileNotFoundError(f"{file} not found: {path!r} is not an exported SAE directory "
-                            "(write one with jaxsae.export.export_sae or the export job)")
+                            "(write one with jaxsae.interop.export.export_sae or the export job)")
   with open(file) as f:
     return json.load(f)
 
@@ -332,7 +332,7 @@ def load_sae(path: str) -> tuple[sae_lib.Params, sae_lib.SAEConfig, sae_lib.SAEH
   """
   cfg = _read_json(path)
   if not os.path.isfile(os.path.join(path, META_FILE)):
-    raise ValueError(f"{path!r}: no {META_FILE}, so it was not written by jaxsae.export; read "
+    raise ValueError(f"{path!r}: no {META_FILE}, so it was not written by jaxsae.interop.export; read "
                      "its tensors with load_weights / saelens.numpy_forward instead")
   block = _read_json(path, META_FILE)
   if block.get("format_version") != FORMAT_VERSION:
@@ -373,7 +373,7 @@ def export_trained(trained, out_dir: str, variant_ids: Sequence[str] | None = No
   """Exports variants of a trained grid (`train_sae.load_trained(workdir)`), one dir each.
 
   Args:
-    trained: a `jaxsae.train_sae.Trained`.
+    trained: a `jaxsae.grid.train_sae.Trained`.
     out_dir: parent directory of the variant directories.
     variant_ids: ids to export (default: every real variant; padding is never exported).
 
@@ -450,7 +450,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     workdir.LockedError: another job is writing to `workdir`.
     workdir.InputMismatchError: `workdir` holds an export of another grid (or checkpoint).
   """
-  from jaxsae import train_sae  # pylint: disable=g-import-not-at-top
+  from jaxsae.grid import train_sae  # pylint: disable=g-import-not-at-top
   sae_workdir = config.sae_workdir
   if not sae_workdir or not os.path.isfile(os.path.join(sae_workdir, "config.json")):
     raise FileNotFoundError(f"config.sae_workdir={sae_workdir!r} is not an sae job workdir (no "
@@ -473,7 +473,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     workdir_lib.record_input(workdir, "grid", identity)
     paths = export_trained(trained, export_dir, ids)
     if config.lm:
-      from jaxsae import lm_export  # pylint: disable=g-import-not-at-top
+      from jaxsae.interop import lm_export  # pylint: disable=g-import-not-at-top
       lm_export.export_lm(os.path.join(workdir, "lm"), trained.lm.params,
                           trained.lm.model_config, model_name=f"jaxsae-{trained.lm.language}")
       lm_export.export_dataset(os.path.join(workdir, "data"), trained.lm.config,

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import model as model_lib
+from jaxsae.lm import model as model_lib
 
 PRESETS = ("local", "e2e", "e2e_ds")
 REDUCTIONS = ("e2e_sae", "sum_batch")

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
 
-from jaxsae import jsonio
+from jaxsae.core import jsonio
 
 LOCK_FILE = ".lock"
 INPUTS_FILE = "inputs.json"

@@ -34,8 +34,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jaxsae import comparison
-from jaxsae import stats
+from jaxsae.analysis import comparison
+from jaxsae.core import stats
 
 REFERENCE = "local"
 MAX_GAP_FACTOR = 4.0  # neighbouring front points at most this far apart in CE increase (ratio)

@@ -25,7 +25,7 @@ The mapping (ours -> TransformerLens): wte -> embed.W_E and unembed.W_U = wteᵀ
 wpe -> pos_embed.W_pos; ln_1 / ln_2 / ln_f scale -> ln1.w / ln2.w / ln_final.w with zero biases
 (our LayerNorms have none); c_attn kernel [D, 3D], columns (q, k, v) then heads -> W_Q, W_K,
 W_V [n_heads, D, d_head]; c_proj kernel [D, D] -> W_O [n_heads, d_head, D]; MLP c_fc / c_proj
--> W_in / W_out; every other bias zero. Sites -> hooks: `jaxsae.saelens.hook_name`
+-> W_in / W_out; every other bias zero. Sites -> hooks: `jaxsae.interop.saelens.hook_name`
 (resid_pre.l -> blocks.l.hook_resid_pre, attn_out.l -> blocks.l.hook_attn_out, mlp_out.l ->
 blocks.l.hook_mlp_out, resid_post.l -> blocks.l.hook_resid_post, ln_final ->
 unembed.hook_in: the final LayerNorm's output after its scale, which TransformerLens'
@@ -57,9 +57,9 @@ import numpy as np
 from safetensors import numpy as safetensors_np
 
 from jaxsae import grammars
-from jaxsae import model as model_lib
-from jaxsae import saelens as saelens_lib
-from jaxsae import train_lm
+from jaxsae.interop import saelens as saelens_lib
+from jaxsae.lm import model as model_lib
+from jaxsae.lm import train_lm
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -128,7 +128,7 @@ def export_lm(out_dir: str, params: model_lib.Params, config: model_lib.ModelCon
               model_name: str) -> str:
   """Writes config.json and model.safetensors (module docstring) to `out_dir`; returns it."""
   if not isinstance(config, model_lib.ModelConfig):
-    raise ValueError(f"config must be a jaxsae.model.ModelConfig, got {type(config).__name__}")
+    raise ValueError(f"config must be a jaxsae.lm.model.ModelConfig, got {type(config).__name__}")
   weights = tl_state_dict(params, config)  # shape errors surface before anything is written
   os.makedirs(out_dir, exist_ok=True)
   safetensors_np.save_file(weights, os.path.join(out_dir, WEIGHTS_FILE))

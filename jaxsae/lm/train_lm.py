@@ -28,7 +28,7 @@ Workdir layout::
     metrics.jsonl    one JSON object per line: kind 'train' (one per host call: mean loss and
                      grad norm over its steps, lr, throughput), 'eval' (periodic), 'final'
     summary.json     the headline numbers, written at the end
-    checkpoints/     `jaxsae.checkpoint` layout: <step>/ (last `keep_checkpoints`) and
+    checkpoints/     `jaxsae.core.checkpoint` layout: <step>/ (last `keep_checkpoints`) and
                      fingerprint.json (the config fields a resume must not change)
 
 Resume: rerunning the same command restores the newest valid checkpoint (a corrupted newest one
@@ -37,13 +37,13 @@ step (and a torn last line), and continues; a config differing in a field outsid
 `checkpoint.ConfigMismatchError`. A finished run (checkpoint step >= num_steps) is not
 retrained; its summary is re-computed (from the checkpoint and metrics.jsonl, replacing the
 'final' record) only if summary.json is missing or stale. Raising `num_steps` extends a finished
-run. The job holds the workdir's writer lock (`jaxsae.workdir.lock`) and checks the config
+run. The job holds the workdir's writer lock (`jaxsae.core.workdir.lock`) and checks the config
 fingerprint before it writes anything.
 
 NaN/inf: the losses and gradient norms of every host call are checked; the first non-finite
 step raises `FloatingPointError` naming it. The state is checkpointed only after that check,
 so the checkpoints on disk stay valid. A finite loss that grows by orders of magnitude is
-flagged in summary.json's `divergence` and the log (`jaxsae.divergence`).
+flagged in summary.json's `divergence` and the log (`jaxsae.core.divergence`).
 """
 
 from __future__ import annotations
@@ -63,13 +63,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsae import checkpoint as ckpt_lib
-from jaxsae import divergence
-from jaxsae import generate as generate_lib
 from jaxsae import grammars
-from jaxsae import jsonio
-from jaxsae import model as model_lib
-from jaxsae import workdir as workdir_lib
+from jaxsae.core import checkpoint as ckpt_lib
+from jaxsae.core import divergence
+from jaxsae.core import jsonio
+from jaxsae.core import workdir as workdir_lib
+from jaxsae.lm import generate as generate_lib
+from jaxsae.lm import model as model_lib
 
 # Config fields that may differ between the run that wrote a checkpoint and the one resuming
 # it (they do not change the training trajectory). Dotted prefixes exempt whole groups.

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import grammars
-from jaxsae import grid_step
-from jaxsae import model as model_lib
+from jaxsae.grid import grid_step
+from jaxsae.lm import model as model_lib
 
 MAX_NEW_TOKENS = 118  # the spec's budget: 7 + 118 = 125 positions (<= 127 input positions)
 

@@ -1,0 +1,1 @@
+"""Analysis of a trained grid: feature recovery, interventions, causality, comparisons."""

@@ -1,0 +1,1 @@
+"""Files every stage shares: JSON files, workdirs, checkpoints, processes, statistics."""

@@ -1,0 +1,1 @@
+"""Evaluation of a trained grid: held-out passes, spliced generation, the eval job."""

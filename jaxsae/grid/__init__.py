@@ -1,0 +1,1 @@
+"""The SAE grid: architectures, losses, variants and groups, the compiled step, the training job."""

@@ -1,0 +1,1 @@
+"""Interoperability: SAELens / TransformerLens export and import."""

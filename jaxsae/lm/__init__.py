@@ -1,0 +1,1 @@
+"""The language model: the transformer, its generation, its training job."""

@@ -1,0 +1,1 @@
+"""The report: tables and plots assembled from evaluation and analysis results."""
