@@ -104,7 +104,7 @@ def test_correlations_equal_numpy_corrcoef():
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_auroc_and_best_f1_equal_brute_force_with_ties(chunk, monkeypatch):
   if chunk:  # latents in chunks of 4 (the last one padded), as for large M·F
-    monkeypatch.setattr(analysis, "_chunk", lambda per_latent, num_latents: chunk)
+    monkeypatch.setattr(recovery, "_chunk", lambda per_latent, num_latents: chunk)
     recovery._binary_scores.clear_cache()  # pylint: disable=protected-access
   rng = np.random.default_rng(2)
   n, m, f = 2, 240, 6

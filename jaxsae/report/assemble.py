@@ -72,7 +72,7 @@ from jaxsae.analysis import comparison
 from jaxsae.analysis import matched
 from jaxsae.core import jsonio
 from jaxsae.core import stats
-from jaxsae.report import plots
+from jaxsae.report import plots as plots_lib
 
 _GRAM_COMBOS = ("corrected/all", "corrected/sentence", "original/all", "original/sentence")
 _METRICS = ("l0", "alive", "dead", "ce_increase", "kl", "ce_recovered_zero", "ce_recovered_mean",
@@ -301,11 +301,11 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
   has = lambda m: any(comparison.is_finite(r[m]) for r in rows)
   points = lambda *m: comparison.points_by_type(rows, *m, include_frozen=True)
   if has("l0") and has("ce_increase"):
-    plot("l0_vs_ce", plots.plot_l0_vs_ce, points("l0", "ce_increase"))
+    plot("l0_vs_ce", plots_lib.plot_l0_vs_ce, points("l0", "ce_increase"))
   if has("alive") and has("ce_increase"):
-    plot("alive_vs_ce", plots.plot_alive_vs_ce, points("alive", "ce_increase"))
+    plot("alive_vs_ce", plots_lib.plot_alive_vs_ce, points("alive", "ce_increase"))
   if has("l0") and has("grammaticality"):
-    plot("l0_vs_grammaticality", plots.plot_l0_vs_grammaticality,
+    plot("l0_vs_grammaticality", plots_lib.plot_l0_vs_grammaticality,
          points("l0", "grammaticality"), clean_e.get("grammaticality"))
 
   # Menon-layout grids.
@@ -319,7 +319,7 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
         grids[t] = g
     if grids:
       rep["grids"][metric] = grids
-      plot(f"grid_{metric}", plots.plot_grids, grids,
+      plot(f"grid_{metric}", plots_lib.plot_grids, grids,
            comparison.METRIC_NAMES.get(metric, metric),
            **({"vmin": 0.0, "vmax": 1.0} if metric == "grammaticality" else {}))
 
@@ -334,12 +334,12 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
                         for vid, v in sorted(features["variants"].items())},
         "heatmaps": {}}
     if rec:
-      plot("feature_recovery", plots.plot_feature_recovery, rec)
+      plot("feature_recovery", plots_lib.plot_feature_recovery, rec)
     for vid, corr in sorted((features.get("corr") or {}).items()):
       corr = np.asarray(corr, np.float64)
-      plot(f"corr_{_safe(vid)}", plots.plot_correlation, corr, corr_names,
+      plot(f"corr_{_safe(vid)}", plots_lib.plot_correlation, corr, corr_names,
            top=top_corr_latents, title=f"{vid} ({types.get(vid, '?')})")
-      lat = plots.top_latents(corr, top_corr_latents)
+      lat = plots_lib.top_latents(corr, top_corr_latents)
       rep["feature_recovery"]["heatmaps"][vid] = {
           "latents": lat, "max_abs_corr": np.abs(np.nan_to_num(corr[lat])).max(axis=1)}
   else:
