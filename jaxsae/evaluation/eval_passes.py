@@ -92,6 +92,9 @@ from jaxsae.lm import model as model_lib
 HELDOUT_STREAM = 1000  # held-out batch k: fold_in(fold_in(key(seed), 1000), k)
 POSITIONS = ("sentence", "all")  # where the SAE is spliced for the held-out metrics
 ALL_WINDOW = 2**30  # window_tokens=0: every evaluated token
+# Sums per held-out sequence (`[B]` per batch, concatenated over batches, not added): the
+# paired standard errors of CE increase and KL (the same sequences, clean and spliced).
+SEQ_PREFIX = "seq/"
 
 
 
@@ -267,6 +270,7 @@ def clean_pass(lm_params, tokens_BT, next_BT, mask_BT, valid_BTV, ref: Reference
                                 predict),
       "ce_zero": ablated_ce(jnp.zeros_like(x)),
       "ce_mean": ablated_ce(jnp.broadcast_to(ref.mean_D[None, None, :], x.shape)),
+      SEQ_PREFIX + "predictions": jnp.sum(predict.astype(jnp.float32), axis=1),
   }
   c = Clean(acts_BTD=x, logits_BTV=clean.logits, ds_acts={h: clean.acts[h] for h in st.ds_sites},
             mask_BT=mask_BT, predict_BT=predict, window_BT=window, next_BT=next_BT,
@@ -282,6 +286,8 @@ def group_pass(sae_params, sae_state, hparams, lm_params, c: Clean, ref: Referen
   b = st.base
   x = c.acts_BTD
   w = c.mask_BT.astype(jnp.float32)
+  ce_clean_BT = metrics_lib.token_cross_entropy(c.logits_BTV, c.next_BT)
+  per_sequence = lambda v_BT: jnp.sum(jnp.where(c.predict_BT, v_BT, 0.0), axis=1)
 
   def one(params, state, hp):
     out, codes, aux = sae_lib.splice(params, x, st.sae, hp, st.splice_mode,
@@ -307,6 +313,10 @@ def group_pass(sae_params, sae_state, hparams, lm_params, c: Clean, ref: Referen
         "mass": _masked_sum(metrics_lib.token_grammatical_mass(logits, c.valid_BTV),
                             c.predict_BT),
     }
+    # Per-sequence sums [B] (SEQ_PREFIX): the paired standard errors of `finalize`.
+    ce_BT = metrics_lib.token_cross_entropy(logits, c.next_BT)
+    sums[SEQ_PREFIX + "ce_increase"] = per_sequence(ce_BT - ce_clean_BT)
+    sums[SEQ_PREFIX + "kl"] = per_sequence(metrics_lib.token_kl(c.logits_BTV, logits))
     for h in b.ds_sites:
       sums[f"ds_sq_err/{h}"] = jnp.sum(
           w * metrics_lib.token_sq_error(res.acts[h], c.ds_acts[h]))
@@ -351,6 +361,8 @@ def finalize(clean: Mapping[str, float], sums: Mapping[str, np.ndarray], fired: 
                                                       m["ce_clean"])
     m["ce_recovered_mean"] = metrics_lib.ce_recovered(m["ce_mean_ablation"], m["ce_spliced"],
                                                       m["ce_clean"])
+    for name in ("ce_increase", "kl"):  # paired over held-out sequences
+      m[f"{name}_se"] = ratio_se(sums[SEQ_PREFIX + name], clean[SEQ_PREFIX + "predictions"])
     for h in st.base.ds_sites:
       m[f"ds_mse/{h}"] = sums[f"ds_sq_err/{h}"] / (tok * d)
       m[f"ds_ev/{h}"] = sums[f"ds_ev_tok/{h}"] / tok
@@ -359,6 +371,26 @@ def finalize(clean: Mapping[str, float], sums: Mapping[str, np.ndarray], fired: 
   m["firing_counts"] = fired
   m["window_tokens"] = full(win)
   return m
+
+
+def ratio_se(num_NS: np.ndarray, den_S: np.ndarray) -> np.ndarray:
+  """Standard error of the ratio of sums Σ_s num / Σ_s den over S sampled sequences, per row.
+
+  The linearised (delta-method) estimator of a ratio mean, with sequences as the sampled
+  units: SE = sqrt(S / (S − 1) · Σ_s (num_s − r · den_s)²) / Σ_s den_s with r the ratio. For a
+  per-token mean over sequences of different lengths (CE increase, KL per predicted token) it
+  carries the correlation of tokens within a sequence, and since num is the paired difference
+  (spliced − clean on the same tokens) the clean model's own spread cancels. NaN for S < 2.
+  """
+  num_NS = np.asarray(num_NS, np.float64)
+  den_S = np.asarray(den_S, np.float64)
+  s = den_S.shape[-1]
+  if s < 2:
+    return np.full(num_NS.shape[:-1], np.nan)
+  total = den_S.sum()
+  r = num_NS.sum(axis=-1, keepdims=True) / total
+  resid = num_NS - r * den_S
+  return np.sqrt(s / (s - 1) * np.sum(resid * resid, axis=-1)) / total
 
 
 def static_for(setup: grid_step.Setup, positions: str) -> Static:

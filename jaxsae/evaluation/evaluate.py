@@ -90,6 +90,16 @@ def reference(lm_params, data: eval_passes.HeldOut,
                                ds_mean={h: mean(totals[f"ds/{h}"]) for h in st.ds_sites})
 
 
+def _accumulate(total, name: str, value):
+  """Adds one batch's sum to `total`, or appends its per-sequence sums (`SEQ_PREFIX` names)."""
+  if name.startswith(eval_passes.SEQ_PREFIX):
+    value = np.asarray(value, np.float64)
+    return value if total is None else np.concatenate([total, value], axis=-1)
+  if np.ndim(value) == 0 and not isinstance(total, np.ndarray):
+    return (total or 0.0) + float(value)
+  return (0.0 if total is None else total) + np.asarray(value, np.float64)
+
+
 def _evaluate(groups: Sequence[_GroupInput], lm_params, data: eval_passes.HeldOut,
               setup: grid_step.Setup,
               *, positions: str, window_tokens: int, ref: eval_passes.Reference | None = None
@@ -117,10 +127,10 @@ def _evaluate(groups: Sequence[_GroupInput], lm_params, data: eval_passes.HeldOu
                                          st=gst))
     csums, outs = jax.device_get((csums, outs))
     for name, v in csums.items():
-      clean_tot[name] = clean_tot.get(name, 0.0) + float(v)
+      clean_tot[name] = _accumulate(clean_tot.get(name), name, v)
     for i, (sums, fired) in enumerate(outs):
       for name, v in sums.items():
-        group_tot[i][name] = group_tot[i].get(name, 0.0) + np.asarray(v, np.float64)
+        group_tot[i][name] = _accumulate(group_tot[i].get(name), name, v)
       fired = np.asarray(fired, np.int64)
       fired_tot[i] = fired if fired_tot[i] is None else fired_tot[i] + fired
     seen += int(data.mask_KBT[k].sum())
