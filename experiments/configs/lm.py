@@ -8,7 +8,9 @@ Command (CPU default for the language; rerun the same command to resume)::
 Settings after the colon (comma-separated): `language=<name>` (any of
 `jaxsae.grammars.names()`), `seed=<int>`, `steps=<int>` (overrides num_steps; a finished run
 in the same workdir is extended), `batch_size=<int>`, `max_len=<int>` (each >= 1; omitted: the
-defaults below); switches `full` (the
+defaults below), `loss_reduction=token|sequence` (default token: the per-token mean CE, whose
+models generate sentences as long as the data's; `sequence` is the spec's per-sequence mean,
+whose models' sentences come out shorter, see below); switches `full` (the
 paper's budget for accelerators: batch 128 x 128, 70k steps) and `smoke` (a few steps of a
 small batch, seconds, for tests).
 
@@ -77,7 +79,7 @@ _CPU = {
 def get_config(arg=None):
   opts = args_lib.parse(arg, switches=("smoke", "full"),
                         keys={"language": "dyck2", "seed": 42, "steps": int,
-                              "batch_size": int, "max_len": int},
+                              "batch_size": int, "max_len": int, "loss_reduction": "token"},
                         minimum={"steps": 1, "batch_size": 1, "max_len": 1})
   language = opts["language"]
   if language not in grammars.names():
@@ -112,6 +114,9 @@ def get_config(arg=None):
   config.batch_size = batch_size  # sequences per optimizer step
   config.max_len = max_len  # tokens per training sequence (decorator + sentence + <eos> + pad)
   config.mask_decorator = False  # True: exclude decorator targets from the loss
+  # 'token': mean CE over every target of a batch (its generations match the data's lengths);
+  # 'sequence': the spec's mean over each sequence, then the batch (shorter generations).
+  config.loss_reduction = opts["loss_reduction"]
 
   config.optim = ml_collections.ConfigDict()
   config.optim.peak_lr = 1e-3  # learning rate after warm-up (per step)

@@ -344,7 +344,7 @@ def grammaticality(params: model_lib.Params, model_config: model_lib.ModelConfig
                    batch_size: int = 128, replace: model_lib.Replace = None,
                    max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = 1.0,
                    top_k: int = 0, greedy: bool = False,
-                   num_samples: int = 8) -> dict[str, Any]:
+                   num_samples: int = 8, arrays: bool = False) -> dict[str, Any]:
   """Fraction of generations the exact recogniser accepts, over `num_batches` batches.
 
   Batch i uses `fold_in(key, i)`. A generation without `<eos>` within the budget counts as
@@ -354,7 +354,8 @@ def grammaticality(params: model_lib.Params, model_config: model_lib.ModelConfig
     dict with `mean` and `std` (population std over batches) of the per-batch fractions,
     `per_batch` (list), `finished` (fraction that emitted `<eos>`), `mean_length` (mean
     sentence length of the finished ones), and `samples`: the first `num_samples` sentences
-    of batch 0, decoded, each marked with its verdict.
+    of batch 0, decoded, each marked with its verdict. With `arrays`, also `arrays`: numpy
+    `lengths`, `finished` and `grammatical` of every generation (flat, batch-major).
   """
   if int(num_batches) < 1:
     raise ValueError(f"num_batches must be >= 1, got {num_batches}")
@@ -370,7 +371,7 @@ def grammaticality(params: model_lib.Params, model_config: model_lib.ModelConfig
   texts = grammar.decode(tokens_GBT[0, :num_samples], sentence_only=True)
   samples = [f"{'✓' if g else '✗'} {t}{'' if d else ' …(no <eos>)'}"
              for t, g, d in zip(texts, ok_GB[0], done_GB[0])]
-  return {
+  out = {
       "mean": float(np.mean(fractions)),
       "std": float(np.std(fractions)),
       "per_batch": fractions,
@@ -378,3 +379,7 @@ def grammaticality(params: model_lib.Params, model_config: model_lib.ModelConfig
       "mean_length": float(lengths.mean()) if lengths.size else float("nan"),
       "samples": samples,
   }
+  if arrays:
+    out["arrays"] = {"lengths": np.asarray(gen.lengths).reshape(-1),
+                     "finished": done_GB.reshape(-1), "grammatical": ok_GB.reshape(-1)}
+  return out

@@ -69,6 +69,7 @@ from jaxsae.core import divergence
 from jaxsae.core import jsonio
 from jaxsae.core import workdir as workdir_lib
 from jaxsae.lm import generate as generate_lib
+from jaxsae.lm import lengths as lengths_lib
 from jaxsae.lm import model as model_lib
 
 # Config fields that may differ between the run that wrote a checkpoint and the one resuming
@@ -97,6 +98,9 @@ class TrainState:
   key: jax.Array  # typed PRNG key: the run's root key
 
 
+LOSS_REDUCTIONS = ("sequence", "token")  # `loss_from_logits`'s reductions
+
+
 @dataclasses.dataclass(frozen=True)
 class _Setup:
   """Static (shape / trace-defining) part of a run; numeric hyperparameters are traced."""
@@ -107,6 +111,7 @@ class _Setup:
   max_len: int
   mask_decorator: bool
   steps_per_call: int
+  loss_reduction: str  # LOSS_REDUCTIONS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,6 +132,9 @@ def validate_config(config) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
       raise ValueError(f"config.{name}={value!r} must be a positive integer.")
 
+  if config.loss_reduction not in LOSS_REDUCTIONS:
+    raise ValueError(f"config.loss_reduction={config.loss_reduction!r}: use one of "
+                     f"{LOSS_REDUCTIONS} (per-sequence mean, the spec's, or per-token mean)")
   for name in ("n_layers", "n_heads", "d_model", "d_mlp", "context"):
     positive(f"model.{name}", config.model[name])
   for name in ("batch_size", "max_len", "num_steps", "steps_per_call", "log_every", "eval_every",
@@ -223,7 +231,8 @@ def model_config_for(config) -> model_lib.ModelConfig:
 def _setup(config) -> _Setup:
   return _Setup(model_config=model_config_for(config), language=config.language,
                 batch_size=config.batch_size, max_len=config.max_len,
-                mask_decorator=bool(config.mask_decorator), steps_per_call=config.steps_per_call)
+                mask_decorator=bool(config.mask_decorator), steps_per_call=config.steps_per_call,
+                loss_reduction=config.loss_reduction)
 
 
 def _hyper(config) -> dict[str, jax.Array]:
@@ -266,25 +275,35 @@ def make_optimizer(hyper: dict[str, jax.Array]) -> optax.GradientTransformation:
 
 def sequence_loss(params: model_lib.Params, tokens_BT: jax.Array,
                   model_config: model_lib.ModelConfig, *, pad_id: int, mask_decorator: bool,
-                  decorator_len: int = 7) -> jax.Array:
-  """Next-token CE: mean over each sequence's non-pad targets, then over the batch.
+                  decorator_len: int = 7, reduction: str = "sequence") -> jax.Array:
+  """Next-token CE over the non-pad targets, reduced as `reduction` says (`loss_from_logits`).
 
   With `mask_decorator`, targets inside the decorator (positions 1..6) are excluded too; the
   target after `Out:` (the first sentence token) always counts.
   """
   logits_BTV = model_lib.apply(params, tokens_BT[:, :-1], model_config, trainable=True).logits
   return loss_from_logits(logits_BTV, tokens_BT, pad_id=pad_id, mask_decorator=mask_decorator,
-                          decorator_len=decorator_len)
+                          decorator_len=decorator_len, reduction=reduction)
 
 
 def loss_from_logits(logits_BTV: jax.Array, tokens_BT: jax.Array, *, pad_id: int,
-                     mask_decorator: bool, decorator_len: int = 7) -> jax.Array:
-  """`sequence_loss` given the logits of `tokens_BT[:, :-1]` (`[B, T-1, V]`)."""
+                     mask_decorator: bool, decorator_len: int = 7,
+                     reduction: str = "sequence") -> jax.Array:
+  """`sequence_loss` given the logits of `tokens_BT[:, :-1]` (`[B, T-1, V]`).
+
+  `reduction='sequence'` (the spec's): the mean over each sequence's targets, then over the
+  batch, which weights a token of a short sentence more than one of a long sentence (and so
+  the `<eos>` that ends it: models trained so generate shorter sentences than their data);
+  `'token'`: the mean over every target of the batch, the maximum-likelihood loss of the
+  token distribution.
+  """
   targets_BT = tokens_BT[:, 1:]
   ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
   mask_BT = targets_BT != pad_id
   if mask_decorator:
     mask_BT = mask_BT & (jnp.arange(targets_BT.shape[1])[None, :] >= decorator_len - 1)
+  if reduction == "token":
+    return jnp.sum(jnp.where(mask_BT, ce_BT, 0.0)) / jnp.maximum(jnp.sum(mask_BT), 1)
   per_seq_B = jnp.sum(jnp.where(mask_BT, ce_BT, 0.0), axis=1) / jnp.maximum(
       jnp.sum(mask_BT, axis=1), 1)
   return jnp.mean(per_seq_B)
@@ -331,7 +350,7 @@ def train_steps(state: TrainState, hyper: dict[str, jax.Array],
       params = jax.tree.map(lambda p: jnp.where(poison, jnp.nan, p), params)
       return sequence_loss(params, batch.tokens, setup.model_config, pad_id=grammar.pad_id,
                            mask_decorator=setup.mask_decorator,
-                           decorator_len=grammar.prefix_len)
+                           decorator_len=grammar.prefix_len, reduction=setup.loss_reduction)
 
     loss, grads = jax.value_and_grad(loss_of)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -356,6 +375,7 @@ class EvalSet:
   predict_NBT: np.ndarray  # bool: input positions whose target is a sentence token or <eos>
   rejection_rate: float  # fraction of draws the sampler's length filter rejected
   mean_length: float  # mean sentence length (tokens)
+  lengths: np.ndarray  # every held-out sentence's length (tokens)
 
 
 def make_eval_set(config, key: jax.Array) -> EvalSet:
@@ -376,7 +396,7 @@ def make_eval_set(config, key: jax.Array) -> EvalSet:
   lengths = np.concatenate(lengths)
   return EvalSet(np.stack(tokens), np.stack(valid), np.stack(predict),
                  rejection_rate=rejections / (rejections + lengths.size),
-                 mean_length=float(lengths.mean()))
+                 mean_length=float(lengths.mean()), lengths=lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("setup",))
@@ -408,11 +428,12 @@ def evaluate(params: model_lib.Params, eval_set: EvalSet, setup: _Setup) -> dict
   return {"eval_ce": float(np.mean(ces)), "grammatical_next_token_mass": mass / max(count, 1)}
 
 
-def _generation_eval(params, config, setup: _Setup, key, num_batches, batch_size):
+def _generation_eval(params, config, setup: _Setup, key, num_batches, batch_size,
+                     arrays: bool = False):
   return generate_lib.grammaticality(
       params, setup.model_config, grammars.get(config.language), key, num_batches=num_batches,
       batch_size=batch_size, max_new_tokens=config.eval.max_new_tokens,
-      temperature=config.eval.temperature, top_k=config.eval.top_k)
+      temperature=config.eval.temperature, top_k=config.eval.top_k, arrays=arrays)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -496,7 +517,12 @@ def _run_locked(config, workdir: str) -> dict[str, Any]:
     eval_set = make_eval_set(config, jax.random.fold_in(root, _HELDOUT))
     final = evaluate(state.params, eval_set, setup)
     gen = _generation_eval(state.params, config, setup, jax.random.fold_in(root, _FINAL_GEN),
-                           config.eval.final_gen_batches, config.eval.final_gen_batch_size)
+                           config.eval.final_gen_batches, config.eval.final_gen_batch_size,
+                           arrays=True)
+    gen_arrays = gen.pop("arrays")
+    match = lengths_lib.length_match(gen_arrays["lengths"], gen_arrays["finished"],
+                                     gen_arrays["grammatical"], eval_set.lengths,
+                                     seed=config.seed)
     step = int(state.step)
     train_records = [r for r in _read_metrics(metrics_path) if r["kind"] == "train"]
     # The steady-state rate (compilation excluded) of the last process that trained.
@@ -520,15 +546,19 @@ def _run_locked(config, workdir: str) -> dict[str, Any]:
         # Also under the names experiments.main prints for jobs with a grammatical fraction.
         "grammar": config.language,
         "rejection_rate": eval_set.rejection_rate,  # of the training distribution at max_len
-        "length": {"generated_mean": gen["mean_length"], "heldout_mean": eval_set.mean_length},
+        "length": {"generated_mean": gen["mean_length"], "heldout_mean": eval_set.mean_length,
+                   # bucketed TV of generations vs held-out sentences, its null, per-bucket
+                   # grammaticality (`jaxsae.lm.lengths.length_match`)
+                   "match": match},
     }
     divergence.flag_run(summary, metrics_path, setup.model_config.vocab_size)
     _append_metric(metrics_path, {"kind": "final", "step": step, **final,
                                   "grammatical_fraction": gen["mean"],
                                   "grammatical_fraction_std": gen["std"]})
     jsonio.write(summary_path, summary)
-    logging.info("Finished %s at step %d: grammatical %.4f ± %.4f, eval CE %.4f, %.0f s of "
-                 "training.", config.language, step, gen["mean"], gen["std"], final["eval_ce"],
+    logging.info("Finished %s at step %d: grammatical %.4f ± %.4f, eval CE %.4f, length TV %.3f "
+                 "(null %.3f), %.0f s of training.", config.language, step, gen["mean"],
+                 gen["std"], final["eval_ce"], match["tv"], match["tv_null"]["mean"],
                  train_seconds)
     return summary
 
