@@ -1,0 +1,105 @@
+"""The papers' headline studies, one language per run: the pipeline with a study's SAE grid.
+
+Commands (rerun a command to resume it; finished stages are skipped)::
+
+    python -m experiments.main --config=experiments/configs/study.py:study=frontier,language=dyck2 \
+        --workdir=workdirs/study_frontier_dyck2
+    python -m experiments.main --config=experiments/configs/study.py:study=menon,language=english,full \
+        --workdir=workdirs/study_menon_english
+
+Every study runs the main job's stages (`pipeline.py`: LM → SAE grid → evaluation → analysis →
+report) with the language's default LM (the CPU budget of `lm.py`, which reaches the spec's
+grammaticality; the paper-scale LM is `lm.py:full`) and swaps in the study's grid:
+
+- `frontier` (Braun et al.'s question, e2e vs local): ReLU SAEs at resid_post.0, expansion 4,
+  trained `local`, `e2e` and `e2e_ds`, eight sparsity coefficients λ each on wide geometric
+  ladders (so the fronts overlap in CE increase), and TopK SAEs with six k, every configuration
+  with `seeds` SAE seeds (default 3): the report's matched comparison then carries bootstrap
+  intervals over seeds and states which points the local front covers;
+- `menon` (Menon et al.'s grid, `sae_menon.py`): expansion {1, 2, 4, 8} × (ReLU + sum-over-batch
+  L1 α ∈ {1e-3 … 100} | TopK k ∈ {8 … 128} | three sparsemax encoders), Menon's optimisation
+  profile (Adam lr 1e-5, constant, no clipping), plus the TopK SAEs again under the
+  `input_recon` normalisation; evaluated in both splice modes (`original`, the paper's
+  convention, and `corrected`) with 5 × 128 generations per SAE and mode, the SAE spliced at
+  the sentence tokens it was trained on;
+- `causal` (Menon et al.'s causal-interpolation loss, `sae_causal.py` under the pipeline's
+  optimisation profile) with `seeds` SAE seeds; causal predictability of every SAE against the
+  null of random live latents.
+
+Settings after the colon (comma-separated): `study=frontier|menon|causal`, `language=<name>`,
+`seed=<int>` (LM, data and evaluation seed), `seeds=<int>` (SAE seeds per configuration), and
+one of the switches `full` (the papers' SAE budget, 5,000 steps of 128 sequences: an
+accelerator job) or `smoke` (tiny, for tests). Without a switch the SAE grid trains the
+pipeline's CPU budget (800 steps of 32 sequences); `menon` needs `full` (its lr 1e-5 barely
+moves the SAEs in 800 steps) and refuses to run without it.
+"""
+
+import ml_collections
+
+from experiments.configs import args as args_lib
+from experiments.configs import pipeline as pipeline_configs
+from experiments.configs import sae_menon
+
+STUDIES = ("frontier", "menon", "causal")
+# Sparsity ladders (e2e_sae reduction λ · mean_tokens ‖c‖₁ / d) per loss family: factors of 2
+# over 128×, each reaching past the CE increase of the others' sparsest SAEs.
+FRONTIER_LAMBDAS = {
+    "local": [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+    "e2e": [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+    "e2e_ds": [2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+}
+FRONTIER_KS = [2, 4, 8, 16, 32, 64]  # TopK latents per token
+
+
+def get_config(arg=None):
+  opts = args_lib.parse(arg, switches=("smoke", "full"),
+                        keys={"study": "frontier", "language": "english", "seed": 0, "seeds": 3},
+                        minimum={"seeds": 1})
+  study, lang, smoke, full = opts["study"], opts["language"], opts["smoke"], opts["full"]
+  if study not in STUDIES:
+    raise ValueError(f"study={study!r}: use one of {STUDIES}")
+  if smoke and full:
+    raise ValueError("choose at most one of the switches smoke and full")
+  if study == "menon" and not (full or smoke):
+    raise ValueError("study=menon needs the switch full (Menon's lr 1e-5 trains 5,000 steps of "
+                     "128 sequences; at the CPU budget its SAEs barely move): add ',full'")
+  base = f"language={lang},seed={opts['seed']}" + (",smoke" if smoke else "")
+  if study == "causal":
+    base += ",grid=causal"
+  c = pipeline_configs.get_config(base)
+  c.study = study  # which study's grid (for the record; the pipeline ignores it)
+  s, e, a = c.sae, c.eval, c.analysis
+  if full:
+    s.batch_size, s.steps, s.checkpoint_every = 128, 5000, 1000
+    e.grammaticality_batches, e.grammaticality_batch_size = 5, 128
+  if study != "causal":
+    # Generations with the SAE spliced where it was trained (sentence tokens: the report's
+    # headline combination); the causal study keeps both positions.
+    e.grammaticality_positions = ("sentence",)
+  seeds = list(range(opts["seeds"]))
+  seed_product = {"seed": seeds}
+  if study == "frontier":
+    lambdas, ks, expansion = FRONTIER_LAMBDAS, FRONTIER_KS, pipeline_configs.EXPANSION
+    if smoke:
+      lambdas = {k: v[::4] for k, v in lambdas.items()}
+      ks, expansion = ks[1:3], 2
+    s.sweep = [{"product": {"sparsity_coeff": lams, **seed_product},
+                "set": {"loss": loss, "expansion": expansion}}
+               for loss, lams in lambdas.items()]
+    s.sweep.append({"product": {"k": ks, **seed_product},
+                    "set": {"loss": "local", "activation": "topk", "expansion": expansion}})
+    e.grammaticality_modes = ("corrected",)  # no normalised SAEs: the modes coincide
+  elif study == "menon":
+    m = sae_menon.get_config(f"language={lang},sparsemax" + (",smoke" if smoke else ""))
+    recon = sae_menon.get_config(f"language={lang},norm=input_recon" +
+                                 (",smoke" if smoke else ""))
+    topk_recon = [b for b in recon.sweep if b["set"].get("activation") == "topk"]
+    s.sweep = list(m.sweep) + topk_recon
+    for name in ("schedule", "warmup_steps", "grad_clip"):
+      s[name] = m[name]
+    e.grammaticality_modes = ("original", "corrected")
+  else:  # causal
+    s.sweep = [dict(block, product=dict(block.get("product", {}), **seed_product))
+               for block in s.sweep]
+    a.causal_variants = "all"
+  return ml_collections.ConfigDict(c)

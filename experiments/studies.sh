@@ -1,0 +1,54 @@
+#!/bin/bash
+# Runs the reproduction studies (experiments/configs/study.py) side by side, resumably, and
+# collects their small outputs (reports, plots, JSON; no checkpoints) as they appear.
+#
+#   bash experiments/studies.sh WORKROOT RESULTS [SETTINGS] [STUDY:LANGUAGE ...]
+#
+# WORKROOT holds one workdir per study (rerun the same command to resume: finished stages are
+# skipped); RESULTS receives <study>_<language>/ with report.md, report.json, *.png and the
+# stage outputs (stages.json, lm/summary.json, sae/variants.json, sae/summary.json,
+# sae/metrics.jsonl, eval/*.json, analysis/*.json), copied every 20 s and at the end.
+# SETTINGS are appended to every study's config argument (default `full`, the papers' SAE
+# budget: an accelerator job; `smoke` for a quick check). Default studies: frontier and menon
+# on dyck2, expr_prefix and english, and causal on english.
+# STUDY_TIMEOUT (seconds, default none) stops every study at that wall time; what finished stays.
+set -u
+root=${1:?WORKROOT}; results=${2:?RESULTS}; settings=${3:-full}; shift $(( $# < 3 ? $# : 3 ))
+studies=("$@")
+if [ ${#studies[@]} -eq 0 ]; then
+  studies=(frontier:dyck2 frontier:expr_prefix frontier:english menon:dyck2 menon:expr_prefix
+           menon:english causal:english)
+fi
+py=${PYTHON:-python}
+mkdir -p "$root" "$results"
+
+collect() {
+  (cd "$root" && find . -path '*/checkpoints' -prune -o -type f \
+      \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' -o -name '*.log' \) \
+      -size -8M -print) | while read -r f; do
+    mkdir -p "$results/$(dirname "$f")" && cp -p "$root/$f" "$results/$f"
+  done
+}
+
+pids=()
+for entry in "${studies[@]}"; do
+  study=${entry%%:*}; lang=${entry#*:}; name=${study}_${lang}
+  mkdir -p "$root/$name"
+  ${STUDY_TIMEOUT:+timeout "$STUDY_TIMEOUT"} "$py" -m experiments.main \
+      --config="experiments/configs/study.py:study=$study,language=$lang,$settings" \
+      --workdir="$root/$name" > "$root/$name/run.log" 2>&1 &
+  pids+=($!)
+  echo "started $name (pid $!)"
+done
+while kill -0 "${pids[@]}" 2>/dev/null; do
+  collect; sleep 20
+  for i in "${!pids[@]}"; do kill -0 "${pids[$i]}" 2>/dev/null || unset 'pids[i]'; done
+  [ ${#pids[@]} -eq 0 ] && break
+done
+wait
+collect
+for entry in "${studies[@]}"; do
+  name=${entry%%:*}_${entry#*:}
+  if [ -f "$root/$name/report.json" ]; then echo "$name: report written"; else
+    echo "$name: no report yet (rerun to resume); last log lines:"; tail -3 "$root/$name/run.log"; fi
+done
