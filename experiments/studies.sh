@@ -9,11 +9,11 @@
 # stage outputs (stages.json, lm/summary.json, sae/variants.json, sae/summary.json,
 # sae/metrics.jsonl, eval/*.json, analysis/*.json), copied every 20 s and at the end.
 # SETTINGS are appended to every study's config argument (default `full`, the papers' SAE
-# budget: an accelerator job; `smoke` for a quick check). Default studies: frontier and menon
+# budget: an accelerator job; `""` for the CPU budget; `smoke` for a quick check). Default studies: frontier and menon
 # on dyck2, expr_prefix and english, and causal on english.
 # STUDY_TIMEOUT (seconds, default none) stops every study at that wall time; what finished stays.
 set -u
-root=${1:?WORKROOT}; results=${2:?RESULTS}; settings=${3:-full}; shift $(( $# < 3 ? $# : 3 ))
+root=${1:?WORKROOT}; results=${2:?RESULTS}; settings=${3-full}; shift $(( $# < 3 ? $# : 3 ))
 studies=("$@")
 if [ ${#studies[@]} -eq 0 ]; then
   studies=(frontier:dyck2 frontier:expr_prefix frontier:english menon:dyck2 menon:expr_prefix
@@ -35,7 +35,7 @@ for entry in "${studies[@]}"; do
   study=${entry%%:*}; lang=${entry#*:}; name=${study}_${lang}
   mkdir -p "$root/$name"
   ${STUDY_TIMEOUT:+timeout "$STUDY_TIMEOUT"} "$py" -m experiments.main \
-      --config="experiments/configs/study.py:study=$study,language=$lang,$settings" \
+      --config="experiments/configs/study.py:study=$study,language=$lang${settings:+,$settings}" \
       --workdir="$root/$name" > "$root/$name/run.log" 2>&1 &
   pids+=($!)
   echo "started $name (pid $!)"
