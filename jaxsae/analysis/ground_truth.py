@@ -1,0 +1,618 @@
+"""Ground-truth feature metrics that exact token labels make computable.
+
+On natural text, absorption, splitting and matching scores are estimated against probes or
+proxy labels; a formal language labels every token exactly, so here they are counts. Inputs are
+host arrays: codes `[M, F]` of one SAE on M tokens, binary label columns (`recovery.LabelMatrix`,
+each scored over its own defined tokens) and, for the hierarchy metrics, a
+`hierarchy.Hierarchy` of parent / child columns. A latent *fires* on a token when its code is
+> 0 (SAE codes here are non-negative, so this is SynthSAEBench's `!= 0`).
+
+- `firing_counts`: per (latent, column) true positives, firings and positives, hence the
+  precision, recall and F1 of "the latent fires" as a classifier of the column;
+- `matched_recovery`: one-to-one Hungarian matching of columns to latents by |Pearson|; MCC and
+  the macro P / R / F1 of the matched latents; `latent_classification`: SynthSAEBench's
+  per-latent form; `null_mcc`: the exact chance level of a matched |Pearson|;
+- `family_latents`, `absorption`, `hedging`: the parent's latent, each child's latent, the parent
+  tokens a child's latent takes over, and a child latent's firing mass on parent-only tokens;
+- `splitting`: how many latents each cover a part of one feature;
+- `shrinkage`: ‖x̂‖ / ‖x‖ and the best rescaling γ of the reconstruction;
+- `ground_truth_summary`: all of them (and `sparse_probing`) per variant, JSON-ready.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import scipy.integrate
+import scipy.optimize
+import scipy.stats
+
+from jaxsae.analysis import hierarchy as hierarchy_lib
+from jaxsae.analysis import recovery
+from jaxsae.analysis import sparse_probing
+from jaxsae.core import stats
+
+
+def _codes_MF(codes_MF: Any, num_tokens: int) -> np.ndarray:
+  codes = np.asarray(codes_MF, np.float32)
+  if codes.ndim != 2:
+    raise ValueError(f"codes must be [M, F] (one SAE), got shape {codes.shape}; loop over the "
+                     "variant axis or call ground_truth_summary.")
+  if codes.shape[0] != num_tokens:
+    raise ValueError(f"codes cover {codes.shape[0]} tokens but the labels cover {num_tokens}; "
+                     "build both from the same tokens and mask.")
+  return codes
+
+
+def _check_binary(lm: recovery.LabelMatrix) -> None:
+  bad = [n for n, k in zip(lm.names, lm.kinds) if k not in recovery.BINARY_KINDS]
+  if bad:
+    raise ValueError(f"columns {bad} are not binary; pass lm.binary() (or hierarchy columns).")
+  if lm.num_columns == 0:
+    raise ValueError("the LabelMatrix has no columns.")
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+  return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Firing counts.
+
+
+@dataclasses.dataclass(frozen=True)
+class FiringCounts:
+  """Counts of "latent f fires" against column k, over column k's defined tokens (float64).
+
+  Attributes:
+    tp_FK: tokens where the latent fires and the column is 1.
+    fired_FK: defined tokens where the latent fires.
+    positives_K: tokens where the column is 1.
+    defined_K: tokens where the column is defined.
+  """
+
+  tp_FK: np.ndarray
+  fired_FK: np.ndarray
+  positives_K: np.ndarray
+  defined_K: np.ndarray
+
+  @property
+  def precision_FK(self) -> np.ndarray:
+    """tp / fired; 0 for a latent that never fires on the column's tokens."""
+    return _ratio(self.tp_FK, self.fired_FK)
+
+  @property
+  def recall_FK(self) -> np.ndarray:
+    """tp / positives; 0 for a column without positives."""
+    return _ratio(self.tp_FK, np.broadcast_to(self.positives_K, self.tp_FK.shape))
+
+  @property
+  def f1_FK(self) -> np.ndarray:
+    """2·tp / (fired + positives) (= 2PR / (P + R)); 0 when tp = 0."""
+    return _ratio(2 * self.tp_FK, self.fired_FK + self.positives_K[None, :])
+
+
+def firing_counts(codes_MF: Any, lm: recovery.LabelMatrix) -> FiringCounts:
+  """Firing counts of every latent against every binary column (matmuls over tokens).
+
+  Args:
+    codes_MF: `[M, F]` codes on the M tokens of `lm`.
+    lm: binary columns.
+
+  Returns:
+    `FiringCounts` with `[F, K]` and `[K]` arrays (exact integers in float64).
+  """
+  _check_binary(lm)
+  codes = _codes_MF(codes_MF, lm.num_tokens)
+  fires_MF = (codes > 0).astype(np.float32)
+  defined_MK = lm.defined.astype(np.float32)
+  pos_MK = defined_MK * (lm.values == 1)
+  # float32 sums of 0/1 are exact below 2**24 tokens.
+  return FiringCounts(tp_FK=(fires_MF.T @ pos_MK).astype(np.float64),
+                      fired_FK=(fires_MF.T @ defined_MK).astype(np.float64),
+                      positives_K=pos_MK.sum(axis=0, dtype=np.float64),
+                      defined_K=defined_MK.sum(axis=0, dtype=np.float64))
+
+
+# ------------------------------------------------------------------------------------------------
+# Matching: MCC and matched precision / recall / F1.
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchedRecovery:
+  """One-to-one matching of K columns to F latents by |Pearson| (`matched_recovery`).
+
+  Attributes:
+    latent_K: matched latent per column, −1 where none is left (K > F).
+    abs_corr_K: |Pearson| of the matched pair (0 where unmatched).
+    precision_K, recall_K, f1_K: the matched latent's firing scores on the column (0 where
+      unmatched).
+  """
+
+  latent_K: np.ndarray
+  abs_corr_K: np.ndarray
+  precision_K: np.ndarray
+  recall_K: np.ndarray
+  f1_K: np.ndarray
+
+  @property
+  def mcc(self) -> float:
+    """Mean |Pearson| over the matched pairs (min(F, K) of them)."""
+    matched = self.latent_K >= 0
+    return float(self.abs_corr_K[matched].mean()) if matched.any() else 0.0
+
+
+def matched_recovery(codes_MF: Any, lm: recovery.LabelMatrix,
+                     counts: FiringCounts | None = None) -> MatchedRecovery:
+  """Mean max correlation with a one-to-one matching, and the matched latents' P / R / F1.
+
+  The score of (latent f, column k) is |Pearson(codes[:, f], column k)| over k's defined tokens
+  (`recovery.correlations`; 0 for a constant latent). The Hungarian algorithm picks the
+  one-to-one assignment maximising the total score; MCC is the mean score over the min(F, K)
+  matched pairs. This is SynthSAEBench's MCC (SAELens `mean_correlation_coefficient`: Hungarian
+  on |similarity|, mean over matched pairs) with the |cosine| of decoder and true directions
+  replaced by the |Pearson| of activations and exact labels, which needs no true directions
+  (the "mean correlation coefficient" of the identifiability literature).
+
+  Precision / recall / F1 are per column, of "the matched latent fires (> 0)" as a classifier of
+  the column; macro-averaging them over the K columns (unmatched columns count 0) gives the
+  feature-side scores. SynthSAEBench averages the same per-latent scores over latents instead,
+  each latent paired with its best column: that form is `latent_classification`.
+
+  Args:
+    codes_MF: `[M, F]`.
+    lm: binary columns.
+    counts: `firing_counts(codes_MF, lm)` if already computed.
+
+  Returns:
+    `MatchedRecovery`.
+  """
+  _check_binary(lm)
+  codes = _codes_MF(codes_MF, lm.num_tokens)
+  counts = firing_counts(codes, lm) if counts is None else counts
+  abs_FK = np.abs(np.nan_to_num(np.asarray(recovery.correlations(codes, lm), np.float64)))
+  cols, rows = scipy.optimize.linear_sum_assignment(abs_FK.T, maximize=True)
+  k = lm.num_columns
+  latent_K = np.full((k,), -1, np.int64)
+  latent_K[cols] = rows
+  pick = lambda a_FK: np.where(latent_K >= 0, a_FK[np.maximum(latent_K, 0), np.arange(k)], 0.0)
+  return MatchedRecovery(latent_K=latent_K, abs_corr_K=pick(abs_FK),
+                         precision_K=pick(counts.precision_FK), recall_K=pick(counts.recall_FK),
+                         f1_K=pick(counts.f1_FK))
+
+
+def latent_classification(codes_MF: Any, lm: recovery.LabelMatrix,
+                          counts: FiringCounts | None = None) -> dict[str, np.ndarray]:
+  """SynthSAEBench's classification scores: every latent against its best column.
+
+  Each latent f is paired with the column k(f) = argmax_k |Pearson(f, k)| (SynthSAEBench pairs by
+  decoder |cosine|, which needs true directions), and scored as a classifier of that column:
+  precision, recall, F1 of "fires (> 0)" over k(f)'s defined tokens, 0 where undefined (a dead
+  latent scores 0). Average over latents for SynthSAEBench's numbers.
+
+  Returns:
+    `{"column_F", "precision_F", "recall_F", "f1_F"}`.
+  """
+  _check_binary(lm)
+  codes = _codes_MF(codes_MF, lm.num_tokens)
+  counts = firing_counts(codes, lm) if counts is None else counts
+  abs_FK = np.abs(np.nan_to_num(np.asarray(recovery.correlations(codes, lm), np.float64)))
+  col_F = np.argmax(abs_FK, axis=1)
+  f = np.arange(abs_FK.shape[0])
+  return {"column_F": col_F, "precision_F": counts.precision_FK[f, col_F],
+          "recall_F": counts.recall_FK[f, col_F], "f1_F": counts.f1_FK[f, col_F]}
+
+
+def null_mcc(num_tokens: int, num_latents: int) -> float:
+  """Chance level of one matched |Pearson|: E[max over F latents of |r|] under independence.
+
+  For a fixed non-constant column over n tokens and a latent of i.i.d. Gaussian values, the
+  sample correlation r is the cosine between a fixed direction and a uniform direction of the
+  (n − 1)-dimensional centred space, so r² ~ Beta(1/2, (n − 2)/2) exactly, independently across
+  latents. The expected maximum of F such |r| is ∫₀¹ 1 − G(ρ)^F dρ with G(ρ) = I_{ρ²}(1/2,
+  (n − 2)/2) (regularised incomplete beta). This is exact for one column; with K ≪ F columns the
+  one-to-one MCC of random codes sits just below it (each column still chooses among F − K + 1
+  or more latents). It grows like √(2 ln 2F / n).
+
+  Args:
+    num_tokens: n ≥ 3.
+    num_latents: F ≥ 1.
+  """
+  if num_tokens < 3 or num_latents < 1:
+    raise ValueError(f"null_mcc needs num_tokens >= 3 and num_latents >= 1, got {num_tokens}, "
+                     f"{num_latents}.")
+  b = (num_tokens - 2) / 2
+  tail = lambda rho: -math.expm1(num_latents * scipy.stats.beta.logcdf(rho * rho, 0.5, b))
+  scale = math.sqrt(2 * math.log(2 * num_latents) / num_tokens)
+  points = [min(0.999, c * scale) for c in (0.5, 1.0, 2.0)]
+  value, _ = scipy.integrate.quad(tail, 0.0, 1.0, points=points, limit=200)
+  return float(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hierarchies: absorption, hedging.
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyLatents:
+  """The latents of one family (`family_latents`); −1 where no latent fires on the feature.
+
+  Attributes:
+    parent: the family's parent column name.
+    parent_latent: argmax over latents of firing F1 on the parent.
+    children: the child column names.
+    child_latents: per child, argmax over latents other than `parent_latent` of firing F1 on
+      the child.
+  """
+
+  parent: str
+  parent_latent: int
+  children: tuple[str, ...]
+  child_latents: tuple[int, ...]
+
+
+def family_latents(counts: FiringCounts, h: hierarchy_lib.Hierarchy) -> list[FamilyLatents]:
+  """The parent's and each child's best latent by firing F1 (ties: the lowest index).
+
+  Args:
+    counts: `firing_counts(codes, h.columns)`.
+    h: the hierarchy.
+  """
+  f1 = counts.f1_FK
+  out = []
+  for fam in h.families:
+    p = h.columns.names.index(fam.parent)
+    a_p = int(np.argmax(f1[:, p])) if f1[:, p].max() > 0 else -1
+    kids = []
+    for child in fam.children:
+      s = f1[:, h.columns.names.index(child)].copy()
+      if a_p >= 0:
+        s[a_p] = -1.0
+      kids.append(int(np.argmax(s)) if s.max() > 0 else -1)
+    out.append(FamilyLatents(fam.parent, a_p, fam.children, tuple(kids)))
+  return out
+
+
+def _positives(lm: recovery.LabelMatrix, name: str) -> np.ndarray:
+  j = lm.names.index(name)
+  return lm.defined[:, j] & (lm.values[:, j] == 1)
+
+
+def absorption(codes_MF: Any, h: hierarchy_lib.Hierarchy,
+               latents: Sequence[FamilyLatents] | None = None) -> list[dict[str, Any]]:
+  """Exact feature absorption per family.
+
+  With a_P the parent's latent and a_c each child's (`family_latents`), a parent token t is
+  *absorbed* when a_P is silent at t (code ≤ 0) and, for some child c positive at t, a_c fires
+  at t (a_c ≠ a_P by construction). Then
+
+      absorption(P)    = #absorbed parent tokens / #parent tokens,
+      absorption(P, c) = #{t ∈ c : a_P silent, a_c fires} / #c tokens,
+
+  and `parent_silent` = #{t ∈ P : a_P silent} / #P (= 1 − the parent latent's recall), of which
+  `absorbed / silent` is the part a child latent explains. SAEBench estimates absorption on
+  natural text from a linear probe standing in for the parent and thresholds on latent–probe
+  cosines; here the parent and children are exact labels and the numbers are counts. A family
+  whose parent has no firing latent (a_P = −1) has no absorption (fields None).
+
+  Args:
+    codes_MF: `[M, F]` on the tokens of `h.columns`.
+    h: the hierarchy.
+    latents: `family_latents(firing_counts(codes_MF, h.columns), h)` if already computed.
+
+  Returns:
+    One dict per family: `parent`, `parent_latent`, `parent_tokens`, `silent`, `absorbed`
+    (token counts), `absorption`, `parent_silent` (fractions), and `children`: child name →
+    `{"latent", "tokens", "absorbed", "absorption"}`.
+  """
+  codes = _codes_MF(codes_MF, h.columns.num_tokens)
+  if latents is None:
+    latents = family_latents(firing_counts(codes, h.columns), h)
+  out = []
+  for fl in latents:
+    p_pos = _positives(h.columns, fl.parent)
+    n_p = int(p_pos.sum())
+    silent = p_pos & (codes[:, fl.parent_latent] <= 0) if fl.parent_latent >= 0 else None
+    absorbed_any = np.zeros_like(p_pos)
+    children = {}
+    for child, a_c in zip(fl.children, fl.child_latents):
+      c_pos = _positives(h.columns, child)
+      n_c = int(c_pos.sum())
+      if silent is None:
+        children[child] = {"latent": a_c, "tokens": n_c, "absorbed": None, "absorption": None}
+        continue
+      hit = c_pos & silent & (codes[:, a_c] > 0) if a_c >= 0 else np.zeros_like(c_pos)
+      absorbed_any |= hit
+      children[child] = {"latent": a_c, "tokens": n_c, "absorbed": int(hit.sum()),
+                         "absorption": float(hit.sum() / n_c) if n_c else None}
+    entry = {"parent": fl.parent, "parent_latent": fl.parent_latent, "parent_tokens": n_p,
+             "silent": None, "absorbed": None, "absorption": None, "parent_silent": None,
+             "children": children}
+    if silent is not None and n_p:
+      entry.update(silent=int(silent.sum()), absorbed=int(absorbed_any.sum()),
+                   absorption=float(absorbed_any.sum() / n_p),
+                   parent_silent=float(silent.sum() / n_p))
+    out.append(entry)
+  return out
+
+
+def hedging(codes_MF: Any, h: hierarchy_lib.Hierarchy,
+            latents: Sequence[FamilyLatents] | None = None) -> list[dict[str, Any]]:
+  """Where a child latent's firing mass lies: on the child, on the rest of the parent, outside.
+
+  For each child c with latent a_c (`family_latents`) and mass m_t = max(code_{a_c}(t), 0) over
+  the tokens where the parent is defined:
+
+      hedging(c) = Σ_{t ∈ P \\ c} m_t / Σ_t m_t,
+
+  next to `on_child` = Σ_{t ∈ c} m_t / Σ m_t and `outside` = Σ_{t ∉ P} m_t / Σ m_t (the three
+  sum to 1). A child latent that hedges towards its parent puts mass on parent-but-not-child
+  tokens; one that is the parent's own latent in disguise has hedging ≈ 1 − |c| / |P|.
+
+  Returns:
+    One dict per (family, child): `parent`, `child`, `latent` and the fractions `on_child`,
+    `hedging`, `outside` (None when the child has no latent or the latent never fires).
+  """
+  codes = _codes_MF(codes_MF, h.columns.num_tokens)
+  if latents is None:
+    latents = family_latents(firing_counts(codes, h.columns), h)
+  out = []
+  for fl in latents:
+    j = h.columns.names.index(fl.parent)
+    universe = h.columns.defined[:, j]
+    p_pos = _positives(h.columns, fl.parent)
+    for child, a_c in zip(fl.children, fl.child_latents):
+      entry = {"parent": fl.parent, "child": child, "latent": a_c, "on_child": None,
+               "hedging": None, "outside": None}
+      if a_c >= 0:
+        m = np.where(universe, np.maximum(codes[:, a_c], 0.0), 0.0).astype(np.float64)
+        total = m.sum()
+        if total > 0:
+          c_pos = _positives(h.columns, child)
+          entry.update(on_child=float(m[c_pos].sum() / total),
+                       hedging=float(m[p_pos & ~c_pos].sum() / total),
+                       outside=float(m[~p_pos].sum() / total))
+      out.append(entry)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Splitting.
+
+
+def splitting(codes_MF: Any, lm: recovery.LabelMatrix, counts: FiringCounts | None = None, *,
+              precision_min: float = 0.9, recall_min: float = 0.05) -> dict[str, np.ndarray]:
+  """How many latents each take a share of one feature.
+
+  A latent f *covers part of* column k when its firing precision on k is ≥ `precision_min`
+  (it fires almost only on k's tokens) and its recall is ≥ `recall_min` (it fires on a
+  non-negligible share of them). A feature represented by one latent has count 1; a feature
+  split into s latents that each fire on a part of it has count s; `coverage` is the fraction of
+  the feature's tokens where at least one of the counted latents fires.
+
+  Returns:
+    `{"count_K" (int), "coverage_K" (0 where the count is 0)}`.
+  """
+  if not (0 < precision_min <= 1 and 0 <= recall_min <= 1):
+    raise ValueError(f"precision_min={precision_min} must be in (0, 1] and recall_min="
+                     f"{recall_min} in [0, 1].")
+  _check_binary(lm)
+  codes = _codes_MF(codes_MF, lm.num_tokens)
+  counts = firing_counts(codes, lm) if counts is None else counts
+  covers_FK = (counts.precision_FK >= precision_min) & (counts.recall_FK >= recall_min)
+  covers_FK &= counts.tp_FK > 0
+  coverage = np.zeros((lm.num_columns,))
+  for k in range(lm.num_columns):
+    idx = np.nonzero(covers_FK[:, k])[0]
+    pos = lm.defined[:, k] & (lm.values[:, k] == 1)
+    if idx.size and pos.any():
+      coverage[k] = float(np.mean(np.any(codes[pos][:, idx] > 0, axis=1)))
+  return {"count_K": covers_FK.sum(axis=0).astype(np.int64), "coverage_K": coverage}
+
+
+# ------------------------------------------------------------------------------------------------
+# Shrinkage.
+
+
+def shrinkage(acts_MD: Any, recon_MD: Any) -> dict[str, Any]:
+  """Norm shrinkage of a reconstruction and the best rescaling.
+
+  `norm_ratio` is the mean over tokens with ‖x‖ > 0 of ‖x̂_t‖ / ‖x_t‖ (with its SE over tokens).
+  γ = ⟨x, x̂⟩ / ‖x̂‖² (sums over all tokens and dimensions) minimises ‖x − γ x̂‖²; γ > 1 means the
+  reconstruction is shrunk. Its SE is the delta-method SE of this ratio estimator, treating
+  tokens as independent. `rel_error` = ‖x − x̂‖² / ‖x‖² and `rel_error_rescaled` = ‖x − γ x̂‖² /
+  ‖x‖²: the gap between them is the reconstruction error that a global rescaling would remove.
+
+  Args:
+    acts_MD: `[M, D]` inputs x.
+    recon_MD: `[M, D]` reconstructions x̂.
+
+  Returns:
+    `{"norm_ratio": estimate dict, "gamma", "gamma_se", "rel_error", "rel_error_rescaled"}`
+    (γ None when x̂ = 0).
+  """
+  x = np.asarray(acts_MD, np.float64)
+  xh = np.asarray(recon_MD, np.float64)
+  if x.ndim != 2 or x.shape != xh.shape:
+    raise ValueError(f"acts and recon must be [M, D] of one shape, got {x.shape} and "
+                     f"{xh.shape}.")
+  nx, nxh = np.linalg.norm(x, axis=1), np.linalg.norm(xh, axis=1)
+  ok = nx > 0
+  ratio = stats.mean_se(nxh[ok] / nx[ok]) if ok.any() else stats.mean_se([])
+  a_M, b_M = np.sum(x * xh, axis=1), np.square(nxh)
+  sxx = float(np.sum(np.square(nx)))
+  out = {"norm_ratio": ratio, "gamma": None, "gamma_se": None,
+         "rel_error": float(np.sum(np.square(x - xh)) / sxx) if sxx > 0 else None,
+         "rel_error_rescaled": None}
+  if b_M.sum() > 0:
+    gamma = float(a_M.sum() / b_M.sum())
+    n = x.shape[0]
+    resid = a_M - gamma * b_M
+    se = (math.sqrt(np.sum(np.square(resid)) * n / (n - 1)) / b_M.sum()) if n > 1 else None
+    out.update(gamma=gamma, gamma_se=se)
+    if sxx > 0:
+      out["rel_error_rescaled"] = float(np.sum(np.square(x - gamma * xh)) / sxx)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Summary.
+
+
+def union_columns(*lms: recovery.LabelMatrix) -> recovery.LabelMatrix:
+  """The columns of several LabelMatrices over the same tokens, a repeated name kept once."""
+  names, values, defined, kinds, sources = [], [], [], [], []
+  for lm in lms:
+    if lm.num_tokens != lms[0].num_tokens:
+      raise ValueError(f"LabelMatrices over {lm.num_tokens} and {lms[0].num_tokens} tokens.")
+    for j, name in enumerate(lm.names):
+      if name not in names:
+        names.append(name)
+        values.append(lm.values[:, j])
+        defined.append(lm.defined[:, j])
+        kinds.append(lm.kinds[j])
+        sources.append(lm.sources[j])
+  m = lms[0].num_tokens
+  stack = lambda cols, dt: (np.stack(cols, axis=1) if cols else np.zeros((m, 0), dt))
+  return recovery.LabelMatrix(names=tuple(names), values=stack(values, np.float32),
+                              defined=stack(defined, bool), kinds=tuple(kinds),
+                              sources=tuple(sources))
+
+
+def json_ready(obj: Any) -> Any:
+  """NumPy scalars and arrays as Python values, non-finite floats as None (strict JSON)."""
+  if isinstance(obj, dict):
+    return {str(k): json_ready(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_ready(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return json_ready(obj.tolist())
+  if isinstance(obj, (bool, np.bool_)):
+    return bool(obj)
+  if isinstance(obj, (int, np.integer)):
+    return int(obj)
+  if isinstance(obj, (float, np.floating)):
+    return float(obj) if math.isfinite(obj) else None
+  return obj
+
+
+def _variant_summary(codes_MF, features, h, recon_MD, acts_MD, raw_probe, *, ks,
+                     train_fraction, precision_min, recall_min):
+  counts = firing_counts(codes_MF, features)
+  mr = matched_recovery(codes_MF, features, counts)
+  lc = latent_classification(codes_MF, features, counts)
+  split = splitting(codes_MF, features, counts, precision_min=precision_min,
+                    recall_min=recall_min)
+  per_feature = {
+      name: {"latent": int(mr.latent_K[k]), "abs_corr": mr.abs_corr_K[k],
+             "precision": mr.precision_K[k], "recall": mr.recall_K[k], "f1": mr.f1_K[k],
+             "split_latents": int(split["count_K"][k]), "split_coverage": split["coverage_K"][k]}
+      for k, name in enumerate(features.names)}
+  matched = mr.latent_K >= 0
+  out = {
+      "mcc": stats.mean_se(mr.abs_corr_K[matched]),
+      "mcc_null": null_mcc(int(np.median(counts.defined_K)), codes_MF.shape[1]),
+      "matched": {"precision": stats.mean_se(mr.precision_K),
+                  "recall": stats.mean_se(mr.recall_K), "f1": stats.mean_se(mr.f1_K)},
+      "latent_classification": {k: stats.mean_se(lc[f"{k}_F"])
+                                for k in ("precision", "recall", "f1")},
+      "split_latents": stats.mean_se(split["count_K"]),
+      "features": per_feature,
+      "probing": sparse_probing.summarise_probes(sparse_probing.sparse_probe(
+          codes_MF, features, ks=ks, train_fraction=train_fraction), raw_probe),
+  }
+  if h.families:
+    hcounts = firing_counts(codes_MF, h.columns)
+    fl = family_latents(hcounts, h)
+    absorb = absorption(codes_MF, h, fl)
+    hedge = hedging(codes_MF, h, fl)
+    tot = lambda key: sum(a[key] for a in absorb if a[key] is not None)
+    n_parent = sum(a["parent_tokens"] for a in absorb if a["absorbed"] is not None)
+    out["absorption"] = {
+        # Pooled over families' parent tokens (a parent token belongs to one family per
+        # hierarchy built by `hierarchy.grammar_hierarchy`), with its Wilson interval.
+        "pooled": stats.fraction(tot("absorbed"), n_parent),
+        "mean_over_families": stats.mean_se([a["absorption"] for a in absorb
+                                             if a["absorption"] is not None]),
+        "parent_silent": stats.fraction(tot("silent"), n_parent),
+        "families": absorb}
+    out["hedging"] = {"mean": stats.mean_se([e["hedging"] for e in hedge
+                                             if e["hedging"] is not None]),
+                      "children": hedge}
+  if recon_MD is not None:
+    out["shrinkage"] = shrinkage(acts_MD, recon_MD)
+  return out
+
+
+def ground_truth_summary(codes: Any, lm: recovery.LabelMatrix, h: hierarchy_lib.Hierarchy,
+                         acts_MD: Any, recon: Any = None, *, ids: Sequence[str] | None = None,
+                         ks: Sequence[int] = (1, 2, 5), train_fraction: float = 0.8,
+                         precision_min: float = 0.9, recall_min: float = 0.05
+                         ) -> dict[str, Any]:
+  """Every ground-truth metric of this module per variant, JSON-ready (strict: no NaN).
+
+  The feature set is the binary columns of `lm` together with the hierarchy's columns (by name,
+  once each): MCC and matched P / R / F1, SynthSAEBench's per-latent classification, splitting
+  and k-sparse probing run on it; absorption and hedging on the hierarchy's families; shrinkage
+  on the reconstructions.
+
+  Args:
+    codes: `[M, F]` or `[N, M, F]` codes on the M tokens of `lm`.
+    lm: label columns (non-binary ones are ignored here).
+    h: `hierarchy.grammar_hierarchy(...)` over the same tokens (may have no families).
+    acts_MD: `[M, D]` the SAE inputs (for shrinkage and the raw-activation probes).
+    recon: `[M, D]` or `[N, M, D]` reconstructions, or None to skip shrinkage.
+    ids: N variant ids (default "0" … "N−1").
+    ks, train_fraction: k-sparse probing (`sparse_probing.sparse_probe`).
+    precision_min, recall_min: `splitting` thresholds.
+
+  Returns:
+    `{"features", "hierarchy", "probing_raw", "settings", "variants": {id: {...}}}`; each
+    variant holds `mcc` (estimate dict over matched pairs), `mcc_null` (`null_mcc` at the
+    median defined-token count), `matched` and `latent_classification` (P / R / F1 means),
+    `split_latents`, per-feature `features`, `probing` (SAE vs raw, per k), and with families
+    `absorption` (pooled Wilson fraction, mean over families, per family) and `hedging`, with
+    `recon` `shrinkage`.
+  """
+  codes = np.asarray(codes, np.float32)
+  if codes.ndim not in (2, 3):
+    raise ValueError(f"codes must be [M, F] or [N, M, F], got shape {codes.shape}.")
+  codes_NMF = codes if codes.ndim == 3 else codes[None]
+  n, m = codes_NMF.shape[:2]
+  acts_MD = np.asarray(acts_MD, np.float32)
+  if acts_MD.ndim != 2 or acts_MD.shape[0] != m:
+    raise ValueError(f"acts_MD must be [M={m}, D], got shape {acts_MD.shape}.")
+  recon_NMD = None
+  if recon is not None:
+    recon = np.asarray(recon, np.float32)
+    recon_NMD = recon if recon.ndim == 3 else recon[None]
+    if recon_NMD.shape != (n,) + acts_MD.shape:
+      raise ValueError(f"recon must be [M, D] or [N, M, D] = {(n,) + acts_MD.shape}, got "
+                       f"{recon.shape}.")
+  ids = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
+  if len(ids) != n:
+    raise ValueError(f"{len(ids)} ids for {n} variants.")
+  if h.columns.num_tokens != m:
+    raise ValueError(f"the hierarchy covers {h.columns.num_tokens} tokens, the codes {m}; "
+                     "build it from the same LabelMatrix and tokens.")
+  parts = [lm.binary()] if any(k in recovery.BINARY_KINDS for k in lm.kinds) else []
+  features = union_columns(*parts, h.columns) if parts or h.families else None
+  if features is None or features.num_columns == 0:
+    raise ValueError("no binary label columns and no hierarchy: nothing to score.")
+  raw_probe = sparse_probing.sparse_probe(acts_MD, features, ks=ks,
+                                          train_fraction=train_fraction, full=True)
+  variants = {}
+  for i, vid in enumerate(ids):
+    variants[vid] = _variant_summary(
+        codes_NMF[i], features, h, None if recon_NMD is None else recon_NMD[i], acts_MD,
+        raw_probe, ks=ks, train_fraction=train_fraction, precision_min=precision_min,
+        recall_min=recall_min)
+  return json_ready({
+      "features": list(features.names), "hierarchy": h.to_json(),
+      "probing_raw": sparse_probing.summarise_probes(raw_probe),
+      "settings": {"ks": list(ks), "train_fraction": train_fraction,
+                   "precision_min": precision_min, "recall_min": recall_min},
+      "variants": variants})
