@@ -13,6 +13,7 @@ import scipy.special
 
 import fakes
 from jaxsae import grammars
+from jaxsae.analysis import firing
 from jaxsae.analysis import ground_truth as gt
 from jaxsae.analysis import hierarchy as hierarchy_lib
 from jaxsae.analysis import recovery
@@ -65,7 +66,7 @@ def test_firing_counts_equal_direct_counts():
   rng = np.random.default_rng(1)
   lm, _, _ = _planted(rng, m=200, k=3)
   codes = np.where(rng.random((200, 6)) < 0.4, rng.normal(size=(200, 6)), 0.0)
-  c = gt.firing_counts(codes, lm)
+  c = firing.firing_counts(codes, lm)
   for f in range(6):
     for k in range(3):
       d, y, fire = lm.defined[:, k], lm.values[:, k] == 1, codes[:, f] > 0
@@ -127,23 +128,23 @@ def _family(rng, counts=(240, 60, 90, 210), f_absorbed=0.25):
 
 def test_planted_absorption_and_hedging_are_exact():
   lm, h, codes, n = _family(np.random.default_rng(3))
-  fl = gt.family_latents(gt.firing_counts(codes, h.columns), h)
+  fl = hierarchy_lib.family_latents(firing.firing_counts(codes, h.columns), h)
   assert [(x.parent_latent, x.child_latents) for x in fl] == [(0, (1, 2))]
-  (a,) = gt.absorption(codes, h)
+  (a,) = hierarchy_lib.absorption(codes, h)
   assert a["children"]["c1"]["absorption"] == n["n_abs"] / n["n_c1"]  # = f exactly
   assert a["children"]["c1"]["absorption"] == 0.25
   assert a["children"]["c2"]["absorption"] == 0.0
   assert a["absorption"] == n["n_abs"] / n["n_p"]
   assert a["absorbed"] == a["silent"] == n["n_abs"]  # every miss taken over by c1's latent
   assert a["parent_silent"] == n["n_abs"] / n["n_p"]
-  hedge = {e["child"]: e for e in gt.hedging(codes, h)}
+  hedge = {e["child"]: e for e in hierarchy_lib.hedging(codes, h)}
   total = n["n_c2"] * 1.0 + 7 * 0.5 + 3 * 2.0
   assert hedge["c2"]["hedging"] == pytest.approx(3.5 / total)
   assert hedge["c2"]["outside"] == pytest.approx(6.0 / total)
   assert hedge["c2"]["on_child"] == pytest.approx(n["n_c2"] / total)
   assert hedge["c1"]["hedging"] == 0.0 and hedge["c1"]["on_child"] == 1.0
   # No latent fires on the parent: absorption is undefined, not 0.
-  (none,) = gt.absorption(np.zeros_like(codes), h)
+  (none,) = hierarchy_lib.absorption(np.zeros_like(codes), h)
   assert none["parent_latent"] == -1 and none["absorption"] is None
 
 
@@ -167,10 +168,10 @@ def test_planted_split_counts_the_split_latents():
   codes[:, s] = np.where(y | (rng.random(m) < 0.5), 1.0, 0.0)  # fires on y and much else
   codes[pos[:2], s + 1] = 1.0  # precise but negligible recall
   codes[:, s + 2] = np.where(rng.random(m) < 0.3, 1.0, 0.0)  # noise
-  out = gt.splitting(codes, lm)
+  out = firing.splitting(codes, lm)
   assert out["count_K"].tolist()[0] == s
   assert out["coverage_K"][0] == 1.0
-  whole = gt.splitting(np.where(y, 1.0, 0.0)[:, None], lm)
+  whole = firing.splitting(np.where(y, 1.0, 0.0)[:, None], lm)
   assert whole["count_K"][0] == 1
 
 

@@ -4,19 +4,18 @@ On natural text, absorption, splitting and matching scores are estimated against
 proxy labels; a formal language labels every token exactly, so here they are counts. Inputs are
 host arrays: codes `[M, F]` of one SAE on M tokens, binary label columns (`recovery.LabelMatrix`,
 each scored over its own defined tokens) and, for the hierarchy metrics, a
-`hierarchy.Hierarchy` of parent / child columns. A latent *fires* on a token when its code is
-> 0 (SAE codes here are non-negative, so this is SynthSAEBench's `!= 0`).
+`hierarchy.Hierarchy` of parent / child columns. The parts live in their own modules:
 
-- `firing_counts`: per (latent, column) true positives, firings and positives, hence the
-  precision, recall and F1 of "the latent fires" as a classifier of the column;
-- `matched_recovery`: one-to-one Hungarian matching of columns to latents by |Pearson|; MCC and
-  the macro P / R / F1 of the matched latents; `latent_classification`: SynthSAEBench's
-  per-latent form; `null_mcc`: the exact chance level of a matched |Pearson|;
-- `family_latents`, `absorption`, `hedging`: the parent's latent, each child's latent, the parent
-  tokens a child's latent takes over, and a child latent's firing mass on parent-only tokens;
-- `splitting`: how many latents each cover a part of one feature;
-- `shrinkage`: ‖x̂‖ / ‖x‖ and the best rescaling γ of the reconstruction;
-- `ground_truth_summary`: all of them (and `sparse_probing`) per variant, JSON-ready.
+- `firing.py`: a latent *fires* when its code is > 0; precision / recall / F1 of firing as a
+  classifier of each column, and `splitting` (latents that each take a share of a feature);
+- `hierarchy.py`: parent / child families of a grammar's labels, and on them `absorption`
+  and `hedging`;
+- `sparse_probing.py`: k-sparse probes on latents against raw activation dimensions;
+- here: `matched_recovery` (one-to-one Hungarian matching of columns to latents by |Pearson|:
+  MCC and the macro P / R / F1 of the matched latents), `latent_classification`
+  (SynthSAEBench's per-latent form), `null_mcc` (the exact chance level of a matched
+  |Pearson|), `shrinkage` (‖x̂‖ / ‖x‖ and the best rescaling γ), and `ground_truth_summary`,
+  all of them per variant, JSON-ready.
 """
 
 from __future__ import annotations
@@ -30,91 +29,11 @@ import scipy.integrate
 import scipy.optimize
 import scipy.stats
 
+from jaxsae.analysis import firing
 from jaxsae.analysis import hierarchy as hierarchy_lib
 from jaxsae.analysis import recovery
 from jaxsae.analysis import sparse_probing
 from jaxsae.core import stats
-
-
-def _codes_MF(codes_MF: Any, num_tokens: int) -> np.ndarray:
-  codes = np.asarray(codes_MF, np.float32)
-  if codes.ndim != 2:
-    raise ValueError(f"codes must be [M, F] (one SAE), got shape {codes.shape}; loop over the "
-                     "variant axis or call ground_truth_summary.")
-  if codes.shape[0] != num_tokens:
-    raise ValueError(f"codes cover {codes.shape[0]} tokens but the labels cover {num_tokens}; "
-                     "build both from the same tokens and mask.")
-  return codes
-
-
-def _check_binary(lm: recovery.LabelMatrix) -> None:
-  bad = [n for n, k in zip(lm.names, lm.kinds) if k not in recovery.BINARY_KINDS]
-  if bad:
-    raise ValueError(f"columns {bad} are not binary; pass lm.binary() (or hierarchy columns).")
-  if lm.num_columns == 0:
-    raise ValueError("the LabelMatrix has no columns.")
-
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-  return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
-
-
-# ------------------------------------------------------------------------------------------------
-# Firing counts.
-
-
-@dataclasses.dataclass(frozen=True)
-class FiringCounts:
-  """Counts of "latent f fires" against column k, over column k's defined tokens (float64).
-
-  Attributes:
-    tp_FK: tokens where the latent fires and the column is 1.
-    fired_FK: defined tokens where the latent fires.
-    positives_K: tokens where the column is 1.
-    defined_K: tokens where the column is defined.
-  """
-
-  tp_FK: np.ndarray
-  fired_FK: np.ndarray
-  positives_K: np.ndarray
-  defined_K: np.ndarray
-
-  @property
-  def precision_FK(self) -> np.ndarray:
-    """tp / fired; 0 for a latent that never fires on the column's tokens."""
-    return _ratio(self.tp_FK, self.fired_FK)
-
-  @property
-  def recall_FK(self) -> np.ndarray:
-    """tp / positives; 0 for a column without positives."""
-    return _ratio(self.tp_FK, np.broadcast_to(self.positives_K, self.tp_FK.shape))
-
-  @property
-  def f1_FK(self) -> np.ndarray:
-    """2·tp / (fired + positives) (= 2PR / (P + R)); 0 when tp = 0."""
-    return _ratio(2 * self.tp_FK, self.fired_FK + self.positives_K[None, :])
-
-
-def firing_counts(codes_MF: Any, lm: recovery.LabelMatrix) -> FiringCounts:
-  """Firing counts of every latent against every binary column (matmuls over tokens).
-
-  Args:
-    codes_MF: `[M, F]` codes on the M tokens of `lm`.
-    lm: binary columns.
-
-  Returns:
-    `FiringCounts` with `[F, K]` and `[K]` arrays (exact integers in float64).
-  """
-  _check_binary(lm)
-  codes = _codes_MF(codes_MF, lm.num_tokens)
-  fires_MF = (codes > 0).astype(np.float32)
-  defined_MK = lm.defined.astype(np.float32)
-  pos_MK = defined_MK * (lm.values == 1)
-  # float32 sums of 0/1 are exact below 2**24 tokens.
-  return FiringCounts(tp_FK=(fires_MF.T @ pos_MK).astype(np.float64),
-                      fired_FK=(fires_MF.T @ defined_MK).astype(np.float64),
-                      positives_K=pos_MK.sum(axis=0, dtype=np.float64),
-                      defined_K=defined_MK.sum(axis=0, dtype=np.float64))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,7 +65,7 @@ class MatchedRecovery:
 
 
 def matched_recovery(codes_MF: Any, lm: recovery.LabelMatrix,
-                     counts: FiringCounts | None = None) -> MatchedRecovery:
+                     counts: firing.FiringCounts | None = None) -> MatchedRecovery:
   """Mean max correlation with a one-to-one matching, and the matched latents' P / R / F1.
 
   The score of (latent f, column k) is |Pearson(codes[:, f], column k)| over k's defined tokens
@@ -170,9 +89,9 @@ def matched_recovery(codes_MF: Any, lm: recovery.LabelMatrix,
   Returns:
     `MatchedRecovery`.
   """
-  _check_binary(lm)
-  codes = _codes_MF(codes_MF, lm.num_tokens)
-  counts = firing_counts(codes, lm) if counts is None else counts
+  firing.check_binary(lm)
+  codes = firing.check_codes(codes_MF, lm.num_tokens)
+  counts = firing.firing_counts(codes, lm) if counts is None else counts
   abs_FK = np.abs(np.nan_to_num(np.asarray(recovery.correlations(codes, lm), np.float64)))
   cols, rows = scipy.optimize.linear_sum_assignment(abs_FK.T, maximize=True)
   k = lm.num_columns
@@ -185,7 +104,7 @@ def matched_recovery(codes_MF: Any, lm: recovery.LabelMatrix,
 
 
 def latent_classification(codes_MF: Any, lm: recovery.LabelMatrix,
-                          counts: FiringCounts | None = None) -> dict[str, np.ndarray]:
+                          counts: firing.FiringCounts | None = None) -> dict[str, np.ndarray]:
   """SynthSAEBench's classification scores: every latent against its best column.
 
   Each latent f is paired with the column k(f) = argmax_k |Pearson(f, k)| (SynthSAEBench pairs by
@@ -196,9 +115,9 @@ def latent_classification(codes_MF: Any, lm: recovery.LabelMatrix,
   Returns:
     `{"column_F", "precision_F", "recall_F", "f1_F"}`.
   """
-  _check_binary(lm)
-  codes = _codes_MF(codes_MF, lm.num_tokens)
-  counts = firing_counts(codes, lm) if counts is None else counts
+  firing.check_binary(lm)
+  codes = firing.check_codes(codes_MF, lm.num_tokens)
+  counts = firing.firing_counts(codes, lm) if counts is None else counts
   abs_FK = np.abs(np.nan_to_num(np.asarray(recovery.correlations(codes, lm), np.float64)))
   col_F = np.argmax(abs_FK, axis=1)
   f = np.arange(abs_FK.shape[0])
@@ -230,187 +149,6 @@ def null_mcc(num_tokens: int, num_latents: int) -> float:
   points = [min(0.999, c * scale) for c in (0.5, 1.0, 2.0)]
   value, _ = scipy.integrate.quad(tail, 0.0, 1.0, points=points, limit=200)
   return float(value)
-
-
-# ------------------------------------------------------------------------------------------------
-# Hierarchies: absorption, hedging.
-
-
-@dataclasses.dataclass(frozen=True)
-class FamilyLatents:
-  """The latents of one family (`family_latents`); −1 where no latent fires on the feature.
-
-  Attributes:
-    parent: the family's parent column name.
-    parent_latent: argmax over latents of firing F1 on the parent.
-    children: the child column names.
-    child_latents: per child, argmax over latents other than `parent_latent` of firing F1 on
-      the child.
-  """
-
-  parent: str
-  parent_latent: int
-  children: tuple[str, ...]
-  child_latents: tuple[int, ...]
-
-
-def family_latents(counts: FiringCounts, h: hierarchy_lib.Hierarchy) -> list[FamilyLatents]:
-  """The parent's and each child's best latent by firing F1 (ties: the lowest index).
-
-  Args:
-    counts: `firing_counts(codes, h.columns)`.
-    h: the hierarchy.
-  """
-  f1 = counts.f1_FK
-  out = []
-  for fam in h.families:
-    p = h.columns.names.index(fam.parent)
-    a_p = int(np.argmax(f1[:, p])) if f1[:, p].max() > 0 else -1
-    kids = []
-    for child in fam.children:
-      s = f1[:, h.columns.names.index(child)].copy()
-      if a_p >= 0:
-        s[a_p] = -1.0
-      kids.append(int(np.argmax(s)) if s.max() > 0 else -1)
-    out.append(FamilyLatents(fam.parent, a_p, fam.children, tuple(kids)))
-  return out
-
-
-def _positives(lm: recovery.LabelMatrix, name: str) -> np.ndarray:
-  j = lm.names.index(name)
-  return lm.defined[:, j] & (lm.values[:, j] == 1)
-
-
-def absorption(codes_MF: Any, h: hierarchy_lib.Hierarchy,
-               latents: Sequence[FamilyLatents] | None = None) -> list[dict[str, Any]]:
-  """Exact feature absorption per family.
-
-  With a_P the parent's latent and a_c each child's (`family_latents`), a parent token t is
-  *absorbed* when a_P is silent at t (code ≤ 0) and, for some child c positive at t, a_c fires
-  at t (a_c ≠ a_P by construction). Then
-
-      absorption(P)    = #absorbed parent tokens / #parent tokens,
-      absorption(P, c) = #{t ∈ c : a_P silent, a_c fires} / #c tokens,
-
-  and `parent_silent` = #{t ∈ P : a_P silent} / #P (= 1 − the parent latent's recall), of which
-  `absorbed / silent` is the part a child latent explains. SAEBench estimates absorption on
-  natural text from a linear probe standing in for the parent and thresholds on latent–probe
-  cosines; here the parent and children are exact labels and the numbers are counts. A family
-  whose parent has no firing latent (a_P = −1) has no absorption (fields None).
-
-  Args:
-    codes_MF: `[M, F]` on the tokens of `h.columns`.
-    h: the hierarchy.
-    latents: `family_latents(firing_counts(codes_MF, h.columns), h)` if already computed.
-
-  Returns:
-    One dict per family: `parent`, `parent_latent`, `parent_tokens`, `silent`, `absorbed`
-    (token counts), `absorption`, `parent_silent` (fractions), and `children`: child name →
-    `{"latent", "tokens", "absorbed", "absorption"}`.
-  """
-  codes = _codes_MF(codes_MF, h.columns.num_tokens)
-  if latents is None:
-    latents = family_latents(firing_counts(codes, h.columns), h)
-  out = []
-  for fl in latents:
-    p_pos = _positives(h.columns, fl.parent)
-    n_p = int(p_pos.sum())
-    silent = p_pos & (codes[:, fl.parent_latent] <= 0) if fl.parent_latent >= 0 else None
-    absorbed_any = np.zeros_like(p_pos)
-    children = {}
-    for child, a_c in zip(fl.children, fl.child_latents):
-      c_pos = _positives(h.columns, child)
-      n_c = int(c_pos.sum())
-      if silent is None:
-        children[child] = {"latent": a_c, "tokens": n_c, "absorbed": None, "absorption": None}
-        continue
-      hit = c_pos & silent & (codes[:, a_c] > 0) if a_c >= 0 else np.zeros_like(c_pos)
-      absorbed_any |= hit
-      children[child] = {"latent": a_c, "tokens": n_c, "absorbed": int(hit.sum()),
-                         "absorption": float(hit.sum() / n_c) if n_c else None}
-    entry = {"parent": fl.parent, "parent_latent": fl.parent_latent, "parent_tokens": n_p,
-             "silent": None, "absorbed": None, "absorption": None, "parent_silent": None,
-             "children": children}
-    if silent is not None and n_p:
-      entry.update(silent=int(silent.sum()), absorbed=int(absorbed_any.sum()),
-                   absorption=float(absorbed_any.sum() / n_p),
-                   parent_silent=float(silent.sum() / n_p))
-    out.append(entry)
-  return out
-
-
-def hedging(codes_MF: Any, h: hierarchy_lib.Hierarchy,
-            latents: Sequence[FamilyLatents] | None = None) -> list[dict[str, Any]]:
-  """Where a child latent's firing mass lies: on the child, on the rest of the parent, outside.
-
-  For each child c with latent a_c (`family_latents`) and mass m_t = max(code_{a_c}(t), 0) over
-  the tokens where the parent is defined:
-
-      hedging(c) = Σ_{t ∈ P \\ c} m_t / Σ_t m_t,
-
-  next to `on_child` = Σ_{t ∈ c} m_t / Σ m_t and `outside` = Σ_{t ∉ P} m_t / Σ m_t (the three
-  sum to 1). A child latent that hedges towards its parent puts mass on parent-but-not-child
-  tokens; one that is the parent's own latent in disguise has hedging ≈ 1 − |c| / |P|.
-
-  Returns:
-    One dict per (family, child): `parent`, `child`, `latent` and the fractions `on_child`,
-    `hedging`, `outside` (None when the child has no latent or the latent never fires).
-  """
-  codes = _codes_MF(codes_MF, h.columns.num_tokens)
-  if latents is None:
-    latents = family_latents(firing_counts(codes, h.columns), h)
-  out = []
-  for fl in latents:
-    j = h.columns.names.index(fl.parent)
-    universe = h.columns.defined[:, j]
-    p_pos = _positives(h.columns, fl.parent)
-    for child, a_c in zip(fl.children, fl.child_latents):
-      entry = {"parent": fl.parent, "child": child, "latent": a_c, "on_child": None,
-               "hedging": None, "outside": None}
-      if a_c >= 0:
-        m = np.where(universe, np.maximum(codes[:, a_c], 0.0), 0.0).astype(np.float64)
-        total = m.sum()
-        if total > 0:
-          c_pos = _positives(h.columns, child)
-          entry.update(on_child=float(m[c_pos].sum() / total),
-                       hedging=float(m[p_pos & ~c_pos].sum() / total),
-                       outside=float(m[~p_pos].sum() / total))
-      out.append(entry)
-  return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Splitting.
-
-
-def splitting(codes_MF: Any, lm: recovery.LabelMatrix, counts: FiringCounts | None = None, *,
-              precision_min: float = 0.9, recall_min: float = 0.05) -> dict[str, np.ndarray]:
-  """How many latents each take a share of one feature.
-
-  A latent f *covers part of* column k when its firing precision on k is ≥ `precision_min`
-  (it fires almost only on k's tokens) and its recall is ≥ `recall_min` (it fires on a
-  non-negligible share of them). A feature represented by one latent has count 1; a feature
-  split into s latents that each fire on a part of it has count s; `coverage` is the fraction of
-  the feature's tokens where at least one of the counted latents fires.
-
-  Returns:
-    `{"count_K" (int), "coverage_K" (0 where the count is 0)}`.
-  """
-  if not (0 < precision_min <= 1 and 0 <= recall_min <= 1):
-    raise ValueError(f"precision_min={precision_min} must be in (0, 1] and recall_min="
-                     f"{recall_min} in [0, 1].")
-  _check_binary(lm)
-  codes = _codes_MF(codes_MF, lm.num_tokens)
-  counts = firing_counts(codes, lm) if counts is None else counts
-  covers_FK = (counts.precision_FK >= precision_min) & (counts.recall_FK >= recall_min)
-  covers_FK &= counts.tp_FK > 0
-  coverage = np.zeros((lm.num_columns,))
-  for k in range(lm.num_columns):
-    idx = np.nonzero(covers_FK[:, k])[0]
-    pos = lm.defined[:, k] & (lm.values[:, k] == 1)
-    if idx.size and pos.any():
-      coverage[k] = float(np.mean(np.any(codes[pos][:, idx] > 0, axis=1)))
-  return {"count_K": covers_FK.sum(axis=0).astype(np.int64), "coverage_K": coverage}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -501,10 +239,10 @@ def json_ready(obj: Any) -> Any:
 
 def _variant_summary(codes_MF, features, h, recon_MD, acts_MD, raw_probe, *, ks,
                      train_fraction, precision_min, recall_min):
-  counts = firing_counts(codes_MF, features)
+  counts = firing.firing_counts(codes_MF, features)
   mr = matched_recovery(codes_MF, features, counts)
   lc = latent_classification(codes_MF, features, counts)
-  split = splitting(codes_MF, features, counts, precision_min=precision_min,
+  split = firing.splitting(codes_MF, features, counts, precision_min=precision_min,
                     recall_min=recall_min)
   per_feature = {
       name: {"latent": int(mr.latent_K[k]), "abs_corr": mr.abs_corr_K[k],
@@ -525,10 +263,10 @@ def _variant_summary(codes_MF, features, h, recon_MD, acts_MD, raw_probe, *, ks,
           codes_MF, features, ks=ks, train_fraction=train_fraction), raw_probe),
   }
   if h.families:
-    hcounts = firing_counts(codes_MF, h.columns)
-    fl = family_latents(hcounts, h)
-    absorb = absorption(codes_MF, h, fl)
-    hedge = hedging(codes_MF, h, fl)
+    hcounts = firing.firing_counts(codes_MF, h.columns)
+    fl = hierarchy_lib.family_latents(hcounts, h)
+    absorb = hierarchy_lib.absorption(codes_MF, h, fl)
+    hedge = hierarchy_lib.hedging(codes_MF, h, fl)
     tot = lambda key: sum(a[key] for a in absorb if a[key] is not None)
     n_parent = sum(a["parent_tokens"] for a in absorb if a["absorbed"] is not None)
     out["absorption"] = {

@@ -16,6 +16,11 @@ of `grammars.labels` (and, for word-level children, the token ids themselves):
 Children with fewer than `min_positives` positive tokens are dropped, and so is a family left
 with fewer than two children (a lone child equals its parent). All columns of a `Hierarchy` are
 binary and live in one `LabelMatrix` over the same M tokens as the codes.
+
+On a hierarchy and an SAE's codes (latents fire when > 0, `firing.py`): `family_latents` (the
+parent's and each child's best latent by firing F1), `absorption` (parent tokens where the
+parent's latent is silent and a child's latent fires instead) and `hedging` (a child latent's
+firing mass on parent-but-not-child tokens).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from jaxsae import grammars
+from jaxsae.analysis import firing
 from jaxsae.analysis import recovery
 
 # The categorical label whose classes are split by token identity, per grammar kind.
@@ -197,3 +203,150 @@ def grammar_hierarchy(grammar: grammars.Grammar, lm: recovery.LabelMatrix, token
                                  sources=())
     return Hierarchy(columns=empty, families=())
   return make_hierarchy(_binary_matrix(cols), families)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hierarchies: absorption, hedging.
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyLatents:
+  """The latents of one family (`family_latents`); −1 where no latent fires on the feature.
+
+  Attributes:
+    parent: the family's parent column name.
+    parent_latent: argmax over latents of firing F1 on the parent.
+    children: the child column names.
+    child_latents: per child, argmax over latents other than `parent_latent` of firing F1 on
+      the child.
+  """
+
+  parent: str
+  parent_latent: int
+  children: tuple[str, ...]
+  child_latents: tuple[int, ...]
+
+
+def family_latents(counts: firing.FiringCounts, h: Hierarchy) -> list[FamilyLatents]:
+  """The parent's and each child's best latent by firing F1 (ties: the lowest index).
+
+  Args:
+    counts: `firing.firing_counts(codes, h.columns)`.
+    h: the hierarchy.
+  """
+  f1 = counts.f1_FK
+  out = []
+  for fam in h.families:
+    p = h.columns.names.index(fam.parent)
+    a_p = int(np.argmax(f1[:, p])) if f1[:, p].max() > 0 else -1
+    kids = []
+    for child in fam.children:
+      s = f1[:, h.columns.names.index(child)].copy()
+      if a_p >= 0:
+        s[a_p] = -1.0
+      kids.append(int(np.argmax(s)) if s.max() > 0 else -1)
+    out.append(FamilyLatents(fam.parent, a_p, fam.children, tuple(kids)))
+  return out
+
+
+def _positives(lm: recovery.LabelMatrix, name: str) -> np.ndarray:
+  j = lm.names.index(name)
+  return lm.defined[:, j] & (lm.values[:, j] == 1)
+
+
+def absorption(codes_MF: Any, h: Hierarchy,
+               latents: Sequence[FamilyLatents] | None = None) -> list[dict[str, Any]]:
+  """Exact feature absorption per family.
+
+  With a_P the parent's latent and a_c each child's (`family_latents`), a parent token t is
+  *absorbed* when a_P is silent at t (code ≤ 0) and, for some child c positive at t, a_c fires
+  at t (a_c ≠ a_P by construction). Then
+
+      absorption(P)    = #absorbed parent tokens / #parent tokens,
+      absorption(P, c) = #{t ∈ c : a_P silent, a_c fires} / #c tokens,
+
+  and `parent_silent` = #{t ∈ P : a_P silent} / #P (= 1 − the parent latent's recall), of which
+  `absorbed / silent` is the part a child latent explains. SAEBench estimates absorption on
+  natural text from a linear probe standing in for the parent and thresholds on latent–probe
+  cosines; here the parent and children are exact labels and the numbers are counts. A family
+  whose parent has no firing latent (a_P = −1) has no absorption (fields None).
+
+  Args:
+    codes_MF: `[M, F]` on the tokens of `h.columns`.
+    h: the hierarchy.
+    latents: `family_latents(firing.firing_counts(codes_MF, h.columns), h)` if already computed.
+
+  Returns:
+    One dict per family: `parent`, `parent_latent`, `parent_tokens`, `silent`, `absorbed`
+    (token counts), `absorption`, `parent_silent` (fractions), and `children`: child name →
+    `{"latent", "tokens", "absorbed", "absorption"}`.
+  """
+  codes = firing.check_codes(codes_MF, h.columns.num_tokens)
+  if latents is None:
+    latents = family_latents(firing.firing_counts(codes, h.columns), h)
+  out = []
+  for fl in latents:
+    p_pos = _positives(h.columns, fl.parent)
+    n_p = int(p_pos.sum())
+    silent = p_pos & (codes[:, fl.parent_latent] <= 0) if fl.parent_latent >= 0 else None
+    absorbed_any = np.zeros_like(p_pos)
+    children = {}
+    for child, a_c in zip(fl.children, fl.child_latents):
+      c_pos = _positives(h.columns, child)
+      n_c = int(c_pos.sum())
+      if silent is None:
+        children[child] = {"latent": a_c, "tokens": n_c, "absorbed": None, "absorption": None}
+        continue
+      hit = c_pos & silent & (codes[:, a_c] > 0) if a_c >= 0 else np.zeros_like(c_pos)
+      absorbed_any |= hit
+      children[child] = {"latent": a_c, "tokens": n_c, "absorbed": int(hit.sum()),
+                         "absorption": float(hit.sum() / n_c) if n_c else None}
+    entry = {"parent": fl.parent, "parent_latent": fl.parent_latent, "parent_tokens": n_p,
+             "silent": None, "absorbed": None, "absorption": None, "parent_silent": None,
+             "children": children}
+    if silent is not None and n_p:
+      entry.update(silent=int(silent.sum()), absorbed=int(absorbed_any.sum()),
+                   absorption=float(absorbed_any.sum() / n_p),
+                   parent_silent=float(silent.sum() / n_p))
+    out.append(entry)
+  return out
+
+
+def hedging(codes_MF: Any, h: Hierarchy,
+            latents: Sequence[FamilyLatents] | None = None) -> list[dict[str, Any]]:
+  """Where a child latent's firing mass lies: on the child, on the rest of the parent, outside.
+
+  For each child c with latent a_c (`family_latents`) and mass m_t = max(code_{a_c}(t), 0) over
+  the tokens where the parent is defined:
+
+      hedging(c) = Σ_{t ∈ P \\ c} m_t / Σ_t m_t,
+
+  next to `on_child` = Σ_{t ∈ c} m_t / Σ m_t and `outside` = Σ_{t ∉ P} m_t / Σ m_t (the three
+  sum to 1). A child latent that hedges towards its parent puts mass on parent-but-not-child
+  tokens; one that is the parent's own latent in disguise has hedging ≈ 1 − |c| / |P|.
+
+  Returns:
+    One dict per (family, child): `parent`, `child`, `latent` and the fractions `on_child`,
+    `hedging`, `outside` (None when the child has no latent or the latent never fires).
+  """
+  codes = firing.check_codes(codes_MF, h.columns.num_tokens)
+  if latents is None:
+    latents = family_latents(firing.firing_counts(codes, h.columns), h)
+  out = []
+  for fl in latents:
+    j = h.columns.names.index(fl.parent)
+    universe = h.columns.defined[:, j]
+    p_pos = _positives(h.columns, fl.parent)
+    for child, a_c in zip(fl.children, fl.child_latents):
+      entry = {"parent": fl.parent, "child": child, "latent": a_c, "on_child": None,
+               "hedging": None, "outside": None}
+      if a_c >= 0:
+        m = np.where(universe, np.maximum(codes[:, a_c], 0.0), 0.0).astype(np.float64)
+        total = m.sum()
+        if total > 0:
+          c_pos = _positives(h.columns, child)
+          entry.update(on_child=float(m[c_pos].sum() / total),
+                       hedging=float(m[p_pos & ~c_pos].sum() / total),
+                       outside=float(m[~p_pos].sum() / total))
+      out.append(entry)
+  return out
