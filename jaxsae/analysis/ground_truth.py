@@ -309,11 +309,12 @@ def ground_truth_summary(codes: Any, lm: recovery.LabelMatrix, h: hierarchy_lib.
 
   Returns:
     `{"features", "hierarchy", "probing_raw", "settings", "variants": {id: {...}}}`; each
-    variant holds `mcc` (estimate dict over matched pairs), `mcc_null` (`null_mcc` at the
-    median defined-token count), `matched` and `latent_classification` (P / R / F1 means),
+    variant holds `mcc` (estimate dict: the mean over matched pairs; its SE is the spread over
+    features, the units, not token sampling), `mcc_null` (`null_mcc` at the median
+    defined-token count), `matched` and `latent_classification` (P / R / F1 means),
     `split_latents`, per-feature `features`, `probing` (SAE vs raw, per k), and with families
-    `absorption` (pooled Wilson fraction, mean over families, per family) and `hedging`, with
-    `recon` `shrinkage`.
+    `absorption` (pooled Wilson fraction, mean over families, per family) and `hedging`; with
+    `recon`, `shrinkage`.
   """
   codes = np.asarray(codes, np.float32)
   if codes.ndim not in (2, 3):

@@ -16,7 +16,8 @@ raw activation dimensions, or all raw dimensions), and is scored on held-out tok
 - scores on the test tokens: accuracy (with its Wilson interval), balanced accuracy, F1.
 
 A column needs at least one positive and one negative token in both halves; others are skipped
-(None).
+(None). Cost: a [C, K] matmul for the selection, then per column a k × k solve (and with
+`full=True` a C × C one, O(M·C²) per column for the Gram matrix).
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ def mean_difference(x_MC: np.ndarray, lm: recovery.LabelMatrix, train_M: np.ndar
   """`[C, K]` |mean(x | y = 1) − mean(x | y = 0)| over each column's defined training tokens
   (0 where a class is empty)."""
   use_MK = lm.defined & train_M[:, None]
-  pos_MK = (use_MK & (lm.values == 1)).astype(np.float64)
-  neg_MK = (use_MK & (lm.values == 0)).astype(np.float64)
-  x = np.asarray(x_MC, np.float64)
-  n_pos, n_neg = pos_MK.sum(axis=0), neg_MK.sum(axis=0)
+  pos_MK = (use_MK & (lm.values == 1)).astype(np.float32)
+  neg_MK = (use_MK & (lm.values == 0)).astype(np.float32)
+  x = np.asarray(x_MC, np.float32)
+  n_pos, n_neg = pos_MK.sum(axis=0, dtype=np.float64), neg_MK.sum(axis=0, dtype=np.float64)
   ok = (n_pos > 0) & (n_neg > 0)
-  diff = x.T @ pos_MK / np.maximum(n_pos, 1) - x.T @ neg_MK / np.maximum(n_neg, 1)
+  # Class sums as float32 matmuls (codes can be large); the means in float64.
+  diff = ((x.T @ pos_MK).astype(np.float64) / np.maximum(n_pos, 1)
+          - (x.T @ neg_MK).astype(np.float64) / np.maximum(n_neg, 1))
   return np.where(ok[None, :], np.abs(diff), 0.0)
 
 
@@ -110,7 +113,7 @@ def sparse_probe(x_MC: Any, lm: recovery.LabelMatrix, *, ks: Sequence[int] = (1,
     Column name → None (too few tokens of a class in a half) or `{"k=1": {"dims", "accuracy"
     (estimate dict), "balanced_accuracy", "f1", "n_test"}, ...}`.
   """
-  x = np.asarray(x_MC, np.float64)
+  x = np.asarray(x_MC, np.float32)  # only the probed sub-blocks go to float64
   if x.ndim != 2 or x.shape[0] != lm.num_tokens:
     raise ValueError(f"x must be [M={lm.num_tokens}, C], got shape {x.shape}.")
   bad = [n for n, k in zip(lm.names, lm.kinds) if k not in recovery.BINARY_KINDS]
@@ -123,7 +126,7 @@ def sparse_probe(x_MC: Any, lm: recovery.LabelMatrix, *, ks: Sequence[int] = (1,
   out: dict[str, dict[str, Any] | None] = {}
   for j, name in enumerate(lm.names):
     d, y = lm.defined[:, j], lm.values[:, j]
-    tr, te = d & train, d & ~train
+    tr, te = np.nonzero(d & train)[0], np.nonzero(d & ~train)[0]
     if min(np.sum(y[tr] == 1), np.sum(y[tr] == 0), np.sum(y[te] == 1), np.sum(y[te] == 0)) < 1:
       out[name] = None
       continue
@@ -133,8 +136,8 @@ def sparse_probe(x_MC: Any, lm: recovery.LabelMatrix, *, ks: Sequence[int] = (1,
       probes["full"] = np.arange(x.shape[1])
     res = {}
     for key, dims in probes.items():
-      mean, scale, beta = fit_probe(x[tr][:, dims], y[tr], ridge)
-      pred = ((x[te][:, dims] - mean) / scale) @ beta > 0
+      mean, scale, beta = fit_probe(x[np.ix_(tr, dims)], y[tr], ridge)
+      pred = ((x[np.ix_(te, dims)].astype(np.float64) - mean) / scale) @ beta > 0
       res[key] = {"dims": [int(c) for c in dims] if key != "full" else None,
                   **_score(pred, y[te])}
     out[name] = res
