@@ -357,3 +357,24 @@ def test_summary_on_a_tiny_lm_and_sae_grid_is_json_and_consistent(dyck):
     assert set(v["probing"]["raw"]) == {"k=1", "k=2", "k=5", "full"}
     assert len(v["absorption"]["families"]) == len(h.families) == 1
     assert len(v["hedging"]["children"]) == len(h.families[0].children)
+
+
+def test_full_probe_from_shared_moments_equals_the_direct_fit():
+  rng = np.random.default_rng(10)
+  m, d = 600, 6
+  y = rng.random(m) < 0.3
+  und = rng.random(m) < 0.1
+  lm = _binary_lm({"y": y.astype(int), "rare": (rng.random(m) < 0.9).astype(int)},
+                  {"y": und, "rare": und})
+  acts = (rng.normal(size=(m, d)) + 1.5 * np.outer(y, rng.normal(size=d)) + 50.0)  # offset
+  acts[:, 2] = 7.0  # a constant input is dropped, not divided by 0
+  out = sparse_probing.sparse_probe(acts, lm, ks=(), full=True)
+  train = sparse_probing.train_mask(m, 0.8)
+  for j, name in enumerate(lm.names):
+    d_ok, yy = lm.defined[:, j], lm.values[:, j]
+    tr, te = d_ok & train, d_ok & ~train
+    mean, scale, beta = sparse_probing.fit_probe(acts[tr], yy[tr])
+    assert beta[2] == 0.0
+    pred = ((acts[te] - mean) / scale) @ beta > 0
+    correct = int(np.sum(pred == (yy[te] == 1)))
+    assert out[name]["full"]["accuracy"]["successes"] == correct, name

@@ -64,8 +64,18 @@ class MatchedRecovery:
     return float(self.abs_corr_K[matched].mean()) if matched.any() else 0.0
 
 
+def _abs_corr(codes_MF: np.ndarray, lm: recovery.LabelMatrix, corr_FK: Any) -> np.ndarray:
+  corr = recovery.correlations(codes_MF, lm) if corr_FK is None else corr_FK
+  abs_FK = np.abs(np.nan_to_num(np.asarray(corr, np.float64)))
+  if abs_FK.shape != (codes_MF.shape[1], lm.num_columns):
+    raise ValueError(f"corr_FK has shape {abs_FK.shape}, expected [F, K] = "
+                     f"{(codes_MF.shape[1], lm.num_columns)}.")
+  return abs_FK
+
+
 def matched_recovery(codes_MF: Any, lm: recovery.LabelMatrix,
-                     counts: firing.FiringCounts | None = None) -> MatchedRecovery:
+                     counts: firing.FiringCounts | None = None, corr_FK: Any = None
+                     ) -> MatchedRecovery:
   """Mean max correlation with a one-to-one matching, and the matched latents' P / R / F1.
 
   The score of (latent f, column k) is |Pearson(codes[:, f], column k)| over k's defined tokens
@@ -84,7 +94,8 @@ def matched_recovery(codes_MF: Any, lm: recovery.LabelMatrix,
   Args:
     codes_MF: `[M, F]`.
     lm: binary columns.
-    counts: `firing_counts(codes_MF, lm)` if already computed.
+    counts: `firing.firing_counts(codes_MF, lm)` if already computed.
+    corr_FK: `recovery.correlations(codes_MF, lm)` if already computed.
 
   Returns:
     `MatchedRecovery`.
@@ -92,7 +103,7 @@ def matched_recovery(codes_MF: Any, lm: recovery.LabelMatrix,
   firing.check_binary(lm)
   codes = firing.check_codes(codes_MF, lm.num_tokens)
   counts = firing.firing_counts(codes, lm) if counts is None else counts
-  abs_FK = np.abs(np.nan_to_num(np.asarray(recovery.correlations(codes, lm), np.float64)))
+  abs_FK = _abs_corr(codes, lm, corr_FK)
   cols, rows = scipy.optimize.linear_sum_assignment(abs_FK.T, maximize=True)
   k = lm.num_columns
   latent_K = np.full((k,), -1, np.int64)
@@ -104,13 +115,15 @@ def matched_recovery(codes_MF: Any, lm: recovery.LabelMatrix,
 
 
 def latent_classification(codes_MF: Any, lm: recovery.LabelMatrix,
-                          counts: firing.FiringCounts | None = None) -> dict[str, np.ndarray]:
+                          counts: firing.FiringCounts | None = None, corr_FK: Any = None
+                          ) -> dict[str, np.ndarray]:
   """SynthSAEBench's classification scores: every latent against its best column.
 
   Each latent f is paired with the column k(f) = argmax_k |Pearson(f, k)| (SynthSAEBench pairs by
   decoder |cosine|, which needs true directions), and scored as a classifier of that column:
   precision, recall, F1 of "fires (> 0)" over k(f)'s defined tokens, 0 where undefined (a dead
-  latent scores 0). Average over latents for SynthSAEBench's numbers.
+  latent scores 0). Average over latents for SynthSAEBench's numbers. `counts` and `corr_FK`
+  as in `matched_recovery`.
 
   Returns:
     `{"column_F", "precision_F", "recall_F", "f1_F"}`.
@@ -118,7 +131,7 @@ def latent_classification(codes_MF: Any, lm: recovery.LabelMatrix,
   firing.check_binary(lm)
   codes = firing.check_codes(codes_MF, lm.num_tokens)
   counts = firing.firing_counts(codes, lm) if counts is None else counts
-  abs_FK = np.abs(np.nan_to_num(np.asarray(recovery.correlations(codes, lm), np.float64)))
+  abs_FK = _abs_corr(codes, lm, corr_FK)
   col_F = np.argmax(abs_FK, axis=1)
   f = np.arange(abs_FK.shape[0])
   return {"column_F": col_F, "precision_F": counts.precision_FK[f, col_F],
@@ -240,8 +253,9 @@ def json_ready(obj: Any) -> Any:
 def _variant_summary(codes_MF, features, h, recon_MD, acts_MD, raw_probe, *, ks,
                      train_fraction, precision_min, recall_min):
   counts = firing.firing_counts(codes_MF, features)
-  mr = matched_recovery(codes_MF, features, counts)
-  lc = latent_classification(codes_MF, features, counts)
+  corr_FK = recovery.correlations(codes_MF, features)
+  mr = matched_recovery(codes_MF, features, counts, corr_FK)
+  lc = latent_classification(codes_MF, features, counts, corr_FK)
   split = firing.splitting(codes_MF, features, counts, precision_min=precision_min,
                     recall_min=recall_min)
   per_feature = {

@@ -55,6 +55,23 @@ def mean_difference(x_MC: np.ndarray, lm: recovery.LabelMatrix, train_M: np.ndar
   return np.where(ok[None, :], np.abs(diff), 0.0)
 
 
+def _solve(mean_pos: np.ndarray, mean_neg: np.ndarray, cov_w: np.ndarray, ref: np.ndarray,
+           ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The probe from class means and the class-balanced covariance about μ = (m₁ + m₀) / 2.
+
+  With weights summing to 1, Zᵀ W (y − ½) = (m₁ − m₀) / (4·scale), so the solve needs only
+  these moments. An input whose balanced variance is below 1e-10 of `ref` (its second moment
+  about the centre the moments were taken around) counts as constant and is dropped.
+  """
+  var = np.diag(cov_w)
+  live = var > 1e-10 * np.maximum(ref, np.finfo(np.float64).tiny)
+  scale = np.where(live, np.sqrt(np.where(live, var, 1.0)), 1.0)
+  corr = np.where(np.outer(live, live), cov_w / np.outer(scale, scale), 0.0)
+  rhs = np.where(live, (mean_pos - mean_neg) / (4 * scale), 0.0)
+  beta = np.linalg.solve(corr + ridge * np.eye(corr.shape[0]), rhs)
+  return (mean_pos + mean_neg) / 2, scale, np.where(live, beta, 0.0)
+
+
 def fit_probe(x_NC: np.ndarray, y_N: np.ndarray, ridge: float = 1e-3
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Class-balanced ridge least squares (module docstring).
@@ -66,24 +83,42 @@ def fit_probe(x_NC: np.ndarray, y_N: np.ndarray, ridge: float = 1e-3
 
   Returns:
     `(mean_C, scale_C, beta_C)`: predict 1 iff ((x − mean) / scale) · beta > 0 (beta 0 on
-    constant inputs).
+    constant inputs); mean is the class-balanced mean (m₁ + m₀) / 2.
   """
   x = np.asarray(x_NC, np.float64)
-  y = np.asarray(y_N, np.float64)
-  n_pos = y.sum()
-  n_neg = y.size - n_pos
+  y = np.asarray(y_N) == 1
+  n_pos, n_neg = int(y.sum()), int((~y).sum())
   if n_pos == 0 or n_neg == 0:
     raise ValueError("fit_probe needs both classes in the training tokens.")
-  w = np.where(y == 1, 0.5 / n_pos, 0.5 / n_neg)
-  mean = w @ x
-  xc = x - mean
-  sd = np.sqrt(w @ np.square(xc))
-  live = sd > 1e-12 * np.maximum(np.abs(mean), 1.0)
-  scale = np.where(live, sd, 1.0)
-  z = np.where(live, xc / scale, 0.0)
-  gram = z.T @ (w[:, None] * z) + ridge * np.eye(z.shape[1])
-  beta = np.linalg.solve(gram, z.T @ (w * (y - 0.5)))
-  return mean, scale, np.where(live, beta, 0.0)
+  m_pos, m_neg = x[y].mean(axis=0), x[~y].mean(axis=0)
+  xc = x - (m_pos + m_neg) / 2
+  w = np.where(y, 0.5 / n_pos, 0.5 / n_neg)
+  cov_w = xc.T @ (w[:, None] * xc)
+  return _solve(m_pos, m_neg, cov_w, w @ np.square(x), ridge)
+
+
+def _fit_full(x_NC: np.ndarray, y_N: np.ndarray, centre_C: np.ndarray, gram_CC: np.ndarray,
+              ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`fit_probe` on all inputs from `gram_CC` = Σ (x − c)(x − c)ᵀ over the training tokens
+  (shared by the columns with this defined mask): only the smaller class is summed here, the
+  other's scatter is the difference."""
+  y = np.asarray(y_N) == 1
+  small = y if y.sum() <= (~y).sum() else ~y
+  xs = x_NC[small].astype(np.float64) - centre_C
+  n_s, n_l = int(small.sum()), int((~small).sum())
+  sum_s = xs.sum(axis=0)
+  sum_l = (x_NC.sum(axis=0, dtype=np.float64) - x_NC.shape[0] * centre_C) - sum_s
+  scat_s = xs.T @ xs
+  scat_l = gram_CC - scat_s
+  m_s, m_l = sum_s / n_s, sum_l / n_l
+  # Balanced covariance about μ: ½ Cov₁ + ½ Cov₀ + δδᵀ with δ = (m₁ − m₀) / 2.
+  delta = (m_s - m_l) / 2
+  cov_w = (0.5 * (scat_s / n_s - np.outer(m_s, m_s)) + 0.5 * (scat_l / n_l - np.outer(m_l, m_l))
+           + np.outer(delta, delta))
+  m_pos, m_neg = (m_s, m_l) if small is y else (m_l, m_s)
+  ref = 0.5 * np.diag(scat_s) / n_s + 0.5 * np.diag(scat_l) / n_l
+  mean, scale, beta = _solve(m_pos + centre_C, m_neg + centre_C, cov_w, ref, ridge)
+  return mean, scale, beta
 
 
 def _score(pred: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -123,6 +158,7 @@ def sparse_probe(x_MC: Any, lm: recovery.LabelMatrix, *, ks: Sequence[int] = (1,
     raise ValueError(f"ks={tuple(ks)} must be positive ints.")
   train = train_mask(lm.num_tokens, train_fraction)
   score_CK = mean_difference(x, lm, train)
+  grams: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # defined-train mask → centre, Gram
   out: dict[str, dict[str, Any] | None] = {}
   for j, name in enumerate(lm.names):
     d, y = lm.defined[:, j], lm.values[:, j]
@@ -136,7 +172,15 @@ def sparse_probe(x_MC: Any, lm: recovery.LabelMatrix, *, ks: Sequence[int] = (1,
       probes["full"] = np.arange(x.shape[1])
     res = {}
     for key, dims in probes.items():
-      mean, scale, beta = fit_probe(x[np.ix_(tr, dims)], y[tr], ridge)
+      if key == "full":
+        mask_key = np.packbits(d & train).tobytes()
+        if mask_key not in grams:
+          xt = x[tr].astype(np.float64)
+          centre = xt.mean(axis=0)
+          grams[mask_key] = (centre, (xt - centre).T @ (xt - centre))
+        mean, scale, beta = _fit_full(x[tr], y[tr], *grams[mask_key], ridge)
+      else:
+        mean, scale, beta = fit_probe(x[np.ix_(tr, dims)], y[tr], ridge)
       pred = ((x[np.ix_(te, dims)].astype(np.float64) - mean) / scale) @ beta > 0
       res[key] = {"dims": [int(c) for c in dims] if key != "full" else None,
                   **_score(pred, y[te])}
