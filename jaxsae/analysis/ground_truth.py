@@ -257,7 +257,7 @@ def _variant_summary(codes_MF, features, h, recon_MD, acts_MD, raw_probe, *, ks,
   mr = matched_recovery(codes_MF, features, counts, corr_FK)
   lc = latent_classification(codes_MF, features, counts, corr_FK)
   split = firing.splitting(codes_MF, features, counts, precision_min=precision_min,
-                    recall_min=recall_min)
+                           recall_min=recall_min)
   per_feature = {
       name: {"latent": int(mr.latent_K[k]), "abs_corr": mr.abs_corr_K[k],
              "precision": mr.precision_K[k], "recall": mr.recall_K[k], "f1": mr.f1_K[k],

@@ -16,8 +16,9 @@ raw activation dimensions, or all raw dimensions), and is scored on held-out tok
 - scores on the test tokens: accuracy (with its Wilson interval), balanced accuracy, F1.
 
 A column needs at least one positive and one negative token in both halves; others are skipped
-(None). Cost: a [C, K] matmul for the selection, then per column a k × k solve (and with
-`full=True` a C × C one, O(M·C²) per column for the Gram matrix).
+(None). Cost: a [C, K] matmul for the selection, then per column a k × k solve; with
+`full=True` also a C × C one, from a Gram matrix shared by the columns with one defined mask
+(O(M·C²) once per mask) and the scatter of the column's smaller class (O(min(n₁, n₀)·C²)).
 """
 
 from __future__ import annotations
@@ -117,8 +118,7 @@ def _fit_full(x_NC: np.ndarray, y_N: np.ndarray, centre_C: np.ndarray, gram_CC: 
            + np.outer(delta, delta))
   m_pos, m_neg = (m_s, m_l) if small is y else (m_l, m_s)
   ref = 0.5 * np.diag(scat_s) / n_s + 0.5 * np.diag(scat_l) / n_l
-  mean, scale, beta = _solve(m_pos + centre_C, m_neg + centre_C, cov_w, ref, ridge)
-  return mean, scale, beta
+  return _solve(m_pos + centre_C, m_neg + centre_C, cov_w, ref, ridge)
 
 
 def _score(pred: np.ndarray, y: np.ndarray) -> dict[str, Any]:
