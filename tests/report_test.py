@@ -441,3 +441,46 @@ def test_grammaticality_carries_wilson_intervals_over_its_generations():
   lo, hi = assemble.wilson(1.0, 64)
   assert hi == 1.0 and 0.9 < lo < 0.96  # not degenerate at k = n
   assert assemble.wilson(None, 64) is None and assemble.wilson(0.5, None) is None
+
+
+def test_seed_table_and_paired_se_cells(tmp_path):
+  summary, eval_results = _synthetic_run()
+  for vid in list(summary["variants"]):  # two more seeds of every variant: L0 +10%, +30%
+    for seed, f in ((1, 1.1), (2, 1.3)):
+      new = f"{vid}s{seed}"
+      hp = dict(summary["variants"][vid]["hparams"], seed=seed)
+      summary["variants"][new] = dict(summary["variants"][vid], hparams=hp)
+      ev = dict(eval_results["variants"][vid], hparams=hp)
+      ev["l0"] = f * float(ev["l0"])
+      eval_results["variants"][new] = ev
+  eval_results["variants"]["v000"]["ce_increase_se"] = 0.0123
+  paths = assemble.write_report(str(tmp_path), summary=summary, eval_results=eval_results)
+  rep = json.load(open(paths["report.json"]))
+  md = open(paths["report.md"]).read()
+  row = next(c for c in rep["seeds"] if c["ids"][0] == "v000")
+  assert row["ids"] == ["v000", "v000s1", "v000s2"] and row["n_seeds"] == 3
+  l0 = float(eval_results["variants"]["v000"]["l0"]) * np.array([1.0, 1.1, 1.3])
+  assert row["l0"]["value"] == pytest.approx(l0.mean())
+  assert row["l0"]["se"] == pytest.approx(l0.std(ddof=1) / np.sqrt(3))
+  assert "### Over seeds" in md
+  variants = {r["id"]: r for r in _md_table_rows(md, "id")}
+  assert variants["v000"]["CE increase"].endswith("± 0.012")
+  assert variants["v000s1"]["key hparams"].endswith("s1")
+  assert "±" not in variants["v001"]["CE increase"]  # no SE given: the value alone
+
+
+def test_lm_length_match_is_reported(tmp_path):
+  from jaxsae.lm import lengths  # pylint: disable=g-import-not-at-top
+  summary, eval_results = _synthetic_run()
+  rng = np.random.default_rng(0)
+  data, gen = rng.integers(2, 20, 500), rng.integers(2, 10, 200)
+  match = lengths.length_match(gen, np.ones(200, bool), gen % 3 > 0, data)
+  lm = {"language": "dyck2", "steps": 100, "grammatical_fraction": 0.9, "generations": "2 x 100",
+        "length": {"match": match}}
+  paths = assemble.write_report(str(tmp_path), summary=summary, eval_results=eval_results, lm=lm)
+  rep = json.load(open(paths["report.json"]))
+  assert rep["clean"]["lm"]["length_match"]["tv"] == pytest.approx(match["tv"])
+  md = open(paths["report.md"]).read()
+  assert f"total variation {match['tv']:.3g}" in md or f"total variation {match['tv']:.4g}" in md
+  rows = _md_table_rows(md, "lengths")
+  assert sum(int(r["generations"]) for r in rows) == 200

@@ -2,7 +2,7 @@
 
 `write_report` is called by the eval job and the pipeline; it only reads the dicts below (every
 number in the report comes from them) and never touches a checkpoint. This module holds
-`write_report` and the markdown; the data logic is in `comparison.py` (SAE types, grids,
+`write_report` (the report's data, in report.json); `report/markdown.py` renders report.md; the data logic is in `comparison.py` (SAE types, grids,
 feature recovery and causal predictability per type) and `matched.py` (Pareto fronts and the
 matched comparison), the figures are drawn by `report/plots.py`.
 
@@ -72,12 +72,15 @@ from jaxsae.analysis import comparison
 from jaxsae.analysis import matched
 from jaxsae.core import jsonio
 from jaxsae.core import stats
+from jaxsae.report import markdown
 from jaxsae.report import plots as plots_lib
 
 _GRAM_COMBOS = ("corrected/all", "corrected/sentence", "original/all", "original/sentence")
 _METRICS = ("l0", "alive", "dead", "ce_increase", "kl", "ce_recovered_zero", "ce_recovered_mean",
             "ev_token_mean", "ev_ratio_of_sums", "nmse", "top1_agreement",
-            "grammatical_mass_spliced", "norm_ratio", "b_dec_norm")
+            "grammatical_mass_spliced", "norm_ratio", "b_dec_norm", "ce_increase_se", "kl_se")
+# Per configuration (seeds pooled): the metrics of the seed table, as mean ± SE over seeds.
+_SEED_METRICS = ("l0", "alive", "ce_increase", "kl", "ev_token_mean", "grammaticality")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,15 +123,6 @@ def wilson(fraction: float | None, n: int | None) -> list[float] | None:
   return [lo, hi]
 
 
-def _frac(p, interval) -> str:
-  """A fraction with its 95% interval, e.g. '0.984 [0.945, 0.996]'."""
-  if p is None:
-    return comparison.format_number(p)
-  if not interval:
-    return comparison.format_number(p)
-  return f"{p:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
-
-
 def _variant_rows(summary, eval_results, combo: str | None) -> list[dict[str, Any]]:
   ev = eval_results["variants"]
   n_gen = generations(eval_results.get("grammaticality_settings"))
@@ -154,7 +148,32 @@ def _variant_rows(summary, eval_results, combo: str | None) -> list[dict[str, An
         for k, v in e.items() if k.startswith("grammaticality/")}
     row["training_metrics"] = dict(s.get("metrics", {}))
     rows.append(row)
+  if len({r["hparams"].get("seed", 0) for r in rows}) > 1:  # name the seed where there are seeds
+    for r in rows:
+      r["key_hparam"] = f"{r['key_hparam']} s{r['hparams'].get('seed', 0)}".strip()
   return rows
+
+
+def seed_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """Per configuration with several seeds (`matched.seed_configs`; frozen variants left out):
+  its ids and, for each of `_SEED_METRICS`, the mean over seeds with its SE
+  (`stats.mean_se`)."""
+  configs = matched.seed_configs([r for r in rows if not r["frozen"]])
+  by_key: dict[str, list[Mapping[str, Any]]] = {}
+  for r in rows:
+    if r["id"] in configs:
+      by_key.setdefault(configs[r["id"]], []).append(r)
+  out = []
+  for members in by_key.values():
+    if len(members) < 2:
+      continue
+    first = members[0]
+    out.append({
+        "ids": [m["id"] for m in members], "type": first["type"],
+        "key_hparam": _key_hparam(first["hparams"]), "n_seeds": len(members),
+        **{m: stats.mean_se([comparison.as_float(r[m]) if r[m] is not None else np.nan
+                             for r in members]) for m in _SEED_METRICS}})
+  return sorted(out, key=lambda c: (comparison.type_sort_key(c["type"]), c["ids"][0]))
 
 
 def _combos(eval_results) -> list[str]:
@@ -188,31 +207,6 @@ def _check_inputs(summary, eval_results) -> None:
     if a is not None and b is not None and a != b:
       raise ValueError(f"summary {k}={a!r} but eval_results {k}={b!r}: they come from different "
                        "runs; pass the eval.json of the same sae workdir.")
-
-
-def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-  cell = lambda v: v if isinstance(v, str) else comparison.format_number(v)
-  lines = ["| " + " | ".join(h.replace("|", "\\|") for h in headers) + " |",
-           "|" + "---|" * len(headers)]
-  lines += ["| " + " | ".join(cell(v).replace("|", "\\|") for v in r) + " |" for r in rows]
-  return lines + [""]
-
-
-def _ratio_interval(interval: Mapping[str, Any] | None) -> str:
-  if interval is None:
-    return "—"
-  return _interval([interval["lo"], interval["hi"]])
-
-
-def _interval(lo_hi: Sequence[Any] | None) -> str:
-  if not lo_hi:
-    return "—"
-  return (f"[{comparison.format_number(lo_hi[0], 3)}, "
-          f"{comparison.format_number(lo_hi[1], 3)}]")
-
-
-def _safe(name: str) -> str:
-  return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name))
 
 
 def _corr_names(features: Mapping[str, Any] | None) -> list[str]:
@@ -283,6 +277,8 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
     rep["clean"]["lm"]["generations"] = generations(lm.get("generations"))
     rep["clean"]["lm"]["grammatical_fraction_interval"] = wilson(
         rep["clean"]["lm"]["grammatical_fraction"], rep["clean"]["lm"]["generations"])
+    # How far the LM's generated lengths are from its language's (`lm.lengths.length_match`).
+    rep["clean"]["lm"]["length_match"] = (lm.get("length") or {}).get("match")
   n_gen = generations(eval_results.get("grammaticality_settings"))
   rep["clean"]["eval"]["generations"] = n_gen
   rep["clean"]["eval"]["grammaticality_interval"] = wilson(
@@ -290,6 +286,7 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
   rep["grammaticality_combo"] = combo
   rep["grammaticality_combos"] = combos
   rep["variants"] = rows
+  rep["seeds"] = seed_table(rows)
 
   # Trade-offs (frozen variants drawn as crosses) and the matched comparison (left out).
   configs = matched.seed_configs(rows)
@@ -337,7 +334,7 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
       plot("feature_recovery", plots_lib.plot_feature_recovery, rec)
     for vid, corr in sorted((features.get("corr") or {}).items()):
       corr = np.asarray(corr, np.float64)
-      plot(f"corr_{_safe(vid)}", plots_lib.plot_correlation, corr, corr_names,
+      plot(f"corr_{markdown.safe_name(vid)}", plots_lib.plot_correlation, corr, corr_names,
            top=top_corr_latents, title=f"{vid} ({types.get(vid, '?')})")
       lat = plots_lib.top_latents(corr, top_corr_latents)
       rep["feature_recovery"]["heatmaps"][vid] = {
@@ -379,168 +376,7 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
 
   md_path = os.path.join(out_dir, "report.md")
   with open(md_path, "w") as f:
-    f.write("\n".join(_render(rep)) + "\n")
+    f.write("\n".join(markdown.render(rep)) + "\n")
   json_path = os.path.join(out_dir, "report.json")
   jsonio.write(json_path, jsonio.jsonable(rep))
   return {"report.md": md_path, "report.json": json_path, **paths}
-
-
-def _render(rep: Mapping[str, Any]) -> list[str]:
-  """report.md lines from the report dict (the single source of every number)."""
-  run, meta, plots = rep["run"], rep["meta"], rep["plots"]
-  img = lambda name, alt: [f"![{alt}]({plots[name]})", ""] if name in plots else []
-  out = [f"# SAE report: {run['language']} at {run['site']}", ""]
-
-  out += ["## Run", ""]
-  out += [f"- language: {run['language']}", f"- site: {run['site']}",
-          f"- SAE steps: {comparison.format_number(run['steps'])}; LM step: "
-          f"{comparison.format_number(run['lm_step'])}",
-          f"- variants: {run['n_variants']} in {run['n_groups']} groups, {run['n_frozen']} "
-          f"frozen; types: {', '.join(run['types'])}"]
-  if meta:
-    out += [f"- commit: {meta.get('commit', '—')}", f"- machine: {meta.get('machine', '—')}",
-            f"- date: {meta.get('date', '—')}", ""]
-    stages = meta.get("stage_seconds") or {}
-    if stages:
-      out += _md_table(["stage", "seconds"],
-                       [[k, comparison.as_float(v)] for k, v in stages.items()])
-  else:
-    out += ["", "_Run metadata (commit, machine, date, stage times) not given._", ""]
-
-  out += ["## Clean model", ""]
-  ce, cl = rep["clean"]["eval"], rep["clean"].get("lm")
-  table = [["eval job (held-out)", _frac(ce["grammaticality"], ce["grammaticality_interval"]),
-            ce["generations"], ce["ce_clean"], ce["grammatical_mass_clean"]]]
-  if cl:
-    table.append(["LM job", _frac(cl["grammatical_fraction"],
-                                  cl["grammatical_fraction_interval"]),
-                  cl["generations"], cl["eval_ce"], cl["grammatical_next_token_mass"]])
-  out += _md_table(["source", "grammaticality [Wilson 95%]", "generations", "CE (nats)",
-                    "grammatical mass"], table)
-  out += ["The two CEs average over different tokens: the eval job's over the held-out "
-          "sequences' selected positions (next-token CE at the SAE's positions), the LM job's "
-          "over every non-pad target of its own held-out batches, the near-deterministic "
-          "decorator included (unless the LM masked it).", ""]
-  out += [f"Zero-ablation CE {comparison.format_number(ce['ce_zero_ablation'])}, mean-ablation CE "
-          f"{comparison.format_number(ce['ce_mean_ablation'])} (the baselines of CE "
-          "recovered).", ""]
-  if not cl:
-    out += ["_LM job summary not given._", ""]
-
-  out += ["## Variants", ""]
-  clean_g = ce["grammaticality"]
-  combo = rep["grammaticality_combo"]
-  out += [f"Spliced grammaticality: generation combo `{combo}` (mode/positions), with its Wilson "
-          f"95% interval over {ce['generations'] or '?'} generations; CE recovered "
-          "against zero ablation; EV = token-mean explained variance; ‖x̂‖/‖x‖ = token mean of "
-          "the reconstruction's norm over the activation's (shrinkage below 1); ‖b_dec‖ = the norm of "
-          "the bias added to every reconstruction (decoder bias plus pre-bias).", ""]
-  out += _md_table(
-      ["id", "type", "key hparams", "L0", "alive", "CE increase", "KL", "CE recovered", "EV",
-       "‖x̂‖/‖x‖", "‖b_dec‖", "spliced gram.", "clean gram.", "frozen"],
-      [[r["id"], r["type"], r["key_hparam"], r["l0"], r["alive"], r["ce_increase"], r["kl"],
-        r["ce_recovered_zero"], r["ev_token_mean"], r["norm_ratio"], r["b_dec_norm"],
-        _frac(r["grammaticality"], r["grammaticality_interval"]), clean_g,
-        f"FROZEN (step {r['bad_step']})" if r["frozen"] else ""] for r in rep["variants"]])
-  if len(rep["grammaticality_combos"]) > 1:
-    cs = rep["grammaticality_combos"]
-    out += ["Spliced grammaticality by splice mode / positions:", ""]
-    out += _md_table(["id"] + cs, [[r["id"]] + [
-        r["grammaticality_by_combo"].get(c, {}).get("mean") for c in cs] for r in rep["variants"]])
-  out += img("l0_vs_grammaticality", "spliced grammaticality vs L0")
-
-  out += ["## e2e vs local at matched CE increase", ""]
-  for y in ("l0", "alive"):
-    out += [f"- {s}" for s in rep["matched_text"][y]]
-  out += [""]
-  for y, m in rep["matched"].items():
-    pts = m["points"]
-    y_name = comparison.METRIC_NAMES[y]
-    if pts:
-      out += [f"Per configuration ({y_name}; reference = {m['reference']} Pareto front, "
-              f"{len(m['reference_front'])} points; CE increase and {y_name} are means over "
-              "seeds):", ""]
-      out += _md_table(["id", "type", "seeds", "CE increase", y_name,
-                        f"{m['reference']} at same CE", "ratio", "95% interval", "note"],
-                       [[p["id"], p["type"], p["n_seeds"], p["x"], p["y"], p["reference_y"],
-                         p["ratio"], _ratio_interval(p["ratio_interval"]), p["note"] or ""]
-                        for p in pts])
-  out += ["Frozen variants are left out of the comparison.", ""]
-  out += img("l0_vs_ce", "CE increase vs L0") + img("alive_vs_ce", "CE increase vs alive")
-
-  out += ["## Grid (Menon layout)", ""]
-  if rep["grids"]:
-    for metric, grids in rep["grids"].items():
-      for t, g in grids.items():
-        out += [f"{comparison.METRIC_NAMES.get(metric, metric)}, {t} (rows "
-                f"{g['row_field'] or '—'}, columns {g['col_field']}):", ""]
-        out += _md_table([g["row_field"] or ""] + [comparison.format_number(c) for c in g["cols"]],
-                         [[v if isinstance(v, str) else comparison.format_number(v)] + list(vals)
-                          for v, vals in zip(g["rows"], g["values"])])
-      out += img(f"grid_{metric}", f"grid of {metric}")
-  else:
-    out += ["_No SAE type spans a k/α × expansion grid in this run._", ""]
-
-  out += ["## Feature recovery", ""]
-  fr = rep["feature_recovery"]
-  if fr:
-    for t, r in fr["by_type"].items():
-      out += [f"### {t}", "",
-              f"Best SAE {r['best_variant']} (matching score "
-              f"{comparison.format_number(r['matching_score'])}; mean over the type's "
-              f"{len(r['variants'])} SAEs {comparison.format_number(r['mean_matching_score'])}). "
-              f"Labels with |corr| ≥ {comparison.STRONG_CORR}: "
-              f"{', '.join(r['labels_ge_0.8']) or 'none'}.", ""]
-      out += _md_table(["label", "best latent", "corr", "type mean best |corr|"],
-                       [[n, b["latent"], b["corr"], r["mean_best_abs_corr"].get(n)]
-                        for n, b in r["best_latents"].items()])
-    out += _md_table(["id", "matching score", "mean best |corr|", "labels ≥ 0.8", "dead"],
-                     [[vid, v["matching_score"], v["mean_best_abs_corr"],
-                       v["n_labels_corr_ge_0.8"], v["dead_latents"]]
-                      for vid, v in fr["per_variant"].items()])
-    out += img("feature_recovery", "feature recovery")
-    for vid in fr["heatmaps"]:
-      out += img(f"corr_{_safe(vid)}", f"correlations of {vid}")
-  else:
-    out += ["_Not computed for this run (no `features` input)._", ""]
-
-  out += ["## Causal predictability", ""]
-  cz, by_type = rep["causal"], rep["causal_by_type"]
-  if by_type:
-    fid = comparison.fidelity_metric(by_type)
-    fid_name = "NMSE" if fid == "nmse" else comparison.METRIC_NAMES[fid]
-    out += ["A pair acts as predicted when its signed effect (expected token classes moved in "
-            "the direction of the correlation) is positive and beats the same effect of random "
-            "live latents of the SAE at 95% (one-sided permutation test).", ""]
-    out += ["Per SAE type: means over the SAEs tested, and pooled over their pairs (Wilson 95% "
-            "interval; mean signed effect ± SE over pairs); medians over all of the type's live "
-            f"SAEs (spliced grammaticality: `{rep['grammaticality_combo']}`).", ""]
-    out += _md_table(["type", "SAEs tested", "fraction as predicted", "mean effect", "pairs",
-                      "pooled fraction [95% CI]", "pair effect ± SE", f"median {fid_name}",
-                      "median CE increase", "median spliced gram."],
-                     [[t, v["n_saes"], v["fraction_as_predicted"], v["mean_effect"],
-                       v.get("n_pairs"), stats.format_estimate(v.get("pooled_fraction")),
-                       stats.format_estimate(v.get("pooled_mean_effect"), style="se"), v[fid],
-                       v["ce_increase"], v["grammaticality"]] for t, v in by_type.items()])
-    out += [f"- {line}" for line in rep["causal_by_type_text"]]
-    out += [""] if rep["causal_by_type_text"] else []
-  if cz:
-    out += _md_table(["id", "type", "strong pairs", "tested", "as predicted", "fraction",
-                      "95% interval", "right sign", "mean effect", "± SE", "null latents"],
-                     [[vid, c["type"], c["n_strong"], c["n_tested"], c["n_as_predicted"],
-                       c["fraction_as_predicted"], _interval(c["fraction_as_predicted_interval"]),
-                       c["n_right_sign"], c["mean_effect"], c["mean_effect_se"], c["null_size"]]
-                      for vid, c in cz.items()])
-    for vid, c in cz.items():
-      bad = c["not_as_predicted"]
-      if bad:
-        out += [f"{vid}: pairs not acting as predicted:", ""]
-        out += _md_table(["latent", "label", "corr", "signed effect", "p", "null 95% quantile"],
-                         [[p["latent"], p["label"], p["corr"], p["signed_effect"], p["p_value"],
-                           p["null_quantile"]] for p in bad])
-  else:
-    out += ["_Not computed for this run (no `causal` input)._", ""]
-
-  if rep["notes"]:
-    out += ["## Notes", ""] + [f"- {n}" for n in rep["notes"]]
-  return out
