@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsae.core import variant_axis
 from jaxsae.grid import grid_step
 from jaxsae.grid import sae as sae_lib
 from jaxsae.grid import train_sae
@@ -128,9 +129,9 @@ def _decode_group(lm_params, sae_params, sae_state, hparams, clean_prefix, splic
                                 top_k=st.top_k, replace=replace)
       return gen.tokens, gen.finished
 
-    return grid_step.over_variants(batch, st.variant_loop)(keys_G)
+    return variant_axis.over_variants(batch, st.variant_loop)(keys_G)
 
-  return grid_step.over_variants(one, st.variant_loop)(sae_params, sae_state, hparams)
+  return variant_axis.over_variants(one, st.variant_loop)(sae_params, sae_state, hparams)
 
 
 def group_generations(setup: grid_step.Setup, lm_params, sae: sae_lib.SAEConfig, params,

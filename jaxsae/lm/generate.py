@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import grammars
-from jaxsae.grid import grid_step
+from jaxsae.core import variant_axis
 from jaxsae.lm import model as model_lib
 
 MAX_NEW_TOKENS = 118  # the spec's budget: 7 + 118 = 125 positions (<= 127 input positions)
@@ -150,7 +150,7 @@ def _generate(params, key, temperature, st: _Static) -> Generation:
 
 def _generate_batches(params, keys_G, temperature, st: _Static, batch_loop: str) -> Generation:
   prefix = _prefill(params, st)
-  return grid_step.over_variants(lambda k: _decode(params, prefix, k, temperature, st),
+  return variant_axis.over_variants(lambda k: _decode(params, prefix, k, temperature, st),
                                  batch_loop)(keys_G)
 
 
@@ -247,7 +247,7 @@ def generate_batches(params: model_lib.Params, model_config: model_lib.ModelConf
       replace: as in `generate`.
     keys: typed PRNG keys `[G]`; batch g is `generate(..., key=keys[g])`.
     batch_loop: `vmap`, `map`, or `auto` (`map` on a CPU backend, `vmap` elsewhere: the
-      convention of `grid_step.over_variants`).
+      convention of `variant_axis.over_variants`).
 
   Returns:
     A `Generation` whose fields have a leading axis G.
@@ -268,8 +268,8 @@ def generate_batches(params: model_lib.Params, model_config: model_lib.ModelConf
 
 def resolve_loop(choice: str) -> str:
   """`auto` -> `map` on a CPU backend, `vmap` elsewhere; `vmap` / `map` as given."""
-  if choice not in grid_step.VARIANT_LOOPS:
-    raise ValueError(f"batch_loop={choice!r}: use one of {grid_step.VARIANT_LOOPS}")
+  if choice not in variant_axis.VARIANT_LOOPS:
+    raise ValueError(f"batch_loop={choice!r}: use one of {variant_axis.VARIANT_LOOPS}")
   if choice == "auto":
     return "map" if jax.default_backend() == "cpu" else "vmap"
   return choice
