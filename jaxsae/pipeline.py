@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from jaxsae.analysis import causality
+from jaxsae.analysis import codes as codes_lib
 from jaxsae.analysis import comparison
 from jaxsae.analysis import recovery
 from jaxsae.core import jsonio
@@ -46,6 +47,8 @@ from jaxsae.evaluation import evaluate
 from jaxsae.grid import sae as sae_lib
 from jaxsae.grid import sae_groups
 from jaxsae.grid import train_sae
+from jaxsae.grid import trained as trained_lib
+from jaxsae.lm import lm_step
 from jaxsae.lm import train_lm
 from jaxsae.report import assemble as report_lib
 
@@ -149,7 +152,7 @@ def validate_config(config) -> None:
                      f"config.lm.language={config.lm.language!r}; set both with :language=")
   train_lm.validate_config(config.lm)
   train_sae.validate_config(config.sae)
-  sae_groups.build_groups(list(config.sae.sweep), train_lm.model_config_for(config.lm).d_model)
+  sae_groups.build_groups(list(config.sae.sweep), lm_step.model_config_for(config.lm).d_model)
   evaluate.validate_config(_sub_config(config.eval, sae_workdir="<sae>"))
   a = config.analysis
   for name in ("num_sequences", "max_pairs", "heatmap_latents"):
@@ -236,17 +239,17 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
   """
 
   os.makedirs(out_dir, exist_ok=True)
-  trained = train_sae.load_trained(sae_workdir)
+  trained = trained_lib.load(sae_workdir)
   setup = trained.setup
   key = jax.random.fold_in(jax.random.key(a.seed), _ANALYSIS_STREAM)
-  batch = recovery.analysis_batch(trained, key, a.num_sequences)
+  batch = codes_lib.analysis_batch(trained, key, a.num_sequences)
   lmat = batch.label_matrix()
   features: dict[str, Any] = {"columns": None, "variants": {}}
   corr: dict[str, np.ndarray] = {}
   hparams_by_id = {}
   t0 = time.perf_counter()
   for gi, spec in enumerate(setup.specs):
-    codes = recovery.collect_codes(trained, gi, batch.tokens_BT, batch.mask_BT)
+    codes = codes_lib.collect_codes(trained, gi, batch.tokens_BT, batch.mask_BT)
     params = jax.tree.map(lambda x: x[: spec.size], trained.state.groups[gi].params)
     decoders = jax.vmap(lambda p, c=spec.sae: sae_lib.dictionary(p, c))(params)
     summ = recovery.summarise(codes, lmat, decoders, ids=list(spec.ids))
@@ -278,7 +281,7 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
                             "variants": {}}
   if a.causal:
     for n, vid in enumerate(tested):
-      v = train_sae.variant(trained, vid)
+      v = trained.variant(vid)
       t1 = time.perf_counter()
       res = causality.causal_predictability(
           trained.lm.params, setup.model_config, setup.site, v.params, v.sae_config, v.hparams,

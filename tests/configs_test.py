@@ -14,6 +14,7 @@ from experiments.configs import sae_causal
 from experiments.configs import sae_menon
 from jaxsae.grid import sae_groups
 from jaxsae.grid import train_sae
+from jaxsae.lm import lm_step
 from jaxsae.lm import train_lm
 
 D_MODEL = 128  # the spec's LM width (the default lm config)
@@ -220,7 +221,7 @@ def test_every_config_builds(name):
     d_model = SMOKE_D_MODEL if arg == "smoke" else D_MODEL
     if config.job == "lm":
       train_lm.validate_config(config)
-      assert train_lm.model_config_for(config).d_model == d_model
+      assert lm_step.model_config_for(config).d_model == d_model
     elif config.job == "sae":
       train_sae.validate_config(config)
       assert sum(s.size for s in _groups(config, d_model)) >= 1

@@ -239,7 +239,7 @@ def check_input(what: str, recorded: Mapping[str, Any] | None, current: Mapping[
 
 
 def check_grid(workdir: str, grid: Mapping[str, Any], job: str) -> dict[str, Any]:
-  """The identity an eval or export `workdir` records for a grid (`train_sae.Trained.identity`,
+  """The identity an eval or export `workdir` records for a grid (`trained.TrainedGrid.identity`,
   its path made relative); refuses a grid other than the one recorded there. Writes nothing.
 
   Raises:

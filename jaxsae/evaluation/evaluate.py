@@ -1,6 +1,6 @@
 """Evaluation of an SAE grid: every metric of specs/sae.md for all variants of a group at once.
 
-The `eval` job (`run(config, workdir)`) reads a finished `sae` workdir (`train_sae.load_trained`),
+The `eval` job (`run(config, workdir)`) reads a finished `sae` workdir (`trained.load`),
 evaluates every variant on a held-out data stream and writes `eval.json`; it holds the eval
 workdir's writer lock and records the grid's identity there (`inputs.json`), refusing to write
 the results of a changed grid over those of the old one. This module drives
@@ -34,7 +34,7 @@ from jaxsae.grid import metrics as metrics_lib
 from jaxsae.grid import sae as sae_lib
 from jaxsae.grid import sae_groups
 from jaxsae.grid import sweep as sweep_lib
-from jaxsae.grid import train_sae
+from jaxsae.grid import trained as trained_lib
 from jaxsae.lm import generate as generate_lib
 from jaxsae.report import assemble as report_lib
 
@@ -209,7 +209,7 @@ def evaluate_group(spec: sae_groups.GroupSpec, params, sae_state: sae_lib.SAESta
 # A whole trained grid, and the job.
 
 
-def evaluate_trained(trained: train_sae.Trained, *, seed: int = 0, num_batches: int = 10,
+def evaluate_trained(trained: trained_lib.TrainedGrid, *, seed: int = 0, num_batches: int = 10,
                      batch_size: int = 128, window_tokens: int = 0,
                      grammaticality_batches: int = 5, grammaticality_batch_size: int = 128,
                      splice_mode: str | None = None, positions: str = "sentence",
@@ -220,7 +220,7 @@ def evaluate_trained(trained: train_sae.Trained, *, seed: int = 0, num_batches: 
   """Evaluates every variant of a trained grid; JSON-ready (NaN / inf as strings).
 
   Args:
-    trained: from `train_sae.load_trained`.
+    trained: the grid (`trained.load(workdir)`).
     seed: the evaluation seed (held-out data and generations; `eval_passes` docstring).
     num_batches, batch_size: the held-out set.
     window_tokens: firing window for alive / dead / dense (0: every evaluated token).
@@ -362,7 +362,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 
 
 def _run_locked(config, workdir: str) -> dict[str, Any]:
-  trained = train_sae.load_trained(config.sae_workdir)
+  trained = trained_lib.load(config.sae_workdir)
   identity = workdir_lib.check_grid(workdir, trained.identity, "eval")
   result = evaluate_trained(
       trained, seed=config.seed, num_batches=config.num_batches, batch_size=config.batch_size,
