@@ -115,8 +115,8 @@ def prepare(config, workdir: str | None = None, lm_pin: Mapping[str, Any] | None
   Args:
     config: the job's config.
     workdir: the grid's workdir (where `lm_pin` was recorded).
-    lm_pin: the identity of the LM the grid was built from (`bundle.LMBundle.identity`); the LM is
-      loaded at its step and must match it. Default: the newest LM checkpoint.
+    lm_pin: the identity of the LM the grid was built from (`bundle.LMBundle.identity`); the
+      LM is loaded at its step and must match it. Default: the newest LM checkpoint.
   """
   validate_config(config)
   lm = grid_setup.load_lm(config, workdir, lm_pin)
