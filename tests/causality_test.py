@@ -10,7 +10,7 @@ import pytest
 import fakes
 from jaxsae import grammars
 from jaxsae.analysis import causality
-from jaxsae.analysis import interventions
+from jaxsae.grammars import token_classes
 from jaxsae.grid import sae as sae_lib
 
 DYCK, MC = fakes.DYCK, fakes.TINY_DYCK_MC
@@ -57,7 +57,7 @@ def test_english_expectations_come_from_data():
   values = np.stack([np.where(pos >= 0, (pos == i).astype(float), np.nan)
                      for i in range(len(cats))] + [np.zeros(tokens.shape)] * 2, -1)
   exp = causality.expected_effects(eng, names, tokens, mask, label_values_BTK=values)
-  classes, member = interventions.token_classes(eng)
+  classes, member = token_classes.token_classes(eng)
   assert set(exp) == set(names[:len(cats)]) | {"eos_legal"}  # depth: no expectation
   np.testing.assert_array_equal(exp["eos_legal"], member[:, eng.eos_id].astype(float))
   # NP -> Adj N: an adjective is always followed by a noun, which nothing else is as often.

@@ -10,6 +10,7 @@ import pytest
 import fakes
 from jaxsae import grammars
 from jaxsae.analysis import interventions as iv
+from jaxsae.grammars import token_classes
 from jaxsae.grid import sae as sae_lib
 from jaxsae.lm import generate as generate_lib
 from jaxsae.lm import model as model_lib
@@ -198,7 +199,7 @@ def test_effect_measures_against_numpy():
 
 def test_intervention_effects_match_their_logits(lm, sae, data):
   tokens, mask = data.tokens, data.sentence_mask
-  names, member = iv.token_classes(DYCK)
+  names, member = token_classes.token_classes(DYCK)
   latents, values = np.array([2, 6, 11]), np.array([3.0, 0.0, 1.0], np.float32)
   eff = iv.intervention_effects(lm, MC, SITE, sae, SAE, HP, tokens, iv.clamp(0, 0.0), mask,
                                 member, latents_L=latents, values_L=values, chunk=2)
@@ -216,20 +217,20 @@ def test_intervention_effects_match_their_logits(lm, sae, data):
 
 
 def test_token_classes():
-  names, member = iv.token_classes(DYCK)
+  names, member = token_classes.token_classes(DYCK)
   vocab = DYCK.vocab
   got = {n: sorted(vocab[v] for v in np.nonzero(member[i])[0]) for i, n in enumerate(names)}
   assert got["eos"] == ["<eos>"] and got["close0"] == ["c0"] and got["close1"] == ["c1"]
   assert got["close"] == ["c0", "c1"] and got["open"] == ["o0", "o1"]
   expr = grammars.get("expr_prefix")
-  names, member = iv.token_classes(expr)
+  names, member = token_classes.token_classes(expr)
   rows = dict(zip(names, member))
   for name, stem in (("digit", "dig"), ("un", "un"), ("bin", "bin"), ("tern", "tern")):
     assert [expr.vocab[v] for v in np.nonzero(rows[name])[0]] == [
         t for t in expr.vocab if t.rstrip("0123456789") == stem]
   np.testing.assert_array_equal(rows["op"], rows["un"] | rows["bin"] | rows["tern"])
   eng = grammars.get("english")
-  names, member = iv.token_classes(eng)
+  names, member = token_classes.token_classes(eng)
   assert names == ("eos",) + eng.info.categories
   # Parts of speech partition the terminals; specials other than <eos> are in no class.
   np.testing.assert_array_equal(member[1:, :eng.n_terminals].sum(0), 1)

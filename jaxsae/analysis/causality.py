@@ -6,7 +6,7 @@ labels predict?
 (0) at every measured position, and check that the token classes the label predicts
 (`EXPECTED_EFFECTS`) move in the direction given by the sign of the correlation. Per pair:
 effect = w·(p_high − p_low) / ‖w‖₁, with w the expected per-class weights (classes of
-`interventions.token_classes`) and p the mean class probabilities. "Acts as predicted" iff
+`grammars.token_classes.token_classes`) and p the mean class probabilities. "Acts as predicted" iff
 the signed effect sign(corr)·effect is > 0 and beats a null at 95%: the same signed effect of
 random live latents of the SAE, clamped the same way (one-sided permutation p ≤ 0.05; a latent
 unrelated to the label passes with probability ≤ 5%, so a tiny effect of the right sign no
@@ -29,6 +29,7 @@ import numpy as np
 from jaxsae import grammars
 from jaxsae.analysis import interventions
 from jaxsae.core import stats
+from jaxsae.grammars import token_classes
 from jaxsae.grid import sae as sae_lib
 from jaxsae.lm import model as model_lib
 
@@ -37,7 +38,7 @@ NULL_LATENTS = 64  # random live latents clamped per SAE for the null of causal 
 
 # (family, label column) -> expected effect of increasing the label: ((token class, sign), ...),
 # or EMPIRICAL (derived from data). A column is looked up by its full name ("top_type_after=0")
-# first, then by its label name ("pos" for "pos=N"). Families (`interventions.family`): `dyck`,
+# first, then by its label name ("pos" for "pos=N"). Families (`grammars.token_classes.family`): `dyck`,
 # `expr` (prefix and postfix), `english` (every other PCFG). Only effects the grammar forces are
 # listed:
 #   Dyck: deeper -> closers legal, <eos> not; empty stack -> <eos> legal, closers not; top of the
@@ -112,7 +113,7 @@ def _table_entry(fam: str, name: str):
 def expected_effects(grammar: grammars.Grammar, names: Sequence[str], tokens_BT: jax.Array,
                      mask_BT: jax.Array, *, label_values_BTK: np.ndarray | None = None,
                      empirical_fallback: bool = False) -> dict[str, np.ndarray]:
-  """Expected per-class weights `[C]` (`interventions.token_classes`) for each testable column.
+  """Expected per-class weights `[C]` (`grammars.token_classes.token_classes`) for each testable column.
 
   From `EXPECTED_EFFECTS` (±1 per listed class); for `EMPIRICAL` entries (and, with
   `empirical_fallback`, unlisted columns) the slope of "next token in class c" regressed on the
@@ -128,8 +129,8 @@ def expected_effects(grammar: grammars.Grammar, names: Sequence[str], tokens_BT:
       default: computed with `label_columns` (for English this runs the CKY parser).
     empirical_fallback: derive unlisted columns' expectations from data too.
   """
-  class_names, member_CV = interventions.token_classes(grammar)
-  fam = interventions.family(grammar)
+  class_names, member_CV = token_classes.token_classes(grammar)
+  fam = token_classes.family(grammar)
   out: dict[str, np.ndarray] = {}
   need_data = []
   for name in names:
@@ -348,7 +349,7 @@ def causal_predictability(lm_params: model_lib.Params, model_config: model_lib.M
   if not 0 <= high_quantile <= 1 or not high_scale > 0:
     raise ValueError(f"need high_quantile in [0, 1] and high_scale > 0, got {high_quantile}, "
                      f"{high_scale}.")
-  class_names, member_CV = interventions.token_classes(grammar)
+  class_names, member_CV = token_classes.token_classes(grammar)
   codes = interventions.site_codes(lm_params, model_config, site, sae_params, sae_config,
                                    hparams, tokens_BT, splice_mode, sae_state)
   codes_MF = np.asarray(codes)[mask_BT]

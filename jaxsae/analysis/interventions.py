@@ -22,7 +22,7 @@ stacked variants of a group.
 
 Outcomes are reported against both baselines, the clean model and the plain SAE-spliced model:
 KL(base ‖ intervened) of the next-token distribution and the shift of the probability of token
-classes (`token_classes`: Dyck `<eos>`, openers, closers per type; Expr `<eos>`, digits, operators
+classes (`grammars.token_classes`: Dyck `<eos>`, openers, closers per type; Expr `<eos>`, digits, operators
 by arity; English `<eos>` and each part of speech), as means over the measured positions; and
 statistics of generations under the intervention (`generation_stats`: exact grammaticality,
 length, class counts, Dyck depth), compiled once per static structure with the SAE params and the
@@ -43,8 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import grammars
-from jaxsae.grammars import features
-from jaxsae.grammars import recognise
+from jaxsae.grammars import token_classes as token_classes_lib
 from jaxsae.grid import sae as sae_lib
 from jaxsae.lm import generate as generate_lib
 from jaxsae.lm import model as model_lib
@@ -453,54 +452,7 @@ def latent_quantiles(codes_MF: jax.Array, qs: Sequence[float] | jax.Array, *,
 
 
 # ------------------------------------------------------------------------------------------------
-# Token classes and outcome measures.
-
-
-def family(grammar: grammars.Grammar) -> str:
-  """The grammar's family: 'dyck', 'expr' or 'english' (other PCFGs).
-
-  It picks the token classes (`token_classes`) and keys `causality.EXPECTED_EFFECTS`.
-  """
-  if grammar.kind == "dyck":
-    return "dyck"
-  if grammar.kind in ("expr_prefix", "expr_postfix"):
-    return "expr"
-  return "english"
-
-
-def token_classes(grammar: grammars.Grammar) -> tuple[tuple[str, ...], np.ndarray]:
-  """Named token classes and their bool membership `[C, V]` (classes may overlap).
-
-  Dyck: eos, open, close, open{k}, close{k} per bracket type k. Expr: eos, digit, op (any
-  operator), un, bin, tern. English and other PCFGs: eos and each preterminal category (part of
-  speech), from the grammar's lexical rules.
-  """
-  v = grammar.vocab_size
-  rows: dict[str, np.ndarray] = {"eos": np.arange(v) == grammar.eos_id}
-
-  def terms(sel):
-    out = np.zeros((v,), bool)
-    out[: grammar.n_terminals] = sel
-    return out
-
-  fam = family(grammar)
-  if fam == "dyck":
-    types, opens = recognise._bracket_tables(grammar)  # pylint: disable=protected-access
-    rows["open"], rows["close"] = terms(opens), terms(~opens)
-    for k in np.unique(types):
-      rows[f"open{k}"] = terms(opens & (types == k))
-    for k in np.unique(types):
-      rows[f"close{k}"] = terms(~opens & (types == k))
-  elif fam == "expr":
-    arity = recognise._arity_table(grammar)  # pylint: disable=protected-access
-    rows["digit"], rows["op"] = terms(arity == 0), terms(arity > 0)
-    for a, name in ((1, "un"), (2, "bin"), (3, "tern")):
-      rows[name] = terms(arity == a)
-  else:
-    cat = features._token_category(grammar)  # pylint: disable=protected-access
-    for i, name in enumerate(grammar.info.categories):
-      rows[name] = terms(cat == i)
-  return tuple(rows), np.stack(list(rows.values()))
+# Outcome measures.
 
 
 def effect_measures(base_logits_BTV: jax.Array, edited_logits_BTV: jax.Array,
@@ -561,7 +513,7 @@ def intervention_effects(lm_params: model_lib.Params, model_config: model_lib.Mo
 
   Args:
     mask_BT: bool, the positions measured (e.g. the sentence positions, or the intervened ones).
-    membership_CV: from `token_classes`.
+    membership_CV: from `grammars.token_classes.token_classes`.
     latents_L, values_L: optional: sweep the template over latents as
       `intervened_logits_latents` (lax.map in chunks of `chunk` latents, bounding memory).
     Others: as `intervened_logits`.
@@ -578,7 +530,7 @@ def intervention_effects(lm_params: model_lib.Params, model_config: model_lib.Mo
   membership_CV = jnp.asarray(membership_CV)
   if membership_CV.ndim != 2 or membership_CV.shape[1] != model_config.vocab_size:
     raise ValueError(f"membership_CV must be [C, V={model_config.vocab_size}] (from "
-                     f"token_classes), got {membership_CV.shape}.")
+                     f"grammars.token_classes.token_classes), got {membership_CV.shape}.")
   if not (isinstance(chunk, int) and chunk > 0):
     raise ValueError(f"chunk must be a positive int, got {chunk!r}.")
   if latents_L is None:
@@ -663,7 +615,7 @@ def generation_stats(lm_params: model_lib.Params, model_config: model_lib.ModelC
     raise ValueError(f"temperature must be > 0, got {temperature}.")
   if max_new_tokens is None:
     max_new_tokens = min(generate_lib.MAX_NEW_TOKENS, model_config.context - grammar.prefix_len)
-  names, member_CV = token_classes(grammar)
+  names, member_CV = token_classes_lib.token_classes(grammar)
   recogniser = generate_lib.jitted_for(grammar, grammars.is_grammatical)
   fractions, finished, lengths, all_tokens = [], [], [], []
   for i in range(num_batches):
@@ -694,7 +646,7 @@ def generation_stats(lm_params: model_lib.Params, model_config: model_lib.ModelC
       "class_fraction": {c: float(class_counts[j].sum() / n_tok) for j, c in enumerate(names)
                          if c != "eos"},
   }
-  if family(grammar) == "dyck":
+  if token_classes_lib.family(grammar) == "dyck":
     step = np.where(member_CV[names.index("open")][new], 1,
                     np.where(member_CV[names.index("close")][new], -1, 0)) * in_sent
     depth = np.max(np.concatenate([np.zeros_like(step[:, :1]), np.cumsum(step, 1)], 1), 1)

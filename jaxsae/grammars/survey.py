@@ -23,6 +23,7 @@ from jaxsae.grammars import library
 from jaxsae.grammars import pcfg
 from jaxsae.grammars import recognise
 from jaxsae.grammars import sampler
+from jaxsae.grammars import token_classes
 
 
 def exact_length_distribution(grammar: pcfg.Grammar, max_sentence_len: int) -> np.ndarray:
@@ -67,7 +68,7 @@ def summarize(grammar: pcfg.Grammar, batch: sampler.Batch) -> dict[str, Any]:
   sent = toks[:, grammar.prefix_len:]
   mask = np.arange(sent.shape[1])[None] < lengths[:, None]
   counts = np.bincount(sent[mask], minlength=grammar.n_terminals)
-  cat_of = features._token_category(grammar)  # pylint: disable=protected-access
+  cat_of = token_classes.token_category(grammar)
   cats = grammar.info.categories or grammar.info.terminals
   if not grammar.info.categories:
     cat_of = np.arange(grammar.n_terminals)

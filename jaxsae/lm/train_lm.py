@@ -139,7 +139,7 @@ def validate_config(config) -> None:
     raise ValueError(f"config.model.d_model={config.model.d_model} must be divisible by "
                      f"config.model.n_heads={config.model.n_heads}.")
   grammar = grammars.get(config.language)
-  need = grammar.info.min_length + grammars.sampler._MARGIN + grammar.prefix_len + 1  # pylint: disable=protected-access
+  need = grammars.sampler.min_max_len(grammar)
   if config.max_len < need:
     raise ValueError(f"config.max_len={config.max_len} is too short for {config.language} "
                      f"(7 decorator tokens + a sentence of at least {grammar.info.min_length} + "
