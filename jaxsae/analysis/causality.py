@@ -2,16 +2,17 @@
 labels predict?
 
 `causal_predictability` tests latent-label pairs causally with the interventions of
-`interventions.py`: clamp the latent high (a quantile of its active values, times a scale) and low
-(0) at every measured position, and check that the token classes the label predicts
-(`EXPECTED_EFFECTS`) move in the direction given by the sign of the correlation. Per pair:
-effect = w·(p_high − p_low) / ‖w‖₁, with w the expected per-class weights (classes of
-`grammars.token_classes.token_classes`) and p the mean class probabilities. "Acts as predicted" iff
-the signed effect sign(corr)·effect is > 0 and beats a null at 95%: the same signed effect of
-random live latents of the SAE, clamped the same way (one-sided permutation p ≤ 0.05; a latent
-unrelated to the label passes with probability ≤ 5%, so a tiny effect of the right sign no
-longer counts). For English parts of speech w is derived from data (`EMPIRICAL`): the
-regression slope of "the next token is in class c" on the label, over the measured positions.
+`interventions.py` (measured by `effects.py`): clamp the latent high (a quantile of its active
+values, times a scale) and low (0) at every measured position, and check that the token classes
+the label predicts (`EXPECTED_EFFECTS`) move in the direction given by the sign of the
+correlation. Per pair: effect = w·(p_high − p_low) / ‖w‖₁, with w the expected per-class weights
+(classes of `grammars.token_classes.token_classes`) and p the mean class probabilities. "Acts as
+predicted" iff the signed effect sign(corr)·effect is > 0 and beats a null at 95%: the same
+signed effect of random live latents of the SAE, clamped the same way (one-sided permutation
+p ≤ 0.05; a latent unrelated to the label passes with probability ≤ 5%, so a tiny effect of the
+right sign no longer counts). For English parts of speech w is derived from data (`EMPIRICAL`):
+the regression slope of "the next token is in class c" on the label, over the measured
+positions.
 
 The pieces: `label_columns` (per-token labels as float columns), `pearson` (latent × column
 correlations), `expected_effects` (w per testable column) and `score_pairs` (the scoring, given
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import grammars
+from jaxsae.analysis import effects
 from jaxsae.analysis import interventions
 from jaxsae.core import stats
 from jaxsae.grammars import token_classes
@@ -38,9 +40,9 @@ NULL_LATENTS = 64  # random live latents clamped per SAE for the null of causal 
 
 # (family, label column) -> expected effect of increasing the label: ((token class, sign), ...),
 # or EMPIRICAL (derived from data). A column is looked up by its full name ("top_type_after=0")
-# first, then by its label name ("pos" for "pos=N"). Families (`grammars.token_classes.family`): `dyck`,
-# `expr` (prefix and postfix), `english` (every other PCFG). Only effects the grammar forces are
-# listed:
+# first, then by its label name ("pos" for "pos=N"). Families (`grammars.token_classes.family`):
+# `dyck`, `expr` (prefix and postfix), `english` (every other PCFG). Only effects the grammar
+# forces are listed:
 #   Dyck: deeper -> closers legal, <eos> not; empty stack -> <eos> legal, closers not; top of the
 #     stack of type k -> closer k legal, the other not; an opener -> <eos> illegal.
 #   Expr: a complete prefix -> <eos> legal; more pending operands (prefix: operands needed;
@@ -113,7 +115,7 @@ def _table_entry(fam: str, name: str):
 def expected_effects(grammar: grammars.Grammar, names: Sequence[str], tokens_BT: jax.Array,
                      mask_BT: jax.Array, *, label_values_BTK: np.ndarray | None = None,
                      empirical_fallback: bool = False) -> dict[str, np.ndarray]:
-  """Expected per-class weights `[C]` (`grammars.token_classes.token_classes`) for each testable column.
+  """Expected per-class weights `[C]` (`grammars.token_classes`) for each testable column.
 
   From `EXPECTED_EFFECTS` (±1 per listed class); for `EMPIRICAL` entries (and, with
   `empirical_fallback`, unlisted columns) the slope of "next token in class c" regressed on the
@@ -335,8 +337,7 @@ def causal_predictability(lm_params: model_lib.Params, model_config: model_lib.M
     class shift of the plain splice), each pair carrying `high_value` and, for the high clamp,
     `kl_high_vs_spliced`, `kl_high_vs_clean`, `shift_high_vs_spliced`, `shift_high_vs_clean`.
   """
-  interventions._check_common(  # pylint: disable=protected-access
-      model_config, site, sae_config, splice_mode, tokens_BT)
+  interventions.check_site(model_config, site, sae_config, splice_mode, tokens_BT)
   tokens_BT = jnp.asarray(tokens_BT)
   mask_BT = np.asarray(mask_BT, bool)
   if mask_BT.shape != tokens_BT.shape:
@@ -365,7 +366,7 @@ def causal_predictability(lm_params: model_lib.Params, model_config: model_lib.M
     u = latents_U.shape[0]
     lat = np.concatenate([latents_U, latents_U]).astype(np.int32)
     val = np.concatenate([high_F[latents_U], np.zeros((u,))]).astype(np.float32)
-    eff = jax.device_get(interventions.intervention_effects(
+    eff = jax.device_get(effects.intervention_effects(
         lm_params, model_config, site, sae_params, sae_config, hparams, tokens_BT, template,
         mask_BT, member_CV, splice_mode, sae_state, latents_L=lat, values_L=val, chunk=chunk))
     vs_s, vs_c = eff["vs_spliced"], eff["vs_clean"]
