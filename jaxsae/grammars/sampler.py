@@ -63,6 +63,34 @@ def min_max_len(grammar: pcfg.Grammar) -> int:
   return grammar.info.min_length + MARGIN + len(pcfg.DECORATOR) + 1
 
 
+# Which tokens are selected (an SAE trains on, is evaluated and analysed on): the sentence tokens,
+# or every non-pad position.
+POSITIONS = ("sentence", "all")
+
+
+def selected_mask(grammar: pcfg.Grammar, batch: Batch, positions: str,
+                  length: int | None = None) -> jax.Array:
+  """The selected tokens of a batch: bool `[B, length]`.
+
+  Args:
+    grammar: the batch's grammar.
+    batch: from `sample`.
+    positions: 'sentence' (`batch.sentence_mask`: not the decorator, `<eos>` or padding) or
+      'all' (every position that is not `<pad>`).
+    length: keep the first `length` positions (e.g. the grid's `forward_len`); default all.
+
+  Raises:
+    ValueError: `positions` is not one of `POSITIONS`.
+  """
+  if positions not in POSITIONS:
+    raise ValueError(f"positions={positions!r}: use 'sentence' (sentence tokens) or 'all' "
+                     "(every non-pad position).")
+  t = batch.tokens.shape[1] if length is None else length
+  if positions == "sentence":
+    return batch.sentence_mask[:, :t]
+  return batch.tokens[:, :t] != grammar.pad_id
+
+
 def _check_args(grammar: pcfg.Grammar, batch_size: int, max_len: int, lanes: int | None):
   if not isinstance(grammar, pcfg.Grammar):
     raise TypeError(f"expected a jaxsae.grammars Grammar, got {type(grammar).__name__}; "
