@@ -348,7 +348,7 @@ def check_sweep(intervention: Intervention, latents_L, values_L, width: int,
   if values_L.shape not in ((n,), (n, width)):
     raise ValueError(f"values_L has shape {values_L.shape}; use [L={n}] or [L, {width}].")
   check_intervention(with_latents(intervention, latents_L[0] if n else jnp.int32(0),
-                                   values_L[0] if n else jnp.float32(0)), width, tokens_shape)
+                                  values_L[0] if n else jnp.float32(0)), width, tokens_shape)
   return latents_L, values_L
 
 
@@ -357,8 +357,8 @@ def _latents_jit(lm_params, sae_params, hparams, sae_state, tokens_BT, intervent
                  values_L, splice_mask, model_config, site, sae_config, splice_mode):
   def one(lat, val):
     return edited_logits(lm_params, sae_params, hparams, sae_state, tokens_BT,
-                        with_latents(intervention, lat, val), splice_mask, model_config, site,
-                        sae_config, splice_mode)
+                         with_latents(intervention, lat, val), splice_mask, model_config, site,
+                         sae_config, splice_mode)
   return jax.vmap(one)(latents_L, values_L)
 
 
@@ -381,7 +381,7 @@ def intervened_logits_latents(lm_params: model_lib.Params, model_config: model_l
   """
   check_site(model_config, site, sae_config, splice_mode, tokens_BT)
   latents_L, values_L = check_sweep(intervention, latents_L, values_L, sae_config.width,
-                                     jnp.shape(tokens_BT))
+                                    jnp.shape(tokens_BT))
   return _latents_jit(lm_params, sae_params, hparams, sae_state, jnp.asarray(tokens_BT),
                       intervention, latents_L, values_L, splice_mask_BT,
                       model_config=model_config, site=site, sae_config=sae_config,
@@ -394,7 +394,7 @@ def _variants_jit(lm_params, sae_params_N, hparams_N, sae_state_N, tokens_BT, in
   def one(p, h, s, lat, val):
     iv = None if intervention is None else with_latents(intervention, lat, val)
     return edited_logits(lm_params, p, h, s, tokens_BT, iv, splice_mask, model_config, site,
-                        sae_config, splice_mode)
+                         sae_config, splice_mode)
   lat = None if intervention is None else intervention.latents
   val = None if intervention is None else intervention.value
   axis = 0 if per_variant else None
@@ -428,7 +428,7 @@ def intervened_logits_variants(lm_params: model_lib.Params, model_config: model_
                          f"{intervention.value.shape}.")
       for i in range(n):
         check_intervention(with_latents(intervention, intervention.latents[i],
-                                         intervention.value[i]), sae_config.width,
+                                        intervention.value[i]), sae_config.width,
                            jnp.shape(tokens_BT))
     else:
       check_intervention(intervention, sae_config.width, jnp.shape(tokens_BT))

@@ -20,7 +20,7 @@ from jaxsae.grammars.features import valid_next
 from jaxsae.grammars.library import get
 from jaxsae.grammars.library import names
 from jaxsae.grammars.pcfg import Grammar
-from jaxsae.grammars.pcfg import GrammarError
+from jaxsae.grammars.rules import GrammarError
 from jaxsae.grammars.recognise import is_grammatical
 from jaxsae.grammars.recognise import layout
 from jaxsae.grammars.sampler import Batch

@@ -22,6 +22,7 @@ from jaxsae.grammars import features
 from jaxsae.grammars import library
 from jaxsae.grammars import pcfg
 from jaxsae.grammars import recognise
+from jaxsae.grammars import rules as rules_lib
 from jaxsae.grammars import sampler
 from jaxsae.grammars import token_classes
 
@@ -32,7 +33,7 @@ def exact_length_distribution(grammar: pcfg.Grammar, max_sentence_len: int) -> n
   Fixed-point iteration of the rules' length generating functions, truncated at the maximum
   (exact up to float64 rounding; it converges geometrically for subcritical grammars).
   """
-  rules, _ = pcfg.parse_rules(grammar.info.text)
+  rules, _ = rules_lib.parse_rules(grammar.info.text)
   nts = grammar.info.nonterminals
   idx = {a: i for i, a in enumerate(nts)}
   width = max_sentence_len + 1
