@@ -9,7 +9,6 @@ sampler), and writes `report.md`, `report.json` and `lengths.png` into the workd
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -18,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxsae.core import jsonio
 from jaxsae.grammars import features
 from jaxsae.grammars import library
 from jaxsae.grammars import pcfg
@@ -173,8 +173,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   exact_p = exact_length_distribution(grammar, max_sent)
   _plot_lengths(os.path.join(workdir, "lengths.png"), np.asarray(batch.lengths), exact_p,
                 f"{grammar.name}: sentence lengths (n={config.num_samples})")
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(stats, f, indent=2)
+  jsonio.write(os.path.join(workdir, "report.json"), stats, indent=2)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(render_markdown(stats))
   return stats

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -424,8 +423,7 @@ def _read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 def _append_metric(path: str, record: dict[str, Any]) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
+  jsonio.append_lines(path, [record])
 
 
 # ------------------------------------------------------------------------------------------------
