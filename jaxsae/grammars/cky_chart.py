@@ -88,6 +88,7 @@ def unary_pattern(info: pcfg.GrammarInfo):
 
 
 def static_tables(grammar: pcfg.Grammar) -> Static:
+  """The grammar's `Static` (hashable: a static argument of the compiled cores)."""
   targets, sources = unary_pattern(grammar.info)
   return Static(grammar.n_terminals, grammar.eos_id, grammar.pad_id, grammar.decorator_ids,
                 targets, sources)
@@ -247,6 +248,7 @@ def in_chunks(rows_fn, cnf: pcfg.CNFTables, tokens_BT: jax.Array, n_chart: int):
 
 
 def is_traced(*trees) -> bool:
+  """Whether any leaf of `trees` is a tracer (then the host-side bucketing cannot run)."""
   return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
 
 
@@ -285,6 +287,7 @@ def bucketed(core, grammar: pcfg.Grammar, tokens_BT: np.ndarray, rows_B: np.ndar
 
 
 def default_len(max_sentence_len: int | None, default: int) -> int:
+  """The chart size: `max_sentence_len`, else `default`; raises ValueError if below 1."""
   n = default if max_sentence_len is None else int(max_sentence_len)
   if n < 1:
     raise ValueError(f"max_sentence_len must be >= 1, got {n}: pass a positive chart size, or "
