@@ -284,10 +284,11 @@ def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None)
       v = trained.variant(vid)
       t1 = time.perf_counter()
       res = causality.causal_predictability(
-          trained.lm.params, setup.model_config, setup.site, v.params, v.sae_config, v.hparams,
-          batch.tokens_BT, batch.mask_BT, setup.grammar, np.nan_to_num(corr[vid]),
-          names, threshold=a.threshold, max_pairs=a.max_pairs, splice_mode=v.splice_mode,
-          sae_state=v.sae_state, empirical_fallback=True)
+          causality.SplicedSAE(trained.lm.params, setup.model_config, setup.site, v.params,
+                               v.sae_config, v.hparams, v.splice_mode, v.sae_state),
+          batch.tokens_BT, batch.mask_BT, setup.grammar, np.nan_to_num(corr[vid]), names,
+          causality.CausalSettings(threshold=a.threshold, max_pairs=a.max_pairs,
+                                   empirical_fallback=True))
       causal["variants"][vid] = res
       logging.info("analysis: causal predictability %d/%d (%s, %s): %s of %s pairs as "
                    "predicted (%.0f s)", n + 1, len(tested), vid, types[vid],

@@ -62,10 +62,7 @@ def analysis_batch(trained: trained_lib.TrainedGrid, key: jax.Array,
   tokens = data.tokens
   labels = grammars.labels(g, tokens)
   t = setup.forward_len
-  if setup.positions == "sentence":
-    mask = data.sentence_mask[:, :t]
-  else:
-    mask = tokens[:, :t] != g.pad_id
+  mask = grammars.selected_mask(g, data, setup.positions, t)
   return AnalysisBatch(tokens_BT=np.asarray(tokens[:, :t], np.int32),
                        mask_BT=np.asarray(mask, bool),
                        labels={k: np.asarray(v[:, :t], np.int32) for k, v in labels.items()},

@@ -126,31 +126,8 @@ def read_records(path: str) -> list[dict[str, Any]]:
   Raises:
     ValueError: a line other than the last is not JSON (names the file, line and fix).
   """
-  records, _ = _parse(path)
+  records, _ = jsonio.read_lines(path)
   return records
-
-
-def _parse(path: str) -> tuple[list[dict[str, Any]], bool]:
-  """(complete records, whether a torn last line was found)."""
-  if not os.path.exists(path):
-    return [], False
-  with open(path) as f:
-    lines = f.read().split("\n")
-  # The file ends with '\n' when complete: the last split element is '' then.
-  tail, lines = lines[-1], lines[:-1]
-  records = []
-  for i, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if i == len(lines) - 1 and not tail:
-        return records, True  # the last line is torn (e.g. a crash mid-write, then a newline)
-      raise ValueError(f"{path} line {i + 1} is not JSON ({e}); it is not the last line, so "
-                       "this is not a torn write: fix or delete that line (records are one "
-                       "JSON object per line).") from None
-  return records, bool(tail.strip())
 
 
 def resume_records(path: str, step: int,
@@ -164,25 +141,18 @@ def resume_records(path: str, step: int,
   Returns:
     The records kept.
   """
-  records, torn = _parse(path)
+  records, torn = jsonio.read_lines(path)
   kept = [r for r in records if int(r.get("step", 0)) <= step and not drop(r)]
   if torn or len(kept) != len(records):
     logging.warning("%s: %s%d record(s) after step %d dropped (they are recomputed).", path,
                     "a torn last line and " if torn else "", len(records) - len(kept), step)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    jsonio.write_lines(path, kept)
   return kept
 
 
 def append_records(path: str, records: Sequence[Mapping[str, Any]]) -> None:
   """Appends records, one JSON line each, in one write."""
-  text = "".join(json.dumps(r) + "\n" for r in records)
-  with open(path, "a") as f:
-    f.write(text)
+  jsonio.append_lines(path, records)
 
 
 # ------------------------------------------------------------------------------------------------

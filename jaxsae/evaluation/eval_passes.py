@@ -162,8 +162,7 @@ def heldout(setup: grid_step.Setup, seed: int, num_batches: int, batch_size: int
     tokens = full[:, :t]
     out["tokens"].append(tokens)
     out["next"].append(padded[:, 1:t + 1])
-    out["mask"].append(np.asarray(batch.sentence_mask)[:, :t] if mask_positions == "sentence"
-                       else tokens != g.pad_id)
+    out["mask"].append(np.asarray(grammars.selected_mask(g, batch, mask_positions, t)))
     out["valid"].append(np.asarray(valid_fn(full))[:, :t])
   return HeldOut(*(np.stack(out[k]) for k in ("tokens", "next", "mask", "valid")))
 

@@ -174,10 +174,7 @@ def make_batch(lm_params, step: jax.Array, data_key: jax.Array, setup: Setup) ->
   g, mc = setup.grammar, setup.model_config
   data = grammars.sample(jax.random.fold_in(data_key, step), g, setup.batch_size, setup.max_len)
   tokens = data.tokens[:, : setup.forward_len]
-  if setup.positions == "sentence":
-    mask = data.sentence_mask[:, : setup.forward_len]
-  else:
-    mask = tokens != g.pad_id
+  mask = grammars.selected_mask(g, data, setup.positions, setup.forward_len)
   if setup.mesh is not None and setup.mesh.shape["data"] > 1:
     tokens = jax.lax.with_sharding_constraint(tokens, NamedSharding(setup.mesh, P("data")))
   needs_full = any(s.loss.needs_clean_logits for s in setup.specs)

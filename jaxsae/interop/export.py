@@ -268,7 +268,7 @@ def export_sae(out_dir: str, params: sae_lib.Params, sae_config: sae_lib.SAEConf
   meta = jaxsae_meta(sae_config, hparams, state, site=site, language=language,
                      variant_id=variant_id, splice_mode=splice_mode, extra=extra)
   try:
-    meta_text = json.dumps(meta, indent=1, allow_nan=False)
+    json.dumps(meta, allow_nan=False)  # checked before anything is written
   except (TypeError, ValueError) as e:
     raise ValueError(f"extra must be JSON-serialisable (finite numbers, str, lists, dicts): "
                      f"{e}") from e
@@ -280,10 +280,8 @@ def export_sae(out_dir: str, params: sae_lib.Params, sae_config: sae_lib.SAEConf
   raw = {k: np.asarray(v) for k, v in params.items()}
   np.savez(os.path.join(path, PARAMS_FILE), **raw)
   safetensors_np.save_file(weights, os.path.join(path, WEIGHTS_FILE))
-  with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    json.dump(cfg, f)  # as SAELens' save_model: one line
-  with open(os.path.join(path, META_FILE), "w") as f:
-    f.write(meta_text)
+  jsonio.write(os.path.join(path, CONFIG_FILE), cfg, indent=None)  # as SAELens: one line
+  jsonio.write(os.path.join(path, META_FILE), meta, allow_nan=False)
   return path
 
 

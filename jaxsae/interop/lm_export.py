@@ -57,6 +57,7 @@ import numpy as np
 from safetensors import numpy as safetensors_np
 
 from jaxsae import grammars
+from jaxsae.core import jsonio
 from jaxsae.interop import saelens as saelens_lib
 from jaxsae.lm import lm_step
 from jaxsae.lm import model as model_lib
@@ -132,8 +133,7 @@ def export_lm(out_dir: str, params: model_lib.Params, config: model_lib.ModelCon
   weights = tl_state_dict(params, config)  # shape errors surface before anything is written
   os.makedirs(out_dir, exist_ok=True)
   safetensors_np.save_file(weights, os.path.join(out_dir, WEIGHTS_FILE))
-  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-    json.dump(tl_config(config, model_name=model_name), f, indent=1)
+  jsonio.write(os.path.join(out_dir, CONFIG_FILE), tl_config(config, model_name=model_name))
   return out_dir
 
 
@@ -224,6 +224,5 @@ def export_dataset(out_dir: str, lm_config: Mapping[str, Any], train_batches: in
       },
       "files": files,
   }
-  with open(os.path.join(out_dir, DATA_SCHEMA), "w") as f:
-    json.dump(schema, f, indent=1)
+  jsonio.write(os.path.join(out_dir, DATA_SCHEMA), schema)
   return schema

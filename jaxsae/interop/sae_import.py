@@ -15,7 +15,6 @@ and loss 'local' (unused by evaluation); the site is the SAEs' hook (all must sh
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae.core import checkpoint as ckpt_lib
+from jaxsae.core import jsonio
 from jaxsae.grid import grid_setup
 # The import creates an `sae` workdir, so it validates its config and fingerprints it as the
 # `sae` job does (`train_sae.prepare`, `train_sae.MUTABLE_FIELDS`).
@@ -103,12 +103,10 @@ def import_grid(sae_dirs: Sequence[str], config, workdir: str) -> dict[str, str]
     groups.append(group.replace(params={k: jnp.asarray(v) for k, v in params.items()}))
   state = state.replace(step=jnp.int32(config.steps), groups=tuple(groups))
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f, indent=1)
+  jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
   trained_lib.save(workdir, setup)
   sources = {f"v{i:03d}": os.path.abspath(d) for i, d in enumerate(sae_dirs)}
-  with open(os.path.join(workdir, IMPORTED_FILE), "w") as f:
-    json.dump(sources, f, indent=1)
+  jsonio.write(os.path.join(workdir, IMPORTED_FILE), sources)
   with ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=max(int(config.keep_checkpoints), 1)) as ckpt:
     ckpt_lib.check_fingerprint(ckpt_dir, config, train_sae.MUTABLE_FIELDS, has_checkpoints=False)
     ckpt.save(config.steps, jax.device_get(state), metadata={"language": lm.language})

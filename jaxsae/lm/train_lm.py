@@ -30,7 +30,6 @@ flagged in summary.json's `divergence` and the log (`jaxsae.core.divergence`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -92,7 +91,7 @@ def validate_config(config) -> None:
     raise ValueError(f"config.model.d_model={config.model.d_model} must be divisible by "
                      f"config.model.n_heads={config.model.n_heads}.")
   grammar = grammars.get(config.language)
-  need = grammar.info.min_length + grammars.sampler._MARGIN + grammar.prefix_len + 1  # pylint: disable=protected-access
+  need = grammars.sampler.min_max_len(grammar)
   if config.max_len < need:
     raise ValueError(f"config.max_len={config.max_len} is too short for {config.language} "
                      f"(7 decorator tokens + a sentence of at least {grammar.info.min_length} + "
@@ -165,8 +164,7 @@ def _read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 def _append_metric(path: str, record: dict[str, Any]) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
+  jsonio.append_lines(path, [record])
 
 
 # ------------------------------------------------------------------------------------------------
