@@ -15,6 +15,7 @@ import pytest
 import fakes
 from experiments import main as main_lib
 from experiments.configs import eval as eval_configs
+from jaxsae import eval_job
 from jaxsae.evaluation import eval_passes
 from jaxsae.evaluation import evaluate as ev
 from jaxsae.grid import grid_step
@@ -288,12 +289,12 @@ def test_eval_job_on_a_tiny_trained_grid(lm_dir, tmp_path):
                        steps=2, log_every=2, checkpoint_every=2)
   config.lock()
   summary = train_sae.run(config, sae_dir)
-  assert main_lib.JOBS["eval"] == "jaxsae.evaluation.evaluate"
+  assert main_lib.JOBS["eval"] == "jaxsae.eval_job"
   eval_config = eval_configs.get_config(f"smoke,sae_workdir={sae_dir}")
   eval_config.grammaticality_positions = ("sentence",)  # both are tested above; keep it short
   eval_config.lock()
   assert eval_config.job == "eval"
-  result = ev.run(eval_config, str(tmp_path / "eval"))
+  result = eval_job.run(eval_config, str(tmp_path / "eval"))
   with open(tmp_path / "eval" / "eval.json") as f:
     written = json.load(f)
   assert written["variants"].keys() == summary["variants"].keys() == result["variants"].keys()
@@ -313,5 +314,7 @@ def test_eval_job_on_a_tiny_trained_grid(lm_dir, tmp_path):
   assert {r["id"] for r in report_json["variants"]} == set(written["variants"])
   text = open(tmp_path / "eval" / "report.md").read()
   assert "Clean model" in text and all(vid in text for vid in written["variants"])
+  with pytest.raises(ValueError, match="sae_workdir is required"):
+    eval_job.run(eval_configs.get_config("smoke"), str(tmp_path / "none"))
   with pytest.raises(ValueError, match="sae_workdir is required"):
     ev.run(eval_configs.get_config("smoke"), str(tmp_path / "none"))

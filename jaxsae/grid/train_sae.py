@@ -93,7 +93,7 @@ def load_lm(lm_workdir: str, step: int | None = None) -> LoadedLM:
         f"no trained LM in {lm_workdir!r} (config.json / checkpoints missing); train one with "
         f"python -m experiments.main --config=experiments/configs/lm.py:language=<name> "
         f"--workdir={lm_workdir}, or point config.lm_workdir at an LM workdir")
-  lm_config = ml_collections.ConfigDict(jsonio.read(cfg_path))
+  lm_config = ml_collections.ConfigDict(workdir_lib.read_config(lm_workdir))
   train_lm.check_lm_workdir_config(lm_config, lm_workdir)
   template = jax.eval_shape(lambda: train_lm.init_state(lm_config))
   with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ckpt:
@@ -135,8 +135,15 @@ MUTABLE_FIELDS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", 
 _DATA_STREAM, _PROBE_STREAM = 1, 2
 
 
-def validate_config(config) -> None:
-  """Checks the non-sweep fields before anything is loaded or compiled."""
+def validate_config(config, d_model: int | None = None) -> None:
+  """Checks the config before anything is loaded or compiled: the job's validation pass.
+
+  Args:
+    config: the job's config.
+    d_model: the LM's width when it is known without loading the LM (the pipeline knows it
+      from its LM config): the sweep is then checked too. Otherwise the sweep is checked when
+      `prepare` builds its groups, after the LM is loaded and before anything compiles.
+  """
   def need(cond, msg):
     if not cond:
       raise ValueError(msg)
@@ -179,6 +186,8 @@ def validate_config(config) -> None:
          f"{0.9 if name == 'adam_b1' else 0.999})")
   need(number("adam_eps") and config.adam_eps > 0,
        f"config.adam_eps={config.adam_eps!r} must be a finite number > 0 (usual 1e-8)")
+  if d_model is not None:
+    sae_groups.build_groups(list(config.sweep), d_model)
 
 
 def _mesh(config) -> Any:
@@ -212,15 +221,14 @@ def _probe_capacity(grammar, batch_size, max_len, forward_len, positions, token_
 
 
 def prepare(config, workdir: str | None = None, lm_pin: Mapping[str, Any] | None = None):
-  """Validates everything and builds the static setup (no compilation).
+  """Checks the config against the LM and builds the static setup (no compilation).
 
   Args:
-    config: the job's config.
+    config: the job's config, passed by `validate_config` (not checked again here).
     workdir: the grid's workdir (where `lm_pin` was recorded).
     lm_pin: the identity of the LM the grid was built from (`LoadedLM.identity`); the LM is
       loaded at its step and must match it. Default: the newest LM checkpoint.
   """
-  validate_config(config)
   lm_dir = config.lm_workdir
   if lm_pin and not os.path.isdir(lm_dir) and workdir and lm_pin.get("path"):
     lm_dir = workdir_lib.resolve(workdir, lm_pin["path"])  # both moved together
@@ -261,7 +269,7 @@ def prepare(config, workdir: str | None = None, lm_pin: Mapping[str, Any] | None
       lr_floor=config.lr_floor,
       grad_clip=config.grad_clip, adam=(config.adam_b1, config.adam_b2, config.adam_eps),
       mesh=mesh,
-      variant_loop=grid_step.resolve_variant_loop(config.get("variant_loop", "auto"), mesh))
+      variant_loop=grid_step.resolve_variant_loop(config.variant_loop, mesh))
   return setup, lm, root
 
 
@@ -338,6 +346,12 @@ def _check_restored_lm(restored: ckpt_lib.Restored, lm: LoadedLM, workdir: str) 
 def run(config, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the SAE grid of `config` in `workdir`; returns the summary."""
   validate_config(config)
+  return run_validated(config, workdir)
+
+
+def run_validated(config, workdir: str) -> dict[str, Any]:
+  """`run` of a config that `validate_config` has passed (the pipeline validates every stage
+  up front, once)."""
   distributed.initialize(config)
   # Several processes share the workdir: the writer (process 0) holds its lock.
   with (workdir_lib.lock(workdir) if distributed.is_writer() else contextlib.nullcontext()):
@@ -378,7 +392,7 @@ def _run_locked(config, workdir: str) -> dict[str, Any]:
                        f"{config.log_every}; resume with a log_every that divides it")
     if writer:  # checks passed: record what this run is
       ckpt_lib.record_fingerprint(ckpt_dir, fingerprint)
-      jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
+      workdir_lib.write_config(workdir, config)
       write_variants(os.path.join(workdir, "variants.json"), setup)
       workdir_lib.record_input(workdir, "lm", lm.identity(workdir))
       workdir_lib.resume_records(metrics_path, start)
@@ -504,7 +518,7 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
     raise FileNotFoundError(f"{path} not found: {workdir!r} is not an sae job workdir; train "
                             "the grid first (python -m experiments.main --config="
                             "experiments/configs/sae_*.py --workdir=...)")
-  config = ml_collections.ConfigDict(jsonio.read(path))
+  config = ml_collections.ConfigDict(workdir_lib.read_config(workdir))
   ckpt_dir = os.path.join(workdir, "checkpoints")
   with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ckpt:
     steps = ckpt.all_steps()
