@@ -4,6 +4,7 @@
 `config.sae_workdir` into `<workdir>/eval.json` (`evaluate.run_validated`) and writes
 `report.md`, `report.json` and the plots there (`report.from_workdirs.write`, the pipeline's
 report without its feature-recovery and causal sections), all under the workdir's writer lock.
+The pipeline's eval stage is this job (`run_validated`) in `<pipeline workdir>/eval`.
 Evaluation comes before reporting in the package order, so the job that does both lives here,
 next to `pipeline.py`.
 """
@@ -32,6 +33,12 @@ def run(config, workdir: str) -> dict[str, Any]:
     workdir.InputMismatchError: `workdir` holds the evaluation of another grid (or checkpoint).
   """
   evaluate.validate_config(config)
+  return run_validated(config, workdir)
+
+
+def run_validated(config, workdir: str) -> dict[str, Any]:
+  """`run` of a config that `evaluate.validate_config` has passed (the pipeline's eval stage:
+  the pipeline validates every stage up front, once)."""
   with workdir_lib.lock(workdir):
     result = evaluate.run_validated(config, workdir)
     try:

@@ -5,7 +5,8 @@ the report at the top:
 
     lm/        the language model (`jaxsae.lm.train_lm`; checkpoints, summary.json)
     sae/       the SAE grid (`jaxsae.grid.train_sae`; checkpoints, variants.json, summary.json)
-    eval/      every metric of every variant (`jaxsae.evaluation.evaluate`; eval.json)
+    eval/      every metric of every variant (the eval job, `jaxsae.eval_job`: eval.json and its
+               report)
     analysis/  latent × label feature recovery (`jaxsae.analysis.recovery`; features.json, corr.npz) and
                causal predictability of chosen SAEs (`jaxsae.analysis.causality`; causal.json),
                the stage in `jaxsae.analysis.stage`
@@ -41,6 +42,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from jaxsae import eval_job
 from jaxsae.analysis import stage as analysis_stage
 from jaxsae.core import jsonio
 from jaxsae.core import workdir as workdir_lib
@@ -110,7 +112,7 @@ def _stage_eval(configs, paths) -> None:
   # The pipeline re-runs this stage exactly when the grid or the eval config changed: the old
   # results are replaced, not mixed (the eval workdir would otherwise refuse a changed grid).
   workdir_lib.forget_input(paths["eval"], "grid")
-  evaluate.run_validated(configs["eval"], paths["eval"])
+  eval_job.run_validated(configs["eval"], paths["eval"])
 
 
 def _stage_analysis(configs, paths) -> None:

@@ -4,8 +4,10 @@ grid. (The formulas alone: metrics_test.py; generation with SAEs spliced in:
 spliced_generation_test.py.)"""
 # pylint: disable=protected-access,cell-var-from-loop
 
+import ast
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -318,3 +320,18 @@ def test_eval_job_on_a_tiny_trained_grid(lm_dir, tmp_path):
     eval_job.run(eval_configs.get_config("smoke"), str(tmp_path / "none"))
   with pytest.raises(ValueError, match="sae_workdir is required"):
     ev.run(eval_configs.get_config("smoke"), str(tmp_path / "none"))
+
+
+def test_evaluation_imports_no_later_package():
+  # Evaluation comes before analysis, the report, interop and the pipeline: the eval job that
+  # also writes the report is `jaxsae.eval_job`.
+  root = os.path.join(os.path.dirname(ev.__file__))
+  for name in sorted(os.listdir(root)):
+    if name.endswith(".py"):
+      tree = ast.parse(open(os.path.join(root, name)).read())
+      imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+      imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+      later = [m for m in imported if m.startswith(("jaxsae.analysis", "jaxsae.report",
+                                                    "jaxsae.interop", "jaxsae.pipeline",
+                                                    "jaxsae.eval_job"))]
+      assert not later, (name, later)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae.core import checkpoint as ckpt_lib
+from jaxsae.core import workdir as workdir_lib
 from jaxsae.grid import train_sae
 from jaxsae.interop import saelens as saelens_lib
 
@@ -83,6 +84,7 @@ def import_grid(sae_dirs: Sequence[str], config, workdir: str) -> dict[str, str]
   config.sweep = sweep_for(imported, lm.model_config.d_model)
   config.site = sites[0]
   config.steps = config.log_every = config.checkpoint_every = 1
+  train_sae.validate_config(config)
   setup, lm, root = train_sae.prepare(config, workdir)
   state = train_sae.init_grid(setup, lm, root)
   groups = []
@@ -98,8 +100,7 @@ def import_grid(sae_dirs: Sequence[str], config, workdir: str) -> dict[str, str]
     groups.append(group.replace(params={k: jnp.asarray(v) for k, v in params.items()}))
   state = state.replace(step=jnp.int32(config.steps), groups=tuple(groups))
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f, indent=1)
+  workdir_lib.write_config(workdir, config)
   train_sae.write_variants(os.path.join(workdir, "variants.json"), setup)
   sources = {f"v{i:03d}": os.path.abspath(d) for i, d in enumerate(sae_dirs)}
   with open(os.path.join(workdir, IMPORTED_FILE), "w") as f:
