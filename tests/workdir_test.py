@@ -394,10 +394,10 @@ def test_config_json_carries_its_format_and_a_newer_one_is_refused(straight, lm_
   before = _tree(workdir)
   with pytest.raises(workdir_lib.ConfigFormatError, match="written by a newer version"):
     ts.load_trained(workdir)
+  assert _tree(workdir) == before  # refused without writing
   _set_format(os.path.join(workdir, "config.json"), "1")
   with pytest.raises(workdir_lib.ConfigFormatError, match="format='1'"):
     ts.load_trained(workdir)
-  assert _tree(workdir) == before
 
 
 def test_old_config_files_get_the_fields_their_format_lacks(tmp_path):
