@@ -235,7 +235,9 @@ def _peak_bytes() -> int | None:
 
 def time_group(lm_dir: str, shape: dict, loss: str, n: int, steps: int, repeats: int) -> dict:
   """Compiles one (loss, N) group's chunk of `steps` steps and times it."""
-  setup, lm, root = train_sae.prepare(_grid_config(lm_dir, shape, loss, n, steps))
+  config = _grid_config(lm_dir, shape, loss, n, steps)
+  train_sae.validate_config(config)
+  setup, lm, root = train_sae.prepare(config)
   state = grid_setup.place_state(grid_setup.init_grid(setup, lm, root), setup)
   hypers = tuple(grid_step.group_hyper(s) for s in setup.specs)
   key = jax.random.key(0)

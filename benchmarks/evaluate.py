@@ -125,6 +125,7 @@ def _setup(lm_dir: str, n: int, loop: str):
     c.variant_loop = loop
   c.sweep = [{"product": {"seed": list(range(n))},
               "set": {"loss": "local", "expansion": EXPANSION, "sparsity_coeff": 1.0}}]
+  train_sae.validate_config(c)
   setup, lm, _ = train_sae.prepare(c)
   return setup, lm
 
@@ -179,6 +180,7 @@ def time_group(lm_dir: str, n: int, loop: str, repeats: int, data) -> dict:
 def menon_grid(lm_dir: str, norm: str) -> trained_lib.TrainedGrid:
   """The 44-SAE Menon grid on the LM in `lm_dir`, untrained SAE params (timing only)."""
   c = sae_menon.get_config(f"language={LANGUAGE},lm_workdir={lm_dir},norm={norm}")
+  train_sae.validate_config(c)
   setup, lm, root = train_sae.prepare(c)
   state = grid_setup.init_grid(setup, lm, root)
   hypers = tuple(grid_step.group_hyper(s) for s in setup.specs)

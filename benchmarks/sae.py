@@ -242,6 +242,7 @@ def time_grid(lm_dir: str, loss: str, n: int, steps: int, repeats: int,
               activation: str = "relu", k: int = 16, decode: str = "auto") -> dict:
   """Compiles the chunk of one (loss, activation, N) group and times it."""
   config = _config(lm_dir, loss, n, steps, activation, k, decode)
+  train_sae.validate_config(config)
   setup, lm, root = train_sae.prepare(config)
   state = grid_setup.place_state(grid_setup.init_grid(setup, lm, root), setup)
   hypers = tuple(grid_step.group_hyper(s) for s in setup.specs)

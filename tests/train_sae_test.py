@@ -230,6 +230,9 @@ def test_nan_variant_is_frozen_and_isolated(lm_dir):
 def test_bad_input_fails_before_compiling(lm_dir, sweep, overrides, error, fragment):
   config = _config(lm_dir, sweep, **overrides)
   with pytest.raises(error) as err:
+    # What the job checks before it compiles: its validation pass, then the setup (which
+    # needs the LM: the site, the language, the sweep at the LM's width).
+    ts.validate_config(config)
     ts.prepare(config)
   assert fragment in str(err.value), str(err.value)
 

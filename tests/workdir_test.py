@@ -369,3 +369,51 @@ def test_a_torn_stages_json_names_the_file_and_the_fix(tmp_path):
   with pytest.raises(ValueError, match=r"stages.json is not valid JSON.*Delete it and rerun"):
     pipeline.run(pipeline_configs.get_config("smoke,language=dyck2"), str(workdir))
   assert sorted(os.listdir(workdir)) == [".lock", "stages.json"]
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json's format.
+
+
+def _set_format(path, fmt):
+  config = json.load(open(path))
+  config["format"] = fmt
+  json.dump(config, open(path, "w"), indent=1)
+
+
+def test_config_json_carries_its_format_and_a_newer_one_is_refused(straight, lm_dir, tmp_path):
+  workdir = _copy(straight, tmp_path)
+  lm = str(tmp_path / "lm")
+  shutil.copytree(lm_dir, lm)
+  for d in (workdir, lm):
+    assert json.load(open(os.path.join(d, "config.json")))["format"] == workdir_lib.CONFIG_FORMAT
+  # What the jobs read back has no format field: a grid loads and its config is the one run.
+  assert "format" not in trained_lib.load(workdir).config
+  newer = workdir_lib.CONFIG_FORMAT + 1
+  _set_format(os.path.join(lm, "config.json"), newer)
+  with pytest.raises(workdir_lib.ConfigFormatError, match=f"format {newer}, newer than .*git pull"):
+    bundle.load(lm)
+  _set_format(os.path.join(workdir, "config.json"), newer)
+  before = _tree(workdir)
+  with pytest.raises(workdir_lib.ConfigFormatError, match="written by a newer version"):
+    trained_lib.load(workdir)
+  assert _tree(workdir) == before  # refused without writing
+  _set_format(os.path.join(workdir, "config.json"), "1")
+  with pytest.raises(workdir_lib.ConfigFormatError, match="format='1'"):
+    trained_lib.load(workdir)
+
+
+def test_old_config_files_get_the_fields_their_format_lacks(tmp_path):
+  sae = fakes.smoke_sae_config(str(tmp_path / "lm"), SWEEP).to_dict()
+  workdir_lib.write_config(str(tmp_path), sae)
+  assert workdir_lib.read_config(str(tmp_path)) == json.loads(json.dumps(sae))
+  # A file written before formats were recorded (format 0) that lacks a later field reads
+  # with the value the code of that time used; one that has the field keeps its value.
+  old = {k: v for k, v in sae.items() if k != "variant_loop"}
+  assert workdir_lib.upgrade_config(old)["variant_loop"] == "auto"
+  assert workdir_lib.upgrade_config(dict(sae, variant_loop="vmap"))["variant_loop"] == "vmap"
+  lm = lm_configs.build(size="smoke").to_dict()
+  del lm["eval"]["top_k"]
+  assert workdir_lib.upgrade_config(lm)["eval"]["top_k"] == 0
+  # The current format is complete: nothing is filled in.
+  assert workdir_lib.upgrade_config(dict(old, format=workdir_lib.CONFIG_FORMAT)) == old

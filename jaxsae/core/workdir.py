@@ -15,6 +15,13 @@ process happened to run, so rerunning a finished job rewrites the same summary.
 Inputs. A job that reads another workdir records that input's identity (its path relative to the
 workdir, the checkpoint step and content digest) in `<workdir>/inputs.json`; `check_input`
 refuses a run whose input changed, naming what changed, before the job writes anything.
+
+Configs. `write_config` writes a job's `<workdir>/config.json` with the format version of the
+code (`"format": CONFIG_FORMAT`); `read_config` reads one back without that field, refuses a
+newer format (the code is older than the workdir) and fills the fields an older format lacks
+(`_ADDED_AT`, the one place that knows which fields came later and what the code that wrote such
+a file used for them). Configs built by `experiments/configs/` always carry every field; library
+code reads them directly, never with a default.
 """
 
 from __future__ import annotations
@@ -37,6 +44,16 @@ from jaxsae.core import jsonio
 
 LOCK_FILE = ".lock"
 INPUTS_FILE = "inputs.json"
+CONFIG_FILE = "config.json"
+# The format of config.json written by this code. 0: files written before the field existed.
+# Bump it when a config field is added that old files lack, and add the field to _ADDED_AT.
+CONFIG_FORMAT = 1
+# format -> job -> the fields (nested dicts for sub-configs) a file of an older format lacks,
+# with the value the code of that time used for them.
+_ADDED_AT: dict[int, dict[str, dict[str, Any]]] = {
+    1: {"sae": {"variant_loop": "auto"},
+        "lm": {"eval": {"max_new_tokens": 118, "temperature": 1.0, "top_k": 0}}},
+}
 
 
 class LockedError(RuntimeError):
@@ -232,3 +249,59 @@ def forget_input(workdir: str, name: str) -> None:
   inputs = read_inputs(workdir)
   if inputs.pop(name, None) is not None:
     jsonio.write(os.path.join(workdir, INPUTS_FILE), inputs)
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json.
+
+
+class ConfigFormatError(ValueError):
+  """A config.json written by a newer version of the code (or with an unreadable format)."""
+
+
+def write_config(workdir: str, config: Any) -> None:
+  """Writes `config` (a ConfigDict or a dict) to `<workdir>/config.json` with its format."""
+  value = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  jsonio.write(os.path.join(workdir, CONFIG_FILE), {**value, "format": CONFIG_FORMAT})
+
+
+def _fill(value: dict[str, Any], added: Mapping[str, Any]) -> None:
+  for k, v in added.items():
+    if isinstance(v, Mapping):
+      if isinstance(value.get(k), dict):
+        _fill(value[k], v)
+    elif k not in value:
+      value[k] = v
+
+
+def upgrade_config(value: Mapping[str, Any], where: str = "config.json") -> dict[str, Any]:
+  """A config.json's content as this code's configs look: without the `format` field, with
+  the fields its format lacks filled in (the compatibility place for old workdirs).
+
+  Raises:
+    ConfigFormatError: a format newer than `CONFIG_FORMAT` or one that is not an int.
+  """
+  out = json.loads(json.dumps(dict(value)))  # a deep copy
+  fmt = out.pop("format", 0)
+  if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 0:
+    raise ConfigFormatError(f"{where} has format={fmt!r}; a config.json's format is an int >= 0 "
+                            "(absent in files written before formats were recorded)")
+  if fmt > CONFIG_FORMAT:
+    raise ConfigFormatError(
+        f"{where} has format {fmt}, newer than the format {CONFIG_FORMAT} this code reads: the "
+        "workdir was written by a newer version of jaxsae. Update the code (git pull) to read "
+        "it, or use a workdir written by this version.")
+  for version in sorted(v for v in _ADDED_AT if v > fmt):
+    _fill(out, _ADDED_AT[version].get(out.get("job"), {}))
+  return out
+
+
+def read_config(workdir: str) -> dict[str, Any] | None:
+  """`<workdir>/config.json` as `upgrade_config` returns it, or None when absent.
+
+  Raises:
+    ConfigFormatError: written by a newer version of the code.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  value = jsonio.read(path)
+  return None if value is None else upgrade_config(value, path)

@@ -63,8 +63,15 @@ MUTABLE_FIELDS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", 
                   "heartbeat_s")
 
 
-def validate_config(config) -> None:
-  """Checks the non-sweep fields before anything is loaded or compiled."""
+def validate_config(config, d_model: int | None = None) -> None:
+  """Checks the config before anything is loaded or compiled: the job's validation pass.
+
+  Args:
+    config: the job's config.
+    d_model: the LM's width when it is known without loading the LM (the pipeline knows it
+      from its LM config): the sweep is then checked too. Otherwise the sweep is checked when
+      `prepare` builds its groups, after the LM is loaded and before anything compiles.
+  """
   def need(cond, msg):
     if not cond:
       raise ValueError(msg)
@@ -107,18 +114,19 @@ def validate_config(config) -> None:
          f"{0.9 if name == 'adam_b1' else 0.999})")
   need(number("adam_eps") and config.adam_eps > 0,
        f"config.adam_eps={config.adam_eps!r} must be a finite number > 0 (usual 1e-8)")
+  if d_model is not None:
+    sae_groups.build_groups(list(config.sweep), d_model)
 
 
 def prepare(config, workdir: str | None = None, lm_pin: Mapping[str, Any] | None = None):
-  """Validates everything and builds the static setup (no compilation).
+  """Checks the config against the LM and builds the static setup (no compilation).
 
   Args:
-    config: the job's config.
+    config: the job's config, passed by `validate_config` (not checked again here).
     workdir: the grid's workdir (where `lm_pin` was recorded).
     lm_pin: the identity of the LM the grid was built from (`bundle.LMBundle.identity`); the
       LM is loaded at its step and must match it. Default: the newest LM checkpoint.
   """
-  validate_config(config)
   lm = grid_setup.load_lm(config, workdir, lm_pin)
   if config.language and config.language != lm.language:
     raise ValueError(f"config.language={config.language!r} but the LM in {config.lm_workdir!r} "
@@ -156,6 +164,12 @@ def _append_jsonl(path: str, records: Sequence[Mapping[str, Any]]) -> None:
 def run(config, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the SAE grid of `config` in `workdir`; returns the summary."""
   validate_config(config)
+  return run_validated(config, workdir)
+
+
+def run_validated(config, workdir: str) -> dict[str, Any]:
+  """`run` of a config that `validate_config` has passed (the pipeline validates every stage
+  up front, once)."""
   distributed.initialize(config)
   # Several processes share the workdir: the writer (process 0) holds its lock.
   with (workdir_lib.lock(workdir) if distributed.is_writer() else contextlib.nullcontext()):
@@ -196,7 +210,7 @@ def _run_locked(config, workdir: str) -> dict[str, Any]:
                        f"{config.log_every}; resume with a log_every that divides it")
     if writer:  # checks passed: record what this run is
       ckpt_lib.record_fingerprint(ckpt_dir, fingerprint)
-      jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
+      workdir_lib.write_config(workdir, config)
       trained_lib.save(workdir, setup)  # variants.json, setup.json
       workdir_lib.record_input(workdir, "lm", lm.identity(workdir))
       workdir_lib.resume_records(metrics_path, start)

@@ -179,7 +179,7 @@ def load(workdir: str, step: int | None = None) -> TrainedGrid:
     raise FileNotFoundError(f"{path} not found: {workdir!r} is not an sae job workdir; train "
                             "the grid first (python -m experiments.main --config="
                             "experiments/configs/sae_*.py --workdir=...)")
-  config = ml_collections.ConfigDict(jsonio.read(path))
+  config = ml_collections.ConfigDict(workdir_lib.read_config(workdir))
   ckpt_dir = os.path.join(workdir, "checkpoints")
   with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ckpt:
     steps = ckpt.all_steps()

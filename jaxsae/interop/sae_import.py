@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxsae.core import checkpoint as ckpt_lib
 from jaxsae.core import jsonio
+from jaxsae.core import workdir as workdir_lib
 from jaxsae.grid import grid_setup
 # The import creates an `sae` workdir, so it validates its config and fingerprints it as the
 # `sae` job does (`train_sae.prepare`, `train_sae.MUTABLE_FIELDS`).
@@ -88,6 +89,7 @@ def import_grid(sae_dirs: Sequence[str], config, workdir: str) -> dict[str, str]
   config.sweep = sweep_for(imported, lm.model_config.d_model)
   config.site = sites[0]
   config.steps = config.log_every = config.checkpoint_every = 1
+  train_sae.validate_config(config)
   setup, lm, root = train_sae.prepare(config, workdir)
   state = grid_setup.init_grid(setup, lm, root)
   groups = []
@@ -103,7 +105,7 @@ def import_grid(sae_dirs: Sequence[str], config, workdir: str) -> dict[str, str]
     groups.append(group.replace(params={k: jnp.asarray(v) for k, v in params.items()}))
   state = state.replace(step=jnp.int32(config.steps), groups=tuple(groups))
   os.makedirs(workdir, exist_ok=True)
-  jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
+  workdir_lib.write_config(workdir, config)
   trained_lib.save(workdir, setup)
   sources = {f"v{i:03d}": os.path.abspath(d) for i, d in enumerate(sae_dirs)}
   jsonio.write(os.path.join(workdir, IMPORTED_FILE), sources)

@@ -15,7 +15,6 @@ from typing import Any, Mapping
 import jax
 
 from jaxsae.core import checkpoint as ckpt_lib
-from jaxsae.core import jsonio
 from jaxsae.core import workdir as workdir_lib
 from jaxsae.lm import lm_step
 from jaxsae.lm import model as model_lib
@@ -78,7 +77,7 @@ def load(lm_workdir: str, step: int | None = None) -> LMBundle:
         f"no trained LM in {lm_workdir!r} (config.json / checkpoints missing); train one with "
         f"python -m experiments.main --config=experiments/configs/lm.py:language=<name> "
         f"--workdir={lm_workdir}, or point config.lm_workdir at an LM workdir")
-  lm_config = ml_collections.ConfigDict(jsonio.read(cfg_path))
+  lm_config = ml_collections.ConfigDict(workdir_lib.read_config(lm_workdir))
   check_lm_workdir_config(lm_config, lm_workdir)
   template = jax.eval_shape(lambda: lm_step.init_state(lm_config))
   with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ckpt:

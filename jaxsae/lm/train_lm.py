@@ -181,6 +181,12 @@ def run(config, workdir: str) -> dict[str, Any]:
     FloatingPointError: a non-finite loss or gradient norm (names the step).
   """
   validate_config(config)
+  return run_validated(config, workdir)
+
+
+def run_validated(config, workdir: str) -> dict[str, Any]:
+  """`run` of a config that `validate_config` has passed (the pipeline validates every stage
+  up front, once)."""
   with workdir_lib.lock(workdir):
     return _run_locked(config, workdir)
 
@@ -196,7 +202,7 @@ def _run_locked(config, workdir: str) -> dict[str, Any]:
                                 has_checkpoints=bool(ro.all_steps()))
   with ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints) as ckpt:
     ckpt_lib.record_fingerprint(ckpt_dir, config)
-    jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
+    workdir_lib.write_config(workdir, config)
     template = jax.eval_shape(lm_step.init_state_from, jax.random.key(config.seed), hyper,
                               setup)
     train_seconds = 0.0
@@ -363,7 +369,7 @@ def write_untrained(config, workdir: str) -> str:
   """
   validate_config(config)
   with workdir_lib.lock(workdir):
-    jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
+    workdir_lib.write_config(workdir, config)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     with ckpt_lib.Checkpointer(ckpt_dir) as ckpt:
       ckpt_lib.record_fingerprint(ckpt_dir, config)
