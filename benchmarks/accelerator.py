@@ -79,6 +79,7 @@ import lm as lm_bench  # pylint: disable=g-import-not-at-top,wrong-import-positi
 from experiments.configs import lm as lm_configs  # pylint: disable=g-import-not-at-top
 from experiments.configs import sae_base  # pylint: disable=g-import-not-at-top
 from jaxsae.core import jsonio  # pylint: disable=g-import-not-at-top
+from jaxsae.grid import grid_setup  # pylint: disable=g-import-not-at-top
 from jaxsae.grid import grid_step  # pylint: disable=g-import-not-at-top
 from jaxsae.grid import train_sae  # pylint: disable=g-import-not-at-top
 from jaxsae.lm import train_lm  # pylint: disable=g-import-not-at-top
@@ -234,8 +235,10 @@ def _peak_bytes() -> int | None:
 
 def time_group(lm_dir: str, shape: dict, loss: str, n: int, steps: int, repeats: int) -> dict:
   """Compiles one (loss, N) group's chunk of `steps` steps and times it."""
-  setup, lm, root = train_sae.prepare(_grid_config(lm_dir, shape, loss, n, steps))
-  state = train_sae.place_state(train_sae.init_grid(setup, lm, root), setup)
+  config = _grid_config(lm_dir, shape, loss, n, steps)
+  train_sae.validate_config(config)
+  setup, lm, root = train_sae.prepare(config)
+  state = grid_setup.place_state(grid_setup.init_grid(setup, lm, root), setup)
   hypers = tuple(grid_step.group_hyper(s) for s in setup.specs)
   key = jax.random.key(0)
   t0 = time.perf_counter()

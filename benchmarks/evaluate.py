@@ -99,8 +99,10 @@ from experiments.configs import sae_menon  # pylint: disable=g-import-not-at-top
 from jaxsae.evaluation import eval_passes  # pylint: disable=g-import-not-at-top
 from jaxsae.evaluation import evaluate as ev  # pylint: disable=g-import-not-at-top
 from jaxsae.evaluation import spliced_generation as sg  # pylint: disable=g-import-not-at-top
+from jaxsae.grid import grid_setup  # pylint: disable=g-import-not-at-top
 from jaxsae.grid import grid_step  # pylint: disable=g-import-not-at-top
 from jaxsae.grid import train_sae  # pylint: disable=g-import-not-at-top
+from jaxsae.grid import trained as trained_lib  # pylint: disable=g-import-not-at-top
 from jaxsae.lm import generate as generate_lib  # pylint: disable=g-import-not-at-top
 from jaxsae.lm import train_lm  # pylint: disable=g-import-not-at-top
 
@@ -123,6 +125,7 @@ def _setup(lm_dir: str, n: int, loop: str):
     c.variant_loop = loop
   c.sweep = [{"product": {"seed": list(range(n))},
               "set": {"loss": "local", "expansion": EXPANSION, "sparsity_coeff": 1.0}}]
+  train_sae.validate_config(c)
   setup, lm, _ = train_sae.prepare(c)
   return setup, lm
 
@@ -174,13 +177,14 @@ def time_group(lm_dir: str, n: int, loop: str, repeats: int, data) -> dict:
 # The grid scale: spliced generation over the Menon grid, and the whole eval job.
 
 
-def menon_grid(lm_dir: str, norm: str) -> train_sae.Trained:
+def menon_grid(lm_dir: str, norm: str) -> trained_lib.TrainedGrid:
   """The 44-SAE Menon grid on the LM in `lm_dir`, untrained SAE params (timing only)."""
   c = sae_menon.get_config(f"language={LANGUAGE},lm_workdir={lm_dir},norm={norm}")
+  train_sae.validate_config(c)
   setup, lm, root = train_sae.prepare(c)
-  state = train_sae.init_grid(setup, lm, root)
+  state = grid_setup.init_grid(setup, lm, root)
   hypers = tuple(grid_step.group_hyper(s) for s in setup.specs)
-  return train_sae.Trained(config=c, setup=setup, lm=lm, state=state, hypers=hypers)
+  return trained_lib.TrainedGrid(config=c, setup=setup, lm=lm, state=state, hypers=hypers)
 
 
 def _cpu_s() -> float:
@@ -194,7 +198,7 @@ def _generated_combos(spec, modes, positions) -> int:
   return (len(modes) if normalised else 1) * len(positions)
 
 
-def time_grid_generation(trained: train_sae.Trained, num_batches: int, batch_size: int,
+def time_grid_generation(trained: trained_lib.TrainedGrid, num_batches: int, batch_size: int,
                          modes, positions) -> dict:
   """Spliced grammaticality of the whole grid (`spliced_generation.spliced_grammaticality`, as
   the eval job calls it): wall time, compilation included, and its stages."""
@@ -214,7 +218,7 @@ def time_grid_generation(trained: train_sae.Trained, num_batches: int, batch_siz
           "mean_finished": float(np.mean(finished)), "clean_finished": out["clean"]["finished"]}
 
 
-def time_group_steady(trained: train_sae.Trained, index: int, mode: str, positions: str,
+def time_group_steady(trained: trained_lib.TrainedGrid, index: int, mode: str, positions: str,
                       num_batches: int, batch_size: int) -> dict:
   """One group's generations (every variant, `num_batches` × `batch_size` each): the first
   call (compilation included) and a second one; sequences/s per SAE from the second."""
@@ -240,7 +244,7 @@ def time_group_steady(trained: train_sae.Trained, index: int, mode: str, positio
           "finished": float(np.mean(done))}
 
 
-def time_full_eval(trained: train_sae.Trained) -> dict:
+def time_full_eval(trained: trained_lib.TrainedGrid) -> dict:
   """`evaluate.evaluate_trained` with the eval job's defaults (held-out metrics on 10 × 128
   sequences; spliced grammaticality 5 × 128 per SAE for both modes × both positions)."""
   t0, c0 = time.perf_counter(), _cpu_s()

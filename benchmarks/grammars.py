@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from jaxsae import grammars
-from jaxsae.grammars import pcfg
+from jaxsae.grammars import rules as rules_lib
 
 
 def _timed(fn, repeats=3):
@@ -42,7 +42,7 @@ def _timed(fn, repeats=3):
 
 def _python_sampler(grammar, limit):
   rules: dict[str, list[tuple[tuple[str, ...], float]]] = {}
-  for r in pcfg.parse_rules(grammar.info.text)[0]:
+  for r in rules_lib.parse_rules(grammar.info.text)[0]:
     rules.setdefault(r.lhs, []).append((r.rhs, r.prob))
   start = grammar.info.nonterminals[0]
   rng = random.Random(0)
@@ -76,7 +76,7 @@ def _python_sampler(grammar, limit):
 def _nltk_parser(grammar):
   import nltk  # pylint: disable=g-import-not-at-top
   lines = []
-  for r in pcfg.parse_rules(grammar.info.text)[0]:
+  for r in rules_lib.parse_rules(grammar.info.text)[0]:
     rhs = " ".join(s if s in grammar.info.nonterminals else f"'{s}'" for s in r.rhs)
     lines.append(f"{r.lhs} -> {rhs} [{r.prob!r}]")
   return nltk.ViterbiParser(nltk.PCFG.fromstring("\n".join(lines)))

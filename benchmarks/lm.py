@@ -5,7 +5,7 @@
 
 Prints one JSON object:
 - `train_tokens_per_s`: training tokens (batch x max_len per step, padding included) per second
-  of the jitted `train_lm.train_steps` (data sampling on device included), best of `--calls`
+  of the jitted `lm_step.train_steps` (data sampling on device included), best of `--calls`
   host calls after compilation;
 - `model_flops_per_token` and `achieved_gflops`: matmul FLOPs counted analytically,
   6 * N per token for the weight matmuls (N = non-embedding matmul params + the tied
@@ -35,6 +35,7 @@ from experiments.configs import lm as lm_config  # pylint: disable=g-import-not-
 from jaxsae import grammars  # pylint: disable=g-import-not-at-top
 from jaxsae.core.flops import matmul_peak  # pylint: disable=g-import-not-at-top
 from jaxsae.lm import generate as generate_lib  # pylint: disable=g-import-not-at-top
+from jaxsae.lm import lm_step  # pylint: disable=g-import-not-at-top
 from jaxsae.lm import train_lm  # pylint: disable=g-import-not-at-top
 
 
@@ -55,17 +56,17 @@ def train_throughput(config, steps_per_call: int, calls: int) -> dict:
   config.num_steps = config.log_every = config.eval_every = config.checkpoint_every = (
       steps_per_call * calls)
   train_lm.validate_config(config)
-  setup = train_lm._setup(config)  # pylint: disable=protected-access
-  hyper = train_lm._hyper(config)  # pylint: disable=protected-access
-  state = train_lm.init_state(config)
+  setup = lm_step.setup_for(config)
+  hyper = lm_step.hyper_for(config)
+  state = lm_step.init_state(config)
   t0 = time.perf_counter()
-  state, m = train_lm.train_steps(state, hyper, setup)
+  state, m = lm_step.train_steps(state, hyper, setup)
   jax.block_until_ready(m)
   compile_and_first = time.perf_counter() - t0
   best = float("inf")
   for _ in range(calls):
     t0 = time.perf_counter()
-    state, m = train_lm.train_steps(state, hyper, setup)
+    state, m = lm_step.train_steps(state, hyper, setup)
     jax.block_until_ready(m)
     best = min(best, time.perf_counter() - t0)
   tokens = steps_per_call * config.batch_size * config.max_len

@@ -174,6 +174,7 @@ from benchmarks import peer  # pylint: disable=g-import-not-at-top
 from experiments.configs import lm as lm_configs  # pylint: disable=g-import-not-at-top
 from experiments.configs import sae_base  # pylint: disable=g-import-not-at-top
 from jaxsae.core.flops import matmul_peak  # pylint: disable=g-import-not-at-top
+from jaxsae.grid import grid_setup  # pylint: disable=g-import-not-at-top
 from jaxsae.grid import grid_step  # pylint: disable=g-import-not-at-top
 from jaxsae.grid import sae as sae_lib  # pylint: disable=g-import-not-at-top
 from jaxsae.grid import train_sae  # pylint: disable=g-import-not-at-top
@@ -241,10 +242,11 @@ def time_grid(lm_dir: str, loss: str, n: int, steps: int, repeats: int,
               activation: str = "relu", k: int = 16, decode: str = "auto") -> dict:
   """Compiles the chunk of one (loss, activation, N) group and times it."""
   config = _config(lm_dir, loss, n, steps, activation, k, decode)
+  train_sae.validate_config(config)
   setup, lm, root = train_sae.prepare(config)
-  state = train_sae.place_state(train_sae.init_grid(setup, lm, root), setup)
+  state = grid_setup.place_state(grid_setup.init_grid(setup, lm, root), setup)
   hypers = tuple(grid_step.group_hyper(s) for s in setup.specs)
-  key = jax.random.fold_in(root, train_sae._DATA_STREAM)  # pylint: disable=protected-access
+  key = jax.random.fold_in(root, grid_setup.DATA_STREAM)
   chunk = train_sae.make_chunk_fn(setup, steps, state)
   box = {"state": state}
 

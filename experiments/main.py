@@ -30,7 +30,7 @@ JOBS = {
     "lm": "jaxsae.lm.train_lm",
     "sae": "jaxsae.grid.train_sae",
     "pipeline": "jaxsae.pipeline",
-    "eval": "jaxsae.evaluation.evaluate",
+    "eval": "jaxsae.eval_job",
     "export": "jaxsae.interop.export",
 }
 

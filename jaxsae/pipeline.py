@@ -5,10 +5,16 @@ the report at the top:
 
     lm/        the language model (`jaxsae.lm.train_lm`; checkpoints, summary.json)
     sae/       the SAE grid (`jaxsae.grid.train_sae`; checkpoints, variants.json, summary.json)
-    eval/      every metric of every variant (`jaxsae.evaluation.evaluate`; eval.json)
+    eval/      every metric of every variant (the eval job, `jaxsae.eval_job`: eval.json and its
+               report)
     analysis/  latent × label feature recovery (`jaxsae.analysis.recovery`; features.json, corr.npz) and
-               causal predictability of chosen SAEs (`jaxsae.analysis.causality`; causal.json)
-    report.md, report.json, *.png   (`jaxsae.report.assemble`)
+               causal predictability of chosen SAEs (`jaxsae.analysis.causality`; causal.json),
+               the stage in `jaxsae.analysis.stage`
+    report.md, report.json, *.png   (`jaxsae.report.from_workdirs`, as the eval job's report)
+
+One config path: `stage_configs` makes each stage's config from the pipeline's (a copy with the
+stage's input paths filled in), `validate_config` checks all of them once, before anything runs,
+and each stage runs on its config without checking it again (`run_validated`).
 
 Resuming: a finished stage leaves a record in `stages.json` with a fingerprint of its config
 (and of the stages it reads from); rerunning the job skips stages whose record matches and
@@ -35,22 +41,18 @@ from typing import Any, Callable
 from absl import logging
 import jax
 import ml_collections
-import numpy as np
 
-from jaxsae.analysis import causality
-from jaxsae.analysis import comparison
-from jaxsae.analysis import recovery
+from jaxsae import eval_job
+from jaxsae.analysis import stage as analysis_stage
 from jaxsae.core import jsonio
 from jaxsae.core import workdir as workdir_lib
 from jaxsae.evaluation import evaluate
-from jaxsae.grid import sae as sae_lib
-from jaxsae.grid import sae_groups
 from jaxsae.grid import train_sae
+from jaxsae.lm import lm_step
 from jaxsae.lm import train_lm
-from jaxsae.report import assemble as report_lib
+from jaxsae.report import from_workdirs
 
 STAGES = ("lm", "sae", "eval", "analysis", "report")
-_ANALYSIS_STREAM = 2000  # folded into the analysis seed (never a training or eval stream)
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -58,12 +60,20 @@ def _fingerprint(*parts: Any) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _sub_config(config: ml_collections.ConfigDict, **updates: Any) -> ml_collections.ConfigDict:
+def _with(config: ml_collections.ConfigDict, **updates: Any) -> ml_collections.ConfigDict:
   """An unlocked copy of a stage's config with run-time fields (paths) filled in."""
-  c = ml_collections.ConfigDict(config.to_dict())
+  c = config.copy_and_resolve_references()
+  c.unlock()
   for k, v in updates.items():
     c[k] = v
   return c
+
+
+def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
+  """Each stage's config: the pipeline's block of it, with the paths of its inputs."""
+  paths = _paths(workdir)
+  return {"lm": _with(config.lm), "sae": _with(config.sae, lm_workdir=paths["lm"]),
+          "eval": _with(config.eval, sae_workdir=paths["sae"]), "analysis": config.analysis}
 
 
 def _commit() -> str:
@@ -91,26 +101,27 @@ def machine() -> str:
 # Stages.
 
 
-def _stage_lm(config, paths) -> None:
-  train_lm.run(_sub_config(config.lm), paths["lm"])
+def _stage_lm(configs, paths) -> None:
+  train_lm.run_validated(configs["lm"], paths["lm"])
 
 
-def _stage_sae(config, paths) -> None:
-  train_sae.run(_sub_config(config.sae, lm_workdir=paths["lm"]), paths["sae"])
+def _stage_sae(configs, paths) -> None:
+  train_sae.run_validated(configs["sae"], paths["sae"])
 
 
-def _stage_eval(config, paths) -> None:
+def _stage_eval(configs, paths) -> None:
   # The pipeline re-runs this stage exactly when the grid or the eval config changed: the old
   # results are replaced, not mixed (the eval workdir would otherwise refuse a changed grid).
   workdir_lib.forget_input(paths["eval"], "grid")
-  evaluate.run(_sub_config(config.eval, sae_workdir=paths["sae"]), paths["eval"])
+  eval_job.run_validated(configs["eval"], paths["eval"])
 
 
-def _stage_analysis(config, paths) -> None:
-  run_analysis(config.analysis, paths["sae"], paths["analysis"], paths["eval"])
+def _stage_analysis(configs, paths) -> None:
+  analysis_stage.run(configs["analysis"], paths["sae"], paths["analysis"], paths["eval"])
 
 
-def _stage_report(config, paths) -> None:
+def _stage_report(configs, paths) -> None:
+  del configs  # the report reads the stages' outputs only
   write_report(paths["root"], meta=None)
 
 
@@ -139,40 +150,41 @@ def _stage_fingerprints(config) -> dict[str, str]:
 _REPORT_VERSION = 2  # bump when the report's content changes, to re-render old workdirs
 
 
-def validate_config(config) -> None:
-  """Checks the pipeline's own fields and each stage's config, before anything runs."""
+def validate_config(config, workdir: str = "<workdir>") -> dict[str, ml_collections.ConfigDict]:
+  """Checks the pipeline's own fields and each stage's config, once, before anything runs.
+
+  Returns:
+    The stage configs (`stage_configs`) that passed, to run the stages on.
+  """
   unknown = [s for s in config.stages if s not in STAGES]
   if unknown or not config.stages:
     raise ValueError(f"config.stages={tuple(config.stages)!r}: choose among {STAGES}")
   if config.sae.language and config.sae.language != config.lm.language:
     raise ValueError(f"config.sae.language={config.sae.language!r} differs from "
                      f"config.lm.language={config.lm.language!r}; set both with :language=")
-  train_lm.validate_config(config.lm)
-  train_sae.validate_config(config.sae)
-  sae_groups.build_groups(list(config.sae.sweep), train_lm.model_config_for(config.lm).d_model)
-  evaluate.validate_config(_sub_config(config.eval, sae_workdir="<sae>"))
-  a = config.analysis
-  for name in ("num_sequences", "max_pairs", "heatmap_latents"):
-    if not isinstance(a[name], int) or a[name] < 1:
-      raise ValueError(f"config.analysis.{name}={a[name]!r} must be a positive int")
-  if not 0 < a.threshold <= 1:
-    raise ValueError(f"config.analysis.threshold={a.threshold} must lie in (0, 1]")
+  configs = stage_configs(config, workdir)
+  train_lm.validate_config(configs["lm"])
+  train_sae.validate_config(configs["sae"],
+                            d_model=lm_step.model_config_for(configs["lm"]).d_model)
+  evaluate.validate_config(configs["eval"])
+  analysis_stage.validate_config(configs["analysis"])
+  return configs
 
 
 def run(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) every stage of `config.stages`; returns the stage records."""
-  validate_config(config)
+  configs = validate_config(config, workdir)
   with workdir_lib.lock(workdir):
-    return _run_locked(config, workdir)
+    return _run_locked(config, configs, workdir)
 
 
-def _run_locked(config, workdir: str) -> dict[str, Any]:
+def _run_locked(config, configs, workdir: str) -> dict[str, Any]:
   paths = _paths(workdir)
   record_path = os.path.join(workdir, "stages.json")
   records = jsonio.read(record_path, {}, fix=(
       "Delete it and rerun: every stage is then re-entered, and the training stages resume "
       "from their checkpoints (a finished one is not retrained)."))
-  jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
+  workdir_lib.write_config(workdir, config)
   fps = _stage_fingerprints(config)
   order = [s for s in STAGES if s in config.stages]
   t_start = time.perf_counter()
@@ -188,7 +200,7 @@ def _run_locked(config, workdir: str) -> dict[str, Any]:
     records[stage] = {"fingerprint": fps[stage], "done": False}
     jsonio.write(record_path, records)
     t0 = time.perf_counter()
-    _STAGE_FNS[stage](config, paths)
+    _STAGE_FNS[stage](configs, paths)
     seconds = time.perf_counter() - t0
     records[stage] = {"fingerprint": fps[stage], "done": True, "seconds": round(seconds, 1),
                       "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -205,114 +217,12 @@ def _run_locked(config, workdir: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Analysis stage.
-
-
-def _choose(variants: dict[str, Any], types: dict[str, str], score: dict[str, float]) -> list[str]:
-  """One variant per SAE type: the best by `score` (higher is better), ids sorted."""
-  best: dict[str, tuple[float, str]] = {}
-  for vid in variants:
-    s = score.get(vid, float("-inf"))
-    t = types[vid]
-    if t not in best or s > best[t][0]:
-      best[t] = (s, vid)
-  return sorted(v for _, v in best.values())
-
-
-def run_analysis(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None) -> dict[str, Any]:
-  """Feature recovery for every variant and causal predictability for one SAE per type.
-
-  Writes `features.json` (`recovery.summarise` of every variant, keyed by id), `corr.npz`
-  (latent × label correlations of the chosen SAEs, for heatmaps) and `causal.json`
-  (`causality.causal_predictability` of the chosen SAEs) in `out_dir`.
-
-  Args:
-    a: the analysis config (`num_sequences`, `seed`, `threshold`, `max_pairs`, `causal`,
-      `causal_variants` ('per_type': the chosen SAE of each type; 'all'), `heatmap_latents`).
-    sae_workdir: the trained grid.
-    out_dir: where to write.
-    eval_dir: optional eval workdir; the chosen SAE of a type is the one with the best
-      feature-recovery score among those whose spliced CE increase is finite.
-  """
-
-  os.makedirs(out_dir, exist_ok=True)
-  trained = train_sae.load_trained(sae_workdir)
-  setup = trained.setup
-  key = jax.random.fold_in(jax.random.key(a.seed), _ANALYSIS_STREAM)
-  batch = recovery.analysis_batch(trained, key, a.num_sequences)
-  lmat = batch.label_matrix()
-  features: dict[str, Any] = {"columns": None, "variants": {}}
-  corr: dict[str, np.ndarray] = {}
-  hparams_by_id = {}
-  t0 = time.perf_counter()
-  for gi, spec in enumerate(setup.specs):
-    codes = recovery.collect_codes(trained, gi, batch.tokens_BT, batch.mask_BT)
-    params = jax.tree.map(lambda x: x[: spec.size], trained.state.groups[gi].params)
-    decoders = jax.vmap(lambda p, c=spec.sae: sae_lib.dictionary(p, c))(params)
-    summ = recovery.summarise(codes, lmat, decoders, ids=list(spec.ids))
-    features["columns"] = summ["columns"]
-    features["variants"].update(summ["variants"])
-    cmat = np.asarray(recovery.correlations(codes, lmat))
-    for i, vid in enumerate(spec.ids):
-      corr[vid] = cmat[i]
-      hparams_by_id[vid] = spec.values[i]
-    elapsed = time.perf_counter() - t0
-    eta = elapsed / (gi + 1) * (len(setup.specs) - gi - 1)
-    logging.info("analysis: group %d/%d (%s, %d SAEs) done, ETA %.0f s", gi + 1,
-                 len(setup.specs), spec.name, spec.size, eta)
-  names = [c["name"] for c in features["columns"]]
-  jsonio.write(os.path.join(out_dir, "features.json"), features)
-
-  types = {vid: comparison.sae_type(dict(h)) for vid, h in hparams_by_id.items()}
-  ev = jsonio.read(os.path.join(eval_dir, "eval.json"), {}) if eval_dir else {}
-  ok = {vid for vid, v in ev.get("variants", {}).items()
-        if isinstance(v.get("ce_increase"), (int, float)) and np.isfinite(v["ce_increase"])}
-  score = {vid: float(s.get("mean_best_abs_corr", float("-inf")))
-           for vid, s in features["variants"].items() if not ok or vid in ok}
-  chosen = _choose(hparams_by_id, types, score)
-  tested = sorted(hparams_by_id) if a.get("causal_variants", "per_type") == "all" else chosen
-  np.savez_compressed(os.path.join(out_dir, "corr.npz"), names=np.asarray(names),
-                      **{vid: corr[vid] for vid in chosen})
-
-  causal: dict[str, Any] = {"chosen": chosen, "types": {v: types[v] for v in tested},
-                            "variants": {}}
-  if a.causal:
-    for n, vid in enumerate(tested):
-      v = train_sae.variant(trained, vid)
-      t1 = time.perf_counter()
-      res = causality.causal_predictability(
-          trained.lm.params, setup.model_config, setup.site, v.params, v.sae_config, v.hparams,
-          batch.tokens_BT, batch.mask_BT, setup.grammar, np.nan_to_num(corr[vid]),
-          names, threshold=a.threshold, max_pairs=a.max_pairs, splice_mode=v.splice_mode,
-          sae_state=v.sae_state, empirical_fallback=True)
-      causal["variants"][vid] = res
-      logging.info("analysis: causal predictability %d/%d (%s, %s): %s of %s pairs as "
-                   "predicted (%.0f s)", n + 1, len(tested), vid, types[vid],
-                   res.get("fraction_as_predicted"), res.get("n_tested"),
-                   time.perf_counter() - t1)
-  jsonio.write(os.path.join(out_dir, "causal.json"), jsonio.jsonable(causal))
-  return {"features": features, "causal": causal}
-
-
-# ------------------------------------------------------------------------------------------------
 # Report stage.
 
 
 def write_report(workdir: str, meta: dict[str, Any] | None = None) -> dict[str, str]:
   """Renders report.md / report.json / PNGs in `workdir` from the stages' outputs."""
   paths = _paths(workdir)
-  summary = jsonio.read(os.path.join(paths["sae"], "summary.json"))
-  eval_results = jsonio.read(os.path.join(paths["eval"], "eval.json"))
-  if summary is None or eval_results is None:
-    raise FileNotFoundError(f"the report needs {paths['sae']}/summary.json and "
-                            f"{paths['eval']}/eval.json; run the sae and eval stages first")
-  features = jsonio.read(os.path.join(paths["analysis"], "features.json"))
-  corr_path = os.path.join(paths["analysis"], "corr.npz")
-  if features is not None and os.path.exists(corr_path):
-    with np.load(corr_path) as z:
-      features = dict(features, corr={k: z[k] for k in z.files if k != "names"},
-                      corr_columns=[str(n) for n in z["names"]])
-  causal = jsonio.read(os.path.join(paths["analysis"], "causal.json"))
   stages = jsonio.read(os.path.join(workdir, "stages.json"), {})
   meta = dict(meta or {})
   meta.setdefault("commit", _commit())
@@ -321,9 +231,5 @@ def write_report(workdir: str, meta: dict[str, Any] | None = None) -> dict[str, 
       timespec="seconds"))
   meta.setdefault("stage_seconds", {s: r.get("seconds") for s, r in stages.items()
                                     if r.get("done")})
-  # The headline spliced grammaticality is the report's default: the corrected splice at the
-  # positions the grid was trained on (`report.headline_combo`).
-  return report_lib.write_report(
-      workdir, summary=summary, eval_results=eval_results, features=features,
-      causal=(causal or {}).get("variants") or None,
-      lm=jsonio.read(os.path.join(paths["lm"], "summary.json")), meta=meta)
+  return from_workdirs.write(workdir, sae_dir=paths["sae"], eval_dir=paths["eval"],
+                             analysis_dir=paths["analysis"], lm_dir=paths["lm"], meta=meta)

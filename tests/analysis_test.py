@@ -12,10 +12,12 @@ import pytest
 
 import fakes
 from jaxsae import grammars
+from jaxsae.analysis import codes as codes_lib
 from jaxsae.analysis import geometry
 from jaxsae.analysis import recovery
 from jaxsae.grid import sae as sae_lib
 from jaxsae.grid import train_sae as ts
+from jaxsae.grid import trained as trained_lib
 from jaxsae.lm import model as model_lib
 
 BIN = grammars.LabelInfo("binary")
@@ -220,12 +222,12 @@ def trained(tmp_path_factory):
                                           "expansion": 2}}],
       steps=2, log_every=2, checkpoint_every=2)
   ts.run(c, str(root / "sae"))
-  return ts.load_trained(str(root / "sae"))
+  return trained_lib.load(str(root / "sae"))
 
 
 def test_collect_codes_equals_per_variant_encode(trained):
   setup = trained.setup
-  batch = recovery.analysis_batch(trained, jax.random.key(7), 16)
+  batch = codes_lib.analysis_batch(trained, jax.random.key(7), 16)
   mask = batch.mask_BT
   forward = jax.jit(lambda p, t: model_lib.apply(p, t, setup.model_config,
                                                   collect=(setup.site,)).acts[setup.site])
@@ -233,7 +235,7 @@ def test_collect_codes_equals_per_variant_encode(trained):
   x_MD = np.asarray(acts)[mask]
   assert [(s.sae.activation, s.size) for s in setup.specs] == [("batchtopk", 2)]
   for gi, spec in enumerate(setup.specs):
-    codes = np.asarray(recovery.collect_codes(trained, gi, batch.tokens_BT, mask))
+    codes = np.asarray(codes_lib.collect_codes(trained, gi, batch.tokens_BT, mask))
     assert codes.shape == (spec.size, mask.sum(), spec.sae.width)
     group, hyper = trained.state.groups[gi], trained.hypers[gi]
     one = lambda tree, i: jax.tree.map(lambda a: jnp.asarray(a)[i], tree)
@@ -242,16 +244,16 @@ def test_collect_codes_equals_per_variant_encode(trained):
       want = sae_lib.encode(one(group.params, i), jnp.asarray(x_MD), spec.sae,
                             one(hyper.hparams, i), state=one(group.sae_state, i))
       np.testing.assert_allclose(codes[i], np.asarray(want), rtol=1e-5, atol=1e-6)
-    sub = np.asarray(recovery.collect_codes(trained, gi, batch.tokens_BT, mask, variants=[1]))
+    sub = np.asarray(codes_lib.collect_codes(trained, gi, batch.tokens_BT, mask, variants=[1]))
     np.testing.assert_allclose(sub[0], codes[1], rtol=1e-6, atol=1e-7)
   with pytest.raises(ValueError, match="spec_index=5 out of range"):
-    recovery.collect_codes(trained, 5, batch.tokens_BT, mask)
+    codes_lib.collect_codes(trained, 5, batch.tokens_BT, mask)
 
 
 def test_summarise_on_a_trained_group_is_consistent_and_json(trained):
-  batch = recovery.analysis_batch(trained, jax.random.key(8), 16)
+  batch = codes_lib.analysis_batch(trained, jax.random.key(8), 16)
   lm = batch.label_matrix()
-  codes = recovery.collect_codes(trained, 0, batch.tokens_BT, batch.mask_BT)
+  codes = codes_lib.collect_codes(trained, 0, batch.tokens_BT, batch.mask_BT)
   spec, group = trained.setup.specs[0], trained.state.groups[0]
   decoders = jax.vmap(lambda p: sae_lib.dictionary(p, spec.sae))(group.params)[: spec.size]
   out = recovery.summarise(codes, lm, decoders, ids=spec.ids)

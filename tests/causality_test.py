@@ -10,7 +10,7 @@ import pytest
 import fakes
 from jaxsae import grammars
 from jaxsae.analysis import causality
-from jaxsae.analysis import interventions
+from jaxsae.grammars import token_classes
 from jaxsae.grid import sae as sae_lib
 
 DYCK, MC = fakes.DYCK, fakes.TINY_DYCK_MC
@@ -57,7 +57,7 @@ def test_english_expectations_come_from_data():
   values = np.stack([np.where(pos >= 0, (pos == i).astype(float), np.nan)
                      for i in range(len(cats))] + [np.zeros(tokens.shape)] * 2, -1)
   exp = causality.expected_effects(eng, names, tokens, mask, label_values_BTK=values)
-  classes, member = interventions.token_classes(eng)
+  classes, member = token_classes.token_classes(eng)
   assert set(exp) == set(names[:len(cats)]) | {"eos_legal"}  # depth: no expectation
   np.testing.assert_array_equal(exp["eos_legal"], member[:, eng.eos_id].astype(float))
   # NP -> Adj N: an adjective is always followed by a noun, which nothing else is as often.
@@ -93,10 +93,10 @@ def test_causal_predictability_counts_planted_latent(lm, data):
     corr[3, names.index("match_distance")] = 0.8  # no expected effect: untestable
     corr[7, k] = 0.7  # never fires: not tested
     corr[2, k] = 0.1  # below the threshold
-    out = causality.causal_predictability(lm, MC, "ln_final", params, config,
-                                   sae_lib.default_hparams(config), data.tokens,
-                                   data.sentence_mask, DYCK, corr, names, threshold=0.5,
-                                   high_scale=3.0, null_latents=24)
+    out = causality.causal_predictability(
+        causality.SplicedSAE(lm, MC, "ln_final", params, config, sae_lib.default_hparams(config)),
+        data.tokens, data.sentence_mask, DYCK, corr, names,
+        causality.CausalSettings(threshold=0.5, high_scale=3.0, null_latents=24))
     assert (out["n_strong"], out["n_tested"], out["n_untestable_label"],
             out["n_inactive_latent"]) == (3, 1, 1, 1)
     pair = out["pairs"][0]
@@ -243,9 +243,9 @@ def test_bad_inputs_raise_clear_errors(lm, data):
     causality.pearson(np.zeros((5, 2)), np.zeros((4, 3)))
   config, params = _planted(lm, 1)
   names, _ = causality.label_columns(DYCK, data.tokens)
-  call = lambda corr, **kw: causality.causal_predictability(
-      lm, MC, kw.pop("site", "ln_final"), params, config, sae_lib.default_hparams(config),
-      data.tokens, data.sentence_mask, DYCK, corr, names, **kw)
+  call = lambda corr, site="ln_final", **kw: causality.causal_predictability(
+      causality.SplicedSAE(lm, MC, site, params, config, sae_lib.default_hparams(config)),
+      data.tokens, data.sentence_mask, DYCK, corr, names, causality.CausalSettings(**kw))
   with pytest.raises(ValueError, match=r"expected \[F=16, K="):
     call(np.zeros((8, len(names))))
   with pytest.raises(ValueError, match="not a site"):

@@ -19,6 +19,7 @@ import pytest
 from jaxsae.grammars import cky
 from jaxsae.grammars import library
 from jaxsae.grammars import pcfg
+from jaxsae.grammars import rules as rules_lib
 
 # Sequence lengths, and the longest sentence each holds. Tests share compilations by sharing
 # shapes: per-grammar tests use T (chart size 8, one loop phase), the bucketing tests T_MID
@@ -33,7 +34,7 @@ class Reference:
   """Recogniser, inside, Viterbi and prefix viability over a grammar's original rules."""
 
   def __init__(self, grammar: pcfg.Grammar):
-    rules, _ = pcfg.parse_rules(grammar.info.text)
+    rules, _ = rules_lib.parse_rules(grammar.info.text)
     nonterminals = list(dict.fromkeys(r.lhs for r in rules))
     term_id = {t: i for i, t in enumerate(grammar.info.terminals)}
     # Terminals become their ids (int), nonterminals stay names (str).

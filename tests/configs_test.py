@@ -9,11 +9,15 @@ import os
 import pytest
 
 from experiments import main as main_lib
+from experiments.configs import eval as eval_configs
 from experiments.configs import lm as lm_configs
+from experiments.configs import pipeline as pipeline_configs
 from experiments.configs import sae_causal
 from experiments.configs import sae_menon
+from jaxsae import pipeline
 from jaxsae.grid import sae_groups
 from jaxsae.grid import train_sae
+from jaxsae.lm import lm_step
 from jaxsae.lm import train_lm
 
 D_MODEL = 128  # the spec's LM width (the default lm config)
@@ -220,10 +224,69 @@ def test_every_config_builds(name):
     d_model = SMOKE_D_MODEL if arg == "smoke" else D_MODEL
     if config.job == "lm":
       train_lm.validate_config(config)
-      assert train_lm.model_config_for(config).d_model == d_model
+      assert lm_step.model_config_for(config).d_model == d_model
     elif config.job == "sae":
       train_sae.validate_config(config)
       assert sum(s.size for s in _groups(config, d_model)) >= 1
+    elif config.job == "pipeline":
+      assert set(pipeline.validate_config(config)) == {"lm", "sae", "eval", "analysis"}
+
+
+# (module, the `:arg` of a config, the same options as `build` keyword arguments)
+BUILDS = [
+    ("lm", None, {}),
+    ("lm", "language=english,seed=3,smoke", dict(language="english", seed=3, size="smoke")),
+    ("lm", "language=expr_prefix,full,steps=10,batch_size=3,max_len=40",
+     dict(language="expr_prefix", size="full", steps=10, batch_size=3, max_len=40)),
+    ("eval", "smoke,sae_workdir=w,seed=2,window_tokens=5,splice_mode=original",
+     dict(size="smoke", sae_workdir="w", seed=2, window_tokens=5, splice_mode="original")),
+    ("eval", "num_batches=3,grammaticality_batches=0",
+     dict(num_batches=3, grammaticality_batches=0)),
+    ("grammar", "smoke,language=english", dict(language="english", size="smoke")),
+    ("export", "variants=v000+v002,step=4,lm=false",
+     dict(variants="v000,v002", step=4, lm=False)),
+    ("sae_e2e", "smoke,language=english,steps=6", dict(language="english", size="smoke", steps=6)),
+    ("sae_menon", "smoke,sparsemax,pre_bias,norm=input_dec,lm_workdir=x",
+     dict(size="smoke", sparsemax=True, pre_bias=True, norm="input_dec", lm_workdir="x")),
+    ("sae_causal", "smoke,finetune,target=clean,distance=kl",
+     dict(size="smoke", finetune=True, target="clean", distance="kl")),
+    ("sae_causal", "steps=100", dict(steps=100)),
+    ("pipeline", None, {}),
+    ("pipeline", "smoke,language=dyck2,seed=4,grid=causal,stages=lm+sae",
+     dict(size="smoke", language="dyck2", seed=4, grid="causal", stages=("lm", "sae"))),
+    ("pipeline", "full", dict(size="full")),
+]
+
+
+def test_every_config_module_has_a_builder():
+  assert {name for name, _, _ in BUILDS} == set(CONFIG_MODULES) - {"sae_base", "args"}
+
+
+@pytest.mark.parametrize("name,arg,kwargs", BUILDS)
+def test_builders_equal_get_config_of_the_same_options(name, arg, kwargs):
+  module = importlib.import_module(f"experiments.configs.{name}")
+  # Field order included: config.json and the fingerprints are written from to_dict().
+  assert (json.dumps(module.build(**kwargs).to_dict(), default=str)
+          == json.dumps(module.get_config(arg).to_dict(), default=str))
+
+
+@pytest.mark.parametrize("size", ["smoke", "default", "full"])
+def test_the_pipeline_config_is_made_of_the_stage_builders(size):
+  c = pipeline_configs.build(language="dyck2", seed=5, size=size)
+  assert c.lm.to_dict() == lm_configs.build(language="dyck2", seed=5, size=size).to_dict()
+  e = eval_configs.build(seed=5, size="smoke" if size == "smoke" else "default")
+  assert c.eval.keys() == e.keys()
+  if size != "default":  # the default pipeline sets its own evaluation budget
+    assert c.eval.to_dict() == e.to_dict()
+
+
+def test_builders_refuse_unknown_sizes():
+  with pytest.raises(ValueError, match="size='huge'"):
+    lm_configs.build(size="huge")
+  with pytest.raises(ValueError, match="size='full'"):
+    sae_menon.build(size="full")
+  with pytest.raises(ValueError, match="stages=.*choose a subset"):
+    pipeline_configs.build(stages=("lm", "bogus"))
 
 
 @pytest.mark.parametrize("name", ["sae_e2e", "sae_causal"])

@@ -84,8 +84,8 @@ def test_two_processes_train_the_same_grid_as_one(lm_dir, tmp_path):
 _RESTORE_AND_COMPARE = """
 import sys
 import jax, numpy as np
-from jaxsae.grid import train_sae
-a, b = train_sae.load_trained(sys.argv[1]), train_sae.load_trained(sys.argv[2])
+from jaxsae.grid import trained
+a, b = trained.load(sys.argv[1]), trained.load(sys.argv[2])
 la, lb = jax.tree_util.tree_leaves(a.state), jax.tree_util.tree_leaves(b.state)
 assert len(la) == len(lb) > 0 and int(a.state.step) == int(b.state.step) > 0
 for x, y in zip(la, lb):

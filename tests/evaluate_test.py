@@ -4,8 +4,10 @@ grid. (The formulas alone: metrics_test.py; generation with SAEs spliced in:
 spliced_generation_test.py.)"""
 # pylint: disable=protected-access,cell-var-from-loop
 
+import ast
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ import pytest
 import fakes
 from experiments import main as main_lib
 from experiments.configs import eval as eval_configs
+from jaxsae import eval_job
 from jaxsae.evaluation import eval_passes
 from jaxsae.evaluation import evaluate as ev
 from jaxsae.grid import grid_step
@@ -288,12 +291,12 @@ def test_eval_job_on_a_tiny_trained_grid(lm_dir, tmp_path):
                        steps=2, log_every=2, checkpoint_every=2)
   config.lock()
   summary = train_sae.run(config, sae_dir)
-  assert main_lib.JOBS["eval"] == "jaxsae.evaluation.evaluate"
+  assert main_lib.JOBS["eval"] == "jaxsae.eval_job"
   eval_config = eval_configs.get_config(f"smoke,sae_workdir={sae_dir}")
   eval_config.grammaticality_positions = ("sentence",)  # both are tested above; keep it short
   eval_config.lock()
   assert eval_config.job == "eval"
-  result = ev.run(eval_config, str(tmp_path / "eval"))
+  result = eval_job.run(eval_config, str(tmp_path / "eval"))
   with open(tmp_path / "eval" / "eval.json") as f:
     written = json.load(f)
   assert written["variants"].keys() == summary["variants"].keys() == result["variants"].keys()
@@ -314,4 +317,21 @@ def test_eval_job_on_a_tiny_trained_grid(lm_dir, tmp_path):
   text = open(tmp_path / "eval" / "report.md").read()
   assert "Clean model" in text and all(vid in text for vid in written["variants"])
   with pytest.raises(ValueError, match="sae_workdir is required"):
+    eval_job.run(eval_configs.get_config("smoke"), str(tmp_path / "none"))
+  with pytest.raises(ValueError, match="sae_workdir is required"):
     ev.run(eval_configs.get_config("smoke"), str(tmp_path / "none"))
+
+
+def test_evaluation_imports_no_later_package():
+  # Evaluation comes before analysis, the report, interop and the pipeline: the eval job that
+  # also writes the report is `jaxsae.eval_job`.
+  root = os.path.join(os.path.dirname(ev.__file__))
+  for name in sorted(os.listdir(root)):
+    if name.endswith(".py"):
+      tree = ast.parse(open(os.path.join(root, name)).read())
+      imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+      imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+      later = [m for m in imported if m.startswith(("jaxsae.analysis", "jaxsae.report",
+                                                    "jaxsae.interop", "jaxsae.pipeline",
+                                                    "jaxsae.eval_job"))]
+      assert not later, (name, later)

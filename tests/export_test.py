@@ -17,6 +17,7 @@ from experiments.configs import export as export_configs
 from jaxsae.core import checkpoint as ckpt_lib
 from jaxsae.grid import sae as sae_lib
 from jaxsae.grid import train_sae
+from jaxsae.grid import trained as trained_lib
 from jaxsae.interop import export as export_lib
 from jaxsae.interop import saelens as saelens_lib
 
@@ -267,7 +268,7 @@ def sae_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(sae_dir):
-  return train_sae.load_trained(sae_dir)
+  return trained_lib.load(sae_dir)
 
 
 def _grid_rows(trained):

@@ -94,7 +94,7 @@ def test_replacement_with_traced_params_inside_jit(params):
 
 
 def _oracle_decoder(grammar, eos_bonus=3.0, close_bonus=1.0):
-  """A hand-made perfect Dyck "model" in place of `model.init_cache` / `model.decode_step`.
+  """A hand-made perfect Dyck "model" in place of `decode.init_cache` / `decode.decode_step`.
 
   Its cache is the token prefix; its logits are -inf on every token `valid_next` forbids, with
   a preference for closing brackets and <eos>, and no opening bracket once the remaining
@@ -136,8 +136,8 @@ def _oracle_decoder(grammar, eos_bonus=3.0, close_bonus=1.0):
 
 def test_perfect_model_is_fully_grammatical(params, monkeypatch):
   init_cache, decode_step = _oracle_decoder(DYCK)
-  monkeypatch.setattr(generate_lib.model_lib, "init_cache", init_cache)
-  monkeypatch.setattr(generate_lib.model_lib, "decode_step", decode_step)
+  monkeypatch.setattr(generate_lib.decode_lib, "init_cache", init_cache)
+  monkeypatch.setattr(generate_lib.decode_lib, "decode_step", decode_step)
   # A replacement unique to this test keeps the oracle's compilation out of the others' cache.
   marker = {"resid_pre.0": lambda x: x}
   out = generate_lib.grammaticality(params, CONFIG, DYCK, jax.random.key(0), num_batches=2,

@@ -25,8 +25,9 @@ from jaxsae.grid import train_sae
 from jaxsae.interop import export as export_lib
 from jaxsae.interop import lm_export
 from jaxsae.interop import saelens as saelens_lib
+from jaxsae.lm import bundle
+from jaxsae.lm import lm_step
 from jaxsae.lm import model as model_lib
-from jaxsae.lm import train_lm
 
 D, F = 8, 24
 
@@ -157,7 +158,7 @@ def test_export_job_manifest_says_which_load(tmp_path):
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
   """A smoke LM with every parameter perturbed (LayerNorm scales away from 1)."""
-  loaded = train_sae.load_lm(fakes.write_smoke_lm(tmp_path_factory.mktemp("lm")))
+  loaded = bundle.load(fakes.write_smoke_lm(tmp_path_factory.mktemp("lm")))
   leaves, tree = jax.tree.flatten(loaded.params)
   keys = jax.random.split(jax.random.key(0), len(leaves))
   params = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(k, p.shape, p.dtype)
@@ -175,7 +176,7 @@ def test_transformer_lens_gives_our_logits_and_activations(lm, tmp_path):
   model.load_and_process_state_dict(
       safetensors.torch.load_file(f"{out}/model.safetensors"), fold_ln=False,
       center_writing_weights=False, center_unembed=False, fold_value_biases=False)
-  tokens = np.asarray(train_lm.training_batch(ml_collections.ConfigDict(loaded.config),
+  tokens = np.asarray(lm_step.training_batch(ml_collections.ConfigDict(loaded.config),
                                               0).tokens)
   sites = model_lib.site_names(loaded.model_config)
   ours = model_lib.apply(params, jnp.asarray(tokens), loaded.model_config, collect=sites)
@@ -198,9 +199,9 @@ def test_dataset_files_hold_the_lm_streams_and_labels(lm, tmp_path):
   table = parquet.read_table(tmp_path / "tokens.parquet").to_pydict()
   with np.load(tmp_path / "tokens.npz") as z:
     npz = {k: z[k] for k in z.files}
-  train = [train_lm.training_batch(c, s) for s in range(2)]
+  train = [lm_step.training_batch(c, s) for s in range(2)]
   want_train = np.concatenate([np.asarray(b.tokens) for b in train])
-  want_held = train_lm.make_eval_set(c, train_lm.heldout_key(c)).tokens_NBT
+  want_held = lm_step.make_eval_set(c, lm_step.heldout_key(c)).tokens_NBT
   want_held = want_held.reshape(-1, want_held.shape[-1])
   for split, want in (("train", want_train), ("heldout", want_held)):
     rows = [i for i, s in enumerate(table["split"]) if s == split]
@@ -243,7 +244,7 @@ def test_readme_guide_trains_an_saelens_sae_on_the_exported_lm(lm, tmp_path, mon
   assert isinstance(sae, sae_lens.TopKSAE) and sae.cfg.k == 4
   assert sae.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
   # Applied to jaxsae's own activations at that site: at most k latents per token, some on.
-  tokens = np.asarray(train_lm.training_batch(ml_collections.ConfigDict(loaded.config),
+  tokens = np.asarray(lm_step.training_batch(ml_collections.ConfigDict(loaded.config),
                                               5).tokens)
   acts = model_lib.apply(params, jnp.asarray(tokens), loaded.model_config,
                          collect=["resid_post.0"]).acts["resid_post.0"]

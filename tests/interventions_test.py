@@ -1,6 +1,6 @@
-"""Tests for jaxsae.analysis.interventions: no-op identities, batching, outcome measures against NumPy,
-token classes, quantiles, generation under interventions (a planted latent), and input
-validation. (Causal predictability: causality_test.py.)"""
+"""Tests for jaxsae.analysis.interventions / effects / intervened_generation: no-op identities,
+batching, outcome measures against NumPy, token classes, quantiles, generation under
+interventions (a planted latent), and input validation. (Causal predictability: causality_test.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,10 @@ import pytest
 
 import fakes
 from jaxsae import grammars
+from jaxsae.analysis import effects
+from jaxsae.analysis import intervened_generation as ig
 from jaxsae.analysis import interventions as iv
+from jaxsae.grammars import token_classes
 from jaxsae.grid import sae as sae_lib
 from jaxsae.lm import generate as generate_lib
 from jaxsae.lm import model as model_lib
@@ -182,7 +185,7 @@ def test_effect_measures_against_numpy():
   edit = rng.normal(size=(3, 4, 6)).astype(np.float32)
   mask = rng.random((3, 4)) < 0.6
   member = rng.random((2, 6)) < 0.5
-  got = iv.effect_measures(base, edit, mask, member)
+  got = effects.effect_measures(base, edit, mask, member)
   sm = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(
       z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
   pb, pe = sm(base.astype(np.float64)), sm(edit.astype(np.float64))
@@ -198,38 +201,38 @@ def test_effect_measures_against_numpy():
 
 def test_intervention_effects_match_their_logits(lm, sae, data):
   tokens, mask = data.tokens, data.sentence_mask
-  names, member = iv.token_classes(DYCK)
+  names, member = token_classes.token_classes(DYCK)
   latents, values = np.array([2, 6, 11]), np.array([3.0, 0.0, 1.0], np.float32)
-  eff = iv.intervention_effects(lm, MC, SITE, sae, SAE, HP, tokens, iv.clamp(0, 0.0), mask,
+  eff = effects.intervention_effects(lm, MC, SITE, sae, SAE, HP, tokens, iv.clamp(0, 0.0), mask,
                                 member, latents_L=latents, values_L=values, chunk=2)
   clean = model_lib.apply(lm, tokens, MC).logits
   plain = _plain(lm, sae, tokens)
   for i, (j, v) in enumerate(zip(latents, values)):
     edited = _logits(lm, sae, tokens, iv.clamp(int(j), v))
     for base, key in ((clean, "vs_clean"), (plain, "vs_spliced")):
-      ref = iv.effect_measures(base, edited, mask, member)
+      ref = effects.effect_measures(base, edited, mask, member)
       for m in ("kl", "class_shift"):
         np.testing.assert_allclose(eff[key][m][i], ref[m], rtol=1e-4, atol=1e-6)
-  ref = iv.effect_measures(clean, plain, mask, member)
+  ref = effects.effect_measures(clean, plain, mask, member)
   np.testing.assert_allclose(eff["spliced_vs_clean"]["kl"], ref["kl"], rtol=1e-5)
   assert float(eff["vs_spliced"]["kl"][0]) > 0
 
 
 def test_token_classes():
-  names, member = iv.token_classes(DYCK)
+  names, member = token_classes.token_classes(DYCK)
   vocab = DYCK.vocab
   got = {n: sorted(vocab[v] for v in np.nonzero(member[i])[0]) for i, n in enumerate(names)}
   assert got["eos"] == ["<eos>"] and got["close0"] == ["c0"] and got["close1"] == ["c1"]
   assert got["close"] == ["c0", "c1"] and got["open"] == ["o0", "o1"]
   expr = grammars.get("expr_prefix")
-  names, member = iv.token_classes(expr)
+  names, member = token_classes.token_classes(expr)
   rows = dict(zip(names, member))
   for name, stem in (("digit", "dig"), ("un", "un"), ("bin", "bin"), ("tern", "tern")):
     assert [expr.vocab[v] for v in np.nonzero(rows[name])[0]] == [
         t for t in expr.vocab if t.rstrip("0123456789") == stem]
   np.testing.assert_array_equal(rows["op"], rows["un"] | rows["bin"] | rows["tern"])
   eng = grammars.get("english")
-  names, member = iv.token_classes(eng)
+  names, member = token_classes.token_classes(eng)
   assert names == ("eos",) + eng.info.categories
   # Parts of speech partition the terminals; specials other than <eos> are in no class.
   np.testing.assert_array_equal(member[1:, :eng.n_terminals].sum(0), 1)
@@ -266,7 +269,7 @@ def _planted(lm, sign):
 
 def test_generation_stats_noop_equals_plain_spliced_generation(lm, sae):
   key = jax.random.key(9)
-  noop = iv.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, key, iv.zero(DEAD),
+  noop = ig.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, key, iv.zero(DEAD),
                              num_batches=2, return_tokens=True, **GEN)
   fn = sae_lib.splice_fn(sae, SAE, HP)
   ref = [generate_lib.generate(lm, MC, DYCK, jax.random.fold_in(key, i), replace={SITE: fn},
@@ -287,14 +290,14 @@ def test_generation_stats_default_budget_fills_the_context(lm, sae):
   key = jax.random.key(4)
   budget = MC.context - DYCK.prefix_len  # 57 < generate.MAX_NEW_TOKENS: the context decides
   assert budget < generate_lib.MAX_NEW_TOKENS
-  default = iv.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, key, **kw)
-  explicit = iv.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, key, max_new_tokens=budget,
+  default = ig.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, key, **kw)
+  explicit = ig.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, key, max_new_tokens=budget,
                                  **kw)
   assert default["tokens"].shape == (4, MC.context)
   np.testing.assert_array_equal(default.pop("tokens"), explicit.pop("tokens"))
   assert default == explicit
   with pytest.raises(ValueError, match="context"):
-    iv.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, key,
+    ig.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, key,
                         max_new_tokens=generate_lib.MAX_NEW_TOKENS, **kw)
 
 
@@ -303,7 +306,7 @@ def test_generation_under_planted_clamp_stops_at_once(lm):
   hp = sae_lib.default_hparams(config)
   kw = dict(num_batches=1, batch_size=16, max_new_tokens=12, return_tokens=True)
   key = jax.random.key(3)
-  run = lambda value, prompt: iv.generation_stats(
+  run = lambda value, prompt: ig.generation_stats(
       lm, MC, DYCK, "ln_final", params, config, hp, key, iv.clamp(5, value),
       include_prompt=prompt, **kw)
   base = run(0.0, True)  # the <eos> latent off: sentences run on
@@ -320,7 +323,7 @@ def test_generation_under_planted_clamp_stops_at_once(lm):
 
 
 def test_dyck_depth_statistic(lm, sae):
-  stats = iv.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, jax.random.key(1),
+  stats = ig.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, jax.random.key(1),
                               iv.zero(DEAD), num_batches=1, return_tokens=True, **GEN)
   new = stats["tokens"][:, 7:]
   depths = []
@@ -359,5 +362,5 @@ def test_bad_inputs_raise_clear_errors(lm, sae, data):
   with pytest.raises(ValueError, match="not a site"):
     _logits(lm, sae, tokens, iv.zero(1), site="resid_post.3")
   with pytest.raises(ValueError, match="positions=None"):
-    iv.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, jax.random.key(0),
+    ig.generation_stats(lm, MC, DYCK, SITE, sae, SAE, HP, jax.random.key(0),
                         iv.zero(1, np.ones(tokens.shape, bool)))

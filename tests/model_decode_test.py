@@ -1,4 +1,4 @@
-"""Tests for the incremental (KV-cache) path of jaxsae.lm.model: it must equal the full forward."""
+"""Tests for the incremental (KV-cache) path of jaxsae.lm (decode.py): it must equal the full forward."""
 
 import functools
 
@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxsae.lm import decode as decode_lib
 from jaxsae.lm import model as model_lib
 
 TINY = model_lib.ModelConfig(vocab_size=11, n_layers=2, n_heads=2, d_model=32, d_mlp=64,
@@ -41,13 +42,13 @@ _SITES = ("resid_post.0", "attn_out.1", "mlp_out.1", "ln_final")
 def _incremental(params, tokens_BT, prefill, with_replace):
   """Logits and activations [B, T, ...] from a `prefill`-token chunk, then a scan of 1-token steps."""
   replace = _REPLACE if with_replace else None
-  cache = model_lib.init_cache(TINY, B, T)
-  first, cache = model_lib.decode_step(params, cache, tokens_BT[:, :prefill], TINY,
-                                       replace=replace, collect=_SITES)
+  cache = decode_lib.init_cache(TINY, B, T)
+  first, cache = decode_lib.decode_step(params, cache, tokens_BT[:, :prefill], TINY,
+                                        replace=replace, collect=_SITES)
 
   def step(cache, tok_B):
-    r, cache = model_lib.decode_step(params, cache, tok_B[:, None], TINY, replace=replace,
-                                     collect=_SITES)
+    r, cache = decode_lib.decode_step(params, cache, tok_B[:, None], TINY, replace=replace,
+                                      collect=_SITES)
     return cache, (r.logits[:, 0], {k: v[:, 0] for k, v in r.acts.items()})
 
   cache, (logits_TBV, acts_TBD) = jax.lax.scan(step, cache, tokens_BT[:, prefill:].T)
@@ -91,11 +92,11 @@ def test_attention_uses_the_cache(tiny):
 def test_cache_errors(tiny):
   params, tokens_BT = tiny
   with pytest.raises(ValueError, match="context"):
-    model_lib.init_cache(TINY, B, TINY.context + 1)
-  cache = model_lib.init_cache(TINY, B, 4)
+    decode_lib.init_cache(TINY, B, TINY.context + 1)
+  cache = decode_lib.init_cache(TINY, B, 4)
   with pytest.raises(ValueError, match="overflow"):
-    model_lib.decode_step(params, cache, tokens_BT[:, :5], TINY)
+    decode_lib.decode_step(params, cache, tokens_BT[:, :5], TINY)
   with pytest.raises(ValueError, match="batch"):
-    model_lib.decode_step(params, cache, tokens_BT[:1, :2], TINY)
+    decode_lib.decode_step(params, cache, tokens_BT[:1, :2], TINY)
   with pytest.raises(ValueError, match="Unknown replace site"):
-    model_lib.decode_step(params, cache, tokens_BT[:, :2], TINY, replace={"nope": lambda x: x})
+    decode_lib.decode_step(params, cache, tokens_BT[:, :2], TINY, replace={"nope": lambda x: x})

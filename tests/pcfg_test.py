@@ -7,6 +7,7 @@ import pytest
 from jaxsae import grammars
 from jaxsae.grammars import library
 from jaxsae.grammars import pcfg
+from jaxsae.grammars import rules as rules_lib
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -29,7 +30,7 @@ from jaxsae.grammars import pcfg
     ("S -> 'a [1.0]", "line 1: the quote ' at ''a [1.0]' is never closed"),
     ('S -> a [0.5]\n | "b [0.5]', "line 2: the quote \" at"),
     ("S -> 'a [0.5] | b [0.5]", "never closed"),
-])
+                         ])
 def test_bad_grammar_text_names_the_problem(text, fragment):
   with pytest.raises(grammars.GrammarError, match=None) as err:
     grammars.from_string(text)
@@ -78,7 +79,7 @@ def test_comments_continuations_and_quotes():
     ("english", 69, {"noun0": 0, "verb0": 10, "adj0": 20, "pro0": 30, "adv0": 40, "conj9": 59,
                      "<pad>": 60, "Task:": 61, "<null>": 62, "Ops:": 63, "Out:": 64, "\n": 65,
                      "<eos>": 66, "<sep>": 67, "Task0": 68}),
-])
+                         ])
 def test_vocabulary_matches_spec(name, size, fixed):
   g = grammars.get(name)
   assert g.vocab_size == size == len(g.vocab)
@@ -132,7 +133,7 @@ def test_cnf_tables_are_consistent():
     # Probabilities of each original nonterminal's rules sum to one across the three tables.
     for a in range(len(g.info.nonterminals)):
       total = (np.exp(c.lex_logp_CV[a]).sum() + np.exp(c.bin_logp_R[c.bin_lhs_R == a]).sum())
-      unary = [r for r in pcfg.parse_rules(g.info.text)[0]
+      unary = [r for r in rules_lib.parse_rules(g.info.text)[0]
                if r.lhs == g.info.nonterminals[a] and len(r.rhs) == 1
                and r.rhs[0] in g.info.nonterminals]
       total += sum(r.prob for r in unary)

@@ -8,7 +8,12 @@ import pytest
 
 from experiments.configs import pipeline as pipeline_configs
 from jaxsae import pipeline
+from jaxsae.analysis import stage as analysis_stage
+from jaxsae.evaluation import evaluate
 from jaxsae.grid import train_sae
+from jaxsae.lm import train_lm
+
+_VALIDATORS = {"lm": train_lm, "sae": train_sae, "eval": evaluate, "analysis": analysis_stage}
 
 
 def _config(**sae):
@@ -80,11 +85,20 @@ def test_killed_mid_stage_then_rerun_equals_straight(straight, tmp_path, monkeyp
     return original(path, records)
 
   monkeypatch.setattr(train_sae, "_append_jsonl", dies_on_second_call)
+  # Every stage's config is validated once per pipeline call, up front, and not again by the
+  # stage (the first call runs lm and part of sae; the second sae again, eval and analysis).
+  validated = []
+  for stage, module in _VALIDATORS.items():
+    monkeypatch.setattr(module, "validate_config",
+                        lambda *a, s=stage, f=module.validate_config, **k: (validated.append(s),
+                                                                            f(*a, **k))[1])
   with pytest.raises(KeyboardInterrupt):
     pipeline.run(_config(), workdir)
+  assert sorted(validated) == sorted(_VALIDATORS)
   assert not json.load(open(os.path.join(workdir, "stages.json")))["sae"]["done"]
   monkeypatch.setattr(train_sae, "_append_jsonl", original)
   pipeline.run(_config(), workdir)
+  assert sorted(validated) == sorted(list(_VALIDATORS) * 2)
   assert _numbers(workdir) == _numbers(straight[0])
 
 
@@ -95,3 +109,16 @@ def test_bad_pipeline_args_fail_clearly():
     pipeline_configs.get_config("language=klingon")
   with pytest.raises(ValueError, match="at most one"):
     pipeline_configs.get_config("smoke,full")
+
+
+def test_bad_stage_configs_fail_before_anything_runs(tmp_path):
+  c = _config()
+  c.unlock()
+  c.analysis.causal_variants = "some"
+  with pytest.raises(ValueError, match="causal_variants='some'"):
+    pipeline.run(c, str(tmp_path / "p"))
+  c.analysis.causal_variants = "all"
+  c.sae.sweep = [{"set": {"loss": "nope"}}]
+  with pytest.raises(ValueError, match="nope"):
+    pipeline.run(c, str(tmp_path / "p"))
+  assert not os.path.exists(tmp_path / "p")

@@ -10,6 +10,7 @@ import pytest
 import fakes
 from jaxsae.evaluation import evaluate
 from jaxsae.grid import train_sae
+from jaxsae.grid import trained as trained_lib
 from jaxsae.interop import export as export_lib
 from jaxsae.interop import sae_import
 
@@ -33,10 +34,10 @@ def grids(tmp_path_factory):
                 "sparsity_coeff": 1.0}}],
       steps=2, log_every=2, checkpoint_every=2)
   train_sae.run(c, str(root / "sae"))
-  original = train_sae.load_trained(str(root / "sae"))
+  original = trained_lib.load(str(root / "sae"))
   dirs = export_lib.export_trained(original, str(root / "export"))
   sources = sae_import.import_grid(dirs, _placeholder_config(lm_dir), str(root / "imported"))
-  return original, train_sae.load_trained(str(root / "imported")), dirs, sources, root
+  return original, trained_lib.load(str(root / "imported")), dirs, sources, root
 
 
 def test_import_maps_ids_to_sources(grids):

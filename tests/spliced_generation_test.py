@@ -196,7 +196,7 @@ def test_spliced_grammaticality_rejects_bad_options(setup_and_lm):
     sg.spliced_grammaticality(parts, modes=())
   with pytest.raises(ValueError, match="num_batches=0"):
     sg.spliced_grammaticality(parts, num_batches=0)
-  with pytest.raises(ValueError, match="takes a train_sae.Trained or a tuple"):
+  with pytest.raises(ValueError, match="takes a trained.TrainedGrid or a tuple"):
     sg.spliced_grammaticality(setup)
   with pytest.raises(ValueError, match="1 group states and 2 hypers"):
     sg.spliced_grammaticality(parts[:3] + ((hyper, hyper),))

@@ -10,6 +10,7 @@ import pytest
 from experiments.configs import lm as lm_config
 from jaxsae import grammars
 from jaxsae.core import checkpoint as ckpt_lib
+from jaxsae.lm import lm_step
 from jaxsae.lm import train_lm
 
 _TIMING = ("tokens_per_s", "train_seconds")
@@ -40,7 +41,7 @@ def _records(workdir, kinds=("train", "eval")):
 
 def _final_params(workdir, config):
   with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as ck:
-    restored = ck.restore(jax.eval_shape(lambda: train_lm.init_state(config)))
+    restored = ck.restore(jax.eval_shape(lambda: lm_step.init_state(config)))
   return restored
 
 

@@ -13,9 +13,11 @@ import pytest
 
 import fakes
 from experiments.configs import sae_e2e
+from jaxsae.grid import grid_setup
 from jaxsae.grid import grid_step
 from jaxsae.grid import sweep as sweep_lib
 from jaxsae.grid import train_sae as ts
+from jaxsae.grid import trained as trained_lib
 
 
 def _write_lm(directory: str, language: str) -> str:
@@ -33,10 +35,10 @@ _config = fakes.smoke_sae_config  # (also used by the multi-device subprocess be
 def _train(config, steps=None):
   """Runs the grid in-process; returns (setup, final state)."""
   setup, lm, root = ts.prepare(config)
-  state = ts.place_state(ts.init_grid(setup, lm, root), setup)
+  state = grid_setup.place_state(grid_setup.init_grid(setup, lm, root), setup)
   chunk = ts.make_chunk_fn(setup, config.log_every, state)
   hypers = tuple(grid_step.group_hyper(s) for s in setup.specs)
-  key = jax.random.fold_in(root, ts._DATA_STREAM)  # pylint: disable=protected-access
+  key = jax.random.fold_in(root, grid_setup.DATA_STREAM)
   for _ in range((steps or config.steps) // config.log_every):
     state, metrics = chunk(state, hypers, lm.params, key)
   return setup, state, metrics, chunk
@@ -112,7 +114,7 @@ def test_lm_is_frozen_and_gets_no_gradient(lm_dir):
   config = _config(lm_dir, [{"product": {"loss": ["e2e", "e2e_ds"]}}])
   setup, lm, root = ts.prepare(config)
   before = jax.tree.map(np.array, lm.params)
-  state = ts.init_grid(setup, lm, root)
+  state = grid_setup.init_grid(setup, lm, root)
   batch = grid_step.make_batch(lm.params, jnp.int32(0), jax.random.key(1), setup)
   spec = setup.specs[0]
   hyper = grid_step.group_hyper(spec)
@@ -147,13 +149,13 @@ def test_resume_is_bit_exact(lm_dir, tmp_path):
   lines = lambda n: [json.loads(l) for l in open(tmp_path / n / "metrics.jsonl")]
   assert lines("a") == lines("b")
   # The grid reads back from the workdir alone, at the final step and equal in both runs.
-  ta, tb = ts.load_trained(str(tmp_path / "a")), ts.load_trained(str(tmp_path / "b"))
+  ta, tb = trained_lib.load(str(tmp_path / "a")), trained_lib.load(str(tmp_path / "b"))
   assert int(ta.state.step) == 8 and [s.ids for s in ta.setup.specs] == [
       s.ids for s in tb.setup.specs]
   for x, y in zip(jax.tree.leaves(ta.state), jax.tree.leaves(tb.state)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with pytest.raises(FileNotFoundError, match="not an sae job workdir"):
-    ts.load_trained(str(tmp_path))
+    trained_lib.load(str(tmp_path))
 
 
 def test_variant_takes_one_sae_out_of_its_group(lm_dir):
@@ -161,13 +163,14 @@ def test_variant_takes_one_sae_out_of_its_group(lm_dir):
             "set": {"loss": "local"}},
            {"product": {"k": [2, 4]}, "set": {"loss": "e2e", "activation": "topk"}}]
   setup, lm, root = ts.prepare(_config(lm_dir, sweep))
-  state = ts.init_grid(setup, lm, root)
+  state = grid_setup.init_grid(setup, lm, root)
   hypers = tuple(grid_step.group_hyper(s) for s in setup.specs)
-  trained = ts.Trained(config=None, setup=setup, lm=lm, state=state, hypers=hypers)
+  trained = trained_lib.TrainedGrid(config=None, setup=setup, lm=lm, state=state,
+                                   hypers=hypers)
   seen = []
   for gi, spec in enumerate(setup.specs):
     for i, vid in enumerate(spec.ids):
-      v = ts.variant(trained, vid)
+      v = trained.variant(vid)
       assert (v.spec_index, v.position) == (gi, i)
       assert v.sae_config == spec.sae and v.splice_mode == spec.splice_mode
       for got, stacked in ((v.params, state.groups[gi].params),
@@ -180,7 +183,7 @@ def test_variant_takes_one_sae_out_of_its_group(lm_dir):
   # Different SAEs (own seeds), not the same slice over and over.
   assert not any(np.array_equal(seen[0], x) for x in seen[1:3])  # the local group's others
   with pytest.raises(ValueError, match="v999.*v000, v001"):
-    ts.variant(trained, "v999")
+    trained.variant("v999")
 
 
 def test_nan_variant_is_frozen_and_isolated(lm_dir):
@@ -227,6 +230,9 @@ def test_nan_variant_is_frozen_and_isolated(lm_dir):
 def test_bad_input_fails_before_compiling(lm_dir, sweep, overrides, error, fragment):
   config = _config(lm_dir, sweep, **overrides)
   with pytest.raises(error) as err:
+    # What the job checks before it compiles: its validation pass, then the setup (which
+    # needs the LM: the site, the language, the sweep at the LM's width).
+    ts.validate_config(config)
     ts.prepare(config)
   assert fragment in str(err.value), str(err.value)
 
@@ -327,7 +333,7 @@ def _one_variant_loss(lm_dir, values, preset_fields=None):
   """(loss fn of the first variant's params, params) on one batch."""
   config = _config(lm_dir, [{"set": {**CAUSAL, **values}}])
   setup, lm, root = ts.prepare(config)
-  state = ts.init_grid(setup, lm, root)
+  state = grid_setup.init_grid(setup, lm, root)
   batch = grid_step.make_batch(lm.params, jnp.int32(0), jax.random.key(1), setup)
   spec, hyper = setup.specs[0], grid_step.group_hyper(setup.specs[0])
   one = lambda t: jax.tree.map(lambda x: x[0], t)

@@ -24,7 +24,10 @@ from jaxsae.core import checkpoint as ckpt_lib
 from jaxsae.core import workdir as workdir_lib
 from jaxsae.evaluation import evaluate
 from jaxsae.grid import train_sae as ts
+from jaxsae.grid import trained as trained_lib
 from jaxsae.interop import export
+from jaxsae.lm import bundle
+from jaxsae.lm import lm_step
 from jaxsae.lm import train_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,9 +222,9 @@ def test_readers_leave_a_directory_being_written_untouched(straight, lm_dir, tmp
   shutil.copytree(os.path.join(ck, "0"), os.path.join(ck, "2"))
   os.remove(os.path.join(ck, "2", "state", "_METADATA"))
   before, grid_before = _tree(lm), _tree(straight)
-  loaded = ts.load_lm(lm)
+  loaded = bundle.load(lm)
   assert loaded.step == 0  # step 2 skipped as incomplete, not moved
-  ts.load_trained(straight)
+  trained_lib.load(straight)
   assert _tree(lm) == before and _tree(straight) == grid_before
   with ckpt_lib.Checkpointer(ck, read_only=True) as reader:
     with pytest.raises(ckpt_lib.CheckpointError, match=r"state/_METADATA\) is missing"):
@@ -232,7 +235,7 @@ def jax_template(lm):
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(json.load(open(os.path.join(lm, "config.json"))))
-  return jax.eval_shape(lambda: train_lm.init_state(config))
+  return jax.eval_shape(lambda: lm_step.init_state(config))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,7 +256,7 @@ def test_a_swapped_lm_is_refused(straight, lm_dir, tmp_path):
   config = json.load(open(os.path.join(workdir, "config.json")))
   config["lm_workdir"] = lm
   json.dump(config, open(os.path.join(workdir, "config.json"), "w"), indent=1)
-  assert ts.load_trained(workdir).lm.workdir == lm
+  assert trained_lib.load(workdir).lm.workdir == lm
   # ...but not at another LM of the same shape in its place.
   other = lm_configs.get_config("language=dyck2,smoke")
   other.seed += 1
@@ -263,7 +266,7 @@ def test_a_swapped_lm_is_refused(straight, lm_dir, tmp_path):
   with pytest.raises(workdir_lib.InputMismatchError, match="the LM in .*digest"):
     ts.run(fakes.smoke_sae_config(lm, SWEEP, **dict(STEPS, steps=8)), workdir)
   with pytest.raises(workdir_lib.InputMismatchError, match="digest"):
-    ts.load_trained(workdir)
+    trained_lib.load(workdir)
   assert _tree(workdir) == before
 
 
@@ -282,7 +285,7 @@ def test_workdirs_move_with_their_inputs(straight, lm_dir, tmp_path):
   fingerprint = json.load(open(tree / "sae" / "checkpoints" / "fingerprint.json"))
   assert not os.path.isabs(fingerprint["lm_workdir"])  # no absolute path to go stale
   shutil.move(str(tree), str(tmp_path / "new"))
-  trained = ts.load_trained(str(tmp_path / "new" / "sae"))
+  trained = trained_lib.load(str(tmp_path / "new" / "sae"))
   assert trained.lm.workdir == str(tmp_path / "new" / "lm")
 
 
@@ -307,7 +310,7 @@ def test_checkpoints_without_fingerprint_do_not_resume(straight, lm_dir, tmp_pat
   with pytest.raises(ckpt_lib.ConfigMismatchError, match="no fingerprint.json"):
     ts.run(fakes.smoke_sae_config(lm_dir, SWEEP, **dict(STEPS, batch_size=16)), workdir)
   with pytest.raises(ckpt_lib.ConfigMismatchError, match="no fingerprint.json"):
-    ts.load_trained(workdir)
+    trained_lib.load(workdir)
 
 
 def test_an_edited_config_json_is_refused(straight, tmp_path):
@@ -317,7 +320,7 @@ def test_an_edited_config_json_is_refused(straight, tmp_path):
   config["sweep"][0]["product"]["sparsity_coeff"] = [1.0, 5.0]  # a dynamic field
   json.dump(config, open(path, "w"), indent=1)
   with pytest.raises(ckpt_lib.ConfigMismatchError, match="(?s)edited after training.*sweep"):
-    ts.load_trained(workdir)
+    trained_lib.load(workdir)
   with pytest.raises(ckpt_lib.ConfigMismatchError, match="edited after training"):
     export.run(export_configs.get_config(f"sae_workdir={workdir}"), str(tmp_path / "out"))
 
@@ -333,7 +336,7 @@ def test_an_export_workdir_pins_its_grid(straight, tmp_path):
     export.run(export_configs.get_config(f"sae_workdir={straight},step=4"), out)
   assert _tree(out) == before
   with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3; it holds steps \[4, 6\]"):
-    ts.load_trained(straight, 3)
+    trained_lib.load(straight, 3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,3 +369,51 @@ def test_a_torn_stages_json_names_the_file_and_the_fix(tmp_path):
   with pytest.raises(ValueError, match=r"stages.json is not valid JSON.*Delete it and rerun"):
     pipeline.run(pipeline_configs.get_config("smoke,language=dyck2"), str(workdir))
   assert sorted(os.listdir(workdir)) == [".lock", "stages.json"]
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json's format.
+
+
+def _set_format(path, fmt):
+  config = json.load(open(path))
+  config["format"] = fmt
+  json.dump(config, open(path, "w"), indent=1)
+
+
+def test_config_json_carries_its_format_and_a_newer_one_is_refused(straight, lm_dir, tmp_path):
+  workdir = _copy(straight, tmp_path)
+  lm = str(tmp_path / "lm")
+  shutil.copytree(lm_dir, lm)
+  for d in (workdir, lm):
+    assert json.load(open(os.path.join(d, "config.json")))["format"] == workdir_lib.CONFIG_FORMAT
+  # What the jobs read back has no format field: a grid loads and its config is the one run.
+  assert "format" not in trained_lib.load(workdir).config
+  newer = workdir_lib.CONFIG_FORMAT + 1
+  _set_format(os.path.join(lm, "config.json"), newer)
+  with pytest.raises(workdir_lib.ConfigFormatError, match=f"format {newer}, newer than .*git pull"):
+    bundle.load(lm)
+  _set_format(os.path.join(workdir, "config.json"), newer)
+  before = _tree(workdir)
+  with pytest.raises(workdir_lib.ConfigFormatError, match="written by a newer version"):
+    trained_lib.load(workdir)
+  assert _tree(workdir) == before  # refused without writing
+  _set_format(os.path.join(workdir, "config.json"), "1")
+  with pytest.raises(workdir_lib.ConfigFormatError, match="format='1'"):
+    trained_lib.load(workdir)
+
+
+def test_old_config_files_get_the_fields_their_format_lacks(tmp_path):
+  sae = fakes.smoke_sae_config(str(tmp_path / "lm"), SWEEP).to_dict()
+  workdir_lib.write_config(str(tmp_path), sae)
+  assert workdir_lib.read_config(str(tmp_path)) == json.loads(json.dumps(sae))
+  # A file written before formats were recorded (format 0) that lacks a later field reads
+  # with the value the code of that time used; one that has the field keeps its value.
+  old = {k: v for k, v in sae.items() if k != "variant_loop"}
+  assert workdir_lib.upgrade_config(old)["variant_loop"] == "auto"
+  assert workdir_lib.upgrade_config(dict(sae, variant_loop="vmap"))["variant_loop"] == "vmap"
+  lm = lm_configs.build(size="smoke").to_dict()
+  del lm["eval"]["top_k"]
+  assert workdir_lib.upgrade_config(lm)["eval"]["top_k"] == 0
+  # The current format is complete: nothing is filled in.
+  assert workdir_lib.upgrade_config(dict(old, format=workdir_lib.CONFIG_FORMAT)) == old

@@ -1,4 +1,4 @@
-"""Evaluation of a trained SAE grid: every metric of specs/sae.md (`jaxsae.evaluation.evaluate`, job `eval`).
+"""Evaluation of a trained SAE grid: every metric of specs/sae.md (`jaxsae.evaluation.evaluate`, job `eval`: `jaxsae.eval_job`).
 
 Command (after the grid's `sae` job; the eval workdir may be the grid's own)::
 
@@ -34,6 +34,8 @@ the clean model's own grammaticality is ≈ 0.98 (configs/lm.py); compare each v
 `grammaticality/*` and `ce_recovered_*` with it.
 """
 
+from typing import Literal
+
 import ml_collections
 
 from experiments.configs import args as args_lib
@@ -47,23 +49,36 @@ def get_config(arg=None):
             "splice_mode": "", "positions": "sentence", "mask_positions": ""},
       minimum={"num_batches": 1, "batch_size": 1, "window_tokens": 0,
                "grammaticality_batches": 0, "grammaticality_batch_size": 1})
-  default = lambda name, value: value if opts[name] is None else opts[name]
-  smoke = opts["smoke"]
+  settings = {k: v for k, v in opts.items() if k != "smoke"}
+  return build(size="smoke" if opts["smoke"] else "default", **settings)
+
+
+def build(sae_workdir: str = "", seed: int = 0,
+          size: Literal["smoke", "default"] = "default", *, num_batches: int | None = None,
+          batch_size: int | None = None, window_tokens: int = 0,
+          grammaticality_batches: int | None = None,
+          grammaticality_batch_size: int | None = None, splice_mode: str = "",
+          positions: str = "sentence", mask_positions: str = "") -> ml_collections.ConfigDict:
+  """The eval job's config; settings left None take the size's defaults (see the fields)."""
+  if size not in ("smoke", "default"):
+    raise ValueError(f"size={size!r}: use 'smoke' or 'default'")
+  smoke = size == "smoke"
+  default = lambda value, fallback: fallback if value is None else value
   c = ml_collections.ConfigDict()
-  c.job = "eval"  # experiments.main job (jaxsae.evaluation.evaluate.run)
-  c.sae_workdir = opts["sae_workdir"]  # workdir of a finished `sae` job (required)
-  c.seed = opts["seed"]  # evaluation seed: held-out stream and generations (never training's)
-  c.num_batches = default("num_batches", 2 if smoke else 10)  # held-out batches
-  c.batch_size = default("batch_size", 4 if smoke else 128)  # sequences per held-out batch
+  c.job = "eval"  # experiments.main job (jaxsae.eval_job.run)
+  c.sae_workdir = sae_workdir  # workdir of a finished `sae` job (required)
+  c.seed = seed  # evaluation seed: held-out stream and generations (never training's)
+  c.num_batches = default(num_batches, 2 if smoke else 10)  # held-out batches
+  c.batch_size = default(batch_size, 4 if smoke else 128)  # sequences per held-out batch
   # Firing window for alive / dead / dense latents, in masked tokens (0: every held-out token).
-  c.window_tokens = opts["window_tokens"]
+  c.window_tokens = window_tokens
   # Spliced grammaticality: generation batches per variant and combination (0: skip) ...
-  c.grammaticality_batches = default("grammaticality_batches", 1 if smoke else 5)
+  c.grammaticality_batches = default(grammaticality_batches, 1 if smoke else 5)
   # ... of this many sequences each (the spec: 5 × 128).
-  c.grammaticality_batch_size = default("grammaticality_batch_size", 4 if smoke else 128)
+  c.grammaticality_batch_size = default(grammaticality_batch_size, 4 if smoke else 128)
   c.grammaticality_modes = ("corrected", "original")  # splice modes generated with
   c.grammaticality_positions = ("all", "sentence")  # SAE at every position / after the decorator
-  c.splice_mode = opts["splice_mode"]  # held-out metrics: '' (each group's), corrected, original
-  c.positions = opts["positions"]  # held-out metrics: SAE at 'sentence' (mask) or 'all' positions
-  c.mask_positions = opts["mask_positions"]  # tokens that count: '' (grid's), sentence, all
+  c.splice_mode = splice_mode  # held-out metrics: '' (each group's), corrected, original
+  c.positions = positions  # held-out metrics: SAE at 'sentence' (mask) or 'all' positions
+  c.mask_positions = mask_positions  # tokens that count: '' (grid's), sentence, all
   return c

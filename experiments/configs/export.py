@@ -25,20 +25,28 @@ from experiments.configs import args as args_lib
 
 
 def get_config(arg=None):
+  """The config of `export.py:<arg>`: `build` of the parsed settings."""
   opts = args_lib.parse(arg, switches=(),
                         keys={"sae_workdir": "workdirs/sae_e2e_dyck2", "variants": "all",
                               "step": 0, "lm": True, "train_batches": 8},
                         minimum={"step": 0, "train_batches": 1})
   variants = "all" if opts["variants"] == "all" else opts["variants"].replace("+", ",")
-  if opts["train_batches"] < 1:
-    raise ValueError(f"train_batches={opts['train_batches']} must be >= 1")
+  return build(sae_workdir=opts["sae_workdir"], variants=variants, step=opts["step"],
+               lm=opts["lm"], train_batches=opts["train_batches"])
+
+
+def build(sae_workdir: str = "workdirs/sae_e2e_dyck2", variants: str = "all", step: int = 0,
+          lm: bool = True, train_batches: int = 8) -> ml_collections.ConfigDict:
+  """The export job's config (variants: 'all' or comma-separated variant ids)."""
+  if train_batches < 1:
+    raise ValueError(f"train_batches={train_batches} must be >= 1")
   if not variants:
     raise ValueError("variants= is empty; give 'all' or ids joined by '+' (e.g. v000+v003)")
   config = ml_collections.ConfigDict()
   config.job = "export"  # which job experiments.main runs
-  config.sae_workdir = opts["sae_workdir"]  # workdir of a finished `sae` job (config + checkpoints)
+  config.sae_workdir = sae_workdir  # workdir of a finished `sae` job (config + checkpoints)
   config.variants = variants  # 'all', or comma-separated variant ids from its variants.json
-  config.step = opts["step"]  # checkpoint step to export (0: the latest)
-  config.lm = opts["lm"]  # also export the grid's LM (TransformerLens) and its token streams
-  config.train_batches = opts["train_batches"]  # LM training batches in the dataset (batches)
+  config.step = step  # checkpoint step to export (0: the latest)
+  config.lm = lm  # also export the grid's LM (TransformerLens) and its token streams
+  config.train_batches = train_batches  # LM training batches in the dataset (batches)
   return config

@@ -54,6 +54,8 @@ english_transitive 0.02 at 64; the heavy-tailed English variants reject far more
 14 h at the CPU's ~23k tokens/s).
 """
 
+from typing import Literal
+
 import ml_collections
 
 from experiments.configs import args as args_lib
@@ -76,47 +78,75 @@ _CPU = {
 }
 
 
+SIZES = ("smoke", "default", "full")
+
+
 def get_config(arg=None):
+  """The config of `lm.py:<arg>` (see the module docstring): `build` of the parsed settings."""
   opts = args_lib.parse(arg, switches=("smoke", "full"),
                         keys={"language": "dyck2", "seed": 42, "steps": int,
                               "batch_size": int, "max_len": int, "loss_reduction": "token"},
                         minimum={"steps": 1, "batch_size": 1, "max_len": 1})
-  language = opts["language"]
-  if language not in grammars.names():
-    raise ValueError(f"unknown language '{language}'; use one of {grammars.names()}")
   if opts["smoke"] and opts["full"]:
     raise ValueError("choose at most one of the switches 'smoke' and 'full'")
-  max_len, num_steps = _CPU[language]
-  batch_size, steps_per_call = 128, 25
-  if opts["full"]:
-    max_len, num_steps, steps_per_call = 128, 70_000, 100
-  if opts["smoke"]:
-    max_len, num_steps, batch_size, steps_per_call = 32, 4, 8, 2
-  # Settings not given (None) keep the language's / switch's defaults.
-  max_len = max_len if opts["max_len"] is None else opts["max_len"]
-  batch_size = batch_size if opts["batch_size"] is None else opts["batch_size"]
-  num_steps = num_steps if opts["steps"] is None else opts["steps"]
+  size = "smoke" if opts["smoke"] else "full" if opts["full"] else "default"
+  return build(language=opts["language"], seed=opts["seed"], size=size, steps=opts["steps"],
+               batch_size=opts["batch_size"], max_len=opts["max_len"],
+               loss_reduction=opts["loss_reduction"])
+
+
+def build(language: str = "dyck2", seed: int = 42,
+          size: Literal["smoke", "default", "full"] = "default", *, steps: int | None = None,
+          batch_size: int | None = None, max_len: int | None = None,
+          loss_reduction: Literal["token", "sequence"] = "token") -> ml_collections.ConfigDict:
+  """The lm job's config.
+
+  Args:
+    language: a name from `jaxsae.grammars.names()`.
+    seed: the root PRNG seed.
+    size: 'default' (the language's CPU budget), 'full' (the paper's, for accelerators) or
+      'smoke' (a tiny model for a few steps, for tests).
+    steps, batch_size, max_len: overrides of num_steps / batch_size / max_len (None: the
+      size's and language's defaults).
+    loss_reduction: 'token' (the per-token mean CE) or 'sequence' (the spec's per-sequence
+      mean; its models generate shorter sentences than their data).
+  """
+  if language not in grammars.names():
+    raise ValueError(f"unknown language '{language}'; use one of {grammars.names()}")
+  if size not in SIZES:
+    raise ValueError(f"size={size!r}: use one of {SIZES}")
+  smoke = size == "smoke"
+  default_max_len, num_steps = _CPU[language]
+  default_batch_size, steps_per_call = 128, 25
+  if size == "full":
+    default_max_len, num_steps, steps_per_call = 128, 70_000, 100
+  if smoke:
+    default_max_len, num_steps, default_batch_size, steps_per_call = 32, 4, 8, 2
+  # Settings not given (None) keep the language's / size's defaults.
+  max_len = default_max_len if max_len is None else max_len
+  batch_size = default_batch_size if batch_size is None else batch_size
+  num_steps = num_steps if steps is None else steps
 
   config = ml_collections.ConfigDict()
   config.job = "lm"  # which job experiments.main runs
   config.language = language  # a name from jaxsae.grammars.names()
-  config.seed = opts["seed"]  # root PRNG seed: params init, data stream, eval streams
+  config.seed = seed  # root PRNG seed: params init, data stream, eval streams
 
   # The spec's model (smoke: a tiny one of the same structure, so tests compile fast).
   config.model = ml_collections.ConfigDict()
   config.model.n_layers = 2  # transformer blocks
   config.model.n_heads = 2  # attention heads (head dim = d_model / n_heads)
-  config.model.d_model = 128 if not opts["smoke"] else 32  # residual width (units)
-  config.model.d_mlp = 512 if not opts["smoke"] else 64  # MLP hidden width (units)
+  config.model.d_model = 128 if not smoke else 32  # residual width (units)
+  config.model.d_mlp = 512 if not smoke else 64  # MLP hidden width (units)
   # Learned positions (tokens); must cover max_len and 7 + eval.max_new_tokens.
-  config.model.context = 256 if not opts["smoke"] else 64
+  config.model.context = 256 if not smoke else 64
 
   config.batch_size = batch_size  # sequences per optimizer step
   config.max_len = max_len  # tokens per training sequence (decorator + sentence + <eos> + pad)
   config.mask_decorator = False  # True: exclude decorator targets from the loss
   # 'token': mean CE over every target of a batch (its generations match the data's lengths);
   # 'sequence': the spec's mean over each sequence, then the batch (shorter generations).
-  config.loss_reduction = opts["loss_reduction"]
+  config.loss_reduction = loss_reduction
 
   config.optim = ml_collections.ConfigDict()
   config.optim.peak_lr = 1e-3  # learning rate after warm-up (per step)
@@ -133,22 +163,22 @@ def get_config(arg=None):
 
   config.num_steps = num_steps  # total optimizer steps
   config.steps_per_call = steps_per_call  # optimizer steps per host call (lax.scan length)
-  config.log_every = 100 if not opts["smoke"] else 2  # steps between progress lines
-  config.eval_every = 500 if not opts["smoke"] else 2  # steps between periodic evaluations
-  config.checkpoint_every = 500 if not opts["smoke"] else 2  # steps between checkpoints
+  config.log_every = 100 if not smoke else 2  # steps between progress lines
+  config.eval_every = 500 if not smoke else 2  # steps between periodic evaluations
+  config.checkpoint_every = 500 if not smoke else 2  # steps between checkpoints
   config.keep_checkpoints = 3  # most recent checkpoints kept on disk
-  if opts["full"]:
+  if size == "full":
     config.log_every, config.eval_every, config.checkpoint_every = 1000, 5000, 5000
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.batches = 4 if not opts["smoke"] else 1  # held-out batches for CE / mass
-  config.eval.batch_size = 128 if not opts["smoke"] else 8  # sequences per held-out batch
+  config.eval.batches = 4 if not smoke else 1  # held-out batches for CE / mass
+  config.eval.batch_size = 128 if not smoke else 8  # sequences per held-out batch
   config.eval.gen_batches = 1  # periodic generation check: batches
-  config.eval.gen_batch_size = 128 if not opts["smoke"] else 8  # ... of this many samples
-  config.eval.final_gen_batches = 5 if not opts["smoke"] else 2  # final check: batches
-  config.eval.final_gen_batch_size = 128 if not opts["smoke"] else 8  # ... of this many
+  config.eval.gen_batch_size = 128 if not smoke else 8  # ... of this many samples
+  config.eval.final_gen_batches = 5 if not smoke else 2  # final check: batches
+  config.eval.final_gen_batch_size = 128 if not smoke else 8  # ... of this many
   # Generation budget after the decorator (tokens); the spec's 118 (smoke: 24).
-  config.eval.max_new_tokens = 118 if not opts["smoke"] else 24
+  config.eval.max_new_tokens = 118 if not smoke else 24
   config.eval.temperature = 1.0  # sampling temperature (> 0)
   config.eval.top_k = 0  # sample among the k most likely tokens; 0 = all
 

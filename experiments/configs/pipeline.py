@@ -33,6 +33,8 @@ report 1 s. Earlier runs (commit 16d596e, other jobs sharing the cores): the def
 Headline numbers of those runs are in the README and `experiments/results/`.
 """
 
+from typing import Literal, Sequence
+
 import ml_collections
 
 from experiments.configs import args as args_lib
@@ -51,33 +53,48 @@ EXPANSION = 4  # SAE width / d_model
 
 
 def get_config(arg=None):
+  """The config of `pipeline.py:<arg>` (see the module docstring): `build` of the settings."""
   opts = args_lib.parse(arg, switches=("smoke", "full"),
                         keys={"language": "english", "seed": 0, "stages": "+".join(STAGES),
                               "grid": "default"})
-  lang, smoke, full = opts["language"], opts["smoke"], opts["full"]
-  if lang not in grammars.names():
-    raise ValueError(f"unknown language '{lang}'; use one of {grammars.names()}")
-  if smoke and full:
+  if opts["smoke"] and opts["full"]:
     raise ValueError("choose at most one of the switches smoke and full")
-  if opts["grid"] not in GRIDS:
-    raise ValueError(f"grid={opts['grid']!r}: use one of {GRIDS}")
   stages = tuple(s for s in opts["stages"].split("+") if s)
   bad = [s for s in stages if s not in STAGES]
   if bad or not stages:
     raise ValueError(f"stages={opts['stages']!r}: join a subset of {STAGES} with '+'")
+  size = "smoke" if opts["smoke"] else "full" if opts["full"] else "default"
+  return build(language=opts["language"], seed=opts["seed"], stages=stages, grid=opts["grid"],
+               size=size)
+
+
+def build(language: str = "english", seed: int = 0, stages: Sequence[str] = STAGES,
+          grid: str = "default",
+          size: Literal["smoke", "default", "full"] = "default") -> ml_collections.ConfigDict:
+  """The pipeline's config: the stage configs of `lm.build`, the grid, `eval.build` and the
+  analysis, for one language, seed and size."""
+  lang, smoke, full = language, size == "smoke", size == "full"
+  if lang not in grammars.names():
+    raise ValueError(f"unknown language '{lang}'; use one of {grammars.names()}")
+  if size not in lm_configs.SIZES:
+    raise ValueError(f"size={size!r}: use one of {lm_configs.SIZES}")
+  if grid not in GRIDS:
+    raise ValueError(f"grid={grid!r}: use one of {GRIDS}")
+  stages = tuple(stages)
+  bad = [s for s in stages if s not in STAGES]
+  if bad or not stages:
+    raise ValueError(f"stages={stages!r}: choose a subset of {STAGES}")
 
   c = ml_collections.ConfigDict()
   c.job = "pipeline"  # experiments.main job (jaxsae.pipeline.run)
   c.stages = stages  # stages to run, in order (finished ones are skipped on rerun)
 
   # Stage 1: the LM (the lm job's config for the language).
-  lm_arg = f"language={lang},seed={opts['seed']}" + (",smoke" if smoke else "") + (
-      ",full" if full else "")
-  c.lm = lm_configs.get_config(lm_arg)
+  c.lm = lm_configs.build(language=lang, seed=seed, size=size)
 
   # Stage 2: the SAE grid (lm_workdir is filled in by the pipeline: <workdir>/lm).
   s = sae_base.base_config(language=lang, lm_workdir="")
-  s.seed = opts["seed"]
+  s.seed = seed
   s.positions = "sentence"  # train on sentence tokens (the report's metrics use them too)
   s.batch_size = 128 if full else 32  # sequences per step
   s.steps = 5000 if full else 800  # optimizer steps
@@ -93,19 +110,18 @@ def get_config(arg=None):
              for loss, lams in lambdas.items()]
   s.sweep.append({"product": {"k": ks}, "set": {"loss": "local", "activation": "topk",
                                                 "expansion": expansion}})
-  if opts["grid"] == "causal":
+  if grid == "causal":
     # The causal-interpolation grid of sae_causal.py (TopK 16, expansion 2, β × λ options, plus
     # a plain TopK baseline) under this pipeline's optimisation profile (lr 1e-3 with warm-up
     # and cosine instead of Menon's constant 1e-5, which needs 5,000 steps of 128 sequences).
-    grid = sae_causal.get_config(f"language={lang}" + (",smoke" if smoke else ""))
+    causal = sae_causal.build(language=lang, size="smoke" if smoke else "default")
     s.sweep = [dict(block, set=dict(block["set"], lr=1e-3, decoder_norm="forward"))
-               for block in grid.sweep]
+               for block in causal.sweep]
     s.grad_clip = 1.0
   c.sae = s
 
   # Stage 3: evaluation (sae_workdir is filled in: <workdir>/sae).
-  e = eval_configs.get_config("smoke" if smoke else None)
-  e.seed = opts["seed"]
+  e = eval_configs.build(seed=seed, size="smoke" if smoke else "default")
   if not smoke and not full:
     e.num_batches = 8  # held-out batches of batch_size sequences
     e.batch_size = 64
@@ -116,13 +132,13 @@ def get_config(arg=None):
 
   # Stage 4: feature analysis.
   a = ml_collections.ConfigDict()
-  a.seed = opts["seed"]  # analysis data seed (its own stream)
+  a.seed = seed  # analysis data seed (its own stream)
   a.num_sequences = 8 if smoke else 256  # held-out sequences whose selected tokens are analysed
   a.threshold = 0.5  # |corr| above which a (latent, label) pair is tested causally
   a.max_pairs = 4 if smoke else 24  # causal tests per chosen SAE (strongest pairs first)
   a.causal = True  # run the causal-predictability interventions
   # ... on one SAE per type ('per_type') or on every SAE ('all': the causal grid compares them)
-  a.causal_variants = "all" if opts["grid"] == "causal" else "per_type"
+  a.causal_variants = "all" if grid == "causal" else "per_type"
   a.heatmap_latents = 24  # latents shown in the correlation heatmaps
   c.analysis = a
   return c

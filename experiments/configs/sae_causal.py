@@ -36,6 +36,10 @@ on 2 CPU cores, so the 5,000-step grid is an accelerator job (hours on a laptop 
 `steps=500` for a CPU run of about half an hour. `smoke` runs in ≈ 20 s.
 """
 
+from typing import Literal
+
+import ml_collections
+
 from experiments.configs import args as args_lib
 from experiments.configs import sae_base
 from jaxsae import grammars
@@ -51,18 +55,31 @@ LAMBDAS = {
 
 
 def get_config(arg=None):
+  """The config of `sae_causal.py:<arg>`: `build` of the parsed settings."""
   opts = args_lib.parse(arg, switches=("smoke", "finetune"),
                         keys={"language": "english", "lm_workdir": "", "steps": int,
                               "target": "sae", "distance": "mse"},
                         minimum={"steps": 1})
-  if opts["language"] not in grammars.names():
-    raise ValueError(f"unknown language '{opts['language']}'; use one of {grammars.names()}")
-  if opts["target"] not in ("sae", "clean"):
-    raise ValueError(f"target={opts['target']!r}: use 'sae' (paper) or 'clean' (original code)")
-  if opts["distance"] not in ("mse", "kl"):
-    raise ValueError(f"distance={opts['distance']!r}: use 'mse' or 'kl'")
-  c = sae_base.base_config(language=opts["language"],
-                           lm_workdir=opts["lm_workdir"] or f"workdirs/lm_{opts['language']}")
+  return build(language=opts["language"], lm_workdir=opts["lm_workdir"],
+               size="smoke" if opts["smoke"] else "default", steps=opts["steps"],
+               target=opts["target"], distance=opts["distance"], finetune=opts["finetune"])
+
+
+def build(language: str = "english", lm_workdir: str = "",
+          size: Literal["smoke", "default"] = "default", *, steps: int | None = None,
+          target: str = "sae", distance: str = "mse",
+          finetune: bool = False) -> ml_collections.ConfigDict:
+  """The grid's config (see the module docstring; lm_workdir '': workdirs/lm_<language>)."""
+  if language not in grammars.names():
+    raise ValueError(f"unknown language '{language}'; use one of {grammars.names()}")
+  if target not in ("sae", "clean"):
+    raise ValueError(f"target={target!r}: use 'sae' (paper) or 'clean' (original code)")
+  if distance not in ("mse", "kl"):
+    raise ValueError(f"distance={distance!r}: use 'mse' or 'kl'")
+  if size not in ("smoke", "default"):
+    raise ValueError(f"size={size!r}: use 'smoke' or 'default'")
+  c = sae_base.base_config(language=language,
+                           lm_workdir=lm_workdir or f"workdirs/lm_{language}")
   c.positions = "sentence"  # sentence tokens only
   c.batch_size = 128  # sequences per step
   c.steps = 5000  # optimizer steps
@@ -72,21 +89,21 @@ def get_config(arg=None):
   c.warmup_steps = 0  # unused by 'constant'
   c.grad_clip = float("inf")  # Menon clips nothing
   betas, lambdas = BETAS, list(LAMBDAS)
-  if opts["smoke"]:
+  if size == "smoke":
     betas, lambdas = [0.5, 100.0], ["step", "fixed0.2"]
     c.steps, c.log_every, c.checkpoint_every, c.batch_size = 4, 2, 4, 4
-  if opts["steps"] is not None:
-    if opts["steps"] % c.log_every:
-      raise ValueError(f"steps={opts['steps']} must be a positive multiple of log_every="
+  if steps is not None:
+    if steps % c.log_every:
+      raise ValueError(f"steps={steps} must be a positive multiple of log_every="
                        f"{c.log_every}")
-    c.steps = opts["steps"]
+    c.steps = steps
     c.checkpoint_every = min(c.checkpoint_every, c.steps)
   common = {"loss": "local", "activation": "topk", "k": 16, "expansion": 2, "lr": 1e-5,
             "init": "menon", "enc_bias": False, "dec_bias": False, "decoder_norm": "none",
             "sparsity_coeff": 0.0, "sparsity_reduction": "sum_batch"}
-  causal = dict(common, causal=True, causal_target=opts["target"],
-                causal_distance=opts["distance"])
-  if opts["finetune"]:
+  causal = dict(common, causal=True, causal_target=target,
+                causal_distance=distance)
+  if finetune:
     start = (c.steps // 2 // c.log_every) * c.log_every or c.log_every
     causal.update(causal_start=start, causal_reset_opt=True, causal_lr_scale=0.1,
                   causal_ramp=max(c.steps // 10, 1))

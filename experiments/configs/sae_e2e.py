@@ -24,6 +24,10 @@ trained on, e2e SAEs give 0 grammatical generations; see the pipeline report for
 positions.
 """
 
+from typing import Literal
+
+import ml_collections
+
 from experiments.configs import args as args_lib
 from experiments.configs import sae_base
 from jaxsae import grammars
@@ -35,20 +39,31 @@ _LAMBDAS = {"local": [0.5, 1.0, 2.0, 4.0, 8.0], "e2e": [2.0, 4.0, 8.0, 16.0],
 
 
 def get_config(arg=None):
+  """The config of `sae_e2e.py:<arg>`: `build` of the parsed settings."""
   opts = args_lib.parse(arg, switches=("smoke",),
                         keys={"language": "dyck2", "lm_workdir": "", "steps": int},
                         minimum={"steps": 1})
-  if opts["language"] not in grammars.names():
-    raise ValueError(f"unknown language '{opts['language']}'; use one of {grammars.names()}")
-  c = sae_base.base_config(language=opts["language"],
-                           lm_workdir=opts["lm_workdir"] or f"workdirs/lm_{opts['language']}")
+  return build(language=opts["language"], lm_workdir=opts["lm_workdir"],
+               size="smoke" if opts["smoke"] else "default", steps=opts["steps"])
+
+
+def build(language: str = "dyck2", lm_workdir: str = "",
+          size: Literal["smoke", "default"] = "default", *,
+          steps: int | None = None) -> ml_collections.ConfigDict:
+  """The grid's config (lm_workdir '': workdirs/lm_<language>; steps None: the size's)."""
+  if language not in grammars.names():
+    raise ValueError(f"unknown language '{language}'; use one of {grammars.names()}")
+  if size not in ("smoke", "default"):
+    raise ValueError(f"size={size!r}: use 'smoke' or 'default'")
+  c = sae_base.base_config(language=language,
+                           lm_workdir=lm_workdir or f"workdirs/lm_{language}")
   c.sweep = [{"product": {"sparsity_coeff": lams}, "set": {"loss": loss, "expansion": 4}}
              for loss, lams in _LAMBDAS.items()]
-  if opts["smoke"]:
+  if size == "smoke":
     c.steps, c.log_every, c.checkpoint_every, c.batch_size = 4, 2, 4, 4
     c.warmup_steps = 1
     c.sweep = [{"product": {"sparsity_coeff": [1.0, 4.0]}, "set": {"loss": loss, "expansion": 2}}
                for loss in _LAMBDAS]
-  if opts["steps"] is not None:
-    c.steps = opts["steps"]
+  if steps is not None:
+    c.steps = steps
   return c

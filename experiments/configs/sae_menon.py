@@ -61,6 +61,10 @@ term, so their L0 falls; TopK's L0 is at most k (only positive pre-activations a
 init, width 128, k = 64 and 128 both give L0 ≈ 61).
 """
 
+from typing import Literal
+
+import ml_collections
+
 from experiments.configs import args as args_lib
 from experiments.configs import sae_base
 from jaxsae import grammars
@@ -77,16 +81,29 @@ _SMOKE_EXPANSIONS, _SMOKE_ALPHAS, _SMOKE_KS = [1, 2], [1e-3, 1.0], [8, 16]
 
 
 def get_config(arg=None):
+  """The config of `sae_menon.py:<arg>`: `build` of the parsed settings."""
   opts = args_lib.parse(arg, switches=("smoke", "pre_bias", "sparsemax"),
                         keys={"language": "dyck2", "lm_workdir": "", "steps": int, "norm": "none"},
                         minimum={"steps": 1})
-  if opts["language"] not in grammars.names():
-    raise ValueError(f"unknown language '{opts['language']}'; use one of {grammars.names()}")
-  if opts["norm"] not in NORMS:
-    raise ValueError(f"unknown norm '{opts['norm']}'; use one of {list(NORMS)} "
+  return build(language=opts["language"], lm_workdir=opts["lm_workdir"],
+               size="smoke" if opts["smoke"] else "default", steps=opts["steps"],
+               norm=opts["norm"], pre_bias=opts["pre_bias"], sparsemax=opts["sparsemax"])
+
+
+def build(language: str = "dyck2", lm_workdir: str = "",
+          size: Literal["smoke", "default"] = "default", *, steps: int | None = None,
+          norm: str = "none", pre_bias: bool = False,
+          sparsemax: bool = False) -> ml_collections.ConfigDict:
+  """The grid's config (see the module docstring; lm_workdir '': workdirs/lm_<language>)."""
+  if language not in grammars.names():
+    raise ValueError(f"unknown language '{language}'; use one of {grammars.names()}")
+  if norm not in NORMS:
+    raise ValueError(f"unknown norm '{norm}'; use one of {list(NORMS)} "
                      "(Menon's none / input / input+recon / input+dec)")
-  c = sae_base.base_config(language=opts["language"],
-                           lm_workdir=opts["lm_workdir"] or f"workdirs/lm_{opts['language']}")
+  if size not in ("smoke", "default"):
+    raise ValueError(f"size={size!r}: use 'smoke' or 'default'")
+  c = sae_base.base_config(language=language,
+                           lm_workdir=lm_workdir or f"workdirs/lm_{language}")
   # Menon's optimisation profile (sae_base carries the e2e_sae one).
   c.positions = "sentence"  # sentence tokens only (decorator, <eos> and padding excluded)
   c.batch_size = 128  # sequences per step
@@ -97,16 +114,16 @@ def get_config(arg=None):
   c.warmup_steps = 0  # linear warm-up steps (unused by 'constant')
   c.grad_clip = float("inf")  # global grad-norm clip per variant: none (Menon clips nothing)
 
-  input_norm, recon_norm, decoder_norm = NORMS[opts["norm"]]
+  input_norm, recon_norm, decoder_norm = NORMS[norm]
   common = {
-      "loss": "local", "lr": 1e-5, "init": "menon", "pre_bias": opts["pre_bias"],
-      "enc_bias": opts["pre_bias"], "dec_bias": False, "decoder_norm": decoder_norm,
+      "loss": "local", "lr": 1e-5, "init": "menon", "pre_bias": pre_bias,
+      "enc_bias": pre_bias, "dec_bias": False, "decoder_norm": decoder_norm,
       "input_norm": input_norm, "recon_norm": recon_norm,
       # Menon's sum-over-batch L1 (also what is logged as `sparsity` for TopK / sparsemax).
       "sparsity_reduction": "sum_batch",
   }
   expansions, alphas, ks = EXPANSIONS, ALPHAS, KS
-  if opts["smoke"]:
+  if size == "smoke":
     expansions, alphas, ks = _SMOKE_EXPANSIONS, _SMOKE_ALPHAS, _SMOKE_KS
     c.steps, c.log_every, c.checkpoint_every, c.batch_size = 4, 2, 4, 4
   c.sweep = [
@@ -115,13 +132,13 @@ def get_config(arg=None):
       {"product": {"expansion": expansions, "k": ks},
        "set": dict(common, activation="topk", sparsity_coeff=0.0)},
   ]
-  if opts["sparsemax"]:
+  if sparsemax:
     c.sweep.append({"product": {"expansion": expansions, "activation": SPARSEMAX},
                     "set": dict(common, sparsity_coeff=0.0)})
-  if opts["steps"] is not None:
-    if opts["steps"] % c.log_every:
-      raise ValueError(f"steps={opts['steps']} must be a positive multiple of log_every="
+  if steps is not None:
+    if steps % c.log_every:
+      raise ValueError(f"steps={steps} must be a positive multiple of log_every="
                        f"{c.log_every} (metrics are fetched every log_every steps)")
-    c.steps = opts["steps"]
+    c.steps = steps
     c.checkpoint_every = min(c.checkpoint_every, c.steps)  # both multiples of log_every
   return c

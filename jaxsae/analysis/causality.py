@@ -2,15 +2,16 @@
 labels predict?
 
 `causal_predictability` tests latent-label pairs causally with the interventions of
-`interventions.py`: clamp the latent high (a quantile of its active values, times a scale) and low
+`interventions.py` (measured by `effects.py`), one SAE variant (`SplicedSAE`) at a time under
+`CausalSettings`: clamp the latent high (a quantile of its active values, times a scale) and low
 (0) at every measured position, and check that the token classes the label predicts
 (`EXPECTED_EFFECTS`) move in the direction given by the sign of the correlation. Per pair:
 effect = w·(p_high − p_low) / ‖w‖₁, with w the expected per-class weights (classes of
-`interventions.token_classes`) and p the mean class probabilities. "Acts as predicted" iff
-the signed effect sign(corr)·effect is > 0 and beats a null at 95%: the same signed effect of
-random live latents of the SAE, clamped the same way (one-sided permutation p ≤ 0.05; a latent
-unrelated to the label passes with probability ≤ 5%, so a tiny effect of the right sign no
-longer counts). For English parts of speech w is derived from data (`EMPIRICAL`): the
+`grammars.token_classes.token_classes`) and p the mean class probabilities. "Acts as predicted"
+iff the signed effect sign(corr)·effect is > 0 and beats a null at 95%: the same signed effect
+of random live latents of the SAE, clamped the same way (one-sided permutation p ≤ 0.05; a
+latent unrelated to the label passes with probability ≤ 5%, so a tiny effect of the right sign
+no longer counts). For English parts of speech w is derived from data (`EMPIRICAL`): the
 regression slope of "the next token is in class c" on the label, over the measured positions.
 
 The pieces: `label_columns` (per-token labels as float columns), `pearson` (latent × column
@@ -20,6 +21,7 @@ any function that measures the class shift of clamping latents).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -27,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import grammars
+from jaxsae.analysis import effects
 from jaxsae.analysis import interventions
 from jaxsae.core import stats
+from jaxsae.grammars import token_classes
 from jaxsae.grid import sae as sae_lib
 from jaxsae.lm import model as model_lib
 
@@ -37,9 +41,9 @@ NULL_LATENTS = 64  # random live latents clamped per SAE for the null of causal 
 
 # (family, label column) -> expected effect of increasing the label: ((token class, sign), ...),
 # or EMPIRICAL (derived from data). A column is looked up by its full name ("top_type_after=0")
-# first, then by its label name ("pos" for "pos=N"). Families (`interventions.family`): `dyck`,
-# `expr` (prefix and postfix), `english` (every other PCFG). Only effects the grammar forces are
-# listed:
+# first, then by its label name ("pos" for "pos=N"). Families (`grammars.token_classes.family`):
+# `dyck`, `expr` (prefix and postfix), `english` (every other PCFG). Only effects the grammar
+# forces are listed:
 #   Dyck: deeper -> closers legal, <eos> not; empty stack -> <eos> legal, closers not; top of the
 #     stack of type k -> closer k legal, the other not; an opener -> <eos> illegal.
 #   Expr: a complete prefix -> <eos> legal; more pending operands (prefix: operands needed;
@@ -112,7 +116,7 @@ def _table_entry(fam: str, name: str):
 def expected_effects(grammar: grammars.Grammar, names: Sequence[str], tokens_BT: jax.Array,
                      mask_BT: jax.Array, *, label_values_BTK: np.ndarray | None = None,
                      empirical_fallback: bool = False) -> dict[str, np.ndarray]:
-  """Expected per-class weights `[C]` (`interventions.token_classes`) for each testable column.
+  """Expected per-class weights `[C]` (`grammars.token_classes`) for each testable column.
 
   From `EXPECTED_EFFECTS` (±1 per listed class); for `EMPIRICAL` entries (and, with
   `empirical_fallback`, unlisted columns) the slope of "next token in class c" regressed on the
@@ -128,8 +132,8 @@ def expected_effects(grammar: grammars.Grammar, names: Sequence[str], tokens_BT:
       default: computed with `label_columns` (for English this runs the CKY parser).
     empirical_fallback: derive unlisted columns' expectations from data too.
   """
-  class_names, member_CV = interventions.token_classes(grammar)
-  fam = interventions.family(grammar)
+  class_names, member_CV = token_classes.token_classes(grammar)
+  fam = token_classes.family(grammar)
   out: dict[str, np.ndarray] = {}
   need_data = []
   for name in names:
@@ -296,22 +300,62 @@ def score_pairs(corr_FK: np.ndarray, names: Sequence[str], expected: Mapping[str
   }
 
 
-def causal_predictability(lm_params: model_lib.Params, model_config: model_lib.ModelConfig,
-                          site: str, sae_params: sae_lib.Params, sae_config: sae_lib.SAEConfig,
-                          hparams: sae_lib.SAEHparams, tokens_BT: jax.Array, mask_BT: jax.Array,
+@dataclasses.dataclass(frozen=True)
+class SplicedSAE:
+  """One SAE variant spliced into the frozen LM at its site (inference mode).
+
+  Attributes:
+    lm_params, model_config: the frozen LM.
+    site: the SAE's site.
+    sae_params, sae_config, hparams: the variant.
+    splice_mode: as `sae.splice`.
+    sae_state: the variant's state, if its architecture has one.
+  """
+
+  lm_params: model_lib.Params
+  model_config: model_lib.ModelConfig
+  site: str
+  sae_params: sae_lib.Params
+  sae_config: sae_lib.SAEConfig
+  hparams: sae_lib.SAEHparams
+  splice_mode: str = "corrected"
+  sae_state: sae_lib.SAEState | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalSettings:
+  """How `causal_predictability` picks, clamps and scores latent-label pairs.
+
+  Attributes:
+    threshold: pairs with |corr| >= threshold are strong (`score_pairs`).
+    max_pairs: at most this many strong pairs are tested, strongest first (`score_pairs`).
+    high_quantile, high_scale: the high clamp is `high_scale` × the latent's `high_quantile`
+      quantile over the masked tokens where it fires (need 0 <= high_quantile <= 1,
+      high_scale > 0).
+    empirical_fallback: as `expected_effects`.
+    chunk: latents per `lax.map` step of the clamp sweep (bounds memory).
+    null_latents, null_seed: the random-latent null (`score_pairs`' `null_latents`, `seed`).
+  """
+
+  threshold: float = 0.5
+  max_pairs: int = 64
+  high_quantile: float = 0.95
+  high_scale: float = 1.0
+  empirical_fallback: bool = False
+  chunk: int = 8
+  null_latents: int = NULL_LATENTS
+  null_seed: int = 0
+
+
+def causal_predictability(sae: SplicedSAE, tokens_BT: jax.Array, mask_BT: jax.Array,
                           grammar: grammars.Grammar, corr_FK: np.ndarray, names: Sequence[str],
-                          *, threshold: float = 0.5, max_pairs: int = 64,
-                          splice_mode: str = "corrected",
-                          sae_state: sae_lib.SAEState | None = None,
-                          high_quantile: float = 0.95, high_scale: float = 1.0,
-                          label_values_BTK: np.ndarray | None = None,
-                          empirical_fallback: bool = False, chunk: int = 8,
-                          null_latents: int = NULL_LATENTS, null_seed: int = 0
-                          ) -> dict[str, Any]:
+                          settings: CausalSettings = CausalSettings(), *,
+                          label_values_BTK: np.ndarray | None = None) -> dict[str, Any]:
   """Do strongly label-correlated latents act on the model as their labels predict?
 
-  For each pair with |corr| >= threshold whose label has an expected effect (`EXPECTED_EFFECTS`,
-  `expected_effects`), the latent is clamped high (`high_scale` × its `high_quantile` quantile
+  For each pair with |corr| >= `settings.threshold` whose label has an expected effect
+  (`EXPECTED_EFFECTS`, `expected_effects`), the latent is clamped high (`settings.high_scale` ×
+  its `high_quantile` quantile
   over the masked tokens where it fires; e.g. 0.95 × 1, or 1.0 × 2 for twice its max) and low
   (0) at every masked position, and the mean class probabilities over those positions are
   compared (see `score_pairs`). Latents that never fire on the masked tokens are not tested.
@@ -319,23 +363,26 @@ def causal_predictability(lm_params: model_lib.Params, model_config: model_lib.M
   random live latents at 95% (`score_pairs`); those latents cost one clamp pair each.
 
   Args:
+    sae: the SAE variant and the LM it is spliced into.
     tokens_BT, mask_BT: the data and the positions intervened on and measured (e.g. sentence
       positions, `Batch.sentence_mask`).
     grammar: the LM's grammar (token classes, labels for the empirical expectations).
     corr_FK, names: a latent-label correlation matrix and its column names, e.g. `pearson` of
       `interventions.site_codes` and `label_columns` over the masked tokens.
+    settings: thresholds, clamp values, null and chunking (`CausalSettings`).
     label_values_BTK: the label columns on `tokens_BT` if already computed (see
       `expected_effects`).
-    null_latents, null_seed: the random-latent null (`score_pairs`' `null_latents`, `seed`).
-    Others: as `interventions.intervened_logits` and `score_pairs`.
 
   Returns:
     `score_pairs`' summary plus `high_quantile`, `high_scale` and `spliced_vs_clean` (KL and
     class shift of the plain splice), each pair carrying `high_value` and, for the high clamp,
     `kl_high_vs_spliced`, `kl_high_vs_clean`, `shift_high_vs_spliced`, `shift_high_vs_clean`.
   """
-  interventions._check_common(  # pylint: disable=protected-access
-      model_config, site, sae_config, splice_mode, tokens_BT)
+  lm_params, model_config, site = sae.lm_params, sae.model_config, sae.site
+  sae_params, sae_config, hparams = sae.sae_params, sae.sae_config, sae.hparams
+  splice_mode, sae_state = sae.splice_mode, sae.sae_state
+  high_quantile, high_scale = settings.high_quantile, settings.high_scale
+  interventions.check_site(model_config, site, sae_config, splice_mode, tokens_BT)
   tokens_BT = jnp.asarray(tokens_BT)
   mask_BT = np.asarray(mask_BT, bool)
   if mask_BT.shape != tokens_BT.shape:
@@ -348,7 +395,7 @@ def causal_predictability(lm_params: model_lib.Params, model_config: model_lib.M
   if not 0 <= high_quantile <= 1 or not high_scale > 0:
     raise ValueError(f"need high_quantile in [0, 1] and high_scale > 0, got {high_quantile}, "
                      f"{high_scale}.")
-  class_names, member_CV = interventions.token_classes(grammar)
+  class_names, member_CV = token_classes.token_classes(grammar)
   codes = interventions.site_codes(lm_params, model_config, site, sae_params, sae_config,
                                    hparams, tokens_BT, splice_mode, sae_state)
   codes_MF = np.asarray(codes)[mask_BT]
@@ -356,7 +403,7 @@ def causal_predictability(lm_params: model_lib.Params, model_config: model_lib.M
   active_F = (codes_MF != 0).any(0) & (high_F != 0)
   expected = expected_effects(grammar, names, tokens_BT, mask_BT,
                               label_values_BTK=label_values_BTK,
-                              empirical_fallback=empirical_fallback)
+                              empirical_fallback=settings.empirical_fallback)
   template = interventions.clamp(0, 0.0, mask_BT)
   baseline = {}
 
@@ -364,9 +411,10 @@ def causal_predictability(lm_params: model_lib.Params, model_config: model_lib.M
     u = latents_U.shape[0]
     lat = np.concatenate([latents_U, latents_U]).astype(np.int32)
     val = np.concatenate([high_F[latents_U], np.zeros((u,))]).astype(np.float32)
-    eff = jax.device_get(interventions.intervention_effects(
+    eff = jax.device_get(effects.intervention_effects(
         lm_params, model_config, site, sae_params, sae_config, hparams, tokens_BT, template,
-        mask_BT, member_CV, splice_mode, sae_state, latents_L=lat, values_L=val, chunk=chunk))
+        mask_BT, member_CV, splice_mode, sae_state, latents_L=lat, values_L=val,
+        chunk=settings.chunk))
     vs_s, vs_c = eff["vs_spliced"], eff["vs_clean"]
     baseline.update(kl=_num(eff["spliced_vs_clean"]["kl"]),
                     class_shift={c: float(x) for c, x in
@@ -380,9 +428,9 @@ def causal_predictability(lm_params: model_lib.Params, model_config: model_lib.M
               for i, f in enumerate(latents_U)]
     return shift, extras
 
-  out = score_pairs(corr, names, expected, class_names, shift_fn, threshold=threshold,
-                    max_pairs=max_pairs, testable_latents=active_F, null_latents=null_latents,
-                    seed=null_seed)
+  out = score_pairs(corr, names, expected, class_names, shift_fn, threshold=settings.threshold,
+                    max_pairs=settings.max_pairs, testable_latents=active_F,
+                    null_latents=settings.null_latents, seed=settings.null_seed)
   out.update(high_quantile=float(high_quantile), high_scale=float(high_scale),
              spliced_vs_clean=baseline or None, classes=list(class_names))
   return out

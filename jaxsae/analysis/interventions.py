@@ -1,4 +1,4 @@
-"""Latent interventions through a spliced SAE and their outcomes.
+"""Latent interventions through a spliced SAE: the edits, and the logits under them.
 
 An `Intervention` edits the SAE codes at its site before they are decoded back into the model:
 
@@ -20,16 +20,14 @@ the intervention's kind is static, everything else dynamic); `intervened_logits_
 `intervened_logits_variants` vmap it over latents (indices or masks, with values) and over the
 stacked variants of a group.
 
-Outcomes are reported against both baselines, the clean model and the plain SAE-spliced model:
-KL(base ‖ intervened) of the next-token distribution and the shift of the probability of token
-classes (`token_classes`: Dyck `<eos>`, openers, closers per type; Expr `<eos>`, digits, operators
-by arity; English `<eos>` and each part of speech), as means over the measured positions; and
-statistics of generations under the intervention (`generation_stats`: exact grammaticality,
-length, class counts, Dyck depth), compiled once per static structure with the SAE params and the
-intervention as arguments.
+`site_codes` and `latent_quantiles` give the codes on data and typical values to clamp to.
 
-Causal predictability (do label-correlated latents act as their labels predict when clamped?)
-is built on these functions in `causality.py`.
+The un-jitted pieces (`splice_edited`, `edited_logits`, the checks `check_site` /
+`check_intervention` / `check_sweep`, `with_latents`) are what the outcome modules build on:
+`effects.py` (KL and token-class shifts against the clean and the plain spliced model) and
+`intervened_generation.py` (statistics of generations under an edit). Causal predictability (do
+label-correlated latents act as their labels predict when clamped?) is built on these in
+`causality.py`.
 """
 
 from __future__ import annotations
@@ -42,11 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae import grammars
-from jaxsae.grammars import features
-from jaxsae.grammars import recognise
 from jaxsae.grid import sae as sae_lib
-from jaxsae.lm import generate as generate_lib
 from jaxsae.lm import model as model_lib
 
 KINDS = ("clamp", "zero", "keep_only", "patch")
@@ -213,9 +207,21 @@ def edit_codes(codes: jax.Array, intervention: Intervention,
 # Splicing the edited codes, and the logits.
 
 
-def _splice_edited(sae_params, x, sae_config, hparams, sae_state, splice_mode, intervention,
-                   source_codes, splice_mask):
-  """`sae.splice` with the codes edited before decoding (the plain splice if nothing edits)."""
+def splice_edited(sae_params, x, sae_config, hparams, sae_state, splice_mode, intervention,
+                  source_codes, splice_mask):
+  """`sae.splice` with the codes edited before decoding (the plain splice if nothing edits).
+
+  Args:
+    sae_params, sae_config, hparams, sae_state: one SAE variant.
+    x: the site's activations `[..., D]`.
+    splice_mode: as `sae.splice`.
+    intervention: the edit, or None.
+    source_codes: the source's codes for `patch` (else None).
+    splice_mask: optional bool `[...]`: the replacement applies only there (clean elsewhere).
+
+  Returns:
+    The replacement activations, the shape of `x`. Traceable (no checks).
+  """
   out, codes, _ = sae_lib.splice(sae_params, x, sae_config, hparams, mode=splice_mode,
                                  state=sae_state)
   if intervention is not None:
@@ -233,24 +239,34 @@ def _site_codes(lm_params, sae_params, hparams, sae_state, tokens_BT, model_conf
                         state=sae_state)[1]
 
 
-def _logits_impl(lm_params, sae_params, hparams, sae_state, tokens_BT, intervention, splice_mask,
-                 model_config, site, sae_config, splice_mode):
+def edited_logits(lm_params, sae_params, hparams, sae_state, tokens_BT, intervention, splice_mask,
+                  model_config, site, sae_config, splice_mode):
+  """Un-jitted, unchecked `intervened_logits` (positional; for use inside other jitted code)."""
   source_codes = None
   if intervention is not None and intervention.kind == "patch":
     src = intervention.source
     source_codes = (_site_codes(lm_params, sae_params, hparams, sae_state, src, model_config,
                                 site, sae_config, splice_mode)
                     if jnp.issubdtype(src.dtype, jnp.integer) else src)
-  fn = lambda x: _splice_edited(sae_params, x, sae_config, hparams, sae_state, splice_mode,
-                                intervention, source_codes, splice_mask)
+  fn = lambda x: splice_edited(sae_params, x, sae_config, hparams, sae_state, splice_mode,
+                               intervention, source_codes, splice_mask)
   return model_lib.apply(lm_params, tokens_BT, model_config, replace={site: fn}).logits
 
 
-_STATIC = ("model_config", "site", "sae_config", "splice_mode")
-_logits_jit = jax.jit(_logits_impl, static_argnames=_STATIC)
+# The static arguments of every jitted intervention pass (the rest are traced).
+STATIC_ARGNAMES = ("model_config", "site", "sae_config", "splice_mode")
+_logits_jit = jax.jit(edited_logits, static_argnames=STATIC_ARGNAMES)
 
 
-def _check_common(model_config, site, sae_config, splice_mode, tokens_BT):
+def check_site(model_config, site, sae_config, splice_mode, tokens_BT) -> None:
+  """Checks the site, the SAE's width against the model, the splice mode and tokens `[B, T]`.
+
+  Args:
+    tokens_BT: the tokens, or None to skip their check.
+
+  Raises:
+    ValueError: naming the mismatch and the fix.
+  """
   names = model_lib.site_names(model_config)
   if site not in names:
     raise ValueError(f"site={site!r} is not a site of the model; valid sites: {', '.join(names)}.")
@@ -284,7 +300,7 @@ def intervened_logits(lm_params: model_lib.Params, model_config: model_lib.Model
   Returns:
     float32 logits `[B, T, V]`.
   """
-  _check_common(model_config, site, sae_config, splice_mode, tokens_BT)
+  check_site(model_config, site, sae_config, splice_mode, tokens_BT)
   if intervention is not None:
     check_intervention(intervention, sae_config.width, jnp.shape(tokens_BT))
   return _logits_jit(lm_params, sae_params, hparams, sae_state, jnp.asarray(tokens_BT),
@@ -292,11 +308,28 @@ def intervened_logits(lm_params: model_lib.Params, model_config: model_lib.Model
                      sae_config=sae_config, splice_mode=splice_mode)
 
 
-def _with_latents(intervention, lat, val):
+def with_latents(intervention: Intervention, lat: jax.Array, val: jax.Array) -> Intervention:
+  """The intervention with its latents and value replaced (one item of a sweep)."""
   return intervention.replace(latents=lat, value=val)
 
 
-def _check_sweep(intervention, latents_L, values_L, width, tokens_shape):
+def check_sweep(intervention: Intervention, latents_L, values_L, width: int,
+                tokens_shape) -> tuple[jax.Array, jax.Array]:
+  """Validates a sweep of a template over latents.
+
+  Args:
+    intervention: the template.
+    latents_L: int indices [L] or bool masks [L, width].
+    values_L: float [L] or [L, width], or None (the template's value for all).
+    width: the SAE width.
+    tokens_shape: the tokens' shape (for the template's positions / source).
+
+  Returns:
+    (latents_L as int32 or bool, values_L as float32 with its default filled in).
+
+  Raises:
+    ValueError: naming the bad argument and the fix.
+  """
   latents_L = jnp.asarray(latents_L)
   if latents_L.ndim == 1 and jnp.issubdtype(latents_L.dtype, jnp.integer):
     if not _is_tracer(latents_L) and latents_L.size and not (
@@ -314,18 +347,18 @@ def _check_sweep(intervention, latents_L, values_L, width, tokens_shape):
   values_L = jnp.asarray(values_L, jnp.float32)
   if values_L.shape not in ((n,), (n, width)):
     raise ValueError(f"values_L has shape {values_L.shape}; use [L={n}] or [L, {width}].")
-  check_intervention(_with_latents(intervention, latents_L[0] if n else jnp.int32(0),
-                                   values_L[0] if n else jnp.float32(0)), width, tokens_shape)
+  check_intervention(with_latents(intervention, latents_L[0] if n else jnp.int32(0),
+                                  values_L[0] if n else jnp.float32(0)), width, tokens_shape)
   return latents_L, values_L
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=STATIC_ARGNAMES)
 def _latents_jit(lm_params, sae_params, hparams, sae_state, tokens_BT, intervention, latents_L,
                  values_L, splice_mask, model_config, site, sae_config, splice_mode):
   def one(lat, val):
-    return _logits_impl(lm_params, sae_params, hparams, sae_state, tokens_BT,
-                        _with_latents(intervention, lat, val), splice_mask, model_config, site,
-                        sae_config, splice_mode)
+    return edited_logits(lm_params, sae_params, hparams, sae_state, tokens_BT,
+                         with_latents(intervention, lat, val), splice_mask, model_config, site,
+                         sae_config, splice_mode)
   return jax.vmap(one)(latents_L, values_L)
 
 
@@ -346,22 +379,22 @@ def intervened_logits_latents(lm_params: model_lib.Params, model_config: model_l
     values_L: float [L] or [L, F] clamp values (default: the template's value for all).
     Others: as `intervened_logits`.
   """
-  _check_common(model_config, site, sae_config, splice_mode, tokens_BT)
-  latents_L, values_L = _check_sweep(intervention, latents_L, values_L, sae_config.width,
-                                     jnp.shape(tokens_BT))
+  check_site(model_config, site, sae_config, splice_mode, tokens_BT)
+  latents_L, values_L = check_sweep(intervention, latents_L, values_L, sae_config.width,
+                                    jnp.shape(tokens_BT))
   return _latents_jit(lm_params, sae_params, hparams, sae_state, jnp.asarray(tokens_BT),
                       intervention, latents_L, values_L, splice_mask_BT,
                       model_config=model_config, site=site, sae_config=sae_config,
                       splice_mode=splice_mode)
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "per_variant"))
+@functools.partial(jax.jit, static_argnames=(*STATIC_ARGNAMES, "per_variant"))
 def _variants_jit(lm_params, sae_params_N, hparams_N, sae_state_N, tokens_BT, intervention,
                   splice_mask, model_config, site, sae_config, splice_mode, per_variant):
   def one(p, h, s, lat, val):
-    iv = None if intervention is None else _with_latents(intervention, lat, val)
-    return _logits_impl(lm_params, p, h, s, tokens_BT, iv, splice_mask, model_config, site,
-                        sae_config, splice_mode)
+    iv = None if intervention is None else with_latents(intervention, lat, val)
+    return edited_logits(lm_params, p, h, s, tokens_BT, iv, splice_mask, model_config, site,
+                         sae_config, splice_mode)
   lat = None if intervention is None else intervention.latents
   val = None if intervention is None else intervention.value
   axis = 0 if per_variant else None
@@ -385,7 +418,7 @@ def intervened_logits_variants(lm_params: model_lib.Params, model_config: model_
       stacked on a leading N axis (positions and source shared), e.g. per-variant quantiles.
     Others: as `intervened_logits`.
   """
-  _check_common(model_config, site, sae_config, splice_mode, tokens_BT)
+  check_site(model_config, site, sae_config, splice_mode, tokens_BT)
   n = jax.tree.leaves(sae_params_N)[0].shape[0]
   if intervention is not None:
     if per_variant:
@@ -394,8 +427,8 @@ def intervened_logits_variants(lm_params: model_lib.Params, model_config: model_
                          f"of the {n} variants, got {intervention.latents.shape} and "
                          f"{intervention.value.shape}.")
       for i in range(n):
-        check_intervention(_with_latents(intervention, intervention.latents[i],
-                                         intervention.value[i]), sae_config.width,
+        check_intervention(with_latents(intervention, intervention.latents[i],
+                                        intervention.value[i]), sae_config.width,
                            jnp.shape(tokens_BT))
     else:
       check_intervention(intervention, sae_config.width, jnp.shape(tokens_BT))
@@ -415,13 +448,13 @@ def site_codes(lm_params: model_lib.Params, model_config: model_lib.ModelConfig,
                splice_mode: str = "corrected",
                sae_state: sae_lib.SAEState | None = None) -> jax.Array:
   """The SAE's codes `[B, T, F]` of the clean activations at `site` (as the splice encodes)."""
-  _check_common(model_config, site, sae_config, splice_mode, tokens_BT)
+  check_site(model_config, site, sae_config, splice_mode, tokens_BT)
   return _site_codes_jit(lm_params, sae_params, hparams, sae_state, jnp.asarray(tokens_BT),
                          model_config=model_config, site=site, sae_config=sae_config,
                          splice_mode=splice_mode)
 
 
-_site_codes_jit = jax.jit(_site_codes, static_argnames=_STATIC)
+_site_codes_jit = jax.jit(_site_codes, static_argnames=STATIC_ARGNAMES)
 
 
 def latent_quantiles(codes_MF: jax.Array, qs: Sequence[float] | jax.Array, *,
@@ -450,256 +483,3 @@ def latent_quantiles(codes_MF: jax.Array, qs: Sequence[float] | jax.Array, *,
     keep_MF = keep_MF & (codes_MF != 0)
   vals = jnp.nanquantile(jnp.where(keep_MF, codes_MF, jnp.nan), qs, axis=0)
   return jnp.where(jnp.isnan(vals), 0.0, vals)
-
-
-# ------------------------------------------------------------------------------------------------
-# Token classes and outcome measures.
-
-
-def family(grammar: grammars.Grammar) -> str:
-  """The grammar's family: 'dyck', 'expr' or 'english' (other PCFGs).
-
-  It picks the token classes (`token_classes`) and keys `causality.EXPECTED_EFFECTS`.
-  """
-  if grammar.kind == "dyck":
-    return "dyck"
-  if grammar.kind in ("expr_prefix", "expr_postfix"):
-    return "expr"
-  return "english"
-
-
-def token_classes(grammar: grammars.Grammar) -> tuple[tuple[str, ...], np.ndarray]:
-  """Named token classes and their bool membership `[C, V]` (classes may overlap).
-
-  Dyck: eos, open, close, open{k}, close{k} per bracket type k. Expr: eos, digit, op (any
-  operator), un, bin, tern. English and other PCFGs: eos and each preterminal category (part of
-  speech), from the grammar's lexical rules.
-  """
-  v = grammar.vocab_size
-  rows: dict[str, np.ndarray] = {"eos": np.arange(v) == grammar.eos_id}
-
-  def terms(sel):
-    out = np.zeros((v,), bool)
-    out[: grammar.n_terminals] = sel
-    return out
-
-  fam = family(grammar)
-  if fam == "dyck":
-    types, opens = recognise._bracket_tables(grammar)  # pylint: disable=protected-access
-    rows["open"], rows["close"] = terms(opens), terms(~opens)
-    for k in np.unique(types):
-      rows[f"open{k}"] = terms(opens & (types == k))
-    for k in np.unique(types):
-      rows[f"close{k}"] = terms(~opens & (types == k))
-  elif fam == "expr":
-    arity = recognise._arity_table(grammar)  # pylint: disable=protected-access
-    rows["digit"], rows["op"] = terms(arity == 0), terms(arity > 0)
-    for a, name in ((1, "un"), (2, "bin"), (3, "tern")):
-      rows[name] = terms(arity == a)
-  else:
-    cat = features._token_category(grammar)  # pylint: disable=protected-access
-    for i, name in enumerate(grammar.info.categories):
-      rows[name] = terms(cat == i)
-  return tuple(rows), np.stack(list(rows.values()))
-
-
-def effect_measures(base_logits_BTV: jax.Array, edited_logits_BTV: jax.Array,
-                    mask_BT: jax.Array, membership_CV: jax.Array) -> dict[str, jax.Array]:
-  """How an edit moves the next-token distribution, as means over the masked positions.
-
-  Returns:
-    dict with `kl` (KL(base ‖ edited), nats), `class_base` [C] and `class_edited` [C] (mean
-    probability of each class), `class_shift` [C] = class_edited − class_base, and `top1_change`
-    (fraction of positions whose argmax changes).
-  """
-  logp_b = jax.nn.log_softmax(base_logits_BTV.astype(jnp.float32), axis=-1)
-  logp_e = jax.nn.log_softmax(edited_logits_BTV.astype(jnp.float32), axis=-1)
-  p_b, p_e = jnp.exp(logp_b), jnp.exp(logp_e)
-  w_BT = jnp.asarray(mask_BT, jnp.float32)
-  n = jnp.maximum(jnp.sum(w_BT), 1.0)
-  kl_BT = jnp.sum(p_b * (logp_b - logp_e), axis=-1)
-  member = jnp.asarray(membership_CV, jnp.float32)
-  cls_b = jnp.einsum("bt,btv,cv->c", w_BT, p_b, member) / n
-  cls_e = jnp.einsum("bt,btv,cv->c", w_BT, p_e, member) / n
-  flip_BT = (jnp.argmax(logp_b, -1) != jnp.argmax(logp_e, -1)).astype(jnp.float32)
-  return {"kl": jnp.sum(w_BT * kl_BT) / n, "class_base": cls_b, "class_edited": cls_e,
-          "class_shift": cls_e - cls_b, "top1_change": jnp.sum(w_BT * flip_BT) / n}
-
-
-def _effects_impl(lm_params, sae_params, hparams, sae_state, tokens_BT, mask_BT, membership,
-                  intervention, latents_L, values_L, chunk, model_config, site, sae_config,
-                  splice_mode):
-  clean = model_lib.apply(lm_params, tokens_BT, model_config).logits
-  spliced = _logits_impl(lm_params, sae_params, hparams, sae_state, tokens_BT, None, None,
-                         model_config, site, sae_config, splice_mode)
-
-  def one(lat_val):
-    iv = intervention if latents_L is None else _with_latents(intervention, *lat_val)
-    edited = _logits_impl(lm_params, sae_params, hparams, sae_state, tokens_BT, iv, None,
-                          model_config, site, sae_config, splice_mode)
-    return {"vs_clean": effect_measures(clean, edited, mask_BT, membership),
-            "vs_spliced": effect_measures(spliced, edited, mask_BT, membership)}
-
-  out = (one(None) if latents_L is None
-         else jax.lax.map(one, (latents_L, values_L), batch_size=chunk))
-  out["spliced_vs_clean"] = effect_measures(clean, spliced, mask_BT, membership)
-  return out
-
-
-_effects_jit = jax.jit(_effects_impl, static_argnames=(*_STATIC, "chunk"))
-
-
-def intervention_effects(lm_params: model_lib.Params, model_config: model_lib.ModelConfig,
-                         site: str, sae_params: sae_lib.Params, sae_config: sae_lib.SAEConfig,
-                         hparams: sae_lib.SAEHparams, tokens_BT: jax.Array,
-                         intervention: Intervention, mask_BT: jax.Array,
-                         membership_CV: jax.Array, splice_mode: str = "corrected",
-                         sae_state: sae_lib.SAEState | None = None, *,
-                         latents_L: jax.Array | None = None, values_L: jax.Array | None = None,
-                         chunk: int = 8) -> dict[str, Any]:
-  """`effect_measures` of an intervention against the clean and the plain spliced model.
-
-  Args:
-    mask_BT: bool, the positions measured (e.g. the sentence positions, or the intervened ones).
-    membership_CV: from `token_classes`.
-    latents_L, values_L: optional: sweep the template over latents as
-      `intervened_logits_latents` (lax.map in chunks of `chunk` latents, bounding memory).
-    Others: as `intervened_logits`.
-
-  Returns:
-    `{'vs_clean': ..., 'vs_spliced': ..., 'spliced_vs_clean': ...}`, each an `effect_measures`
-    dict (with a leading L axis for a sweep, except `spliced_vs_clean`).
-  """
-  _check_common(model_config, site, sae_config, splice_mode, tokens_BT)
-  tokens_BT = jnp.asarray(tokens_BT)
-  if jnp.shape(mask_BT) != tokens_BT.shape:
-    raise ValueError(f"mask_BT has shape {jnp.shape(mask_BT)}; it must match the tokens "
-                     f"{tokens_BT.shape}.")
-  membership_CV = jnp.asarray(membership_CV)
-  if membership_CV.ndim != 2 or membership_CV.shape[1] != model_config.vocab_size:
-    raise ValueError(f"membership_CV must be [C, V={model_config.vocab_size}] (from "
-                     f"token_classes), got {membership_CV.shape}.")
-  if not (isinstance(chunk, int) and chunk > 0):
-    raise ValueError(f"chunk must be a positive int, got {chunk!r}.")
-  if latents_L is None:
-    check_intervention(intervention, sae_config.width, tokens_BT.shape)
-  else:
-    latents_L, values_L = _check_sweep(intervention, latents_L, values_L, sae_config.width,
-                                       tokens_BT.shape)
-  return _effects_jit(lm_params, sae_params, hparams, sae_state, tokens_BT,
-                      jnp.asarray(mask_BT, bool), membership_CV, intervention, latents_L,
-                      values_L, chunk=chunk, model_config=model_config, site=site,
-                      sae_config=sae_config, splice_mode=splice_mode)
-
-
-# ------------------------------------------------------------------------------------------------
-# Generation under an intervention.
-
-
-def _generate_impl(lm_params, sae_params, hparams, sae_state, intervention, key, temperature,
-                   grammar, model_config, site, sae_config, splice_mode, batch_size,
-                   max_new_tokens, include_prompt):
-  def fn(x):
-    # The prompt reaches the replacement as one chunk of 7 positions, each new token as 1.
-    iv = intervention if include_prompt or x.shape[-2] == 1 else None
-    return _splice_edited(sae_params, x, sae_config, hparams, sae_state, splice_mode, iv, None,
-                          None)
-  return generate_lib.generate(lm_params, model_config, grammar, key, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, temperature=temperature,
-                               replace={site: fn})
-
-
-_generate_jit = jax.jit(_generate_impl, static_argnames=(
-    *_STATIC, "batch_size", "max_new_tokens", "include_prompt"))
-
-
-def generation_stats(lm_params: model_lib.Params, model_config: model_lib.ModelConfig,
-                     grammar: grammars.Grammar, site: str, sae_params: sae_lib.Params,
-                     sae_config: sae_lib.SAEConfig, hparams: sae_lib.SAEHparams,
-                     key: jax.Array, intervention: Intervention | None = None, *,
-                     splice_mode: str = "corrected", sae_state: sae_lib.SAEState | None = None,
-                     num_batches: int = 2, batch_size: int = 64,
-                     max_new_tokens: int | None = None,
-                     temperature: float = 1.0, include_prompt: bool = True,
-                     return_tokens: bool = False) -> dict[str, Any]:
-  """Statistics of generations with the SAE spliced at `site` and its codes edited.
-
-  Compiles once per static structure (model, site, SAE config, sizes, intervention kind): the
-  SAE params, hparams and the intervention's arrays are arguments. Batch i uses
-  `fold_in(key, i)`, as `generate.grammaticality`, so `intervention=None` reproduces its plain
-  SAE-spliced numbers.
-
-  Args:
-    intervention: applied at every position (its positions must be the scalar "everywhere");
-      None: the plain splice. `patch` is not supported here (no aligned source).
-    include_prompt: also edit the 7 decorator positions; False edits generated positions only.
-    return_tokens: add the generated tokens (int32 [num_batches·B, 7 + max_new_tokens]).
-    max_new_tokens: generation budget after the decorator; None (default): the spec's
-      `generate.MAX_NEW_TOKENS`, capped to what the model's context leaves after the decorator
-      (`min(MAX_NEW_TOKENS, model_config.context - grammar.prefix_len)`, the cap `evaluate`
-      and `spliced_generation` apply too).
-    Others: as `generate.grammaticality`.
-
-  Returns:
-    JSON-able dict: `grammatical` (mean fraction), `grammatical_std` and `per_batch`,
-    `finished` (fraction that emitted `<eos>`), `mean_length` (finished sentences),
-    `class_counts` (class -> mean count per sentence, <eos> excluded) and `class_fraction`
-    (of sentence tokens), and for Dyck `max_depth_mean` / `max_depth_max` (deepest nesting
-    of the finished sentences, counting openers +1 and closers −1).
-  """
-  _check_common(model_config, site, sae_config, splice_mode, None)
-  if intervention is not None:
-    check_intervention(intervention, sae_config.width)
-    if intervention.kind == "patch":
-      raise ValueError("generation_stats does not support 'patch' (generations have no aligned "
-                       "source); use clamp / zero / keep_only.")
-    if intervention.positions.ndim:
-      raise ValueError("generation_stats applies the intervention at every generated position; "
-                       "build it with positions=None (use include_prompt=False to leave the "
-                       "decorator alone).")
-  if not (isinstance(num_batches, int) and num_batches > 0):
-    raise ValueError(f"num_batches must be a positive int, got {num_batches!r}.")
-  if not float(temperature) > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}.")
-  if max_new_tokens is None:
-    max_new_tokens = min(generate_lib.MAX_NEW_TOKENS, model_config.context - grammar.prefix_len)
-  names, member_CV = token_classes(grammar)
-  recogniser = generate_lib.jitted_for(grammar, grammars.is_grammatical)
-  fractions, finished, lengths, all_tokens = [], [], [], []
-  for i in range(num_batches):
-    gen = _generate_jit(lm_params, sae_params, hparams, sae_state, intervention,
-                        jax.random.fold_in(key, i), jnp.float32(temperature), grammar,
-                        model_config=model_config, site=site, sae_config=sae_config,
-                        splice_mode=splice_mode, batch_size=int(batch_size),
-                        max_new_tokens=int(max_new_tokens), include_prompt=bool(include_prompt))
-    tokens = np.asarray(gen.tokens)
-    padded = np.concatenate([tokens, np.full_like(tokens[:, :1], grammar.pad_id)], axis=1)
-    fractions.append(float(np.asarray(recogniser(padded)).mean()))
-    finished.append(np.asarray(gen.finished))
-    lengths.append(np.asarray(gen.lengths))
-    all_tokens.append(tokens)
-  tokens = np.concatenate(all_tokens)
-  done = np.concatenate(finished)
-  length = np.concatenate(lengths)
-  new = tokens[:, grammar.prefix_len:]
-  in_sent = np.arange(new.shape[1])[None, :] < length[:, None]
-  member = member_CV[:, new] & in_sent[None]  # [C, B, N]
-  class_counts = member.sum(-1)  # [C, B]
-  n_tok = max(int(in_sent.sum()), 1)
-  out = {
-      "grammatical": float(np.mean(fractions)), "grammatical_std": float(np.std(fractions)),
-      "per_batch": fractions, "finished": float(done.mean()),
-      "mean_length": float(length[done].mean()) if done.any() else None,
-      "class_counts": {c: float(class_counts[j].mean()) for j, c in enumerate(names) if c != "eos"},
-      "class_fraction": {c: float(class_counts[j].sum() / n_tok) for j, c in enumerate(names)
-                         if c != "eos"},
-  }
-  if family(grammar) == "dyck":
-    step = np.where(member_CV[names.index("open")][new], 1,
-                    np.where(member_CV[names.index("close")][new], -1, 0)) * in_sent
-    depth = np.max(np.concatenate([np.zeros_like(step[:, :1]), np.cumsum(step, 1)], 1), 1)
-    out["max_depth_mean"] = float(depth[done].mean()) if done.any() else None
-    out["max_depth_max"] = int(depth[done].max()) if done.any() else None
-  if return_tokens:
-    out["tokens"] = tokens
-  return out

@@ -12,8 +12,10 @@ column) over the tokens where that column is defined:
   columns), from a per-latent sort and cumulative positive counts;
 - `best_latents`, `matching_score` (one-to-one Hungarian matching of columns to latents);
 - `summarise`: the JSON-able per-variant table that reports are built from (with the
-  dictionary geometry of `geometry.py` when decoders are given);
-- `collect_codes` (and `analysis_batch`): codes of a trained grid on held-out tokens.
+  dictionary geometry of `geometry.py` when decoders are given).
+
+The codes of a trained grid on held-out tokens come from `codes.py` (`analysis_batch`,
+`collect_codes`).
 
 Degenerate cases never produce NaN: a latent or column with (numerically) zero variance over the
 defined tokens has correlation 0; a constant latent, or a column with no positives or no
@@ -35,8 +37,6 @@ import scipy.optimize
 
 from jaxsae import grammars
 from jaxsae.analysis import geometry
-from jaxsae.grid import sae as sae_lib
-from jaxsae.lm import model as model_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # A variance below this fraction of the (globally centred) second moment is rounding noise
@@ -498,114 +498,3 @@ def summarise(codes_NMF: Any, lm: LabelMatrix, decoders_NFD: Any = None,
   columns = [{"name": nm, "kind": kd, "label": src}
              for nm, kd, src in zip(lm.names, lm.kinds, lm.sources)]
   return {"columns": columns, "variants": variants}
-
-
-# ------------------------------------------------------------------------------------------------
-# Codes of a trained grid.
-
-
-@dataclasses.dataclass(frozen=True)
-class AnalysisBatch:
-  """Held-out tokens for analysis, selected as the grid's training selected them.
-
-  Attributes:
-    tokens_BT: int32 token ids (the first `forward_len` positions).
-    mask_BT: bool, the tokens the SAEs were trained on (`setup.positions`).
-    labels: name → int32 `[B, T]` (`grammars.labels`, −1 undefined).
-    info: name → `LabelInfo`.
-  """
-
-  tokens_BT: np.ndarray
-  mask_BT: np.ndarray
-  labels: dict[str, np.ndarray]
-  info: dict[str, grammars.LabelInfo]
-
-  def label_matrix(self) -> LabelMatrix:
-    """The labels of the selected tokens, aligned with `collect_codes(..., self.mask_BT)`."""
-    return label_matrix(self.labels, self.info, self.mask_BT)
-
-
-def analysis_batch(trained, key: jax.Array, num_sequences: int) -> AnalysisBatch:
-  """Samples sequences from the grid's grammar (use a key unrelated to the training data).
-
-  Args:
-    trained: `train_sae.Trained` (`train_sae.load_trained(workdir)`).
-    key: typed PRNG key.
-    num_sequences: B.
-  """
-  if not isinstance(num_sequences, int) or num_sequences < 1:
-    raise ValueError(f"num_sequences={num_sequences!r} must be a positive int.")
-  setup = trained.setup
-  g = setup.grammar
-  data = grammars.sample(key, g, num_sequences, setup.max_len)
-  tokens = data.tokens
-  labels = grammars.labels(g, tokens)
-  t = setup.forward_len
-  if setup.positions == "sentence":
-    mask = data.sentence_mask[:, :t]
-  else:
-    mask = tokens[:, :t] != g.pad_id
-  return AnalysisBatch(tokens_BT=np.asarray(tokens[:, :t], np.int32),
-                       mask_BT=np.asarray(mask, bool),
-                       labels={k: np.asarray(v[:, :t], np.int32) for k, v in labels.items()},
-                       info=dict(grammars.label_info(g)))
-
-
-@functools.partial(jax.jit, static_argnames=("config", "site"))
-def _site_acts(lm_params, tokens_BT, *, config, site):
-  return model_lib.apply(lm_params, tokens_BT, config, stop_at=site).acts[site]
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _encode_variants(params, hparams, sae_state, x_MD, *, config):
-  enc = lambda p, h, s: sae_lib.encode(p, x_MD, config, h, state=s)
-  return jax.vmap(enc)(params, hparams, sae_state)
-
-
-def collect_codes(trained, spec_index: int, tokens_BT: Any, mask_BT: Any,
-                  variants: Sequence[int] | None = None) -> jax.Array:
-  """Codes of a trained group's variants on the selected tokens.
-
-  Runs the frozen LM once to the SAE site (`stop_at`), gathers the selected tokens in row-major
-  order (as `label_matrix(..., mask)` does) and encodes them with every variant (vmapped;
-  inference mode, so BatchTopK uses its learned threshold).
-
-  Args:
-    trained: `train_sae.Trained` (`train_sae.load_trained(workdir)`).
-    spec_index: which group (`trained.setup.specs[spec_index]`).
-    tokens_BT: int token ids, `T <= ` the model context.
-    mask_BT: bool, the tokens to encode (e.g. `AnalysisBatch.mask_BT`).
-    variants: positions within the group (default: all `spec.size` real variants; padding
-      copies are never returned).
-
-  Returns:
-    float32 `[N, M, F]`, M = mask_BT.sum().
-  """
-  setup = trained.setup
-  if not 0 <= spec_index < len(setup.specs):
-    raise ValueError(f"spec_index={spec_index} out of range; the grid has {len(setup.specs)} "
-                     "groups.")
-  spec = setup.specs[spec_index]
-  tokens_BT = np.asarray(tokens_BT)
-  mask_BT = np.asarray(mask_BT).astype(bool)
-  if tokens_BT.ndim != 2 or not np.issubdtype(tokens_BT.dtype, np.integer):
-    raise ValueError(f"tokens_BT must be an int [B, T] array, got {tokens_BT.dtype} "
-                     f"{tokens_BT.shape}.")
-  if mask_BT.shape != tokens_BT.shape:
-    raise ValueError(f"mask_BT shape {mask_BT.shape} differs from tokens_BT {tokens_BT.shape}.")
-  if not mask_BT.any():
-    raise ValueError("mask_BT selects no tokens.")
-  if tokens_BT.shape[1] > setup.model_config.context:
-    raise ValueError(f"tokens_BT has {tokens_BT.shape[1]} positions; the LM's context is "
-                     f"{setup.model_config.context}.")
-  idx = np.arange(spec.size) if variants is None else np.asarray(variants, np.int64)
-  if idx.ndim != 1 or idx.size == 0 or idx.min() < 0 or idx.max() >= spec.size:
-    raise ValueError(f"variants={variants!r} must be non-empty positions in [0, {spec.size}) "
-                     f"of group {spec.name}.")
-  acts_BTD = _site_acts(trained.lm.params, jnp.asarray(tokens_BT, jnp.int32),
-                        config=setup.model_config, site=setup.site)
-  x_MD = jnp.asarray(np.asarray(acts_BTD)[mask_BT], jnp.float32)
-  group = trained.state.groups[spec_index]
-  take = lambda tree: jax.tree.map(lambda a: jnp.asarray(a)[idx], tree)
-  return _encode_variants(take(group.params), take(trained.hypers[spec_index].hparams),
-                          take(group.sae_state), x_MD, config=spec.sae)

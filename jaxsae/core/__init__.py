@@ -1,1 +1,2 @@
-"""Files every stage shares: JSON files, workdirs, checkpoints, processes, statistics."""
+"""Files every stage shares: JSON files, workdirs, checkpoints, processes, statistics, the
+variant-axis loop."""

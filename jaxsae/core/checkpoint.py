@@ -56,6 +56,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxsae.core import distributed
+from jaxsae.core import jsonio
 
 PyTree = Any
 
@@ -189,15 +190,6 @@ def flatten_config(config: Mapping[str, Any] | Any) -> dict[str, Any]:
   return out
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def read_fingerprint(directory: str) -> dict[str, Any] | None:
   """The recorded config fingerprint of `directory` (flattened config), or None."""
   path = os.path.join(directory, _FINGERPRINT_FILE)
@@ -257,7 +249,7 @@ def verify_fingerprint(directory: str, config: Mapping[str, Any] | Any,
 def record_fingerprint(directory: str, config: Mapping[str, Any] | Any) -> None:
   """Writes `config` (flattened) as `directory/fingerprint.json`, atomically."""
   os.makedirs(directory, exist_ok=True)
-  _atomic_write_json(os.path.join(directory, _FINGERPRINT_FILE), flatten_config(config))
+  jsonio.write(os.path.join(directory, _FINGERPRINT_FILE), flatten_config(config), sort_keys=True)
 
 
 def check_fingerprint(directory: str, config: Mapping[str, Any] | Any,

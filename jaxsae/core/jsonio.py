@@ -1,4 +1,11 @@
-"""The jobs' JSON files: atomic writes, reads, and values made plain JSON.
+"""Every JSON and JSON-lines file the jobs write: atomic writes, appends, reads, plain values.
+
+JSON files (`write` / `read`): written atomically (a temporary file, fsynced, then renamed), in
+the layout each file has always had: `indent=1` by default, `indent=2` for the grammar survey's
+report, one line (`indent=None`) for SAELens configs, sorted keys for checkpoint fingerprints.
+JSON-lines files (`append_lines` / `write_lines` / `read_lines`): one object per line as
+`json.dumps` writes it; an append is one write, a rewrite is atomic, and a read tells a torn last
+line (a crash mid-append) from a corrupt file.
 
 Non-finite floats are written as the strings "nan", "inf", "-inf" (strict JSON has no such
 numbers), which is how eval.json, summary.json and report.json hold them.
@@ -9,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -38,15 +45,72 @@ def jsonable(x: Any) -> Any:
   return x
 
 
-def write(path: str, value: Any) -> None:
-  """Writes `value` to `path` atomically (a reader never sees a half-written file, and a crash
-  leaves the old file or the new one)."""
+def _replace_atomically(path: str, text: str) -> None:
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
+    f.write(text)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def write(path: str, value: Any, *, indent: int | None = 1, sort_keys: bool = False,
+          allow_nan: bool = True) -> None:
+  """Writes `value` to `path` atomically (a reader never sees a half-written file, and a crash
+  leaves the old file or the new one).
+
+  Args:
+    path: the file.
+    value: JSON-serialisable (see `jsonable`).
+    indent, sort_keys, allow_nan: as `json.dumps` (None: one line).
+
+  Raises:
+    ValueError / TypeError: `value` is not serialisable (nothing is written then).
+  """
+  _replace_atomically(path, json.dumps(value, indent=indent, sort_keys=sort_keys,
+                                       allow_nan=allow_nan))
+
+
+def append_lines(path: str, records: Sequence[Any]) -> None:
+  """Appends records to a JSON-lines file, one `json.dumps` line each, in one write."""
+  text = "".join(json.dumps(r) + "\n" for r in records)
+  with open(path, "a") as f:
+    f.write(text)
+
+
+def write_lines(path: str, records: Sequence[Any]) -> None:
+  """Replaces a JSON-lines file with `records` atomically."""
+  _replace_atomically(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_lines(path: str) -> tuple[list[Any], bool]:
+  """The complete records of a JSON-lines file, and whether a torn last line was left out.
+
+  A missing file has no records. A last line that is not JSON is torn (a crash mid-append); it
+  is left out.
+
+  Raises:
+    ValueError: a line other than the last is not JSON (names the file, line and fix).
+  """
+  if not os.path.exists(path):
+    return [], False
+  with open(path) as f:
+    lines = f.read().split("\n")
+  # The file ends with '\n' when complete: the last split element is '' then.
+  tail, lines = lines[-1], lines[:-1]
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1 and not tail:
+        return records, True  # the last line is torn (e.g. a crash mid-write, then a newline)
+      raise ValueError(f"{path} line {i + 1} is not JSON ({e}); it is not the last line, so "
+                       "this is not a torn write: fix or delete that line (records are one "
+                       "JSON object per line).") from None
+  return records, bool(tail.strip())
 
 
 def read(path: str, default: Any = None, fix: str | None = None) -> Any:

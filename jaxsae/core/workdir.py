@@ -15,6 +15,13 @@ process happened to run, so rerunning a finished job rewrites the same summary.
 Inputs. A job that reads another workdir records that input's identity (its path relative to the
 workdir, the checkpoint step and content digest) in `<workdir>/inputs.json`; `check_input`
 refuses a run whose input changed, naming what changed, before the job writes anything.
+
+Configs. `write_config` writes a job's `<workdir>/config.json` with the format version of the
+code (`"format": CONFIG_FORMAT`); `read_config` reads one back without that field, refuses a
+newer format (the code is older than the workdir) and fills the fields an older format lacks
+(`_ADDED_AT`, the one place that knows which fields came later and what the code that wrote such
+a file used for them). Configs built by `experiments/configs/` always carry every field; library
+code reads them directly, never with a default.
 """
 
 from __future__ import annotations
@@ -37,6 +44,17 @@ from jaxsae.core import jsonio
 
 LOCK_FILE = ".lock"
 INPUTS_FILE = "inputs.json"
+CONFIG_FILE = "config.json"
+# The format of config.json written by this code. 0: files written before the field existed.
+# Bump it when a config field is added that old files lack, and add the field to _ADDED_AT.
+CONFIG_FORMAT = 1
+# format -> job -> the fields (nested dicts for sub-configs) a file of an older format lacks,
+# with the value the code of that time used for them.
+_ADDED_AT: dict[int, dict[str, dict[str, Any]]] = {
+    1: {"sae": {"variant_loop": "auto"},
+        "lm": {"eval": {"max_new_tokens": 118, "temperature": 1.0, "top_k": 0},
+               "loss_reduction": "sequence"}},
+}
 
 
 class LockedError(RuntimeError):
@@ -126,31 +144,8 @@ def read_records(path: str) -> list[dict[str, Any]]:
   Raises:
     ValueError: a line other than the last is not JSON (names the file, line and fix).
   """
-  records, _ = _parse(path)
+  records, _ = jsonio.read_lines(path)
   return records
-
-
-def _parse(path: str) -> tuple[list[dict[str, Any]], bool]:
-  """(complete records, whether a torn last line was found)."""
-  if not os.path.exists(path):
-    return [], False
-  with open(path) as f:
-    lines = f.read().split("\n")
-  # The file ends with '\n' when complete: the last split element is '' then.
-  tail, lines = lines[-1], lines[:-1]
-  records = []
-  for i, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if i == len(lines) - 1 and not tail:
-        return records, True  # the last line is torn (e.g. a crash mid-write, then a newline)
-      raise ValueError(f"{path} line {i + 1} is not JSON ({e}); it is not the last line, so "
-                       "this is not a torn write: fix or delete that line (records are one "
-                       "JSON object per line).") from None
-  return records, bool(tail.strip())
 
 
 def resume_records(path: str, step: int,
@@ -164,25 +159,18 @@ def resume_records(path: str, step: int,
   Returns:
     The records kept.
   """
-  records, torn = _parse(path)
+  records, torn = jsonio.read_lines(path)
   kept = [r for r in records if int(r.get("step", 0)) <= step and not drop(r)]
   if torn or len(kept) != len(records):
     logging.warning("%s: %s%d record(s) after step %d dropped (they are recomputed).", path,
                     "a torn last line and " if torn else "", len(records) - len(kept), step)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    jsonio.write_lines(path, kept)
   return kept
 
 
 def append_records(path: str, records: Sequence[Mapping[str, Any]]) -> None:
   """Appends records, one JSON line each, in one write."""
-  text = "".join(json.dumps(r) + "\n" for r in records)
-  with open(path, "a") as f:
-    f.write(text)
+  jsonio.append_lines(path, records)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,7 +227,7 @@ def check_input(what: str, recorded: Mapping[str, Any] | None, current: Mapping[
 
 
 def check_grid(workdir: str, grid: Mapping[str, Any], job: str) -> dict[str, Any]:
-  """The identity an eval or export `workdir` records for a grid (`train_sae.Trained.identity`,
+  """The identity an eval or export `workdir` records for a grid (`trained.TrainedGrid.identity`,
   its path made relative); refuses a grid other than the one recorded there. Writes nothing.
 
   Raises:
@@ -262,3 +250,59 @@ def forget_input(workdir: str, name: str) -> None:
   inputs = read_inputs(workdir)
   if inputs.pop(name, None) is not None:
     jsonio.write(os.path.join(workdir, INPUTS_FILE), inputs)
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json.
+
+
+class ConfigFormatError(ValueError):
+  """A config.json written by a newer version of the code (or with an unreadable format)."""
+
+
+def write_config(workdir: str, config: Any) -> None:
+  """Writes `config` (a ConfigDict or a dict) to `<workdir>/config.json` with its format."""
+  value = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  jsonio.write(os.path.join(workdir, CONFIG_FILE), {**value, "format": CONFIG_FORMAT})
+
+
+def _fill(value: dict[str, Any], added: Mapping[str, Any]) -> None:
+  for k, v in added.items():
+    if isinstance(v, Mapping):
+      if isinstance(value.get(k), dict):
+        _fill(value[k], v)
+    elif k not in value:
+      value[k] = v
+
+
+def upgrade_config(value: Mapping[str, Any], where: str = "config.json") -> dict[str, Any]:
+  """A config.json's content as this code's configs look: without the `format` field, with
+  the fields its format lacks filled in (the compatibility place for old workdirs).
+
+  Raises:
+    ConfigFormatError: a format newer than `CONFIG_FORMAT` or one that is not an int.
+  """
+  out = json.loads(json.dumps(dict(value)))  # a deep copy
+  fmt = out.pop("format", 0)
+  if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 0:
+    raise ConfigFormatError(f"{where} has format={fmt!r}; a config.json's format is an int >= 0 "
+                            "(absent in files written before formats were recorded)")
+  if fmt > CONFIG_FORMAT:
+    raise ConfigFormatError(
+        f"{where} has format {fmt}, newer than the format {CONFIG_FORMAT} this code reads: the "
+        "workdir was written by a newer version of jaxsae. Update the code (git pull) to read "
+        "it, or use a workdir written by this version.")
+  for version in sorted(v for v in _ADDED_AT if v > fmt):
+    _fill(out, _ADDED_AT[version].get(out.get("job"), {}))
+  return out
+
+
+def read_config(workdir: str) -> dict[str, Any] | None:
+  """`<workdir>/config.json` as `upgrade_config` returns it, or None when absent.
+
+  Raises:
+    ConfigFormatError: written by a newer version of the code.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  value = jsonio.read(path)
+  return None if value is None else upgrade_config(value, path)

@@ -65,7 +65,7 @@ group; each group's metrics come from one jitted function of the stacked SAE par
 the SAE config, splice mode and positions), so a group compiles once whatever its size. Inside
 it the variants are vmapped, or run one after another with `lax.map` where the grid's
 `variant_loop` says so (its 'auto' picks the map on CPU, where it is faster; see
-`grid_step.over_variants`).
+`variant_axis.over_variants`).
 """
 
 
@@ -81,6 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import grammars
+from jaxsae.core import variant_axis
 from jaxsae.evaluation import spliced_generation
 from jaxsae.grid import grid_step
 from jaxsae.grid import losses as losses_lib
@@ -164,8 +165,7 @@ def heldout(setup: grid_step.Setup, seed: int, num_batches: int, batch_size: int
     tokens = full[:, :t]
     out["tokens"].append(tokens)
     out["next"].append(padded[:, 1:t + 1])
-    out["mask"].append(np.asarray(batch.sentence_mask)[:, :t] if mask_positions == "sentence"
-                       else tokens != g.pad_id)
+    out["mask"].append(np.asarray(grammars.selected_mask(g, batch, mask_positions, t)))
     out["valid"].append(np.asarray(valid_fn(full))[:, :t])
   return HeldOut(*(np.stack(out[k]) for k in ("tokens", "next", "mask", "valid")))
 
@@ -192,7 +192,7 @@ class GroupStatic:
   base: Static
   sae: sae_lib.SAEConfig
   splice_mode: str
-  variant_loop: str  # 'vmap' or 'map' (`grid_step.over_variants`)
+  variant_loop: str  # 'vmap' or 'map' (`variant_axis.over_variants`)
 
 
 @flax.struct.dataclass
@@ -325,7 +325,7 @@ def group_pass(sae_params, sae_state, hparams, lm_params, c: Clean, ref: Referen
     fired = metrics_lib.latent_fire_counts(codes, c.window_BT).astype(jnp.int32)
     return sums, fired
 
-  return grid_step.over_variants(one, st.variant_loop)(sae_params, sae_state, hparams)
+  return variant_axis.over_variants(one, st.variant_loop)(sae_params, sae_state, hparams)
 
 
 def finalize(clean: Mapping[str, float], sums: Mapping[str, np.ndarray], fired: np.ndarray,

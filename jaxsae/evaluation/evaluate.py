@@ -1,6 +1,7 @@
 """Evaluation of an SAE grid: every metric of specs/sae.md for all variants of a group at once.
 
-The `eval` job (`run(config, workdir)`) reads a finished `sae` workdir (`train_sae.load_trained`),
+The evaluation of the `eval` job (`run(config, workdir)`; the job itself, evaluation then report,
+is `jaxsae.eval_job`) reads a finished `sae` workdir (`trained.load`),
 evaluates every variant on a held-out data stream and writes `eval.json`; it holds the eval
 workdir's writer lock and records the grid's identity there (`inputs.json`), refusing to write
 the results of a changed grid over those of the old one. This module drives
@@ -34,9 +35,8 @@ from jaxsae.grid import metrics as metrics_lib
 from jaxsae.grid import sae as sae_lib
 from jaxsae.grid import sae_groups
 from jaxsae.grid import sweep as sweep_lib
-from jaxsae.grid import train_sae
+from jaxsae.grid import trained as trained_lib
 from jaxsae.lm import generate as generate_lib
-from jaxsae.report import assemble as report_lib
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def evaluate_group(spec: sae_groups.GroupSpec, params, sae_state: sae_lib.SAESta
 # A whole trained grid, and the job.
 
 
-def evaluate_trained(trained: train_sae.Trained, *, seed: int = 0, num_batches: int = 10,
+def evaluate_trained(trained: trained_lib.TrainedGrid, *, seed: int = 0, num_batches: int = 10,
                      batch_size: int = 128, window_tokens: int = 0,
                      grammaticality_batches: int = 5, grammaticality_batch_size: int = 128,
                      splice_mode: str | None = None, positions: str = "sentence",
@@ -230,7 +230,7 @@ def evaluate_trained(trained: train_sae.Trained, *, seed: int = 0, num_batches: 
   """Evaluates every variant of a trained grid; JSON-ready (NaN / inf as strings).
 
   Args:
-    trained: from `train_sae.load_trained`.
+    trained: the grid (`trained.load(workdir)`).
     seed: the evaluation seed (held-out data and generations; `eval_passes` docstring).
     num_batches, batch_size: the held-out set.
     window_tokens: firing window for alive / dead / dense (0: every evaluated token).
@@ -340,30 +340,23 @@ def validate_config(config) -> None:
       raise ValueError(f"config.{name}={tuple(config[name])!r}: choose among {allowed}")
 
 
-def write_report(sae_workdir: str, workdir: str, result: dict[str, Any]) -> dict[str, str]:
-  """report.md / report.json / plots in `workdir` from the eval result and the grid's training
-  summary (feature recovery and causal predictability come with the `pipeline` job)."""
-  summary = jsonio.read(os.path.join(sae_workdir, "summary.json"))
-  if summary is None:
-    logging.warning("No summary.json in %s: report skipped.", sae_workdir)
-    return {}
-  lm_dir = jsonio.read(os.path.join(sae_workdir, "config.json")) or {}
-  lm = jsonio.read(os.path.join(lm_dir.get("lm_workdir", ""), "summary.json"))
-  paths = report_lib.write_report(workdir, summary=summary, eval_results=result, lm=lm)
-  logging.info("Wrote %s.", os.path.join(workdir, "report.md"))
-  return paths
-
-
 def run(config, workdir: str) -> dict[str, Any]:
   """The `eval` job: evaluates the grid in `config.sae_workdir`, writes `eval.json` in `workdir`.
 
-  Returns the eval dict (the hook for the report job, which reads it or `eval.json`).
+  Returns the eval dict. The `eval` job of `experiments.main` is `jaxsae.eval_job.run`: this,
+  then the report.
 
   Raises:
     workdir.LockedError: another job is writing to `workdir`.
     workdir.InputMismatchError: `workdir` holds the evaluation of another grid (or checkpoint).
   """
   validate_config(config)
+  return run_validated(config, workdir)
+
+
+def run_validated(config, workdir: str) -> dict[str, Any]:
+  """`run` of a config that `validate_config` has passed (the pipeline validates every stage
+  up front, once)."""
   if not os.path.isdir(config.sae_workdir):
     raise FileNotFoundError(f"config.sae_workdir={config.sae_workdir!r} does not exist; train "
                             "the grid first (experiments/configs/sae_*.py)")
@@ -372,7 +365,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 
 
 def _run_locked(config, workdir: str) -> dict[str, Any]:
-  trained = train_sae.load_trained(config.sae_workdir)
+  trained = trained_lib.load(config.sae_workdir)
   identity = workdir_lib.check_grid(workdir, trained.identity, "eval")
   result = evaluate_trained(
       trained, seed=config.seed, num_batches=config.num_batches, batch_size=config.batch_size,
@@ -393,5 +386,4 @@ def _run_locked(config, workdir: str) -> dict[str, Any]:
   logging.info("Wrote %s (%d variants; metrics %.1f s, grammaticality %.1f s).", path,
                len(result["variants"]), result["seconds"]["metrics"],
                result["seconds"]["grammaticality"])
-  write_report(config.sae_workdir, workdir, result)
   return result

@@ -38,9 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsae.core import variant_axis
 from jaxsae.grid import grid_step
 from jaxsae.grid import sae as sae_lib
-from jaxsae.grid import train_sae
+from jaxsae.grid import trained as trained_lib
 from jaxsae.lm import generate as generate_lib
 from jaxsae.lm import model as model_lib
 
@@ -128,9 +129,9 @@ def _decode_group(lm_params, sae_params, sae_state, hparams, clean_prefix, splic
                                 top_k=st.top_k, replace=replace)
       return gen.tokens, gen.finished
 
-    return grid_step.over_variants(batch, st.variant_loop)(keys_G)
+    return variant_axis.over_variants(batch, st.variant_loop)(keys_G)
 
-  return grid_step.over_variants(one, st.variant_loop)(sae_params, sae_state, hparams)
+  return variant_axis.over_variants(one, st.variant_loop)(sae_params, sae_state, hparams)
 
 
 def group_generations(setup: grid_step.Setup, lm_params, sae: sae_lib.SAEConfig, params,
@@ -204,7 +205,7 @@ def clean_prefix_for(setup: grid_step.Setup, lm_params, *, batch_size: int = 128
 
 def _gen_settings(trained_or_parts, max_new_tokens, temperature, top_k):
   """(setup, lm_params, group states, hypers, generation settings) from either input form."""
-  if isinstance(trained_or_parts, train_sae.Trained):
+  if isinstance(trained_or_parts, trained_lib.TrainedGrid):
     t = trained_or_parts
     setup, lm_params, states, hypers = t.setup, t.lm.params, t.state.groups, t.hypers
     lm_eval = dict(t.lm.config.get("eval", {}))
@@ -212,7 +213,7 @@ def _gen_settings(trained_or_parts, max_new_tokens, temperature, top_k):
     try:
       setup, lm_params, states, hypers = trained_or_parts
     except (TypeError, ValueError):
-      raise ValueError("spliced_grammaticality takes a train_sae.Trained or a tuple (setup, "
+      raise ValueError("spliced_grammaticality takes a trained.TrainedGrid or a tuple (setup, "
                        "lm_params, group_states, group_hypers)") from None
     lm_eval = {}
   mc = setup.model_config
@@ -248,7 +249,7 @@ def spliced_grammaticality(trained_or_parts, *, seed: int = 0, num_batches: int 
   ones (`generation`, compilation included) and the recogniser's (`recognition`).
 
   Args:
-    trained_or_parts: a `train_sae.Trained`, or `(setup, lm_params, group_states, hypers)`.
+    trained_or_parts: a `trained.TrainedGrid`, or `(setup, lm_params, group_states, hypers)`.
     seed: the evaluation seed.
     num_batches, batch_size: samples per variant (the spec: 5 × 128).
     modes: splice modes (`corrected`, `original`).

@@ -5,6 +5,7 @@ Public API::
     g = grammars.get("dyck2")                 # or grammars.from_string("S -> ...")
     batch = grammars.sample(key, g, 128)      # tokens [B, T] int32, sentence_mask [B, T]
     grammars.is_grammatical(g, batch.tokens)  # bool [B]
+    grammars.selected_mask(g, batch, "sentence")  # bool [B, T] the tokens an SAE sees
     grammars.labels(g, batch.tokens)          # dict of int32 [B, T] ground-truth features
     grammars.valid_next(g, batch.tokens)      # bool [B, T, V] grammatical next tokens
     grammars.parse(g, batch.tokens)           # CKY: verdict, log-prob, per-token depth
@@ -19,12 +20,13 @@ from jaxsae.grammars.features import valid_next
 from jaxsae.grammars.library import get
 from jaxsae.grammars.library import names
 from jaxsae.grammars.pcfg import Grammar
-from jaxsae.grammars.pcfg import GrammarError
+from jaxsae.grammars.rules import GrammarError
 from jaxsae.grammars.recognise import is_grammatical
 from jaxsae.grammars.recognise import layout
 from jaxsae.grammars.sampler import Batch
 from jaxsae.grammars.sampler import max_sentence_len
 from jaxsae.grammars.sampler import sample
+from jaxsae.grammars.sampler import selected_mask
 
 
 def from_string(text: str, *, name: str = "custom", terminals=None) -> Grammar:
@@ -45,5 +47,5 @@ def from_string(text: str, *, name: str = "custom", terminals=None) -> Grammar:
 __all__ = [
     "Batch", "Grammar", "GrammarError", "LabelInfo", "from_string", "get", "is_grammatical",
     "label_info", "labels", "layout", "max_sentence_len", "names", "parse", "sample",
-    "valid_next",
+    "selected_mask", "valid_next",
 ]

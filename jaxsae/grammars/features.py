@@ -23,6 +23,7 @@ import numpy as np
 from jaxsae.grammars import pcfg
 from jaxsae.grammars import recognise
 from jaxsae.grammars import token_check
+from jaxsae.grammars import token_classes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,19 +134,6 @@ def labels(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> dict[str, jax.Array]:
   return _pcfg_labels(grammar, tokens_BT, lay, in_sentence)
 
 
-def _token_category(grammar: pcfg.Grammar) -> np.ndarray:
-  """Terminal id → index into `info.categories` (-1 if not in exactly one category)."""
-  lex = np.isfinite(np.asarray(grammar.cnf.lex_logp_CV))
-  names = grammar.info.cnf_names
-  out = np.full((grammar.n_terminals,), -1, np.int32)
-  for v in range(grammar.n_terminals):
-    cats = [grammar.info.categories.index(names[c]) for c in np.nonzero(lex[:, v])[0]
-            if names[c] in grammar.info.categories]
-    if len(cats) == 1:
-      out[v] = cats[0]
-  return out
-
-
 def _pcfg_labels(grammar, tokens_BT, lay, in_sentence) -> dict[str, jax.Array]:
   from jaxsae.grammars import cky  # pylint: disable=g-import-not-at-top
   n_dec = grammar.prefix_len
@@ -154,7 +142,7 @@ def _pcfg_labels(grammar, tokens_BT, lay, in_sentence) -> dict[str, jax.Array]:
   sent = lambda x: jnp.asarray(x)[:, n_dec:]
   gram = parsed.grammatical[:, None] & in_sentence
   viable = sent(viable_BT) & in_sentence
-  cat_of = jnp.asarray(_token_category(grammar))
+  cat_of = jnp.asarray(token_classes.token_category(grammar))
   pos = cat_of[jnp.clip(lay.sentence_BN, 0, grammar.n_terminals - 1)]
   out = {
       "pos": _to_full(grammar, pos, viable & (pos >= 0)),
@@ -201,12 +189,12 @@ def valid_next(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> jax.Array:
   # Language part, per sentence position p: viable prefix?, next terminals, complete?
   if grammar.kind == "dyck":
     s = recognise.dyck_scan(grammar, lay.sentence_BN, n)
-    types, opens = (jnp.asarray(x) for x in recognise._bracket_tables(grammar))  # pylint: disable=protected-access
+    types, opens = (jnp.asarray(x) for x in token_classes.bracket_tables(grammar))
     ok, complete = s.ok, s.depth_after == 0
     nxt = opens[None, None, :] | (types[None, None, :] == s.top_type_after[..., None])
   elif grammar.kind in ("expr_prefix", "expr_postfix"):
     s = recognise.expr_scan(grammar, lay.sentence_BN, n, tree=False)
-    arity = jnp.asarray(recognise._arity_table(grammar))  # pylint: disable=protected-access
+    arity = jnp.asarray(token_classes.arity_table(grammar))
     ok, complete = s.ok, s.eos_legal
     if grammar.kind == "expr_prefix":
       nxt = jnp.broadcast_to((s.pending_after > 0)[..., None], (b, n_cols, n_t))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 from jaxsae.grammars import pcfg
+from jaxsae.grammars import rules as rules_lib
 
 
 def _category(lhs: str, prefix: str, n: int) -> tuple[str, list[str]]:
@@ -25,13 +26,13 @@ def dyck_text(p_nest: float) -> str:
       "S -> S S [0.3] | Brack0 [0.35] | Brack1 [0.35]",
       f"Brack0 -> o0 S c0 [{p_nest!r}] | o0 c0 [{q!r}]",
       f"Brack1 -> o1 S c1 [{p_nest!r}] | o1 c1 [{q!r}]",
-  ])
+                   ])
 
 
 def dyck(p_nest: float = 0.5, name: str | None = None) -> pcfg.Grammar:
   """Dyck-2 (two bracket types); vocabulary o0, o1, c0, c1 (spec order)."""
   if not 0.0 < p_nest < 1.0:
-    raise pcfg.GrammarError(f"p_nest must lie in (0, 1), got {p_nest}")
+    raise rules_lib.GrammarError(f"p_nest must lie in (0, 1), got {p_nest}")
   return pcfg.from_text(dyck_text(p_nest), name=name or f"dyck2_p{p_nest:g}", kind="dyck",
                         terminals=["o0", "o1", "c0", "c1"])
 
@@ -43,7 +44,7 @@ def expr_text(order: str) -> str:
   elif order == "postfix":
     op = "Expr UnOp [0.33] | Expr Expr BinOp [0.33] | Expr Expr Expr TernOp [0.34]"
   else:
-    raise pcfg.GrammarError(f"Expr order must be 'prefix' or 'postfix', got '{order}'")
+    raise rules_lib.GrammarError(f"Expr order must be 'prefix' or 'postfix', got '{order}'")
   lines = ["S -> Expr [1.0]", "Expr -> OpExpr [0.4] | Digit [0.6]", f"OpExpr -> {op}"]
   for lhs, prefix, n in (("Digit", "dig", 10), ("UnOp", "un", 3), ("BinOp", "bin", 3),
                          ("TernOp", "tern", 3)):
@@ -108,7 +109,7 @@ _ENGLISH_CATEGORIES = {
 def english_text(variant: str = "main") -> tuple[str, list[str]]:
   """English rules and terminal order for a variant: main, transitive, relative, prep, pconj03."""
   if variant not in _ENGLISH_RULES:
-    raise pcfg.GrammarError(
+    raise rules_lib.GrammarError(
         f"English variant '{variant}' is unknown; use one of {sorted(_ENGLISH_RULES)}")
   lines = list(_ENGLISH_RULES[variant])
   terminals: list[str] = []

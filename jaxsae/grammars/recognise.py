@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxsae.grammars import pcfg
 from jaxsae.grammars import token_check
+from jaxsae.grammars import token_classes
 
 
 @flax.struct.dataclass
@@ -74,18 +75,6 @@ def _layout(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> Layout:
 # Dyck.
 
 
-def _bracket_tables(grammar: pcfg.Grammar) -> tuple[np.ndarray, np.ndarray]:
-  """Per terminal: bracket type (index k of o{k}/c{k}) and whether it opens."""
-  types, opens = [], []
-  for t in grammar.info.terminals:
-    if len(t) < 2 or t[0] not in "oc" or not t[1:].isdigit():
-      raise ValueError(f"grammar {grammar.name} of kind 'dyck' has terminal '{t}'; Dyck "
-                       "terminals must be named o<k> / c<k>")
-    types.append(int(t[1:]))
-    opens.append(t[0] == "o")
-  return np.array(types, np.int32), np.array(opens, bool)
-
-
 @flax.struct.dataclass
 class DyckScan:
   """Per sentence position (left-aligned, [B, N]) state of the Dyck stack machine."""
@@ -101,7 +90,7 @@ class DyckScan:
 
 def dyck_scan(grammar: pcfg.Grammar, sentence_BN: jax.Array, length_B: jax.Array) -> DyckScan:
   """Runs the bracket stack over each sentence (positions >= length are ignored)."""
-  types_np, opens_np = _bracket_tables(grammar)
+  types_np, opens_np = token_classes.bracket_tables(grammar)
   types, opens = jnp.asarray(types_np), jnp.asarray(opens_np)
   n_cols = sentence_BN.shape[1]
 
@@ -142,19 +131,6 @@ def dyck_scan(grammar: pcfg.Grammar, sentence_BN: jax.Array, length_B: jax.Array
 
 # ------------------------------------------------------------------------------------------------
 # Expr.
-
-
-def _arity_table(grammar: pcfg.Grammar) -> np.ndarray:
-  """Per terminal: its class / arity (digit 0, unary 1, binary 2, ternary 3)."""
-  prefixes = {"dig": 0, "un": 1, "bin": 2, "tern": 3}
-  out = []
-  for t in grammar.info.terminals:
-    stem = t.rstrip("0123456789")
-    if stem not in prefixes:
-      raise ValueError(f"grammar {grammar.name} of kind '{grammar.kind}' has terminal '{t}'; "
-                       "Expr terminals must be dig<k> / un<k> / bin<k> / tern<k>")
-    out.append(prefixes[stem])
-  return np.array(out, np.int32)
 
 
 @flax.struct.dataclass
@@ -209,7 +185,7 @@ def expr_scan(grammar: pcfg.Grammar, sentence_BN: jax.Array, length_B: jax.Array
   With `tree=False` the tree labels (depth, arg_slot, parent_class; an O(N) scan per
   sequence) are skipped and left as zeros: recognition needs only the counters.
   """
-  arities = jnp.asarray(_arity_table(grammar))
+  arities = jnp.asarray(token_classes.arity_table(grammar))
   n_cols = sentence_BN.shape[1]
   pos_N = jnp.arange(n_cols)
   live_BN = pos_N[None, :] < length_B[:, None]

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxsae.grammars import pcfg
 
 # Tokens reserved after the sentence: `<eos>` plus the spec's margin of 10 (max_len - 10).
-_MARGIN = 10
+MARGIN = 10
 
 
 @flax.struct.dataclass
@@ -52,7 +52,43 @@ class Batch:
 
 def max_sentence_len(max_len: int) -> int:
   """Longest sentence that fits: 7 decorator tokens + sentence + `<eos>` <= max_len - 10."""
-  return max_len - _MARGIN - len(pcfg.DECORATOR) - 1
+  return max_len - MARGIN - len(pcfg.DECORATOR) - 1
+
+
+def min_max_len(grammar: pcfg.Grammar) -> int:
+  """The smallest `max_len` that fits the grammar's shortest sentence.
+
+  7 decorator tokens + the shortest sentence + `<eos>` + the 10-token margin (`MARGIN`).
+  """
+  return grammar.info.min_length + MARGIN + len(pcfg.DECORATOR) + 1
+
+
+# Which tokens are selected (an SAE trains on, is evaluated and analysed on): the sentence tokens,
+# or every non-pad position.
+POSITIONS = ("sentence", "all")
+
+
+def selected_mask(grammar: pcfg.Grammar, batch: Batch, positions: str,
+                  length: int | None = None) -> jax.Array:
+  """The selected tokens of a batch: bool `[B, length]`.
+
+  Args:
+    grammar: the batch's grammar.
+    batch: from `sample`.
+    positions: 'sentence' (`batch.sentence_mask`: not the decorator, `<eos>` or padding) or
+      'all' (every position that is not `<pad>`).
+    length: keep the first `length` positions (e.g. the grid's `forward_len`); default all.
+
+  Raises:
+    ValueError: `positions` is not one of `POSITIONS`.
+  """
+  if positions not in POSITIONS:
+    raise ValueError(f"positions={positions!r}: use 'sentence' (sentence tokens) or 'all' "
+                     "(every non-pad position).")
+  t = batch.tokens.shape[1] if length is None else length
+  if positions == "sentence":
+    return batch.sentence_mask[:, :t]
+  return batch.tokens[:, :t] != grammar.pad_id
 
 
 def _check_args(grammar: pcfg.Grammar, batch_size: int, max_len: int, lanes: int | None):
@@ -66,7 +102,7 @@ def _check_args(grammar: pcfg.Grammar, batch_size: int, max_len: int, lanes: int
     raise ValueError(
         f"max_len={max_len} leaves room for sentences of at most {max_sentence_len(max_len)} "
         f"tokens, but grammar {grammar.name}'s shortest sentence has {shortest}; "
-        f"use max_len >= {shortest + _MARGIN + len(pcfg.DECORATOR) + 1}")
+        f"use max_len >= {min_max_len(grammar)}")
   if lanes is not None and int(lanes) < 1:
     raise ValueError(f"lanes must be >= 1, got {lanes}")
 

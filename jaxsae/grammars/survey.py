@@ -9,7 +9,6 @@ sampler), and writes `report.md`, `report.json` and `lengths.png` into the workd
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -18,11 +17,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxsae.core import jsonio
 from jaxsae.grammars import features
 from jaxsae.grammars import library
 from jaxsae.grammars import pcfg
 from jaxsae.grammars import recognise
+from jaxsae.grammars import rules as rules_lib
 from jaxsae.grammars import sampler
+from jaxsae.grammars import token_classes
 
 
 def exact_length_distribution(grammar: pcfg.Grammar, max_sentence_len: int) -> np.ndarray:
@@ -31,7 +33,7 @@ def exact_length_distribution(grammar: pcfg.Grammar, max_sentence_len: int) -> n
   Fixed-point iteration of the rules' length generating functions, truncated at the maximum
   (exact up to float64 rounding; it converges geometrically for subcritical grammars).
   """
-  rules, _ = pcfg.parse_rules(grammar.info.text)
+  rules, _ = rules_lib.parse_rules(grammar.info.text)
   nts = grammar.info.nonterminals
   idx = {a: i for i, a in enumerate(nts)}
   width = max_sentence_len + 1
@@ -67,7 +69,7 @@ def summarize(grammar: pcfg.Grammar, batch: sampler.Batch) -> dict[str, Any]:
   sent = toks[:, grammar.prefix_len:]
   mask = np.arange(sent.shape[1])[None] < lengths[:, None]
   counts = np.bincount(sent[mask], minlength=grammar.n_terminals)
-  cat_of = features._token_category(grammar)  # pylint: disable=protected-access
+  cat_of = token_classes.token_category(grammar)
   cats = grammar.info.categories or grammar.info.terminals
   if not grammar.info.categories:
     cat_of = np.arange(grammar.n_terminals)
@@ -171,8 +173,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   exact_p = exact_length_distribution(grammar, max_sent)
   _plot_lengths(os.path.join(workdir, "lengths.png"), np.asarray(batch.lengths), exact_p,
                 f"{grammar.name}: sentence lengths (n={config.num_samples})")
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(stats, f, indent=2)
+  jsonio.write(os.path.join(workdir, "report.json"), stats, indent=2)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(render_markdown(stats))
   return stats

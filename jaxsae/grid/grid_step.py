@@ -4,7 +4,7 @@ Per step, one batch is drawn on device from (seed, step) and the frozen LM runs 
 SAE site (to the logits, with the downstream sites collected, only if some group needs them).
 Each group's variants are stacked on a leading axis N and updated by one function written for
 one variant, applied with `jax.vmap` (accelerators) or `lax.map` (CPU, where XLA's batched
-matrix multiplies are slow; see `over_variants`):
+matrix multiplies are slow; see `variant_axis.over_variants`):
 
 - local groups train on the activations of the selected tokens, gathered into a fixed-capacity
   buffer (sentence tokens are ~6-40% of positions, so padding costs nothing), and never run the
@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsae import grammars
+from jaxsae.core import variant_axis
 from jaxsae.grid import active_codes
 from jaxsae.grid import losses as losses_lib
 from jaxsae.grid import metrics as metrics_lib
@@ -173,10 +174,7 @@ def make_batch(lm_params, step: jax.Array, data_key: jax.Array, setup: Setup) ->
   g, mc = setup.grammar, setup.model_config
   data = grammars.sample(jax.random.fold_in(data_key, step), g, setup.batch_size, setup.max_len)
   tokens = data.tokens[:, : setup.forward_len]
-  if setup.positions == "sentence":
-    mask = data.sentence_mask[:, : setup.forward_len]
-  else:
-    mask = tokens != g.pad_id
+  mask = grammars.selected_mask(g, data, setup.positions, setup.forward_len)
   if setup.mesh is not None and setup.mesh.shape["data"] > 1:
     tokens = jax.lax.with_sharding_constraint(tokens, NamedSharding(setup.mesh, P("data")))
   needs_full = any(s.loss.needs_clean_logits for s in setup.specs)
@@ -318,7 +316,7 @@ def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, s
             frozen | ~finite, jnp.where((bad_step < 0) & ~finite, step, bad_step), metrics,
             fired & ok)
 
-  out = over_variants(one, setup.variant_loop)(
+  out = variant_axis.over_variants(one, setup.variant_loop)(
       state.params, state.opt_state, state.sae_state, state.frozen, state.bad_step,
       hyper.hparams, hyper.coeffs, hyper.lr, hyper.seed, hyper.causal)
   params, opt_state, sae_state, frozen, bad_step, metrics, fired = out
@@ -328,27 +326,11 @@ def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, s
 _CAUSAL_STREAM = 7  # folded into (variant seed, step) for the causal term's λ draws
 
 
-def over_variants(fn, variant_loop: str):
-  """`fn` (written for one variant) applied over the leading variant axis of every argument.
-
-  'vmap' batches the variants into one program (accelerators). 'map' runs them one after
-  another inside the compiled step (`lax.map`): on CPU, XLA's batched matrix multiplies with a
-  large output run 3-4x slower than the same multiplies one variant at a time (measured:
-  a vmapped ReLU SAE step over 8 variants at 4,096 tokens × 128 → 1,024 took 518 ms vmapped
-  and 197 ms as a map), so CPU runs take the map. Results are the same up to float rounding.
-  """
-  if variant_loop == "vmap":
-    return jax.vmap(fn)
-  return lambda *args: jax.lax.map(lambda a: fn(*a), args)
-
-
-VARIANT_LOOPS = ("auto", "vmap", "map")
-
-
 def resolve_variant_loop(choice: str, mesh) -> str:
   """'auto': 'map' on a CPU backend with one device on the variant axis, else 'vmap'."""
-  if choice not in VARIANT_LOOPS:
-    raise ValueError(f"config.variant_loop={choice!r}: use one of {VARIANT_LOOPS}")
+  if choice not in variant_axis.VARIANT_LOOPS:
+    raise ValueError(f"config.variant_loop={choice!r}: use one of "
+                     f"{variant_axis.VARIANT_LOOPS}")
   if choice != "auto":
     return choice
   cpu = jax.default_backend() == "cpu"

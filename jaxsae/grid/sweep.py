@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from jaxsae.core import jsonio
 
 
 class SweepError(ValueError):
@@ -218,8 +219,7 @@ def to_json(x):
 
 def write_variants_json(path: str, groups: Sequence[Group]) -> None:
   """Writes `variants.json` (see `describe`)."""
-  with open(path, "w") as f:
-    json.dump({"groups": [{"name": g.name, "size": g.size,
-                           "static": {k: to_json(v) for k, v in g.static.items()}}
-                          for g in groups],
-               "variants": describe(groups)}, f, indent=1)
+  jsonio.write(path, {"groups": [{"name": g.name, "size": g.size,
+                                  "static": {k: to_json(v) for k, v in g.static.items()}}
+                                 for g in groups],
+                      "variants": describe(groups)})

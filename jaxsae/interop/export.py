@@ -77,6 +77,7 @@ from jaxsae.core import jsonio
 from jaxsae.core import workdir as workdir_lib
 from jaxsae.grid import sae as sae_lib
 from jaxsae.grid import sweep as sweep_lib
+from jaxsae.grid import trained as trained_lib
 from jaxsae.interop import saelens as saelens_lib
 
 FORMAT_VERSION = 2
@@ -267,7 +268,7 @@ def export_sae(out_dir: str, params: sae_lib.Params, sae_config: sae_lib.SAEConf
   meta = jaxsae_meta(sae_config, hparams, state, site=site, language=language,
                      variant_id=variant_id, splice_mode=splice_mode, extra=extra)
   try:
-    meta_text = json.dumps(meta, indent=1, allow_nan=False)
+    json.dumps(meta, allow_nan=False)  # checked before anything is written
   except (TypeError, ValueError) as e:
     raise ValueError(f"extra must be JSON-serialisable (finite numbers, str, lists, dicts): "
                      f"{e}") from e
@@ -279,10 +280,8 @@ def export_sae(out_dir: str, params: sae_lib.Params, sae_config: sae_lib.SAEConf
   raw = {k: np.asarray(v) for k, v in params.items()}
   np.savez(os.path.join(path, PARAMS_FILE), **raw)
   safetensors_np.save_file(weights, os.path.join(path, WEIGHTS_FILE))
-  with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    json.dump(cfg, f)  # as SAELens' save_model: one line
-  with open(os.path.join(path, META_FILE), "w") as f:
-    f.write(meta_text)
+  jsonio.write(os.path.join(path, CONFIG_FILE), cfg, indent=None)  # as SAELens: one line
+  jsonio.write(os.path.join(path, META_FILE), meta, allow_nan=False)
   return path
 
 
@@ -355,7 +354,7 @@ def load_sae(path: str) -> tuple[sae_lib.Params, sae_lib.SAEConfig, sae_lib.SAEH
 # Trained grids and the job.
 
 
-def _index_of(trained) -> dict[str, tuple[int, int]]:
+def _index_of(trained: trained_lib.TrainedGrid) -> dict[str, tuple[int, int]]:
   return {vid: (g, j) for g, spec in enumerate(trained.setup.specs)
           for j, vid in enumerate(spec.ids)}
 
@@ -368,12 +367,12 @@ def _check_ids(requested: Sequence[str], known: Sequence[str], where: str) -> No
                      "(see variants.json), or use 'all'")
 
 
-def export_trained(trained, out_dir: str, variant_ids: Sequence[str] | None = None
-                   ) -> list[str]:
-  """Exports variants of a trained grid (`train_sae.load_trained(workdir)`), one dir each.
+def export_trained(trained: trained_lib.TrainedGrid, out_dir: str,
+                   variant_ids: Sequence[str] | None = None) -> list[str]:
+  """Exports variants of a trained grid (`trained.load(workdir)`), one dir each.
 
   Args:
-    trained: a `jaxsae.grid.train_sae.Trained`.
+    trained: the grid.
     out_dir: parent directory of the variant directories.
     variant_ids: ids to export (default: every real variant; padding is never exported).
 
@@ -450,7 +449,6 @@ def run(config, workdir: str) -> dict[str, Any]:
     workdir.LockedError: another job is writing to `workdir`.
     workdir.InputMismatchError: `workdir` holds an export of another grid (or checkpoint).
   """
-  from jaxsae.grid import train_sae  # pylint: disable=g-import-not-at-top
   sae_workdir = config.sae_workdir
   if not sae_workdir or not os.path.isfile(os.path.join(sae_workdir, "config.json")):
     raise FileNotFoundError(f"config.sae_workdir={sae_workdir!r} is not an sae job workdir (no "
@@ -467,7 +465,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       known = [v["id"] for v in json.load(f)["variants"]]
     _check_ids(ids, known, f"config.variants ({sae_workdir})")
   with workdir_lib.lock(workdir):
-    trained = train_sae.load_trained(sae_workdir, step or None)
+    trained = trained_lib.load(sae_workdir, step or None)
     identity = workdir_lib.check_grid(workdir, trained.identity, "export")
     export_dir = os.path.join(workdir, "export")
     workdir_lib.record_input(workdir, "grid", identity)

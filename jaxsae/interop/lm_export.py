@@ -32,8 +32,8 @@ unembed.hook_in: the final LayerNorm's output after its scale, which Transformer
 `ln_final.hook_normalized` is not, as it comes before the scale).
 
 The dataset (`export_dataset`, directory `<out>/`): the LM run's own streams, `train` = its
-first `train_batches` training batches (`train_lm.training_batch`) and `heldout` = its held-out
-evaluation batches (`train_lm.heldout_key`), with every per-token ground-truth label of
+first `train_batches` training batches (`lm_step.training_batch`) and `heldout` = its held-out
+evaluation batches (`lm_step.heldout_key`), with every per-token ground-truth label of
 `jaxsae.grammars.labels`:
 
   tokens.npz       per split s: `s/tokens` int32 [N, T], `s/sentence_mask` bool [N, T],
@@ -57,9 +57,10 @@ import numpy as np
 from safetensors import numpy as safetensors_np
 
 from jaxsae import grammars
+from jaxsae.core import jsonio
 from jaxsae.interop import saelens as saelens_lib
+from jaxsae.lm import lm_step
 from jaxsae.lm import model as model_lib
-from jaxsae.lm import train_lm
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -132,8 +133,7 @@ def export_lm(out_dir: str, params: model_lib.Params, config: model_lib.ModelCon
   weights = tl_state_dict(params, config)  # shape errors surface before anything is written
   os.makedirs(out_dir, exist_ok=True)
   safetensors_np.save_file(weights, os.path.join(out_dir, WEIGHTS_FILE))
-  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-    json.dump(tl_config(config, model_name=model_name), f, indent=1)
+  jsonio.write(os.path.join(out_dir, CONFIG_FILE), tl_config(config, model_name=model_name))
   return out_dir
 
 
@@ -160,8 +160,8 @@ def dataset_splits(lm_config: Mapping[str, Any], train_batches: int
   import ml_collections  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict(dict(lm_config))
   grammar = grammars.get(c.language)
-  train = [train_lm.training_batch(c, step) for step in range(train_batches)]
-  held = train_lm.make_eval_set(c, train_lm.heldout_key(c)).tokens_NBT
+  train = [lm_step.training_batch(c, step) for step in range(train_batches)]
+  held = lm_step.make_eval_set(c, lm_step.heldout_key(c)).tokens_NBT
   held_BT = held.reshape(-1, held.shape[-1])
   n_BT1 = np.asarray(grammars.layout(grammar, held_BT).sentence_len)[:, None]
   pos_1T = np.arange(held_BT.shape[1])[None, :] - grammar.prefix_len
@@ -218,12 +218,11 @@ def export_dataset(out_dir: str, lm_config: Mapping[str, Any], train_batches: in
       "splits": {
           "train": {"rows": int(splits["train"]["tokens"].shape[0]),
                     "drawn": f"the LM run's training batches 0..{train_batches - 1} "
-                             "(train_lm.training_batch)"},
+                             "(lm_step.training_batch)"},
           "heldout": {"rows": int(splits["heldout"]["tokens"].shape[0]),
-                      "drawn": "the LM run's held-out evaluation set (train_lm.heldout_key)"},
+                      "drawn": "the LM run's held-out evaluation set (lm_step.heldout_key)"},
       },
       "files": files,
   }
-  with open(os.path.join(out_dir, DATA_SCHEMA), "w") as f:
-    json.dump(schema, f, indent=1)
+  jsonio.write(os.path.join(out_dir, DATA_SCHEMA), schema)
   return schema

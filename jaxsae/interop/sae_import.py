@@ -3,8 +3,8 @@
 `import_grid(sae_dirs, config, workdir)` reads each directory with `saelens.load` (exact: our
 splice equals SAELens' forward), builds the grid of `config` (an `sae` job config naming the
 jaxsae LM the SAEs were trained on) with one `set` sweep block per SAE, puts the imported
-parameters in place of the initial ones and writes config.json, variants.json and a checkpoint
-at step `config.steps`. `train_sae.load_trained(workdir)` then reads it like any trained grid, so
+parameters in place of the initial ones and writes config.json, variants.json, setup.json and a
+checkpoint at step `config.steps`. `trained.load(workdir)` then reads it like any trained grid, so
 the eval job, the feature analysis and the interventions take it as they are; variant `v{i:03d}`
 is `sae_dirs[i]` (imported.json lists them). Rerunning the `sae` job on the workdir finds the
 run finished and trains nothing.
@@ -15,7 +15,6 @@ and loss 'local' (unused by evaluation); the site is the SAEs' hook (all must sh
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
@@ -24,8 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae.core import checkpoint as ckpt_lib
+from jaxsae.core import jsonio
+from jaxsae.core import workdir as workdir_lib
+from jaxsae.grid import grid_setup
+# The import creates an `sae` workdir, so it validates its config and fingerprints it as the
+# `sae` job does (`train_sae.prepare`, `train_sae.MUTABLE_FIELDS`).
 from jaxsae.grid import train_sae
+from jaxsae.grid import trained as trained_lib
 from jaxsae.interop import saelens as saelens_lib
+from jaxsae.lm import bundle
 
 IMPORTED_FILE = "imported.json"
 
@@ -79,12 +85,13 @@ def import_grid(sae_dirs: Sequence[str], config, workdir: str) -> dict[str, str]
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise ValueError(f"{workdir!r} already holds checkpoints; import into a new workdir")
-  lm = train_sae.load_lm(config.lm_workdir)
+  lm = bundle.load(config.lm_workdir)
   config.sweep = sweep_for(imported, lm.model_config.d_model)
   config.site = sites[0]
   config.steps = config.log_every = config.checkpoint_every = 1
+  train_sae.validate_config(config)
   setup, lm, root = train_sae.prepare(config, workdir)
-  state = train_sae.init_grid(setup, lm, root)
+  state = grid_setup.init_grid(setup, lm, root)
   groups = []
   for spec, group in zip(setup.specs, state.groups):
     params = {k: np.array(v) for k, v in group.params.items()}
@@ -98,12 +105,10 @@ def import_grid(sae_dirs: Sequence[str], config, workdir: str) -> dict[str, str]
     groups.append(group.replace(params={k: jnp.asarray(v) for k, v in params.items()}))
   state = state.replace(step=jnp.int32(config.steps), groups=tuple(groups))
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f, indent=1)
-  train_sae.write_variants(os.path.join(workdir, "variants.json"), setup)
+  workdir_lib.write_config(workdir, config)
+  trained_lib.save(workdir, setup)
   sources = {f"v{i:03d}": os.path.abspath(d) for i, d in enumerate(sae_dirs)}
-  with open(os.path.join(workdir, IMPORTED_FILE), "w") as f:
-    json.dump(sources, f, indent=1)
+  jsonio.write(os.path.join(workdir, IMPORTED_FILE), sources)
   with ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=max(int(config.keep_checkpoints), 1)) as ckpt:
     ckpt_lib.check_fingerprint(ckpt_dir, config, train_sae.MUTABLE_FIELDS, has_checkpoints=False)
     ckpt.save(config.steps, jax.device_get(state), metadata={"language": lm.language})

@@ -1,1 +1,1 @@
-"""The language model: the transformer, its generation, its training job."""
+"""The language model: the transformer, its generation, its training recipe and job, loading."""

@@ -1,7 +1,7 @@
 """Sampling from the LM with a KV cache, and the fraction of grammatical generations.
 
 `generate` starts every sequence from the 7-token decorator, prefills it in one chunk
-(`prefill`), then runs one `lax.while_loop` step per new token through `model.decode_step`
+(`prefill`), then runs one `lax.while_loop` step per new token through `decode.decode_step`
 (`decode`; the cost is linear in the length), picking each token by ancestral sampling at a
 temperature, top-k sampling, or greedily. The first `<eos>` ends a sequence: every later
 position is `<pad>`, and the loop stops as soon as every row of the batch has emitted `<eos>`
@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae import grammars
-from jaxsae.grid import grid_step
+from jaxsae.core import variant_axis
+from jaxsae.lm import decode as decode_lib
 from jaxsae.lm import model as model_lib
 
 MAX_NEW_TOKENS = 118  # the spec's budget: 7 + 118 = 125 positions (<= 127 input positions)
@@ -89,7 +90,7 @@ class Prefix:
   """The prefilled decorator: what every generation from it shares.
 
   Attributes:
-    cache: the model's KV cache after the decorator's positions (`model.init_cache` sized for
+    cache: the model's KV cache after the decorator's positions (`decode.init_cache` sized for
       the decorator and the whole generation budget).
     logits_BV: float32 `[B, V]` next-token logits after the last decorator position.
   """
@@ -101,9 +102,9 @@ class Prefix:
 def _prefill(params, st: _Static) -> Prefix:
   replace = dict(st.replace) or None
   n_dec = len(st.decorator)
-  cache = model_lib.init_cache(st.model_config, st.batch_size, n_dec + st.max_new_tokens)
+  cache = decode_lib.init_cache(st.model_config, st.batch_size, n_dec + st.max_new_tokens)
   dec_BT = jnp.broadcast_to(jnp.asarray(st.decorator, jnp.int32)[None], (st.batch_size, n_dec))
-  res, cache = model_lib.decode_step(params, cache, dec_BT, st.model_config, replace=replace)
+  res, cache = decode_lib.decode_step(params, cache, dec_BT, st.model_config, replace=replace)
   return Prefix(cache=cache, logits_BV=res.logits[:, -1])
 
 
@@ -129,7 +130,7 @@ def _decode(params, prefix: Prefix, key, temperature, st: _Static) -> Generation
 
   def body(carry):
     i, cache, tok_B, done_B, new_BT = carry
-    res, cache = model_lib.decode_step(params, cache, tok_B[:, None], cfg, replace=replace)
+    res, cache = decode_lib.decode_step(params, cache, tok_B[:, None], cfg, replace=replace)
     tok_B, done_B, new_BT = pick(res.logits[:, 0], done_B, i, new_BT)
     return i + 1, cache, tok_B, done_B, new_BT
 
@@ -150,7 +151,7 @@ def _generate(params, key, temperature, st: _Static) -> Generation:
 
 def _generate_batches(params, keys_G, temperature, st: _Static, batch_loop: str) -> Generation:
   prefix = _prefill(params, st)
-  return grid_step.over_variants(lambda k: _decode(params, prefix, k, temperature, st),
+  return variant_axis.over_variants(lambda k: _decode(params, prefix, k, temperature, st),
                                  batch_loop)(keys_G)
 
 
@@ -247,7 +248,7 @@ def generate_batches(params: model_lib.Params, model_config: model_lib.ModelConf
       replace: as in `generate`.
     keys: typed PRNG keys `[G]`; batch g is `generate(..., key=keys[g])`.
     batch_loop: `vmap`, `map`, or `auto` (`map` on a CPU backend, `vmap` elsewhere: the
-      convention of `grid_step.over_variants`).
+      convention of `variant_axis.over_variants`).
 
   Returns:
     A `Generation` whose fields have a leading axis G.
@@ -268,8 +269,8 @@ def generate_batches(params: model_lib.Params, model_config: model_lib.ModelConf
 
 def resolve_loop(choice: str) -> str:
   """`auto` -> `map` on a CPU backend, `vmap` elsewhere; `vmap` / `map` as given."""
-  if choice not in grid_step.VARIANT_LOOPS:
-    raise ValueError(f"batch_loop={choice!r}: use one of {grid_step.VARIANT_LOOPS}")
+  if choice not in variant_axis.VARIANT_LOOPS:
+    raise ValueError(f"batch_loop={choice!r}: use one of {variant_axis.VARIANT_LOOPS}")
   if choice == "auto":
     return "map" if jax.default_backend() == "cpu" else "vmap"
   return choice

@@ -25,9 +25,10 @@ Params are the plain params pytree (`init` returns `variables['params']`), alway
 `apply` and `apply_from` wrap params in `jax.lax.stop_gradient` unless `trainable=True`, so a
 gradient taken through them reaches only what the replacement functions close over.
 
-`init_cache` / `decode_step` run the same forward incrementally with a KV cache (a prompt chunk,
-then one position at a time) for generation; they honour the same sites, replacements and
-collection, applied to the new positions' activations.
+`decode.init_cache` / `decode.decode_step` run the same forward incrementally with a KV cache (a
+prompt chunk, then one position at a time) for generation; they honour the same sites,
+replacements and collection (`make_plan`, `visit_site`), applied to the new positions'
+activations.
 """
 
 from __future__ import annotations
@@ -190,8 +191,8 @@ class MLP(nn.Module):
                     name="c_proj")(h_BTM)
 
 
-def _layer_norm(config: ModelConfig) -> nn.LayerNorm:
-  # Exact two-pass variance (as torch does), scale only.
+def layer_norm(config: ModelConfig) -> nn.LayerNorm:
+  """The model's LayerNorm: exact two-pass variance (as torch does), scale only."""
   return nn.LayerNorm(epsilon=config.ln_eps, use_bias=False, use_fast_variance=False,
                       dtype=config.dtype)
 
@@ -202,9 +203,9 @@ class Block(nn.Module):
   config: ModelConfig
 
   def setup(self):
-    self.ln_1 = _layer_norm(self.config)
+    self.ln_1 = layer_norm(self.config)
     self.attn = CausalSelfAttention(self.config)
-    self.ln_2 = _layer_norm(self.config)
+    self.ln_2 = layer_norm(self.config)
     self.mlp = MLP(self.config)
 
   def attn_branch(self, x_BTD: jax.Array) -> jax.Array:
@@ -215,7 +216,7 @@ class Block(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class Plan:
   """Validated, static description of one forward: where it starts, what it does at each site."""
 
   start: str | None  # site whose value the input is; None: the input is tokens
@@ -223,7 +224,7 @@ class _Plan:
   collect: tuple[str, ...]
   stop_at: str | None
 
-def _visit_site(plan: _Plan, acts: dict[str, jax.Array], name: str, v_BTD: jax.Array) -> jax.Array:
+def visit_site(plan: Plan, acts: dict[str, jax.Array], name: str, v_BTD: jax.Array) -> jax.Array:
   """Applies the plan's replacements at a site (in order) and records it if collected."""
   # The start site's value is given, so its replacement is not applied again.
   if name != plan.start:
@@ -249,24 +250,24 @@ class Transformer(nn.Module):
     self.wpe = self.param("wpe", _normal(cfg.init_std), (cfg.context, cfg.d_model))
     # Flax names list entries `block_0`, `block_1`, ...
     self.block = [Block(cfg) for _ in range(cfg.n_layers)]
-    self.ln_f = _layer_norm(cfg)
+    self.ln_f = layer_norm(cfg)
 
-  def __call__(self, tokens_BT: jax.Array, plan: _Plan | None = None) -> ForwardResult:
+  def __call__(self, tokens_BT: jax.Array, plan: Plan | None = None) -> ForwardResult:
     t = tokens_BT.shape[1]
     # `take` (mode "fill") makes out-of-range ids NaN rather than silently clamping them.
     tok_BTD = jnp.take(self.wte, tokens_BT, axis=0)
     x_BTD = (tok_BTD + self.wpe[:t][None]).astype(self.config.dtype)
-    return self._walk(x_BTD, plan or _Plan(None, {}, (), None))
+    return self._walk(x_BTD, plan or Plan(None, {}, (), None))
 
-  def forward_from(self, x_BTD: jax.Array, plan: _Plan) -> ForwardResult:
+  def forward_from(self, x_BTD: jax.Array, plan: Plan) -> ForwardResult:
     return self._walk(x_BTD.astype(self.config.dtype), plan)
 
-  def _walk(self, x_BTD: jax.Array, plan: _Plan) -> ForwardResult:
+  def _walk(self, x_BTD: jax.Array, plan: Plan) -> ForwardResult:
     cfg = self.config
     acts = {}
 
     def site(name: str, v_BTD: jax.Array) -> jax.Array:
-      return _visit_site(plan, acts, name, v_BTD)
+      return visit_site(plan, acts, name, v_BTD)
 
     early = ForwardResult(logits=None, acts=acts)  # `acts` fills in as the walk goes
 
@@ -356,8 +357,8 @@ def apply(params: Params, tokens_BT: jax.Array, config: ModelConfig, *, replace:
   if tokens_BT.shape[1] > config.context:
     raise ValueError(f"Sequence length {tokens_BT.shape[1]} exceeds the model context "
                      f"{config.context}.")
-  plan = _make_plan(config, None, replace, collect, stop_at)
-  return Transformer(config).apply({"params": _maybe_freeze(params, trainable)}, tokens_BT, plan)
+  plan = make_plan(config, None, replace, collect, stop_at)
+  return Transformer(config).apply({"params": maybe_freeze(params, trainable)}, tokens_BT, plan)
 
 
 def apply_from(params: Params, site: str, x_BTD: jax.Array, config: ModelConfig, *,
@@ -394,8 +395,8 @@ def apply_from(params: Params, site: str, x_BTD: jax.Array, config: ModelConfig,
   chex.assert_rank(x_BTD, 3)
   if x_BTD.shape[-1] != config.d_model:
     raise ValueError(f"x_BTD has width {x_BTD.shape[-1]}, expected d_model={config.d_model}.")
-  plan = _make_plan(config, site, replace, collect, None)
-  return Transformer(config).apply({"params": _maybe_freeze(params, trainable)}, x_BTD, plan,
+  plan = make_plan(config, site, replace, collect, None)
+  return Transformer(config).apply({"params": maybe_freeze(params, trainable)}, x_BTD, plan,
                                    method=Transformer.forward_from)
 
 
@@ -408,7 +409,8 @@ def _check_params(params: Params) -> None:
     raise ValueError("Pass the params pytree (what `init` returns), not a {'params': ...} dict.")
 
 
-def _maybe_freeze(params: Params, trainable: bool) -> Params:
+def maybe_freeze(params: Params, trainable: bool) -> Params:
+  """Checks the params pytree; wraps it in `stop_gradient` unless `trainable`."""
   _check_params(params)
   return params if trainable else jax.lax.stop_gradient(params)
 
@@ -421,8 +423,8 @@ def _check_sites(config: ModelConfig, names: Iterable[str], what: str) -> None:
                      f"{', '.join(valid)}.")
 
 
-def _make_plan(config: ModelConfig, start: str | None, replace: Replace, collect: Iterable[str],
-               stop_at: str | None) -> _Plan:
+def make_plan(config: ModelConfig, start: str | None, replace: Replace, collect: Iterable[str],
+              stop_at: str | None) -> Plan:
   """Normalises and validates the per-site requests against the site order."""
   if replace is None:
     pairs = []
@@ -453,171 +455,4 @@ def _make_plan(config: ModelConfig, start: str | None, replace: Replace, collect
   by_site: dict[str, tuple[ReplaceFn, ...]] = {}
   for name, fn in pairs:
     by_site[name] = by_site.get(name, ()) + (fn,)
-  return _Plan(start=start, replace=by_site, collect=collect, stop_at=stop_at)
-
-
-# ------------------------------------------------------------------------------------------------
-# Incremental decoding (KV cache).
-#
-# The same forward as `Transformer`, one chunk of new positions at a time: every block's keys and
-# values of earlier positions are kept in a `KVCache`, so generating T tokens costs O(T) model
-# evaluations of one position instead of O(T) evaluations of the whole prefix. It is written as
-# pure functions over the params pytree, reusing the Flax layers above (so the arithmetic is the
-# same) and walking the same named sites with the same replacement / collection semantics.
-
-
-@flax.struct.dataclass
-class KVCache:
-  """Keys and values of the positions decoded so far (a pytree; pass it in, get it back).
-
-  Heads lead the positions (`[..., N, S, H]`), so each step's attention is a batch-leading
-  `[B·N, t, H] x [B·N, S, H]` multiply with no head transposes of the cache, and the decode step
-  writes the new positions into the whole-model arrays in place (a loop carrying the cache never
-  copies it).
-
-  Attributes:
-    k_LBNSH: float `[L, B, N, S, H]` keys per layer; S is the cache length (max positions).
-    v_LBNSH: float `[L, B, N, S, H]` values per layer.
-    index: int32 scalar, the number of positions filled (the position of the next token).
-  """
-
-  k_LBNSH: jax.Array
-  v_LBNSH: jax.Array
-  index: jax.Array
-
-  @property
-  def max_len(self) -> int:
-    return self.k_LBNSH.shape[3]
-
-  @property
-  def batch_size(self) -> int:
-    return self.k_LBNSH.shape[1]
-
-
-def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> KVCache:
-  """An empty cache for `batch_size` sequences of up to `max_len` positions.
-
-  Raises:
-    ValueError: non-positive sizes, or `max_len` above the model context.
-  """
-  if int(batch_size) < 1 or int(max_len) < 1:
-    raise ValueError(f"init_cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, "
-                     f"{max_len}.")
-  if max_len > config.context:
-    raise ValueError(f"Cache length {max_len} exceeds the model context {config.context}.")
-  shape = (config.n_layers, int(batch_size), config.n_heads, int(max_len), config.head_dim)
-  zeros = jnp.zeros(shape, config.dtype)
-  return KVCache(k_LBNSH=zeros, v_LBNSH=zeros, index=jnp.zeros((), jnp.int32))
-
-
-class _CachedAttention(nn.Module):
-  """`CausalSelfAttention` for new positions attending to cached ones (same params).
-
-  Writes layer `layer`'s new keys and values into the whole-model cache arrays (one
-  `dynamic_update_slice` each) and returns the arrays. On XLA's CPU backend a decode step of the
-  spec's English LM (B 128, a 125-position cache) takes about 3 ms this way against 9 ms with a
-  `[B, S, N, H]` cache through `jax.nn.dot_product_attention`, and 19 ms when the per-layer
-  caches were also re-stacked every step.
-  """
-
-  config: ModelConfig
-  layer: int
-
-  @nn.compact
-  def __call__(self, x_BTD: jax.Array, k_LBNSH: jax.Array, v_LBNSH: jax.Array,
-               index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    cfg = self.config
-    b, t, d = x_BTD.shape
-    n, h, s = cfg.n_heads, cfg.head_dim, k_LBNSH.shape[3]
-    qkv_BT3D = nn.Dense(3 * d, use_bias=False, dtype=cfg.dtype, name="c_attn")(x_BTD)
-    q_BNTH, k_new_BNTH, v_new_BNTH = (
-        jnp.swapaxes(z.reshape(b, t, n, h), 1, 2) for z in jnp.split(qkv_BT3D, 3, axis=-1))
-    start = (self.layer, 0, 0, index, 0)
-    k_LBNSH = jax.lax.dynamic_update_slice(k_LBNSH, k_new_BNTH[None].astype(k_LBNSH.dtype), start)
-    v_LBNSH = jax.lax.dynamic_update_slice(v_LBNSH, v_new_BNTH[None].astype(v_LBNSH.dtype), start)
-    k_BNSH = k_LBNSH[self.layer].astype(q_BNTH.dtype)
-    v_BNSH = v_LBNSH[self.layer].astype(q_BNTH.dtype)
-    # Query at absolute position index + i sees keys at positions <= index + i; the unfilled
-    # cache slots beyond are masked out (they get exactly zero weight).
-    scores_BNTS = jnp.einsum("bnth,bnsh->bnts", q_BNTH, k_BNSH).astype(jnp.float32) / math.sqrt(h)
-    mask_TS = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]
-    scores_BNTS = jnp.where(mask_TS[None, None], scores_BNTS, jnp.finfo(jnp.float32).min)
-    probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(v_BNSH.dtype)
-    out_BNTH = jnp.einsum("bnts,bnsh->bnth", probs_BNTS, v_BNSH)
-    out_BTD = nn.Dense(d, use_bias=False, dtype=cfg.dtype, name="c_proj")(
-        jnp.swapaxes(out_BNTH, 1, 2).reshape(b, t, d))
-    return out_BTD, k_LBNSH, v_LBNSH
-
-
-def decode_step(params: Params, cache: KVCache, tokens_BT: jax.Array, config: ModelConfig, *,
-                replace: Replace = None, collect: Iterable[str] = (),
-                trainable: bool = False) -> tuple[ForwardResult, KVCache]:
-  """Runs `t` new positions through the model, reading and extending the KV cache.
-
-  The tokens sit at absolute positions `cache.index ... cache.index + t - 1`; call it once with
-  the prompt (any `t`) and then with one token at a time. The logits equal those of `apply` on
-  the whole sequence at the same positions (up to float rounding), with the same sites and the
-  same replacement semantics: each replacement function is called on the `[B, t, D]` activation
-  of the new positions only, so it must act per token (an SAE, a clamp, a per-token ablation);
-  functions that mix positions see only the new ones. Jit-compatible; use it inside `lax.scan`.
-
-  Args:
-    params: the params pytree from `init`.
-    cache: from `init_cache` or a previous `decode_step`; `cache.index + t` must not exceed
-      `cache.max_len` (not checked when traced: later writes would be dropped).
-    tokens_BT: int token ids `[B, t]` of the new positions.
-    config: the model config.
-    replace: as in `apply`.
-    collect: as in `apply`; activations of the new positions, `[B, t, D]`.
-    trainable: as in `apply`.
-
-  Returns:
-    `(ForwardResult with logits [B, t, V] float32, the updated cache)`.
-
-  Raises:
-    ValueError: unknown sites, bad shapes, or (when the index is concrete) a cache overflow.
-  """
-  chex.assert_rank(tokens_BT, 2)
-  chex.assert_type(tokens_BT, int)
-  b, t = tokens_BT.shape
-  if b != cache.batch_size:
-    raise ValueError(f"tokens_BT has batch {b} but the cache was made for "
-                     f"{cache.batch_size}.")
-  try:
-    filled = int(cache.index)
-  except jax.errors.JAXTypeError:  # traced: cannot check here
-    filled = None
-  if filled is not None and filled + t > cache.max_len:
-    raise ValueError(f"Cache overflow: {filled} positions filled + {t} new > cache length "
-                     f"{cache.max_len}; make the cache longer with init_cache.")
-  plan = _make_plan(config, None, replace, collect, None)
-  p = _maybe_freeze(params, trainable)
-  cfg = config
-  acts = {}
-
-  def site(name: str, v_BTD: jax.Array) -> jax.Array:
-    return _visit_site(plan, acts, name, v_BTD)
-
-  def layer_norm(scale_params, x_BTD):
-    return _layer_norm(cfg).apply({"params": scale_params}, x_BTD)
-
-  index = cache.index
-  tok_BTD = jnp.take(p["wte"], tokens_BT, axis=0)
-  pos_TD = jax.lax.dynamic_slice_in_dim(p["wpe"], index, t, axis=0)
-  x_BTD = (tok_BTD + pos_TD[None]).astype(cfg.dtype)
-  k_LBNSH, v_LBNSH = cache.k_LBNSH, cache.v_LBNSH
-  for l in range(cfg.n_layers):
-    bp = p[f"block_{l}"]
-    x_BTD = site(f"resid_pre.{l}", x_BTD)
-    a_BTD, k_LBNSH, v_LBNSH = _CachedAttention(cfg, l).apply(
-        {"params": bp["attn"]}, layer_norm(bp["ln_1"], x_BTD), k_LBNSH, v_LBNSH, index)
-    a_BTD = site(f"attn_out.{l}", a_BTD)
-    x_BTD = x_BTD + a_BTD
-    m_BTD = site(f"mlp_out.{l}", MLP(cfg).apply({"params": bp["mlp"]},
-                                                  layer_norm(bp["ln_2"], x_BTD)))
-    x_BTD = site(f"resid_post.{l}", x_BTD + m_BTD)
-  h_BTD = site("ln_final", layer_norm(p["ln_f"], x_BTD))
-  logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, p["wte"].astype(h_BTD.dtype),
-                          preferred_element_type=jnp.float32)
-  new_cache = KVCache(k_LBNSH=k_LBNSH, v_LBNSH=v_LBNSH, index=index + t)
-  return ForwardResult(logits=logits_BTV, acts=acts), new_cache
+  return Plan(start=start, replace=by_site, collect=collect, stop_at=stop_at)

@@ -1,26 +1,8 @@
 """Training the transformer LM on a grammar: the `lm` job (`run(config, workdir)`).
 
-The recipe is the spec's (`specs/model.md`): next-token cross-entropy on `seq[:, :-1] ->
-seq[:, 1:]`, pad targets ignored, mean over each sequence's targets then over the batch
-(decorator targets included unless `mask_decorator`); AdamW (0.9, 0.95) with weight decay on
->= 2-D params only, global-norm clipping; linear warm-up then cosine decay of the learning rate.
-
-Everything a step needs happens on device: the batch of step s is
-`grammars.sample(fold_in(data_key, s), ...)`, drawn inside the jitted step, and `lax.scan` runs
-`steps_per_call` optimizer steps per host call with the state buffers donated. So the data is a
-pure function of (seed, step) and a resumed run is bit-identical to an uninterrupted one (CPU).
-
-Key schedule (root = `jax.random.key(config.seed)`, stored in the state as `key`):
-
-    fold_in(root, 0)                 params init
-    fold_in(fold_in(root, 1), s)     training batch of step s
-    fold_in(fold_in(root, 2), i)     held-out batch i (CE and grammatical mass; the same
-                                     `eval.batches` batches at every evaluation)
-    fold_in(root, 3)                 periodic generation sample (same key at every evaluation)
-    fold_in(root, 4)                 final generation sample (5 x 128 by default)
-
-Training and held-out keys come from different branches of the key tree, so they never
-coincide (the sentences themselves may: short sentences are common in every stream).
+The job drives `lm_step` (the recipe: state, data streams keyed by (seed, step), objective,
+compiled steps, held-out evaluation) and owns the workdir: resume, checks, logs, checkpoints and
+the summary.
 
 Workdir layout::
 
@@ -48,20 +30,14 @@ flagged in summary.json's `divergence` and the log (`jaxsae.core.divergence`).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import math
 import os
 import time
-from typing import Any, Mapping
+from typing import Any
 
 from absl import logging
-import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxsae import grammars
 from jaxsae.core import checkpoint as ckpt_lib
@@ -70,6 +46,7 @@ from jaxsae.core import jsonio
 from jaxsae.core import workdir as workdir_lib
 from jaxsae.lm import generate as generate_lib
 from jaxsae.lm import lengths as lengths_lib
+from jaxsae.lm import lm_step
 from jaxsae.lm import model as model_lib
 
 # Config fields that may differ between the run that wrote a checkpoint and the one resuming
@@ -80,38 +57,9 @@ MUTABLE_FIELDS = ("job", "num_steps", "steps_per_call", "log_every", "eval_every
 # Learning rates above this are accepted with a warning (finite, but rarely sane).
 LR_WARN = 1.0
 
-# Branches of the run's root key (module docstring).
-_INIT, _DATA, _HELDOUT, _GEN, _FINAL_GEN = range(5)
-
 SUMMARY_KEYS = ("language", "steps", "train_seconds", "tokens_per_s", "param_count", "eval_ce",
                 "grammatical_next_token_mass", "grammatical_fraction",
                 "grammatical_fraction_std")
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything that evolves during training (checkpointed as one pytree)."""
-
-  step: jax.Array  # int32 scalar: optimizer steps taken
-  params: model_lib.Params
-  opt_state: optax.OptState
-  key: jax.Array  # typed PRNG key: the run's root key
-
-
-LOSS_REDUCTIONS = ("sequence", "token")  # `loss_from_logits`'s reductions
-
-
-@dataclasses.dataclass(frozen=True)
-class _Setup:
-  """Static (shape / trace-defining) part of a run; numeric hyperparameters are traced."""
-
-  model_config: model_lib.ModelConfig
-  language: str
-  batch_size: int
-  max_len: int
-  mask_decorator: bool
-  steps_per_call: int
-  loss_reduction: str  # LOSS_REDUCTIONS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,9 +80,10 @@ def validate_config(config) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
       raise ValueError(f"config.{name}={value!r} must be a positive integer.")
 
-  if config.loss_reduction not in LOSS_REDUCTIONS:
+  if config.loss_reduction not in lm_step.LOSS_REDUCTIONS:
     raise ValueError(f"config.loss_reduction={config.loss_reduction!r}: use one of "
-                     f"{LOSS_REDUCTIONS} (per-sequence mean, the spec's, or per-token mean)")
+                     f"{lm_step.LOSS_REDUCTIONS} (per-sequence mean, the spec's, or per-token "
+                     "mean)")
   for name in ("n_layers", "n_heads", "d_model", "d_mlp", "context"):
     positive(f"model.{name}", config.model[name])
   for name in ("batch_size", "max_len", "num_steps", "steps_per_call", "log_every", "eval_every",
@@ -147,7 +96,7 @@ def validate_config(config) -> None:
     raise ValueError(f"config.model.d_model={config.model.d_model} must be divisible by "
                      f"config.model.n_heads={config.model.n_heads}.")
   grammar = grammars.get(config.language)
-  need = grammar.info.min_length + grammars.sampler._MARGIN + grammar.prefix_len + 1  # pylint: disable=protected-access
+  need = grammars.sampler.min_max_len(grammar)
   if config.max_len < need:
     raise ValueError(f"config.max_len={config.max_len} is too short for {config.language} "
                      f"(7 decorator tokens + a sentence of at least {grammar.info.min_length} + "
@@ -200,235 +149,11 @@ def _finite(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def check_lm_workdir_config(config: Mapping[str, Any], lm_workdir: str) -> None:
-  """Checks that `config` (a workdir's config.json) is an `lm` job's config.
-
-  Raises:
-    ValueError: the workdir belongs to another job (an SAE grid, an eval, ...): names the job
-      and what to point at instead.
-  """
-  job = config.get("job")
-  if job == "lm" and all(k in config for k in ("model", "optim", "language")):
-    return
-  if job == "sae":
-    hint = (f"this is an SAE workdir, not an LM workdir; point lm_workdir at the LM it was "
-            f"trained on ({config.get('lm_workdir', '?')!r})")
-  else:
-    hint = (f"its config.json is of job {job!r}, not an LM (job 'lm') workdir; point "
-            "lm_workdir at the workdir of an lm job (experiments/configs/lm.py)")
-  raise ValueError(f"lm_workdir={lm_workdir!r}: {hint}")
-
-
-def model_config_for(config) -> model_lib.ModelConfig:
-  """The model shape of a run (vocabulary from the grammar)."""
-  grammar = grammars.get(config.language)
-  m = config.model
-  return model_lib.ModelConfig(vocab_size=grammar.vocab_size, n_layers=m.n_layers,
-                               n_heads=m.n_heads, d_model=m.d_model, d_mlp=m.d_mlp,
-                               context=m.context)
-
-
-def _setup(config) -> _Setup:
-  return _Setup(model_config=model_config_for(config), language=config.language,
-                batch_size=config.batch_size, max_len=config.max_len,
-                mask_decorator=bool(config.mask_decorator), steps_per_call=config.steps_per_call,
-                loss_reduction=config.loss_reduction)
-
-
-def _hyper(config) -> dict[str, jax.Array]:
-  """Numeric hyperparameters, passed traced so that changing them does not recompile."""
-  o = config.optim
-  out = {k: jnp.float32(o[k]) for k in ("peak_lr", "end_lr", "b1", "b2", "weight_decay",
-                                        "grad_clip")}
-  out["warmup_steps"] = jnp.int32(o.warmup_steps)
-  out["decay_steps"] = jnp.int32(o.decay_steps)
-  out["debug_nan_step"] = jnp.int32(config.debug_nan_step)
-  return out
-
-
-# ------------------------------------------------------------------------------------------------
-# The objective and the optimizer.
-
-
-def learning_rate(step: jax.Array, hyper: dict[str, jax.Array]) -> jax.Array:
-  """Linear warm-up to `peak_lr` over `warmup_steps`, then cosine to `end_lr` at `decay_steps`.
-
-  Step s < warmup uses peak * (s + 1) / warmup (so step 0 already moves); from `decay_steps` on
-  the rate stays at `end_lr`.
-  """
-  s = jnp.asarray(step, jnp.float32)
-  warm = hyper["warmup_steps"].astype(jnp.float32)
-  span = jnp.maximum(hyper["decay_steps"].astype(jnp.float32) - warm, 1.0)
-  frac = jnp.clip((s - warm) / span, 0.0, 1.0)
-  cosine = hyper["end_lr"] + (hyper["peak_lr"] - hyper["end_lr"]) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
-  return jnp.where(s < warm, hyper["peak_lr"] * (s + 1) / jnp.maximum(warm, 1.0), cosine)
-
-
-def make_optimizer(hyper: dict[str, jax.Array]) -> optax.GradientTransformation:
-  """Global-norm clip, then AdamW with decoupled weight decay on >= 2-D params only."""
-  return optax.chain(
-      optax.clip_by_global_norm(hyper["grad_clip"]),
-      optax.adamw(learning_rate=lambda count: learning_rate(count, hyper), b1=hyper["b1"],
-                  b2=hyper["b2"], eps=1e-8, weight_decay=hyper["weight_decay"],
-                  mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)))
-
-
-def sequence_loss(params: model_lib.Params, tokens_BT: jax.Array,
-                  model_config: model_lib.ModelConfig, *, pad_id: int, mask_decorator: bool,
-                  decorator_len: int = 7, reduction: str = "sequence") -> jax.Array:
-  """Next-token CE over the non-pad targets, reduced as `reduction` says (`loss_from_logits`).
-
-  With `mask_decorator`, targets inside the decorator (positions 1..6) are excluded too; the
-  target after `Out:` (the first sentence token) always counts.
-  """
-  logits_BTV = model_lib.apply(params, tokens_BT[:, :-1], model_config, trainable=True).logits
-  return loss_from_logits(logits_BTV, tokens_BT, pad_id=pad_id, mask_decorator=mask_decorator,
-                          decorator_len=decorator_len, reduction=reduction)
-
-
-def loss_from_logits(logits_BTV: jax.Array, tokens_BT: jax.Array, *, pad_id: int,
-                     mask_decorator: bool, decorator_len: int = 7,
-                     reduction: str = "sequence") -> jax.Array:
-  """`sequence_loss` given the logits of `tokens_BT[:, :-1]` (`[B, T-1, V]`).
-
-  `reduction='sequence'` (the spec's): the mean over each sequence's targets, then over the
-  batch, which weights a token of a short sentence more than one of a long sentence (and so
-  the `<eos>` that ends it: models trained so generate shorter sentences than their data);
-  `'token'`: the mean over every target of the batch, the maximum-likelihood loss of the
-  token distribution.
-  """
-  targets_BT = tokens_BT[:, 1:]
-  ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
-  mask_BT = targets_BT != pad_id
-  if mask_decorator:
-    mask_BT = mask_BT & (jnp.arange(targets_BT.shape[1])[None, :] >= decorator_len - 1)
-  if reduction == "token":
-    return jnp.sum(jnp.where(mask_BT, ce_BT, 0.0)) / jnp.maximum(jnp.sum(mask_BT), 1)
-  per_seq_B = jnp.sum(jnp.where(mask_BT, ce_BT, 0.0), axis=1) / jnp.maximum(
-      jnp.sum(mask_BT, axis=1), 1)
-  return jnp.mean(per_seq_B)
-
-
-def training_batch(config, step: int) -> grammars.Batch:
-  """The batch the run of `config` trains on at optimizer step `step` (its data stream)."""
-  data_key = jax.random.fold_in(jax.random.key(config.seed), _DATA)
-  return grammars.sample(jax.random.fold_in(data_key, step), grammars.get(config.language),
-                         config.batch_size, config.max_len)
-
-
-def heldout_key(config) -> jax.Array:
-  """The key of the run's held-out set (`make_eval_set(config, heldout_key(config))`)."""
-  return jax.random.fold_in(jax.random.key(config.seed), _HELDOUT)
-
-
-def init_state(config) -> TrainState:
-  """A fresh state from `config.seed` (one compilation per model shape)."""
-  return _init_state(jax.random.key(config.seed), _hyper(config), _setup(config))
-
-
-@functools.partial(jax.jit, static_argnames=("setup",))
-def _init_state(root: jax.Array, hyper: dict[str, jax.Array], setup: _Setup) -> TrainState:
-  params = model_lib.init(jax.random.fold_in(root, _INIT), setup.model_config)
-  opt_state = make_optimizer(hyper).init(params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, key=root)
-
-
-@functools.partial(jax.jit, static_argnames=("setup",), donate_argnums=(0,))
-def train_steps(state: TrainState, hyper: dict[str, jax.Array],
-                setup: _Setup) -> tuple[TrainState, dict[str, jax.Array]]:
-  """`setup.steps_per_call` optimizer steps (`lax.scan`); returns per-step metrics `[K]`."""
-  grammar = grammars.get(setup.language)
-  tx = make_optimizer(hyper)
-  data_key = jax.random.fold_in(state.key, _DATA)
-
-  def one(state: TrainState, _):
-    batch = grammars.sample(jax.random.fold_in(data_key, state.step), grammar, setup.batch_size,
-                            setup.max_len)
-    poison = state.step == hyper["debug_nan_step"]  # test hook: NaN params at that step
-
-    def loss_of(params):
-      params = jax.tree.map(lambda p: jnp.where(poison, jnp.nan, p), params)
-      return sequence_loss(params, batch.tokens, setup.model_config, pad_id=grammar.pad_id,
-                           mask_decorator=setup.mask_decorator,
-                           decorator_len=grammar.prefix_len, reduction=setup.loss_reduction)
-
-    loss, grads = jax.value_and_grad(loss_of)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "lr": learning_rate(state.step, hyper)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  return jax.lax.scan(one, state, None, length=setup.steps_per_call)
-
-
 # ------------------------------------------------------------------------------------------------
 # Evaluation.
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalSet:
-  """Held-out batches and their grammatical-next-token sets (host arrays, built once)."""
-
-  tokens_NBT: np.ndarray
-  valid_NBTV: np.ndarray  # bool: valid_next of each prefix
-  predict_NBT: np.ndarray  # bool: input positions whose target is a sentence token or <eos>
-  rejection_rate: float  # fraction of draws the sampler's length filter rejected
-  mean_length: float  # mean sentence length (tokens)
-  lengths: np.ndarray  # every held-out sentence's length (tokens)
-
-
-def make_eval_set(config, key: jax.Array) -> EvalSet:
-  """`config.eval.batches` held-out batches drawn from `fold_in(key, i)`."""
-  grammar = grammars.get(config.language)
-  tokens, valid, predict, rejections, lengths = [], [], [], 0, []
-  for i in range(config.eval.batches):
-    batch = grammars.sample(jax.random.fold_in(key, i), grammar, config.eval.batch_size,
-                            config.max_len)
-    toks = np.asarray(batch.tokens)
-    tokens.append(toks)
-    # Concrete input: English uses the length-bucketed CKY path (fast).
-    valid.append(np.asarray(generate_lib.jitted_for(grammar, grammars.valid_next)(toks)))
-    target_is_sentence = np.asarray(batch.sentence_mask)[:, 1:] | (toks[:, 1:] == grammar.eos_id)
-    predict.append(np.concatenate([target_is_sentence, np.zeros_like(toks[:, :1], bool)], 1))
-    rejections += int(np.asarray(batch.rejections).sum())
-    lengths.append(np.asarray(batch.lengths))
-  lengths = np.concatenate(lengths)
-  return EvalSet(np.stack(tokens), np.stack(valid), np.stack(predict),
-                 rejection_rate=rejections / (rejections + lengths.size),
-                 mean_length=float(lengths.mean()), lengths=lengths)
-
-
-@functools.partial(jax.jit, static_argnames=("setup",))
-def _eval_batch(params, tokens_BT, valid_BTV, predict_BT, setup: _Setup) -> dict[str, jax.Array]:
-  grammar = grammars.get(setup.language)
-  # One forward over all T positions; the last position's logits are unused by the CE.
-  logits_BTV = model_lib.apply(params, tokens_BT, setup.model_config).logits
-  ce = loss_from_logits(logits_BTV[:, :-1], tokens_BT, pad_id=grammar.pad_id,
-                        mask_decorator=setup.mask_decorator, decorator_len=grammar.prefix_len)
-  mass_BT = jnp.sum(jax.nn.softmax(logits_BTV, axis=-1) * valid_BTV, axis=-1)
-  return {"ce": ce, "mass_sum": jnp.sum(jnp.where(predict_BT, mass_BT, 0.0)),
-          "mass_count": jnp.sum(predict_BT)}
-
-
-def evaluate(params: model_lib.Params, eval_set: EvalSet, setup: _Setup) -> dict[str, float]:
-  """Held-out CE (the training loss's reduction, averaged over batches) and grammatical mass.
-
-  The grammatical next-token mass is the model's probability on the tokens `valid_next`
-  allows, averaged over every input position whose target is a sentence token or `<eos>`
-  (i.e. from `Out:` through the last sentence token), token-weighted over the eval set.
-  """
-  ces, mass, count = [], 0.0, 0
-  for i in range(eval_set.tokens_NBT.shape[0]):
-    out = _eval_batch(params, eval_set.tokens_NBT[i], eval_set.valid_NBTV[i],
-                      eval_set.predict_NBT[i], setup)
-    ces.append(float(out["ce"]))
-    mass += float(out["mass_sum"])
-    count += int(out["mass_count"])
-  return {"eval_ce": float(np.mean(ces)), "grammatical_next_token_mass": mass / max(count, 1)}
-
-
-def _generation_eval(params, config, setup: _Setup, key, num_batches, batch_size,
+def _generation_eval(params, config, setup: lm_step.Setup, key, num_batches, batch_size,
                      arrays: bool = False):
   return generate_lib.grammaticality(
       params, setup.model_config, grammars.get(config.language), key, num_batches=num_batches,
@@ -445,8 +170,7 @@ def _read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 def _append_metric(path: str, record: dict[str, Any]) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
+  jsonio.append_lines(path, [record])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -463,13 +187,19 @@ def run(config, workdir: str) -> dict[str, Any]:
     FloatingPointError: a non-finite loss or gradient norm (names the step).
   """
   validate_config(config)
+  return run_validated(config, workdir)
+
+
+def run_validated(config, workdir: str) -> dict[str, Any]:
+  """`run` of a config that `validate_config` has passed (the pipeline validates every stage
+  up front, once)."""
   with workdir_lib.lock(workdir):
     return _run_locked(config, workdir)
 
 
 def _run_locked(config, workdir: str) -> dict[str, Any]:
-  setup = _setup(config)
-  hyper = _hyper(config)
+  setup = lm_step.setup_for(config)
+  hyper = lm_step.hyper_for(config)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   summary_path = os.path.join(workdir, "summary.json")
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -478,8 +208,9 @@ def _run_locked(config, workdir: str) -> dict[str, Any]:
                                 has_checkpoints=bool(ro.all_steps()))
   with ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints) as ckpt:
     ckpt_lib.record_fingerprint(ckpt_dir, config)
-    jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
-    template = jax.eval_shape(_init_state, jax.random.key(config.seed), hyper, setup)
+    workdir_lib.write_config(workdir, config)
+    template = jax.eval_shape(lm_step.init_state_from, jax.random.key(config.seed), hyper,
+                              setup)
     train_seconds = 0.0
     if ckpt.all_steps():
       restored = ckpt.restore(template)
@@ -487,7 +218,7 @@ def _run_locked(config, workdir: str) -> dict[str, Any]:
       train_seconds = float(restored.metadata.get("train_seconds", 0.0))
       logging.info("Resuming from %s (step %d).", ckpt.step_path(restored.step), restored.step)
     else:
-      state = init_state(config)
+      state = lm_step.init_state(config)
     start_step = int(state.step)
     if start_step < config.num_steps and start_step % config.steps_per_call:
       raise ValueError(f"The checkpoint is at step {start_step}, not a multiple of "
@@ -514,9 +245,10 @@ def _run_locked(config, workdir: str) -> dict[str, Any]:
                                     train_seconds)
 
     # Final evaluation.
-    eval_set = make_eval_set(config, jax.random.fold_in(root, _HELDOUT))
-    final = evaluate(state.params, eval_set, setup)
-    gen = _generation_eval(state.params, config, setup, jax.random.fold_in(root, _FINAL_GEN),
+    eval_set = lm_step.make_eval_set(config, jax.random.fold_in(root, lm_step.HELDOUT_STREAM))
+    final = lm_step.evaluate(state.params, eval_set, setup)
+    gen = _generation_eval(state.params, config, setup,
+                           jax.random.fold_in(root, lm_step.FINAL_GEN_STREAM),
                            config.eval.final_gen_batches, config.eval.final_gen_batch_size,
                            arrays=True)
     gen_arrays = gen.pop("arrays")
@@ -556,8 +288,8 @@ def _run_locked(config, workdir: str) -> dict[str, Any]:
                                   "grammatical_fraction": gen["mean"],
                                   "grammatical_fraction_std": gen["std"]})
     jsonio.write(summary_path, summary)
-    logging.info("Finished %s at step %d: grammatical %.4f ± %.4f, eval CE %.4f, length TV %.3f "
-                 "(null %.3f), %.0f s of training.", config.language, step, gen["mean"],
+    logging.info("Finished %s at step %d: grammatical %.4f ± %.4f, eval CE %.4f, length TV "
+                 "%.3f (null %.3f), %.0f s of training.", config.language, step, gen["mean"],
                  gen["std"], final["eval_ce"], match["tv"], match["tv_null"]["mean"],
                  train_seconds)
     return summary
@@ -568,13 +300,13 @@ def _copy_key(key: jax.Array) -> jax.Array:
   return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
 
 
-def _train(config, setup: _Setup, hyper, state: TrainState, ckpt: ckpt_lib.Checkpointer,
-           metrics_path: str, train_seconds: float):
+def _train(config, setup: lm_step.Setup, hyper, state: lm_step.TrainState,
+           ckpt: ckpt_lib.Checkpointer, metrics_path: str, train_seconds: float):
   """The host loop: train calls, checks, logging, periodic eval and checkpoints."""
   k = config.steps_per_call
   tokens_per_step = config.batch_size * config.max_len
   root = _copy_key(state.key)  # state buffers are donated to each train call
-  eval_set = make_eval_set(config, jax.random.fold_in(root, _HELDOUT))
+  eval_set = lm_step.make_eval_set(config, jax.random.fold_in(root, lm_step.HELDOUT_STREAM))
   step = int(state.step)
   first_call = True
   window_t, window_steps = 0.0, 0  # since the last progress line
@@ -582,7 +314,7 @@ def _train(config, setup: _Setup, hyper, state: TrainState, ckpt: ckpt_lib.Check
   last_ckpt = ckpt.latest_step()
   while step < config.num_steps:
     t0 = time.perf_counter()
-    state, metrics = train_steps(state, hyper, setup)
+    state, metrics = lm_step.train_steps(state, hyper, setup)
     metrics = jax.device_get(metrics)  # host sync point
     dt = time.perf_counter() - t0
     train_seconds += dt
@@ -620,8 +352,9 @@ def _train(config, setup: _Setup, hyper, state: TrainState, ckpt: ckpt_lib.Check
     # logs exactly what an uninterrupted run logs.
     if step % config.eval_every == 0:
       t_eval = time.perf_counter()
-      ev = evaluate(state.params, eval_set, setup)
-      gen = _generation_eval(state.params, config, setup, jax.random.fold_in(root, _GEN),
+      ev = lm_step.evaluate(state.params, eval_set, setup)
+      gen = _generation_eval(state.params, config, setup,
+                             jax.random.fold_in(root, lm_step.GEN_STREAM),
                              config.eval.gen_batches, config.eval.gen_batch_size)
       _append_metric(metrics_path, {"kind": "eval", "step": step, **ev,
                                     "grammatical_fraction": gen["mean"],
@@ -651,9 +384,9 @@ def write_untrained(config, workdir: str) -> str:
   """
   validate_config(config)
   with workdir_lib.lock(workdir):
-    jsonio.write(os.path.join(workdir, "config.json"), config.to_dict())
+    workdir_lib.write_config(workdir, config)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     with ckpt_lib.Checkpointer(ckpt_dir) as ckpt:
       ckpt_lib.record_fingerprint(ckpt_dir, config)
-      ckpt.save(0, init_state(config))
+      ckpt.save(0, lm_step.init_state(config))
   return workdir

@@ -8,7 +8,7 @@ matched comparison), the figures are drawn by `report/plots.py`.
 
 Inputs (JSON-able dicts; metric values may be floats or the strings "nan" / "inf" / "-inf"):
 
-- `summary`: the `sae` job's `summary.json` (`train_sae._summary`)::
+- `summary`: the `sae` job's `summary.json` (`train_sae.run`)::
 
       {"language", "site", "steps", "lm_step", "token_capacity",
        "variants": {id: {"group", "hparams": {every sweep field: loss, activation, expansion,

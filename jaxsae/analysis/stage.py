@@ -1,0 +1,133 @@
+"""The analysis stage of the pipeline: feature recovery of every SAE of a trained grid and
+causal predictability of chosen ones.
+
+`validate_config(a)` checks the stage's config (`experiments/configs/pipeline.py`'s
+`analysis` block) before anything runs; `run(a, sae_workdir, out_dir, eval_dir)` writes
+`features.json`, `corr.npz` and `causal.json` (see `run`). The data comes from the grid's own
+held-out stream under the analysis seed (`STREAM` folded in, never a training or eval stream),
+so the stage is a deterministic function of (config, grid).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+
+from jaxsae.analysis import causality
+from jaxsae.analysis import codes as codes_lib
+from jaxsae.analysis import comparison
+from jaxsae.analysis import recovery
+from jaxsae.core import jsonio
+from jaxsae.grid import sae as sae_lib
+from jaxsae.grid import trained as trained_lib
+
+STREAM = 2000  # folded into the analysis seed (never a training or eval stream)
+CAUSAL_VARIANTS = ("per_type", "all")
+
+
+def validate_config(a) -> None:
+  """Checks the analysis config (before anything runs).
+
+  Raises:
+    ValueError: naming the field at fault and the accepted values.
+  """
+  for name in ("num_sequences", "max_pairs", "heatmap_latents"):
+    if not isinstance(a[name], int) or a[name] < 1:
+      raise ValueError(f"config.analysis.{name}={a[name]!r} must be a positive int")
+  if not 0 < a.threshold <= 1:
+    raise ValueError(f"config.analysis.threshold={a.threshold} must lie in (0, 1]")
+  if a.causal_variants not in CAUSAL_VARIANTS:
+    raise ValueError(f"config.analysis.causal_variants={a.causal_variants!r}: use one of "
+                     f"{CAUSAL_VARIANTS}")
+
+
+def choose(variants, types: dict[str, str], score: dict[str, float]) -> list[str]:
+  """One variant per SAE type: the best by `score` (higher is better), ids sorted."""
+  best: dict[str, tuple[float, str]] = {}
+  for vid in variants:
+    s = score.get(vid, float("-inf"))
+    t = types[vid]
+    if t not in best or s > best[t][0]:
+      best[t] = (s, vid)
+  return sorted(v for _, v in best.values())
+
+
+def run(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None) -> dict[str, Any]:
+  """Feature recovery for every variant and causal predictability for one SAE per type.
+
+  Writes `features.json` (`recovery.summarise` of every variant, keyed by id), `corr.npz`
+  (latent × label correlations of the chosen SAEs, for heatmaps) and `causal.json`
+  (`causality.causal_predictability` of the chosen SAEs) in `out_dir`.
+
+  Args:
+    a: the analysis config (`num_sequences`, `seed`, `threshold`, `max_pairs`, `causal`,
+      `causal_variants` ('per_type': the chosen SAE of each type; 'all'), `heatmap_latents`),
+      passed by `validate_config`.
+    sae_workdir: the trained grid.
+    out_dir: where to write.
+    eval_dir: optional eval workdir; the chosen SAE of a type is the one with the best
+      feature-recovery score among those whose spliced CE increase is finite.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  trained = trained_lib.load(sae_workdir)
+  setup = trained.setup
+  key = jax.random.fold_in(jax.random.key(a.seed), STREAM)
+  batch = codes_lib.analysis_batch(trained, key, a.num_sequences)
+  lmat = batch.label_matrix()
+  features: dict[str, Any] = {"columns": None, "variants": {}}
+  corr: dict[str, np.ndarray] = {}
+  hparams_by_id = {}
+  t0 = time.perf_counter()
+  for gi, spec in enumerate(setup.specs):
+    codes = codes_lib.collect_codes(trained, gi, batch.tokens_BT, batch.mask_BT)
+    params = jax.tree.map(lambda x: x[: spec.size], trained.state.groups[gi].params)
+    decoders = jax.vmap(lambda p, c=spec.sae: sae_lib.dictionary(p, c))(params)
+    summ = recovery.summarise(codes, lmat, decoders, ids=list(spec.ids))
+    features["columns"] = summ["columns"]
+    features["variants"].update(summ["variants"])
+    cmat = np.asarray(recovery.correlations(codes, lmat))
+    for i, vid in enumerate(spec.ids):
+      corr[vid] = cmat[i]
+      hparams_by_id[vid] = spec.values[i]
+    elapsed = time.perf_counter() - t0
+    eta = elapsed / (gi + 1) * (len(setup.specs) - gi - 1)
+    logging.info("analysis: group %d/%d (%s, %d SAEs) done, ETA %.0f s", gi + 1,
+                 len(setup.specs), spec.name, spec.size, eta)
+  names = [c["name"] for c in features["columns"]]
+  jsonio.write(os.path.join(out_dir, "features.json"), features)
+
+  types = {vid: comparison.sae_type(dict(h)) for vid, h in hparams_by_id.items()}
+  ev = jsonio.read(os.path.join(eval_dir, "eval.json"), {}) if eval_dir else {}
+  ok = {vid for vid, v in ev.get("variants", {}).items()
+        if isinstance(v.get("ce_increase"), (int, float)) and np.isfinite(v["ce_increase"])}
+  score = {vid: float(s.get("mean_best_abs_corr", float("-inf")))
+           for vid, s in features["variants"].items() if not ok or vid in ok}
+  chosen = choose(hparams_by_id, types, score)
+  tested = sorted(hparams_by_id) if a.causal_variants == "all" else chosen
+  np.savez_compressed(os.path.join(out_dir, "corr.npz"), names=np.asarray(names),
+                      **{vid: corr[vid] for vid in chosen})
+
+  causal: dict[str, Any] = {"chosen": chosen, "types": {v: types[v] for v in tested},
+                            "variants": {}}
+  if a.causal:
+    for n, vid in enumerate(tested):
+      v = trained.variant(vid)
+      t1 = time.perf_counter()
+      res = causality.causal_predictability(
+          causality.SplicedSAE(trained.lm.params, setup.model_config, setup.site, v.params,
+                               v.sae_config, v.hparams, v.splice_mode, v.sae_state),
+          batch.tokens_BT, batch.mask_BT, setup.grammar, np.nan_to_num(corr[vid]), names,
+          causality.CausalSettings(threshold=a.threshold, max_pairs=a.max_pairs,
+                                   empirical_fallback=True))
+      causal["variants"][vid] = res
+      logging.info("analysis: causal predictability %d/%d (%s, %s): %s of %s pairs as "
+                   "predicted (%.0f s)", n + 1, len(tested), vid, types[vid],
+                   res.get("fraction_as_predicted"), res.get("n_tested"),
+                   time.perf_counter() - t1)
+  jsonio.write(os.path.join(out_dir, "causal.json"), jsonio.jsonable(causal))
+  return {"features": features, "causal": causal}
