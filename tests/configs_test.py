@@ -255,6 +255,10 @@ BUILDS = [
     ("pipeline", "smoke,language=dyck2,seed=4,grid=causal,stages=lm+sae",
      dict(size="smoke", language="dyck2", seed=4, grid="causal", stages=("lm", "sae"))),
     ("pipeline", "full", dict(size="full")),
+    ("study", None, {}),
+    ("study", "study=menon,language=dyck2,full,seeds=2",
+     dict(study="menon", language="dyck2", size="full", seeds=2)),
+    ("study", "study=causal,smoke", dict(study="causal", size="smoke")),
 ]
 
 

@@ -34,6 +34,8 @@ pipeline's CPU budget (800 steps of 32 sequences); `menon` needs `full` (its lr 
 moves the SAEs in 800 steps) and refuses to run without it.
 """
 
+from typing import Literal
+
 import ml_collections
 
 from experiments.configs import args as args_lib
@@ -52,21 +54,41 @@ FRONTIER_KS = [2, 4, 8, 16, 32, 64]  # TopK latents per token
 
 
 def get_config(arg=None):
+  """The config of `study.py:<arg>` (see the module docstring): `build` of the parsed settings."""
   opts = args_lib.parse(arg, switches=("smoke", "full"),
                         keys={"study": "frontier", "language": "english", "seed": 0, "seeds": 3},
                         minimum={"seeds": 1})
-  study, lang, smoke, full = opts["study"], opts["language"], opts["smoke"], opts["full"]
+  if opts["smoke"] and opts["full"]:
+    raise ValueError("choose at most one of the switches smoke and full")
+  size = "smoke" if opts["smoke"] else "full" if opts["full"] else "default"
+  return build(study=opts["study"], language=opts["language"], seed=opts["seed"],
+               seeds=opts["seeds"], size=size)
+
+
+def build(study: str = "frontier", language: str = "english", seed: int = 0, seeds: int = 3,
+          size: Literal["smoke", "default", "full"] = "default") -> ml_collections.ConfigDict:
+  """The pipeline's config with the study's grid.
+
+  Args:
+    study: one of `STUDIES`.
+    language: a name from `jaxsae.grammars.names()`.
+    seed: the LM, data and evaluation seed.
+    seeds: SAE seeds per configuration (a `seed` sweep field: 0 … seeds − 1).
+    size: 'default' (the pipeline's CPU budget for the SAEs), 'full' (the papers' SAE budget,
+      5,000 steps of 128 sequences) or 'smoke'. The LM is the language's default in both
+      'default' and 'full'.
+  """
   if study not in STUDIES:
     raise ValueError(f"study={study!r}: use one of {STUDIES}")
-  if smoke and full:
-    raise ValueError("choose at most one of the switches smoke and full")
-  if study == "menon" and not (full or smoke):
+  if not isinstance(seeds, int) or seeds < 1:
+    raise ValueError(f"seeds={seeds!r} must be a positive int")
+  smoke, full = size == "smoke", size == "full"
+  if study == "menon" and size == "default":
     raise ValueError("study=menon needs the switch full (Menon's lr 1e-5 trains 5,000 steps of "
                      "128 sequences; at the CPU budget its SAEs barely move): add ',full'")
-  base = f"language={lang},seed={opts['seed']}" + (",smoke" if smoke else "")
-  if study == "causal":
-    base += ",grid=causal"
-  c = pipeline_configs.get_config(base)
+  c = pipeline_configs.build(language=language, seed=seed,
+                             grid="causal" if study == "causal" else "default",
+                             size="smoke" if smoke else "default")
   c.study = study  # which study's grid (for the record; the pipeline ignores it)
   s, e, a = c.sae, c.eval, c.analysis
   if full:
@@ -76,8 +98,7 @@ def get_config(arg=None):
     # Generations with the SAE spliced where it was trained (sentence tokens: the report's
     # headline combination); the causal study keeps both positions.
     e.grammaticality_positions = ("sentence",)
-  seeds = list(range(opts["seeds"]))
-  seed_product = {"seed": seeds}
+  seed_product = {"seed": list(range(seeds))}
   if study == "frontier":
     lambdas, ks, expansion = FRONTIER_LAMBDAS, FRONTIER_KS, pipeline_configs.EXPANSION
     if smoke:
@@ -90,9 +111,9 @@ def get_config(arg=None):
                     "set": {"loss": "local", "activation": "topk", "expansion": expansion}})
     e.grammaticality_modes = ("corrected",)  # no normalised SAEs: the modes coincide
   elif study == "menon":
-    m = sae_menon.get_config(f"language={lang},sparsemax" + (",smoke" if smoke else ""))
-    recon = sae_menon.get_config(f"language={lang},norm=input_recon" +
-                                 (",smoke" if smoke else ""))
+    menon_size = "smoke" if smoke else "default"
+    m = sae_menon.build(language=language, size=menon_size, sparsemax=True)
+    recon = sae_menon.build(language=language, size=menon_size, norm="input_recon")
     topk_recon = [b for b in recon.sweep if b["set"].get("activation") == "topk"]
     s.sweep = list(m.sweep) + topk_recon
     for name in ("schedule", "warmup_steps", "grad_clip"):
@@ -102,4 +123,4 @@ def get_config(arg=None):
     s.sweep = [dict(block, product=dict(block.get("product", {}), **seed_product))
                for block in s.sweep]
     a.causal_variants = "all"
-  return ml_collections.ConfigDict(c)
+  return c

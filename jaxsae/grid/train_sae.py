@@ -48,6 +48,7 @@ from jaxsae.core import jsonio
 from jaxsae.core import workdir as workdir_lib
 from jaxsae.grid import grid_setup
 from jaxsae.grid import grid_step
+from jaxsae.grid import sae_groups
 from jaxsae.grid import trained as trained_lib
 from jaxsae.lm import bundle
 from jaxsae.lm import model as model_lib
