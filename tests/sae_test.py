@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxsae.grid import activations
 from jaxsae.grid import sae as sae_lib
 from jaxsae.lm import model as model_lib
 
@@ -274,7 +275,7 @@ def test_topk_keeps_exactly_the_k_largest():
       np.testing.assert_array_equal(c[top], z[top])
   # Fewer positives than k: only the positives survive.
   z = jnp.array([[3.0, -1.0, 2.0, -4.0, -0.5]])
-  np.testing.assert_array_equal(sae_lib.topk(z, jnp.int32(3), 4), [[3.0, 0, 2.0, 0, 0]])
+  np.testing.assert_array_equal(activations.topk(z, jnp.int32(3), 4), [[3.0, 0, 2.0, 0, 0]])
 
 
 def test_batchtopk_training_and_inference():
@@ -322,13 +323,13 @@ def test_jumprelu_ste_matches_documented_formula():
   zn, tn, wn = np.asarray(z), np.asarray(theta), np.asarray(w)
   rect = (np.abs((zn - tn) / 0.5) < 0.5).astype(np.float32)
   gate = (zn > tn).astype(np.float32)
-  np.testing.assert_array_equal(sae_lib.jumprelu(z, theta, eps), zn * gate)
-  gz, gt = _jit(jax.grad(lambda z, t: jnp.sum(w * sae_lib.jumprelu(z, t, eps)), (0, 1)))(
+  np.testing.assert_array_equal(activations.jumprelu(z, theta, eps), zn * gate)
+  gz, gt = _jit(jax.grad(lambda z, t: jnp.sum(w * activations.jumprelu(z, t, eps)), (0, 1)))(
       z, theta)
   np.testing.assert_allclose(gz, wn * gate)
   np.testing.assert_allclose(gt, np.sum(-wn * tn / 0.5 * rect, 0), rtol=1e-6)
   assert np.count_nonzero(rect) >= 6 and np.count_nonzero(rect) < rect.size
-  gz, gt = _jit(jax.grad(lambda z, t: jnp.sum(w * sae_lib.heaviside_ste(z, t, eps)), (0, 1)))(
+  gz, gt = _jit(jax.grad(lambda z, t: jnp.sum(w * activations.heaviside_ste(z, t, eps)), (0, 1)))(
       z, theta)
   np.testing.assert_array_equal(gz, 0.0)
   np.testing.assert_allclose(gt, np.sum(-wn / 0.5 * rect, 0), rtol=1e-6)
@@ -365,15 +366,15 @@ def _sparsemax_reference(z):
 
 def test_sparsemax_values_and_jacobian():
   z = 1.5 * jnp.asarray(_randn(0, (4, 3, 10)))
-  p = np.asarray(_jit(sae_lib.sparsemax)(z))
+  p = np.asarray(_jit(activations.sparsemax)(z))
   np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
   assert p.min() >= 0 and (p == 0).any() and ((p > 0).sum(-1) > 1).any()
   np.testing.assert_allclose(p, _sparsemax_reference(z), atol=1e-5)
-  np.testing.assert_allclose(sae_lib.sparsemax(jnp.array([0.2, 5.0, 0.1])), [0, 1, 0])
+  np.testing.assert_allclose(activations.sparsemax(jnp.array([0.2, 5.0, 0.1])), [0, 1, 0])
 
   zv = jnp.array([0.9, 0.3, 1.1, -0.7, 0.6, 0.05])
-  jac_fwd = np.asarray(_jit(jax.jacfwd(sae_lib.sparsemax))(zv))
-  jac_rev = np.asarray(_jit(jax.jacrev(sae_lib.sparsemax))(zv))
+  jac_fwd = np.asarray(_jit(jax.jacfwd(activations.sparsemax))(zv))
+  jac_rev = np.asarray(_jit(jax.jacrev(activations.sparsemax))(zv))
   h = 1e-3
   fd = np.stack([(_sparsemax_reference(zv + h * e) - _sparsemax_reference(zv - h * e)) / (2 * h)
                  for e in np.eye(6)], axis=1)
@@ -514,16 +515,16 @@ def test_topk_paths_keep_the_k_largest_with_dynamic_k(k_max):
   z = rng.normal(size=(6, 64)).astype(np.float32)
   z[0, :60] = -1.0  # a row with 4 positive values
   for k in (1, 5, k_max):
-    codes = np.asarray(sae_lib.topk(jnp.asarray(z), jnp.int32(k), k_max))
+    codes = np.asarray(activations.topk(jnp.asarray(z), jnp.int32(k), k_max))
     for c, row in zip(codes, z):
       n = min(k, int((row > 0).sum()))
       top = np.argsort(-row)[:n]
       assert (c != 0).sum() == n
       np.testing.assert_array_equal(c[top], row[top])
   # Gradients reach exactly the kept entries.
-  g = jax.grad(lambda p: jnp.sum(sae_lib.topk(p, jnp.int32(5), k_max) * 2.0))(jnp.asarray(z))
+  g = jax.grad(lambda p: jnp.sum(activations.topk(p, jnp.int32(5), k_max) * 2.0))(jnp.asarray(z))
   np.testing.assert_array_equal(np.asarray(g) != 0,
-                                np.asarray(sae_lib.topk(jnp.asarray(z), jnp.int32(5), k_max)) != 0)
+                                np.asarray(activations.topk(jnp.asarray(z), jnp.int32(5), k_max)) != 0)
 
 
 # ------------------------------------------------------------------------------------------------
