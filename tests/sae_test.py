@@ -625,3 +625,60 @@ def test_sparse_decode_for_inference_and_auto_choice():
   np.testing.assert_allclose(x_hat, sae_lib.decode(params, dense_codes, big), rtol=1e-5,
                              atol=1e-6)
   assert "active" in aux
+
+
+# ------------------------------------------------------------------------------------------------
+# AuxK.
+
+
+def test_auxk_codes_are_the_top_dead_latents():
+  pre = jnp.array([[5.0, 1.0, 3.0, -2.0, 4.0, 2.0],
+                   [0.5, -1.0, -3.0, -2.0, 0.7, -0.1]])
+  dead = jnp.array([False, True, True, True, False, True])
+  codes = np.asarray(activations.auxk_codes(pre, dead, 2))
+  # Row 0: dead latents 1, 2, 3, 5 hold 1, 3, -2, 2 -> keep 3 and 2; live 5 and 4 never.
+  np.testing.assert_array_equal(codes, [[0, 0, 3.0, 0, 0, 2.0], [0, 0, 0, 0, 0, 0]])
+  g = jax.grad(lambda p: jnp.sum(activations.auxk_codes(p, dead, 2) * 3.0))(pre)
+  np.testing.assert_array_equal(np.asarray(g), 3.0 * (codes != 0))
+
+
+def test_since_fired_counts_tokens_resets_and_saturates():
+  config = sae_lib.SAEConfig(d_in=4, width=6, activation="topk", k_max=2, k_aux=3)
+  state = sae_lib.init_state(config)
+  assert state.since_fired.shape == (6,) and sae_lib.init_state(
+      dataclasses.replace(config, k_aux=0)).since_fired is None
+  fired = jnp.array([True, False, False, True, False, False])
+  state = sae_lib.update_since_fired(state, fired, jnp.int32(10))
+  state = sae_lib.update_since_fired(state, ~fired, jnp.int32(7))
+  np.testing.assert_array_equal(state.since_fired, [7, 0, 0, 7, 0, 0])
+  state = sae_lib.update_since_fired(state, fired, jnp.int32(5))
+  np.testing.assert_array_equal(state.since_fired, [0, 5, 5, 0, 5, 5])
+  hp = sae_lib.default_hparams(config, dead_tokens=5)
+  np.testing.assert_array_equal(sae_lib.dead_latents(state, hp), [0, 1, 1, 0, 1, 1])
+  top = state.replace(since_fired=jnp.full((6,), 2**30 - 3, jnp.int32))
+  assert int(sae_lib.update_since_fired(top, fired & False, jnp.int32(100)).since_fired[0]) == 2**30
+  # The BatchTopK threshold update keeps the counters.
+  bt = sae_lib.SAEConfig(d_in=4, width=6, activation="batchtopk", k_max=2, k_aux=3)
+  x = jax.random.normal(jax.random.key(0), (5, 4))
+  params = sae_lib.init(jax.random.key(1), bt)
+  s0 = sae_lib.init_state(bt).replace(since_fired=jnp.arange(6, dtype=jnp.int32))
+  out = sae_lib.forward(params, x, bt, sae_lib.default_hparams(bt), state=s0, train=True)[2]
+  np.testing.assert_array_equal(out["state"].since_fired, np.arange(6))
+  assert int(out["state"].count) == 1
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(activation="relu", k_aux=4), "with a topk/batchtopk activation"),
+    (dict(activation="topk", k_max=2, k_aux=99), "k_aux=99 must be 0"),
+])
+def test_auxk_config_is_validated(kwargs, fragment):
+  with pytest.raises(ValueError, match=fragment):
+    sae_lib.SAEConfig(d_in=4, width=8, **kwargs)
+
+
+def test_config_json_leaves_out_opt_in_fields_when_off():
+  plain = sae_lib.SAEConfig(d_in=4, width=8, activation="topk", k_max=2)
+  assert "k_aux" not in sae_lib.config_json(plain)
+  assert sae_lib.config_json(plain) == {k: v for k, v in dataclasses.asdict(plain).items()
+                                        if k != "k_aux"}
+  assert sae_lib.config_json(dataclasses.replace(plain, k_aux=3))["k_aux"] == 3

@@ -49,6 +49,8 @@ CASES = [
     ("local", "jumprelu", {}),
     ("e2e", "relu", {}),
     ("e2e_ds", "topk", {"k": 4}),
+    ("local", "topk", {"k": 3, "auxk": True, "dead_tokens": 1}),
+    ("e2e", "batchtopk", {"k": 3, "auxk": True, "k_aux": 5, "dead_tokens": 1}),
 ]
 
 
@@ -387,3 +389,49 @@ def test_causal_pretraining_phase_is_plain_training(lm_dir):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=2e-6)
   assert float(np.asarray(ma[0]["causal_beta"])[0]) == 0.0
   assert float(np.asarray(ma[0]["causal"])[0]) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# AuxK.
+
+AUXK = {"loss": "local", "activation": "topk", "k": 2, "expansion": 2, "auxk": True,
+        "dead_tokens": 1, "decode": "dense"}
+
+
+def test_auxk_coeff_grid_equals_separate_runs_and_zero_is_plain_topk(lm_dir):
+  alphas = [0.0, 1 / 32, 1.0]
+  setup, state, metrics, _ = _train(_config(lm_dir, [{"product": {"auxk_coeff": alphas},
+                                                     "set": AUXK}]))
+  (spec,) = setup.specs
+  assert spec.sae.k_aux == setup.model_config.d_model // 2
+  # Logged at every alpha (also 0); some latents are dead (not fired in the previous step).
+  assert np.all(np.asarray(metrics[0]["auxk"])[:3] > 0)
+  assert np.all(np.asarray(metrics[0]["auxk_dead_fraction"])[:3] > 0)
+  since = np.asarray(state.groups[0].sae_state.since_fired)
+  assert since.shape == (spec.padded, spec.sae.width) and since.max() > 0 and since.min() == 0
+  for i, alpha in enumerate(alphas):
+    _, alone, _, _ = _train(_config(lm_dir, [{"set": {**AUXK, "auxk_coeff": alpha}}]))
+    for a, b in zip(jax.tree.leaves(state.groups[0].params),
+                    jax.tree.leaves(alone.groups[0].params)):
+      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+  plain = {k: v for k, v in AUXK.items() if k not in ("auxk", "dead_tokens")}
+  _, ref, ref_metrics, _ = _train(_config(lm_dir, [{"set": plain}]))
+  assert "auxk" not in ref_metrics[0]
+  for a, b in zip(jax.tree.leaves(state.groups[0].params), jax.tree.leaves(ref.groups[0].params)):
+    np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b)[0])  # alpha 0: no effect
+  # alpha > 0 moves the encoder (the dead latents' columns).
+  assert not np.array_equal(np.asarray(state.groups[0].params["w_enc"])[2],
+                            np.asarray(ref.groups[0].params["w_enc"])[0])
+
+
+@pytest.mark.parametrize("sweep, fragment", [
+    ([{"set": {"auxk": True}}], "auxk=True needs activation topk or batchtopk"),
+    ([{"set": {"auxk": True, "activation": "topk", "k": 2, "k_aux": 10**6}}],
+     "k_aux=1000000 exceeds the width"),
+    ([{"set": {"auxk": True, "activation": "topk", "k": 2, "dead_tokens": 0}}],
+     "dead_tokens=0: must be an int in [1, 2^31)"),
+])
+def test_auxk_bad_input_fails_before_compiling(lm_dir, sweep, fragment):
+  with pytest.raises(sweep_lib.SweepError) as err:
+    ts.prepare(_config(lm_dir, sweep))
+  assert fragment in str(err.value), str(err.value)

@@ -147,3 +147,10 @@ def batch_topk(pre: jax.Array, k: jax.Array, k_max: int,
   min_kept = jnp.min(jnp.where(keep, vals, jnp.inf))
   return codes, min_kept, jnp.any(keep)
 
+
+
+def auxk_codes(pre: jax.Array, dead_F: jax.Array, k_aux: int) -> jax.Array:
+  """AuxK's codes (Gao et al. 2024): per token, the k_aux largest positive pre-activations among
+  the dead latents (bool `dead_F` `[F]`), every live latent at 0; as `topk` (gradients to the
+  kept entries only)."""
+  return topk(jnp.where(lead(dead_F, pre), pre, 0), jnp.int32(k_aux), k_aux)

@@ -44,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsae import grammars
 from jaxsae.grid import active_codes
+from jaxsae.grid import activations
 from jaxsae.grid import losses as losses_lib
 from jaxsae.grid import metrics as metrics_lib
 from jaxsae.grid import sae as sae_lib
@@ -264,13 +265,22 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
     sparse_codes = active.vals.T  # [tokens, k_max]: the same per-token norms as the codes
   else:
     sparse_codes = codes
-  terms = losses_lib.compute_terms(lcfg, d_in=cfg.d_in, codes=sparse_codes, x_hat=x_hat,
-                                   target=aux["target"], mask=mask, **extra)
-  total, terms = losses_lib.total_loss(terms, coeffs)
   w = mask.astype(jnp.float32)
   n = jnp.maximum(jnp.sum(w), 1)
   fires_F = (metrics_lib.latent_fire_counts(codes, w) if active is None
              else active_codes.fire_counts(active, w))
+  new_state = aux["state"]
+  if cfg.k_aux:
+    # AuxK: the latents dead before this step reconstruct its residual; then the counters move.
+    dead_F = sae_lib.dead_latents(sae_state, hparams)
+    aux_codes = activations.auxk_codes(aux["pre_acts"], dead_F, cfg.k_aux)
+    extra["auxk"] = losses_lib.auxk(aux_codes, sae_lib.dictionary(params, cfg), x_hat,
+                                    aux["target"], mask)
+    new_state = sae_lib.update_since_fired(new_state, fires_F > 0,
+                                           jnp.sum(mask.astype(jnp.int32)))
+  terms = losses_lib.compute_terms(lcfg, d_in=cfg.d_in, codes=sparse_codes, x_hat=x_hat,
+                                   target=aux["target"], mask=mask, **extra)
+  total, terms = losses_lib.total_loss(terms, coeffs)
   target = aux["target"]
   # e2e_sae's explained variance: the token mean of 1 − Σ_d (x̂−x)² / Σ_d (x − mean_tokens x)².
   mean_D = jnp.sum(w[:, None] * target, axis=0) / n
@@ -279,7 +289,9 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
   metrics["l0"] = jnp.sum(fires_F) / n
   metrics["explained_variance"] = jnp.sum(
       w * metrics_lib.token_explained_variance(x_hat, target, mean_D)) / n
-  return total, (metrics, aux["state"], fires_F > 0)
+  if cfg.k_aux:
+    metrics["auxk_dead_fraction"] = jnp.mean(dead_F.astype(jnp.float32))
+  return total, (metrics, new_state, fires_F > 0)
 
 
 def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, step,

@@ -64,12 +64,14 @@ INITS = sae_config.INITS
 PRE_BIAS_INITS = sae_config.PRE_BIAS_INITS
 SPLICE_MODES = sae_config.SPLICE_MODES
 DECODES = sae_config.DECODES
+DEAD_TOKENS = sae_config.DEAD_TOKENS
 SAEConfig = sae_config.SAEConfig
 SAEHparams = sae_config.SAEHparams
 default_hparams = sae_config.default_hparams
 check_hparams = sae_config.check_hparams
 SAEState = sae_config.SAEState
 init_state = sae_config.init_state
+config_json = sae_config.config_json
 _check_choice = sae_config.check_choice
 
 _EPS = 1e-8  # norms are clipped below at _EPS before dividing (Menon adds 1e-8)
@@ -225,8 +227,21 @@ def _batch_topk_state(state, hparams, min_kept, any_kept):
   m = jax.lax.stop_gradient(min_kept)
   ema = hparams.threshold_decay * state.threshold + (1 - hparams.threshold_decay) * m
   new_thr = jnp.where(state.count == 0, m, ema)
-  return SAEState(threshold=jnp.where(any_kept, new_thr, state.threshold).astype(jnp.float32),
-                  count=state.count + any_kept.astype(jnp.int32))
+  thr = jnp.where(any_kept, new_thr, state.threshold).astype(jnp.float32)
+  return state.replace(threshold=thr, count=state.count + any_kept.astype(jnp.int32))
+
+
+def dead_latents(state: SAEState, hparams: SAEHparams) -> jax.Array:
+  """AuxK's dead latents, bool `[F]`: not fired for `hparams.dead_tokens` training tokens."""
+  return state.since_fired >= hparams.dead_tokens
+
+
+def update_since_fired(state: SAEState, fired_F: jax.Array, n_tokens: jax.Array) -> SAEState:
+  """Counts a training step's `n_tokens` tokens for every latent, back to 0 where it fired
+  (bool `[F]`); saturates at `sae_config.SINCE_FIRED_MAX`. Under stop_gradient."""
+  since = jnp.minimum(state.since_fired, sae_config.SINCE_FIRED_MAX - n_tokens) + n_tokens
+  since = jnp.where(fired_F, 0, since).astype(jnp.int32)
+  return state.replace(since_fired=jax.lax.stop_gradient(since))
 
 
 def _encode(params, x_in, config, hparams, state, train, mask):

@@ -24,6 +24,11 @@ INITS = ("e2e", "menon")
 PRE_BIAS_INITS = ("zero", "mean", "median")
 SPLICE_MODES = ("corrected", "original")
 DECODES = ("auto", "dense", "sparse")
+# AuxK's dead-latent window: Gao et al. 2024 (appendix A.2) call a latent dead after 10M tokens
+# without firing. Short CPU runs see far fewer tokens; set `dead_tokens` per variant.
+DEAD_TOKENS = 10_000_000
+SINCE_FIRED_MAX = 2**30  # the since-fired counters saturate here (int32)
+OPT_IN_FIELDS = {"k_aux": 0}  # SAEConfig fields left out of `config_json` at this value
 
 
 def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -54,6 +59,9 @@ class SAEConfig:
     decode: how `topk` / `batchtopk` codes are decoded: `dense` (`codes @ dictionary`),
       `sparse` (from the active latents only, forward and backward; see `sparse_decode`), or
       `auto` (per backend, from measurements: `sparse_decode`). Other activations: always dense.
+    k_aux: AuxK (Gao et al. 2024, appendix A.2): 0 for none, else the number of dead latents
+      (topk / batchtopk only; k_aux <= width) whose top pre-activations reconstruct the residual
+      x − x̂ in the `auxk` loss term; needs `SAEState.since_fired` (see `init_state`).
   """
 
   d_in: int
@@ -69,6 +77,7 @@ class SAEConfig:
   init: str = "e2e"
   pre_bias_init: str = "zero"
   decode: str = "auto"
+  k_aux: int = 0
 
   def __post_init__(self):
     for name in ("d_in", "width"):
@@ -95,6 +104,11 @@ class SAEConfig:
     elif self.k_max is not None:
       raise ValueError(f"SAEConfig.k_max only applies to topk/batchtopk; set it to None for "
                        f"activation={self.activation!r}.")
+    if self.k_aux != 0:
+      if not (self.uses_k and is_positive_int(self.k_aux) and self.k_aux <= self.width):
+        raise ValueError(f"SAEConfig.k_aux={self.k_aux!r} must be 0 (no AuxK) or an int in "
+                         f"[1, width={self.width}] with a topk/batchtopk activation (got "
+                         f"{self.activation!r}); AuxK revives dead TopK / BatchTopK latents.")
     if self.is_sparsemax and self.enc_bias:
       raise ValueError(f"SAEConfig.enc_bias must be False for activation={self.activation!r} "
                        f"(sparsemax encoders have no encoder bias).")
@@ -123,24 +137,29 @@ class SAEHparams:
     jumprelu_bandwidth: the STE rectangle-kernel bandwidth eps (> 0).
     jumprelu_init_threshold: initial theta (> 0); used by `init` only.
     threshold_decay: BatchTopK threshold EMA decay in [0, 1).
+    dead_tokens: int32, AuxK: a latent not fired for this many training tokens is dead (> 0);
+      None where nothing trains (the field has no default in a grid's hparams).
   """
 
   k: jax.Array
   jumprelu_bandwidth: jax.Array
   jumprelu_init_threshold: jax.Array
   threshold_decay: jax.Array
+  dead_tokens: jax.Array | None = None
 
 
 def default_hparams(config: SAEConfig, **overrides: Any) -> SAEHparams:
-  """Scalar hparams for one variant: k = k_max (or 0), eps = theta_0 = 1e-3, decay 0.99."""
+  """Scalar hparams for one variant: k = k_max (or 0), eps = theta_0 = 1e-3, decay 0.99,
+  dead_tokens = `DEAD_TOKENS`."""
   values = dict(k=config.k_max or 0, jumprelu_bandwidth=1e-3, jumprelu_init_threshold=1e-3,
-                threshold_decay=0.99)
+                threshold_decay=0.99, dead_tokens=DEAD_TOKENS)
   unknown = set(overrides) - set(values)
   if unknown:
     raise ValueError(f"Unknown SAEHparams field(s) {sorted(unknown)}; valid: {sorted(values)}.")
   values.update(overrides)
   return SAEHparams(
       k=jnp.asarray(values.pop("k"), jnp.int32),
+      dead_tokens=jnp.asarray(values.pop("dead_tokens"), jnp.int32),
       **{name: jnp.asarray(v, jnp.float32) for name, v in values.items()})
 
 
@@ -157,16 +176,33 @@ def check_hparams(hparams: SAEHparams, config: SAEConfig) -> None:
   v = np.asarray(hparams.threshold_decay)
   if not np.all((v >= 0) & (v < 1)):
     raise ValueError(f"SAEHparams.threshold_decay must lie in [0, 1), got {v.tolist()}.")
+  if config.k_aux and hparams.dead_tokens is not None:
+    v = np.asarray(hparams.dead_tokens)
+    if not np.all(v > 0):
+      raise ValueError(f"SAEHparams.dead_tokens must be > 0 tokens, got {v.tolist()}.")
 
 
 @flax.struct.dataclass
 class SAEState:
-  """Non-gradient state: BatchTopK's inference threshold (present, unused, for all activations)."""
+  """Non-gradient state: BatchTopK's inference threshold (present, unused, for all activations)
+  and, with AuxK (`k_aux > 0`) only, the training tokens since each latent last fired."""
 
   threshold: jax.Array  # float32 scalar
   count: jax.Array  # int32 scalar, number of EMA updates so far
+  since_fired: jax.Array | None = None  # int32 [F], saturating at SINCE_FIRED_MAX
 
 
 def init_state(config: SAEConfig) -> SAEState:
-  del config  # the same structure for every config
-  return SAEState(threshold=jnp.zeros((), jnp.float32), count=jnp.zeros((), jnp.int32))
+  since = jnp.zeros((config.width,), jnp.int32) if config.k_aux else None
+  return SAEState(threshold=jnp.zeros((), jnp.float32), count=jnp.zeros((), jnp.int32),
+                  since_fired=since)
+
+
+def config_json(config: SAEConfig) -> dict[str, Any]:
+  """The config's fields for JSON records; opt-in fields at their off value are left out (so
+  records of SAEs that do not use them read as before those fields existed)."""
+  out = dataclasses.asdict(config)
+  for name, off in OPT_IN_FIELDS.items():
+    if out[name] == off:
+      del out[name]
+  return out
