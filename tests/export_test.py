@@ -182,7 +182,10 @@ def test_cfg_json_is_saelens_6(tmp_path, name, architecture, extra_keys, norm, l
   assert meta["saelens"]["loadable"] is loadable
   with open(os.path.join(path, "jaxsae.json")) as f:
     block = json.load(f)
-  assert block["sae_config"] == dataclasses.asdict(config)
+  # Every field, less the opt-in ones these SAEs leave off (AuxK's k_aux = 0); reads back equal.
+  assert block["sae_config"] == {k: v for k, v in dataclasses.asdict(config).items()
+                                 if k != "k_aux"}
+  assert sae_lib.SAEConfig(**block["sae_config"]) == config
   assert block["hparams"]["k"] == int(hparams.k)
   tensors, _ = export_lib.load_weights(path)
   shapes = {k: v.shape for k, v in tensors.items()}
