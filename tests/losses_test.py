@@ -335,3 +335,24 @@ def test_auxk_term_fits_the_residual_with_the_dead_latents_only():
   assert float(logs["auxk"]) == float(value) and float(total) == 2.5
   total, _ = losses.total_loss(terms, coeffs)
   np.testing.assert_allclose(total, 2.5 + float(value) / 32, rtol=1e-6)
+
+
+def test_matryoshka_term_sums_the_prefix_reconstruction_losses():
+  rng = np.random.default_rng(1)
+  target = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  mask = jnp.array([True, True, False])
+  prefixes = {m: jnp.asarray(rng.normal(size=(3, 4)), jnp.float32) for m in (2, 5)}
+  terms = losses.compute_terms(losses.LossConfig(), d_in=4, codes=jnp.ones((3, 8)),
+                               x_hat=target, target=target, mask=mask, prefix_x_hats=prefixes)
+  each = {m: np.mean((np.asarray(x) - np.asarray(target))[:2] ** 2) for m, x in prefixes.items()}
+  for m in (2, 5):
+    np.testing.assert_allclose(terms[f"matryoshka/{m}"], each[m], rtol=1e-6)
+  np.testing.assert_allclose(terms["matryoshka"], each[2] + each[5], rtol=1e-6)
+  coeffs = losses.default_coeffs(losses.LossConfig(), 0.0)
+  assert float(coeffs.matryoshka) == 1.0
+  total, logs = losses.total_loss(terms, coeffs.replace(matryoshka=jnp.float32(0.5)))
+  np.testing.assert_allclose(total, 0.5 * (each[2] + each[5]), rtol=1e-6)  # out_to_in is 0
+  assert "matryoshka/2" in logs
+  assert "matryoshka" not in losses.compute_terms(losses.LossConfig(), d_in=4,
+                                                  codes=jnp.ones((3, 8)), x_hat=target,
+                                                  target=target, mask=mask)

@@ -682,3 +682,28 @@ def test_config_json_leaves_out_opt_in_fields_when_off():
   assert sae_lib.config_json(plain) == {k: v for k, v in dataclasses.asdict(plain).items()
                                         if k != "k_aux"}
   assert sae_lib.config_json(dataclasses.replace(plain, k_aux=3))["k_aux"] == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Matryoshka prefixes.
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(pre_bias=True, recon_norm=True),
+                                dict(decoder_norm="none", init="menon")])
+def test_decode_prefix_is_decode_of_the_prefix_codes(kw):
+  config = sae_lib.SAEConfig(d_in=4, width=8, matryoshka=(2, 5), **kw)
+  params = sae_lib.init(jax.random.key(0), config)
+  params = jax.tree.map(lambda p: p + 0.1, params)  # nonzero biases
+  codes = jax.nn.relu(jax.random.normal(jax.random.key(1), (3, 8)))
+  for m in (1, 2, 5, 8):
+    want = sae_lib.decode(params, codes * (jnp.arange(8) < m)[None], config)
+    np.testing.assert_allclose(sae_lib.decode_prefix(params, codes, config, m), want,
+                               rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(sae_lib.decode_prefix(params, codes, config, 8),
+                                sae_lib.decode(params, codes, config))
+
+
+@pytest.mark.parametrize("m", [(4, 2), (0, 3), (2, 8), [2, 4]])
+def test_matryoshka_widths_are_validated(m):
+  with pytest.raises(ValueError, match="strictly increasing prefix widths"):
+    sae_lib.SAEConfig(d_in=4, width=8, matryoshka=m)

@@ -51,6 +51,9 @@ CASES = [
     ("e2e_ds", "topk", {"k": 4}),
     ("local", "topk", {"k": 3, "auxk": True, "dead_tokens": 1}),
     ("e2e", "batchtopk", {"k": 3, "auxk": True, "k_aux": 5, "dead_tokens": 1}),
+    ("local", "relu", {"matryoshka": [0.25, 0.5]}),
+    ("local", "batchtopk", {"k": 3, "matryoshka": [0.125, 0.5], "auxk": True,
+                            "dead_tokens": 1}),
 ]
 
 
@@ -435,3 +438,44 @@ def test_auxk_bad_input_fails_before_compiling(lm_dir, sweep, fragment):
   with pytest.raises(sweep_lib.SweepError) as err:
     ts.prepare(_config(lm_dir, sweep))
   assert fragment in str(err.value), str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Matryoshka.
+
+MATRYOSHKA = {"loss": "local", "activation": "relu", "expansion": 2, "sparsity_coeff": 1.0,
+              "matryoshka": [0.25, 0.5]}
+
+
+def test_matryoshka_coeff_grid_equals_separate_runs_and_zero_is_plain(lm_dir):
+  weights = [0.0, 1.0, 3.0]
+  setup, state, metrics, _ = _train(_config(lm_dir, [{"product": {"matryoshka_coeff": weights},
+                                                     "set": MATRYOSHKA}]))
+  (spec,) = setup.specs
+  f = spec.sae.width
+  assert spec.sae.matryoshka == (f // 4, f // 2)
+  m = metrics[0]
+  for w in spec.sae.matryoshka:  # logged at every weight, also 0
+    assert np.all(np.asarray(m[f"matryoshka/{w}"])[:3] > 0)
+  np.testing.assert_allclose(m["matryoshka"], sum(m[f"matryoshka/{w}"] for w in
+                                                  spec.sae.matryoshka), rtol=1e-6)
+  for i, weight in enumerate(weights):
+    _, alone, _, _ = _train(_config(lm_dir, [{"set": {**MATRYOSHKA, "matryoshka_coeff": weight}}]))
+    for a, b in zip(jax.tree.leaves(state.groups[0].params),
+                    jax.tree.leaves(alone.groups[0].params)):
+      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+  plain = {k: v for k, v in MATRYOSHKA.items() if k != "matryoshka"}
+  _, ref, ref_metrics, _ = _train(_config(lm_dir, [{"set": plain}]))
+  assert "matryoshka" not in ref_metrics[0]
+  for a, b in zip(jax.tree.leaves(state.groups[0].params), jax.tree.leaves(ref.groups[0].params)):
+    np.testing.assert_allclose(np.asarray(a)[0], np.asarray(b)[0], rtol=1e-6, atol=1e-7)
+  # Weighted prefixes lower the inner prefixes' reconstruction error against weight 0.
+  assert float(np.asarray(m["matryoshka"])[2]) < float(np.asarray(m["matryoshka"])[0])
+
+
+def test_matryoshka_bad_fractions_fail_before_compiling(lm_dir):
+  for value, fragment in (([0.5, 0.25], "strictly increasing fractions in (0, 1)"),
+                          ([0.001], "each must be distinct and in [1, F)")):
+    with pytest.raises(sweep_lib.SweepError) as err:
+      ts.prepare(_config(lm_dir, [{"set": {"matryoshka": value}}]))
+    assert fragment in str(err.value), str(err.value)

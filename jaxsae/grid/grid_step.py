@@ -278,6 +278,9 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
                                     aux["target"], mask)
     new_state = sae_lib.update_since_fired(new_state, fires_F > 0,
                                            jnp.sum(mask.astype(jnp.int32)))
+  if cfg.matryoshka:
+    extra["prefix_x_hats"] = {m: sae_lib.decode_prefix(params, codes, cfg, m)
+                              for m in cfg.matryoshka}
   terms = losses_lib.compute_terms(lcfg, d_in=cfg.d_in, codes=sparse_codes, x_hat=x_hat,
                                    target=aux["target"], mask=mask, **extra)
   total, terms = losses_lib.total_loss(terms, coeffs)

@@ -300,6 +300,13 @@ def decode(params: Params, codes: jax.Array, config: SAEConfig) -> jax.Array:
                       config)
 
 
+def decode_prefix(params: Params, codes: jax.Array, config: SAEConfig, m: int) -> jax.Array:
+  """`decode` from the first `m` latents only (static m; a Matryoshka prefix)."""
+  chex.assert_axis_dimension(codes, -1, config.width)
+  x_hat = jnp.einsum("...f,fd->...d", codes[..., :m], dictionary(params, config)[:m])
+  return _decode_tail(params, x_hat, config)
+
+
 def _decode_tail(params: Params, x_hat: jax.Array, config: SAEConfig) -> jax.Array:
   if config.dec_bias:
     x_hat = x_hat + activations.lead(params["b_dec"], x_hat)

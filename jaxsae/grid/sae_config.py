@@ -28,7 +28,7 @@ DECODES = ("auto", "dense", "sparse")
 # without firing. Short CPU runs see far fewer tokens; set `dead_tokens` per variant.
 DEAD_TOKENS = 10_000_000
 SINCE_FIRED_MAX = 2**30  # the since-fired counters saturate here (int32)
-OPT_IN_FIELDS = {"k_aux": 0}  # SAEConfig fields left out of `config_json` at this value
+OPT_IN_FIELDS = {"k_aux": 0, "matryoshka": ()}  # SAEConfig fields left out of `config_json` at this value
 
 
 def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -62,6 +62,9 @@ class SAEConfig:
     k_aux: AuxK (Gao et al. 2024, appendix A.2): 0 for none, else the number of dead latents
       (topk / batchtopk only; k_aux <= width) whose top pre-activations reconstruct the residual
       x − x̂ in the `auxk` loss term; needs `SAEState.since_fired` (see `init_state`).
+    matryoshka: Matryoshka SAE (Bussmann et al. 2025): the inner prefix widths m_1 < ... < F
+      (empty: none), each prefix's reconstruction `sae.decode_prefix` trained to reconstruct x
+      too (the `matryoshka` loss term); the full width is the plain reconstruction.
   """
 
   d_in: int
@@ -78,6 +81,7 @@ class SAEConfig:
   pre_bias_init: str = "zero"
   decode: str = "auto"
   k_aux: int = 0
+  matryoshka: tuple[int, ...] = ()
 
   def __post_init__(self):
     for name in ("d_in", "width"):
@@ -109,6 +113,11 @@ class SAEConfig:
         raise ValueError(f"SAEConfig.k_aux={self.k_aux!r} must be 0 (no AuxK) or an int in "
                          f"[1, width={self.width}] with a topk/batchtopk activation (got "
                          f"{self.activation!r}); AuxK revives dead TopK / BatchTopK latents.")
+    m = self.matryoshka
+    if not (isinstance(m, tuple) and all(is_positive_int(w) for w in m)
+            and all(a < b for a, b in zip(m, m[1:])) and (not m or m[-1] < self.width)):
+      raise ValueError(f"SAEConfig.matryoshka={m!r} must be a tuple of strictly increasing "
+                       f"prefix widths in [1, width={self.width}) (empty: no Matryoshka).")
     if self.is_sparsemax and self.enc_bias:
       raise ValueError(f"SAEConfig.enc_bias must be False for activation={self.activation!r} "
                        f"(sparsemax encoders have no encoder bias).")
@@ -205,4 +214,6 @@ def config_json(config: SAEConfig) -> dict[str, Any]:
   for name, off in OPT_IN_FIELDS.items():
     if out[name] == off:
       del out[name]
+  if "matryoshka" in out:
+    out["matryoshka"] = list(out["matryoshka"])
   return out

@@ -44,6 +44,18 @@ def _int32_nonneg(v):
   return None if ok else "must be an int in [0, 2^31) (stored as int32; larger values wrap)"
 
 
+def _fractions(v):
+  ok = isinstance(v, (list, tuple)) and all(
+      isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1 for f in v) and all(
+          a < b for a, b in zip(v, v[1:]))
+  return None if ok else "must be a list of strictly increasing fractions in (0, 1)"
+
+
+def matryoshka_widths(fractions, width: int) -> tuple[int, ...]:
+  """Prefix widths round(fraction·F) of a Matryoshka sweep value."""
+  return tuple(int(round(f * width)) for f in fractions)
+
+
 def _choice(options):
   return lambda v: None if v in options else f"must be one of {list(options)}"
 
@@ -75,6 +87,10 @@ def registry() -> list[sweep_lib.Field]:
           isinstance(v, int) and not isinstance(v, bool) and v > 0) else "must be None or an "
         "int > 0", doc="AuxK's dead latents per token (None: d_model / 2, SAELens' reading of "
         "Gao et al.; the paper used 512 at d_model 768-4096)"),
+      F("matryoshka", (), True, check=_fractions,
+        doc="Matryoshka SAE (Bussmann et al. 2025): inner prefix sizes as increasing fractions "
+        "of F in (0, 1), each prefix also reconstructs x (paper: [1/16, 1/8, 1/4, 1/2]); "
+        "empty: none"),
       F("loss", "local", True, check=_choice(losses_lib.PRESETS),
         doc="loss preset: local, e2e or e2e_ds"),
       F("sparsity_p", 1.0, True, check=_positive, doc="order p of the sparsity norm"),
@@ -111,6 +127,8 @@ def registry() -> list[sweep_lib.Field]:
       F("dead_tokens", sae_lib.DEAD_TOKENS, False, np.int32, check=lambda v: None if (
           _int32_nonneg(v) is None and v > 0) else "must be an int in [1, 2^31)",
         doc="AuxK: tokens without firing after which a latent is dead (Gao et al.: 10M)"),
+      F("matryoshka_coeff", 1.0, False, check=_nonneg,
+        doc="weight of the summed Matryoshka prefix losses (paper: 1, as the full width)"),
       F("causal_coeff", 0.0, False, check=_nonneg, doc="β of the causal-interpolation term"),
       F("causal_lambda_value", 0.2, False, check=lambda v: None if 0 <= v <= 1
         else "must lie in [0, 1]", doc="λ when causal_lambda='fixed' (paper: 0.2 or 0.02)"),
@@ -126,16 +144,21 @@ def registry() -> list[sweep_lib.Field]:
 
 # Opt-in recipes: switch field -> (its off value, the fields only it reads). A variant with the
 # switch off records none of them (`GroupSpec.values`), as before they existed.
-OPT_IN = {"auxk": (False, ("k_aux", "auxk_coeff", "dead_tokens"))}
+OPT_IN = {"auxk": (False, ("k_aux", "auxk_coeff", "dead_tokens")),
+          "matryoshka": ((), ("matryoshka_coeff",))}
 
 
 def _recorded(values: Mapping[str, Any]) -> dict[str, Any]:
   out = dict(values)
   for switch, (off, fields) in OPT_IN.items():
-    if out[switch] == off:
+    if _frozen(out[switch]) == off:
       for name in (switch, *fields):
         del out[name]
   return out
+
+
+def _frozen(v):
+  return tuple(v) if isinstance(v, list) else v
 
 
 _COEFF_FIELDS = {"out_to_in": "out_to_in_coeff", "logits_kl": "logits_kl_coeff",
@@ -211,6 +234,13 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
       raise sweep_lib.SweepError(
           f"variant {v.id} ({v.label}): k_aux={values['k_aux']} exceeds the width "
           f"{values['expansion'] * d_model}; lower k_aux or widen the SAE")
+    widths = matryoshka_widths(values["matryoshka"], values["expansion"] * d_model)
+    if any(not 1 <= w < values["expansion"] * d_model for w in widths) or len(set(widths)) < len(
+        widths):
+      raise sweep_lib.SweepError(
+          f"variant {v.id} ({v.label}): matryoshka={list(values['matryoshka'])} gives prefix "
+          f"widths {list(widths)} of F={values['expansion'] * d_model}; each must be distinct "
+          f"and in [1, F): use fewer or coarser fractions, or widen the SAE")
     if float(values["lr"]) > LR_WARN:
       logging.warning("variant %s (%s): lr=%g is above %g; Adam steps of that size usually "
                       "diverge (the summary flags variants whose loss grows %gx).", v.id,
@@ -227,7 +257,8 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         input_norm=s["input_norm"], recon_norm=s["recon_norm"], init=s["init"],
         pre_bias_init=s["pre_bias_init"],
         decode=s["decode"] if s["activation"] in ("topk", "batchtopk") else "auto",
-        k_aux=(s["k_aux"] or max(d_model // 2, 1)) if s["auxk"] else 0)
+        k_aux=(s["k_aux"] or max(d_model // 2, 1)) if s["auxk"] else 0,
+        matryoshka=matryoshka_widths(s["matryoshka"], s["expansion"] * d_model))
     loss_cfg = losses_lib.LossConfig(preset=s["loss"], sparsity_p=float(s["sparsity_p"]),
                                      sparsity_reduction=s["sparsity_reduction"],
                                      include_final_resid=s["include_final_resid"],
@@ -250,7 +281,8 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         logits_kl=d["logits_kl_coeff"].astype(np.float32),
         in_to_orig=d["in_to_orig_coeff"].astype(np.float32),
         causal=d["causal_coeff"].astype(np.float32),
-        auxk=d["auxk_coeff"].astype(np.float32))
+        auxk=d["auxk_coeff"].astype(np.float32),
+        matryoshka=d["matryoshka_coeff"].astype(np.float32))
     causal = CausalHparams(
         lambda_value=d["causal_lambda_value"].astype(np.float32),
         start=d["causal_start"].astype(np.int32), ramp=d["causal_ramp"].astype(np.int32),
