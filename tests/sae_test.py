@@ -703,7 +703,61 @@ def test_decode_prefix_is_decode_of_the_prefix_codes(kw):
                                 sae_lib.decode(params, codes, config))
 
 
-@pytest.mark.parametrize("m", [(4, 2), (0, 3), (2, 8), [2, 4]])
+@pytest.mark.parametrize("m", [(4, 2), (0, 3), (2, 8), (2.0, 4)])
 def test_matryoshka_widths_are_validated(m):
   with pytest.raises(ValueError, match="strictly increasing prefix widths"):
     sae_lib.SAEConfig(d_in=4, width=8, matryoshka=m)
+  assert sae_lib.SAEConfig(d_in=4, width=8, matryoshka=[2, 4]).matryoshka == (2, 4)  # JSON
+
+
+# ------------------------------------------------------------------------------------------------
+# Gated.
+
+
+def _gated(**kw):
+  config = sae_lib.SAEConfig(d_in=4, width=8, activation="gated", **kw)
+  params = jax.tree.map(lambda p: p + 0.05, sae_lib.init(jax.random.key(0), config))
+  x = 2.0 * jax.random.normal(jax.random.key(1), (6, 4))
+  return config, params, x, sae_lib.default_hparams(config)
+
+
+def test_gated_with_shared_magnitudes_is_relu():
+  config, params, x, hp = _gated(pre_bias=True)
+  tied = {**params, "r_mag": jnp.zeros((8,)), "b_mag": params["b_enc"]}
+  relu = dataclasses.replace(config, activation="relu")
+  plain = {k: v for k, v in tied.items() if k not in ("r_mag", "b_mag")}
+  np.testing.assert_allclose(sae_lib.encode(tied, x, config, hp),
+                             sae_lib.encode(plain, x, relu, hp), rtol=1e-6, atol=1e-7)
+  gate = sae_lib.forward(params, x, config, hp)[2]["gate_acts"]
+  np.testing.assert_allclose(gate, jax.nn.relu(sae_lib.forward(plain, x, relu, hp)[2]["pre_acts"]),
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_gated_gradients_take_the_magnitude_path_only():
+  config, params, x, hp = _gated()
+  codes = sae_lib.encode(params, x, config, hp)
+  g = jax.grad(lambda p: jnp.sum(sae_lib.encode(p, x, config, hp)))(params)
+  assert float(jnp.abs(g["b_enc"]).max()) == 0.0  # b_gate: only the (flat) gate reads it
+  np.testing.assert_allclose(g["b_mag"], np.sum(np.asarray(codes) > 0, axis=0), rtol=1e-6)
+  # d/d r_mag_j = Σ_tokens 1[c_j > 0] · (x @ w_enc)_j · exp(r_mag_j).
+  want = np.sum((np.asarray(codes) > 0) * np.asarray(x @ params["w_enc"])
+                * np.exp(np.asarray(params["r_mag"])), axis=0)
+  np.testing.assert_allclose(g["r_mag"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_gated_aux_reconstruction_freezes_the_decoder():
+  config, params, x, hp = _gated(pre_bias=True, decoder_norm="none")
+  gate = sae_lib.forward(params, x, config, hp)[2]["gate_acts"]
+  np.testing.assert_allclose(sae_lib.gated_aux_reconstruction(params, gate, config),
+                             sae_lib.decode(params, gate, config), rtol=1e-6)
+  def aux_loss(p):
+    g = sae_lib.forward(p, x, config, hp)[2]["gate_acts"]
+    return jnp.sum(jnp.square(sae_lib.gated_aux_reconstruction(p, g, config) - x))
+  g = jax.grad(aux_loss)(params)
+  for name in ("w_dec", "b_dec", "r_mag", "b_mag"):
+    assert float(jnp.abs(g[name]).max()) == 0.0, name
+  assert float(jnp.abs(g["w_enc"]).max()) > 0 and float(jnp.abs(g["b_enc"]).max()) > 0
+  # The sparsity reads relu(pre_gate) times the dictionary norms.
+  norms = np.linalg.norm(np.asarray(params["w_dec"]), axis=-1)
+  np.testing.assert_allclose(sae_lib.gated_sparsity_codes(params, gate, config),
+                             np.asarray(gate) * norms[None], rtol=1e-6)

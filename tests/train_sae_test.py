@@ -54,6 +54,7 @@ CASES = [
     ("local", "relu", {"matryoshka": [0.25, 0.5]}),
     ("local", "batchtopk", {"k": 3, "matryoshka": [0.125, 0.5], "auxk": True,
                             "dead_tokens": 1}),
+    ("local", "gated", {"pre_bias": True}),
 ]
 
 
@@ -479,3 +480,25 @@ def test_matryoshka_bad_fractions_fail_before_compiling(lm_dir):
     with pytest.raises(sweep_lib.SweepError) as err:
       ts.prepare(_config(lm_dir, [{"set": {"matryoshka": value}}]))
     assert fragment in str(err.value), str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gated.
+
+
+def test_gated_aux_coeff_grid_equals_separate_runs_and_trains_the_gate(lm_dir):
+  common = {"loss": "local", "activation": "gated", "expansion": 2, "sparsity_coeff": 0.0}
+  weights = [0.0, 1.0]
+  setup, state, metrics, _ = _train(_config(lm_dir, [{"product": {"gated_aux_coeff": weights},
+                                                     "set": common}]))
+  assert np.all(np.asarray(metrics[0]["gated_aux"])[:2] > 0)  # logged at weight 0 too
+  g = state.groups[0].params
+  init_setup, lm, root = ts.prepare(_config(lm_dir, [{"set": common}]))
+  b0 = np.asarray(ts.init_grid(init_setup, lm, root).groups[0].params["b_enc"])[0]
+  # No sparsity and no auxiliary term: nothing reaches the gate bias; the auxiliary term does.
+  np.testing.assert_array_equal(np.asarray(g["b_enc"])[0], b0)
+  assert not np.array_equal(np.asarray(g["b_enc"])[1], b0)
+  for i, weight in enumerate(weights):
+    _, alone, _, _ = _train(_config(lm_dir, [{"set": {**common, "gated_aux_coeff": weight}}]))
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(alone.groups[0].params)):
+      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)

@@ -154,3 +154,10 @@ def auxk_codes(pre: jax.Array, dead_F: jax.Array, k_aux: int) -> jax.Array:
   the dead latents (bool `dead_F` `[F]`), every live latent at 0; as `topk` (gradients to the
   kept entries only)."""
   return topk(jnp.where(lead(dead_F, pre), pre, 0), jnp.int32(k_aux), k_aux)
+
+
+def gated(pre_gate: jax.Array, pre_mag: jax.Array) -> jax.Array:
+  """Gated SAE codes (Rajamanoharan et al. 2024a): 1[pre_gate > 0]·relu(pre_mag); the gate is a
+  step with no gradient (the gate path learns through the sparsity and auxiliary terms)."""
+  gate = jax.lax.stop_gradient((pre_gate > 0).astype(pre_mag.dtype))
+  return gate * jax.nn.relu(pre_mag)

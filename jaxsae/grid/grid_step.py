@@ -261,6 +261,9 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
   active = aux.get("active")
   if cfg.activation == "jumprelu":
     sparse_codes = aux["gates"]
+  elif cfg.activation == "gated":
+    sparse_codes = sae_lib.gated_sparsity_codes(params, aux["gate_acts"], cfg)
+    extra["gate_x_hat"] = sae_lib.gated_aux_reconstruction(params, aux["gate_acts"], cfg)
   elif active is not None and active.tok is None:
     sparse_codes = active.vals.T  # [tokens, k_max]: the same per-token norms as the codes
   else:

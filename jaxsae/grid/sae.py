@@ -16,6 +16,8 @@ Params (a dict; its keys depend only on the config). Layouts are the spec's matr
     w_dec [F, D]   row j = dictionary direction j, `x_hat = codes @ w_dec` (spec W_dec is D x F;
                    e2e init: w_decᵀ w_dec = I_D, i.e. W_dec W_decᵀ = I).
     log_threshold [F]  JumpReLU, theta = exp(log_threshold).
+    r_mag [F], b_mag [F]   Gated (Rajamanoharan et al. 2024a): w_enc and b_enc are the gate path;
+                   the magnitude path shares w_enc, scaled per latent by exp(r_mag), with b_mag.
 
 Forward: x_in = x/‖x‖ if `input_norm` else x; pre = (x_in − b_pre) @ w_enc + b_enc;
 codes = act(pre); x_hat = codes @ dictionary + b_dec + b_pre, then x_hat/‖x_hat‖ if `recon_norm`.
@@ -24,7 +26,10 @@ Sparsemax encoders, x̃ = (x_in − b_pre)/‖x_in − b_pre‖ and a_j the unit
 sparsemax(lam·x̃·a_j); `recon_dist` sparsemax(x̃·a_j − lam‖x̃ − a_j‖²); `dist`
 sparsemax(−lam‖x̃ − a_j‖²); no encoder bias. JumpReLU (its straight-through gradients) and
 BatchTopK (the batch selection) are described in `activations`; BatchTopK's inference threshold
-is `SAEState.threshold`, an EMA of the smallest kept value (`_batch_topk_state`).
+is `SAEState.threshold`, an EMA of the smallest kept value (`_batch_topk_state`). Gated: codes =
+1[pre > 0]·relu(pre_mag), pre_mag = (x_in − b_pre) @ w_enc · exp(r_mag) + b_mag, no gradient
+through the gate; `aux['gate_acts']` = relu(pre) feeds the gated SAE's sparsity and auxiliary
+terms (`gated_sparsity_codes`, `gated_aux_reconstruction`).
 
 Sparse decode (`SAEConfig.decode`, resolved by `sparse_decode`): TopK codes (and BatchTopK's in
 training) are also held as their active entries (`active_codes.ActiveCodes`, `aux['active']`);
@@ -148,6 +153,9 @@ def init(key: jax.Array, config: SAEConfig, data_sample: jax.Array | None = None
     params["b_pre"] = _init_pre_bias(config, data_sample)
   if config.activation == "jumprelu":
     params["log_threshold"] = jnp.full((f,), jnp.log(hparams.jumprelu_init_threshold), jnp.float32)
+  if config.activation == "gated":
+    params["r_mag"] = jnp.zeros((f,), jnp.float32)  # the paper's init: W_mag = W_gate
+    params["b_mag"] = jnp.zeros((f,), jnp.float32)
   return params
 
 
@@ -231,6 +239,21 @@ def _batch_topk_state(state, hparams, min_kept, any_kept):
   return state.replace(threshold=thr, count=state.count + any_kept.astype(jnp.int32))
 
 
+def gated_sparsity_codes(params: Params, gate_acts: jax.Array, config: SAEConfig) -> jax.Array:
+  """What a gated SAE's sparsity penalises: relu(gate pre-activations) · ‖dictionary row‖."""
+  norms_F = jnp.linalg.norm(dictionary(params, config), axis=-1)
+  return gate_acts * activations.lead(norms_F, gate_acts)
+
+
+def gated_aux_reconstruction(params: Params, gate_acts: jax.Array, config: SAEConfig
+                             ) -> jax.Array:
+  """The gate path's own reconstruction through a frozen decoder (dictionary, b_dec, b_pre
+  under stop_gradient): the gated SAE's auxiliary term trains w_enc / b_enc through it."""
+  frozen = {k: jax.lax.stop_gradient(v) if k in ("w_dec", "b_dec", "b_pre") else v
+            for k, v in params.items()}
+  return decode(frozen, gate_acts, config)
+
+
 def dead_latents(state: SAEState, hparams: SAEHparams) -> jax.Array:
   """AuxK's dead latents, bool `[F]`: not fired for `hparams.dead_tokens` training tokens."""
   return state.since_fired >= hparams.dead_tokens
@@ -278,6 +301,13 @@ def _encode(params, x_in, config, hparams, state, train, mask):
     theta = jnp.exp(params["log_threshold"])
     codes = activations.jumprelu(pre, theta, hparams.jumprelu_bandwidth)
     aux["gates"] = activations.heaviside_ste(pre, theta, hparams.jumprelu_bandwidth)
+  elif act == "gated":
+    x_enc = _encoder_input(params, x_in, config)
+    pre_mag = jnp.einsum("...d,df->...f", x_enc, params["w_enc"])
+    pre_mag = (pre_mag * activations.lead(jnp.exp(params["r_mag"]), pre_mag)
+               + activations.lead(params["b_mag"], pre_mag))
+    codes = activations.gated(pre, pre_mag)
+    aux["gate_acts"] = jax.nn.relu(pre)
   else:
     codes = activations.sparsemax(pre)
   aux["state"] = state

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu", "sparsemax_no_kds",
-               "sparsemax_recon_dist", "sparsemax_dist")
+               "sparsemax_recon_dist", "sparsemax_dist", "gated")
 SPARSEMAX_ACTIVATIONS = ("sparsemax_no_kds", "sparsemax_recon_dist", "sparsemax_dist")
 DECODER_NORMS = ("none", "forward", "project")
 INITS = ("e2e", "menon")
@@ -28,7 +28,7 @@ DECODES = ("auto", "dense", "sparse")
 # without firing. Short CPU runs see far fewer tokens; set `dead_tokens` per variant.
 DEAD_TOKENS = 10_000_000
 SINCE_FIRED_MAX = 2**30  # the since-fired counters saturate here (int32)
-OPT_IN_FIELDS = {"k_aux": 0, "matryoshka": ()}  # SAEConfig fields left out of `config_json` at this value
+OPT_IN_FIELDS = {"k_aux": 0, "matryoshka": ()}  # left out of `config_json` at these values
 
 
 def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -113,6 +113,8 @@ class SAEConfig:
         raise ValueError(f"SAEConfig.k_aux={self.k_aux!r} must be 0 (no AuxK) or an int in "
                          f"[1, width={self.width}] with a topk/batchtopk activation (got "
                          f"{self.activation!r}); AuxK revives dead TopK / BatchTopK latents.")
+    if isinstance(self.matryoshka, list):  # as read back from JSON
+      object.__setattr__(self, "matryoshka", tuple(self.matryoshka))
     m = self.matryoshka
     if not (isinstance(m, tuple) and all(is_positive_int(w) for w in m)
             and all(a < b for a, b in zip(m, m[1:])) and (not m or m[-1] < self.width)):
@@ -147,7 +149,7 @@ class SAEHparams:
     jumprelu_init_threshold: initial theta (> 0); used by `init` only.
     threshold_decay: BatchTopK threshold EMA decay in [0, 1).
     dead_tokens: int32, AuxK: a latent not fired for this many training tokens is dead (> 0);
-      None where nothing trains (the field has no default in a grid's hparams).
+      None without AuxK (and where nothing trains).
   """
 
   k: jax.Array
@@ -159,16 +161,17 @@ class SAEHparams:
 
 def default_hparams(config: SAEConfig, **overrides: Any) -> SAEHparams:
   """Scalar hparams for one variant: k = k_max (or 0), eps = theta_0 = 1e-3, decay 0.99,
-  dead_tokens = `DEAD_TOKENS`."""
+  dead_tokens = `DEAD_TOKENS` with AuxK (else None)."""
   values = dict(k=config.k_max or 0, jumprelu_bandwidth=1e-3, jumprelu_init_threshold=1e-3,
-                threshold_decay=0.99, dead_tokens=DEAD_TOKENS)
+                threshold_decay=0.99, dead_tokens=DEAD_TOKENS if config.k_aux else None)
   unknown = set(overrides) - set(values)
   if unknown:
     raise ValueError(f"Unknown SAEHparams field(s) {sorted(unknown)}; valid: {sorted(values)}.")
   values.update(overrides)
+  dead = values.pop("dead_tokens")
   return SAEHparams(
       k=jnp.asarray(values.pop("k"), jnp.int32),
-      dead_tokens=jnp.asarray(values.pop("dead_tokens"), jnp.int32),
+      dead_tokens=None if dead is None else jnp.asarray(dead, jnp.int32),
       **{name: jnp.asarray(v, jnp.float32) for name, v in values.items()})
 
 

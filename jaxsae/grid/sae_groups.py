@@ -66,7 +66,8 @@ def registry() -> list[sweep_lib.Field]:
   return [
       # Static: architecture and loss family (one compilation group per combination).
       F("activation", "relu", True, check=_choice(sae_lib.ACTIVATIONS),
-        doc="SAE activation"),
+        doc="SAE activation (gated: Rajamanoharan et al. 2024a, whose encoder subtracts b_dec "
+        "first: pre_bias=True)"),
       F("expansion", 4, True, check=lambda v: None if isinstance(v, int) and v > 0
         else "must be a positive int", doc="latents per input dimension (F = expansion × d)"),
       F("enc_bias", True, True, doc="encoder bias"),
@@ -129,6 +130,9 @@ def registry() -> list[sweep_lib.Field]:
         doc="AuxK: tokens without firing after which a latent is dead (Gao et al.: 10M)"),
       F("matryoshka_coeff", 1.0, False, check=_nonneg,
         doc="weight of the summed Matryoshka prefix losses (paper: 1, as the full width)"),
+      F("gated_aux_coeff", 1.0, False, check=_nonneg,
+        doc="gated SAEs: weight of the gate path's reconstruction through the frozen decoder "
+        "(paper: 1)"),
       F("causal_coeff", 0.0, False, check=_nonneg, doc="β of the causal-interpolation term"),
       F("causal_lambda_value", 0.2, False, check=lambda v: None if 0 <= v <= 1
         else "must lie in [0, 1]", doc="λ when causal_lambda='fixed' (paper: 0.2 or 0.02)"),
@@ -142,23 +146,20 @@ def registry() -> list[sweep_lib.Field]:
   ]
 
 
-# Opt-in recipes: switch field -> (its off value, the fields only it reads). A variant with the
-# switch off records none of them (`GroupSpec.values`), as before they existed.
-OPT_IN = {"auxk": (False, ("k_aux", "auxk_coeff", "dead_tokens")),
-          "matryoshka": ((), ("matryoshka_coeff",))}
+# Opt-in recipes: (their fields, whether a variant uses them). A variant that does not records
+# none of them (`GroupSpec.values`), as before they existed.
+OPT_IN = ((("auxk", "k_aux", "auxk_coeff", "dead_tokens"), lambda v: bool(v["auxk"])),
+          (("matryoshka", "matryoshka_coeff"), lambda v: bool(v["matryoshka"])),
+          (("gated_aux_coeff",), lambda v: v["activation"] == "gated"))
 
 
 def _recorded(values: Mapping[str, Any]) -> dict[str, Any]:
   out = dict(values)
-  for switch, (off, fields) in OPT_IN.items():
-    if _frozen(out[switch]) == off:
-      for name in (switch, *fields):
+  for fields, used in OPT_IN:
+    if not used(values):
+      for name in fields:
         del out[name]
   return out
-
-
-def _frozen(v):
-  return tuple(v) if isinstance(v, list) else v
 
 
 _COEFF_FIELDS = {"out_to_in": "out_to_in_coeff", "logits_kl": "logits_kl_coeff",
@@ -274,7 +275,7 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         jumprelu_bandwidth=d["jumprelu_bandwidth"].astype(np.float32),
         jumprelu_init_threshold=d["jumprelu_init_threshold"].astype(np.float32),
         threshold_decay=d["threshold_decay"].astype(np.float32),
-        dead_tokens=d["dead_tokens"].astype(np.int32))
+        dead_tokens=d["dead_tokens"].astype(np.int32) if sae_cfg.k_aux else None)
     coeffs = losses_lib.LossCoeffs(
         sparsity=d["sparsity_coeff"].astype(np.float32),
         out_to_in=d["out_to_in_coeff"].astype(np.float32),
@@ -282,7 +283,8 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         in_to_orig=d["in_to_orig_coeff"].astype(np.float32),
         causal=d["causal_coeff"].astype(np.float32),
         auxk=d["auxk_coeff"].astype(np.float32),
-        matryoshka=d["matryoshka_coeff"].astype(np.float32))
+        matryoshka=d["matryoshka_coeff"].astype(np.float32),
+        gated_aux=d["gated_aux_coeff"].astype(np.float32))
     causal = CausalHparams(
         lambda_value=d["causal_lambda_value"].astype(np.float32),
         start=d["causal_start"].astype(np.int32), ramp=d["causal_ramp"].astype(np.int32),

@@ -123,6 +123,12 @@ def effective_tensors(params: sae_lib.Params, config: sae_lib.SAEConfig,
     if config.pre_bias and config.dec_bias:
       b_enc = b_enc + b_dec_ours @ raw["w_enc"]  # input is x − (b_dec + b_pre); restore b_dec
     out["b_enc"] = b_enc.astype(np.float32)
+    if config.activation == "gated":
+      out["r_mag"] = raw["r_mag"]
+      b_mag = raw["b_mag"]
+      if config.pre_bias and config.dec_bias:  # as b_enc, through the scaled magnitude weights
+        b_mag = b_mag + (b_dec_ours @ raw["w_enc"]) * np.exp(raw["r_mag"])
+      out["b_mag"] = b_mag.astype(np.float32)
     out["b_dec"] = b_dec_ours + b_pre if config.pre_bias else b_dec_ours
   if config.activation == "jumprelu":
     out["threshold"] = np.asarray(jnp.exp(params["log_threshold"]), np.float32)
@@ -132,18 +138,30 @@ def effective_tensors(params: sae_lib.Params, config: sae_lib.SAEConfig,
   return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
+def _state_json(state: sae_lib.SAEState) -> dict[str, Any]:
+  out = {"threshold": float(np.asarray(state.threshold, np.float32)),
+         "count": int(np.asarray(state.count))}
+  if state.since_fired is not None:  # AuxK's training counters, kept for a faithful record
+    out["since_fired"] = np.asarray(state.since_fired).tolist()
+  return out
+
+
 def _hparams_json(hparams: sae_lib.SAEHparams) -> dict[str, Any]:
   # float32 -> Python float is exact and JSON round-trips doubles exactly, so this is bit-exact.
-  return {"k": int(np.asarray(hparams.k)),
-          **{name: float(np.asarray(getattr(hparams, name), np.float32))
-             for name in ("jumprelu_bandwidth", "jumprelu_init_threshold", "threshold_decay")}}
+  out = {"k": int(np.asarray(hparams.k)),
+         **{name: float(np.asarray(getattr(hparams, name), np.float32))
+            for name in ("jumprelu_bandwidth", "jumprelu_init_threshold", "threshold_decay")}}
+  if hparams.dead_tokens is not None:  # AuxK's (training only), kept for a faithful record
+    out["dead_tokens"] = int(np.asarray(hparams.dead_tokens))
+  return out
 
 
 def _hparams_from_json(d: Mapping[str, Any]) -> sae_lib.SAEHparams:
   return sae_lib.SAEHparams(
       k=jnp.asarray(d["k"], jnp.int32),
       **{name: jnp.asarray(np.float32(d[name])) for name in
-         ("jumprelu_bandwidth", "jumprelu_init_threshold", "threshold_decay")})
+         ("jumprelu_bandwidth", "jumprelu_init_threshold", "threshold_decay")},
+      dead_tokens=(jnp.asarray(d["dead_tokens"], jnp.int32) if "dead_tokens" in d else None))
 
 
 def _hook_layer(site: str) -> int:
@@ -165,8 +183,7 @@ def jaxsae_meta(config: sae_lib.SAEConfig, hparams: sae_lib.SAEHparams,
       "splice_mode": splice_mode,
       "sae_config": sae_lib.config_json(config),
       "hparams": _hparams_json(hparams),
-      "state": {"threshold": float(np.asarray(state.threshold, np.float32)),
-                "count": int(np.asarray(state.count))},
+      "state": _state_json(state),
       "saelens": saelens_lib.form(config, splice_mode).to_json(),
       "extra": dict(extra or {}),
   }
@@ -343,8 +360,10 @@ def load_sae(path: str) -> tuple[sae_lib.Params, sae_lib.SAEConfig, sae_lib.SAEH
   _check_params(raw, config, f"load_sae({path!r})")
   params = {k: jnp.asarray(v) for k, v in raw.items()}
   hparams = _hparams_from_json(block["hparams"])
+  since = block["state"].get("since_fired")
   state = sae_lib.SAEState(threshold=jnp.asarray(np.float32(block["state"]["threshold"])),
-                           count=jnp.asarray(block["state"]["count"], jnp.int32))
+                           count=jnp.asarray(block["state"]["count"], jnp.int32),
+                           since_fired=None if since is None else jnp.asarray(since, jnp.int32))
   meta = {"variant_id": block["variant_id"], "language": block["language"],
           "site": block["site"], "splice_mode": block["splice_mode"], "state": state,
           "saelens": block["saelens"], "extra": block.get("extra", {}), "cfg": cfg}
