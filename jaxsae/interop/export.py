@@ -138,30 +138,21 @@ def effective_tensors(params: sae_lib.Params, config: sae_lib.SAEConfig,
   return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
-def _state_json(state: sae_lib.SAEState) -> dict[str, Any]:
-  out = {"threshold": float(np.asarray(state.threshold, np.float32)),
-         "count": int(np.asarray(state.count))}
-  if state.since_fired is not None:  # AuxK's training counters, kept for a faithful record
-    out["since_fired"] = np.asarray(state.since_fired).tolist()
-  return out
+_INT_FIELDS = ("k", "count", "dead_tokens", "since_fired")  # of SAEHparams / SAEState
 
 
-def _hparams_json(hparams: sae_lib.SAEHparams) -> dict[str, Any]:
-  # float32 -> Python float is exact and JSON round-trips doubles exactly, so this is bit-exact.
-  out = {"k": int(np.asarray(hparams.k)),
-         **{name: float(np.asarray(getattr(hparams, name), np.float32))
-            for name in ("jumprelu_bandwidth", "jumprelu_init_threshold", "threshold_decay")}}
-  if hparams.dead_tokens is not None:  # AuxK's (training only), kept for a faithful record
-    out["dead_tokens"] = int(np.asarray(hparams.dead_tokens))
-  return out
+def _struct_json(struct) -> dict[str, Any]:
+  """An `SAEHparams` / `SAEState` as JSON, its None fields (e.g. AuxK's when unused) left out.
+  float32 -> Python float is exact and JSON round-trips doubles exactly, so this is bit-exact."""
+  values = {f.name: getattr(struct, f.name) for f in dataclasses.fields(struct)}
+  return {name: (np.asarray(v).tolist() if name in _INT_FIELDS
+                 else float(np.asarray(v, np.float32)))
+          for name, v in values.items() if v is not None}
 
 
-def _hparams_from_json(d: Mapping[str, Any]) -> sae_lib.SAEHparams:
-  return sae_lib.SAEHparams(
-      k=jnp.asarray(d["k"], jnp.int32),
-      **{name: jnp.asarray(np.float32(d[name])) for name in
-         ("jumprelu_bandwidth", "jumprelu_init_threshold", "threshold_decay")},
-      dead_tokens=(jnp.asarray(d["dead_tokens"], jnp.int32) if "dead_tokens" in d else None))
+def _struct_from_json(cls, d: Mapping[str, Any]):
+  return cls(**{name: jnp.asarray(v, jnp.int32) if name in _INT_FIELDS
+                else jnp.asarray(np.float32(v)) for name, v in d.items()})
 
 
 def _hook_layer(site: str) -> int:
@@ -182,8 +173,8 @@ def jaxsae_meta(config: sae_lib.SAEConfig, hparams: sae_lib.SAEHparams,
       "site": site,
       "splice_mode": splice_mode,
       "sae_config": sae_lib.config_json(config),
-      "hparams": _hparams_json(hparams),
-      "state": _state_json(state),
+      "hparams": _struct_json(hparams),
+      "state": _struct_json(state),
       "saelens": saelens_lib.form(config, splice_mode).to_json(),
       "extra": dict(extra or {}),
   }
@@ -359,11 +350,8 @@ def load_sae(path: str) -> tuple[sae_lib.Params, sae_lib.SAEConfig, sae_lib.SAEH
   raw = _read_npz(path, PARAMS_FILE)
   _check_params(raw, config, f"load_sae({path!r})")
   params = {k: jnp.asarray(v) for k, v in raw.items()}
-  hparams = _hparams_from_json(block["hparams"])
-  since = block["state"].get("since_fired")
-  state = sae_lib.SAEState(threshold=jnp.asarray(np.float32(block["state"]["threshold"])),
-                           count=jnp.asarray(block["state"]["count"], jnp.int32),
-                           since_fired=None if since is None else jnp.asarray(since, jnp.int32))
+  hparams = _struct_from_json(sae_lib.SAEHparams, block["hparams"])
+  state = _struct_from_json(sae_lib.SAEState, block["state"])
   meta = {"variant_id": block["variant_id"], "language": block["language"],
           "site": block["site"], "splice_mode": block["splice_mode"], "state": state,
           "saelens": block["saelens"], "extra": block.get("extra", {}), "cfg": cfg}
