@@ -18,6 +18,11 @@ matrix multiplies are slow; see `over_variants`):
   (constant or ramped), an optional plain pre-training phase and a fresh optimizer at a lower
   lr for the fine-tuning phase.
 
+Training recipes of the SAE itself are terms of the per-variant loss too: AuxK (`k_aux`: the
+dead latents, by `SAEState.since_fired` before the step, fit the residual; the counters then
+advance by the step's tokens), Matryoshka prefixes (`matryoshka`) and the gated SAE's sparsity
+and auxiliary reconstruction, each logged at every coefficient.
+
 What the variants share is computed once per step, outside the per-variant function: the clean
 forward, its log-softmax (the KL target) and the downstream clean activations (`Batch`).
 TopK / BatchTopK groups with the sparse decode (`sae.sparse_decode`) take the sparsity term and
