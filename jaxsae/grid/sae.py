@@ -374,7 +374,8 @@ def forward(params: Params, x: jax.Array, config: SAEConfig, hparams: SAEHparams
     `(x_hat, codes, aux)`: x_hat `[..., D]` in the SAE's space; codes `[..., F]`; aux with
     `target` (the SAE input, what x_hat reconstructs), `pre_acts` `[..., F]`, `state` (updated in
     BatchTopK training mode, else as given), `gates` (JumpReLU's L0 surrogate) for JumpReLU,
-    `gate_acts` (relu of the gate pre-activations) for gated SAEs, and `active` (`active_codes.ActiveCodes` of the codes, flattened over the leading axes) when
+    `gate_acts` (relu of the gate pre-activations) for gated SAEs, and `active`
+    (`active_codes.ActiveCodes` of the codes, flattened over the leading axes) when
     `sparse_decode(config, train)`.
   """
   return _forward(params, x, config, hparams, state, train, mask, config.input_norm)
