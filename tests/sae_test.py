@@ -678,10 +678,11 @@ def test_auxk_config_is_validated(kwargs, fragment):
 
 def test_config_json_leaves_out_opt_in_fields_when_off():
   plain = sae_lib.SAEConfig(d_in=4, width=8, activation="topk", k_max=2)
-  assert "k_aux" not in sae_lib.config_json(plain)
   assert sae_lib.config_json(plain) == {k: v for k, v in dataclasses.asdict(plain).items()
-                                        if k != "k_aux"}
-  assert sae_lib.config_json(dataclasses.replace(plain, k_aux=3))["k_aux"] == 3
+                                        if k not in ("k_aux", "matryoshka")}
+  used = sae_lib.config_json(dataclasses.replace(plain, k_aux=3, matryoshka=(2, 4)))
+  assert (used["k_aux"], used["matryoshka"]) == (3, [2, 4])
+  assert sae_lib.SAEConfig(**used) == dataclasses.replace(plain, k_aux=3, matryoshka=(2, 4))
 
 
 # ------------------------------------------------------------------------------------------------
