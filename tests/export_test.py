@@ -45,6 +45,11 @@ CASES = {
                                   init="menon", pre_bias=True, input_norm=True), {}, None),
     "sparsemax_dist": (dict(activation="sparsemax_dist", enc_bias=False, init="menon",
                             decoder_norm="none"), {}, None),
+    "gated_prebias": (dict(activation="gated", pre_bias=True, decoder_norm="none"), {}, None),
+    "gated_input_forward": (dict(activation="gated", input_norm=True), {}, None),
+    # AuxK / Matryoshka train differently; the SAE is a plain TopK / BatchTopK one.
+    "topk_auxk_matryoshka": (dict(activation="topk", k_max=5, k_aux=4, matryoshka=(6, 12)),
+                             dict(k=3, dead_tokens=100), None),
 }
 
 
@@ -161,6 +166,7 @@ _SAELENS_KEYS = ["d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
     ("relu_input", "standard", {}, "constant_norm_rescale", True),
     ("relu_input_recon", "standard", {}, "jaxsae_input_recon", False),
     ("sparsemax_recon_dist", "jaxsae_sparsemax", {}, "jaxsae_input", False),
+    ("gated_prebias", "jaxsae_gated", {}, "none", False),
 ])
 def test_cfg_json_is_saelens_6(tmp_path, name, architecture, extra_keys, norm, loadable):
   path, (_, config, hparams, _) = _export(tmp_path, name, model_name="tiny-dyck2",
@@ -183,7 +189,10 @@ def test_cfg_json_is_saelens_6(tmp_path, name, architecture, extra_keys, norm, l
   assert meta["saelens"]["loadable"] is loadable
   with open(os.path.join(path, "jaxsae.json")) as f:
     block = json.load(f)
-  assert block["sae_config"] == dataclasses.asdict(config)
+  # Every field, less the opt-in ones these SAEs leave off (AuxK, Matryoshka); reads back equal.
+  assert block["sae_config"] == {k: v for k, v in dataclasses.asdict(config).items()
+                                 if k not in ("k_aux", "matryoshka")}
+  assert sae_lib.SAEConfig(**block["sae_config"]) == config
   assert block["hparams"]["k"] == int(hparams.k)
   tensors, _ = export_lib.load_weights(path)
   shapes = {k: v.shape for k, v in tensors.items()}

@@ -308,3 +308,51 @@ def test_causal_ramp_and_lambda_draws():
   assert losses.LossConfig(causal=True).terms[-1] == "causal"
   with pytest.raises(ValueError, match="causal_target"):
     losses.LossConfig(causal=True, causal_target="other")
+
+
+def test_auxk_term_fits_the_residual_with_the_dead_latents_only():
+  rng = np.random.default_rng(0)
+  x_hat, target = (jnp.asarray(rng.normal(size=(3, 4)), jnp.float32) for _ in range(2))
+  dict_FD = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+  mask = jnp.array([True, False, True])
+  codes = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+  value = losses.auxk(codes, dict_FD, x_hat, target, mask)
+  e = np.asarray(target - x_hat)
+  want = np.mean((np.asarray(codes @ dict_FD) - e)[[0, 2]] ** 2)
+  np.testing.assert_allclose(value, want, rtol=1e-5)
+  # No dead latent: the codes are 0, the value is mean(residual²) and no gradient flows.
+  zero = jnp.zeros_like(codes)
+  np.testing.assert_allclose(losses.auxk(zero, dict_FD, x_hat, target, mask),
+                             np.mean(e[[0, 2]] ** 2), rtol=1e-6)
+  grads = jax.grad(lambda c, d, xh: losses.auxk(c * 0, d, xh, target, mask), (1, 2))(
+      codes, dict_FD, x_hat)
+  assert all(float(jnp.abs(g).max()) == 0 for g in grads)  # the residual is a constant
+  # Logged at coefficient 0, weighted by alpha otherwise.
+  terms = {"out_to_in": jnp.float32(2.0), "sparsity": jnp.float32(1.0), "auxk": value}
+  coeffs = losses.default_coeffs(losses.LossConfig(), 0.5)
+  assert float(coeffs.auxk) == np.float32(1 / 32)
+  total, logs = losses.total_loss(terms, coeffs.replace(auxk=jnp.float32(0)))
+  assert float(logs["auxk"]) == float(value) and float(total) == 2.5
+  total, _ = losses.total_loss(terms, coeffs)
+  np.testing.assert_allclose(total, 2.5 + float(value) / 32, rtol=1e-6)
+
+
+def test_matryoshka_term_sums_the_prefix_reconstruction_losses():
+  rng = np.random.default_rng(1)
+  target = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  mask = jnp.array([True, True, False])
+  prefixes = {m: jnp.asarray(rng.normal(size=(3, 4)), jnp.float32) for m in (2, 5)}
+  terms = losses.compute_terms(losses.LossConfig(), d_in=4, codes=jnp.ones((3, 8)),
+                               x_hat=target, target=target, mask=mask, prefix_x_hats=prefixes)
+  each = {m: np.mean((np.asarray(x) - np.asarray(target))[:2] ** 2) for m, x in prefixes.items()}
+  for m in (2, 5):
+    np.testing.assert_allclose(terms[f"matryoshka/{m}"], each[m], rtol=1e-6)
+  np.testing.assert_allclose(terms["matryoshka"], each[2] + each[5], rtol=1e-6)
+  coeffs = losses.default_coeffs(losses.LossConfig(), 0.0)
+  assert float(coeffs.matryoshka) == 1.0
+  total, logs = losses.total_loss(terms, coeffs.replace(matryoshka=jnp.float32(0.5)))
+  np.testing.assert_allclose(total, 0.5 * (each[2] + each[5]), rtol=1e-6)  # out_to_in is 0
+  assert "matryoshka/2" in logs
+  assert "matryoshka" not in losses.compute_terms(losses.LossConfig(), d_in=4,
+                                                  codes=jnp.ones((3, 8)), x_hat=target,
+                                                  target=target, mask=mask)

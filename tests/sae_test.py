@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxsae.grid import activations
 from jaxsae.grid import sae as sae_lib
 from jaxsae.lm import model as model_lib
 
@@ -274,7 +275,7 @@ def test_topk_keeps_exactly_the_k_largest():
       np.testing.assert_array_equal(c[top], z[top])
   # Fewer positives than k: only the positives survive.
   z = jnp.array([[3.0, -1.0, 2.0, -4.0, -0.5]])
-  np.testing.assert_array_equal(sae_lib.topk(z, jnp.int32(3), 4), [[3.0, 0, 2.0, 0, 0]])
+  np.testing.assert_array_equal(activations.topk(z, jnp.int32(3), 4), [[3.0, 0, 2.0, 0, 0]])
 
 
 def test_batchtopk_training_and_inference():
@@ -322,13 +323,13 @@ def test_jumprelu_ste_matches_documented_formula():
   zn, tn, wn = np.asarray(z), np.asarray(theta), np.asarray(w)
   rect = (np.abs((zn - tn) / 0.5) < 0.5).astype(np.float32)
   gate = (zn > tn).astype(np.float32)
-  np.testing.assert_array_equal(sae_lib.jumprelu(z, theta, eps), zn * gate)
-  gz, gt = _jit(jax.grad(lambda z, t: jnp.sum(w * sae_lib.jumprelu(z, t, eps)), (0, 1)))(
+  np.testing.assert_array_equal(activations.jumprelu(z, theta, eps), zn * gate)
+  gz, gt = _jit(jax.grad(lambda z, t: jnp.sum(w * activations.jumprelu(z, t, eps)), (0, 1)))(
       z, theta)
   np.testing.assert_allclose(gz, wn * gate)
   np.testing.assert_allclose(gt, np.sum(-wn * tn / 0.5 * rect, 0), rtol=1e-6)
   assert np.count_nonzero(rect) >= 6 and np.count_nonzero(rect) < rect.size
-  gz, gt = _jit(jax.grad(lambda z, t: jnp.sum(w * sae_lib.heaviside_ste(z, t, eps)), (0, 1)))(
+  gz, gt = _jit(jax.grad(lambda z, t: jnp.sum(w * activations.heaviside_ste(z, t, eps)), (0, 1)))(
       z, theta)
   np.testing.assert_array_equal(gz, 0.0)
   np.testing.assert_allclose(gt, np.sum(-wn / 0.5 * rect, 0), rtol=1e-6)
@@ -365,15 +366,15 @@ def _sparsemax_reference(z):
 
 def test_sparsemax_values_and_jacobian():
   z = 1.5 * jnp.asarray(_randn(0, (4, 3, 10)))
-  p = np.asarray(_jit(sae_lib.sparsemax)(z))
+  p = np.asarray(_jit(activations.sparsemax)(z))
   np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
   assert p.min() >= 0 and (p == 0).any() and ((p > 0).sum(-1) > 1).any()
   np.testing.assert_allclose(p, _sparsemax_reference(z), atol=1e-5)
-  np.testing.assert_allclose(sae_lib.sparsemax(jnp.array([0.2, 5.0, 0.1])), [0, 1, 0])
+  np.testing.assert_allclose(activations.sparsemax(jnp.array([0.2, 5.0, 0.1])), [0, 1, 0])
 
   zv = jnp.array([0.9, 0.3, 1.1, -0.7, 0.6, 0.05])
-  jac_fwd = np.asarray(_jit(jax.jacfwd(sae_lib.sparsemax))(zv))
-  jac_rev = np.asarray(_jit(jax.jacrev(sae_lib.sparsemax))(zv))
+  jac_fwd = np.asarray(_jit(jax.jacfwd(activations.sparsemax))(zv))
+  jac_rev = np.asarray(_jit(jax.jacrev(activations.sparsemax))(zv))
   h = 1e-3
   fd = np.stack([(_sparsemax_reference(zv + h * e) - _sparsemax_reference(zv - h * e)) / (2 * h)
                  for e in np.eye(6)], axis=1)
@@ -514,16 +515,16 @@ def test_topk_paths_keep_the_k_largest_with_dynamic_k(k_max):
   z = rng.normal(size=(6, 64)).astype(np.float32)
   z[0, :60] = -1.0  # a row with 4 positive values
   for k in (1, 5, k_max):
-    codes = np.asarray(sae_lib.topk(jnp.asarray(z), jnp.int32(k), k_max))
+    codes = np.asarray(activations.topk(jnp.asarray(z), jnp.int32(k), k_max))
     for c, row in zip(codes, z):
       n = min(k, int((row > 0).sum()))
       top = np.argsort(-row)[:n]
       assert (c != 0).sum() == n
       np.testing.assert_array_equal(c[top], row[top])
   # Gradients reach exactly the kept entries.
-  g = jax.grad(lambda p: jnp.sum(sae_lib.topk(p, jnp.int32(5), k_max) * 2.0))(jnp.asarray(z))
-  np.testing.assert_array_equal(np.asarray(g) != 0,
-                                np.asarray(sae_lib.topk(jnp.asarray(z), jnp.int32(5), k_max)) != 0)
+  g = jax.grad(lambda p: jnp.sum(activations.topk(p, jnp.int32(5), k_max) * 2.0))(jnp.asarray(z))
+  kept = np.asarray(activations.topk(jnp.asarray(z), jnp.int32(5), k_max)) != 0
+  np.testing.assert_array_equal(np.asarray(g) != 0, kept)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -624,3 +625,140 @@ def test_sparse_decode_for_inference_and_auto_choice():
   np.testing.assert_allclose(x_hat, sae_lib.decode(params, dense_codes, big), rtol=1e-5,
                              atol=1e-6)
   assert "active" in aux
+
+
+# ------------------------------------------------------------------------------------------------
+# AuxK.
+
+
+def test_auxk_codes_are_the_top_dead_latents():
+  pre = jnp.array([[5.0, 1.0, 3.0, -2.0, 4.0, 2.0],
+                   [0.5, -1.0, -3.0, -2.0, 0.7, -0.1]])
+  dead = jnp.array([False, True, True, True, False, True])
+  codes = np.asarray(activations.auxk_codes(pre, dead, 2))
+  # Row 0: dead latents 1, 2, 3, 5 hold 1, 3, -2, 2 -> keep 3 and 2; live 5 and 4 never.
+  np.testing.assert_array_equal(codes, [[0, 0, 3.0, 0, 0, 2.0], [0, 0, 0, 0, 0, 0]])
+  g = jax.grad(lambda p: jnp.sum(activations.auxk_codes(p, dead, 2) * 3.0))(pre)
+  np.testing.assert_array_equal(np.asarray(g), 3.0 * (codes != 0))
+
+
+def test_since_fired_counts_tokens_resets_and_saturates():
+  config = sae_lib.SAEConfig(d_in=4, width=6, activation="topk", k_max=2, k_aux=3)
+  state = sae_lib.init_state(config)
+  assert state.since_fired.shape == (6,) and sae_lib.init_state(
+      dataclasses.replace(config, k_aux=0)).since_fired is None
+  fired = jnp.array([True, False, False, True, False, False])
+  state = sae_lib.update_since_fired(state, fired, jnp.int32(10))
+  state = sae_lib.update_since_fired(state, ~fired, jnp.int32(7))
+  np.testing.assert_array_equal(state.since_fired, [7, 0, 0, 7, 0, 0])
+  state = sae_lib.update_since_fired(state, fired, jnp.int32(5))
+  np.testing.assert_array_equal(state.since_fired, [0, 5, 5, 0, 5, 5])
+  hp = sae_lib.default_hparams(config, dead_tokens=5)
+  np.testing.assert_array_equal(sae_lib.dead_latents(state, hp), [0, 1, 1, 0, 1, 1])
+  top = state.replace(since_fired=jnp.full((6,), 2**30 - 3, jnp.int32))
+  assert int(sae_lib.update_since_fired(top, fired & False, jnp.int32(100)).since_fired[0]) == 2**30
+  # The BatchTopK threshold update keeps the counters.
+  bt = sae_lib.SAEConfig(d_in=4, width=6, activation="batchtopk", k_max=2, k_aux=3)
+  x = jax.random.normal(jax.random.key(0), (5, 4))
+  params = sae_lib.init(jax.random.key(1), bt)
+  s0 = sae_lib.init_state(bt).replace(since_fired=jnp.arange(6, dtype=jnp.int32))
+  out = sae_lib.forward(params, x, bt, sae_lib.default_hparams(bt), state=s0, train=True)[2]
+  np.testing.assert_array_equal(out["state"].since_fired, np.arange(6))
+  assert int(out["state"].count) == 1
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(activation="relu", k_aux=4), "with a topk/batchtopk activation"),
+    (dict(activation="topk", k_max=2, k_aux=99), "k_aux=99 must be 0"),
+])
+def test_auxk_config_is_validated(kwargs, fragment):
+  with pytest.raises(ValueError, match=fragment):
+    sae_lib.SAEConfig(d_in=4, width=8, **kwargs)
+
+
+def test_config_json_leaves_out_opt_in_fields_when_off():
+  plain = sae_lib.SAEConfig(d_in=4, width=8, activation="topk", k_max=2)
+  assert sae_lib.config_json(plain) == {k: v for k, v in dataclasses.asdict(plain).items()
+                                        if k not in ("k_aux", "matryoshka")}
+  used = sae_lib.config_json(dataclasses.replace(plain, k_aux=3, matryoshka=(2, 4)))
+  assert (used["k_aux"], used["matryoshka"]) == (3, [2, 4])
+  assert sae_lib.SAEConfig(**used) == dataclasses.replace(plain, k_aux=3, matryoshka=(2, 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# Matryoshka prefixes.
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(pre_bias=True, recon_norm=True),
+                                dict(decoder_norm="none", init="menon")])
+def test_decode_prefix_is_decode_of_the_prefix_codes(kw):
+  config = sae_lib.SAEConfig(d_in=4, width=8, matryoshka=(2, 5), **kw)
+  params = sae_lib.init(jax.random.key(0), config)
+  params = jax.tree.map(lambda p: p + 0.1, params)  # nonzero biases
+  codes = jax.nn.relu(jax.random.normal(jax.random.key(1), (3, 8)))
+  for m in (1, 2, 5, 8):
+    want = sae_lib.decode(params, codes * (jnp.arange(8) < m)[None], config)
+    np.testing.assert_allclose(sae_lib.decode_prefix(params, codes, config, m), want,
+                               rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(sae_lib.decode_prefix(params, codes, config, 8),
+                                sae_lib.decode(params, codes, config))
+
+
+@pytest.mark.parametrize("m", [(4, 2), (0, 3), (2, 8), (2.0, 4)])
+def test_matryoshka_widths_are_validated(m):
+  with pytest.raises(ValueError, match="strictly increasing prefix widths"):
+    sae_lib.SAEConfig(d_in=4, width=8, matryoshka=m)
+  assert sae_lib.SAEConfig(d_in=4, width=8, matryoshka=[2, 4]).matryoshka == (2, 4)  # JSON
+
+
+# ------------------------------------------------------------------------------------------------
+# Gated.
+
+
+def _gated(**kw):
+  config = sae_lib.SAEConfig(d_in=4, width=8, activation="gated", **kw)
+  params = jax.tree.map(lambda p: p + 0.05, sae_lib.init(jax.random.key(0), config))
+  x = 2.0 * jax.random.normal(jax.random.key(1), (6, 4))
+  return config, params, x, sae_lib.default_hparams(config)
+
+
+def test_gated_with_shared_magnitudes_is_relu():
+  config, params, x, hp = _gated(pre_bias=True)
+  tied = {**params, "r_mag": jnp.zeros((8,)), "b_mag": params["b_enc"]}
+  relu = dataclasses.replace(config, activation="relu")
+  plain = {k: v for k, v in tied.items() if k not in ("r_mag", "b_mag")}
+  np.testing.assert_allclose(sae_lib.encode(tied, x, config, hp),
+                             sae_lib.encode(plain, x, relu, hp), rtol=1e-6, atol=1e-7)
+  gate = sae_lib.forward(params, x, config, hp)[2]["gate_acts"]
+  np.testing.assert_allclose(gate, jax.nn.relu(sae_lib.forward(plain, x, relu, hp)[2]["pre_acts"]),
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_gated_gradients_take_the_magnitude_path_only():
+  config, params, x, hp = _gated()
+  codes = sae_lib.encode(params, x, config, hp)
+  g = jax.grad(lambda p: jnp.sum(sae_lib.encode(p, x, config, hp)))(params)
+  assert float(jnp.abs(g["b_enc"]).max()) == 0.0  # b_gate: only the (flat) gate reads it
+  np.testing.assert_allclose(g["b_mag"], np.sum(np.asarray(codes) > 0, axis=0), rtol=1e-6)
+  # d/d r_mag_j = Σ_tokens 1[c_j > 0] · (x @ w_enc)_j · exp(r_mag_j).
+  want = np.sum((np.asarray(codes) > 0) * np.asarray(x @ params["w_enc"])
+                * np.exp(np.asarray(params["r_mag"])), axis=0)
+  np.testing.assert_allclose(g["r_mag"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_gated_aux_reconstruction_freezes_the_decoder():
+  config, params, x, hp = _gated(pre_bias=True, decoder_norm="none")
+  gate = sae_lib.forward(params, x, config, hp)[2]["gate_acts"]
+  np.testing.assert_allclose(sae_lib.gated_aux_reconstruction(params, gate, config),
+                             sae_lib.decode(params, gate, config), rtol=1e-6)
+  def aux_loss(p):
+    g = sae_lib.forward(p, x, config, hp)[2]["gate_acts"]
+    return jnp.sum(jnp.square(sae_lib.gated_aux_reconstruction(p, g, config) - x))
+  g = jax.grad(aux_loss)(params)
+  for name in ("w_dec", "b_dec", "r_mag", "b_mag"):
+    assert float(jnp.abs(g[name]).max()) == 0.0, name
+  assert float(jnp.abs(g["w_enc"]).max()) > 0 and float(jnp.abs(g["b_enc"]).max()) > 0
+  # The sparsity reads relu(pre_gate) times the dictionary norms.
+  norms = np.linalg.norm(np.asarray(params["w_dec"]), axis=-1)
+  np.testing.assert_allclose(sae_lib.gated_sparsity_codes(params, gate, config),
+                             np.asarray(gate) * norms[None], rtol=1e-6)

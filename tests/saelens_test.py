@@ -111,3 +111,15 @@ def test_what_has_no_counterpart_is_refused(tmp_path):
       saelens_lib.load(path)
   with pytest.raises(FileNotFoundError, match="not an SAELens SAE directory"):
     saelens_lib.load(str(tmp_path / "missing"))
+
+
+def test_gated_sae_is_refused_with_its_reason(tmp_path):
+  params, config, hparams, _ = fakes.perturbed_sae(
+      (dict(activation="gated", pre_bias=True), {}, None), D, F, seed=2)
+  how = saelens_lib.form(config)
+  assert not how.loadable and how.architecture == "jaxsae_gated"
+  assert "SAELens' 'gated' architecture is not written" in how.note
+  path = export_lib.export_sae(str(tmp_path), params, config, hparams, site="resid_post.0",
+                               language="dyck2", variant_id="g")
+  with pytest.raises(ValueError, match="architecture='jaxsae_gated' has no exact jaxsae"):
+    saelens_lib.load(path)

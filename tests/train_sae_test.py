@@ -51,6 +51,12 @@ CASES = [
     ("local", "jumprelu", {}),
     ("e2e", "relu", {}),
     ("e2e_ds", "topk", {"k": 4}),
+    ("local", "topk", {"k": 3, "auxk": True, "dead_tokens": 1}),
+    ("e2e", "batchtopk", {"k": 3, "auxk": True, "k_aux": 5, "dead_tokens": 1}),
+    ("local", "relu", {"matryoshka": [0.25, 0.5]}),
+    ("local", "batchtopk", {"k": 3, "matryoshka": [0.125, 0.5], "auxk": True,
+                            "dead_tokens": 1}),
+    ("local", "gated", {"pre_bias": True}),
 ]
 
 
@@ -393,3 +399,112 @@ def test_causal_pretraining_phase_is_plain_training(lm_dir):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=2e-6)
   assert float(np.asarray(ma[0]["causal_beta"])[0]) == 0.0
   assert float(np.asarray(ma[0]["causal"])[0]) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# AuxK.
+
+AUXK = {"loss": "local", "activation": "topk", "k": 2, "expansion": 2, "auxk": True,
+        "dead_tokens": 1, "decode": "dense"}
+
+
+def test_auxk_coeff_grid_equals_separate_runs_and_zero_is_plain_topk(lm_dir):
+  alphas = [0.0, 1 / 32, 1.0]
+  setup, state, metrics, _ = _train(_config(lm_dir, [{"product": {"auxk_coeff": alphas},
+                                                     "set": AUXK}]))
+  (spec,) = setup.specs
+  assert spec.sae.k_aux == setup.model_config.d_model // 2
+  # Logged at every alpha (also 0); some latents are dead (not fired in the previous step).
+  assert np.all(np.asarray(metrics[0]["auxk"])[:3] > 0)
+  assert np.all(np.asarray(metrics[0]["auxk_dead_fraction"])[:3] > 0)
+  since = np.asarray(state.groups[0].sae_state.since_fired)
+  assert since.shape == (spec.padded, spec.sae.width) and since.max() > 0 and since.min() == 0
+  for i, alpha in enumerate(alphas):
+    _, alone, _, _ = _train(_config(lm_dir, [{"set": {**AUXK, "auxk_coeff": alpha}}]))
+    for a, b in zip(jax.tree.leaves(state.groups[0].params),
+                    jax.tree.leaves(alone.groups[0].params)):
+      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+  plain = {k: v for k, v in AUXK.items() if k not in ("auxk", "dead_tokens")}
+  _, ref, ref_metrics, _ = _train(_config(lm_dir, [{"set": plain}]))
+  assert "auxk" not in ref_metrics[0]
+  for a, b in zip(jax.tree.leaves(state.groups[0].params), jax.tree.leaves(ref.groups[0].params)):
+    np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b)[0])  # alpha 0: no effect
+  # alpha > 0 moves the encoder (the dead latents' columns).
+  assert not np.array_equal(np.asarray(state.groups[0].params["w_enc"])[2],
+                            np.asarray(ref.groups[0].params["w_enc"])[0])
+
+
+@pytest.mark.parametrize("sweep, fragment", [
+    ([{"set": {"auxk": True}}], "auxk=True needs activation topk or batchtopk"),
+    ([{"set": {"auxk": True, "activation": "topk", "k": 2, "k_aux": 10**6}}],
+     "k_aux=1000000 exceeds the width"),
+    ([{"set": {"auxk": True, "activation": "topk", "k": 2, "dead_tokens": 0}}],
+     "dead_tokens=0: must be an int in [1, 2^31)"),
+])
+def test_auxk_bad_input_fails_before_compiling(lm_dir, sweep, fragment):
+  with pytest.raises(sweep_lib.SweepError) as err:
+    ts.prepare(_config(lm_dir, sweep))
+  assert fragment in str(err.value), str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Matryoshka.
+
+MATRYOSHKA = {"loss": "local", "activation": "relu", "expansion": 2, "sparsity_coeff": 1.0,
+              "matryoshka": [0.25, 0.5]}
+
+
+def test_matryoshka_coeff_grid_equals_separate_runs_and_zero_is_plain(lm_dir):
+  weights = [0.0, 1.0, 3.0]
+  setup, state, metrics, _ = _train(_config(lm_dir, [{"product": {"matryoshka_coeff": weights},
+                                                     "set": MATRYOSHKA}]))
+  (spec,) = setup.specs
+  f = spec.sae.width
+  assert spec.sae.matryoshka == (f // 4, f // 2)
+  m = metrics[0]
+  for w in spec.sae.matryoshka:  # logged at every weight, also 0
+    assert np.all(np.asarray(m[f"matryoshka/{w}"])[:3] > 0)
+  np.testing.assert_allclose(m["matryoshka"], sum(m[f"matryoshka/{w}"] for w in
+                                                  spec.sae.matryoshka), rtol=1e-6)
+  for i, weight in enumerate(weights):
+    _, alone, _, _ = _train(_config(lm_dir, [{"set": {**MATRYOSHKA, "matryoshka_coeff": weight}}]))
+    for a, b in zip(jax.tree.leaves(state.groups[0].params),
+                    jax.tree.leaves(alone.groups[0].params)):
+      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+  plain = {k: v for k, v in MATRYOSHKA.items() if k != "matryoshka"}
+  _, ref, ref_metrics, _ = _train(_config(lm_dir, [{"set": plain}]))
+  assert "matryoshka" not in ref_metrics[0]
+  for a, b in zip(jax.tree.leaves(state.groups[0].params), jax.tree.leaves(ref.groups[0].params)):
+    np.testing.assert_allclose(np.asarray(a)[0], np.asarray(b)[0], rtol=1e-6, atol=1e-7)
+  # Weighted prefixes lower the inner prefixes' reconstruction error against weight 0.
+  assert float(np.asarray(m["matryoshka"])[2]) < float(np.asarray(m["matryoshka"])[0])
+
+
+def test_matryoshka_bad_fractions_fail_before_compiling(lm_dir):
+  for value, fragment in (([0.5, 0.25], "strictly increasing fractions in (0, 1)"),
+                          ([0.001], "each must be distinct and in [1, F)")):
+    with pytest.raises(sweep_lib.SweepError) as err:
+      ts.prepare(_config(lm_dir, [{"set": {"matryoshka": value}}]))
+    assert fragment in str(err.value), str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gated.
+
+
+def test_gated_aux_coeff_grid_equals_separate_runs_and_trains_the_gate(lm_dir):
+  common = {"loss": "local", "activation": "gated", "expansion": 2, "sparsity_coeff": 0.0}
+  weights = [0.0, 1.0]
+  setup, state, metrics, _ = _train(_config(lm_dir, [{"product": {"gated_aux_coeff": weights},
+                                                     "set": common}]))
+  assert np.all(np.asarray(metrics[0]["gated_aux"])[:2] > 0)  # logged at weight 0 too
+  g = state.groups[0].params
+  init_setup, lm, root = ts.prepare(_config(lm_dir, [{"set": common}]))
+  b0 = np.asarray(ts.init_grid(init_setup, lm, root).groups[0].params["b_enc"])[0]
+  # No sparsity and no auxiliary term: nothing reaches the gate bias; the auxiliary term does.
+  np.testing.assert_array_equal(np.asarray(g["b_enc"])[0], b0)
+  assert not np.array_equal(np.asarray(g["b_enc"])[1], b0)
+  for i, weight in enumerate(weights):
+    _, alone, _, _ = _train(_config(lm_dir, [{"set": {**common, "gated_aux_coeff": weight}}]))
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(alone.groups[0].params)):
+      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)

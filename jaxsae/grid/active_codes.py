@@ -11,8 +11,9 @@ slots of M entries each. TopK: J = k_max, M = n, and `tok` is None (entry m of e
 token m, so the decode is a plain sum of gathered rows). BatchTopK: J = k_max, M = n, the k_max·n
 batch-selected entries in any order, with `tok` given (a scatter-add per slot).
 
-`topk` / `batch_topk` select the entries from dense pre-activations (as `sae.topk` /
-`sae.batch_topk`, by `lax.top_k`). Both products have custom VJPs that stay sparse in the backward pass too (`decode`):
+`topk` / `batch_topk` select the entries from dense pre-activations (as `activations.topk` /
+`activations.batch_topk`, by `lax.top_k`). Both products have custom VJPs that stay sparse in the
+backward pass too (`decode`):
 d vals[j, m] = g[tok] · dictionary[lat], and d dictionary = Σ vals·g[tok] scattered to the
 gathered rows; and `gather_pre`, the encoder's pre-activations at the active entries, whose
 gradients d w_enc, d b_enc, d x come from the active entries only (for TopK the code gradient is
@@ -164,7 +165,7 @@ def fire_counts(active: ActiveCodes, weights_N: jax.Array) -> jax.Array:
 
 def topk(pre_NF: jax.Array, x_ND: jax.Array, w_DF: jax.Array, b_F: jax.Array, k: jax.Array,
          k_max: int) -> ActiveCodes:
-  """`sae.topk` of `pre = x @ w + b` (given under stop_gradient) as k_max slots per token:
+  """`activations.topk` of `pre = x @ w + b` (given under stop_gradient) as k_max slots per token:
   the k_max largest by `lax.top_k`, relu'd, values past the dynamic k zero. Gradients reach x,
   w and b through `gather_pre`."""
   n, f = pre_NF.shape
@@ -179,8 +180,8 @@ def topk(pre_NF: jax.Array, x_ND: jax.Array, w_DF: jax.Array, b_F: jax.Array, k:
 def batch_topk(pre_NF: jax.Array, x_ND: jax.Array, w_DF: jax.Array, b_F: jax.Array,
                k: jax.Array, k_max: int, valid_N: jax.Array | None = None
                ) -> tuple[ActiveCodes, jax.Array, jax.Array]:
-  """`sae.batch_topk` as the k_max·n batch-selected entries (k_max slots of n): the k·n largest
-  positive pre-activations over the valid tokens; returns `(active, min_kept, any_kept)`."""
+  """`activations.batch_topk` as the k_max·n batch-selected entries (k_max slots of n): the k·n
+  largest positive pre-activations over the valid tokens; returns `(active, min_kept, any_kept)`."""
   n, f = pre_NF.shape
   valid_N = jnp.ones((n,), bool) if valid_N is None else valid_N.astype(bool)
   scores = jnp.where(valid_N[:, None], pre_NF, -jnp.inf).reshape(n * f)

@@ -18,6 +18,11 @@ matrix multiplies are slow; see `variant_axis.over_variants`):
   (constant or ramped), an optional plain pre-training phase and a fresh optimizer at a lower
   lr for the fine-tuning phase.
 
+Training recipes of the SAE itself are terms of the per-variant loss too: AuxK (`k_aux`: the
+dead latents, by `SAEState.since_fired` before the step, fit the residual; the counters then
+advance by the step's tokens), Matryoshka prefixes (`matryoshka`) and the gated SAE's sparsity
+and auxiliary reconstruction, each logged at every coefficient.
+
 What the variants share is computed once per step, outside the per-variant function: the clean
 forward, its log-softmax (the KL target) and the downstream clean activations (`Batch`).
 TopK / BatchTopK groups with the sparse decode (`sae.sparse_decode`) take the sparsity term and
@@ -45,6 +50,7 @@ from jax.sharding import PartitionSpec as P
 from jaxsae import grammars
 from jaxsae.core import variant_axis
 from jaxsae.grid import active_codes
+from jaxsae.grid import activations
 from jaxsae.grid import losses as losses_lib
 from jaxsae.grid import metrics as metrics_lib
 from jaxsae.grid import sae as sae_lib
@@ -258,17 +264,32 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
   active = aux.get("active")
   if cfg.activation == "jumprelu":
     sparse_codes = aux["gates"]
+  elif cfg.activation == "gated":
+    sparse_codes = sae_lib.gated_sparsity_codes(params, aux["gate_acts"], cfg)
+    extra["gate_x_hat"] = sae_lib.gated_aux_reconstruction(params, aux["gate_acts"], cfg)
   elif active is not None and active.tok is None:
     sparse_codes = active.vals.T  # [tokens, k_max]: the same per-token norms as the codes
   else:
     sparse_codes = codes
-  terms = losses_lib.compute_terms(lcfg, d_in=cfg.d_in, codes=sparse_codes, x_hat=x_hat,
-                                   target=aux["target"], mask=mask, **extra)
-  total, terms = losses_lib.total_loss(terms, coeffs)
   w = mask.astype(jnp.float32)
   n = jnp.maximum(jnp.sum(w), 1)
   fires_F = (metrics_lib.latent_fire_counts(codes, w) if active is None
              else active_codes.fire_counts(active, w))
+  new_state = aux["state"]
+  if cfg.k_aux:
+    # AuxK: the latents dead before this step reconstruct its residual; then the counters move.
+    dead_F = sae_lib.dead_latents(sae_state, hparams)
+    aux_codes = activations.auxk_codes(aux["pre_acts"], dead_F, cfg.k_aux)
+    extra["auxk"] = losses_lib.auxk(aux_codes, sae_lib.dictionary(params, cfg), x_hat,
+                                    aux["target"], mask)
+    new_state = sae_lib.update_since_fired(new_state, fires_F > 0,
+                                           jnp.sum(mask.astype(jnp.int32)))
+  if cfg.matryoshka:
+    extra["prefix_x_hats"] = {m: sae_lib.decode_prefix(params, codes, cfg, m)
+                              for m in cfg.matryoshka}
+  terms = losses_lib.compute_terms(lcfg, d_in=cfg.d_in, codes=sparse_codes, x_hat=x_hat,
+                                   target=aux["target"], mask=mask, **extra)
+  total, terms = losses_lib.total_loss(terms, coeffs)
   target = aux["target"]
   # e2e_sae's explained variance: the token mean of 1 − Σ_d (x̂−x)² / Σ_d (x − mean_tokens x)².
   mean_D = jnp.sum(w[:, None] * target, axis=0) / n
@@ -277,7 +298,9 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
   metrics["l0"] = jnp.sum(fires_F) / n
   metrics["explained_variance"] = jnp.sum(
       w * metrics_lib.token_explained_variance(x_hat, target, mean_D)) / n
-  return total, (metrics, aux["state"], fires_F > 0)
+  if cfg.k_aux:
+    metrics["auxk_dead_fraction"] = jnp.mean(dead_F.astype(jnp.float32))
+  return total, (metrics, new_state, fires_F > 0)
 
 
 def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, step,

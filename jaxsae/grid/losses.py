@@ -7,6 +7,12 @@ Reductions (copied from e2e_sae; coefficients do not transfer otherwise):
     sparsity   e2e_sae:   coeff · mean_tokens(‖c‖_p) / d      (true p-norm for p ≠ 1)
                sum_batch: coeff · Σ_tokens ‖c‖_p             (Menon: Σ_{tokens, latents} |c| at p=1)
     out_to_in  mean_elements((x̂ − x)²)                        (masked tokens × dims)
+    auxk       mean_elements((ê − sg(x − x̂))²), ê = c_aux @ W_dec (no biases), c_aux the top
+               k_aux dead latents' pre-activations (Gao et al. 2024; TopK / BatchTopK SAEs)
+    gated_aux  out_to_in(x̂_gate, x), x̂_gate = relu(π_gate) decoded by the frozen decoder
+               (Rajamanoharan et al. 2024a; gated SAEs, whose sparsity is on relu(π_gate)·‖d_j‖)
+    matryoshka Σ_m out_to_in(x̂_m, x) over the inner prefixes m (Bussmann et al. 2025 sum the
+               prefix losses, the full width being out_to_in), x̂_m decoded from latents < m
     in_to_orig (1/|H|) Σ_h mean_elements((a_spliced_h − a_clean_h)²)
     logits_kl  mean_tokens Σ_v p_clean (log p_clean − log p_spliced) = KL(clean ‖ spliced)
     causal     distance(logits of the run with D(z_i + λ(z_j(i) − z_i)) spliced at each token i,
@@ -33,7 +39,9 @@ from jaxsae.lm import model as model_lib
 
 PRESETS = ("local", "e2e", "e2e_ds")
 REDUCTIONS = ("e2e_sae", "sum_batch")
-COEFF_NAMES = ("sparsity", "out_to_in", "logits_kl", "in_to_orig", "causal")
+COEFF_NAMES = ("sparsity", "out_to_in", "logits_kl", "in_to_orig", "causal", "auxk",
+               "matryoshka", "gated_aux")
+AUXK_COEFF = 1 / 32  # Gao et al. 2024, appendix A.2: alpha = 1/32
 CAUSAL_LAMBDAS = ("step", "token", "fixed")
 CAUSAL_TARGETS = ("clean", "sae")
 CAUSAL_DISTANCES = ("mse", "kl")
@@ -91,6 +99,22 @@ def out_to_in(x_hat: jax.Array, x: jax.Array, mask: jax.Array | None) -> jax.Arr
   chex.assert_equal_shape([x_hat, x])
   w = _token_weights(mask, x.shape[:-1])[..., None]
   return jnp.sum(w * jnp.square(x_hat - x)) / (jnp.maximum(jnp.sum(w), 1.0) * x.shape[-1])
+
+
+def auxk(aux_codes: jax.Array, dictionary_FD: jax.Array, x_hat: jax.Array, target: jax.Array,
+         mask: jax.Array | None) -> jax.Array:
+  """AuxK: how well the dead latents' codes `aux_codes` `[..., F]` decode (through the
+  dictionary, no biases) the residual target − x̂ (a constant), as `out_to_in`. The value is
+  mean(residual²) and the gradient 0 while no latent is dead."""
+  residual = jax.lax.stop_gradient(target - x_hat)
+  return out_to_in(jnp.einsum("...f,fd->...d", aux_codes, dictionary_FD), residual, mask)
+
+
+def matryoshka(prefix_x_hats: Mapping[int, jax.Array], target: jax.Array,
+               mask: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`(Σ_m out_to_in(x̂_m, target), {f"matryoshka/{m}": each})` over the prefix widths m."""
+  per = {f"matryoshka/{m}": out_to_in(x, target, mask) for m, x in prefix_x_hats.items()}
+  return sum(per.values()), per
 
 
 def in_to_orig(spliced_acts: Mapping[str, jax.Array], clean_acts: Mapping[str, jax.Array],
@@ -317,17 +341,25 @@ class LossCoeffs:
   logits_kl: jax.Array
   in_to_orig: jax.Array
   causal: jax.Array  # β of the causal-interpolation term
+  auxk: jax.Array  # AuxK's alpha (only SAEs with k_aux > 0 have the term)
+  matryoshka: jax.Array  # weight of the summed prefix losses (only Matryoshka SAEs have them)
+  gated_aux: jax.Array  # weight of a gated SAE's auxiliary reconstruction
 
 
 def default_coeffs(config: LossConfig, sparsity: float, **overrides: float) -> LossCoeffs:
   """The preset's coefficients: local out_to_in 1; e2e logits_kl 1 (out_to_in 0); e2e_ds
   logits_kl 0.5, in_to_orig 2.5 (the paper's middle-layer value; 0.05 for the last layer),
-  out_to_in 0. Terms outside the preset (and the causal β) get 0."""
+  out_to_in 0. Terms outside the preset (and the causal β) get 0; AuxK's alpha
+  `AUXK_COEFF`; Matryoshka prefixes 1 (each weighs as the full reconstruction); the gated
+  auxiliary reconstruction 1 (the paper's unweighted sum)."""
   values = {"local": dict(out_to_in=1.0, logits_kl=0.0, in_to_orig=0.0),
             "e2e": dict(out_to_in=0.0, logits_kl=1.0, in_to_orig=0.0),
             "e2e_ds": dict(out_to_in=0.0, logits_kl=0.5, in_to_orig=2.5)}[config.preset]
   values["sparsity"] = sparsity
   values["causal"] = 0.0
+  values["auxk"] = AUXK_COEFF
+  values["matryoshka"] = 1.0
+  values["gated_aux"] = 1.0
   unknown = set(overrides) - set(COEFF_NAMES)
   if unknown:
     raise ValueError(f"Unknown LossCoeffs field(s) {sorted(unknown)}; valid: {COEFF_NAMES}.")
@@ -350,7 +382,9 @@ def compute_terms(config: LossConfig, *, d_in: int, codes: jax.Array, x_hat: jax
                   clean_logits: jax.Array | None = None, spliced_logits: jax.Array | None = None,
                   spliced_acts: Mapping[str, jax.Array] | None = None,
                   clean_acts: Mapping[str, jax.Array] | None = None,
-                  causal: jax.Array | None = None,
+                  causal: jax.Array | None = None, auxk: jax.Array | None = None,
+                  prefix_x_hats: Mapping[int, jax.Array] | None = None,
+                  gate_x_hat: jax.Array | None = None,
                   clean_logp: jax.Array | None = None) -> dict[str, jax.Array]:
   """Every term of the preset, coefficient-free (sparsity with coeff 1).
 
@@ -366,6 +400,12 @@ def compute_terms(config: LossConfig, *, d_in: int, codes: jax.Array, x_hat: jax
     spliced_acts, clean_acts: site -> `[B, T, D]` over H, needed when `config.needs_downstream`.
     causal: the causal-interpolation distance (`causal_distance` of the interpolated run, which
       the trainer computes since it runs the model), needed when `config.causal`.
+    auxk: the `auxk` term of an SAE with AuxK (the SAE's business, not the preset's): logged
+      and weighted by `LossCoeffs.auxk` when given.
+    prefix_x_hats: a Matryoshka SAE's inner prefix reconstructions (width -> `[..., D]`): the
+      `matryoshka` term and one `matryoshka/<m>` entry per prefix when given.
+    gate_x_hat: a gated SAE's gate-path reconstruction through the frozen decoder: the
+      `gated_aux` term (out_to_in against `target`) when given.
 
   Returns:
     name -> scalar for each of `config.terms`, plus `in_to_orig/<site>` per downstream site.
@@ -389,6 +429,13 @@ def compute_terms(config: LossConfig, *, d_in: int, codes: jax.Array, x_hat: jax
     if causal is None:
       raise ValueError("LossConfig.causal needs the causal term (causal=...).")
     terms["causal"] = causal
+  if auxk is not None:
+    terms["auxk"] = auxk
+  if gate_x_hat is not None:
+    terms["gated_aux"] = out_to_in(gate_x_hat, target, mask)
+  if prefix_x_hats:
+    terms["matryoshka"], per_prefix = matryoshka(prefix_x_hats, target, mask)
+    terms.update(per_prefix)
   return terms
 
 

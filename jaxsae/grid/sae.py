@@ -16,28 +16,20 @@ Params (a dict; its keys depend only on the config). Layouts are the spec's matr
     w_dec [F, D]   row j = dictionary direction j, `x_hat = codes @ w_dec` (spec W_dec is D x F;
                    e2e init: w_decᵀ w_dec = I_D, i.e. W_dec W_decᵀ = I).
     log_threshold [F]  JumpReLU, theta = exp(log_threshold).
+    r_mag [F], b_mag [F]   Gated (Rajamanoharan et al. 2024a): w_enc and b_enc are the gate path;
+                   the magnitude path shares w_enc, scaled per latent by exp(r_mag), with b_mag.
 
 Forward: x_in = x/‖x‖ if `input_norm` else x; pre = (x_in − b_pre) @ w_enc + b_enc;
 codes = act(pre); x_hat = codes @ dictionary + b_dec + b_pre, then x_hat/‖x_hat‖ if `recon_norm`.
 x_hat lives in the SAE's space, its target is `aux['target']` (= x_in); `splice` maps back.
 Sparsemax encoders, x̃ = (x_in − b_pre)/‖x_in − b_pre‖ and a_j the unit rows of `a`: `no_kds`
 sparsemax(lam·x̃·a_j); `recon_dist` sparsemax(x̃·a_j − lam‖x̃ − a_j‖²); `dist`
-sparsemax(−lam‖x̃ − a_j‖²); no encoder bias.
-
-JumpReLU (Rajamanoharan et al. 2024), z = pre, H(u) = 1[u > 0], rect(u) = 1[|u| < 1/2], eps the
-bandwidth: codes = z·H(z − theta), with d/dz = H(z − theta), d/dtheta = −(theta/eps)·rect((z −
-theta)/eps); the L0 surrogate `aux['gates']` = H(z − theta), with d/dz = 0, d/dtheta =
-−(1/eps)·rect((z − theta)/eps) (penalise L0 with `losses.sparsity(gates, ...)`). `log_threshold`
-gets theta times these.
-
-BatchTopK (Bussmann et al. 2024). `train=True`: over all masked-in tokens of the call (leading
-axes flattened), keep the k·n_tokens largest positive pre-activations (a mask over the static
-k_max·n_tokens top entries: exactly k·n_tokens nonzeros when enough are positive); the smallest
-kept value m updates `SAEState.threshold` by an EMA under stop_gradient (thr ← m on the first
-update, then decay·thr + (1 − decay)·m, decay = `hparams.threshold_decay`), returned as
-`aux['state']` for the trainer to carry next to the params. `train=False` (default, inference):
-codes = relu(pre)·1[pre > thr] per token (thr = 0 before any update: plain ReLU). Masked-out
-tokens take no part in the selection or the EMA and are encoded with the threshold.
+sparsemax(−lam‖x̃ − a_j‖²); no encoder bias. JumpReLU (its straight-through gradients) and
+BatchTopK (the batch selection) are described in `activations`; BatchTopK's inference threshold
+is `SAEState.threshold`, an EMA of the smallest kept value (`_batch_topk_state`). Gated: codes =
+1[pre > 0]·relu(pre_mag), pre_mag = (x_in − b_pre) @ w_enc · exp(r_mag) + b_mag, no gradient
+through the gate; `aux['gate_acts']` = relu(pre) feeds the gated SAE's sparsity and auxiliary
+terms (`gated_sparsity_codes`, `gated_aux_reconstruction`).
 
 Sparse decode (`SAEConfig.decode`, resolved by `sparse_decode`): TopK codes (and BatchTopK's in
 training) are also held as their active entries (`active_codes.ActiveCodes`, `aux['active']`);
@@ -56,175 +48,38 @@ it was measured faster; see `sparse_decode`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable
 
 import chex
-import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxsae.grid import active_codes
+from jaxsae.grid import activations
+from jaxsae.grid import sae_config
 
 Params = dict[str, jax.Array]
 
-ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu", "sparsemax_no_kds",
-               "sparsemax_recon_dist", "sparsemax_dist")
-SPARSEMAX_ACTIVATIONS = ("sparsemax_no_kds", "sparsemax_recon_dist", "sparsemax_dist")
-DECODER_NORMS = ("none", "forward", "project")
-INITS = ("e2e", "menon")
-PRE_BIAS_INITS = ("zero", "mean", "median")
-SPLICE_MODES = ("corrected", "original")
-DECODES = ("auto", "dense", "sparse")
+# The SAE's description lives in `sae_config`; its public names are re-exported here.
+ACTIVATIONS = sae_config.ACTIVATIONS
+SPARSEMAX_ACTIVATIONS = sae_config.SPARSEMAX_ACTIVATIONS
+DECODER_NORMS = sae_config.DECODER_NORMS
+INITS = sae_config.INITS
+PRE_BIAS_INITS = sae_config.PRE_BIAS_INITS
+SPLICE_MODES = sae_config.SPLICE_MODES
+DECODES = sae_config.DECODES
+DEAD_TOKENS = sae_config.DEAD_TOKENS
+SAEConfig = sae_config.SAEConfig
+SAEHparams = sae_config.SAEHparams
+default_hparams = sae_config.default_hparams
+check_hparams = sae_config.check_hparams
+SAEState = sae_config.SAEState
+init_state = sae_config.init_state
+config_json = sae_config.config_json
+_check_choice = sae_config.check_choice
+
 _EPS = 1e-8  # norms are clipped below at _EPS before dividing (Menon adds 1e-8)
-
-
-def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ValueError(f"{field}={value!r} is unknown; choose one of {', '.join(choices)}.")
-
-
-def _is_positive_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-@dataclasses.dataclass(frozen=True)
-class SAEConfig:
-  """Static SAE architecture (hashable: one config = one compilation group).
-
-  Attributes:
-    d_in: input width D.
-    width: number of latents F (expansion × D).
-    activation: one of `ACTIVATIONS`.
-    k_max: static upper bound on k for `topk` / `batchtopk` (1 <= k_max <= width); must be None
-      for other activations (so configs differing only in an unused k_max are one group).
-    enc_bias, dec_bias, pre_bias: which biases exist (see the module docstring).
-    decoder_norm: `none`; `forward` (directions divided by their L2 norm inside the forward);
-      `project` (unit norm kept by the trainer: `project_gradients`, step, `renormalize`).
-    input_norm, recon_norm: L2-normalise x before the SAE / x_hat (Menon's `input` / `recon`).
-    init: `e2e` (e2e_sae) or `menon`; see `init`.
-    pre_bias_init: `zero`, or `mean` / `median` (geometric) of a data sample (needs `pre_bias`).
-    decode: how `topk` / `batchtopk` codes are decoded: `dense` (`codes @ dictionary`),
-      `sparse` (from the active latents only, forward and backward; see `sparse_decode`), or
-      `auto` (per backend, from measurements: `sparse_decode`). Other activations: always dense.
-  """
-
-  d_in: int
-  width: int
-  activation: str = "relu"
-  k_max: int | None = None
-  enc_bias: bool = True
-  dec_bias: bool = True
-  pre_bias: bool = False
-  decoder_norm: str = "forward"
-  input_norm: bool = False
-  recon_norm: bool = False
-  init: str = "e2e"
-  pre_bias_init: str = "zero"
-  decode: str = "auto"
-
-  def __post_init__(self):
-    for name in ("d_in", "width"):
-      if not _is_positive_int(getattr(self, name)):
-        raise ValueError(f"SAEConfig.{name} must be a positive int, got {getattr(self, name)!r}.")
-    for name in ("enc_bias", "dec_bias", "pre_bias", "input_norm", "recon_norm"):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"SAEConfig.{name} must be a bool, got {getattr(self, name)!r}.")
-    _check_choice("SAEConfig.activation", self.activation, ACTIVATIONS)
-    _check_choice("SAEConfig.decoder_norm", self.decoder_norm, DECODER_NORMS)
-    _check_choice("SAEConfig.init", self.init, INITS)
-    _check_choice("SAEConfig.pre_bias_init", self.pre_bias_init, PRE_BIAS_INITS)
-    _check_choice("SAEConfig.decode", self.decode, DECODES)
-    if self.decode == "sparse" and not self.uses_k:
-      raise ValueError(f"SAEConfig.decode='sparse' needs a topk/batchtopk activation (got "
-                       f"{self.activation!r}); use decode='auto' or 'dense'.")
-    if self.uses_k:
-      if not _is_positive_int(self.k_max):
-        raise ValueError(f"SAEConfig.k_max must be a positive int for activation="
-                         f"{self.activation!r}, got {self.k_max!r}; set it to the largest k swept.")
-      if self.k_max > self.width:
-        raise ValueError(f"SAEConfig.k_max={self.k_max} exceeds width={self.width}; lower k_max "
-                         f"or widen the SAE.")
-    elif self.k_max is not None:
-      raise ValueError(f"SAEConfig.k_max only applies to topk/batchtopk; set it to None for "
-                       f"activation={self.activation!r}.")
-    if self.is_sparsemax and self.enc_bias:
-      raise ValueError(f"SAEConfig.enc_bias must be False for activation={self.activation!r} "
-                       f"(sparsemax encoders have no encoder bias).")
-    if self.pre_bias_init != "zero" and not self.pre_bias:
-      raise ValueError(f"SAEConfig.pre_bias_init={self.pre_bias_init!r} needs pre_bias=True; "
-                       f"set pre_bias=True or pre_bias_init='zero'.")
-    if self.init == "e2e" and self.width < self.d_in:
-      raise ValueError(f"SAEConfig.init='e2e' needs width >= d_in for W_dec W_decᵀ = I (got "
-                       f"width={self.width}, d_in={self.d_in}); widen the SAE or use init='menon'.")
-
-  @property
-  def uses_k(self) -> bool:
-    return self.activation in ("topk", "batchtopk")
-
-  @property
-  def is_sparsemax(self) -> bool:
-    return self.activation in SPARSEMAX_ACTIVATIONS
-
-
-@flax.struct.dataclass
-class SAEHparams:
-  """Dynamic per-variant hyperparameters (scalars; stacked on a leading axis N for a grid).
-
-  Attributes:
-    k: int32, latents kept per token for `topk` / `batchtopk` (1 <= k <= k_max).
-    jumprelu_bandwidth: the STE rectangle-kernel bandwidth eps (> 0).
-    jumprelu_init_threshold: initial theta (> 0); used by `init` only.
-    threshold_decay: BatchTopK threshold EMA decay in [0, 1).
-  """
-
-  k: jax.Array
-  jumprelu_bandwidth: jax.Array
-  jumprelu_init_threshold: jax.Array
-  threshold_decay: jax.Array
-
-
-def default_hparams(config: SAEConfig, **overrides: Any) -> SAEHparams:
-  """Scalar hparams for one variant: k = k_max (or 0), eps = theta_0 = 1e-3, decay 0.99."""
-  values = dict(k=config.k_max or 0, jumprelu_bandwidth=1e-3, jumprelu_init_threshold=1e-3,
-                threshold_decay=0.99)
-  unknown = set(overrides) - set(values)
-  if unknown:
-    raise ValueError(f"Unknown SAEHparams field(s) {sorted(unknown)}; valid: {sorted(values)}.")
-  values.update(overrides)
-  return SAEHparams(
-      k=jnp.asarray(values.pop("k"), jnp.int32),
-      **{name: jnp.asarray(v, jnp.float32) for name, v in values.items()})
-
-
-def check_hparams(hparams: SAEHparams, config: SAEConfig) -> None:
-  """Validates concrete (possibly stacked) hparams before compiling; raises ValueError."""
-  k = np.asarray(hparams.k)
-  if config.uses_k and (k.min() < 1 or k.max() > config.k_max):
-    raise ValueError(f"SAEHparams.k must lie in [1, k_max={config.k_max}], got {k.tolist()}; "
-                     f"raise SAEConfig.k_max or lower k.")
-  for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
-    v = np.asarray(getattr(hparams, name))
-    if not (np.all(np.isfinite(v)) and np.all(v > 0)):
-      raise ValueError(f"SAEHparams.{name} must be finite and > 0, got {v.tolist()}.")
-  v = np.asarray(hparams.threshold_decay)
-  if not np.all((v >= 0) & (v < 1)):
-    raise ValueError(f"SAEHparams.threshold_decay must lie in [0, 1), got {v.tolist()}.")
-
-
-@flax.struct.dataclass
-class SAEState:
-  """Non-gradient state: BatchTopK's inference threshold (present, unused, for all activations)."""
-
-  threshold: jax.Array  # float32 scalar
-  count: jax.Array  # int32 scalar, number of EMA updates so far
-
-
-def init_state(config: SAEConfig) -> SAEState:
-  del config  # the same structure for every config
-  return SAEState(threshold=jnp.zeros((), jnp.float32), count=jnp.zeros((), jnp.int32))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,11 +97,6 @@ def _safe_norm(x: jax.Array) -> jax.Array:
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
   return x / _safe_norm(x)
-
-
-def _lead(v: jax.Array, like: jax.Array) -> jax.Array:
-  """Reshapes a trailing-axis vector to `like`'s rank (explicit, for rank_promotion='raise')."""
-  return v.reshape((1,) * (like.ndim - v.ndim) + v.shape)
 
 
 def _geometric_median(x_ND: jax.Array, iters: int = 64) -> jax.Array:
@@ -303,6 +153,9 @@ def init(key: jax.Array, config: SAEConfig, data_sample: jax.Array | None = None
     params["b_pre"] = _init_pre_bias(config, data_sample)
   if config.activation == "jumprelu":
     params["log_threshold"] = jnp.full((f,), jnp.log(hparams.jumprelu_init_threshold), jnp.float32)
+  if config.activation == "gated":
+    params["r_mag"] = jnp.zeros((f,), jnp.float32)  # the paper's init: W_mag = W_gate
+    params["b_mag"] = jnp.zeros((f,), jnp.float32)
   return params
 
 
@@ -319,125 +172,6 @@ def _init_pre_bias(config: SAEConfig, data_sample: jax.Array | None) -> jax.Arra
 
 
 # ------------------------------------------------------------------------------------------------
-# Activation functions.
-
-
-@jax.custom_jvp
-def sparsemax(z: jax.Array) -> jax.Array:
-  """Euclidean projection of z onto the probability simplex along the last axis (exact, by
-  sorting; Martins & Astudillo 2016), with the exact Jacobian diag(s) − s sᵀ/|s|, s = support."""
-  z = z - jnp.max(z, axis=-1, keepdims=True)  # shift-invariant; keeps cumsums small
-  z_sorted = -jnp.sort(-z, axis=-1)
-  cumsum = jnp.cumsum(z_sorted, axis=-1)
-  rank = jax.lax.broadcasted_iota(z.dtype, z.shape, z.ndim - 1) + 1
-  support_size = jnp.sum(1 + rank * z_sorted > cumsum, axis=-1, keepdims=True)
-  tau = (jnp.take_along_axis(cumsum, support_size - 1, axis=-1) - 1) / support_size
-  return jnp.maximum(z - tau, 0)
-
-
-@sparsemax.defjvp
-def _sparsemax_jvp(primals, tangents):
-  (z,), (dz,) = primals, tangents
-  p = sparsemax(z)
-  s = (p > 0).astype(z.dtype)
-  dp = s * (dz - jnp.sum(s * dz, axis=-1, keepdims=True) / jnp.sum(s, axis=-1, keepdims=True))
-  return p, dp
-
-
-def _rect(z, theta, bandwidth):
-  return (jnp.abs((z - theta) / bandwidth) < 0.5).astype(z.dtype)
-
-
-@jax.custom_vjp
-def _step(z, theta, bandwidth):
-  return (z > theta).astype(z.dtype)
-
-
-_step.defvjp(lambda z, theta, bw: (_step(z, theta, bw), (z, theta, bw)),
-             lambda res, g: (jnp.zeros_like(res[0]), -g / res[2] * _rect(*res),
-                             jnp.zeros_like(res[2])))
-
-
-def heaviside_ste(z: jax.Array, theta: jax.Array, bandwidth: jax.Array) -> jax.Array:
-  """H(z − theta) with d/dz = 0, d/dtheta = −(1/eps)·rect((z − theta)/eps) (the L0 surrogate);
-  theta `[F]` broadcasts over z's leading axes."""
-  return _step(z, jnp.broadcast_to(_lead(theta, z), z.shape), bandwidth)
-
-
-def jumprelu(z: jax.Array, theta: jax.Array, bandwidth: jax.Array) -> jax.Array:
-  """z·H(z − theta); d/dz = H(z − theta), d/dtheta = −(theta/eps)·rect((z − theta)/eps)."""
-  h = heaviside_ste(z, theta, bandwidth)
-  h0 = jax.lax.stop_gradient(h)
-  # Value z·H; h − h0 is 0 but carries the STE gradient, times theta: −(theta/eps)·rect.
-  return z * h0 + _lead(theta, z) * (h - h0)
-
-
-_TOPK_SORT_MAX = 32  # k_max above which `topk` finds the k-th value by bisection
-
-
-def _kth_largest_positive_bits(pre: jax.Array, k: jax.Array) -> jax.Array:
-  """Bit pattern (int32) of the k-th largest positive value per row (last axis), by bisection.
-
-  For x >= 0 the float32 bit patterns, read as int32, are ordered like the values, so 31 halvings
-  of [0, bits(inf)] find the largest pattern b with #{x >= b} >= k exactly. Rows with fewer
-  than k positive values get 1 (keep every positive value). Cost: 31 fused compare-and-count
-  passes, independent of k (XLA's CPU top_k grows with k: 44 ms vs this 13 ms for forward +
-  backward at 1,600 × 1,024, k_max 128).
-  """
-  bits = jax.lax.bitcast_convert_type(
-      jax.lax.stop_gradient(jnp.maximum(pre, 0)).astype(jnp.float32), jnp.int32)
-  lead = pre.shape[:-1] + (1,)
-
-  def halve(_, bounds):
-    lo, hi = bounds
-    mid = lo + (hi - lo) // 2
-    ok = jnp.sum(bits >= mid, axis=-1, keepdims=True) >= k
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-  lo, _ = jax.lax.fori_loop(0, 31, halve, (jnp.zeros(lead, jnp.int32),
-                                            jnp.full(lead, 0x7F800001, jnp.int32)))
-  return bits, jnp.maximum(lo, 1)
-
-
-def topk(pre: jax.Array, k: jax.Array, k_max: int) -> jax.Array:
-  """Keeps the k largest of relu(pre) per token (last axis); k dynamic, k <= k_max static.
-
-  For k_max <= 32 by `lax.top_k` and a scatter; above, by thresholding at the k-th largest
-  value found by bisection (`_kth_largest_positive_bits`), which is cheaper on CPU for large k.
-  The two agree except on exact ties at the k-th value, which the threshold keeps all of.
-  """
-  if k_max > _TOPK_SORT_MAX:
-    bits, threshold = _kth_largest_positive_bits(pre, k)
-    return jnp.where(bits >= threshold, pre, 0).astype(pre.dtype)
-  vals, idx = jax.lax.top_k(pre, k_max)
-  keep = jax.lax.broadcasted_iota(jnp.int32, vals.shape, vals.ndim - 1) < k
-  vals = jnp.where(keep, jnp.maximum(vals, 0), 0)
-  lead, f = pre.shape[:-1], pre.shape[-1]
-  n = math.prod(lead)
-  rows = jnp.arange(n)[:, None]
-  out = jnp.zeros((n, f), pre.dtype).at[rows, idx.reshape(n, k_max)].set(vals.reshape(n, k_max))
-  return out.reshape(pre.shape)
-
-
-def batch_topk(pre: jax.Array, k: jax.Array, k_max: int,
-               mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Keeps the k·n largest positive pre-activations over all n masked-in tokens; returns
-  `(codes, min_kept, any_kept)` (codes zero at masked-out tokens; min_kept inf if none kept)."""
-  lead, f = pre.shape[:-1], pre.shape[-1]
-  n = math.prod(lead)
-  valid_N = (jnp.ones((n,), bool) if mask is None
-             else jnp.broadcast_to(mask, lead).reshape(n).astype(bool))
-  scores = jnp.where(jnp.broadcast_to(valid_N[:, None], (n, f)), pre.reshape(n, f), -jnp.inf)
-  vals, idx = jax.lax.top_k(scores.reshape(n * f), k_max * n)
-  budget = k * jnp.sum(valid_N.astype(jnp.int32))
-  keep = (jnp.arange(k_max * n) < budget) & (vals > 0)
-  vals = jnp.where(keep, vals, 0)
-  codes = jnp.zeros((n * f,), pre.dtype).at[idx].set(vals).reshape(pre.shape)
-  min_kept = jnp.min(jnp.where(keep, vals, jnp.inf))
-  return codes, min_kept, jnp.any(keep)
-
-
-# ------------------------------------------------------------------------------------------------
 # Encoder, decoder, forward.
 
 
@@ -448,14 +182,14 @@ def dictionary(params: Params, config: SAEConfig) -> jax.Array:
 
 
 def _encoder_input(params: Params, x_in: jax.Array, config: SAEConfig) -> jax.Array:
-  return x_in - _lead(params["b_pre"], x_in) if config.pre_bias else x_in
+  return x_in - activations.lead(params["b_pre"], x_in) if config.pre_bias else x_in
 
 
 def _pre_acts(params: Params, x_in: jax.Array, config: SAEConfig) -> jax.Array:
   x_in = _encoder_input(params, x_in, config)
   if not config.is_sparsemax:
     pre = jnp.einsum("...d,df->...f", x_in, params["w_enc"])
-    return pre + _lead(params["b_enc"], pre) if config.enc_bias else pre
+    return pre + activations.lead(params["b_enc"], pre) if config.enc_bias else pre
   xt = _l2_normalize(x_in)
   a_FD = _l2_normalize(params["a"])
   lam = params["lam"]
@@ -463,7 +197,7 @@ def _pre_acts(params: Params, x_in: jax.Array, config: SAEConfig) -> jax.Array:
   if config.activation == "sparsemax_no_kds":
     return lam * dots
   sq_dist = (jnp.sum(jnp.square(xt), axis=-1, keepdims=True)
-             + _lead(jnp.sum(jnp.square(a_FD), axis=-1), dots) - 2 * dots)
+             + activations.lead(jnp.sum(jnp.square(a_FD), axis=-1), dots) - 2 * dots)
   if config.activation == "sparsemax_recon_dist":
     return dots - lam * sq_dist
   return -lam * sq_dist
@@ -486,7 +220,7 @@ def sparse_decode(config: SAEConfig, train: bool = False) -> bool:
   if config.decode == "sparse":
     return True
   return (jax.default_backend() == "cpu" and config.activation == "topk"
-          and config.k_max <= _TOPK_SORT_MAX)
+          and config.k_max <= activations.TOPK_SORT_MAX)
 
 
 def _active_inputs(params, x_in, pre, config):
@@ -501,8 +235,36 @@ def _batch_topk_state(state, hparams, min_kept, any_kept):
   m = jax.lax.stop_gradient(min_kept)
   ema = hparams.threshold_decay * state.threshold + (1 - hparams.threshold_decay) * m
   new_thr = jnp.where(state.count == 0, m, ema)
-  return SAEState(threshold=jnp.where(any_kept, new_thr, state.threshold).astype(jnp.float32),
-                  count=state.count + any_kept.astype(jnp.int32))
+  thr = jnp.where(any_kept, new_thr, state.threshold).astype(jnp.float32)
+  return state.replace(threshold=thr, count=state.count + any_kept.astype(jnp.int32))
+
+
+def gated_sparsity_codes(params: Params, gate_acts: jax.Array, config: SAEConfig) -> jax.Array:
+  """What a gated SAE's sparsity penalises: relu(gate pre-activations) · ‖dictionary row‖."""
+  norms_F = jnp.linalg.norm(dictionary(params, config), axis=-1)
+  return gate_acts * activations.lead(norms_F, gate_acts)
+
+
+def gated_aux_reconstruction(params: Params, gate_acts: jax.Array, config: SAEConfig
+                             ) -> jax.Array:
+  """The gate path's own reconstruction through a frozen decoder (dictionary, b_dec, b_pre
+  under stop_gradient): the gated SAE's auxiliary term trains w_enc / b_enc through it."""
+  frozen = {k: jax.lax.stop_gradient(v) if k in ("w_dec", "b_dec", "b_pre") else v
+            for k, v in params.items()}
+  return decode(frozen, gate_acts, config)
+
+
+def dead_latents(state: SAEState, hparams: SAEHparams) -> jax.Array:
+  """AuxK's dead latents, bool `[F]`: not fired for `hparams.dead_tokens` training tokens."""
+  return state.since_fired >= hparams.dead_tokens
+
+
+def update_since_fired(state: SAEState, fired_F: jax.Array, n_tokens: jax.Array) -> SAEState:
+  """Counts a training step's `n_tokens` tokens for every latent, back to 0 where it fired
+  (bool `[F]`); saturates at `sae_config.SINCE_FIRED_MAX`. Under stop_gradient."""
+  since = jnp.minimum(state.since_fired, sae_config.SINCE_FIRED_MAX - n_tokens) + n_tokens
+  since = jnp.where(fired_F, 0, since).astype(jnp.int32)
+  return state.replace(since_fired=jax.lax.stop_gradient(since))
 
 
 def _encode(params, x_in, config, hparams, state, train, mask):
@@ -525,11 +287,11 @@ def _encode(params, x_in, config, hparams, state, train, mask):
   if act == "relu":
     codes = jax.nn.relu(pre)
   elif act == "topk":
-    codes = topk(pre, hparams.k, config.k_max)
+    codes = activations.topk(pre, hparams.k, config.k_max)
   elif act == "batchtopk":
     thr_codes = jax.nn.relu(pre) * (pre > state.threshold).astype(pre.dtype)
     if train:
-      codes, min_kept, any_kept = batch_topk(pre, hparams.k, config.k_max, mask)
+      codes, min_kept, any_kept = activations.batch_topk(pre, hparams.k, config.k_max, mask)
       if mask is not None:
         codes = jnp.where(jnp.broadcast_to(mask, pre.shape[:-1])[..., None], codes, thr_codes)
       state = _batch_topk_state(state, hparams, min_kept, any_kept)
@@ -537,10 +299,17 @@ def _encode(params, x_in, config, hparams, state, train, mask):
       codes = thr_codes
   elif act == "jumprelu":
     theta = jnp.exp(params["log_threshold"])
-    codes = jumprelu(pre, theta, hparams.jumprelu_bandwidth)
-    aux["gates"] = heaviside_ste(pre, theta, hparams.jumprelu_bandwidth)
+    codes = activations.jumprelu(pre, theta, hparams.jumprelu_bandwidth)
+    aux["gates"] = activations.heaviside_ste(pre, theta, hparams.jumprelu_bandwidth)
+  elif act == "gated":
+    x_enc = _encoder_input(params, x_in, config)
+    pre_mag = jnp.einsum("...d,df->...f", x_enc, params["w_enc"])
+    pre_mag = (pre_mag * activations.lead(jnp.exp(params["r_mag"]), pre_mag)
+               + activations.lead(params["b_mag"], pre_mag))
+    codes = activations.gated(pre, pre_mag)
+    aux["gate_acts"] = jax.nn.relu(pre)
   else:
-    codes = sparsemax(pre)
+    codes = activations.sparsemax(pre)
   aux["state"] = state
   return codes, aux
 
@@ -561,11 +330,18 @@ def decode(params: Params, codes: jax.Array, config: SAEConfig) -> jax.Array:
                       config)
 
 
+def decode_prefix(params: Params, codes: jax.Array, config: SAEConfig, m: int) -> jax.Array:
+  """`decode` from the first `m` latents only (static m; a Matryoshka prefix)."""
+  chex.assert_axis_dimension(codes, -1, config.width)
+  x_hat = jnp.einsum("...f,fd->...d", codes[..., :m], dictionary(params, config)[:m])
+  return _decode_tail(params, x_hat, config)
+
+
 def _decode_tail(params: Params, x_hat: jax.Array, config: SAEConfig) -> jax.Array:
   if config.dec_bias:
-    x_hat = x_hat + _lead(params["b_dec"], x_hat)
+    x_hat = x_hat + activations.lead(params["b_dec"], x_hat)
   if config.pre_bias:
-    x_hat = x_hat + _lead(params["b_pre"], x_hat)
+    x_hat = x_hat + activations.lead(params["b_pre"], x_hat)
   return _l2_normalize(x_hat) if config.recon_norm else x_hat
 
 
@@ -597,8 +373,9 @@ def forward(params: Params, x: jax.Array, config: SAEConfig, hparams: SAEHparams
   Returns:
     `(x_hat, codes, aux)`: x_hat `[..., D]` in the SAE's space; codes `[..., F]`; aux with
     `target` (the SAE input, what x_hat reconstructs), `pre_acts` `[..., F]`, `state` (updated in
-    BatchTopK training mode, else as given), `gates` (JumpReLU's L0 surrogate) for JumpReLU, and
-    `active` (`active_codes.ActiveCodes` of the codes, flattened over the leading axes) when
+    BatchTopK training mode, else as given), `gates` (JumpReLU's L0 surrogate) for JumpReLU,
+    `gate_acts` (relu of the gate pre-activations) for gated SAEs, and `active`
+    (`active_codes.ActiveCodes` of the codes, flattened over the leading axes) when
     `sparse_decode(config, train)`.
   """
   return _forward(params, x, config, hparams, state, train, mask, config.input_norm)

@@ -44,6 +44,18 @@ def _int32_nonneg(v):
   return None if ok else "must be an int in [0, 2^31) (stored as int32; larger values wrap)"
 
 
+def _fractions(v):
+  ok = isinstance(v, (list, tuple)) and all(
+      isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1 for f in v) and all(
+          a < b for a, b in zip(v, v[1:]))
+  return None if ok else "must be a list of strictly increasing fractions in (0, 1)"
+
+
+def matryoshka_widths(fractions, width: int) -> tuple[int, ...]:
+  """Prefix widths round(fraction·F) of a Matryoshka sweep value."""
+  return tuple(int(round(f * width)) for f in fractions)
+
+
 def _choice(options):
   return lambda v: None if v in options else f"must be one of {list(options)}"
 
@@ -54,7 +66,8 @@ def registry() -> list[sweep_lib.Field]:
   return [
       # Static: architecture and loss family (one compilation group per combination).
       F("activation", "relu", True, check=_choice(sae_lib.ACTIVATIONS),
-        doc="SAE activation"),
+        doc="SAE activation (gated: Rajamanoharan et al. 2024a, whose encoder subtracts b_dec "
+        "first: pre_bias=True)"),
       F("expansion", 4, True, check=lambda v: None if isinstance(v, int) and v > 0
         else "must be a positive int", doc="latents per input dimension (F = expansion × d)"),
       F("enc_bias", True, True, doc="encoder bias"),
@@ -69,6 +82,16 @@ def registry() -> list[sweep_lib.Field]:
         doc="pre-bias init (data mean/median is an improvement)"),
       F("decode", "auto", True, check=_choice(sae_lib.DECODES),
         doc="TopK/BatchTopK decode: dense, sparse (active latents only) or auto (per backend)"),
+      F("auxk", False, True, doc="AuxK loss (Gao et al. 2024): the top k_aux dead latents "
+        "reconstruct the residual x − x̂ (topk / batchtopk)"),
+      F("k_aux", None, True, check=lambda v: None if v is None or (
+          isinstance(v, int) and not isinstance(v, bool) and v > 0) else "must be None or an "
+        "int > 0", doc="AuxK's dead latents per token (None: d_model / 2, SAELens' reading of "
+        "Gao et al.; the paper used 512 at d_model 768-4096)"),
+      F("matryoshka", (), True, check=_fractions,
+        doc="Matryoshka SAE (Bussmann et al. 2025): inner prefix sizes as increasing fractions "
+        "of F in (0, 1), each prefix also reconstructs x (paper: [1/16, 1/8, 1/4, 1/2]); "
+        "empty: none"),
       F("loss", "local", True, check=_choice(losses_lib.PRESETS),
         doc="loss preset: local, e2e or e2e_ds"),
       F("sparsity_p", 1.0, True, check=_positive, doc="order p of the sparsity norm"),
@@ -100,6 +123,16 @@ def registry() -> list[sweep_lib.Field]:
       F("jumprelu_init_threshold", 1e-3, False, check=_positive, doc="JumpReLU initial θ"),
       F("threshold_decay", 0.99, False, check=lambda v: None if _nonneg(v) is None and v <= 1
         else "must lie in [0, 1]", doc="BatchTopK inference-threshold EMA decay"),
+      F("auxk_coeff", losses_lib.AUXK_COEFF, False, check=_nonneg,
+        doc="AuxK coefficient alpha (Gao et al.: 1/32)"),
+      F("dead_tokens", sae_lib.DEAD_TOKENS, False, np.int32, check=lambda v: None if (
+          _int32_nonneg(v) is None and v > 0) else "must be an int in [1, 2^31)",
+        doc="AuxK: tokens without firing after which a latent is dead (Gao et al.: 10M)"),
+      F("matryoshka_coeff", 1.0, False, check=_nonneg,
+        doc="weight of the summed Matryoshka prefix losses (paper: 1, as the full width)"),
+      F("gated_aux_coeff", 1.0, False, check=_nonneg,
+        doc="gated SAEs: weight of the gate path's reconstruction through the frozen decoder "
+        "(paper: 1)"),
       F("causal_coeff", 0.0, False, check=_nonneg, doc="β of the causal-interpolation term"),
       F("causal_lambda_value", 0.2, False, check=lambda v: None if 0 <= v <= 1
         else "must lie in [0, 1]", doc="λ when causal_lambda='fixed' (paper: 0.2 or 0.02)"),
@@ -111,6 +144,22 @@ def registry() -> list[sweep_lib.Field]:
         doc="lr multiplier from causal_start on (fine-tuning at a lower lr)"),
       F("causal_reset_opt", False, False, doc="fresh Adam state at causal_start (> 0)"),
   ]
+
+
+# Opt-in recipes: (their fields, whether a variant uses them). A variant that does not records
+# none of them (`GroupSpec.values`), as before they existed.
+OPT_IN = ((("auxk", "k_aux", "auxk_coeff", "dead_tokens"), lambda v: bool(v["auxk"])),
+          (("matryoshka", "matryoshka_coeff"), lambda v: bool(v["matryoshka"])),
+          (("gated_aux_coeff",), lambda v: v["activation"] == "gated"))
+
+
+def _recorded(values: Mapping[str, Any]) -> dict[str, Any]:
+  out = dict(values)
+  for fields, used in OPT_IN:
+    if not used(values):
+      for name in fields:
+        del out[name]
+  return out
 
 
 _COEFF_FIELDS = {"out_to_in": "out_to_in_coeff", "logits_kl": "logits_kl_coeff",
@@ -177,6 +226,22 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         raise sweep_lib.SweepError(
             f"variant {v.id} ({v.label}): k={values['k']} must lie in [1, width={width}] for "
             f"activation={values['activation']}; set k in the sweep or widen the SAE")
+    if values["auxk"] and values["activation"] not in ("topk", "batchtopk"):
+      raise sweep_lib.SweepError(
+          f"variant {v.id} ({v.label}): auxk=True needs activation topk or batchtopk (got "
+          f"{values['activation']!r}); AuxK revives dead TopK / BatchTopK latents")
+    if values["auxk"] and values["k_aux"] is not None and values["k_aux"] > (
+        values["expansion"] * d_model):
+      raise sweep_lib.SweepError(
+          f"variant {v.id} ({v.label}): k_aux={values['k_aux']} exceeds the width "
+          f"{values['expansion'] * d_model}; lower k_aux or widen the SAE")
+    widths = matryoshka_widths(values["matryoshka"], values["expansion"] * d_model)
+    if any(not 1 <= w < values["expansion"] * d_model for w in widths) or len(set(widths)) < len(
+        widths):
+      raise sweep_lib.SweepError(
+          f"variant {v.id} ({v.label}): matryoshka={list(values['matryoshka'])} gives prefix "
+          f"widths {list(widths)} of F={values['expansion'] * d_model}; each must be distinct "
+          f"and in [1, F): use fewer or coarser fractions, or widen the SAE")
     if float(values["lr"]) > LR_WARN:
       logging.warning("variant %s (%s): lr=%g is above %g; Adam steps of that size usually "
                       "diverge (the summary flags variants whose loss grows %gx).", v.id,
@@ -192,7 +257,9 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         dec_bias=s["dec_bias"], pre_bias=s["pre_bias"], decoder_norm=s["decoder_norm"],
         input_norm=s["input_norm"], recon_norm=s["recon_norm"], init=s["init"],
         pre_bias_init=s["pre_bias_init"],
-        decode=s["decode"] if s["activation"] in ("topk", "batchtopk") else "auto")
+        decode=s["decode"] if s["activation"] in ("topk", "batchtopk") else "auto",
+        k_aux=(s["k_aux"] or max(d_model // 2, 1)) if s["auxk"] else 0,
+        matryoshka=matryoshka_widths(s["matryoshka"], s["expansion"] * d_model))
     loss_cfg = losses_lib.LossConfig(preset=s["loss"], sparsity_p=float(s["sparsity_p"]),
                                      sparsity_reduction=s["sparsity_reduction"],
                                      include_final_resid=s["include_final_resid"],
@@ -207,13 +274,17 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         k=np.maximum(d["k"], 1).astype(np.int32) if sae_cfg.uses_k else d["k"].astype(np.int32),
         jumprelu_bandwidth=d["jumprelu_bandwidth"].astype(np.float32),
         jumprelu_init_threshold=d["jumprelu_init_threshold"].astype(np.float32),
-        threshold_decay=d["threshold_decay"].astype(np.float32))
+        threshold_decay=d["threshold_decay"].astype(np.float32),
+        dead_tokens=d["dead_tokens"].astype(np.int32) if sae_cfg.k_aux else None)
     coeffs = losses_lib.LossCoeffs(
         sparsity=d["sparsity_coeff"].astype(np.float32),
         out_to_in=d["out_to_in_coeff"].astype(np.float32),
         logits_kl=d["logits_kl_coeff"].astype(np.float32),
         in_to_orig=d["in_to_orig_coeff"].astype(np.float32),
-        causal=d["causal_coeff"].astype(np.float32))
+        causal=d["causal_coeff"].astype(np.float32),
+        auxk=d["auxk_coeff"].astype(np.float32),
+        matryoshka=d["matryoshka_coeff"].astype(np.float32),
+        gated_aux=d["gated_aux_coeff"].astype(np.float32))
     causal = CausalHparams(
         lambda_value=d["causal_lambda_value"].astype(np.float32),
         start=d["causal_start"].astype(np.int32), ramp=d["causal_ramp"].astype(np.int32),
@@ -225,6 +296,6 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         name=g.name, sae=sae_cfg, loss=loss_cfg, splice_mode=s["splice_mode"], ids=g.ids,
         size=n, padded=padded, hparams=hparams, coeffs=coeffs,
         lr=d["lr"].astype(np.float32), seed=d["seed"].astype(np.int32),
-        values=tuple(dict(v.values, **{k: g.static[k] for k in ("k_max",)})
+        values=tuple(dict(_recorded(v.values), **{k: g.static[k] for k in ("k_max",)})
                      for v in g.variants), causal=causal))
   return specs, groups

@@ -100,7 +100,7 @@ def write_variants(path: str, setup: grid_step.Setup) -> None:
   out = {"groups": [], "variants": []}
   for s in setup.specs:
     out["groups"].append({"name": s.name, "size": s.size, "padded": s.padded,
-                          "sae": dataclasses.asdict(s.sae), "loss": dataclasses.asdict(s.loss),
+                          "sae": sae_lib.config_json(s.sae), "loss": dataclasses.asdict(s.loss),
                           "splice_mode": s.splice_mode})
     for i, vid in enumerate(s.ids):
       out["variants"].append({"id": vid, "group": s.name, "position": i,

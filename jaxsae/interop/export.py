@@ -124,6 +124,12 @@ def effective_tensors(params: sae_lib.Params, config: sae_lib.SAEConfig,
     if config.pre_bias and config.dec_bias:
       b_enc = b_enc + b_dec_ours @ raw["w_enc"]  # input is x − (b_dec + b_pre); restore b_dec
     out["b_enc"] = b_enc.astype(np.float32)
+    if config.activation == "gated":
+      out["r_mag"] = raw["r_mag"]
+      b_mag = raw["b_mag"]
+      if config.pre_bias and config.dec_bias:  # as b_enc, through the scaled magnitude weights
+        b_mag = b_mag + (b_dec_ours @ raw["w_enc"]) * np.exp(raw["r_mag"])
+      out["b_mag"] = b_mag.astype(np.float32)
     out["b_dec"] = b_dec_ours + b_pre if config.pre_bias else b_dec_ours
   if config.activation == "jumprelu":
     out["threshold"] = np.asarray(jnp.exp(params["log_threshold"]), np.float32)
@@ -133,18 +139,21 @@ def effective_tensors(params: sae_lib.Params, config: sae_lib.SAEConfig,
   return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
-def _hparams_json(hparams: sae_lib.SAEHparams) -> dict[str, Any]:
-  # float32 -> Python float is exact and JSON round-trips doubles exactly, so this is bit-exact.
-  return {"k": int(np.asarray(hparams.k)),
-          **{name: float(np.asarray(getattr(hparams, name), np.float32))
-             for name in ("jumprelu_bandwidth", "jumprelu_init_threshold", "threshold_decay")}}
+_INT_FIELDS = ("k", "count", "dead_tokens", "since_fired")  # of SAEHparams / SAEState
 
 
-def _hparams_from_json(d: Mapping[str, Any]) -> sae_lib.SAEHparams:
-  return sae_lib.SAEHparams(
-      k=jnp.asarray(d["k"], jnp.int32),
-      **{name: jnp.asarray(np.float32(d[name])) for name in
-         ("jumprelu_bandwidth", "jumprelu_init_threshold", "threshold_decay")})
+def _struct_json(struct) -> dict[str, Any]:
+  """An `SAEHparams` / `SAEState` as JSON, its None fields (e.g. AuxK's when unused) left out.
+  float32 -> Python float is exact and JSON round-trips doubles exactly, so this is bit-exact."""
+  values = {f.name: getattr(struct, f.name) for f in dataclasses.fields(struct)}
+  return {name: (np.asarray(v).tolist() if name in _INT_FIELDS
+                 else float(np.asarray(v, np.float32)))
+          for name, v in values.items() if v is not None}
+
+
+def _struct_from_json(cls, d: Mapping[str, Any]):
+  return cls(**{name: jnp.asarray(v, jnp.int32) if name in _INT_FIELDS
+                else jnp.asarray(np.float32(v)) for name, v in d.items()})
 
 
 def _hook_layer(site: str) -> int:
@@ -164,10 +173,9 @@ def jaxsae_meta(config: sae_lib.SAEConfig, hparams: sae_lib.SAEHparams,
       "language": language,
       "site": site,
       "splice_mode": splice_mode,
-      "sae_config": dataclasses.asdict(config),
-      "hparams": _hparams_json(hparams),
-      "state": {"threshold": float(np.asarray(state.threshold, np.float32)),
-                "count": int(np.asarray(state.count))},
+      "sae_config": sae_lib.config_json(config),
+      "hparams": _struct_json(hparams),
+      "state": _struct_json(state),
       "saelens": saelens_lib.form(config, splice_mode).to_json(),
       "extra": dict(extra or {}),
   }
@@ -341,9 +349,8 @@ def load_sae(path: str) -> tuple[sae_lib.Params, sae_lib.SAEConfig, sae_lib.SAEH
   raw = _read_npz(path, PARAMS_FILE)
   _check_params(raw, config, f"load_sae({path!r})")
   params = {k: jnp.asarray(v) for k, v in raw.items()}
-  hparams = _hparams_from_json(block["hparams"])
-  state = sae_lib.SAEState(threshold=jnp.asarray(np.float32(block["state"]["threshold"])),
-                           count=jnp.asarray(block["state"]["count"], jnp.int32))
+  hparams = _struct_from_json(sae_lib.SAEHparams, block["hparams"])
+  state = _struct_from_json(sae_lib.SAEState, block["state"])
   meta = {"variant_id": block["variant_id"], "language": block["language"],
           "site": block["site"], "splice_mode": block["splice_mode"], "state": state,
           "saelens": block["saelens"], "extra": block.get("extra", {}), "cfg": cfg}

@@ -33,6 +33,10 @@ kind maps (`form`):
   Their files hold the tensors of `sae.forward` (output in the SAE's space), with 'jaxsae_input'
   marking input normalisation of a sparsemax encoder and, for sparsemax, `b_pre` [d_in] and
   `lam` [] (see `numpy_forward`).
+- Gated SAEs are refused too (architecture 'jaxsae_gated': the gate path's W_enc / b_enc with
+  the magnitude path's `r_mag`, `b_mag` [d_sae], folded like b_enc); SAELens' own 'gated'
+  layout is not written. AuxK and Matryoshka change only the training: their SAEs export as the
+  plain TopK / BatchTopK / ReLU SAEs they are.
 
 `load` reads an SAELens 6 directory (ours, or one SAELens trained: 'standard', 'topk' with or
 without rescale_acts_by_decoder_norm, 'jumprelu'; normalisation 'none' or
@@ -61,7 +65,7 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 # SAELens' allowed normalize_activations values that we write, and our own (refused) ones.
 NORMALIZATIONS = ("none", "constant_norm_rescale", "jaxsae_input", "jaxsae_recon",
                   "jaxsae_input_recon")
-ARCHITECTURES = ("standard", "topk", "jumprelu", "jaxsae_sparsemax")
+ARCHITECTURES = ("standard", "topk", "jumprelu", "jaxsae_sparsemax", "jaxsae_gated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +108,8 @@ def form(config: sae_lib.SAEConfig, splice_mode: str = "corrected") -> Form:
   if splice_mode not in sae_lib.SPLICE_MODES:
     raise ValueError(f"splice_mode={splice_mode!r}: use one of {sae_lib.SPLICE_MODES}")
   arch = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu",
-          "batchtopk": "jumprelu"}.get(config.activation, "jaxsae_sparsemax")
+          "batchtopk": "jumprelu", "gated": "jaxsae_gated"}.get(config.activation,
+                                                                "jaxsae_sparsemax")
   what = {"relu": "ReLU", "topk": "TopK", "jumprelu": "JumpReLU",
           "batchtopk": "BatchTopK (its inference threshold, as JumpReLU)"}.get(
               config.activation, config.activation)
@@ -115,6 +120,10 @@ def form(config: sae_lib.SAEConfig, splice_mode: str = "corrected") -> Form:
   if config.is_sparsemax:
     norm = "jaxsae_input" if config.input_norm else "none"
     return Form(False, arch, norm, "refused: SAELens has no sparsemax (prototype) encoder")
+  if config.activation == "gated":
+    norm = "jaxsae_input" if config.input_norm else "none"
+    return Form(False, arch, norm, "refused: the mapping to SAELens' 'gated' architecture is "
+                "not written; the files are jaxsae's own (numpy_forward, export.load_sae)")
   if config.input_norm and splice_mode == "corrected":
     return Form(True, arch, "constant_norm_rescale",
                     f"{what}; input normalisation as constant_norm_rescale with W_enc/sqrt(d), "
@@ -235,7 +244,10 @@ def numpy_forward(tensors: Mapping[str, np.ndarray], cfg: Mapping[str, Any], x: 
     sae_in = x - t["b_dec"] if cfg["apply_b_dec_to_input"] else x
     pre = sae_in @ t["W_enc"] + t["b_enc"]
     codes = np.maximum(pre, 0)
-    if arch == "topk":
+    if arch == "jaxsae_gated":
+      mag = sae_in @ (t["W_enc"] * np.exp(t["r_mag"])) + t["b_mag"]
+      codes = (pre > 0) * np.maximum(mag, 0)
+    elif arch == "topk":
       drop = np.argsort(-pre, axis=-1, kind="stable")[..., int(cfg["k"]):]
       np.put_along_axis(codes, drop, 0, axis=-1)
     elif arch == "jumprelu":
