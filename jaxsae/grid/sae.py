@@ -95,7 +95,8 @@ def _safe_norm(x: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), _EPS**2))
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """`x` divided by its L2 norm along the last axis (a zero row stays zero)."""
   return x / _safe_norm(x)
 
 
@@ -132,7 +133,7 @@ def init(key: jax.Array, config: SAEConfig, data_sample: jax.Array | None = None
   k_enc, k_benc, k_dec, k_bdec, k_lam = jax.random.split(key, 5)
   params = {}
   if config.is_sparsemax:
-    params["a"] = _l2_normalize(jax.random.normal(k_enc, (f, d), jnp.float32))
+    params["a"] = l2_normalize(jax.random.normal(k_enc, (f, d), jnp.float32))
     params["lam"] = jnp.square(jax.random.normal(k_lam, (), jnp.float32))
   else:
     params["w_enc"] = _uniform(k_enc, (d, f), 1 / math.sqrt(d))
@@ -146,7 +147,7 @@ def init(key: jax.Array, config: SAEConfig, data_sample: jax.Array | None = None
   else:
     params["w_dec"] = _uniform(k_dec, (f, d), 1 / math.sqrt(f))
   if config.decoder_norm == "project":
-    params["w_dec"] = _l2_normalize(params["w_dec"])
+    params["w_dec"] = l2_normalize(params["w_dec"])
   if config.dec_bias:
     params["b_dec"] = _uniform(k_bdec, (d,), 1 / math.sqrt(f))
   if config.pre_bias:
@@ -167,7 +168,7 @@ def _init_pre_bias(config: SAEConfig, data_sample: jax.Array | None) -> jax.Arra
                      f"[..., {config.d_in}] passed to init.")
   x_ND = jnp.asarray(data_sample, jnp.float32).reshape(-1, config.d_in)
   if config.input_norm:
-    x_ND = _l2_normalize(x_ND)
+    x_ND = l2_normalize(x_ND)
   return jnp.mean(x_ND, axis=0) if config.pre_bias_init == "mean" else _geometric_median(x_ND)
 
 
@@ -178,7 +179,7 @@ def _init_pre_bias(config: SAEConfig, data_sample: jax.Array | None) -> jax.Arra
 def dictionary(params: Params, config: SAEConfig) -> jax.Array:
   """The decoder directions `[F, D]` as used in the forward (unit rows for `forward`)."""
   w_FD = params["w_dec"]
-  return _l2_normalize(w_FD) if config.decoder_norm == "forward" else w_FD
+  return l2_normalize(w_FD) if config.decoder_norm == "forward" else w_FD
 
 
 def _encoder_input(params: Params, x_in: jax.Array, config: SAEConfig) -> jax.Array:
@@ -190,8 +191,8 @@ def _pre_acts(params: Params, x_in: jax.Array, config: SAEConfig) -> jax.Array:
   if not config.is_sparsemax:
     pre = jnp.einsum("...d,df->...f", x_in, params["w_enc"])
     return pre + activations.lead(params["b_enc"], pre) if config.enc_bias else pre
-  xt = _l2_normalize(x_in)
-  a_FD = _l2_normalize(params["a"])
+  xt = l2_normalize(x_in)
+  a_FD = l2_normalize(params["a"])
   lam = params["lam"]
   dots = jnp.einsum("...d,fd->...f", xt, a_FD)
   if config.activation == "sparsemax_no_kds":
@@ -319,7 +320,7 @@ def encode(params: Params, x: jax.Array, config: SAEConfig, hparams: SAEHparams,
            mask: jax.Array | None = None) -> jax.Array:
   """Codes `[..., F]` of raw `x` `[..., D]` (applies `input_norm`); other args as `forward`."""
   chex.assert_axis_dimension(x, -1, config.d_in)
-  x_in = _l2_normalize(x) if config.input_norm else x
+  x_in = l2_normalize(x) if config.input_norm else x
   return _encode(params, x_in, config, hparams, state, train, mask)[0]
 
 
@@ -342,12 +343,12 @@ def _decode_tail(params: Params, x_hat: jax.Array, config: SAEConfig) -> jax.Arr
     x_hat = x_hat + activations.lead(params["b_dec"], x_hat)
   if config.pre_bias:
     x_hat = x_hat + activations.lead(params["b_pre"], x_hat)
-  return _l2_normalize(x_hat) if config.recon_norm else x_hat
+  return l2_normalize(x_hat) if config.recon_norm else x_hat
 
 
 def _forward(params, x, config, hparams, state, train, mask, normalize_input):
   chex.assert_axis_dimension(x, -1, config.d_in)
-  x_in = _l2_normalize(x) if normalize_input else x
+  x_in = l2_normalize(x) if normalize_input else x
   codes, aux = _encode(params, x_in, config, hparams, state, train, mask)
   if "active" in aux:
     x_hat_ND = active_codes.decode(aux["active"], dictionary(params, config))
@@ -448,7 +449,7 @@ def project_gradients(params: Params, grads: Params, config: SAEConfig) -> Param
   """
   if config.decoder_norm != "project":
     return grads
-  u = _l2_normalize(params["w_dec"])
+  u = l2_normalize(params["w_dec"])
   g = grads["w_dec"]
   return {**grads, "w_dec": g - jnp.sum(g * u, axis=-1, keepdims=True) * u}
 
@@ -457,4 +458,4 @@ def renormalize(params: Params, config: SAEConfig) -> Params:
   """Unit-norm dictionary directions; a no-op unless `decoder_norm == 'project'`."""
   if config.decoder_norm != "project":
     return params
-  return {**params, "w_dec": _l2_normalize(params["w_dec"])}
+  return {**params, "w_dec": l2_normalize(params["w_dec"])}

@@ -112,7 +112,7 @@ def effective_tensors(params: sae_lib.Params, config: sae_lib.SAEConfig,
   b_pre = raw.get("b_pre", zeros(d))
   out = {"W_dec": np.asarray(sae_lib.dictionary(params, config), np.float32)}
   if config.is_sparsemax:
-    unit_a = sae_lib._l2_normalize(params["a"])  # pylint: disable=protected-access
+    unit_a = sae_lib.l2_normalize(params["a"])
     out["W_enc"] = np.asarray(unit_a, np.float32).T
     out["b_enc"] = zeros(f)
     out["b_pre"] = b_pre
