@@ -33,6 +33,8 @@ def _numbers(workdir):
   summary = json.load(open(os.path.join(workdir, "sae", "summary.json")))
   features = json.load(open(os.path.join(workdir, "analysis", "features.json")))
   causal = json.load(open(os.path.join(workdir, "analysis", "causal.json")))
+  causal["ground_truth"] = json.load(open(os.path.join(workdir, "analysis",
+                                                       "ground_truth.json")))
   return ev, summary, features, causal
 
 
@@ -54,8 +56,11 @@ def test_smoke_pipeline_writes_a_report(straight):
   ev, summary, features, causal = _numbers(workdir)
   assert set(ev["variants"]) == set(summary["variants"]) == set(features["variants"])
   assert causal["chosen"] and set(causal["chosen"]) <= set(summary["variants"])
+  ground = causal["ground_truth"]["variants"]
+  assert set(ground) == set(summary["variants"])
+  assert all(0.0 <= g["mcc"]["value"] <= 1.0 for g in ground.values())
   text = open(os.path.join(workdir, "report.md")).read()
-  assert "dyck2" in text
+  assert "dyck2" in text and "## Ground-truth features" in text
 
 
 def test_rerun_skips_finished_stages(straight, monkeypatch):

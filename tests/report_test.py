@@ -484,3 +484,25 @@ def test_lm_length_match_is_reported(tmp_path):
   assert f"total variation {match['tv']:.3g}" in md or f"total variation {match['tv']:.4g}" in md
   rows = _md_table_rows(md, "lengths")
   assert sum(int(r["generations"]) for r in rows) == 200
+
+
+def test_ground_truth_section_reads_the_summary(tmp_path):
+  summary, eval_results = _synthetic_run()
+  est = lambda v, se=0.01: {"value": v, "se": se, "lo": v - 2 * se, "hi": v + 2 * se, "n": 5}
+  ground = {"features": ["a", "b", "c"], "hierarchy": {"a": ["b", "c"]},
+            "probing_raw": {"k=1": {"accuracy": est(0.7)}, "full": {"accuracy": est(0.9)}},
+            "variants": {"v000": {"mcc": est(0.81), "mcc_null": 0.2, "matched": {"f1": est(0.6)},
+                                  "absorption": {"pooled": est(0.25)},
+                                  "split_latents": est(1.5), "shrinkage": {"gamma": 1.25},
+                                  "probing": {"k=1": {"accuracy": est(0.8)},
+                                              "minus_raw": {"k=1": est(0.1)}}}}}
+  paths = assemble.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
+                                ground_truth=ground)
+  rep = json.load(open(paths["report.json"]))
+  gt = rep["ground_truth"]
+  assert gt["features"] == 3 and gt["families"] == 1 and len(gt["variants"]) == 1
+  md = open(paths["report.md"]).read()
+  assert "3 binary features (1 parent → child families)" in md
+  row = _md_table_rows(md[md.index("## Ground-truth features"):], "id")[0]
+  assert row["id"] == "v000" and row["MCC"] == "0.810 ± 0.010" and row["γ"] == "1.25"
+  assert row["absorption"].startswith("0.25")

@@ -140,5 +140,8 @@ def build(language: str = "english", seed: int = 0, stages: Sequence[str] = STAG
   # ... on one SAE per type ('per_type') or on every SAE ('all': the causal grid compares them)
   a.causal_variants = "all" if grid == "causal" else "per_type"
   a.heatmap_latents = 24  # latents shown in the correlation heatmaps
+  # Ground-truth recovery of the grammar's features (MCC, absorption, splitting, k-sparse
+  # probes, shrinkage: `jaxsae.analysis.ground_truth`) for every SAE.
+  a.ground_truth = True
   c.analysis = a
   return c

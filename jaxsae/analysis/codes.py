@@ -80,6 +80,32 @@ def _encode_variants(params, hparams, sae_state, x_MD, *, config):
   return jax.vmap(enc)(params, hparams, sae_state)
 
 
+def site_activations(trained: trained_lib.TrainedGrid, tokens_BT: Any, mask_BT: Any
+                     ) -> np.ndarray:
+  """The SAE site's activations `[M, D]` (float32) of the selected tokens, in the row-major
+  order of `collect_codes` and `label_matrix(..., mask)`."""
+  setup = trained.setup
+  acts_BTD = _site_acts(trained.lm.params, jnp.asarray(np.asarray(tokens_BT), jnp.int32),
+                        config=setup.model_config, site=setup.site)
+  return np.asarray(acts_BTD, np.float32)[np.asarray(mask_BT).astype(bool)]
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _decode_variants(params, codes_NMF, *, config):
+  return jax.vmap(lambda p, c: sae_lib.decode(p, c, config))(params, codes_NMF)
+
+
+def reconstructions(trained: trained_lib.TrainedGrid, spec_index: int, codes_NMF: Any,
+                    variants: Sequence[int] | None = None) -> np.ndarray:
+  """`sae.decode` of `collect_codes(trained, spec_index, ..., variants)`: `[N, M, D]` in the
+  SAE's space (the normalised one for `input_norm` / `recon_norm` SAEs)."""
+  spec = trained.setup.specs[spec_index]
+  idx = np.arange(spec.size) if variants is None else np.asarray(variants, np.int64)
+  params = jax.tree.map(lambda a: jnp.asarray(a)[idx], trained.state.groups[spec_index].params)
+  return np.asarray(_decode_variants(params, jnp.asarray(codes_NMF, jnp.float32),
+                                     config=spec.sae))
+
+
 def collect_codes(trained: trained_lib.TrainedGrid, spec_index: int, tokens_BT: Any,
                   mask_BT: Any, variants: Sequence[int] | None = None) -> jax.Array:
   """Codes of a trained group's variants on the selected tokens.

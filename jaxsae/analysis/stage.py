@@ -3,7 +3,8 @@ causal predictability of chosen ones.
 
 `validate_config(a)` checks the stage's config (`experiments/configs/pipeline.py`'s
 `analysis` block) before anything runs; `run(a, sae_workdir, out_dir, eval_dir)` writes
-`features.json`, `corr.npz` and `causal.json` (see `run`). The data comes from the grid's own
+`features.json`, `corr.npz`, `causal.json` and, with `ground_truth`, `ground_truth.json`
+(`analysis.ground_truth.ground_truth_summary` of every variant; see `run`). The data comes from the grid's own
 held-out stream under the analysis seed (`STREAM` folded in, never a training or eval stream),
 so the stage is a deterministic function of (config, grid).
 """
@@ -21,6 +22,8 @@ import numpy as np
 from jaxsae.analysis import causality
 from jaxsae.analysis import codes as codes_lib
 from jaxsae.analysis import comparison
+from jaxsae.analysis import ground_truth
+from jaxsae.analysis import hierarchy as hierarchy_lib
 from jaxsae.analysis import recovery
 from jaxsae.core import jsonio
 from jaxsae.grid import sae as sae_lib
@@ -28,6 +31,7 @@ from jaxsae.grid import trained as trained_lib
 
 STREAM = 2000  # folded into the analysis seed (never a training or eval stream)
 CAUSAL_VARIANTS = ("per_type", "all")
+GROUND_TRUTH_FILE = "ground_truth.json"  # `ground_truth.ground_truth_summary` of every variant
 
 
 def validate_config(a) -> None:
@@ -41,6 +45,8 @@ def validate_config(a) -> None:
       raise ValueError(f"config.analysis.{name}={a[name]!r} must be a positive int")
   if not 0 < a.threshold <= 1:
     raise ValueError(f"config.analysis.threshold={a.threshold} must lie in (0, 1]")
+  if not isinstance(a.ground_truth, bool):
+    raise ValueError(f"config.analysis.ground_truth={a.ground_truth!r} must be True or False")
   if a.causal_variants not in CAUSAL_VARIANTS:
     raise ValueError(f"config.analysis.causal_variants={a.causal_variants!r}: use one of "
                      f"{CAUSAL_VARIANTS}")
@@ -79,6 +85,12 @@ def run(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None) -> dict[
   key = jax.random.fold_in(jax.random.key(a.seed), STREAM)
   batch = codes_lib.analysis_batch(trained, key, a.num_sequences)
   lmat = batch.label_matrix()
+  ground: dict[str, Any] | None = None
+  if a.ground_truth:  # the grammar's features, their hierarchy and the SAE inputs, once
+    tokens_M = batch.tokens_BT[batch.mask_BT]
+    hier = hierarchy_lib.grammar_hierarchy(setup.grammar, lmat, tokens_M)
+    acts_MD = codes_lib.site_activations(trained, batch.tokens_BT, batch.mask_BT)
+    ground = {"variants": {}}
   features: dict[str, Any] = {"columns": None, "variants": {}}
   corr: dict[str, np.ndarray] = {}
   hparams_by_id = {}
@@ -88,6 +100,14 @@ def run(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None) -> dict[
     params = jax.tree.map(lambda x: x[: spec.size], trained.state.groups[gi].params)
     decoders = jax.vmap(lambda p, c=spec.sae: sae_lib.dictionary(p, c))(params)
     summ = recovery.summarise(codes, lmat, decoders, ids=list(spec.ids))
+    if ground is not None:
+      # Shrinkage compares x̂ with x in one space: skipped for normalised SAEs.
+      normalised = spec.sae.input_norm or spec.sae.recon_norm
+      recon = None if normalised else codes_lib.reconstructions(trained, gi, codes)
+      gt = ground_truth.ground_truth_summary(codes, lmat, hier, acts_MD, recon,
+                                             ids=list(spec.ids))
+      ground.update({k: v for k, v in gt.items() if k != "variants"})
+      ground["variants"].update(gt["variants"])
     features["columns"] = summ["columns"]
     features["variants"].update(summ["variants"])
     cmat = np.asarray(recovery.correlations(codes, lmat))
@@ -100,6 +120,8 @@ def run(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None) -> dict[
                  len(setup.specs), spec.name, spec.size, eta)
   names = [c["name"] for c in features["columns"]]
   jsonio.write(os.path.join(out_dir, "features.json"), features)
+  if ground is not None:
+    jsonio.write(os.path.join(out_dir, GROUND_TRUTH_FILE), ground)
 
   types = {vid: comparison.sae_type(dict(h)) for vid, h in hparams_by_id.items()}
   ev = jsonio.read(os.path.join(eval_dir, "eval.json"), {}) if eval_dir else {}
@@ -130,4 +152,4 @@ def run(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None) -> dict[
                    res.get("fraction_as_predicted"), res.get("n_tested"),
                    time.perf_counter() - t1)
   jsonio.write(os.path.join(out_dir, "causal.json"), jsonio.jsonable(causal))
-  return {"features": features, "causal": causal}
+  return {"features": features, "causal": causal, "ground_truth": ground}

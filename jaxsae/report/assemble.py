@@ -154,6 +154,35 @@ def _variant_rows(summary, eval_results, combo: str | None) -> list[dict[str, An
   return rows
 
 
+def ground_truth_table(ground: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
+                       ) -> dict[str, Any]:
+  """The report's ground-truth rows: per variant (in `rows` order) MCC against its null, the
+  matched latents' F1, absorption, split latents, the 1-sparse probe against the same probe on
+  the raw activations, and shrinkage (γ: the best rescaling of x̂; ‖x̂‖/‖x‖)."""
+  out = []
+  for r in rows:
+    g = (ground.get("variants") or {}).get(r["id"])
+    if not g:
+      continue
+    probe = g.get("probing") or {}
+    shrink = g.get("shrinkage") or {}
+    out.append({
+        "id": r["id"], "type": r["type"], "key_hparam": r["key_hparam"], "l0": r["l0"],
+        "mcc": g.get("mcc"), "mcc_null": g.get("mcc_null"),
+        "f1": (g.get("matched") or {}).get("f1"),
+        "absorption": (g.get("absorption") or {}).get("pooled"),
+        "split_latents": g.get("split_latents"),
+        "probe_k1": (probe.get("k=1") or {}).get("accuracy"),
+        "probe_k1_minus_raw": (probe.get("minus_raw") or {}).get("k=1"),
+        "gamma": shrink.get("gamma"), "norm_ratio": shrink.get("norm_ratio")})
+  raw = (ground.get("probing_raw") or {})
+  return {"features": len(ground.get("features") or []),
+          "families": len(ground.get("hierarchy") or {}),
+          "raw_probe_accuracy": {k: v.get("accuracy") for k, v in raw.items()
+                                 if isinstance(v, Mapping) and "accuracy" in v},
+          "variants": out}
+
+
 def seed_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """Per configuration with several seeds (`matched.seed_configs`; frozen variants left out):
   its ids and, for each of `_SEED_METRICS`, the mean over seeds with its SE
@@ -220,12 +249,15 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
                  features: Mapping[str, Any] | None = None,
                  causal: Mapping[str, Any] | None = None, lm: Mapping[str, Any] | None = None,
                  meta: Mapping[str, Any] | None = None, grammaticality: str | None = None,
+                 ground_truth: Mapping[str, Any] | None = None,
                  top_corr_latents: int = 16) -> dict[str, str]:
   """Writes `report.md`, `report.json` and the PNG plots (linked relatively) into `out_dir`.
 
   Args:
     out_dir: directory (created if needed).
     summary, eval_results, features, causal, lm, meta: see the module docstring.
+    ground_truth: `analysis.ground_truth.ground_truth_summary` of the variants (the analysis
+      stage's ground_truth.json), or None.
     grammaticality: the `<mode>/<positions>` generation combo of the headline spliced
       grammaticality (default: `headline_combo`, the corrected splice at the grid's training
       positions); every combo is listed in its own table.
@@ -372,6 +404,7 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
     notes.append(f"not in eval_results (shown as —): {', '.join(missing)}.")
   if combo is None:
     notes.append("spliced grammaticality: eval.json has none (grammaticality_batches=0).")
+  rep["ground_truth"] = ground_truth_table(ground_truth, rows) if ground_truth else None
   rep["plots"] = plots
 
   md_path = os.path.join(out_dir, "report.md")

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxsae.analysis import stage as analysis_stage
 from jaxsae.core import jsonio
 from jaxsae.core import workdir as workdir_lib
 from jaxsae.report import assemble
@@ -61,13 +62,14 @@ def write(out_dir: str, *, sae_dir: str, eval_dir: str | None = None,
   if lm_dir is None:
     grid_config = workdir_lib.read_config(sae_dir)
     lm_dir = grid_config["lm_workdir"] if grid_config else None
-  features = causal = None
+  features = causal = ground = None
   if analysis_dir is not None:
     features = _features(analysis_dir)
     causal = jsonio.read(os.path.join(analysis_dir, "causal.json"))
+    ground = jsonio.read(os.path.join(analysis_dir, analysis_stage.GROUND_TRUTH_FILE))
   # The headline spliced grammaticality is the report's default: the corrected splice at the
   # positions the grid was trained on (`assemble.headline_combo`).
   return assemble.write_report(
       out_dir, summary=summary, eval_results=eval_results, features=features,
-      causal=(causal or {}).get("variants") or None,
+      causal=(causal or {}).get("variants") or None, ground_truth=ground,
       lm=jsonio.read(os.path.join(lm_dir, "summary.json")) if lm_dir else None, meta=meta)
