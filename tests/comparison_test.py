@@ -40,6 +40,12 @@ def _hparams(**fields):
      "causal-local"),
     ({"loss": "e2e", "activation": "relu", "causal": True}, "causal-e2e"),
     ({"loss": "local", "activation": "topk", "k": 4, "causal": True}, "causal-topk"),
+    ({"loss": "local", "activation": "gated"}, "gated"),
+    ({"loss": "e2e", "activation": "gated"}, "e2e_gated"),
+    ({"loss": "local", "activation": "topk", "k": 4, "auxk": True}, "topk+auxk"),
+    ({"loss": "local", "activation": "batchtopk", "k": 4, "matryoshka": (0.25, 0.5)},
+     "matryoshka_batchtopk"),
+    ({"loss": "e2e", "activation": "relu", "matryoshka": (0.5,)}, "matryoshka_e2e"),
 ])
 def test_sae_type_of_each_kind(fields, expected):
   assert comparison.sae_type(_hparams(**fields)) == expected

@@ -259,6 +259,8 @@ BUILDS = [
     ("study", "study=menon,language=dyck2,full,seeds=2",
      dict(study="menon", language="dyck2", size="full", seeds=2)),
     ("study", "study=causal,smoke", dict(study="causal", size="smoke")),
+    ("study", "study=bench,language=expr_prefix,full",
+     dict(study="bench", language="expr_prefix", size="full")),
 ]
 
 

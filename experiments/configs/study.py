@@ -24,7 +24,12 @@ grammaticality; the paper-scale LM is `lm.py:full`) and swaps in the study's gri
   the sentence tokens it was trained on;
 - `causal` (Menon et al.'s causal-interpolation loss, `sae_causal.py` under the pipeline's
   optimisation profile) with `seeds` SAE seeds; causal predictability of every SAE against the
-  null of random live latents.
+  null of random live latents;
+- `bench` (the architectures the field trains today, against the grammar's ground truth):
+  ReLU + L1, JumpReLU, Gated, TopK, TopK + AuxK, BatchTopK and Matryoshka BatchTopK, each
+  trained `local` and `e2e`, over a four-value λ or k ladder, `seeds` seeds each (168 SAEs at
+  the default 3 seeds: an accelerator job at `full`); the report's ground-truth table (MCC,
+  absorption, splitting, k-sparse probes, shrinkage) and its trade-off plots compare them.
 
 Settings after the colon (comma-separated): `study=frontier|menon|causal`, `language=<name>`,
 `seed=<int>` (LM, data and evaluation seed), `seeds=<int>` (SAE seeds per configuration), and
@@ -42,7 +47,7 @@ from experiments.configs import args as args_lib
 from experiments.configs import pipeline as pipeline_configs
 from experiments.configs import sae_menon
 
-STUDIES = ("frontier", "menon", "causal")
+STUDIES = ("frontier", "menon", "causal", "bench")
 # Sparsity ladders (e2e_sae reduction λ · mean_tokens ‖c‖₁ / d) per loss family: factors of 2
 # over 128×, each reaching past the CE increase of the others' sparsest SAEs.
 FRONTIER_LAMBDAS = {
@@ -51,6 +56,21 @@ FRONTIER_LAMBDAS = {
     "e2e_ds": [2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
 }
 FRONTIER_KS = [2, 4, 8, 16, 32, 64]  # TopK latents per token
+# The benchmark's architectures: sweep fields, and which ladder (λ or k) each sweeps.
+BENCH_ARCHS = {
+    "relu": ({"activation": "relu"}, "sparsity_coeff"),
+    "jumprelu": ({"activation": "jumprelu"}, "sparsity_coeff"),
+    "gated": ({"activation": "gated"}, "sparsity_coeff"),
+    "topk": ({"activation": "topk"}, "k"),
+    "topk+auxk": ({"activation": "topk", "auxk": True}, "k"),
+    "batchtopk": ({"activation": "batchtopk"}, "k"),
+    "matryoshka_batchtopk": ({"activation": "batchtopk", "matryoshka": (0.125, 0.25, 0.5)}, "k"),
+}
+BENCH_LADDERS = {"sparsity_coeff": [0.5, 2.0, 8.0, 32.0], "k": [4, 8, 16, 32]}
+BENCH_LOSSES = ("local", "e2e")
+# AuxK's dead-latent window (tokens): about 1/10 of the training tokens of each size (Gao et
+# al.'s 10M is for runs of billions of tokens).
+BENCH_DEAD_TOKENS = {"smoke": 16, "default": 20_000, "full": 500_000}
 
 
 def get_config(arg=None):
@@ -110,6 +130,16 @@ def build(study: str = "frontier", language: str = "english", seed: int = 0, see
     s.sweep.append({"product": {"k": ks, **seed_product},
                     "set": {"loss": "local", "activation": "topk", "expansion": expansion}})
     e.grammaticality_modes = ("corrected",)  # no normalised SAEs: the modes coincide
+  elif study == "bench":
+    expansion = pipeline_configs.EXPANSION if not smoke else 2
+    s.sweep = []
+    for arch, (fields, ladder) in BENCH_ARCHS.items():
+      values = BENCH_LADDERS[ladder][1:2] if smoke else BENCH_LADDERS[ladder]
+      extra = {"dead_tokens": BENCH_DEAD_TOKENS[size]} if fields.get("auxk") else {}
+      for loss in BENCH_LOSSES:
+        s.sweep.append({"product": {ladder: values, **seed_product},
+                        "set": {**fields, **extra, "loss": loss, "expansion": expansion}})
+    e.grammaticality_modes = ("corrected",)
   elif study == "menon":
     menon_size = "smoke" if smoke else "default"
     m = sae_menon.build(language=language, size=menon_size, sparsemax=True)

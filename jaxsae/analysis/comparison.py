@@ -28,10 +28,10 @@ import numpy as np
 from jaxsae.core import stats
 
 # Canonical order of the base types (plots, tables); unknown combinations sort after these.
-_TYPE_ORDER = ("local", "e2e", "e2e_ds", "topk", "batchtopk", "jumprelu", "sparsemax_no_kds",
-               "sparsemax_recon_dist", "sparsemax_dist")
+_TYPE_ORDER = ("local", "e2e", "e2e_ds", "topk", "batchtopk", "jumprelu", "gated",
+               "sparsemax_no_kds", "sparsemax_recon_dist", "sparsemax_dist")
 _LOSSES = ("local", "e2e", "e2e_ds")
-_ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu", "sparsemax_no_kds",
+_ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu", "gated", "sparsemax_no_kds",
                 "sparsemax_recon_dist", "sparsemax_dist")
 # Display names of metrics (axis labels, table headers, sentences).
 METRIC_NAMES = {"l0": "L0", "alive": "alive latents", "ce_increase": "CE increase",
@@ -85,10 +85,12 @@ def sae_type(hparams: Mapping[str, Any]) -> str:
   """The SAE type of a variant, for colouring and grouping.
 
   Rule: a `local` loss gives the activation's name, except ReLU (+ L1), which is `local`
-  (`topk`, `batchtopk`, `jumprelu`, `sparsemax_no_kds`, ...); an `e2e` / `e2e_ds` loss gives the
-  loss name with ReLU (`e2e`, `e2e_ds`) and `<loss>_<activation>` otherwise (`e2e_topk`). A
-  `causal-` prefix is added when `hparams["causal"]` is true. Missing fields take the sweep
-  registry's defaults (loss `local`, activation `relu`, causal off).
+  (`topk`, `batchtopk`, `jumprelu`, `gated`, `sparsemax_no_kds`, ...); an `e2e` / `e2e_ds` loss
+  gives the loss name with ReLU (`e2e`, `e2e_ds`) and `<loss>_<activation>` otherwise
+  (`e2e_topk`). Training recipes mark the name: `matryoshka_` before it for nested prefixes
+  (`matryoshka_batchtopk`), `+auxk` after it for the AuxK loss (`topk+auxk`). A `causal-`
+  prefix is added when `hparams["causal"]` is true. Missing fields take the sweep registry's
+  defaults (loss `local`, activation `relu`, no recipe, causal off).
 
   Args:
     hparams: a variant's sweep fields (`summary.json`'s `hparams`).
@@ -111,6 +113,10 @@ def sae_type(hparams: Mapping[str, Any]) -> str:
     base = "local" if act == "relu" else act
   else:
     base = loss if act == "relu" else f"{loss}_{act}"
+  if hparams.get("matryoshka"):
+    base = f"matryoshka_{base}"
+  if hparams.get("auxk"):
+    base = f"{base}+auxk"
   return f"causal-{base}" if hparams.get("causal", False) else base
 
 
