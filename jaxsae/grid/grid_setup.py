@@ -114,7 +114,8 @@ def probe_capacity(grammar, batch_size, max_len, forward_len, positions, token_c
   counts = []
   for i in range(16):
     b = grammars.sample(jax.random.fold_in(key, i), grammar, batch_size, max_len)
-    counts.append(int(np.asarray(b.sentence_mask[:, :forward_len]).sum()))
+    counts.append(int(np.asarray(grammars.selected_mask(grammar, b, positions,
+                                                        forward_len)).sum()))
   return int(min(full, -(-int(1.25 * max(counts)) // 8) * 8))
 
 
