@@ -500,7 +500,7 @@ def test_gated_aux_coeff_grid_equals_separate_runs_and_trains_the_gate(lm_dir):
   assert np.all(np.asarray(metrics[0]["gated_aux"])[:2] > 0)  # logged at weight 0 too
   g = state.groups[0].params
   init_setup, lm, root = ts.prepare(_config(lm_dir, [{"set": common}]))
-  b0 = np.asarray(ts.init_grid(init_setup, lm, root).groups[0].params["b_enc"])[0]
+  b0 = np.asarray(grid_setup.init_grid(init_setup, lm, root).groups[0].params["b_enc"])[0]
   # No sparsity and no auxiliary term: nothing reaches the gate bias; the auxiliary term does.
   np.testing.assert_array_equal(np.asarray(g["b_enc"])[0], b0)
   assert not np.array_equal(np.asarray(g["b_enc"])[1], b0)
