@@ -15,7 +15,8 @@ The default grid, at resid_post.0, expansion 4 (F = 512), the e2e_sae optimisati
 (Adam lr 1e-3, warm-up + cosine to 0.1×, clip 1), sentence tokens (`grid=causal` swaps in
 the causal-interpolation grid of `sae_causal.py` and tests every SAE's causal predictability):
 - ReLU SAEs trained `local` (MSE + λ·mean‖c‖₁/d), `e2e` (KL(clean ‖ spliced) + sparsity) and
-  `e2e_ds` (½ KL + downstream MSE at resid_post.1 + sparsity), three λ each;
+  `e2e_ds` (½ KL + downstream MSE at resid_post.1 + sparsity): seven local λ (a ladder dense
+  enough for the matched comparison to cover the e2e SAEs), three e2e and three e2e_ds λ;
 - TopK SAEs (k ∈ {4, 8, 16}, local MSE).
 The report answers, from the run, whether e2e SAEs reach the same CE increase with lower L0 and
 fewer alive latents than local ones, shows the clean model's and every SAE's spliced
@@ -47,7 +48,12 @@ from jaxsae import grammars
 STAGES = ("lm", "sae", "eval", "analysis", "report")
 GRIDS = ("default", "causal")
 # Sparsity coefficients λ (e2e_sae reduction: λ · mean_tokens ‖c‖₁ / d) per loss family.
-LAMBDAS = {"local": [1.0, 4.0, 16.0], "e2e": [0.5, 2.0, 8.0], "e2e_ds": [4.0, 16.0, 64.0]}
+# The local ladder is dense between 4 and 16: in the English default run (experiments/results/
+# english_default, commit 4b651f5) local λ 4 gave CE increase 0.0017 and λ 16 gave 2.9, so the
+# e2e SAEs' range (up to 0.004) had no local front within the matched comparison's 4× rule.
+LAMBDAS = {"local": [1.0, 2.0, 4.0, 6.0, 8.0, 11.0, 16.0], "e2e": [0.5, 2.0, 8.0],
+           "e2e_ds": [4.0, 16.0, 64.0]}
+SMOKE_LAMBDAS = {"local": [1.0, 4.0], "e2e": [0.5, 2.0], "e2e_ds": [4.0, 16.0]}
 TOPK_KS = [4, 8, 16]  # TopK latents per token
 EXPANSION = 4  # SAE width / d_model
 
@@ -104,7 +110,7 @@ def build(language: str = "english", seed: int = 0, stages: Sequence[str] = STAG
   lambdas, ks, expansion = LAMBDAS, TOPK_KS, EXPANSION
   if smoke:
     s.steps, s.log_every, s.checkpoint_every, s.batch_size, s.warmup_steps = 4, 2, 4, 4, 1
-    lambdas = {k: v[:2] for k, v in LAMBDAS.items()}
+    lambdas = SMOKE_LAMBDAS
     ks, expansion = TOPK_KS[:2], 2
   s.sweep = [{"product": {"sparsity_coeff": lams}, "set": {"loss": loss, "expansion": expansion}}
              for loss, lams in lambdas.items()]
