@@ -33,6 +33,7 @@ from jaxsae.analysis import firing
 from jaxsae.analysis import hierarchy as hierarchy_lib
 from jaxsae.analysis import recovery
 from jaxsae.analysis import sparse_probing
+from jaxsae.core import jsonio
 from jaxsae.core import stats
 
 
@@ -235,19 +236,7 @@ def union_columns(*lms: recovery.LabelMatrix) -> recovery.LabelMatrix:
 
 def json_ready(obj: Any) -> Any:
   """NumPy scalars and arrays as Python values, non-finite floats as None (strict JSON)."""
-  if isinstance(obj, dict):
-    return {str(k): json_ready(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [json_ready(v) for v in obj]
-  if isinstance(obj, np.ndarray):
-    return json_ready(obj.tolist())
-  if isinstance(obj, (bool, np.bool_)):
-    return bool(obj)
-  if isinstance(obj, (int, np.integer)):
-    return int(obj)
-  if isinstance(obj, (float, np.floating)):
-    return float(obj) if math.isfinite(obj) else None
-  return obj
+  return jsonio.jsonable(obj, strict=True)
 
 
 def _variant_summary(codes_MF, features, h, recon_MD, acts_MD, raw_probe, *, ks,

@@ -27,20 +27,22 @@ def finite_or_str(x: Any) -> float | str:
   return x if math.isfinite(x) else str(x)
 
 
-def jsonable(x: Any) -> Any:
+def jsonable(x: Any, *, strict: bool = False) -> Any:
   """Plain JSON: mappings and sequences recursively, NumPy to Python, non-finite floats to
-  strings."""
+  strings ("nan", "inf"), or to None with `strict` (JSON without NaN literals or strings)."""
   if isinstance(x, Mapping):
-    return {str(k): jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v, strict=strict) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [jsonable(v) for v in x]
+    return [jsonable(v, strict=strict) for v in x]
   if isinstance(x, np.ndarray):
-    return jsonable(x.tolist())
+    return jsonable(x.tolist(), strict=strict)
   if isinstance(x, (bool, np.bool_)):
     return bool(x)
   if isinstance(x, (int, np.integer)):
     return int(x)
   if isinstance(x, (float, np.floating)):
+    if strict:
+      return float(x) if math.isfinite(x) else None
     return finite_or_str(x)
   return x
 
