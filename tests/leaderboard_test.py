@@ -114,6 +114,17 @@ def test_a_type_whose_range_misses_a_reference_point_is_not_covered():
       assert e["note"].startswith(leaderboard.NOT_COVERED)
       assert "far" not in {r["type"] for r in p["ranking"]}
   assert all(x >= 1.0 for x in covered_far)
+  norm, text = leaderboard_plots.heatmap_cells(board, leaderboard.METRICS)  # greyed cells
+  mid = a["metrics"]["mcc"]["points"][leaderboard.middle_point(board, "ce_increase")]
+  i, j = board["types"].index("far"), board["metrics"].index("mcc")
+  assert math.isnan(norm[i, j]) == (not mid["entries"]["far"]["covered"])
+  assert (text[i][j] == "not\ncovered") == (not mid["entries"]["far"]["covered"])
+
+
+def test_same_reports_same_board():
+  a = leaderboard.leaderboard({"toy": _toy()}, n_boot=100, seed=3)
+  b = leaderboard.leaderboard({"toy": _toy()}, n_boot=100, seed=3)
+  assert json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
 def test_gaps_wider_than_the_rule_and_the_range_ends_are_not_covered():
