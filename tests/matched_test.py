@@ -11,6 +11,7 @@ import pytest
 
 from jaxsae.analysis import comparison
 from jaxsae.analysis import matched
+from jaxsae.core import stats
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,3 +234,29 @@ def test_bootstrap_over_seeds_withholds_an_interval_when_coverage_is_unstable():
   assert res["by_type"]["e2e"]["median_ratio_interval"] is None
   text, = matched.matched_sentences(res)
   assert "no interval: coverage unstable over 3 seeds" in text
+
+
+def test_ratio_over_the_points_own_x_interval():
+  # Local front L0 = 50 - 100x at x = 0.1 .. 0.4; an e2e point at x = 0.25 with SE 0.01 is
+  # resolved (its interval stays between front points), one with SE 0.2 reaches 0.
+  local = [{"id": f"l{i}", "ce_increase": x, "l0": 50.0 - 100.0 * x, "se": 0.0}
+           for i, x in enumerate([0.1, 0.2, 0.3, 0.4])]
+  e2e = [{"id": "a", "ce_increase": 0.25, "l0": 10.0, "se": 0.01},
+         {"id": "b", "ce_increase": 0.25, "l0": 10.0, "se": 0.2},
+         {"id": "c", "ce_increase": 0.25, "l0": 10.0, "se": "nan"}]
+  res = matched.matched_comparison({"local": local, "e2e": e2e}, "ce_increase", "l0",
+                                   x_se="se")
+  pts = {p["id"]: p for p in res["points"]}
+  z = stats.z_value()
+  x_lo, x_hi = 0.25 - z * 0.01, 0.25 + z * 0.01
+  ref = lambda x: matched.interpolate_front(x, [0.1, 0.2, 0.3, 0.4], [40.0, 30.0, 20.0, 10.0])[0]
+  r = pts["a"]["ratio_over_x"]
+  assert r["x_lo"] == pytest.approx(x_lo) and r["x_hi"] == pytest.approx(x_hi)
+  # L0 falls with x, so the ratio is largest at the interval's high end.
+  assert r["hi"] == pytest.approx(10.0 / ref(x_hi)) and r["lo"] == pytest.approx(10.0 / ref(x_lo))
+  assert r["lo"] < pts["a"]["ratio"] < r["hi"]
+  assert pts["b"]["ratio_over_x"] is None and "reaches 0" in pts["b"]["x_note"]
+  assert pts["c"]["x_se"] is None and pts["c"]["ratio_over_x"] is None
+  assert res["by_type"]["e2e"]["n_x_resolved"] == 1
+  assert "1 of the 3 covered resolved in CE increase" in " ".join(
+      matched.matched_sentences(res))

@@ -133,26 +133,51 @@ def _value(point: Mapping[str, Any], key: str, kind: str) -> float:
   return math.nan if v is None else v
 
 
-def _configs(points, x, y, kind, configs) -> list[dict[str, Any]]:
-  """Points grouped into configurations: ids, per-seed finite (x, y) arrays, seed means."""
+def _configs(points, x, y, kind, configs, x_se=None) -> list[dict[str, Any]]:
+  """Points grouped into configurations: ids, per-seed finite (x, y) arrays, seed means, and
+  with `x_se` the mean of the seeds' finite x standard errors (`x_se`, NaN without one)."""
   by_key: dict[Any, dict[str, Any]] = {}
   for p in points:
     vid = p.get("id")
     key = configs.get(vid, f"id:{vid}") if configs is not None else f"id:{vid}"
-    c = by_key.setdefault(key, {"ids": [], "per_seed": [], "xs": [], "ys": []})
+    c = by_key.setdefault(key, {"ids": [], "per_seed": [], "xs": [], "ys": [], "ses": []})
     px, py = _value(p, x, kind), _value(p, y, kind)
     c["ids"].append(vid)
     c["per_seed"].append({"id": vid, "x": px, "y": py})
     if math.isfinite(px) and math.isfinite(py):
       c["xs"].append(px)
       c["ys"].append(py)
+      se = _value(p, x_se, kind) if x_se is not None and x_se in p else math.nan
+      if math.isfinite(se):
+        c["ses"].append(se)
   out = []
   for c in by_key.values():
     c["xs"], c["ys"] = np.array(c["xs"]), np.array(c["ys"])
     c["x"] = float(c["xs"].mean()) if c["xs"].size else math.nan
     c["y"] = float(c["ys"].mean()) if c["ys"].size else math.nan
+    # Seeds share the held-out sequences, so their errors correlate: the mean SE, not the SE
+    # of a mean of independent estimates.
+    c["x_se"] = float(np.mean(c.pop("ses"))) if c["ses"] else math.nan
     out.append(c)
   return out
+
+
+def _ratio_over_x(px, se, py, front_x, front_y, max_gap_factor, confidence):
+  """The ratio over x's own interval px ± z·se: {"x_lo", "x_hi", "lo", "hi"} when the whole
+  interval is covered, else (None, why). Read at 17 points, log-spaced."""
+  z = stats.z_value(confidence)
+  x_lo, x_hi = px - z * se, px + z * se
+  if x_lo <= 0:
+    return None, (f"{comparison.format_number(px)} ± {comparison.format_number(z * se)} "
+                  "reaches 0: not resolved from no increase")
+  ratios = []
+  for xv in np.geomspace(x_lo, x_hi, 17):
+    ref_y, why = interpolate_front(float(xv), front_x, front_y, max_gap_factor=max_gap_factor)
+    if ref_y is None or ref_y <= 0:
+      return None, (f"its 95% interval [{comparison.format_number(x_lo)}, "
+                    f"{comparison.format_number(x_hi)}] leaves the covered front ({why})")
+    ratios.append(py / ref_y)
+  return {"x_lo": x_lo, "x_hi": x_hi, "lo": float(min(ratios)), "hi": float(max(ratios))}, None
 
 
 def _ratios(rx, ry, ox, oy, max_gap_factor):
@@ -196,7 +221,8 @@ def matched_comparison(grouped: Mapping[str, Sequence[Mapping[str, Any]]],
                        x: str = "ce_increase", y: str = "l0", reference: str = REFERENCE, *,
                        max_gap_factor: float = MAX_GAP_FACTOR,
                        configs: Mapping[str, Any] | None = None, n_boot: int = stats.N_BOOT,
-                       confidence: float = stats.CONFIDENCE, seed: int = 0) -> dict[str, Any]:
+                       confidence: float = stats.CONFIDENCE, seed: int = 0,
+                       x_se: str | None = None) -> dict[str, Any]:
   """Each non-reference configuration's y against the reference front's y at the same x.
 
   Args:
@@ -210,23 +236,29 @@ def matched_comparison(grouped: Mapping[str, Sequence[Mapping[str, Any]]],
       seeds of one configuration. Default: every variant its own configuration.
     n_boot, confidence, seed: the bootstrap over seeds (used when some configuration has
       several seeds); deterministic from `seed`.
+    x_se: the points' key of x's standard error (e.g. `ce_increase_se`, the paired SE over
+      held-out sequences). With it, a covered point's ratio is also read over its own x
+      interval x ± z·SE (`ratio_over_x`: the ratio's range there); a point whose interval
+      reaches 0 or leaves the covered front is covered but not resolved in x.
 
   Returns:
     `{"x", "y", "reference", "max_gap_factor", "n_seeds_max", "reference_front": [{"id",
     "ids", "x", "y", "n_seeds"}], "points": [{"id" (ids joined by ','), "ids", "type", "x",
     "y" (seed means), "n_seeds", "per_seed": [{"id", "x", "y"}], "reference_y", "ratio",
     "ratio_interval" ({"lo", "hi", "se", "n_boot", ...} or None), "boot_covered" (fraction of
-    resamples covered, or None), "in_range" (covered), "note"}], "by_type": {type: {"n"
+    resamples covered, or None), "in_range" (covered), "x_se", "ratio_over_x" ({"x_lo", "x_hi",
+    "lo", "hi"} or None), "x_note" (why not resolved), "note"}], "by_type": {type: {"n"
     (configurations with finite x and y), "n_in_range" (of those, with a ratio),
-    "median_ratio", "min_ratio", "max_ratio", "median_ratio_interval"}}, "note"}` (`note` is
-    None unless the comparison could not be made at all).
+    "n_x_resolved" (of those, resolved in x; None without `x_se`), "median_ratio",
+    "min_ratio", "max_ratio", "median_ratio_interval"}}, "note"}` (`note` is None unless the
+    comparison could not be made at all).
   """
   if not isinstance(grouped, Mapping):
     raise ValueError("matched_comparison needs a dict SAE type -> list of points (dicts with "
                      "'id' and the metrics); build it with comparison.points_by_type(rows, x, y).")
   live = {t: [p for p in ps if not p.get("frozen", False)] for t, ps in grouped.items()}
   live = {t: ps for t, ps in live.items() if ps}
-  by_cfg = {t: _configs(ps, x, y, t, configs) for t, ps in live.items()}
+  by_cfg = {t: _configs(ps, x, y, t, configs, x_se) for t, ps in live.items()}
   ref = by_cfg.get(reference, [])
   rx = np.array([c["x"] for c in ref], np.float64)
   ry = np.array([c["y"] for c in ref], np.float64)
@@ -250,7 +282,8 @@ def matched_comparison(grouped: Mapping[str, Sequence[Mapping[str, Any]]],
       rec = {"id": ",".join(map(str, c["ids"])), "ids": c["ids"], "type": t, "x": px, "y": py,
              "n_seeds": int(c["xs"].size), "per_seed": c["per_seed"], "reference_y": None,
              "ratio": None, "ratio_interval": None, "boot_covered": None, "in_range": False,
-             "note": None}
+             "x_se": c["x_se"] if math.isfinite(c["x_se"]) else None, "ratio_over_x": None,
+             "x_note": None, "note": None}
       if not (math.isfinite(px) and math.isfinite(py)):
         rec["note"] = "not finite"
       elif not front.size:
@@ -261,6 +294,9 @@ def matched_comparison(grouped: Mapping[str, Sequence[Mapping[str, Any]]],
           rec["note"] = why
         elif ref_y > 0:
           rec.update(reference_y=ref_y, in_range=True, ratio=py / ref_y)
+          if rec["x_se"] is not None:
+            rec["ratio_over_x"], rec["x_note"] = _ratio_over_x(
+                px, rec["x_se"], py, rx[front], ry[front], max_gap_factor, confidence)
         else:
           rec.update(reference_y=ref_y, in_range=True,
                      note=f"reference {y} is {ref_y:.4g}: no ratio")
@@ -269,6 +305,8 @@ def matched_comparison(grouped: Mapping[str, Sequence[Mapping[str, Any]]],
     ratios = [recs[i]["ratio"] for i in covered]
     agg = {"n": sum(math.isfinite(r["x"]) and math.isfinite(r["y"]) for r in recs),
            "n_in_range": len(ratios),
+           "n_x_resolved": (sum(recs[i]["ratio_over_x"] is not None for i in covered)
+                            if any(recs[i]["x_se"] is not None for i in covered) else None),
            "median_ratio": float(np.median(ratios)) if ratios else None,
            "min_ratio": float(np.min(ratios)) if ratios else None,
            "max_ratio": float(np.max(ratios)) if ratios else None,
@@ -332,6 +370,10 @@ def matched_sentences(result: Mapping[str, Any]) -> list[str]:
              f"no interval: coverage unstable over {seeds} seeds")
     else:
       unc = "one seed per configuration, no interval"
+    res = agg.get("n_x_resolved")
+    resolved = ("" if res is None else
+                f"; {res} of the {agg['n_in_range']} covered resolved in {x_name}, their "
+                f"{x_name}'s 95% interval inside the covered front")
     lines.append(f"{t} SAEs need a median {_ratio_text(agg['median_ratio'], iv)} the {y_name} "
-                 f"of {ref} SAEs at the same {x_name} ({cov}: {rule}; {unc}).")
+                 f"of {ref} SAEs at the same {x_name} ({cov}: {rule}; {unc}{resolved}).")
   return lines

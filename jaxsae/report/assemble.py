@@ -323,8 +323,9 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
   # Trade-offs (frozen variants drawn as crosses) and the matched comparison (left out).
   configs = matched.seed_configs(rows)
   rep["matched"] = {
-      y: matched.matched_comparison(comparison.points_by_type(rows, "ce_increase", y),
-                                    "ce_increase", y, configs=configs)
+      y: matched.matched_comparison(
+          comparison.points_by_type(rows, "ce_increase", y, "ce_increase_se"), "ce_increase",
+          y, configs=configs, x_se="ce_increase_se")
       for y in ("l0", "alive")}
   rep["matched_text"] = {y: matched.matched_sentences(m) for y, m in rep["matched"].items()}
   has = lambda m: any(comparison.is_finite(r[m]) for r in rows)

@@ -132,10 +132,11 @@ def render(rep: Mapping[str, Any]) -> list[str]:
               f"{len(m['reference_front'])} points; CE increase and {y_name} are means over "
               "seeds):", ""]
       out += md_table(["id", "type", "seeds", "CE increase", y_name,
-                        f"{m['reference']} at same CE", "ratio", "95% interval", "note"],
+                        f"{m['reference']} at same CE", "ratio", "95% interval",
+                        "ratio over CE ± 1.96 SE", "note"],
                        [[p["id"], p["type"], p["n_seeds"], p["x"], p["y"], p["reference_y"],
-                         p["ratio"], _ratio_interval(p["ratio_interval"]), p["note"] or ""]
-                        for p in pts])
+                         p["ratio"], _ratio_interval(p["ratio_interval"]),
+                         _ratio_over_x(p), p["note"] or ""] for p in pts])
   out += ["Frozen variants are left out of the comparison.", ""]
   out += img("l0_vs_ce", "CE increase vs L0") + img("alive_vs_ce", "CE increase vs alive")
 
@@ -285,4 +286,12 @@ def _ground_truth_section(gt: Mapping[str, Any] | None) -> list[str]:
                     stats.format_estimate(v["probe_k1_minus_raw"], style="se"), v["gamma"]]
                    for v in gt["variants"]])
   return out
+
+
+def _ratio_over_x(point: Mapping[str, Any]) -> str:
+  """The ratio's range over the point's CE-increase interval, or why it is not resolved."""
+  r = point.get("ratio_over_x")
+  if r is not None:
+    return _interval([r["lo"], r["hi"]])
+  return f"not resolved: {point['x_note']}" if point.get("x_note") else "—"
 
