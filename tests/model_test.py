@@ -146,8 +146,44 @@ def test_causal(tiny):
 
 def test_site_names():
   assert model_lib.site_names(TINY) == (
-      "resid_pre.0", "attn_out.0", "mlp_out.0", "resid_post.0",
-      "resid_pre.1", "attn_out.1", "mlp_out.1", "resid_post.1", "ln_final")
+      "resid_pre.0", "attn_out.0", "mlp_in.0", "mlp_out.0", "resid_post.0",
+      "resid_pre.1", "attn_out.1", "mlp_in.1", "mlp_out.1", "resid_post.1", "ln_final")
+
+
+def test_mlp_sites_are_the_mlp_input_and_output(tiny):
+  """mlp_in.l = ln_2(resid_pre.l + attn_out.l) and mlp_out.l = MLP l of it; collecting them
+  leaves the logits bit-identical."""
+  params, tokens_BT = tiny
+  sites = ("mlp_in.0", "mlp_out.0", "mlp_in.1", "mlp_out.1", "resid_pre.1", "attn_out.1")
+  res = model_lib.apply(params, tokens_BT, TINY, collect=sites)
+  np.testing.assert_array_equal(res.logits, _logits(params, tokens_BT))
+  bp = params["block_1"]
+  x_BTD = np.asarray(res.acts["resid_pre.1"] + res.acts["attn_out.1"], np.float64)
+  h_BTD = (x_BTD - x_BTD.mean(-1, keepdims=True)) / np.sqrt(x_BTD.var(-1, keepdims=True) + 1e-5)
+  h_BTD = h_BTD * np.asarray(bp["ln_2"]["scale"])
+  np.testing.assert_allclose(res.acts["mlp_in.1"], h_BTD, rtol=1e-5, atol=1e-5)
+  u_BTM = np.asarray(res.acts["mlp_in.1"], np.float64) @ np.asarray(bp["mlp"]["c_fc"]["kernel"])
+  gelu_BTM = 0.5 * u_BTM * (1 + np.vectorize(math.erf)(u_BTM / math.sqrt(2)))
+  np.testing.assert_allclose(res.acts["mlp_out.1"],
+                             gelu_BTM @ np.asarray(bp["mlp"]["c_proj"]["kernel"]),
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_mlp_out_replacement_splices_an_mlp_replacement(tiny, layer):
+  """Replacing mlp_out.l by its own clean value is exact; by zeros, it is the model whose MLP l
+  has a zero output projection."""
+  params, tokens_BT = tiny
+  site = f"mlp_out.{layer}"
+  clean = model_lib.apply(params, tokens_BT, TINY, collect=(site,))
+  own = model_lib.apply(params, tokens_BT, TINY, replace={site: lambda m: clean.acts[site]})
+  np.testing.assert_array_equal(own.logits, clean.logits)
+  zeroed = model_lib.apply(params, tokens_BT, TINY, replace={site: jnp.zeros_like}).logits
+  no_mlp = jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.zeros_like(p) if f"block_{layer}" in str(path) and "mlp" in str(path)
+      and "c_proj" in str(path) else p, params)
+  np.testing.assert_allclose(zeroed, _logits(no_mlp, tokens_BT), rtol=1e-6, atol=1e-6)
+  assert np.abs(np.asarray(zeroed - clean.logits)).max() > 1e-4  # MLP l matters here
 
 
 def test_sites_are_what_they_say(tiny):
@@ -265,7 +301,7 @@ def test_bad_sites_raise(tiny):
   params, tokens_BT = tiny
   x_BTD = jnp.zeros((B, T, TINY.d_model))
   for kwargs in (dict(replace={"resid_post.7": jnp.zeros_like}), dict(collect=("resid",)),
-                 dict(stop_at="mlp_in.0")):
+                 dict(stop_at="mlp_hidden.0")):
     with pytest.raises(ValueError, match="valid sites are: resid_pre.0, attn_out.0"):
       model_lib.apply(params, tokens_BT, TINY, **kwargs)
   with pytest.raises(ValueError, match="valid sites"):

@@ -173,8 +173,8 @@ def decode_step(params: model_lib.Params, cache: KVCache, tokens_BT: jax.Array,
         {"params": bp["attn"]}, layer_norm(bp["ln_1"], x_BTD), k_LBNSH, v_LBNSH, index)
     a_BTD = site(f"attn_out.{l}", a_BTD)
     x_BTD = x_BTD + a_BTD
-    m_BTD = site(f"mlp_out.{l}", model_lib.MLP(cfg).apply({"params": bp["mlp"]},
-                                                          layer_norm(bp["ln_2"], x_BTD)))
+    h_BTD = site(f"mlp_in.{l}", layer_norm(bp["ln_2"], x_BTD))
+    m_BTD = site(f"mlp_out.{l}", model_lib.MLP(cfg).apply({"params": bp["mlp"]}, h_BTD))
     x_BTD = site(f"resid_post.{l}", x_BTD + m_BTD)
   h_BTD = site("ln_final", layer_norm(p["ln_f"], x_BTD))
   logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, p["wte"].astype(h_BTD.dtype),

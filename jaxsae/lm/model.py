@@ -4,7 +4,10 @@ The forward pass walks a fixed sequence of named sites (`site_names`), each a `[
 
     resid_pre.{l}   input of block l (for l = 0: token + position embeddings)
     attn_out.{l}    attention branch output, before it is added to the residual stream
-    mlp_out.{l}     MLP branch output, before it is added to the residual stream
+    mlp_in.{l}      the MLP's input: ln_2 of the residual stream after attention (a transcoder's
+                    input; replacing it changes only what MLP l reads, not the residual stream)
+    mlp_out.{l}     MLP branch output, before it is added to the residual stream (replacing it
+                    splices an MLP replacement, e.g. a transcoder, in place of MLP l)
     resid_post.{l}  output of block l (the same tensor as resid_pre.{l+1})
     ln_final        output of the final LayerNorm, the input of the tied unembedding
 
@@ -113,7 +116,8 @@ def site_names(config: ModelConfig) -> tuple[str, ...]:
   """All activation sites in forward order."""
   names = []
   for l in range(config.n_layers):
-    names += [f"resid_pre.{l}", f"attn_out.{l}", f"mlp_out.{l}", f"resid_post.{l}"]
+    names += [f"resid_pre.{l}", f"attn_out.{l}", f"mlp_in.{l}", f"mlp_out.{l}",
+              f"resid_post.{l}"]
   return tuple(names) + ("ln_final",)
 
 
@@ -289,7 +293,10 @@ class Transformer(nn.Module):
       if plan.stop_at == f"attn_out.{l}":
         return early
       x_BTD = x_BTD + a_BTD
-      m_BTD = site(f"mlp_out.{l}", block.mlp_branch(x_BTD))
+      h_BTD = site(f"mlp_in.{l}", block.ln_2(x_BTD))
+      if plan.stop_at == f"mlp_in.{l}":
+        return early
+      m_BTD = site(f"mlp_out.{l}", block.mlp(h_BTD))
       if plan.stop_at == f"mlp_out.{l}":
         return early
       x_BTD = site(f"resid_post.{l}", x_BTD + m_BTD)
@@ -366,8 +373,8 @@ def apply_from(params: Params, site: str, x_BTD: jax.Array, config: ModelConfig,
                trainable: bool = False) -> ForwardResult:
   """Continues the forward from `site`, whose activation is `x_BTD`, to the logits.
 
-  Supported start sites: `resid_pre.{l}`, `resid_post.{l}` and `ln_final` (attn_out/mlp_out are
-  not: resuming there needs the residual stream too). `x_BTD` is taken as the value at `site`
+  Supported start sites: `resid_pre.{l}`, `resid_post.{l}` and `ln_final` (attn_out/mlp_in/mlp_out
+  are not: resuming there needs the residual stream too). `x_BTD` is taken as the value at `site`
   after any replacement: a replacement given for `site` itself is NOT applied again (so the same
   `replace` dict used for the clean run can be passed). Starting at `resid_post.{l}` still applies
   a replacement at `resid_pre.{l+1}`; starting at `resid_pre.{l+1}` does not apply one at
