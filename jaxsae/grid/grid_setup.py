@@ -125,6 +125,28 @@ def lengths(config, lm: bundle.LMBundle) -> tuple[int, int]:
   return max_len, config.forward_len or max_len
 
 
+def check_targets(specs, site: str) -> None:
+  """Transcoder groups (`target_site`) and the grid's site must pair up: site `mlp_in.{l}`
+  with target `mlp_out.{l}` of the same block, in every group (the grid has one site).
+
+  Raises:
+    ValueError: naming the group, the mismatch and the fix.
+  """
+  kind, _, layer = site.partition(".")
+  for s in specs:
+    if s.target_site:
+      if s.target_site != f"mlp_out.{layer}" or kind != "mlp_in":
+        fix = (f"set config.site='mlp_in.{s.target_site.partition('.')[2]}'"
+               if kind != "mlp_in" else f"set target_site='mlp_out.{layer}'")
+        raise ValueError(f"group {s.name}: target_site={s.target_site!r} with config.site="
+                         f"{site!r}: a transcoder reads MLP l's input (mlp_in.l) and stands for "
+                         f"its output (mlp_out.l) of the same block; {fix}")
+    elif kind == "mlp_in":
+      raise ValueError(f"group {s.name} has no target_site but config.site={site!r}: at the "
+                       f"MLP's input only transcoders train; set target_site='mlp_out.{layer}' "
+                       "in the sweep, or move config.site to a resid_pre / resid_post site")
+
+
 def build(config, lm: bundle.LMBundle, capacity: int | None = None
           ) -> tuple[grid_step.Setup, jax.Array]:
   """The static setup of the grid of `config` on `lm`, and the grid's root key.
@@ -136,13 +158,14 @@ def build(config, lm: bundle.LMBundle, capacity: int | None = None
       probes it (`probe_capacity`).
 
   Raises:
-    ValueError: a mesh that does not fit the devices, or an e2e_ds group with no downstream
-      resid site.
+    ValueError: a mesh that does not fit the devices, an e2e_ds group with no downstream
+      resid site, or transcoder groups that do not pair with the site (`check_targets`).
   """
   mc = lm.model_config
   max_len, forward_len = lengths(config, lm)
   mesh = mesh_for(config)
   specs, _ = sae_groups.build_groups(list(config.sweep), mc.d_model, mesh.shape["variant"])
+  check_targets(specs, config.site)
   for s in specs:
     if s.loss.needs_downstream and not s.loss.downstream_sites(mc, config.site):
       raise ValueError(f"group {s.name} uses e2e_ds but no resid_post follows {config.site} "

@@ -18,6 +18,12 @@ matrix multiplies are slow; see `variant_axis.over_variants`):
   (constant or ramped), an optional plain pre-training phase and a fresh optimizer at a lower
   lr for the fine-tuning phase.
 
+Transcoder groups (`GroupSpec.target_site` = 'mlp_out.{l}', the grid's site 'mlp_in.{l}') read
+MLP l's input and stand for its output: local ones fit the clean MLP output at the selected
+tokens (the same out_to_in reduction), e2e ones replace MLP l's output by theirs at the selected
+tokens and resume the frozen model at resid_post.l. Their x̂'s target (every reconstruction
+term, AuxK's residual, explained variance) is the MLP output; the batch collects it once.
+
 Training recipes of the SAE itself are terms of the per-variant loss too: AuxK (`k_aux`: the
 dead latents, by `SAEState.since_fired` before the step, fit the residual; the counters then
 advance by the step's tokens), Matryoshka prefixes (`matryoshka`) and the gated SAE's sparsity
@@ -173,6 +179,17 @@ class Batch:
   clean_logits: jax.Array | None
   clean_logp: jax.Array | None  # log softmax of clean_logits (the KL target), once per batch
   clean_downstream: dict[str, jax.Array]
+  # Transcoder groups (`GroupSpec.target_site`): the clean target activation, its selected
+  # tokens gathered as `flat_CD`, and the residual stream MLP l adds to (e2e splicing).
+  target_BTD: jax.Array | None = None
+  flat_target_CD: jax.Array | None = None
+  resid_mid_BTD: jax.Array | None = None
+
+
+def target_site(setup: Setup) -> str:
+  """The transcoder target of the grid's groups ('' if none has one; `grid_setup.check_targets`
+  makes every group's the same)."""
+  return next((s.target_site for s in setup.specs if s.target_site), "")
 
 
 def make_batch(lm_params, step: jax.Array, data_key: jax.Array, setup: Setup) -> Batch:
@@ -186,15 +203,28 @@ def make_batch(lm_params, step: jax.Array, data_key: jax.Array, setup: Setup) ->
   needs_full = any(s.loss.needs_clean_logits for s in setup.specs)
   ds_sites = sorted({h for s in setup.specs if s.loss.needs_downstream
                      for h in s.loss.downstream_sites(mc, setup.site)})
-  clean = model_lib.apply(lm_params, tokens, mc, collect=(setup.site, *ds_sites),
-                          stop_at=None if needs_full else setup.site)
+  target = target_site(setup)
+  # A transcoder's spliced forward resumes after MLP l: resid_pre.l + attn_out.l + its output.
+  layer = target.partition(".")[2]
+  mid_sites = (f"resid_pre.{layer}", f"attn_out.{layer}") if target and any(
+      s.loss.needs_spliced_forward for s in setup.specs) else ()
+  clean = model_lib.apply(lm_params, tokens, mc,
+                          collect=(setup.site, *mid_sites, *((target,) if target else ()),
+                                   *ds_sites),
+                          stop_at=None if needs_full else (target or setup.site))
   acts = clean.acts[setup.site]
   flat_mask = mask.reshape(-1)
   count = jnp.sum(flat_mask)
   (idx,) = jnp.nonzero(flat_mask, size=setup.capacity, fill_value=0)
   slot_ok = jnp.arange(setup.capacity) < count
   flat = acts.reshape(-1, acts.shape[-1])[idx]
-  return Batch(acts_BTD=acts, mask_BT=mask, flat_CD=flat, flat_mask_C=slot_ok,
+  transcoder = {}
+  if target:
+    y = clean.acts[target]
+    transcoder = dict(target_BTD=y, flat_target_CD=y.reshape(-1, y.shape[-1])[idx])
+    if mid_sites:
+      transcoder["resid_mid_BTD"] = clean.acts[mid_sites[0]] + clean.acts[mid_sites[1]]
+  return Batch(**transcoder,acts_BTD=acts, mask_BT=mask, flat_CD=flat, flat_mask_C=slot_ok,
                dropped=jnp.maximum(count - setup.capacity, 0),
                clean_logits=clean.logits,
                clean_logp=(losses_lib.clean_log_probs(clean.logits)
@@ -235,14 +265,28 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
     # CPU backend transposes [B, T, F] code gradients for the encoder's weight gradient).
     b, t, d = batch.acts_BTD.shape
     mask = batch.mask_BT.reshape(b * t)
-    out_ND, codes, aux = sae_lib.splice(params, batch.acts_BTD.reshape(b * t, d), cfg, hparams,
-                                        spec.splice_mode, mask=mask, state=sae_state, train=True)
+    if spec.target_site:
+      # A transcoder's output replaces MLP l's at the selected tokens (the clean MLP output
+      # elsewhere); the model resumes at resid_post.l = resid_pre.l + attn_out.l + that output,
+      # exactly the sum the model forms there.
+      y_ND = batch.target_BTD.reshape(b * t, d)
+      x_hat_ND, codes, aux = sae_lib.forward(params, batch.acts_BTD.reshape(b * t, d), cfg,
+                                             hparams, state=sae_state, train=True, mask=mask)
+      out_ND = sae_lib.to_model_space(x_hat_ND, y_ND, cfg, spec.splice_mode, mask)
+      start = f"resid_post.{spec.target_site.partition('.')[2]}"
+      start_BTD = batch.resid_mid_BTD + out_ND.reshape(b, t, d)
+    else:
+      out_ND, codes, aux = sae_lib.splice(params, batch.acts_BTD.reshape(b * t, d), cfg,
+                                          hparams, spec.splice_mode, mask=mask, state=sae_state,
+                                          train=True)
+      start = setup.site
+      start_BTD = out_ND.reshape(b, t, d)
     out = out_ND.reshape(b, t, d)
     extra = {}
     spliced_logits = None
     if lcfg.needs_spliced_forward:
       ds = lcfg.downstream_sites(setup.model_config, setup.site) if lcfg.needs_downstream else ()
-      res = model_lib.apply_from(lm_params, setup.site, out, setup.model_config, collect=ds)
+      res = model_lib.apply_from(lm_params, start, start_BTD, setup.model_config, collect=ds)
       spliced_logits = res.logits
       flat = lambda v: v.reshape(b * t, v.shape[-1])
       extra = dict(clean_logp=flat(batch.clean_logp), spliced_logits=flat(res.logits))
@@ -261,6 +305,13 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
                                     train=True, mask=mask)
     extra = {}
   x_hat = aux["x_hat"]
+  # What x̂ stands for: the SAE's (possibly normalised) input, or a transcoder's target.
+  if not spec.target_site:
+    target = aux["target"]
+  elif lcfg.needs_sequences:
+    target = batch.target_BTD.reshape(x_hat.shape)
+  else:
+    target = batch.flat_target_CD
   active = aux.get("active")
   if cfg.activation == "jumprelu":
     sparse_codes = aux["gates"]
@@ -281,16 +332,15 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
     dead_F = sae_lib.dead_latents(sae_state, hparams)
     aux_codes = activations.auxk_codes(aux["pre_acts"], dead_F, cfg.k_aux)
     extra["auxk"] = losses_lib.auxk(aux_codes, sae_lib.dictionary(params, cfg), x_hat,
-                                    aux["target"], mask)
+                                    target, mask)
     new_state = sae_lib.update_since_fired(new_state, fires_F > 0,
                                            jnp.sum(mask.astype(jnp.int32)))
   if cfg.matryoshka:
     extra["prefix_x_hats"] = {m: sae_lib.decode_prefix(params, codes, cfg, m)
                               for m in cfg.matryoshka}
   terms = losses_lib.compute_terms(lcfg, d_in=cfg.d_in, codes=sparse_codes, x_hat=x_hat,
-                                   target=aux["target"], mask=mask, **extra)
+                                   target=target, mask=mask, **extra)
   total, terms = losses_lib.total_loss(terms, coeffs)
-  target = aux["target"]
   # e2e_sae's explained variance: the token mean of 1 − Σ_d (x̂−x)² / Σ_d (x − mean_tokens x)².
   mean_D = jnp.sum(w[:, None] * target, axis=0) / n
   metrics = dict(terms)

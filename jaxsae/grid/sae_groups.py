@@ -56,6 +56,12 @@ def matryoshka_widths(fractions, width: int) -> tuple[int, ...]:
   return tuple(int(round(f * width)) for f in fractions)
 
 
+def _target_site(v):
+  kind, _, layer = v.partition(".") if isinstance(v, str) else ("", "", "")
+  ok = v == "" or (kind == "mlp_out" and layer.isdigit())
+  return None if ok else "must be '' (no transcoder) or 'mlp_out.<l>'"
+
+
 def _choice(options):
   return lambda v: None if v in options else f"must be one of {list(options)}"
 
@@ -92,6 +98,11 @@ def registry() -> list[sweep_lib.Field]:
         doc="Matryoshka SAE (Bussmann et al. 2025): inner prefix sizes as increasing fractions "
         "of F in (0, 1), each prefix also reconstructs x (paper: [1/16, 1/8, 1/4, 1/2]); "
         "empty: none"),
+      F("target_site", "", True, check=_target_site,
+        doc="transcoder (Dunefsky et al. 2024): the site the SAE's output stands for, "
+        "'mlp_out.{l}' with config.site 'mlp_in.{l}': it reads MLP l's input, is trained to "
+        "output (local) or is spliced in place of (e2e) MLP l's output; '': the SAE "
+        "reconstructs its own input"),
       F("loss", "local", True, check=_choice(losses_lib.PRESETS),
         doc="loss preset: local, e2e or e2e_ds"),
       F("sparsity_p", 1.0, True, check=_positive, doc="order p of the sparsity norm"),
@@ -150,7 +161,13 @@ def registry() -> list[sweep_lib.Field]:
 # none of them (`GroupSpec.values`), as before they existed.
 OPT_IN = ((("auxk", "k_aux", "auxk_coeff", "dead_tokens"), lambda v: bool(v["auxk"])),
           (("matryoshka", "matryoshka_coeff"), lambda v: bool(v["matryoshka"])),
-          (("gated_aux_coeff",), lambda v: v["activation"] == "gated"))
+          (("gated_aux_coeff",), lambda v: v["activation"] == "gated"),
+          (("target_site",), lambda v: bool(v["target_site"])))
+
+# Static fields a transcoder may not set: each maps the SAE's output back into its input's space
+# (pre-bias added back, rescaling to ‖x‖) or interpolates in it (the causal term).
+TRANSCODER_EXCLUDES = {"pre_bias": False, "input_norm": False, "recon_norm": False,
+                       "causal": False}
 
 
 def _recorded(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -198,6 +215,7 @@ class GroupSpec:
   seed: np.ndarray
   values: tuple[Mapping[str, Any], ...]  # every field of each real variant (for reports)
   causal: CausalHparams | None = None
+  target_site: str = ""  # a transcoder's target ('mlp_out.{l}'); '': the SAE's own input
 
 
 def _k_max_hook(static, members):
@@ -242,6 +260,14 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
           f"variant {v.id} ({v.label}): matryoshka={list(values['matryoshka'])} gives prefix "
           f"widths {list(widths)} of F={values['expansion'] * d_model}; each must be distinct "
           f"and in [1, F): use fewer or coarser fractions, or widen the SAE")
+    if values["target_site"]:
+      bad = [f"{k}={values[k]!r}" for k, ok in TRANSCODER_EXCLUDES.items() if values[k] != ok]
+      if bad:
+        raise sweep_lib.SweepError(
+            f"variant {v.id} ({v.label}): target_site={values['target_site']!r} (a transcoder) "
+            f"cannot use {', '.join(bad)}: its output lives in another space than its input; "
+            f"set {', '.join(f'{k}={ok!r}' for k, ok in TRANSCODER_EXCLUDES.items())} for "
+            "transcoder variants")
     if float(values["lr"]) > LR_WARN:
       logging.warning("variant %s (%s): lr=%g is above %g; Adam steps of that size usually "
                       "diverge (the summary flags variants whose loss grows %gx).", v.id,
@@ -297,5 +323,5 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         size=n, padded=padded, hparams=hparams, coeffs=coeffs,
         lr=d["lr"].astype(np.float32), seed=d["seed"].astype(np.int32),
         values=tuple(dict(_recorded(v.values), **{k: g.static[k] for k in ("k_max",)})
-                     for v in g.variants), causal=causal))
+                     for v in g.variants), causal=causal, target_site=s["target_site"]))
   return specs, groups

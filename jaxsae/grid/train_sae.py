@@ -143,9 +143,10 @@ def prepare(config, workdir: str | None = None, lm_pin: Mapping[str, Any] | None
   if config.site not in names:
     raise ValueError(f"config.site={config.site!r} is not a site of the model; valid sites: "
                      f"{', '.join(names)}")
-  if not config.site.startswith(("resid_pre", "resid_post")):
+  if not config.site.startswith(("resid_pre", "resid_post", "mlp_in")):
     raise ValueError(f"config.site={config.site!r}: SAEs train on residual-stream sites "
-                     "(resid_pre.{l} / resid_post.{l})")
+                     "(resid_pre.{l} / resid_post.{l}), transcoders on mlp_in.{l} (with "
+                     "target_site='mlp_out.{l}' in the sweep)")
   setup, root = grid_setup.build(config, lm)  # mesh, groups, probed token capacity
   return setup, lm, root
 

@@ -101,7 +101,8 @@ def write_variants(path: str, setup: grid_step.Setup) -> None:
   for s in setup.specs:
     out["groups"].append({"name": s.name, "size": s.size, "padded": s.padded,
                           "sae": sae_lib.config_json(s.sae), "loss": dataclasses.asdict(s.loss),
-                          "splice_mode": s.splice_mode})
+                          "splice_mode": s.splice_mode,
+                          **({"target_site": s.target_site} if s.target_site else {})})
     for i, vid in enumerate(s.ids):
       out["variants"].append({"id": vid, "group": s.name, "position": i,
                               "hparams": hparams_json(s.values[i])})
