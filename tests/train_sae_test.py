@@ -2,7 +2,9 @@
 input validation and multi-device equivalence."""
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -13,11 +15,14 @@ import pytest
 
 import fakes
 from experiments.configs import sae_e2e
+from jaxsae import grammars
 from jaxsae.grid import grid_setup
 from jaxsae.grid import grid_step
+from jaxsae.grid import sae_groups
 from jaxsae.grid import sweep as sweep_lib
 from jaxsae.grid import train_sae as ts
 from jaxsae.grid import trained as trained_lib
+from jaxsae.lm import model as model_lib
 
 
 def _write_lm(directory: str, language: str) -> str:
@@ -57,6 +62,8 @@ CASES = [
     ("local", "batchtopk", {"k": 3, "matryoshka": [0.125, 0.5], "auxk": True,
                             "dead_tokens": 1}),
     ("local", "gated", {"pre_bias": True}),
+    ("local", "relu", {"target_site": "mlp_out.0"}),  # transcoders (config.site mlp_in.0)
+    ("e2e", "topk", {"k": 3, "target_site": "mlp_out.1"}),
 ]
 
 
@@ -64,12 +71,14 @@ CASES = [
 def test_grid_equals_separate_runs(lm_dir, loss, activation, extra):
   coeffs = [0.5, 2.0, 8.0]
   common = {"loss": loss, "activation": activation, "expansion": 2, **extra}
+  site = ({"site": "mlp_in." + extra["target_site"].partition(".")[2]}
+          if "target_site" in extra else {})
   together = _config(lm_dir, [{"product": {"sparsity_coeff": coeffs}, "zip": {},
-                               "set": common}])
+                               "set": common}], **site)
   setup, state, _, _ = _train(together)
   assert len(setup.specs) == 1 and setup.specs[0].size == 3
   for i, lam in enumerate(coeffs):
-    alone = _config(lm_dir, [{"set": {**common, "sparsity_coeff": lam}}])
+    alone = _config(lm_dir, [{"set": {**common, "sparsity_coeff": lam}}], **site)
     _, state1, _, _ = _train(alone)
     for a, b in zip(jax.tree.leaves(state.groups[0].params), jax.tree.leaves(state1.groups[0].params)):
       np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
@@ -508,3 +517,94 @@ def test_gated_aux_coeff_grid_equals_separate_runs_and_trains_the_gate(lm_dir):
     _, alone, _, _ = _train(_config(lm_dir, [{"set": {**common, "gated_aux_coeff": weight}}]))
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(alone.groups[0].params)):
       np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Transcoders: an SAE at mlp_in.{l} that stands for mlp_out.{l}.
+
+
+def _transcoder_step0(lm_dir, loss):
+  """(setup, lm, batch, params of variant 0, its metrics) at init for a relu transcoder."""
+  config = _config(lm_dir, [{"set": {"loss": loss, "target_site": "mlp_out.1",
+                                     "expansion": 2, "sparsity_coeff": 0.5}}], site="mlp_in.1")
+  setup, lm, root = ts.prepare(config)
+  state = grid_setup.init_grid(setup, lm, root)
+  key = jax.random.key(4)
+  batch = grid_step.make_batch(lm.params, jnp.int32(0), key, setup)
+  spec, hyper = setup.specs[0], grid_step.group_hyper(setup.specs[0])
+  one = lambda t: jax.tree.map(lambda x: x[0], t)
+  params = one(state.groups[0].params)
+  _, (metrics, _, _) = grid_step._variant_loss(  # pylint: disable=protected-access
+      params, one(state.groups[0].sae_state), one(hyper.hparams), one(hyper.coeffs), batch,
+      lm.params, spec, setup)
+  return setup, lm, batch, key, params, metrics
+
+
+def _relu_sae_np(params, x_ND):
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  w_dec = p["w_dec"] / np.linalg.norm(p["w_dec"], axis=-1, keepdims=True)  # decoder_norm forward
+  return np.maximum(x_ND @ p["w_enc"] + p["b_enc"], 0) @ w_dec + p["b_dec"]
+
+
+def test_transcoder_local_loss_is_the_mse_to_the_mlp_output(lm_dir):
+  """The batch's target is MLP 1 applied to its input, and the local loss at init is the mean
+  over selected tokens × dims of (transcoder(x_in) − MLP(x_in))², computed here in NumPy."""
+  setup, lm, batch, _, params, metrics = _transcoder_step0(lm_dir, "local")
+  mlp = {k: np.asarray(v["kernel"], np.float64) for k, v in lm.params["block_1"]["mlp"].items()}
+  u = np.asarray(batch.acts_BTD, np.float64) @ mlp["c_fc"]
+  gelu = 0.5 * u * (1 + np.vectorize(math.erf)(u / math.sqrt(2)))
+  np.testing.assert_allclose(batch.target_BTD, gelu @ mlp["c_proj"], rtol=1e-4, atol=1e-6)
+  mask = np.asarray(batch.mask_BT)
+  x, y = (np.asarray(a, np.float64)[mask] for a in (batch.acts_BTD, batch.target_BTD))
+  assert 0 < len(x) <= setup.capacity
+  mse = np.mean(np.square(_relu_sae_np(params, x) - y))
+  np.testing.assert_allclose(metrics["out_to_in"], mse, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], mse + 0.5 * metrics["sparsity"], rtol=1e-5)
+
+
+def test_transcoder_e2e_loss_is_kl_with_the_mlp_replaced(lm_dir):
+  """The e2e loss is KL(clean ‖ the model whose MLP 1 output is the transcoder's at the
+  selected tokens), with the spliced model run by `model.apply` and the KL in NumPy."""
+  setup, lm, _, key, params, metrics = _transcoder_step0(lm_dir, "e2e")
+  data = grammars.sample(jax.random.fold_in(key, 0), setup.grammar, setup.batch_size,
+                         setup.max_len)
+  tokens = data.tokens[:, : setup.forward_len]
+  mask = np.asarray(grammars.selected_mask(setup.grammar, data, setup.positions,
+                                           setup.forward_len))
+  mc = setup.model_config
+  clean = model_lib.apply(lm.params, tokens, mc, collect=("mlp_in.1",))
+  x = np.asarray(clean.acts["mlp_in.1"], np.float64)
+  tc = jnp.asarray(_relu_sae_np(params, x.reshape(-1, x.shape[-1])).reshape(x.shape),
+                   jnp.float32)
+  spliced = model_lib.apply(lm.params, tokens, mc,
+                            replace={"mlp_out.1": lambda m: jnp.where(mask[..., None], tc, m)})
+  def log_softmax(logits):
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+  logp, logq = log_softmax(clean.logits), log_softmax(spliced.logits)
+  kl = np.sum(np.exp(logp) * (logp - logq), axis=-1)[mask].mean()
+  assert kl > 1e-5  # the splice changes the predictions
+  np.testing.assert_allclose(metrics["logits_kl"], kl, rtol=2e-3)
+
+
+@pytest.mark.parametrize("site, target, extra, match", [
+    ("resid_pre.0", "mlp_out.0", {}, "set config.site='mlp_in.0'"),
+    ("mlp_in.0", "mlp_out.1", {}, "set target_site='mlp_out.0'"),
+    ("mlp_in.1", "", {}, "set target_site='mlp_out.1'"),
+    ("mlp_in.0", "mlp_out.0", {"pre_bias": True}, "pre_bias=True"),
+    ("mlp_in.0", "attn_out.0", {}, "'mlp_out.<l>'"),
+])
+def test_transcoder_site_mismatch_is_refused_before_compiling(lm_dir, site, target, extra, match):
+  config = _config(lm_dir, [{"set": {"target_site": target, **extra}}], site=site)
+  with pytest.raises(ValueError, match=re.escape(match)):
+    ts.prepare(config)
+
+
+def test_transcoder_field_is_recorded_only_when_set():
+  specs, _ = sae_groups.build_groups(
+      [{"set": {"loss": "local"}}, {"set": {"loss": "e2e", "target_site": "mlp_out.0"}}], 8)
+  plain, transcoder = specs
+  assert "target_site" not in plain.values[0] and plain.target_site == ""
+  assert transcoder.values[0]["target_site"] == "mlp_out.0"
+  assert transcoder.target_site == "mlp_out.0"
