@@ -8,6 +8,7 @@ import ast
 import dataclasses
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -335,3 +336,16 @@ def test_evaluation_imports_no_later_package():
                                                     "jaxsae.interop", "jaxsae.pipeline",
                                                     "jaxsae.eval_job"))]
       assert not later, (name, later)
+
+
+def test_transcoder_grids_are_refused_before_anything_runs():
+  """A transcoder's output stands for MLP l's output, not for its input site: the held-out
+  passes would splice it in the wrong place, so both entry points refuse it."""
+  spec = _spec([{"set": {"loss": "local", "target_site": "mlp_out.0"}}])
+  with pytest.raises(ValueError, match=r"does not support transcoders.*g0 \(target_site="):
+    ev.evaluate_group(spec, None, None, None, None, np.zeros((1, 9), np.int32),
+                      np.ones((1, 9), bool), None)
+  trained = types.SimpleNamespace(setup=types.SimpleNamespace(specs=(spec,)))
+  with pytest.raises(ValueError, match="does not support transcoders"):
+    ev.evaluate_trained(trained)
+  ev.check_no_transcoders([_spec([{"set": {"loss": "local"}}])])  # plain SAEs pass
