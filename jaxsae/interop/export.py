@@ -387,12 +387,18 @@ def export_trained(trained: trained_lib.TrainedGrid, out_dir: str,
     The variant directories, in the order of `variant_ids` (sorted ids by default).
 
   Raises:
-    ValueError: an unknown variant id.
+    ValueError: an unknown variant id, or a transcoder variant.
   """
   index = _index_of(trained)
   ids = sorted(index) if variant_ids is None else list(dict.fromkeys(variant_ids))
   _check_ids(ids, list(index), "export_trained")
   setup = trained.setup
+  transcoders = sorted({setup.specs[index[vid][0]].name for vid in ids
+                        if setup.specs[index[vid][0]].target_site})
+  if transcoders:
+    raise ValueError(f"export_trained: groups {transcoders} are transcoders (target_site), "
+                     "which the SAELens export does not write (its cfg.json would read and "
+                     "write one hook); export the grid's plain SAEs only")
   language = str(trained.config.get("language") or trained.lm.language)
   step = int(np.asarray(trained.state.step))
   host = {}  # group -> (params, hparams, sae_state, frozen, bad_step) on the host, real rows
