@@ -393,12 +393,9 @@ def export_trained(trained: trained_lib.TrainedGrid, out_dir: str,
   ids = sorted(index) if variant_ids is None else list(dict.fromkeys(variant_ids))
   _check_ids(ids, list(index), "export_trained")
   setup = trained.setup
-  transcoders = sorted({setup.specs[index[vid][0]].name for vid in ids
-                        if setup.specs[index[vid][0]].target_site})
-  if transcoders:
-    raise ValueError(f"export_trained: groups {transcoders} are transcoders (target_site), "
-                     "which the SAELens export does not write (its cfg.json would read and "
-                     "write one hook); export the grid's plain SAEs only")
+  if any(setup.specs[index[vid][0]].target_site for vid in ids):
+    raise ValueError("export_trained: transcoders (target_site) have no SAELens form here (one "
+                     "hook in and out); export the grid's plain SAEs only")
   language = str(trained.config.get("language") or trained.lm.language)
   step = int(np.asarray(trained.state.step))
   host = {}  # group -> (params, hparams, sae_state, frozen, bad_step) on the host, real rows
