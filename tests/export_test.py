@@ -5,6 +5,7 @@ input. (Loading the files with SAELens itself: tests/interop_test.py.)"""
 import dataclasses
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from experiments import main as main_lib
 from experiments.configs import export as export_configs
 from jaxsae.core import checkpoint as ckpt_lib
 from jaxsae.grid import sae as sae_lib
+from jaxsae.grid import sae_groups
 from jaxsae.grid import train_sae
 from jaxsae.grid import trained as trained_lib
 from jaxsae.interop import export as export_lib
@@ -384,3 +386,12 @@ def test_export_job_bad_input_fails_before_loading(sae_dir, tmp_path):
   assert not os.path.exists(tmp_path / "export")
   with pytest.raises(ValueError, match="unknown config setting 'workdir'"):
     export_configs.get_config("workdir=x")
+
+
+def test_transcoder_variants_are_not_exported(tmp_path):
+  specs, _ = sae_groups.build_groups(
+      [{"set": {"loss": "local"}}, {"set": {"loss": "local", "target_site": "mlp_out.0"}}], 8)
+  trained = types.SimpleNamespace(setup=types.SimpleNamespace(specs=tuple(specs)))
+  with pytest.raises(ValueError, match="transcoders"):
+    export_lib.export_trained(trained, str(tmp_path), variant_ids=[specs[1].ids[0]])
+  assert not os.listdir(tmp_path)
