@@ -26,9 +26,8 @@ wpe -> pos_embed.W_pos; ln_1 / ln_2 / ln_f scale -> ln1.w / ln2.w / ln_final.w w
 (our LayerNorms have none); c_attn kernel [D, 3D], columns (q, k, v) then heads -> W_Q, W_K,
 W_V [n_heads, D, d_head]; c_proj kernel [D, D] -> W_O [n_heads, d_head, D]; MLP c_fc / c_proj
 -> W_in / W_out; every other bias zero. Sites -> hooks: `jaxsae.interop.saelens.hook_name`
-(resid_pre.l -> blocks.l.hook_resid_pre, attn_out.l -> blocks.l.hook_attn_out, mlp_in.l ->
-blocks.l.ln2.hook_normalized, mlp_out.l ->
-blocks.l.hook_mlp_out, resid_post.l -> blocks.l.hook_resid_post, ln_final ->
+(resid_pre.l -> blocks.l.hook_resid_pre, attn_out.l -> blocks.l.hook_attn_out, mlp_out.l ->
+blocks.l.hook_mlp_out, resid_post.l -> blocks.l.hook_resid_post, mlp_in.l none, ln_final ->
 unembed.hook_in: the final LayerNorm's output after its scale, which TransformerLens'
 `ln_final.hook_normalized` is not, as it comes before the scale).
 
@@ -71,8 +70,10 @@ DATA_SCHEMA = "dataset.json"
 
 
 def hook_names(config: model_lib.ModelConfig) -> dict[str, str]:
-  """Our site name -> TransformerLens hook name, for every site of the model."""
-  return {site: saelens_lib.hook_name(site) for site in model_lib.site_names(config)}
+  """Our site name -> TransformerLens hook name, for every site of the model but `mlp_in.{l}`
+  (TransformerLens has no hook for ln2's scaled output)."""
+  return {site: saelens_lib.hook_name(site) for site in model_lib.site_names(config)
+          if not site.startswith("mlp_in.")}
 
 
 def tl_config(config: model_lib.ModelConfig, *, model_name: str) -> dict[str, Any]:

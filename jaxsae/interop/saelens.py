@@ -92,17 +92,17 @@ def hook_name(site: str) -> str:
   """TransformerLens hook name of a model site: 'resid_post.0' -> 'blocks.0.hook_resid_post'.
 
   Raises:
-    ValueError: a name that is not one of `jaxsae.lm.model.site_names`' forms.
+    ValueError: a name that is not one of `jaxsae.lm.model.site_names`' forms, or `mlp_in.<l>`.
   """
   if site == "ln_final":
     return "unembed.hook_in"
   kind, _, layer = site.partition(".")
-  if kind not in ("resid_pre", "resid_post", "attn_out", "mlp_in", "mlp_out") or \
-      not layer.isdigit():
+  if kind == "mlp_in":
+    raise ValueError(f"site={site!r} has no TransformerLens hook: ln2.hook_normalized holds "
+                     "ln_2's output before its scale, hook_mlp_in its input")
+  if kind not in ("resid_pre", "resid_post", "attn_out", "mlp_out") or not layer.isdigit():
     raise ValueError(f"site={site!r} is not a model site (resid_pre.<l>, attn_out.<l>, "
-                     "mlp_in.<l>, mlp_out.<l>, resid_post.<l>, ln_final)")
-  if kind == "mlp_in":  # ln2's output after its scale (its bias is zero in an export)
-    return f"blocks.{int(layer)}.ln2.hook_normalized"
+                     "mlp_out.<l>, resid_post.<l>, ln_final)")
   return f"blocks.{int(layer)}.hook_{kind}"
 
 
@@ -291,9 +291,6 @@ def site_of(hook: str | None) -> str | None:
   if hook == "unembed.hook_in":
     return "ln_final"
   parts = (hook or "").split(".")
-  if len(parts) == 4 and parts[0] == "blocks" and parts[1].isdigit() and parts[2:] == [
-      "ln2", "hook_normalized"]:
-    return f"mlp_in.{int(parts[1])}"
   if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in (
       "hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out"):
     return f"{parts[2][len('hook_'):]}.{int(parts[1])}"
