@@ -679,10 +679,11 @@ def test_auxk_config_is_validated(kwargs, fragment):
 def test_config_json_leaves_out_opt_in_fields_when_off():
   plain = sae_lib.SAEConfig(d_in=4, width=8, activation="topk", k_max=2)
   assert sae_lib.config_json(plain) == {k: v for k, v in dataclasses.asdict(plain).items()
-                                        if k not in ("k_aux", "matryoshka")}
-  used = sae_lib.config_json(dataclasses.replace(plain, k_aux=3, matryoshka=(2, 4)))
-  assert (used["k_aux"], used["matryoshka"]) == (3, [2, 4])
-  assert sae_lib.SAEConfig(**used) == dataclasses.replace(plain, k_aux=3, matryoshka=(2, 4))
+                                        if k not in ("k_aux", "matryoshka", "p_anneal")}
+  on = dataclasses.replace(plain, k_aux=3, matryoshka=(2, 4), p_anneal=True)
+  used = sae_lib.config_json(on)
+  assert (used["k_aux"], used["matryoshka"], used["p_anneal"]) == (3, [2, 4], True)
+  assert sae_lib.SAEConfig(**used) == on
 
 
 # ------------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ CASES = [
     ("local", "batchtopk", {"k": 3, "matryoshka": [0.125, 0.5], "auxk": True,
                             "dead_tokens": 1}),
     ("local", "gated", {"pre_bias": True}),
+    ("e2e", "relu", {"p_anneal": True, "p_end": 0.2, "p_anneal_start": 1, "p_anneal_steps": 2}),
 ]
 
 
@@ -508,3 +509,44 @@ def test_gated_aux_coeff_grid_equals_separate_runs_and_trains_the_gate(lm_dir):
     _, alone, _, _ = _train(_config(lm_dir, [{"set": {**common, "gated_aux_coeff": weight}}]))
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(alone.groups[0].params)):
       np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# p-annealing.
+
+PANNEAL = {"loss": "local", "activation": "relu", "expansion": 2, "sparsity_coeff": 1.0,
+           "p_anneal": True, "p_anneal_start": 1, "p_anneal_steps": 2}
+
+
+def test_p_end_grid_equals_separate_runs_and_p_end_one_is_plain(lm_dir):
+  ends = [1.0, 0.5, 0.2]
+  config = _config(lm_dir, [{"product": {"p_end": ends}, "set": PANNEAL}])
+  setup, state, metrics, _ = _train(config)
+  (spec,) = setup.specs
+  assert spec.sae.p_anneal and spec.values[0]["p_end"] == 1.0
+  # The logged p is the chunk's mean of the schedule: 1 at step 0, then linear over 2 steps.
+  s = np.arange(config.log_every) + config.steps - config.log_every
+  frac = np.where(s < 1, 0.0, np.minimum(s / 2, 1.0))
+  for i, p_end in enumerate(ends):
+    np.testing.assert_allclose(np.asarray(metrics[0]["sparsity_p"])[i],
+                               np.mean(1 + (p_end - 1) * frac), rtol=1e-6)
+    _, alone, _, _ = _train(_config(lm_dir, [{"set": {**PANNEAL, "p_end": p_end}}]))
+    for a, b in zip(jax.tree.leaves(state.groups[0].params),
+                    jax.tree.leaves(alone.groups[0].params)):
+      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+  plain = {k: v for k, v in PANNEAL.items() if not k.startswith("p_anneal")}
+  ref_setup, ref, ref_metrics, _ = _train(_config(lm_dir, [{"set": plain}]))
+  assert "sparsity_p" not in ref_metrics[0] and "p_end" not in ref_setup.specs[0].values[0]
+  for a, b in zip(jax.tree.leaves(state.groups[0].params), jax.tree.leaves(ref.groups[0].params)):
+    np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b)[0])  # p_end 1: no annealing
+    assert not np.array_equal(np.asarray(a)[2], np.asarray(b)[0])
+
+
+def test_p_anneal_bad_input_fails_before_compiling(lm_dir):
+  for sweep, fragment in (([{"set": {"p_anneal": True, "sparsity_p": 2.0}}],
+                           "anneals p from 1, but sparsity_p=2.0"),
+                          ([{"set": {"p_anneal": True, "p_end": 1.5}}],
+                           "p_end=1.5: must lie in (0, 1]")):
+    with pytest.raises(sweep_lib.SweepError) as err:
+      ts.prepare(_config(lm_dir, sweep))
+    assert fragment in str(err.value), str(err.value)

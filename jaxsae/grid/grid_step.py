@@ -21,7 +21,8 @@ matrix multiplies are slow; see `variant_axis.over_variants`):
 Training recipes of the SAE itself are terms of the per-variant loss too: AuxK (`k_aux`: the
 dead latents, by `SAEState.since_fired` before the step, fit the residual; the counters then
 advance by the step's tokens), Matryoshka prefixes (`matryoshka`) and the gated SAE's sparsity
-and auxiliary reconstruction, each logged at every coefficient.
+and auxiliary reconstruction, each logged at every coefficient; p-annealing (`p_anneal`) takes
+the sparsity term's order from the variant's schedule at the step (logged as `sparsity_p`).
 
 What the variants share is computed once per step, outside the per-variant function: the clean
 forward, its log-softmax (the KL target) and the downstream clean activations (`Batch`).
@@ -54,7 +55,7 @@ from jaxsae.grid import activations
 from jaxsae.grid import losses as losses_lib
 from jaxsae.grid import metrics as metrics_lib
 from jaxsae.grid import sae as sae_lib
-from jaxsae.grid.sae_groups import CausalHparams, GroupSpec
+from jaxsae.grid.sae_groups import CausalHparams, GroupSpec, PAnnealHparams
 from jaxsae.lm import model as model_lib
 
 # ------------------------------------------------------------------------------------------------
@@ -87,6 +88,7 @@ class GroupHyper:
   lr: jax.Array
   seed: jax.Array  # int32: the variant's seed (with the step, keys its causal λ draws)
   causal: CausalHparams
+  p_anneal: PAnnealHparams | None = None  # groups with p-annealing only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +156,8 @@ def group_hyper(spec: GroupSpec) -> GroupHyper:
   return GroupHyper(hparams=jax.tree.map(jnp.asarray, spec.hparams),
                     coeffs=jax.tree.map(jnp.asarray, spec.coeffs), lr=jnp.asarray(spec.lr),
                     seed=jnp.asarray(spec.seed),
-                    causal=jax.tree.map(jnp.asarray, spec.causal))
+                    causal=jax.tree.map(jnp.asarray, spec.causal),
+                    p_anneal=jax.tree.map(jnp.asarray, spec.p_anneal))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,7 +230,7 @@ def _causal_term(params, codes_BTF, x_BTD, out_BTD, spliced_logits, batch: Batch
 
 
 def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, spec: GroupSpec,
-                  setup: Setup, rng=None, lam_fixed=None):
+                  setup: Setup, rng=None, lam_fixed=None, annealed_p=None):
   """Loss and metrics of ONE variant (vmapped over the group)."""
   cfg, lcfg = spec.sae, spec.loss
   if lcfg.needs_sequences:
@@ -287,6 +290,8 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
   if cfg.matryoshka:
     extra["prefix_x_hats"] = {m: sae_lib.decode_prefix(params, codes, cfg, m)
                               for m in cfg.matryoshka}
+  if cfg.p_anneal:
+    extra["annealed_p"] = annealed_p
   terms = losses_lib.compute_terms(lcfg, d_in=cfg.d_in, codes=sparse_codes, x_hat=x_hat,
                                    target=aux["target"], mask=mask, **extra)
   total, terms = losses_lib.total_loss(terms, coeffs)
@@ -300,6 +305,8 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
       w * metrics_lib.token_explained_variance(x_hat, target, mean_D)) / n
   if cfg.k_aux:
     metrics["auxk_dead_fraction"] = jnp.mean(dead_F.astype(jnp.float32))
+  if cfg.p_anneal:
+    metrics["sparsity_p"] = annealed_p
   return total, (metrics, new_state, fires_F > 0)
 
 
@@ -310,7 +317,8 @@ def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, s
   tx = _optimizer(setup)
   lr_factor = schedule_factor(step, setup)
 
-  def one(params, opt_state, sae_state, frozen, bad_step, hparams, coeffs, lr, seed, causal):
+  def one(params, opt_state, sae_state, frozen, bad_step, hparams, coeffs, lr, seed, causal,
+          p_anneal):
     started = step >= causal.start
     if spec.loss.causal:
       # β follows its ramp; a fresh Adam state at the start of the fine-tuning phase.
@@ -320,9 +328,11 @@ def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, s
       fresh = tx.init(params)
       opt_state = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, opt_state)
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), _CAUSAL_STREAM)
+    annealed_p = (None if p_anneal is None else
+                  losses_lib.anneal_p(step, p_anneal.p_end, p_anneal.start, p_anneal.steps))
     (loss, (metrics, new_sae_state, fired)), grads = grad_fn(
         params, sae_state, hparams, coeffs, batch, lm_params, spec, setup, rng,
-        causal.lambda_value)
+        causal.lambda_value, annealed_p)
     grads = sae_lib.project_gradients(params, grads, spec.sae)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -341,7 +351,7 @@ def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, s
 
   out = variant_axis.over_variants(one, setup.variant_loop)(
       state.params, state.opt_state, state.sae_state, state.frozen, state.bad_step,
-      hyper.hparams, hyper.coeffs, hyper.lr, hyper.seed, hyper.causal)
+      hyper.hparams, hyper.coeffs, hyper.lr, hyper.seed, hyper.causal, hyper.p_anneal)
   params, opt_state, sae_state, frozen, bad_step, metrics, fired = out
   return GroupState(params, opt_state, sae_state, frozen, bad_step), metrics, fired
 

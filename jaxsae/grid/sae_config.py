@@ -28,7 +28,7 @@ DECODES = ("auto", "dense", "sparse")
 # without firing. Short CPU runs see far fewer tokens; set `dead_tokens` per variant.
 DEAD_TOKENS = 10_000_000
 SINCE_FIRED_MAX = 2**30  # the since-fired counters saturate here (int32)
-OPT_IN_FIELDS = {"k_aux": 0, "matryoshka": ()}  # left out of `config_json` at these values
+OPT_IN_FIELDS = {"k_aux": 0, "matryoshka": (), "p_anneal": False}  # left out of `config_json` at these values
 
 
 def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -65,6 +65,9 @@ class SAEConfig:
     matryoshka: Matryoshka SAE (Bussmann et al. 2025): the inner prefix widths m_1 < ... < F
       (empty: none), each prefix's reconstruction `sae.decode_prefix` trained to reconstruct x
       too (the `matryoshka` loss term); the full width is the plain reconstruction.
+    p_anneal: p-annealing (Karvonen et al. 2024): the sparsity term is Σ|c|^p with p annealed
+      from 1 per variant (`losses.anneal_p`; the schedule is the grid's per-variant `p_end`,
+      `p_anneal_start`, `p_anneal_steps`); needs the loss's static sparsity_p = 1.
   """
 
   d_in: int
@@ -82,12 +85,13 @@ class SAEConfig:
   decode: str = "auto"
   k_aux: int = 0
   matryoshka: tuple[int, ...] = ()
+  p_anneal: bool = False
 
   def __post_init__(self):
     for name in ("d_in", "width"):
       if not is_positive_int(getattr(self, name)):
         raise ValueError(f"SAEConfig.{name} must be a positive int, got {getattr(self, name)!r}.")
-    for name in ("enc_bias", "dec_bias", "pre_bias", "input_norm", "recon_norm"):
+    for name in ("enc_bias", "dec_bias", "pre_bias", "input_norm", "recon_norm", "p_anneal"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"SAEConfig.{name} must be a bool, got {getattr(self, name)!r}.")
     check_choice("SAEConfig.activation", self.activation, ACTIVATIONS)

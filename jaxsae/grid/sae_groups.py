@@ -92,6 +92,8 @@ def registry() -> list[sweep_lib.Field]:
         doc="Matryoshka SAE (Bussmann et al. 2025): inner prefix sizes as increasing fractions "
         "of F in (0, 1), each prefix also reconstructs x (paper: [1/16, 1/8, 1/4, 1/2]); "
         "empty: none"),
+      F("p_anneal", False, True, doc="p-annealing (Karvonen et al. 2024): sparsity Σ|c|^p with "
+        "p linear in the step from 1 to p_end (needs sparsity_p = 1)"),
       F("loss", "local", True, check=_choice(losses_lib.PRESETS),
         doc="loss preset: local, e2e or e2e_ds"),
       F("sparsity_p", 1.0, True, check=_positive, doc="order p of the sparsity norm"),
@@ -133,6 +135,12 @@ def registry() -> list[sweep_lib.Field]:
       F("gated_aux_coeff", 1.0, False, check=_nonneg,
         doc="gated SAEs: weight of the gate path's reconstruction through the frozen decoder "
         "(paper: 1)"),
+      F("p_end", 0.2, False, check=lambda v: None if _positive(v) is None and v <= 1
+        else "must lie in (0, 1]", doc="p-annealing: the final order p (Karvonen et al.: 0.2)"),
+      F("p_anneal_start", 0, False, np.int32, check=_int32_nonneg,
+        doc="p-annealing: the step at which p leaves 1 (steps)"),
+      F("p_anneal_steps", 0, False, np.int32, check=_int32_nonneg,
+        doc="p-annealing: steps over which p falls linearly to p_end (0: p_end at once)"),
       F("causal_coeff", 0.0, False, check=_nonneg, doc="β of the causal-interpolation term"),
       F("causal_lambda_value", 0.2, False, check=lambda v: None if 0 <= v <= 1
         else "must lie in [0, 1]", doc="λ when causal_lambda='fixed' (paper: 0.2 or 0.02)"),
@@ -150,7 +158,9 @@ def registry() -> list[sweep_lib.Field]:
 # none of them (`GroupSpec.values`), as before they existed.
 OPT_IN = ((("auxk", "k_aux", "auxk_coeff", "dead_tokens"), lambda v: bool(v["auxk"])),
           (("matryoshka", "matryoshka_coeff"), lambda v: bool(v["matryoshka"])),
-          (("gated_aux_coeff",), lambda v: v["activation"] == "gated"))
+          (("gated_aux_coeff",), lambda v: v["activation"] == "gated"),
+          (("p_anneal", "p_end", "p_anneal_start", "p_anneal_steps"),
+           lambda v: bool(v["p_anneal"])))
 
 
 def _recorded(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -177,6 +187,15 @@ class CausalHparams:
   reset_opt: Any  # bool: fresh Adam state at `start` (when start > 0)
 
 
+@flax.struct.dataclass
+class PAnnealHparams:
+  """Per-variant p-annealing schedule (leading axis N in a group; `losses.anneal_p`)."""
+
+  p_end: Any  # float: the final order
+  start: Any  # int: the step at which p leaves 1
+  steps: Any  # int: steps of the linear fall to p_end (0: at once)
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupSpec:
   """A compilation group: static SAE and loss structure plus stacked per-variant values.
@@ -198,6 +217,7 @@ class GroupSpec:
   seed: np.ndarray
   values: tuple[Mapping[str, Any], ...]  # every field of each real variant (for reports)
   causal: CausalHparams | None = None
+  p_anneal: PAnnealHparams | None = None  # groups with SAEConfig.p_anneal only
 
 
 def _k_max_hook(static, members):
@@ -235,6 +255,10 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
       raise sweep_lib.SweepError(
           f"variant {v.id} ({v.label}): k_aux={values['k_aux']} exceeds the width "
           f"{values['expansion'] * d_model}; lower k_aux or widen the SAE")
+    if values["p_anneal"] and float(values["sparsity_p"]) != 1:
+      raise sweep_lib.SweepError(
+          f"variant {v.id} ({v.label}): p_anneal=True anneals p from 1, but sparsity_p="
+          f"{values['sparsity_p']}; set sparsity_p=1 (p_end sets the final order)")
     widths = matryoshka_widths(values["matryoshka"], values["expansion"] * d_model)
     if any(not 1 <= w < values["expansion"] * d_model for w in widths) or len(set(widths)) < len(
         widths):
@@ -259,7 +283,8 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         pre_bias_init=s["pre_bias_init"],
         decode=s["decode"] if s["activation"] in ("topk", "batchtopk") else "auto",
         k_aux=(s["k_aux"] or max(d_model // 2, 1)) if s["auxk"] else 0,
-        matryoshka=matryoshka_widths(s["matryoshka"], s["expansion"] * d_model))
+        matryoshka=matryoshka_widths(s["matryoshka"], s["expansion"] * d_model),
+        p_anneal=s["p_anneal"])
     loss_cfg = losses_lib.LossConfig(preset=s["loss"], sparsity_p=float(s["sparsity_p"]),
                                      sparsity_reduction=s["sparsity_reduction"],
                                      include_final_resid=s["include_final_resid"],
@@ -290,6 +315,9 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         start=d["causal_start"].astype(np.int32), ramp=d["causal_ramp"].astype(np.int32),
         lr_scale=d["causal_lr_scale"].astype(np.float32),
         reset_opt=d["causal_reset_opt"].astype(bool))
+    p_anneal = PAnnealHparams(
+        p_end=d["p_end"].astype(np.float32), start=d["p_anneal_start"].astype(np.int32),
+        steps=d["p_anneal_steps"].astype(np.int32)) if sae_cfg.p_anneal else None
     sae_lib.check_hparams(hparams, sae_cfg)
     losses_lib.check_coeffs(coeffs)
     specs.append(GroupSpec(
@@ -297,5 +325,5 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         size=n, padded=padded, hparams=hparams, coeffs=coeffs,
         lr=d["lr"].astype(np.float32), seed=d["seed"].astype(np.int32),
         values=tuple(dict(_recorded(v.values), **{k: g.static[k] for k in ("k_max",)})
-                     for v in g.variants), causal=causal))
+                     for v in g.variants), causal=causal, p_anneal=p_anneal))
   return specs, groups
