@@ -51,6 +51,9 @@ def _hparams(**fields):
      "causal-e2e+panneal"),
     ({"loss": "local", "activation": "batchtopk", "k": 4, "matryoshka": (0.5,), "auxk": True,
       "p_anneal": True}, "matryoshka_batchtopk+auxk+panneal"),
+    ({"loss": "local", "activation": "relu", "resample_steps": (100,)}, "local+resample"),
+    ({"loss": "e2e", "activation": "topk", "k": 4, "auxk": True, "p_anneal": True,
+      "resample_steps": [5, 10]}, "e2e_topk+auxk+panneal+resample"),
 ])
 def test_sae_type_of_each_kind(fields, expected):
   assert comparison.sae_type(_hparams(**fields)) == expected

@@ -15,6 +15,7 @@ import fakes
 from experiments.configs import sae_e2e
 from jaxsae.grid import grid_setup
 from jaxsae.grid import grid_step
+from jaxsae.grid import resample as resample_lib
 from jaxsae.grid import sweep as sweep_lib
 from jaxsae.grid import train_sae as ts
 from jaxsae.grid import trained as trained_lib
@@ -58,6 +59,7 @@ CASES = [
                             "dead_tokens": 1}),
     ("local", "gated", {"pre_bias": True}),
     ("e2e", "relu", {"p_anneal": True, "p_end": 0.2, "p_anneal_start": 1, "p_anneal_steps": 2}),
+    ("e2e", "relu", {"resample_steps": [2], "dead_tokens": 1}),
 ]
 
 
@@ -547,6 +549,53 @@ def test_p_anneal_bad_input_fails_before_compiling(lm_dir):
                            "anneals p from 1, but sparsity_p=2.0"),
                           ([{"set": {"p_anneal": True, "p_end": 1.5}}],
                            "p_end=1.5: must lie in (0, 1]")):
+    with pytest.raises(sweep_lib.SweepError) as err:
+      ts.prepare(_config(lm_dir, sweep))
+    assert fragment in str(err.value), str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dead-latent resampling.
+
+RESAMPLE = {"loss": "local", "activation": "relu", "expansion": 2, "sparsity_coeff": 30.0,
+            "dead_tokens": 1}
+
+
+def test_resampling_touches_only_the_dead_latents_at_its_step(lm_dir):
+  out = {}
+  for steps in ((), (3,)):
+    config = _config(lm_dir, [{"set": {**RESAMPLE, "resample_steps": list(steps)}}],
+                     steps=3, log_every=1)
+    setup, state, metrics, _ = _train(config)
+    out[steps] = (setup.specs[0], state.groups[0], metrics[0])
+  spec, resampled, m = out[(3,)]
+  _, plain, plain_m = out[()]
+  assert spec.sae.resample_steps == (3,) and spec.values[0]["dead_tokens"] == 1
+  assert "resampled" not in plain_m and "dead_tokens" not in out[()][0].values[0]
+  n = int(np.asarray(m["resampled"])[0])
+  assert n > 0
+  p, q = resampled.params, plain.params
+  changed = np.any(np.asarray(p["w_dec"])[0] != np.asarray(q["w_dec"])[0], axis=-1)
+  assert changed.sum() == n
+  # The others are bit-identical to training without resampling; the new ones follow the recipe.
+  for name, axis in resample_lib.LATENT_AXIS.items():
+    if name in p:
+      keep = lambda a: np.take(np.asarray(a)[0], np.flatnonzero(~changed), axis=axis)
+      np.testing.assert_array_equal(keep(p[name]), keep(q[name]))
+      for moments in (resampled.opt_state[1].mu, resampled.opt_state[1].nu):
+        np.testing.assert_array_equal(
+            np.take(np.asarray(moments[name])[0], np.flatnonzero(changed), axis=axis), 0.0)
+  np.testing.assert_array_equal(p["b_dec"], q["b_dec"])
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(p["w_dec"])[0][changed], axis=-1), 1.0,
+                             rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(p["b_enc"])[0][changed], 0.0)
+  np.testing.assert_array_equal(np.asarray(resampled.sae_state.since_fired)[0][changed], 0)
+
+
+def test_resample_bad_input_fails_before_compiling(lm_dir):
+  for sweep, fragment in (([{"set": {"resample_steps": [4, 2]}}], "strictly increasing step"),
+                          ([{"set": {"resample_steps": [2], "activation": "sparsemax_no_kds"}}],
+                           "resample_steps needs an encoder with w_enc")):
     with pytest.raises(sweep_lib.SweepError) as err:
       ts.prepare(_config(lm_dir, sweep))
     assert fragment in str(err.value), str(err.value)

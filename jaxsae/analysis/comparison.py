@@ -89,7 +89,8 @@ def sae_type(hparams: Mapping[str, Any]) -> str:
   gives the loss name with ReLU (`e2e`, `e2e_ds`) and `<loss>_<activation>` otherwise
   (`e2e_topk`). Training recipes mark the name: `matryoshka_` before it for nested prefixes
   (`matryoshka_batchtopk`), `+auxk` after it for the AuxK loss (`topk+auxk`), then `+panneal`
-  for p-annealing (`local+panneal`). A `causal-` prefix is added when `hparams["causal"]` is
+  for p-annealing (`local+panneal`) and `+resample` for dead-latent resampling
+  (`local+panneal+resample`). A `causal-` prefix is added when `hparams["causal"]` is
   true. Missing fields take the sweep registry's defaults (loss `local`, activation `relu`, no
   recipe, causal off).
 
@@ -120,6 +121,8 @@ def sae_type(hparams: Mapping[str, Any]) -> str:
     base = f"{base}+auxk"
   if hparams.get("p_anneal"):
     base = f"{base}+panneal"
+  if hparams.get("resample_steps"):
+    base = f"{base}+resample"
   return f"causal-{base}" if hparams.get("causal", False) else base
 
 

@@ -23,6 +23,9 @@ dead latents, by `SAEState.since_fired` before the step, fit the residual; the c
 advance by the step's tokens), Matryoshka prefixes (`matryoshka`) and the gated SAE's sparsity
 and auxiliary reconstruction, each logged at every coefficient; p-annealing (`p_anneal`) takes
 the sparsity term's order from the variant's schedule at the step (logged as `sparsity_p`).
+Dead-latent resampling (`resample_steps`) re-initialises, after the update of each of those
+steps, the variant's dead latents from the step's inputs (`resample.py`; logged: `resampled`,
+the latents re-initialised in a step).
 
 What the variants share is computed once per step, outside the per-variant function: the clean
 forward, its log-softmax (the KL target) and the downstream clean activations (`Batch`).
@@ -54,6 +57,7 @@ from jaxsae.grid import active_codes
 from jaxsae.grid import activations
 from jaxsae.grid import losses as losses_lib
 from jaxsae.grid import metrics as metrics_lib
+from jaxsae.grid import resample as resample_lib
 from jaxsae.grid import sae as sae_lib
 from jaxsae.grid.sae_groups import CausalHparams, GroupSpec, PAnnealHparams
 from jaxsae.lm import model as model_lib
@@ -238,6 +242,7 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
     # CPU backend transposes [B, T, F] code gradients for the encoder's weight gradient).
     b, t, d = batch.acts_BTD.shape
     mask = batch.mask_BT.reshape(b * t)
+    inputs = batch.acts_BTD.reshape(b * t, d)
     out_ND, codes, aux = sae_lib.splice(params, batch.acts_BTD.reshape(b * t, d), cfg, hparams,
                                         spec.splice_mode, mask=mask, state=sae_state, train=True)
     out = out_ND.reshape(b, t, d)
@@ -260,6 +265,7 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
     # Local training always encodes as configured (input_norm applies); the splice mode
     # matters only where the SAE output enters the model.
     mask = batch.flat_mask_C
+    inputs = batch.flat_CD
     _, codes, aux = sae_lib.forward(params, batch.flat_CD, cfg, hparams, state=sae_state,
                                     train=True, mask=mask)
     extra = {}
@@ -285,6 +291,7 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
     aux_codes = activations.auxk_codes(aux["pre_acts"], dead_F, cfg.k_aux)
     extra["auxk"] = losses_lib.auxk(aux_codes, sae_lib.dictionary(params, cfg), x_hat,
                                     aux["target"], mask)
+  if cfg.tracks_firing:
     new_state = sae_lib.update_since_fired(new_state, fires_F > 0,
                                            jnp.sum(mask.astype(jnp.int32)))
   if cfg.matryoshka:
@@ -307,7 +314,11 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
     metrics["auxk_dead_fraction"] = jnp.mean(dead_F.astype(jnp.float32))
   if cfg.p_anneal:
     metrics["sparsity_p"] = annealed_p
-  return total, (metrics, new_state, fires_F > 0)
+  resample_in = None
+  if cfg.resample_steps:  # the step's inputs and their squared errors (masked out: 0)
+    sq_err = jnp.where(mask, jnp.sum(jnp.square(x_hat - target), axis=-1), 0.0)
+    resample_in = (inputs, jax.lax.stop_gradient(sq_err))
+  return total, (metrics, new_state, fires_F > 0, resample_in)
 
 
 def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, step,
@@ -330,7 +341,7 @@ def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, s
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), _CAUSAL_STREAM)
     annealed_p = (None if p_anneal is None else
                   losses_lib.anneal_p(step, p_anneal.p_end, p_anneal.start, p_anneal.steps))
-    (loss, (metrics, new_sae_state, fired)), grads = grad_fn(
+    (loss, (metrics, new_sae_state, fired, resample_in)), grads = grad_fn(
         params, sae_state, hparams, coeffs, batch, lm_params, spec, setup, rng,
         causal.lambda_value, annealed_p)
     grads = sae_lib.project_gradients(params, grads, spec.sae)
@@ -345,8 +356,16 @@ def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, s
     metrics = dict(metrics, grad_norm=grad_norm, lr=lr_t)
     if spec.loss.causal:
       metrics["causal_beta"] = coeffs.causal
-    return (keep(new_params, params), keep(new_opt, opt_state), keep(new_sae_state, sae_state),
-            frozen | ~finite, jnp.where((bad_step < 0) & ~finite, step, bad_step), metrics,
+    kept = (keep(new_params, params), keep(new_opt, opt_state), keep(new_sae_state, sae_state))
+    if spec.sae.resample_steps:
+      # After the update of each resample step, the dead latents are re-initialised.
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), _RESAMPLE_STREAM)
+      at = jnp.any(step + 1 == jnp.asarray(spec.sae.resample_steps, jnp.int32))
+      *kept, n_resampled = jax.lax.cond(
+          at, lambda a: resample_lib.resample(key, *a, hparams, *resample_in, ok, spec.sae),
+          lambda a: (*a, jnp.zeros((), jnp.int32)), kept)
+      metrics["resampled"] = n_resampled.astype(jnp.float32)
+    return (*kept, frozen | ~finite, jnp.where((bad_step < 0) & ~finite, step, bad_step), metrics,
             fired & ok)
 
   out = variant_axis.over_variants(one, setup.variant_loop)(
@@ -357,6 +376,7 @@ def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, s
 
 
 _CAUSAL_STREAM = 7  # folded into (variant seed, step) for the causal term's λ draws
+_RESAMPLE_STREAM = 11  # ... and for the resampled latents' input draws
 
 
 def resolve_variant_loop(choice: str, mesh) -> str:

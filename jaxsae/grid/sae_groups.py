@@ -51,6 +51,13 @@ def _fractions(v):
   return None if ok else "must be a list of strictly increasing fractions in (0, 1)"
 
 
+def _steps(v):
+  ok = isinstance(v, (list, tuple)) and all(
+      isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in v) and all(
+          a < b for a, b in zip(v, v[1:]))
+  return None if ok else "must be a list of strictly increasing step counts >= 1"
+
+
 def matryoshka_widths(fractions, width: int) -> tuple[int, ...]:
   """Prefix widths round(fraction·F) of a Matryoshka sweep value."""
   return tuple(int(round(f * width)) for f in fractions)
@@ -94,6 +101,10 @@ def registry() -> list[sweep_lib.Field]:
         "empty: none"),
       F("p_anneal", False, True, doc="p-annealing (Karvonen et al. 2024): sparsity Σ|c|^p with "
         "p linear in the step from 1 to p_end (needs sparsity_p = 1)"),
+      F("resample_steps", (), True, check=_steps,
+        doc="dead-latent resampling (Anthropic 2023) after these numbers of steps: latents not "
+        "fired for dead_tokens tokens restart from high-loss inputs (paper: 25k, 50k, 75k, "
+        "100k); empty: none"),
       F("loss", "local", True, check=_choice(losses_lib.PRESETS),
         doc="loss preset: local, e2e or e2e_ds"),
       F("sparsity_p", 1.0, True, check=_positive, doc="order p of the sparsity norm"),
@@ -129,7 +140,8 @@ def registry() -> list[sweep_lib.Field]:
         doc="AuxK coefficient alpha (Gao et al.: 1/32)"),
       F("dead_tokens", sae_lib.DEAD_TOKENS, False, np.int32, check=lambda v: None if (
           _int32_nonneg(v) is None and v > 0) else "must be an int in [1, 2^31)",
-        doc="AuxK: tokens without firing after which a latent is dead (Gao et al.: 10M)"),
+        doc="AuxK and resampling: tokens without firing after which a latent is dead (Gao et "
+        "al.: 10M)"),
       F("matryoshka_coeff", 1.0, False, check=_nonneg,
         doc="weight of the summed Matryoshka prefix losses (paper: 1, as the full width)"),
       F("gated_aux_coeff", 1.0, False, check=_nonneg,
@@ -160,16 +172,16 @@ OPT_IN = ((("auxk", "k_aux", "auxk_coeff", "dead_tokens"), lambda v: bool(v["aux
           (("matryoshka", "matryoshka_coeff"), lambda v: bool(v["matryoshka"])),
           (("gated_aux_coeff",), lambda v: v["activation"] == "gated"),
           (("p_anneal", "p_end", "p_anneal_start", "p_anneal_steps"),
-           lambda v: bool(v["p_anneal"])))
+           lambda v: bool(v["p_anneal"])),
+          (("resample_steps", "dead_tokens"), lambda v: bool(v["resample_steps"])))
 
 
 def _recorded(values: Mapping[str, Any]) -> dict[str, Any]:
-  out = dict(values)
-  for fields, used in OPT_IN:
-    if not used(values):
-      for name in fields:
-        del out[name]
-  return out
+  """`values` without the fields of the recipes it does not use (a field shared by recipes,
+  e.g. `dead_tokens`, stays when one of them is used)."""
+  used = {name for fields, uses in OPT_IN if uses(values) for name in fields}
+  unused = {name for fields, _ in OPT_IN for name in fields} - used
+  return {k: v for k, v in values.items() if k not in unused}
 
 
 _COEFF_FIELDS = {"out_to_in": "out_to_in_coeff", "logits_kl": "logits_kl_coeff",
@@ -259,6 +271,10 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
       raise sweep_lib.SweepError(
           f"variant {v.id} ({v.label}): p_anneal=True anneals p from 1, but sparsity_p="
           f"{values['sparsity_p']}; set sparsity_p=1 (p_end sets the final order)")
+    if values["resample_steps"] and values["activation"].startswith("sparsemax"):
+      raise sweep_lib.SweepError(
+          f"variant {v.id} ({v.label}): resample_steps needs an encoder with w_enc; "
+          f"activation={values['activation']!r} has none (drop resample_steps)")
     widths = matryoshka_widths(values["matryoshka"], values["expansion"] * d_model)
     if any(not 1 <= w < values["expansion"] * d_model for w in widths) or len(set(widths)) < len(
         widths):
@@ -284,7 +300,7 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         decode=s["decode"] if s["activation"] in ("topk", "batchtopk") else "auto",
         k_aux=(s["k_aux"] or max(d_model // 2, 1)) if s["auxk"] else 0,
         matryoshka=matryoshka_widths(s["matryoshka"], s["expansion"] * d_model),
-        p_anneal=s["p_anneal"])
+        p_anneal=s["p_anneal"], resample_steps=tuple(s["resample_steps"]))
     loss_cfg = losses_lib.LossConfig(preset=s["loss"], sparsity_p=float(s["sparsity_p"]),
                                      sparsity_reduction=s["sparsity_reduction"],
                                      include_final_resid=s["include_final_resid"],
@@ -300,7 +316,7 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         jumprelu_bandwidth=d["jumprelu_bandwidth"].astype(np.float32),
         jumprelu_init_threshold=d["jumprelu_init_threshold"].astype(np.float32),
         threshold_decay=d["threshold_decay"].astype(np.float32),
-        dead_tokens=d["dead_tokens"].astype(np.int32) if sae_cfg.k_aux else None)
+        dead_tokens=d["dead_tokens"].astype(np.int32) if sae_cfg.tracks_firing else None)
     coeffs = losses_lib.LossCoeffs(
         sparsity=d["sparsity_coeff"].astype(np.float32),
         out_to_in=d["out_to_in_coeff"].astype(np.float32),
