@@ -95,6 +95,7 @@ def _cached_stacked_params(structure):
     (dict(width=4), "init='e2e' needs width >= d_in"),
     (dict(d_in=0), "SAEConfig.d_in must be a positive int"),
     (dict(input_norm=1), "SAEConfig.input_norm must be a bool"),
+    (dict(p_anneal=1), "SAEConfig.p_anneal must be a bool"),
     (dict(decode="gather"), "SAEConfig.decode"),
     (dict(decode="sparse"), "decode='sparse' needs a topk/batchtopk"),
 ])

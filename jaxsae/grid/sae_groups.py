@@ -100,7 +100,8 @@ def registry() -> list[sweep_lib.Field]:
         "of F in (0, 1), each prefix also reconstructs x (paper: [1/16, 1/8, 1/4, 1/2]); "
         "empty: none"),
       F("p_anneal", False, True, doc="p-annealing (Karvonen et al. 2024): sparsity Σ|c|^p with "
-        "p linear in the step from 1 to p_end (needs sparsity_p = 1)"),
+        "p linear in the step from 1 to p_end (needs sparsity_p = 1; λ is not rescaled as p "
+        "falls)"),
       F("resample_steps", (), True, check=_steps,
         doc="dead-latent resampling (Anthropic 2023) after these numbers of steps: latents not "
         "fired for dead_tokens tokens restart from high-loss inputs (paper: 25k, 50k, 75k, "
