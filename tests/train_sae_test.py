@@ -143,7 +143,11 @@ def test_lm_is_frozen_and_gets_no_gradient(lm_dir):
 
 def test_resume_is_bit_exact(lm_dir, tmp_path):
   sweep = [{"product": {"sparsity_coeff": [1.0, 4.0]}, "set": {"loss": "local"}},
-           {"set": {"loss": "e2e", "activation": "topk", "k": 4}}]
+           {"set": {"loss": "e2e", "activation": "topk", "k": 4}},
+           # p-annealing across the resume, and resampling after it (from restored counters).
+           {"set": {"loss": "local", "sparsity_coeff": 4.0, "p_anneal": True,
+                    "p_anneal_start": 2, "p_anneal_steps": 4, "resample_steps": [3, 6],
+                    "dead_tokens": 1}}]
   # The schedule's horizon is fixed (decay_steps), so the shorter first run is a prefix.
   straight = _config(lm_dir, sweep, steps=8, log_every=2, checkpoint_every=2, decay_steps=8)
   ts.run(straight, str(tmp_path / "a"))
@@ -157,6 +161,7 @@ def test_resume_is_bit_exact(lm_dir, tmp_path):
   assert sa == sb
   lines = lambda n: [json.loads(l) for l in open(tmp_path / n / "metrics.jsonl")]
   assert lines("a") == lines("b")
+  assert [l["step"] for l in lines("b") if l.get("resampled", 0) > 0] == [4, 6]  # steps 3, 6
   # The grid reads back from the workdir alone, at the final step and equal in both runs.
   ta, tb = trained_lib.load(str(tmp_path / "a")), trained_lib.load(str(tmp_path / "b"))
   assert int(ta.state.step) == 8 and [s.ids for s in ta.setup.specs] == [
