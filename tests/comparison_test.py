@@ -46,6 +46,14 @@ def _hparams(**fields):
     ({"loss": "local", "activation": "batchtopk", "k": 4, "matryoshka": (0.25, 0.5)},
      "matryoshka_batchtopk"),
     ({"loss": "e2e", "activation": "relu", "matryoshka": (0.5,)}, "matryoshka_e2e"),
+    ({"loss": "local", "activation": "relu", "p_anneal": True}, "local+panneal"),
+    ({"loss": "e2e", "activation": "relu", "p_anneal": True, "causal": True},
+     "causal-e2e+panneal"),
+    ({"loss": "local", "activation": "batchtopk", "k": 4, "matryoshka": (0.5,), "auxk": True,
+      "p_anneal": True}, "matryoshka_batchtopk+auxk+panneal"),
+    ({"loss": "local", "activation": "relu", "resample_steps": (100,)}, "local+resample"),
+    ({"loss": "e2e", "activation": "topk", "k": 4, "auxk": True, "p_anneal": True,
+      "resample_steps": [5, 10]}, "e2e_topk+auxk+panneal+resample"),
 ])
 def test_sae_type_of_each_kind(fields, expected):
   assert comparison.sae_type(_hparams(**fields)) == expected

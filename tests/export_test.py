@@ -18,6 +18,7 @@ from experiments.configs import export as export_configs
 from jaxsae.core import checkpoint as ckpt_lib
 from jaxsae.grid import sae as sae_lib
 from jaxsae.grid import sae_groups
+from jaxsae.grid import sae_config
 from jaxsae.grid import train_sae
 from jaxsae.grid import trained as trained_lib
 from jaxsae.interop import export as export_lib
@@ -191,9 +192,10 @@ def test_cfg_json_is_saelens_6(tmp_path, name, architecture, extra_keys, norm, l
   assert meta["saelens"]["loadable"] is loadable
   with open(os.path.join(path, "jaxsae.json")) as f:
     block = json.load(f)
-  # Every field, less the opt-in ones these SAEs leave off (AuxK, Matryoshka); reads back equal.
+  # Every field, less the opt-in ones these SAEs leave off (AuxK, Matryoshka, ...); reads back
+  # equal.
   assert block["sae_config"] == {k: v for k, v in dataclasses.asdict(config).items()
-                                 if k not in ("k_aux", "matryoshka")}
+                                 if k not in sae_config.OPT_IN_FIELDS}
   assert sae_lib.SAEConfig(**block["sae_config"]) == config
   assert block["hparams"]["k"] == int(hparams.k)
   tensors, _ = export_lib.load_weights(path)

@@ -356,3 +356,42 @@ def test_matryoshka_term_sums_the_prefix_reconstruction_losses():
   assert "matryoshka" not in losses.compute_terms(losses.LossConfig(), d_in=4,
                                                   codes=jnp.ones((3, 8)), x_hat=target,
                                                   target=target, mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# p-annealing.
+
+
+@pytest.mark.parametrize("reduction", ["e2e_sae", "sum_batch"])
+def test_annealed_sparsity_is_the_sum_of_powers_and_exact_at_p_one(reduction):
+  codes = np.maximum(_randn(0, (B, T, F)), 0) - 0.1 * (_randn(1, (B, T, F)) > 1.5)  # some < 0
+  m = _mask()
+  scale = 1.0 if reduction == "sum_batch" else 1.0 / (D * m.sum())
+  for p in (0.2, 0.5, 0.8):
+    want = (np.abs(codes.astype(np.float64)) ** p).sum(-1)[m].sum() * scale  # no 1/p root
+    got = _jit(lambda c, q: losses.sparsity_annealed(c, m, D, q, reduction))(codes, p)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  # p = 1 (traced): the value and gradient of the static L1 penalty, bit for bit.
+  static = lambda c: losses.sparsity(c, m, D, 1.0, 1.0, reduction)
+  annealed = lambda c: losses.sparsity_annealed(c, m, D, jnp.float32(1.0), reduction)
+  for fn in (lambda f: f, jax.grad):
+    np.testing.assert_array_equal(_jit(fn(annealed))(codes), _jit(fn(static))(codes))
+  g = _jit(jax.grad(lambda c: losses.sparsity_annealed(c, m, D, 0.3, reduction)))(codes)
+  assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[np.asarray(codes) == 0] == 0)
+
+
+def test_anneal_p_follows_the_linear_schedule():
+  steps = np.arange(30)
+  for p_end, start, n in ((0.2, 5, 10), (0.5, 0, 1), (0.3, 7, 0)):
+    p = np.asarray(jax.vmap(lambda s: losses.anneal_p(s, p_end, start, n))(steps))
+    # Independently: 1 before start, then 1 + (p_end - 1) * min((s - start + 1) / n, 1).
+    frac = np.where(steps < start, 0.0,
+                    np.minimum((steps - start + 1) / n, 1.0) if n else 1.0)
+    np.testing.assert_allclose(p, 1 + (p_end - 1) * frac, rtol=1e-6)
+    assert p[-1] == np.float32(p_end) and np.all(np.diff(p) <= 0)
+  assert np.all(np.asarray(jax.vmap(lambda s: losses.anneal_p(s, 1.0, 3, 8))(steps)) == 1.0)
+  codes = jnp.ones((2, 3, 4))
+  with pytest.raises(ValueError, match="p-annealing starts from p = 1"):
+    losses.compute_terms(losses.LossConfig(sparsity_p=2.0), d_in=4, codes=codes,
+                         x_hat=codes[..., :2], target=codes[..., :2], mask=None,
+                         annealed_p=jnp.float32(0.5))

@@ -8,10 +8,13 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxsae.grid import activations
+from jaxsae.grid import resample as resample_lib
 from jaxsae.grid import sae as sae_lib
+from jaxsae.grid import sae_config
 from jaxsae.lm import model as model_lib
 
 D, F = 8, 24
@@ -92,6 +95,7 @@ def _cached_stacked_params(structure):
     (dict(width=4), "init='e2e' needs width >= d_in"),
     (dict(d_in=0), "SAEConfig.d_in must be a positive int"),
     (dict(input_norm=1), "SAEConfig.input_norm must be a bool"),
+    (dict(p_anneal=1), "SAEConfig.p_anneal must be a bool"),
     (dict(decode="gather"), "SAEConfig.decode"),
     (dict(decode="sparse"), "decode='sparse' needs a topk/batchtopk"),
 ])
@@ -679,10 +683,12 @@ def test_auxk_config_is_validated(kwargs, fragment):
 def test_config_json_leaves_out_opt_in_fields_when_off():
   plain = sae_lib.SAEConfig(d_in=4, width=8, activation="topk", k_max=2)
   assert sae_lib.config_json(plain) == {k: v for k, v in dataclasses.asdict(plain).items()
-                                        if k not in ("k_aux", "matryoshka")}
-  used = sae_lib.config_json(dataclasses.replace(plain, k_aux=3, matryoshka=(2, 4)))
-  assert (used["k_aux"], used["matryoshka"]) == (3, [2, 4])
-  assert sae_lib.SAEConfig(**used) == dataclasses.replace(plain, k_aux=3, matryoshka=(2, 4))
+                                        if k not in sae_config.OPT_IN_FIELDS}
+  on = dataclasses.replace(plain, k_aux=3, matryoshka=(2, 4), p_anneal=True,
+                           resample_steps=(5, 9))
+  used = sae_lib.config_json(on)
+  assert [used[k] for k in sae_config.OPT_IN_FIELDS] == [3, [2, 4], True, [5, 9]]
+  assert sae_lib.SAEConfig(**used) == on
 
 
 # ------------------------------------------------------------------------------------------------
@@ -762,3 +768,82 @@ def test_gated_aux_reconstruction_freezes_the_decoder():
   norms = np.linalg.norm(np.asarray(params["w_dec"]), axis=-1)
   np.testing.assert_allclose(sae_lib.gated_sparsity_codes(params, gate, config),
                              np.asarray(gate) * norms[None], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dead-latent resampling.
+
+
+def test_resample_draws_in_proportion_to_the_weights_without_replacement():
+  w = jnp.array([0.0, 1.0, 3.0, 0.0, 6.0])
+  idx, ok = jax.vmap(lambda k: resample_lib.draw_inputs(k, w, 4))(
+      jax.random.split(jax.random.key(0), 4000))
+  idx, ok = np.asarray(idx), np.asarray(ok)
+  assert np.all(ok[:, :3]) and not np.any(ok[:, 3])  # three positive weights
+  assert all(len(set(row[:3])) == 3 and set(row[:3]) == {1, 2, 4} for row in idx)
+  first = np.bincount(idx[:, 0], minlength=5) / len(idx)
+  se = np.sqrt(np.array([0.1, 0.3, 0.6]) * np.array([0.9, 0.7, 0.4]) / len(idx))
+  assert np.all(np.abs(first[[1, 2, 4]] - [0.1, 0.3, 0.6]) < 4 * se), first
+
+
+@pytest.mark.parametrize("activation", ["relu", "gated"])
+def test_resampled_latents_follow_the_recipe_and_others_are_untouched(activation):
+  config = sae_lib.SAEConfig(d_in=4, width=6, activation=activation, resample_steps=(3,),
+                             pre_bias=activation == "gated")
+  params = jax.tree.map(lambda p: p + 0.3, sae_lib.init(jax.random.key(0), config))
+  opt = optax.adam(1e-3)
+  opt_state = opt.init(params)
+  opt_state = jax.tree.map(lambda a: a + 1.0 if a.dtype == jnp.float32 else a, opt_state)
+  state = sae_lib.init_state(config).replace(since_fired=jnp.array([0, 9, 2, 9, 9, 0], jnp.int32))
+  hp = sae_lib.default_hparams(config, dead_tokens=5)  # dead: latents 1, 3, 4
+  x = jax.random.normal(jax.random.key(1), (3, 4))
+  sq = jnp.array([1.0, 0.0, 2.0])  # two drawable inputs: latents 1 and 3 are resampled, not 4
+  new, new_opt, new_state, n = resample_lib.resample(jax.random.key(2), params, opt_state,
+                                                     state, hp, x, sq, jnp.bool_(True), config)
+  assert int(n) == 2
+  chosen = np.array([0, 1, 0, 1, 0, 0], bool)
+  np.testing.assert_array_equal(new_state.since_fired, [0, 0, 2, 0, 9, 0])
+  alive_norm = np.linalg.norm(np.asarray(params["w_enc"])[:, [0, 2, 5]], axis=0).mean()
+  directions = np.asarray(x)[[0, 2]] / np.linalg.norm(np.asarray(x)[[0, 2]], axis=1,
+                                                       keepdims=True)
+  used = []
+  for j in (1, 3):
+    row = np.asarray(new["w_dec"])[j]
+    match = np.flatnonzero(np.all(np.isclose(directions, row, atol=1e-6), axis=1))
+    assert len(match) == 1
+    used.append(int(match[0]))
+    np.testing.assert_allclose(np.asarray(new["w_enc"])[:, j], row * 0.2 * alive_norm,
+                               rtol=1e-5)
+  assert sorted(used) == [0, 1]  # each input at most once
+  for name in ("b_enc", "r_mag", "b_mag"):
+    if name in params:
+      np.testing.assert_array_equal(np.asarray(new[name])[chosen], 0.0)
+  for name, p in params.items():
+    axis = resample_lib.LATENT_AXIS.get(name)
+    if axis is None:
+      np.testing.assert_array_equal(new[name], p)
+      continue
+    keep = np.take(np.asarray(new[name]), np.flatnonzero(~chosen), axis=axis)
+    np.testing.assert_array_equal(keep, np.take(np.asarray(p), np.flatnonzero(~chosen), axis))
+    for moments in (new_opt[0].mu, new_opt[0].nu):
+      m = np.asarray(moments[name])
+      np.testing.assert_array_equal(np.take(m, np.flatnonzero(chosen), axis=axis), 0.0)
+      np.testing.assert_array_equal(np.take(m, np.flatnonzero(~chosen), axis=axis), 1.0)
+  assert int(new_opt[0].count) == int(opt_state[0].count)
+  # A frozen variant (allowed False) is left as it is.
+  same = resample_lib.resample(jax.random.key(2), params, opt_state, state, hp, x, sq,
+                               jnp.bool_(False), config)
+  for a, b in zip(jax.tree.leaves(same[:3]), jax.tree.leaves((params, opt_state, state))):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(resample_steps=(5, 5)), "strictly increasing step counts >= 1"),
+    (dict(resample_steps=(0,)), "strictly increasing step counts >= 1"),
+    (dict(resample_steps=(3,), activation="sparsemax_no_kds", enc_bias=False),
+     "needs an encoder with w_enc"),
+])
+def test_resample_config_is_validated(kwargs, fragment):
+  with pytest.raises(ValueError, match=fragment):
+    sae_lib.SAEConfig(d_in=4, width=8, **kwargs)
+  assert sae_lib.SAEConfig(d_in=4, width=8, resample_steps=[2, 7]).resample_steps == (2, 7)

@@ -19,6 +19,7 @@ from jaxsae import grammars
 from jaxsae.grid import grid_setup
 from jaxsae.grid import grid_step
 from jaxsae.grid import sae_groups
+from jaxsae.grid import resample as resample_lib
 from jaxsae.grid import sweep as sweep_lib
 from jaxsae.grid import train_sae as ts
 from jaxsae.grid import trained as trained_lib
@@ -64,6 +65,8 @@ CASES = [
     ("local", "gated", {"pre_bias": True}),
     ("local", "relu", {"target_site": "mlp_out.0"}),  # transcoders (config.site mlp_in.0)
     ("e2e", "topk", {"k": 3, "target_site": "mlp_out.1"}),
+    ("e2e", "relu", {"p_anneal": True, "p_end": 0.2, "p_anneal_start": 1, "p_anneal_steps": 2}),
+    ("e2e", "relu", {"resample_steps": [2], "dead_tokens": 1}),
 ]
 
 
@@ -149,7 +152,11 @@ def test_lm_is_frozen_and_gets_no_gradient(lm_dir):
 
 def test_resume_is_bit_exact(lm_dir, tmp_path):
   sweep = [{"product": {"sparsity_coeff": [1.0, 4.0]}, "set": {"loss": "local"}},
-           {"set": {"loss": "e2e", "activation": "topk", "k": 4}}]
+           {"set": {"loss": "e2e", "activation": "topk", "k": 4}},
+           # p-annealing across the resume, and resampling after it (from restored counters).
+           {"set": {"loss": "local", "sparsity_coeff": 4.0, "p_anneal": True,
+                    "p_anneal_start": 2, "p_anneal_steps": 4, "resample_steps": [3, 6],
+                    "dead_tokens": 1}}]
   # The schedule's horizon is fixed (decay_steps), so the shorter first run is a prefix.
   straight = _config(lm_dir, sweep, steps=8, log_every=2, checkpoint_every=2, decay_steps=8)
   ts.run(straight, str(tmp_path / "a"))
@@ -163,6 +170,7 @@ def test_resume_is_bit_exact(lm_dir, tmp_path):
   assert sa == sb
   lines = lambda n: [json.loads(l) for l in open(tmp_path / n / "metrics.jsonl")]
   assert lines("a") == lines("b")
+  assert [l["step"] for l in lines("b") if l.get("resampled", 0) > 0] == [4, 6]  # steps 3, 6
   # The grid reads back from the workdir alone, at the final step and equal in both runs.
   ta, tb = trained_lib.load(str(tmp_path / "a")), trained_lib.load(str(tmp_path / "b"))
   assert int(ta.state.step) == 8 and [s.ids for s in ta.setup.specs] == [
@@ -367,7 +375,7 @@ def test_causal_term_vanishes_at_lambda_zero(lm_dir):
   for preset in ("local", "e2e"):
     loss, params = _one_variant_loss(lm_dir, {"loss": preset, "causal_lambda": "fixed",
                                               "causal_lambda_value": 0.0, "causal_coeff": 1.0})
-    total, (metrics, _, _) = loss(params)
+    total, (metrics, *_) = loss(params)
     # 0 up to float rounding: the two model runs may be fused differently by XLA (1e-16 seen).
     assert abs(float(metrics["causal"])) < 1e-12
   loss, params = _one_variant_loss(lm_dir, {"causal_lambda": "fixed", "causal_lambda_value": 0.5,
@@ -608,3 +616,91 @@ def test_transcoder_field_is_recorded_only_when_set():
   assert "target_site" not in plain.values[0] and plain.target_site == ""
   assert transcoder.values[0]["target_site"] == "mlp_out.0"
   assert transcoder.target_site == "mlp_out.0"
+
+
+# ------------------------------------------------------------------------------------------------
+# p-annealing.
+
+PANNEAL = {"loss": "local", "activation": "relu", "expansion": 2, "sparsity_coeff": 1.0,
+           "p_anneal": True, "p_anneal_start": 1, "p_anneal_steps": 2}
+
+
+def test_p_end_grid_equals_separate_runs_and_p_end_one_is_plain(lm_dir):
+  ends = [1.0, 0.5, 0.2]
+  config = _config(lm_dir, [{"product": {"p_end": ends}, "set": PANNEAL}])
+  setup, state, metrics, _ = _train(config)
+  (spec,) = setup.specs
+  assert spec.sae.p_anneal and spec.values[0]["p_end"] == 1.0
+  # The logged p is the chunk's mean of the schedule: 1 at step 0, then linear over 2 steps.
+  s = np.arange(config.log_every) + config.steps - config.log_every
+  frac = np.where(s < 1, 0.0, np.minimum(s / 2, 1.0))
+  for i, p_end in enumerate(ends):
+    np.testing.assert_allclose(np.asarray(metrics[0]["sparsity_p"])[i],
+                               np.mean(1 + (p_end - 1) * frac), rtol=1e-6)
+    _, alone, _, _ = _train(_config(lm_dir, [{"set": {**PANNEAL, "p_end": p_end}}]))
+    for a, b in zip(jax.tree.leaves(state.groups[0].params),
+                    jax.tree.leaves(alone.groups[0].params)):
+      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+  plain = {k: v for k, v in PANNEAL.items() if not k.startswith("p_anneal")}
+  ref_setup, ref, ref_metrics, _ = _train(_config(lm_dir, [{"set": plain}]))
+  assert "sparsity_p" not in ref_metrics[0] and "p_end" not in ref_setup.specs[0].values[0]
+  for a, b in zip(jax.tree.leaves(state.groups[0].params), jax.tree.leaves(ref.groups[0].params)):
+    np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b)[0])  # p_end 1: no annealing
+    assert not np.array_equal(np.asarray(a)[2], np.asarray(b)[0])
+
+
+def test_p_anneal_bad_input_fails_before_compiling(lm_dir):
+  for sweep, fragment in (([{"set": {"p_anneal": True, "sparsity_p": 2.0}}],
+                           "anneals p from 1, but sparsity_p=2.0"),
+                          ([{"set": {"p_anneal": True, "p_end": 1.5}}],
+                           "p_end=1.5: must lie in (0, 1]")):
+    with pytest.raises(sweep_lib.SweepError) as err:
+      ts.prepare(_config(lm_dir, sweep))
+    assert fragment in str(err.value), str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dead-latent resampling.
+
+RESAMPLE = {"loss": "local", "activation": "relu", "expansion": 2, "sparsity_coeff": 30.0,
+            "dead_tokens": 1}
+
+
+def test_resampling_touches_only_the_dead_latents_at_its_step(lm_dir):
+  out = {}
+  for steps in ((), (3,)):
+    config = _config(lm_dir, [{"set": {**RESAMPLE, "resample_steps": list(steps)}}],
+                     steps=3, log_every=1)
+    setup, state, metrics, _ = _train(config)
+    out[steps] = (setup.specs[0], state.groups[0], metrics[0])
+  spec, resampled, m = out[(3,)]
+  _, plain, plain_m = out[()]
+  assert spec.sae.resample_steps == (3,) and spec.values[0]["dead_tokens"] == 1
+  assert "resampled" not in plain_m and "dead_tokens" not in out[()][0].values[0]
+  n = int(np.asarray(m["resampled"])[0])
+  assert n > 0
+  p, q = resampled.params, plain.params
+  changed = np.any(np.asarray(p["w_dec"])[0] != np.asarray(q["w_dec"])[0], axis=-1)
+  assert changed.sum() == n
+  # The others are bit-identical to training without resampling; the new ones follow the recipe.
+  for name, axis in resample_lib.LATENT_AXIS.items():
+    if name in p:
+      keep = lambda a: np.take(np.asarray(a)[0], np.flatnonzero(~changed), axis=axis)
+      np.testing.assert_array_equal(keep(p[name]), keep(q[name]))
+      for moments in (resampled.opt_state[1].mu, resampled.opt_state[1].nu):
+        np.testing.assert_array_equal(
+            np.take(np.asarray(moments[name])[0], np.flatnonzero(changed), axis=axis), 0.0)
+  np.testing.assert_array_equal(p["b_dec"], q["b_dec"])
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(p["w_dec"])[0][changed], axis=-1), 1.0,
+                             rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(p["b_enc"])[0][changed], 0.0)
+  np.testing.assert_array_equal(np.asarray(resampled.sae_state.since_fired)[0][changed], 0)
+
+
+def test_resample_bad_input_fails_before_compiling(lm_dir):
+  for sweep, fragment in (([{"set": {"resample_steps": [4, 2]}}], "strictly increasing step"),
+                          ([{"set": {"resample_steps": [2], "activation": "sparsemax_no_kds"}}],
+                           "resample_steps needs an encoder with w_enc")):
+    with pytest.raises(sweep_lib.SweepError) as err:
+      ts.prepare(_config(lm_dir, sweep))
+    assert fragment in str(err.value), str(err.value)

@@ -88,9 +88,11 @@ def sae_type(hparams: Mapping[str, Any]) -> str:
   (`topk`, `batchtopk`, `jumprelu`, `gated`, `sparsemax_no_kds`, ...); an `e2e` / `e2e_ds` loss
   gives the loss name with ReLU (`e2e`, `e2e_ds`) and `<loss>_<activation>` otherwise
   (`e2e_topk`). Training recipes mark the name: `matryoshka_` before it for nested prefixes
-  (`matryoshka_batchtopk`), `+auxk` after it for the AuxK loss (`topk+auxk`). A `causal-`
-  prefix is added when `hparams["causal"]` is true. Missing fields take the sweep registry's
-  defaults (loss `local`, activation `relu`, no recipe, causal off).
+  (`matryoshka_batchtopk`), `+auxk` after it for the AuxK loss (`topk+auxk`), then `+panneal`
+  for p-annealing (`local+panneal`) and `+resample` for dead-latent resampling
+  (`local+panneal+resample`). A `causal-` prefix is added when `hparams["causal"]` is
+  true. Missing fields take the sweep registry's defaults (loss `local`, activation `relu`, no
+  recipe, causal off).
 
   Args:
     hparams: a variant's sweep fields (`summary.json`'s `hparams`).
@@ -117,6 +119,10 @@ def sae_type(hparams: Mapping[str, Any]) -> str:
     base = f"matryoshka_{base}"
   if hparams.get("auxk"):
     base = f"{base}+auxk"
+  if hparams.get("p_anneal"):
+    base = f"{base}+panneal"
+  if hparams.get("resample_steps"):
+    base = f"{base}+resample"
   return f"causal-{base}" if hparams.get("causal", False) else base
 
 

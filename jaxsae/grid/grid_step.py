@@ -27,7 +27,11 @@ term, AuxK's residual, explained variance) is the MLP output; the batch collects
 Training recipes of the SAE itself are terms of the per-variant loss too: AuxK (`k_aux`: the
 dead latents, by `SAEState.since_fired` before the step, fit the residual; the counters then
 advance by the step's tokens), Matryoshka prefixes (`matryoshka`) and the gated SAE's sparsity
-and auxiliary reconstruction, each logged at every coefficient.
+and auxiliary reconstruction, each logged at every coefficient; p-annealing (`p_anneal`) takes
+the sparsity term's order from the variant's schedule at the step (logged as `sparsity_p`).
+Dead-latent resampling (`resample_steps`) re-initialises, after the update of each of those
+steps, the variant's dead latents from the step's inputs (`resample.py`; logged: `resampled`,
+the latents re-initialised in a step).
 
 What the variants share is computed once per step, outside the per-variant function: the clean
 forward, its log-softmax (the KL target) and the downstream clean activations (`Batch`).
@@ -59,8 +63,9 @@ from jaxsae.grid import active_codes
 from jaxsae.grid import activations
 from jaxsae.grid import losses as losses_lib
 from jaxsae.grid import metrics as metrics_lib
+from jaxsae.grid import resample as resample_lib
 from jaxsae.grid import sae as sae_lib
-from jaxsae.grid.sae_groups import CausalHparams, GroupSpec
+from jaxsae.grid.sae_groups import CausalHparams, GroupSpec, PAnnealHparams
 from jaxsae.lm import model as model_lib
 
 # ------------------------------------------------------------------------------------------------
@@ -93,6 +98,7 @@ class GroupHyper:
   lr: jax.Array
   seed: jax.Array  # int32: the variant's seed (with the step, keys its causal λ draws)
   causal: CausalHparams
+  p_anneal: PAnnealHparams | None = None  # groups with p-annealing only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +166,8 @@ def group_hyper(spec: GroupSpec) -> GroupHyper:
   return GroupHyper(hparams=jax.tree.map(jnp.asarray, spec.hparams),
                     coeffs=jax.tree.map(jnp.asarray, spec.coeffs), lr=jnp.asarray(spec.lr),
                     seed=jnp.asarray(spec.seed),
-                    causal=jax.tree.map(jnp.asarray, spec.causal))
+                    causal=jax.tree.map(jnp.asarray, spec.causal),
+                    p_anneal=jax.tree.map(jnp.asarray, spec.p_anneal))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,7 +264,7 @@ def _causal_term(params, codes_BTF, x_BTD, out_BTD, spliced_logits, batch: Batch
 
 
 def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, spec: GroupSpec,
-                  setup: Setup, rng=None, lam_fixed=None):
+                  setup: Setup, rng=None, lam_fixed=None, annealed_p=None):
   """Loss and metrics of ONE variant (vmapped over the group)."""
   cfg, lcfg = spec.sae, spec.loss
   if lcfg.needs_sequences:
@@ -265,6 +272,7 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
     # CPU backend transposes [B, T, F] code gradients for the encoder's weight gradient).
     b, t, d = batch.acts_BTD.shape
     mask = batch.mask_BT.reshape(b * t)
+    inputs = batch.acts_BTD.reshape(b * t, d)
     if spec.target_site:
       # A transcoder's output replaces MLP l's at the selected tokens (the clean MLP output
       # elsewhere); the model resumes at resid_post.l = resid_pre.l + attn_out.l + that output,
@@ -301,6 +309,7 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
     # Local training always encodes as configured (input_norm applies); the splice mode
     # matters only where the SAE output enters the model.
     mask = batch.flat_mask_C
+    inputs = batch.flat_CD
     _, codes, aux = sae_lib.forward(params, batch.flat_CD, cfg, hparams, state=sae_state,
                                     train=True, mask=mask)
     extra = {}
@@ -333,11 +342,14 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
     aux_codes = activations.auxk_codes(aux["pre_acts"], dead_F, cfg.k_aux)
     extra["auxk"] = losses_lib.auxk(aux_codes, sae_lib.dictionary(params, cfg), x_hat,
                                     target, mask)
+  if cfg.tracks_firing:
     new_state = sae_lib.update_since_fired(new_state, fires_F > 0,
                                            jnp.sum(mask.astype(jnp.int32)))
   if cfg.matryoshka:
     extra["prefix_x_hats"] = {m: sae_lib.decode_prefix(params, codes, cfg, m)
                               for m in cfg.matryoshka}
+  if cfg.p_anneal:
+    extra["annealed_p"] = annealed_p
   terms = losses_lib.compute_terms(lcfg, d_in=cfg.d_in, codes=sparse_codes, x_hat=x_hat,
                                    target=target, mask=mask, **extra)
   total, terms = losses_lib.total_loss(terms, coeffs)
@@ -350,7 +362,13 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
       w * metrics_lib.token_explained_variance(x_hat, target, mean_D)) / n
   if cfg.k_aux:
     metrics["auxk_dead_fraction"] = jnp.mean(dead_F.astype(jnp.float32))
-  return total, (metrics, new_state, fires_F > 0)
+  if cfg.p_anneal:
+    metrics["sparsity_p"] = annealed_p
+  resample_in = None
+  if cfg.resample_steps:  # the step's inputs and their squared errors (masked out: 0)
+    sq_err = jnp.where(mask, jnp.sum(jnp.square(x_hat - target), axis=-1), 0.0)
+    resample_in = (inputs, jax.lax.stop_gradient(sq_err))
+  return total, (metrics, new_state, fires_F > 0, resample_in)
 
 
 def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, step,
@@ -360,7 +378,8 @@ def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, s
   tx = _optimizer(setup)
   lr_factor = schedule_factor(step, setup)
 
-  def one(params, opt_state, sae_state, frozen, bad_step, hparams, coeffs, lr, seed, causal):
+  def one(params, opt_state, sae_state, frozen, bad_step, hparams, coeffs, lr, seed, causal,
+          p_anneal):
     started = step >= causal.start
     if spec.loss.causal:
       # β follows its ramp; a fresh Adam state at the start of the fine-tuning phase.
@@ -370,9 +389,11 @@ def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, s
       fresh = tx.init(params)
       opt_state = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, opt_state)
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), _CAUSAL_STREAM)
-    (loss, (metrics, new_sae_state, fired)), grads = grad_fn(
+    annealed_p = (None if p_anneal is None else
+                  losses_lib.anneal_p(step, p_anneal.p_end, p_anneal.start, p_anneal.steps))
+    (loss, (metrics, new_sae_state, fired, resample_in)), grads = grad_fn(
         params, sae_state, hparams, coeffs, batch, lm_params, spec, setup, rng,
-        causal.lambda_value)
+        causal.lambda_value, annealed_p)
     grads = sae_lib.project_gradients(params, grads, spec.sae)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -385,18 +406,27 @@ def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, s
     metrics = dict(metrics, grad_norm=grad_norm, lr=lr_t)
     if spec.loss.causal:
       metrics["causal_beta"] = coeffs.causal
-    return (keep(new_params, params), keep(new_opt, opt_state), keep(new_sae_state, sae_state),
-            frozen | ~finite, jnp.where((bad_step < 0) & ~finite, step, bad_step), metrics,
+    kept = (keep(new_params, params), keep(new_opt, opt_state), keep(new_sae_state, sae_state))
+    if spec.sae.resample_steps:
+      # After the update of each resample step, the dead latents are re-initialised.
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), _RESAMPLE_STREAM)
+      at = jnp.any(step + 1 == jnp.asarray(spec.sae.resample_steps, jnp.int32))
+      *kept, n_resampled = jax.lax.cond(
+          at, lambda a: resample_lib.resample(key, *a, hparams, *resample_in, ok, spec.sae),
+          lambda a: (*a, jnp.zeros((), jnp.int32)), kept)
+      metrics["resampled"] = n_resampled.astype(jnp.float32)
+    return (*kept, frozen | ~finite, jnp.where((bad_step < 0) & ~finite, step, bad_step), metrics,
             fired & ok)
 
   out = variant_axis.over_variants(one, setup.variant_loop)(
       state.params, state.opt_state, state.sae_state, state.frozen, state.bad_step,
-      hyper.hparams, hyper.coeffs, hyper.lr, hyper.seed, hyper.causal)
+      hyper.hparams, hyper.coeffs, hyper.lr, hyper.seed, hyper.causal, hyper.p_anneal)
   params, opt_state, sae_state, frozen, bad_step, metrics, fired = out
   return GroupState(params, opt_state, sae_state, frozen, bad_step), metrics, fired
 
 
 _CAUSAL_STREAM = 7  # folded into (variant seed, step) for the causal term's λ draws
+_RESAMPLE_STREAM = 11  # ... and for the resampled latents' input draws
 
 
 def resolve_variant_loop(choice: str, mesh) -> str:

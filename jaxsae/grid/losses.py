@@ -6,6 +6,8 @@ Reductions (copied from e2e_sae; coefficients do not transfer otherwise):
 
     sparsity   e2e_sae:   coeff · mean_tokens(‖c‖_p) / d      (true p-norm for p ≠ 1)
                sum_batch: coeff · Σ_tokens ‖c‖_p             (Menon: Σ_{tokens, latents} |c| at p=1)
+               p-annealing: ‖c‖_p replaced by Σ_latents |c|^p, p traced and annealed from 1
+               (Karvonen et al. 2024; `sparsity_annealed`, `anneal_p`)
     out_to_in  mean_elements((x̂ − x)²)                        (masked tokens × dims)
     auxk       mean_elements((ê − sg(x − x̂))²), ê = c_aux @ W_dec (no biases), c_aux the top
                k_aux dead latents' pre-activations (Gao et al. 2024; TopK / BatchTopK SAEs)
@@ -92,6 +94,38 @@ def sparsity(codes: jax.Array, mask: jax.Array | None, d_in: int, coeff: Any = 1
   if reduction == "sum_batch":
     return coeff * jnp.sum(w * norms)
   return coeff * _masked_mean(norms, w) / d_in
+
+
+def sparsity_annealed(codes: jax.Array, mask: jax.Array | None, d_in: int, p: jax.Array,
+                      reduction: str = "e2e_sae") -> jax.Array:
+  """p-annealing's penalty: `sparsity` with Σ_latents |c|^p (no 1/p root, the `Lp^p` of
+  Karvonen et al.'s dictionary_learning trainer) in place of ‖c‖_p, for a traced p > 0.
+
+  At p = 1 every value and gradient is bit-identical to `sparsity(..., p=1.0)` (the sum of |c|
+  is selected, not a power of it); for p != 1 zero codes count 0 with a zero gradient
+  (double-where, as `sparsity`).
+  """
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"sparsity reduction={reduction!r} is unknown; choose one of {REDUCTIONS}.")
+  a = jnp.abs(codes)
+  pos = a > 0
+  safe = jnp.where(pos, a, 1.0)
+  powers = jnp.sum(jnp.where(pos, safe ** jnp.asarray(p, safe.dtype), 0.0), axis=-1)
+  norms = jnp.where(p == 1, jnp.sum(a, axis=-1), powers)
+  w = _token_weights(mask, norms.shape)
+  if reduction == "sum_batch":
+    return jnp.sum(w * norms)
+  return _masked_mean(norms, w) / d_in
+
+
+def anneal_p(step: jax.Array, p_end: jax.Array, start: jax.Array, steps: jax.Array
+             ) -> jax.Array:
+  """p-annealing's order at `step`: 1 before `start`, then linear in the step to `p_end`,
+  p = 1 + (p_end − 1) · min((step − start + 1) / steps, 1) (`steps` 0: p_end at once; the
+  ramp of `causal_ramp`). p_end = 1 gives exactly 1 at every step."""
+  p_end = jnp.asarray(p_end, jnp.float32)
+  ramp = causal_ramp(step, start, steps)
+  return jnp.where(ramp >= 1, p_end, 1.0 + (p_end - 1.0) * ramp)  # p_end exactly at the end
 
 
 def out_to_in(x_hat: jax.Array, x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -385,7 +419,8 @@ def compute_terms(config: LossConfig, *, d_in: int, codes: jax.Array, x_hat: jax
                   causal: jax.Array | None = None, auxk: jax.Array | None = None,
                   prefix_x_hats: Mapping[int, jax.Array] | None = None,
                   gate_x_hat: jax.Array | None = None,
-                  clean_logp: jax.Array | None = None) -> dict[str, jax.Array]:
+                  clean_logp: jax.Array | None = None,
+                  annealed_p: jax.Array | None = None) -> dict[str, jax.Array]:
   """Every term of the preset, coefficient-free (sparsity with coeff 1).
 
   Args:
@@ -406,14 +441,20 @@ def compute_terms(config: LossConfig, *, d_in: int, codes: jax.Array, x_hat: jax
       `matryoshka` term and one `matryoshka/<m>` entry per prefix when given.
     gate_x_hat: a gated SAE's gate-path reconstruction through the frozen decoder: the
       `gated_aux` term (out_to_in against `target`) when given.
+    annealed_p: p-annealing's traced order (`anneal_p`): when given, the sparsity term is
+      `sparsity_annealed` at that p (which needs `config.sparsity_p` = 1).
 
   Returns:
     name -> scalar for each of `config.terms`, plus `in_to_orig/<site>` per downstream site.
   """
-  terms = {
-      "sparsity": sparsity(codes, mask, d_in, 1.0, config.sparsity_p, config.sparsity_reduction),
-      "out_to_in": out_to_in(x_hat, target, mask),
-  }
+  if annealed_p is None:
+    sparse = sparsity(codes, mask, d_in, 1.0, config.sparsity_p, config.sparsity_reduction)
+  elif config.sparsity_p != 1:
+    raise ValueError(f"p-annealing starts from p = 1; got LossConfig.sparsity_p="
+                     f"{config.sparsity_p} (set sparsity_p=1 or turn p-annealing off).")
+  else:
+    sparse = sparsity_annealed(codes, mask, d_in, annealed_p, config.sparsity_reduction)
+  terms = {"sparsity": sparse, "out_to_in": out_to_in(x_hat, target, mask)}
   if config.needs_spliced_forward:
     if (clean_logits is None and clean_logp is None) or spliced_logits is None:
       raise ValueError(f"Preset {config.preset!r} needs clean_logits and spliced_logits.")

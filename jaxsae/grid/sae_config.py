@@ -28,7 +28,8 @@ DECODES = ("auto", "dense", "sparse")
 # without firing. Short CPU runs see far fewer tokens; set `dead_tokens` per variant.
 DEAD_TOKENS = 10_000_000
 SINCE_FIRED_MAX = 2**30  # the since-fired counters saturate here (int32)
-OPT_IN_FIELDS = {"k_aux": 0, "matryoshka": ()}  # left out of `config_json` at these values
+# Left out of `config_json` at these values.
+OPT_IN_FIELDS = {"k_aux": 0, "matryoshka": (), "p_anneal": False, "resample_steps": ()}
 
 
 def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -65,6 +66,18 @@ class SAEConfig:
     matryoshka: Matryoshka SAE (Bussmann et al. 2025): the inner prefix widths m_1 < ... < F
       (empty: none), each prefix's reconstruction `sae.decode_prefix` trained to reconstruct x
       too (the `matryoshka` loss term); the full width is the plain reconstruction.
+    p_anneal: p-annealing (Karvonen et al. 2024): the sparsity term is Σ|c|^p with p annealed
+      from 1 per variant (`losses.anneal_p`; the schedule is the grid's per-variant `p_end`,
+      `p_anneal_start`, `p_anneal_steps`); needs the loss's static sparsity_p = 1. Against
+      the dictionary_learning trainer: p falls linearly every step (its
+      n_sparsity_updates='continuous'; by default it steps p through a few values between its
+      anneal start and end), and the coefficient λ is the variant's `sparsity_coeff`
+      throughout (that trainer rescales λ at each p update by the ratio of the mean recent
+      penalties at the old and the new p; not implemented here).
+    resample_steps: dead-latent resampling (Anthropic 2023, `resample.py`): after these numbers
+      of optimizer steps (strictly increasing, >= 1; empty: none), latents not fired for
+      `dead_tokens` tokens are re-initialised from high-loss inputs; needs an encoder with
+      `w_enc` (not sparsemax) and `SAEState.since_fired`.
   """
 
   d_in: int
@@ -82,12 +95,14 @@ class SAEConfig:
   decode: str = "auto"
   k_aux: int = 0
   matryoshka: tuple[int, ...] = ()
+  p_anneal: bool = False
+  resample_steps: tuple[int, ...] = ()
 
   def __post_init__(self):
     for name in ("d_in", "width"):
       if not is_positive_int(getattr(self, name)):
         raise ValueError(f"SAEConfig.{name} must be a positive int, got {getattr(self, name)!r}.")
-    for name in ("enc_bias", "dec_bias", "pre_bias", "input_norm", "recon_norm"):
+    for name in ("enc_bias", "dec_bias", "pre_bias", "input_norm", "recon_norm", "p_anneal"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"SAEConfig.{name} must be a bool, got {getattr(self, name)!r}.")
     check_choice("SAEConfig.activation", self.activation, ACTIVATIONS)
@@ -120,6 +135,16 @@ class SAEConfig:
             and all(a < b for a, b in zip(m, m[1:])) and (not m or m[-1] < self.width)):
       raise ValueError(f"SAEConfig.matryoshka={m!r} must be a tuple of strictly increasing "
                        f"prefix widths in [1, width={self.width}) (empty: no Matryoshka).")
+    if isinstance(self.resample_steps, list):  # as read back from JSON
+      object.__setattr__(self, "resample_steps", tuple(self.resample_steps))
+    r = self.resample_steps
+    if not (isinstance(r, tuple) and all(is_positive_int(s) for s in r)
+            and all(a < b for a, b in zip(r, r[1:]))):
+      raise ValueError(f"SAEConfig.resample_steps={r!r} must be a tuple of strictly increasing "
+                       f"step counts >= 1 (empty: no resampling).")
+    if r and self.is_sparsemax:
+      raise ValueError(f"SAEConfig.resample_steps needs an encoder with w_enc; "
+                       f"activation={self.activation!r} has none (turn resampling off).")
     if self.is_sparsemax and self.enc_bias:
       raise ValueError(f"SAEConfig.enc_bias must be False for activation={self.activation!r} "
                        f"(sparsemax encoders have no encoder bias).")
@@ -135,6 +160,11 @@ class SAEConfig:
     return self.activation in ("topk", "batchtopk")
 
   @property
+  def tracks_firing(self) -> bool:
+    """Whether `SAEState.since_fired` and `SAEHparams.dead_tokens` exist (AuxK, resampling)."""
+    return bool(self.k_aux or self.resample_steps)
+
+  @property
   def is_sparsemax(self) -> bool:
     return self.activation in SPARSEMAX_ACTIVATIONS
 
@@ -148,8 +178,8 @@ class SAEHparams:
     jumprelu_bandwidth: the STE rectangle-kernel bandwidth eps (> 0).
     jumprelu_init_threshold: initial theta (> 0); used by `init` only.
     threshold_decay: BatchTopK threshold EMA decay in [0, 1).
-    dead_tokens: int32, AuxK: a latent not fired for this many training tokens is dead (> 0);
-      None without AuxK (and where nothing trains).
+    dead_tokens: int32, AuxK and resampling: a latent not fired for this many training tokens
+      is dead (> 0); None without either (and where nothing trains).
   """
 
   k: jax.Array
@@ -161,9 +191,9 @@ class SAEHparams:
 
 def default_hparams(config: SAEConfig, **overrides: Any) -> SAEHparams:
   """Scalar hparams for one variant: k = k_max (or 0), eps = theta_0 = 1e-3, decay 0.99,
-  dead_tokens = `DEAD_TOKENS` with AuxK (else None)."""
+  dead_tokens = `DEAD_TOKENS` with AuxK or resampling (else None)."""
   values = dict(k=config.k_max or 0, jumprelu_bandwidth=1e-3, jumprelu_init_threshold=1e-3,
-                threshold_decay=0.99, dead_tokens=DEAD_TOKENS if config.k_aux else None)
+                threshold_decay=0.99, dead_tokens=DEAD_TOKENS if config.tracks_firing else None)
   unknown = set(overrides) - set(values)
   if unknown:
     raise ValueError(f"Unknown SAEHparams field(s) {sorted(unknown)}; valid: {sorted(values)}.")
@@ -188,7 +218,7 @@ def check_hparams(hparams: SAEHparams, config: SAEConfig) -> None:
   v = np.asarray(hparams.threshold_decay)
   if not np.all((v >= 0) & (v < 1)):
     raise ValueError(f"SAEHparams.threshold_decay must lie in [0, 1), got {v.tolist()}.")
-  if config.k_aux and hparams.dead_tokens is not None:
+  if config.tracks_firing and hparams.dead_tokens is not None:
     v = np.asarray(hparams.dead_tokens)
     if not np.all(v > 0):
       raise ValueError(f"SAEHparams.dead_tokens must be > 0 tokens, got {v.tolist()}.")
@@ -197,7 +227,8 @@ def check_hparams(hparams: SAEHparams, config: SAEConfig) -> None:
 @flax.struct.dataclass
 class SAEState:
   """Non-gradient state: BatchTopK's inference threshold (present, unused, for all activations)
-  and, with AuxK (`k_aux > 0`) only, the training tokens since each latent last fired."""
+  and, with AuxK (`k_aux > 0`) or resampling only, the training tokens since each latent last
+  fired."""
 
   threshold: jax.Array  # float32 scalar
   count: jax.Array  # int32 scalar, number of EMA updates so far
@@ -205,7 +236,7 @@ class SAEState:
 
 
 def init_state(config: SAEConfig) -> SAEState:
-  since = jnp.zeros((config.width,), jnp.int32) if config.k_aux else None
+  since = jnp.zeros((config.width,), jnp.int32) if config.tracks_firing else None
   return SAEState(threshold=jnp.zeros((), jnp.float32), count=jnp.zeros((), jnp.int32),
                   since_fired=since)
 
@@ -217,6 +248,7 @@ def config_json(config: SAEConfig) -> dict[str, Any]:
   for name, off in OPT_IN_FIELDS.items():
     if out[name] == off:
       del out[name]
-  if "matryoshka" in out:
-    out["matryoshka"] = list(out["matryoshka"])
+  for name in ("matryoshka", "resample_steps"):
+    if name in out:
+      out[name] = list(out[name])
   return out

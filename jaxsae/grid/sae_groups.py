@@ -51,6 +51,13 @@ def _fractions(v):
   return None if ok else "must be a list of strictly increasing fractions in (0, 1)"
 
 
+def _steps(v):
+  ok = isinstance(v, (list, tuple)) and all(
+      isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in v) and all(
+          a < b for a, b in zip(v, v[1:]))
+  return None if ok else "must be a list of strictly increasing step counts >= 1"
+
+
 def matryoshka_widths(fractions, width: int) -> tuple[int, ...]:
   """Prefix widths round(fraction·F) of a Matryoshka sweep value."""
   return tuple(int(round(f * width)) for f in fractions)
@@ -103,6 +110,13 @@ def registry() -> list[sweep_lib.Field]:
         "'mlp_out.{l}' with config.site 'mlp_in.{l}': it reads MLP l's input, is trained to "
         "output (local) or is spliced in place of (e2e) MLP l's output; '': the SAE "
         "reconstructs its own input"),
+      F("p_anneal", False, True, doc="p-annealing (Karvonen et al. 2024): sparsity Σ|c|^p with "
+        "p linear in the step from 1 to p_end (needs sparsity_p = 1; λ is not rescaled as p "
+        "falls)"),
+      F("resample_steps", (), True, check=_steps,
+        doc="dead-latent resampling (Anthropic 2023) after these numbers of steps: latents not "
+        "fired for dead_tokens tokens restart from high-loss inputs (paper: 25k, 50k, 75k, "
+        "100k); empty: none"),
       F("loss", "local", True, check=_choice(losses_lib.PRESETS),
         doc="loss preset: local, e2e or e2e_ds"),
       F("sparsity_p", 1.0, True, check=_positive, doc="order p of the sparsity norm"),
@@ -138,12 +152,19 @@ def registry() -> list[sweep_lib.Field]:
         doc="AuxK coefficient alpha (Gao et al.: 1/32)"),
       F("dead_tokens", sae_lib.DEAD_TOKENS, False, np.int32, check=lambda v: None if (
           _int32_nonneg(v) is None and v > 0) else "must be an int in [1, 2^31)",
-        doc="AuxK: tokens without firing after which a latent is dead (Gao et al.: 10M)"),
+        doc="AuxK and resampling: tokens without firing after which a latent is dead (Gao et "
+        "al.: 10M)"),
       F("matryoshka_coeff", 1.0, False, check=_nonneg,
         doc="weight of the summed Matryoshka prefix losses (paper: 1, as the full width)"),
       F("gated_aux_coeff", 1.0, False, check=_nonneg,
         doc="gated SAEs: weight of the gate path's reconstruction through the frozen decoder "
         "(paper: 1)"),
+      F("p_end", 0.2, False, check=lambda v: None if _positive(v) is None and v <= 1
+        else "must lie in (0, 1]", doc="p-annealing: the final order p (Karvonen et al.: 0.2)"),
+      F("p_anneal_start", 0, False, np.int32, check=_int32_nonneg,
+        doc="p-annealing: the step at which p leaves 1 (steps)"),
+      F("p_anneal_steps", 0, False, np.int32, check=_int32_nonneg,
+        doc="p-annealing: steps over which p falls linearly to p_end (0: p_end at once)"),
       F("causal_coeff", 0.0, False, check=_nonneg, doc="β of the causal-interpolation term"),
       F("causal_lambda_value", 0.2, False, check=lambda v: None if 0 <= v <= 1
         else "must lie in [0, 1]", doc="λ when causal_lambda='fixed' (paper: 0.2 or 0.02)"),
@@ -162,7 +183,10 @@ def registry() -> list[sweep_lib.Field]:
 OPT_IN = ((("auxk", "k_aux", "auxk_coeff", "dead_tokens"), lambda v: bool(v["auxk"])),
           (("matryoshka", "matryoshka_coeff"), lambda v: bool(v["matryoshka"])),
           (("gated_aux_coeff",), lambda v: v["activation"] == "gated"),
-          (("target_site",), lambda v: bool(v["target_site"])))
+          (("target_site",), lambda v: bool(v["target_site"])),
+          (("p_anneal", "p_end", "p_anneal_start", "p_anneal_steps"),
+           lambda v: bool(v["p_anneal"])),
+          (("resample_steps", "dead_tokens"), lambda v: bool(v["resample_steps"])))
 
 # Static fields a transcoder may not set: each maps the SAE's output back into its input's space
 # (pre-bias added back, rescaling to ‖x‖) or interpolates in it (the causal term).
@@ -171,12 +195,11 @@ TRANSCODER_EXCLUDES = {"pre_bias": False, "input_norm": False, "recon_norm": Fal
 
 
 def _recorded(values: Mapping[str, Any]) -> dict[str, Any]:
-  out = dict(values)
-  for fields, used in OPT_IN:
-    if not used(values):
-      for name in fields:
-        del out[name]
-  return out
+  """`values` without the fields of the recipes it does not use (a field shared by recipes,
+  e.g. `dead_tokens`, stays when one of them is used)."""
+  used = {name for fields, uses in OPT_IN if uses(values) for name in fields}
+  unused = {name for fields, _ in OPT_IN for name in fields} - used
+  return {k: v for k, v in values.items() if k not in unused}
 
 
 _COEFF_FIELDS = {"out_to_in": "out_to_in_coeff", "logits_kl": "logits_kl_coeff",
@@ -192,6 +215,15 @@ class CausalHparams:
   ramp: Any  # int: β ramp length in steps (0: constant)
   lr_scale: Any  # float: lr multiplier from `start` on
   reset_opt: Any  # bool: fresh Adam state at `start` (when start > 0)
+
+
+@flax.struct.dataclass
+class PAnnealHparams:
+  """Per-variant p-annealing schedule (leading axis N in a group; `losses.anneal_p`)."""
+
+  p_end: Any  # float: the final order
+  start: Any  # int: the step at which p leaves 1
+  steps: Any  # int: steps of the linear fall to p_end (0: at once)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +248,7 @@ class GroupSpec:
   values: tuple[Mapping[str, Any], ...]  # every field of each real variant (for reports)
   causal: CausalHparams | None = None
   target_site: str = ""  # a transcoder's target ('mlp_out.{l}'); '': the SAE's own input
+  p_anneal: PAnnealHparams | None = None  # groups with SAEConfig.p_anneal only
 
 
 def _k_max_hook(static, members):
@@ -253,6 +286,14 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
       raise sweep_lib.SweepError(
           f"variant {v.id} ({v.label}): k_aux={values['k_aux']} exceeds the width "
           f"{values['expansion'] * d_model}; lower k_aux or widen the SAE")
+    if values["p_anneal"] and float(values["sparsity_p"]) != 1:
+      raise sweep_lib.SweepError(
+          f"variant {v.id} ({v.label}): p_anneal=True anneals p from 1, but sparsity_p="
+          f"{values['sparsity_p']}; set sparsity_p=1 (p_end sets the final order)")
+    if values["resample_steps"] and values["activation"].startswith("sparsemax"):
+      raise sweep_lib.SweepError(
+          f"variant {v.id} ({v.label}): resample_steps needs an encoder with w_enc; "
+          f"activation={values['activation']!r} has none (drop resample_steps)")
     widths = matryoshka_widths(values["matryoshka"], values["expansion"] * d_model)
     if any(not 1 <= w < values["expansion"] * d_model for w in widths) or len(set(widths)) < len(
         widths):
@@ -285,7 +326,8 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         pre_bias_init=s["pre_bias_init"],
         decode=s["decode"] if s["activation"] in ("topk", "batchtopk") else "auto",
         k_aux=(s["k_aux"] or max(d_model // 2, 1)) if s["auxk"] else 0,
-        matryoshka=matryoshka_widths(s["matryoshka"], s["expansion"] * d_model))
+        matryoshka=matryoshka_widths(s["matryoshka"], s["expansion"] * d_model),
+        p_anneal=s["p_anneal"], resample_steps=tuple(s["resample_steps"]))
     loss_cfg = losses_lib.LossConfig(preset=s["loss"], sparsity_p=float(s["sparsity_p"]),
                                      sparsity_reduction=s["sparsity_reduction"],
                                      include_final_resid=s["include_final_resid"],
@@ -301,7 +343,7 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         jumprelu_bandwidth=d["jumprelu_bandwidth"].astype(np.float32),
         jumprelu_init_threshold=d["jumprelu_init_threshold"].astype(np.float32),
         threshold_decay=d["threshold_decay"].astype(np.float32),
-        dead_tokens=d["dead_tokens"].astype(np.int32) if sae_cfg.k_aux else None)
+        dead_tokens=d["dead_tokens"].astype(np.int32) if sae_cfg.tracks_firing else None)
     coeffs = losses_lib.LossCoeffs(
         sparsity=d["sparsity_coeff"].astype(np.float32),
         out_to_in=d["out_to_in_coeff"].astype(np.float32),
@@ -316,6 +358,9 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         start=d["causal_start"].astype(np.int32), ramp=d["causal_ramp"].astype(np.int32),
         lr_scale=d["causal_lr_scale"].astype(np.float32),
         reset_opt=d["causal_reset_opt"].astype(bool))
+    p_anneal = PAnnealHparams(
+        p_end=d["p_end"].astype(np.float32), start=d["p_anneal_start"].astype(np.int32),
+        steps=d["p_anneal_steps"].astype(np.int32)) if sae_cfg.p_anneal else None
     sae_lib.check_hparams(hparams, sae_cfg)
     losses_lib.check_coeffs(coeffs)
     specs.append(GroupSpec(
@@ -323,5 +368,6 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         size=n, padded=padded, hparams=hparams, coeffs=coeffs,
         lr=d["lr"].astype(np.float32), seed=d["seed"].astype(np.int32),
         values=tuple(dict(_recorded(v.values), **{k: g.static[k] for k in ("k_max",)})
-                     for v in g.variants), causal=causal, target_site=s["target_site"]))
+                     for v in g.variants), causal=causal, target_site=s["target_site"],
+        p_anneal=p_anneal))
   return specs, groups
