@@ -542,7 +542,7 @@ def _transcoder_step0(lm_dir, loss):
   spec, hyper = setup.specs[0], grid_step.group_hyper(setup.specs[0])
   one = lambda t: jax.tree.map(lambda x: x[0], t)
   params = one(state.groups[0].params)
-  _, (metrics, _, _) = grid_step._variant_loss(  # pylint: disable=protected-access
+  _, (metrics, *_) = grid_step._variant_loss(  # pylint: disable=protected-access
       params, one(state.groups[0].sae_state), one(hyper.hparams), one(hyper.coeffs), batch,
       lm.params, spec, setup)
   return setup, lm, batch, key, params, metrics
