@@ -80,8 +80,8 @@ def test_colours_are_fixed_per_type():
 
 def test_ce_increase_axes_are_symlog(tmp_path, monkeypatch):
   figures = []
-  original = plots._save  # pylint: disable=protected-access
-  monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or
+  original = plots.save
+  monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or
                       original(fig, path))
   pts = _points()
   pts["e2e"][0]["ce_increase"] = -2e-4  # slightly negative: drawn, on the linear part

@@ -24,10 +24,10 @@ from typing import Any, Mapping
 import matplotlib
 import matplotlib.colors
 import matplotlib.figure
-from matplotlib.backends import backend_agg
 import numpy as np
 
 from jaxsae.analysis import comparison
+from jaxsae.report import plots
 
 CE_LINTHRESH = 1e-3  # linear within ±1e-3 nats when CE increases touch or cross 0
 _GREY = "#d0d0d0"
@@ -39,17 +39,6 @@ def _colours(types) -> dict[str, Any]:
   return {t: matplotlib.colors.to_hex(cmap(i % 20)) for i, t in enumerate(ordered)}
 
 
-def _figure(width: float, height: float) -> matplotlib.figure.Figure:
-  fig = matplotlib.figure.Figure(figsize=(width, height), dpi=100)
-  backend_agg.FigureCanvasAgg(fig)
-  return fig
-
-
-def _save(fig: matplotlib.figure.Figure, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, format="png", metadata={"Software": None})
-  return path
 
 
 def _check(board: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
@@ -70,7 +59,7 @@ def plot_pareto(path: str, board: Mapping[str, Any], metrics: Mapping[str, Any],
   axis = board["axes"]["ce_increase"]
   cols = min(len(ms), 3) or 1
   rows = max(math.ceil(len(ms) / cols), 1)
-  fig = _figure(4.6 * cols + 1.8, 3.6 * rows)
+  fig = plots.new_figure(4.6 * cols + 1.8, 3.6 * rows)
   colours = _colours(board["types"])
   for i, m in enumerate(ms):
     ax = fig.add_subplot(rows, cols, i + 1)
@@ -149,7 +138,7 @@ def plot_heatmap(path: str, board: Mapping[str, Any], metrics: Mapping[str, Any]
   """SAE types × metrics at the middle reference CE increase (module docstring)."""
   norm, text = heatmap_cells(board, metrics)
   types, ms = board["types"], board["metrics"]
-  fig = _figure(1.5 * len(ms) + 2.6, 0.42 * len(types) + 1.6)
+  fig = plots.new_figure(1.5 * len(ms) + 2.6, 0.42 * len(types) + 1.6)
   ax = fig.add_subplot(1, 1, 1)
   cmap = matplotlib.colormaps["viridis"].with_extremes(bad=_GREY)
   im = ax.imshow(np.ma.masked_invalid(norm), cmap=cmap, vmin=0, vmax=1, aspect="auto")
@@ -165,4 +154,4 @@ def plot_heatmap(path: str, board: Mapping[str, Any], metrics: Mapping[str, Any]
   at = f"CE increase {refs[(len(refs) - 1) // 2]:.3g}" if refs else "no reference point"
   ax.set_title(f"{title + ': ' if title else ''}{at} (colour: 1 = best; #rank)", fontsize=9)
   fig.colorbar(im, ax=ax, fraction=0.046)
-  return _save(fig, path)
+  return plots.save(fig, path)

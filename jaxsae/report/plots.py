@@ -44,16 +44,19 @@ def _colours(types: Sequence[str]) -> dict[str, Any]:
   return {t: palette[i % len(palette)] for i, t in enumerate(ordered)}
 
 
-def _new_figure(width: float, height: float) -> matplotlib.figure.Figure:
+def new_figure(width: float, height: float) -> matplotlib.figure.Figure:
+  """A figure on its own Agg canvas (no pyplot state; safe in threads and tests)."""
   fig = matplotlib.figure.Figure(figsize=(width, height), dpi=100)
   backend_agg.FigureCanvasAgg(fig)
   return fig
 
 
-def _save(fig: matplotlib.figure.Figure, path: str) -> str:
+def save(fig: matplotlib.figure.Figure, path: str) -> str:
+  """Writes `fig` as a PNG at `path` (folders made), without the software-version metadata, so
+  the same figure gives the same bytes; returns `path`."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.tight_layout()
-  fig.savefig(path, format="png")
+  fig.savefig(path, format="png", metadata={"Software": None})
   return path
 
 
@@ -95,7 +98,7 @@ def plot_tradeoff(path: str, points_by_type: Mapping[str, Sequence[Mapping[str, 
     raise ValueError(f"yscale={yscale!r} is unknown; use 'linear', 'log' or 'symlog'.")
   if not linthresh > 0:
     raise ValueError(f"linthresh={linthresh} must be > 0 (the symlog axis's linear range).")
-  fig = _new_figure(6.4, 4.4)
+  fig = new_figure(6.4, 4.4)
   ax = fig.add_subplot(1, 1, 1)
   colours = _colours(list(points_by_type))
   all_x, all_y = [], []
@@ -133,7 +136,7 @@ def plot_tradeoff(path: str, points_by_type: Mapping[str, Sequence[Mapping[str, 
   ax.grid(alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=7)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_l0_vs_ce(path: str, points_by_type) -> str:
@@ -158,7 +161,7 @@ def plot_grids(path: str, grids: Mapping[str, Mapping[str, Any]], title: str = "
   """Heatmaps of `comparison.grid_table` outputs, one panel per SAE type (NaN cells blank; colour
   range `vmin`..`vmax`, default each panel's own)."""
   n = max(len(grids), 1)
-  fig = _new_figure(3.6 * n, 3.4)
+  fig = new_figure(3.6 * n, 3.4)
   for i, (t, g) in enumerate(grids.items()):
     ax = fig.add_subplot(1, n, i + 1)
     vals = np.ma.masked_invalid(np.asarray(g["values"], np.float64))
@@ -176,7 +179,7 @@ def plot_grids(path: str, grids: Mapping[str, Mapping[str, Any]], title: str = "
     fig.colorbar(im, ax=ax, fraction=0.046)
   if title:
     fig.suptitle(title, fontsize=10)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def top_latents(corr_FK: Any, top: int = 16) -> np.ndarray:
@@ -197,7 +200,7 @@ def plot_correlation(path: str, corr_FK: Any, names: Sequence[str], *, top: int 
     raise ValueError(f"corr has shape {corr.shape} but {len(names)} label names were given; "
                      "pass features['columns'] names in the matrix's column order.")
   rows = top_latents(corr, top)
-  fig = _new_figure(max(4.0, 0.35 * len(names) + 2), max(3.0, 0.25 * len(rows) + 1.8))
+  fig = new_figure(max(4.0, 0.35 * len(names) + 2), max(3.0, 0.25 * len(rows) + 1.8))
   ax = fig.add_subplot(1, 1, 1)
   im = ax.imshow(np.ma.masked_invalid(corr[rows]), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
   ax.set_xticks(range(len(names)), list(names), rotation=90, fontsize=7)
@@ -205,7 +208,7 @@ def plot_correlation(path: str, corr_FK: Any, names: Sequence[str], *, top: int 
   ax.set_ylabel("latent")
   ax.set_title(title or "latent × label correlation", fontsize=9)
   fig.colorbar(im, ax=ax, fraction=0.046)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_feature_recovery(path: str, recovery: Mapping[str, Mapping[str, Any]]) -> str:
@@ -213,7 +216,7 @@ def plot_feature_recovery(path: str, recovery: Mapping[str, Mapping[str, Any]]) 
   types = list(recovery)
   names = list(next(iter(recovery.values()))["mean_best_abs_corr"]) if recovery else []
   cats = names + ["matching score"]
-  fig = _new_figure(max(5.0, 0.45 * len(cats) * max(len(types), 1) ** 0.5 + 2), 4.0)
+  fig = new_figure(max(5.0, 0.45 * len(cats) * max(len(types), 1) ** 0.5 + 2), 4.0)
   ax = fig.add_subplot(1, 1, 1)
   colours = _colours(types)
   width = 0.8 / max(len(types), 1)
@@ -230,4 +233,4 @@ def plot_feature_recovery(path: str, recovery: Mapping[str, Mapping[str, Any]]) 
   ax.set_title("feature recovery per SAE type", fontsize=9)
   if types:
     ax.legend(fontsize=7)
-  return _save(fig, path)
+  return save(fig, path)
