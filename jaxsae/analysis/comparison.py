@@ -137,7 +137,7 @@ def points_by_type(rows: Sequence[Mapping[str, Any]], *metrics: str,
                    include_frozen: bool = False) -> dict[str, list[dict[str, Any]]]:
   """Variant rows grouped by SAE type, each reduced to its id, frozen flag and `metrics`.
 
-  The input of `matched.matched_comparison` and of the `report_plots` trade-off plots.
+  The input of `matched.matched_comparison` and of the `report.plots` trade-off plots.
 
   Args:
     rows: variants as `report.json`'s `variants` (dicts with `id`, `frozen`, the metrics, and
