@@ -107,7 +107,8 @@ def reconstructions(trained: trained_lib.TrainedGrid, spec_index: int, codes_NMF
 
 
 def collect_codes(trained: trained_lib.TrainedGrid, spec_index: int, tokens_BT: Any,
-                  mask_BT: Any, variants: Sequence[int] | None = None) -> jax.Array:
+                  mask_BT: Any, variants: Sequence[int] | None = None,
+                  acts_MD: Any = None) -> jax.Array:
   """Codes of a trained group's variants on the selected tokens.
 
   Runs the frozen LM once to the SAE site (`stop_at`), gathers the selected tokens in row-major
@@ -121,6 +122,8 @@ def collect_codes(trained: trained_lib.TrainedGrid, spec_index: int, tokens_BT: 
     mask_BT: bool, the tokens to encode (e.g. `AnalysisBatch.mask_BT`).
     variants: positions within the group (default: all `spec.size` real variants; padding
       copies are never returned).
+    acts_MD: `site_activations(trained, tokens_BT, mask_BT)` when the caller already has them
+      (every group of a grid encodes the same activations); default: computed here.
 
   Returns:
     float32 `[N, M, F]`, M = mask_BT.sum().
@@ -146,9 +149,9 @@ def collect_codes(trained: trained_lib.TrainedGrid, spec_index: int, tokens_BT: 
   if idx.ndim != 1 or idx.size == 0 or idx.min() < 0 or idx.max() >= spec.size:
     raise ValueError(f"variants={variants!r} must be non-empty positions in [0, {spec.size}) "
                      f"of group {spec.name}.")
-  acts_BTD = _site_acts(trained.lm.params, jnp.asarray(tokens_BT, jnp.int32),
-                        config=setup.model_config, site=setup.site)
-  x_MD = jnp.asarray(np.asarray(acts_BTD)[mask_BT], jnp.float32)
+  if acts_MD is None:
+    acts_MD = site_activations(trained, tokens_BT, mask_BT)
+  x_MD = jnp.asarray(acts_MD, jnp.float32)
   group = trained.state.groups[spec_index]
   take = lambda tree: jax.tree.map(lambda a: jnp.asarray(a)[idx], tree)
   return _encode_variants(take(group.params), take(trained.hypers[spec_index].hparams),

@@ -4,9 +4,9 @@ causal predictability of chosen ones.
 `validate_config(a)` checks the stage's config (`experiments/configs/pipeline.py`'s
 `analysis` block) before anything runs; `run(a, sae_workdir, out_dir, eval_dir)` writes
 `features.json`, `corr.npz`, `causal.json` and, with `ground_truth`, `ground_truth.json`
-(`analysis.ground_truth.ground_truth_summary` of every variant; see `run`). The data comes from the grid's own
-held-out stream under the analysis seed (`STREAM` folded in, never a training or eval stream),
-so the stage is a deterministic function of (config, grid).
+(`analysis.ground_truth.ground_truth_summary` of every variant; see `run`). The data comes from
+the grid's own held-out stream under the analysis seed (`STREAM` folded in, never a training
+or eval stream), so the stage is a deterministic function of (config, grid).
 """
 
 from __future__ import annotations
@@ -85,18 +85,19 @@ def run(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None) -> dict[
   key = jax.random.fold_in(jax.random.key(a.seed), STREAM)
   batch = codes_lib.analysis_batch(trained, key, a.num_sequences)
   lmat = batch.label_matrix()
+  # The SAE inputs, once for every group (the frozen LM's activations at the site).
+  acts_MD = codes_lib.site_activations(trained, batch.tokens_BT, batch.mask_BT)
   ground: dict[str, Any] | None = None
-  if a.ground_truth:  # the grammar's features, their hierarchy and the SAE inputs, once
+  if a.ground_truth:  # the grammar's features and their hierarchy, once
     tokens_M = batch.tokens_BT[batch.mask_BT]
     hier = hierarchy_lib.grammar_hierarchy(setup.grammar, lmat, tokens_M)
-    acts_MD = codes_lib.site_activations(trained, batch.tokens_BT, batch.mask_BT)
     ground = {"variants": {}}
   features: dict[str, Any] = {"columns": None, "variants": {}}
   corr: dict[str, np.ndarray] = {}
   hparams_by_id = {}
   t0 = time.perf_counter()
   for gi, spec in enumerate(setup.specs):
-    codes = codes_lib.collect_codes(trained, gi, batch.tokens_BT, batch.mask_BT)
+    codes = codes_lib.collect_codes(trained, gi, batch.tokens_BT, batch.mask_BT, acts_MD=acts_MD)
     params = jax.tree.map(lambda x: x[: spec.size], trained.state.groups[gi].params)
     decoders = jax.vmap(lambda p, c=spec.sae: sae_lib.dictionary(p, c))(params)
     summ = recovery.summarise(codes, lmat, decoders, ids=list(spec.ids))
