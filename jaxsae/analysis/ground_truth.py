@@ -234,10 +234,6 @@ def union_columns(*lms: recovery.LabelMatrix) -> recovery.LabelMatrix:
                               sources=tuple(sources))
 
 
-def json_ready(obj: Any) -> Any:
-  """NumPy scalars and arrays as Python values, non-finite floats as None (strict JSON)."""
-  return jsonio.jsonable(obj, strict=True)
-
 
 def _variant_summary(codes_MF, features, h, recon_MD, acts_MD, raw_probe, *, ks,
                      train_fraction, precision_min, recall_min):
@@ -352,9 +348,9 @@ def ground_truth_summary(codes: Any, lm: recovery.LabelMatrix, h: hierarchy_lib.
         codes_NMF[i], features, h, None if recon_NMD is None else recon_NMD[i], acts_MD,
         raw_probe, ks=ks, train_fraction=train_fraction, precision_min=precision_min,
         recall_min=recall_min)
-  return json_ready({
+  return jsonio.jsonable({
       "features": list(features.names), "hierarchy": h.to_json(),
       "probing_raw": sparse_probing.summarise_probes(raw_probe),
       "settings": {"ks": list(ks), "train_fraction": train_fraction,
                    "precision_min": precision_min, "recall_min": recall_min},
-      "variants": variants})
+      "variants": variants}, strict=True)
