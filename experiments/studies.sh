@@ -2,7 +2,7 @@
 # Runs the reproduction studies (experiments/configs/study.py) side by side, resumably, and
 # collects their small outputs (reports, plots, JSON; no checkpoints) as they appear.
 #
-#   bash experiments/studies.sh WORKROOT RESULTS [SETTINGS] [STUDY:LANGUAGE ...]
+#   bash experiments/studies.sh WORKROOT RESULTS [SETTINGS] [STUDY:LANGUAGE[:EXTRA] ...]
 #
 # WORKROOT holds one workdir per study (rerun the same command to resume: finished stages are
 # skipped); RESULTS receives <study>_<language>/ with report.md, report.json, *.png and the
@@ -11,6 +11,10 @@
 # SETTINGS are appended to every study's config argument (default `full`, the papers' SAE
 # budget: an accelerator job; `""` for the CPU budget; `smoke` for a quick check). Default studies: frontier and menon
 # on dyck2, expr_prefix and english, and causal on english.
+# EXTRA (optional, comma-separated) is appended to that study's settings only, e.g.
+# `frontier:dyck2:seed=42`. A study whose workdir has no lm/ yet copies LM_FROM/<language>/lm
+# when LM_FROM is set (an LM trained with the same config, e.g. on another machine: the LM stage
+# then finds it finished and only re-reads it).
 # STUDY_TIMEOUT (seconds, default none) stops every study at that wall time; what finished stays.
 set -u
 root=${1:?WORKROOT}; results=${2:?RESULTS}; settings=${3-full}; shift $(( $# < 3 ? $# : 3 ))
@@ -32,10 +36,14 @@ collect() {
 
 pids=()
 for entry in "${studies[@]}"; do
-  study=${entry%%:*}; lang=${entry#*:}; name=${study}_${lang}
+  IFS=: read -r study lang extra <<< "$entry"; name=${study}_${lang}
+  opts=$settings${extra:+${settings:+,}$extra}
   mkdir -p "$root/$name"
+  if [ -n "${LM_FROM:-}" ] && [ ! -e "$root/$name/lm" ] && [ -d "$LM_FROM/$lang/lm" ]; then
+    cp -r "$LM_FROM/$lang/lm" "$root/$name/lm"
+  fi
   ${STUDY_TIMEOUT:+timeout "$STUDY_TIMEOUT"} "$py" -m experiments.main \
-      --config="experiments/configs/study.py:study=$study,language=$lang${settings:+,$settings}" \
+      --config="experiments/configs/study.py:study=$study,language=$lang${opts:+,$opts}" \
       --workdir="$root/$name" > "$root/$name/run.log" 2>&1 &
   pids+=($!)
   echo "started $name (pid $!)"
@@ -48,7 +56,7 @@ done
 wait
 collect
 for entry in "${studies[@]}"; do
-  name=${entry%%:*}_${entry#*:}
+  IFS=: read -r study lang extra <<< "$entry"; name=${study}_${lang}
   if [ -f "$root/$name/report.json" ]; then echo "$name: report written"; else
     echo "$name: no report yet (rerun to resume); last log lines:"; tail -3 "$root/$name/run.log"; fi
 done

@@ -13,7 +13,7 @@ grammaticality; the paper-scale LM is `lm.py:full`) and swaps in the study's gri
 
 - `frontier` (Braun et al.'s question, e2e vs local): ReLU SAEs at resid_post.0, expansion 4,
   trained `local`, `e2e` and `e2e_ds`, eight sparsity coefficients λ each on wide geometric
-  ladders (so the fronts overlap in CE increase), and TopK SAEs with six k, every configuration
+  ladders (eleven for `local`, dense where it collapses) (so the fronts overlap in CE increase), and TopK SAEs with six k, every configuration
   with `seeds` SAE seeds (default 3): the report's matched comparison then carries bootstrap
   intervals over seeds and states which points the local front covers;
 - `menon` (Menon et al.'s grid, `sae_menon.py`): expansion {1, 2, 4, 8} × (ReLU + sum-over-batch
@@ -49,9 +49,11 @@ from experiments.configs import sae_menon
 
 STUDIES = ("frontier", "menon", "causal", "bench")
 # Sparsity ladders (e2e_sae reduction λ · mean_tokens ‖c‖₁ / d) per loss family: factors of 2
-# over 128×, each reaching past the CE increase of the others' sparsest SAEs.
+# over 128×, each reaching past the CE increase of the others' sparsest SAEs. The local ladder
+# steps by √2 between λ 2 and 16, where local SAEs collapse (English, CPU budget: CE increase
+# 0.006 at λ 8, 3.2 at λ 16), so the local front covers the e2e SAEs' CE range.
 FRONTIER_LAMBDAS = {
-    "local": [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+    "local": [0.25, 0.5, 1.0, 2.0, 2.8, 4.0, 5.7, 8.0, 11.0, 16.0, 32.0],
     "e2e": [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
     "e2e_ds": [2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
 }
