@@ -15,7 +15,10 @@
 # `frontier:dyck2:seed=42`. A study whose workdir has no lm/ yet copies LM_FROM/<language>/lm
 # when LM_FROM is set (an LM trained with the same config, e.g. on another machine: the LM stage
 # then finds it finished and only re-reads it).
-# STUDY_TIMEOUT (seconds, default none) stops every study at that wall time; what finished stays.
+# STUDY_TIMEOUT (seconds, default none) stops every study at that wall time; what finished stays
+# (finished stages, the SAE grid's checkpoints, the evaluation's finished groups), and compiled
+# programs are kept in JAX's persistent cache (JAX_COMPILATION_CACHE_DIR, default
+# WORKROOT/jax_cache), so a rerun resumes without compiling again.
 set -u
 root=${1:?WORKROOT}; results=${2:?RESULTS}; settings=${3-full}; shift $(( $# < 3 ? $# : 3 ))
 studies=("$@")
@@ -25,6 +28,7 @@ if [ ${#studies[@]} -eq 0 ]; then
 fi
 py=${PYTHON:-python}
 mkdir -p "$root" "$results"
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$root/jax_cache}
 
 collect() {
   (cd "$root" && find . -path '*/checkpoints' -prune -o -type f \

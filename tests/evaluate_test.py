@@ -21,6 +21,8 @@ from experiments.configs import eval as eval_configs
 from jaxsae import eval_job
 from jaxsae.evaluation import eval_passes
 from jaxsae.evaluation import evaluate as ev
+from jaxsae.evaluation import partial
+from jaxsae.evaluation import spliced_generation
 from jaxsae.grid import grid_step
 from jaxsae.grid import sae as sae_lib
 from jaxsae.grid import sae_groups
@@ -283,21 +285,33 @@ def test_bad_inputs_raise_before_compiling(setup_and_lm, data):
 # The eval job end to end.
 
 
-def test_eval_job_on_a_tiny_trained_grid(lm_dir, tmp_path):
-  sae_dir = str(tmp_path / "sae")
-  # Two groups (the sparsity reduction is static) of two variants, sharing one SAE config.
+@pytest.fixture(scope="module")
+def tiny_grid(lm_dir, tmp_path_factory):
+  """A trained grid of two groups (the sparsity reduction is static) of two variants, sharing
+  one SAE config, and its summary."""
+  sae_dir = str(tmp_path_factory.mktemp("grid") / "sae")
   config = _sae_config(lm_dir, [{"product": {"sparsity_coeff": [1.0, 4.0],
                                              "sparsity_reduction": ["e2e_sae", "sum_batch"]},
                                  "set": {"loss": "local", "expansion": 2}}],
                        steps=2, log_every=2, checkpoint_every=2)
   config.lock()
-  summary = train_sae.run(config, sae_dir)
-  assert main_lib.JOBS["eval"] == "jaxsae.eval_job"
+  return sae_dir, train_sae.run(config, sae_dir)
+
+
+def _tiny_eval_config(sae_dir):
   eval_config = eval_configs.get_config(f"smoke,sae_workdir={sae_dir}")
   eval_config.grammaticality_positions = ("sentence",)  # both are tested above; keep it short
   eval_config.lock()
+  return eval_config
+
+
+def test_eval_job_on_a_tiny_trained_grid(tiny_grid, tmp_path):
+  sae_dir, summary = tiny_grid
+  assert main_lib.JOBS["eval"] == "jaxsae.eval_job"
+  eval_config = _tiny_eval_config(sae_dir)
   assert eval_config.job == "eval"
   result = eval_job.run(eval_config, str(tmp_path / "eval"))
+  assert not os.path.exists(tmp_path / "eval" / partial.DIRNAME)  # removed once written
   with open(tmp_path / "eval" / "eval.json") as f:
     written = json.load(f)
   assert written["variants"].keys() == summary["variants"].keys() == result["variants"].keys()
@@ -349,3 +363,66 @@ def test_transcoder_grids_are_refused_before_anything_runs():
   with pytest.raises(ValueError, match="does not support transcoders"):
     ev.evaluate_trained(trained)
   ev.check_no_transcoders([_spec([{"set": {"loss": "local"}}])])  # plain SAEs pass
+
+
+def test_a_stopped_evaluation_resumes_from_its_finished_parts(tiny_grid, tmp_path, monkeypatch):
+  sae_dir, _ = tiny_grid
+  eval_config = _tiny_eval_config(sae_dir)
+  whole = ev.run(eval_config, str(tmp_path / "whole"))
+  monkeypatch.setattr(ev, "GROUPS_PER_PART", 1)  # two parts of held-out metrics
+  # Stop the job after the first group's generations are saved.
+  saves = []
+  real_save = partial.Store.save_generations
+
+  def save_then_stop(self, *args):
+    real_save(self, *args)
+    saves.append(args[:2])
+    raise RuntimeError("stopped")
+
+  monkeypatch.setattr(partial.Store, "save_generations", save_then_stop)
+  workdir = tmp_path / "resumed"
+  with pytest.raises(RuntimeError, match="stopped"):
+    ev.run(eval_config, str(workdir))
+  assert saves == [(0, "corrected/sentence")]
+  parts = sorted(os.listdir(workdir / partial.DIRNAME))
+  assert [p.split("-")[0] for p in parts] == ["generations", "metrics"]
+  assert sorted(os.listdir(workdir / partial.DIRNAME / parts[1])) == [
+      "clean.npz", "group-0.npz", "group-1.npz"]
+  # The rerun reads both groups' metrics and group 0's generations, and generates group 1's.
+  monkeypatch.setattr(partial.Store, "save_generations", real_save)
+  evaluated, dispatched = [], []
+  real_evaluate, real_dispatch = ev._evaluate, spliced_generation.dispatch_group
+  monkeypatch.setattr(ev, "_evaluate", lambda groups, *a, **k: (
+      evaluated.append([g.spec.name for g in groups]), real_evaluate(groups, *a, **k))[1])
+  monkeypatch.setattr(spliced_generation, "dispatch_group", lambda setup, lm, sae, *a, **k: (
+      dispatched.append(k["mode"]), real_dispatch(setup, lm, sae, *a, **k))[1])
+  resumed = ev.run(eval_config, str(workdir))
+  assert evaluated == [] and dispatched == ["corrected"]
+  assert not os.path.exists(workdir / partial.DIRNAME)
+  strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "grammaticality_settings")}
+  assert json.dumps(strip(resumed), sort_keys=True) == json.dumps(strip(whole), sort_keys=True)
+  assert resumed["grammaticality_settings"] == whole["grammaticality_settings"]
+
+
+def test_parts_of_another_grid_or_other_settings_are_not_read(tmp_path):
+  grid = {"path": "/a", "step": 2, "digest": "d", "config": "c"}
+  store = partial.Store(str(tmp_path), grid, {"seed": 0}, {"seed": 0})
+  store.save_metrics(0, {"l0": np.array([1.5, 2.5])})
+  store.save_clean({"tokens": 7.0, "seq/ce": np.array([0.25])})
+  store.save_generations(1, "original/all", {"t": 1.0}, np.ones((1, 2, 3, 4), np.int32),
+                         np.zeros((1, 2, 3), bool))
+  moved = partial.Store(str(tmp_path), dict(grid, path="/b"), {"seed": 0}, {"seed": 0})
+  np.testing.assert_array_equal(moved.load_metrics(0)["l0"], [1.5, 2.5])
+  assert moved.load_clean()["tokens"] == 7.0 and isinstance(moved.load_clean()["tokens"], float)
+  tokens, finished = moved.load_generations(1, "original/all", {"t": 1.0})
+  assert tokens.dtype == np.int32 and tokens.shape == (1, 2, 3, 4) and not finished.any()
+  assert moved.load_generations(1, "original/all", {"t": 0.5}) is None
+  assert moved.load_generations(1, "corrected/all", {"t": 1.0}) is None
+  assert moved.load_metrics(1) is None
+  for other in (partial.Store(str(tmp_path), dict(grid, step=3), {"seed": 0}, {"seed": 0}),
+                partial.Store(str(tmp_path), grid, {"seed": 1}, {"seed": 0})):
+    assert other.load_metrics(0) is None
+  assert partial.Store(str(tmp_path), grid, {"seed": 1}, {"seed": 0}).load_generations(
+      1, "original/all", {"t": 1.0}) is not None  # new metrics settings keep the generations
+  store.clear()
+  assert not os.path.exists(tmp_path / partial.DIRNAME)

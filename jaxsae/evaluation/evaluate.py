@@ -29,6 +29,7 @@ from jaxsae import grammars
 from jaxsae.core import jsonio
 from jaxsae.core import workdir as workdir_lib
 from jaxsae.evaluation import eval_passes
+from jaxsae.evaluation import partial
 from jaxsae.evaluation import spliced_generation
 from jaxsae.grid import grid_step
 from jaxsae.grid import metrics as metrics_lib
@@ -166,6 +167,42 @@ def _evaluate(groups: Sequence[_GroupInput], lm_params, data: eval_passes.HeldOu
   return clean_tot, results
 
 
+GROUPS_PER_PART = 4  # held-out metrics: groups evaluated (and saved) together
+
+
+def _evaluate_in_parts(groups: Sequence[_GroupInput], lm_params, data: eval_passes.HeldOut,
+                       setup: grid_step.Setup, *, positions: str, window_tokens: int,
+                       store: partial.Store | None
+                       ) -> tuple[dict[str, float], list[dict[str, np.ndarray]]]:
+  """`_evaluate` over the groups `GROUPS_PER_PART` at a time (the clean pass once per part:
+  the same sums every time), each part saved to `store` as it finishes and read from it when
+  found there. A group's metrics do not depend on the others in its part."""
+  per_group = [store.load_metrics(i) if store else None for i in range(len(groups))]
+  clean_sums = store.load_clean() if store else None
+  todo = [i for i, m in enumerate(per_group) if m is None]
+  if todo or clean_sums is None:
+    if len(todo) < len(groups):
+      logging.info("held-out metrics: %d of %d groups read from %s", len(groups) - len(todo),
+                   len(groups), store.root)
+    ref = reference(lm_params, data, setup)
+    t0 = time.perf_counter()
+    parts = [todo[j:j + GROUPS_PER_PART] for j in range(0, len(todo), GROUPS_PER_PART)] or [[]]
+    for part in parts:
+      clean_sums, results = _evaluate([groups[i] for i in part], lm_params, data, setup,
+                                      positions=positions, window_tokens=window_tokens, ref=ref)
+      for i, m in zip(part, results):
+        per_group[i] = m
+        if store:
+          store.save_metrics(i, m)
+      if store:
+        store.save_clean(clean_sums)
+      if part:
+        logging.info("held-out metrics: groups %s done (%d of %d left, %.0f s)",
+                     ", ".join(groups[i].spec.name for i in part),
+                     sum(m is None for m in per_group), len(groups), time.perf_counter() - t0)
+  return clean_sums, per_group
+
+
 def evaluate_group(spec: sae_groups.GroupSpec, params, sae_state: sae_lib.SAEState | None,
                    hyper: grid_step.GroupHyper, lm_params, tokens_BT: jax.Array,
                    mask_BT: jax.Array, setup: grid_step.Setup, *,
@@ -242,9 +279,13 @@ def evaluate_trained(trained: trained_lib.TrainedGrid, *, seed: int = 0, num_bat
                      splice_mode: str | None = None, positions: str = "sentence",
                      mask_positions: str | None = None,
                      grammaticality_modes: Sequence[str] = ("corrected", "original"),
-                     grammaticality_positions: Sequence[str] = ("all", "sentence")
-                     ) -> dict[str, Any]:
+                     grammaticality_positions: Sequence[str] = ("all", "sentence"),
+                     store: partial.Store | None = None) -> dict[str, Any]:
   """Evaluates every variant of a trained grid; JSON-ready (NaN / inf as strings).
+
+  With a `store`, every finished part (a few groups' held-out metrics, one group's generations
+  for one combination) is saved as it completes and a part found there is read instead of
+  recomputed: a stopped evaluation resumes where it stopped, with the same result.
 
   Args:
     trained: the grid (`trained.load(workdir)`).
@@ -258,6 +299,7 @@ def evaluate_trained(trained: trained_lib.TrainedGrid, *, seed: int = 0, num_bat
     mask_positions: which tokens count (`sentence` | `all`; None: the grid's training
       positions).
     grammaticality_modes, grammaticality_positions: the combinations generated.
+    store: where finished parts are kept (`partial.Store`); None: nothing is kept.
 
   Returns:
     `{'language', 'site', 'steps', 'heldout': {...}, 'clean': {...clean-model numbers...},
@@ -280,15 +322,15 @@ def evaluate_trained(trained: trained_lib.TrainedGrid, *, seed: int = 0, num_bat
             for spec, gs, hyper in zip(setup.specs, trained.state.groups, trained.hypers)]
   lm_params = trained.lm.params
   t0 = time.perf_counter()
-  clean_sums, per_group = _evaluate(groups, lm_params, data, setup, positions=positions,
-                                    window_tokens=window_tokens)
+  clean_sums, per_group = _evaluate_in_parts(groups, lm_params, data, setup, positions=positions,
+                                             window_tokens=window_tokens, store=store)
   t_metrics = time.perf_counter() - t0
   gram = None
   if grammaticality_batches:
     gram = spliced_generation.spliced_grammaticality(
         trained, seed=seed, num_batches=grammaticality_batches,
         batch_size=grammaticality_batch_size, modes=grammaticality_modes,
-        positions=grammaticality_positions)
+        positions=grammaticality_positions, store=store)
   t_gram = time.perf_counter() - t0 - t_metrics
   pred = clean_sums["predictions"]
   clean = {"ce_clean": clean_sums["ce_clean"] / pred,
@@ -382,9 +424,19 @@ def run_validated(config, workdir: str) -> dict[str, Any]:
     return _run_locked(config, workdir)
 
 
+def _part_settings(config) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The settings the held-out metrics and the generations depend on (`partial.Store`)."""
+  metrics = {k: config[k] for k in ("seed", "num_batches", "batch_size", "window_tokens",
+                                    "splice_mode", "positions", "mask_positions")}
+  generations = {"seed": config.seed, "batches": config.grammaticality_batches,
+                 "batch_size": config.grammaticality_batch_size}
+  return metrics, generations
+
+
 def _run_locked(config, workdir: str) -> dict[str, Any]:
   trained = trained_lib.load(config.sae_workdir)
   identity = workdir_lib.check_grid(workdir, trained.identity, "eval")
+  store = partial.Store(workdir, trained.identity, *_part_settings(config))
   result = evaluate_trained(
       trained, seed=config.seed, num_batches=config.num_batches, batch_size=config.batch_size,
       window_tokens=config.window_tokens, grammaticality_batches=config.grammaticality_batches,
@@ -392,11 +444,12 @@ def _run_locked(config, workdir: str) -> dict[str, Any]:
       splice_mode=config.splice_mode or None, positions=config.positions,
       mask_positions=config.mask_positions or None,
       grammaticality_modes=tuple(config.grammaticality_modes),
-      grammaticality_positions=tuple(config.grammaticality_positions))
+      grammaticality_positions=tuple(config.grammaticality_positions), store=store)
   result["sae_workdir"] = os.path.abspath(config.sae_workdir)
   workdir_lib.record_input(workdir, "grid", identity)
   path = os.path.join(workdir, "eval.json")
   jsonio.write(path, result)
+  store.clear()
   for vid, v in sorted(result["variants"].items()):
     logging.info("%s (%s)%s: L0 %s, CE +%s, KL %s, EV %s, recovered(zero) %s", vid, v["group"],
                  " FROZEN" if v["frozen"] else "", v["l0"], v["ce_increase"], v["kl"],

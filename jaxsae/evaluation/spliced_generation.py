@@ -34,11 +34,13 @@ import functools
 import time
 from typing import Any, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxsae.core import variant_axis
+from jaxsae.evaluation import partial
 from jaxsae.grid import grid_step
 from jaxsae.grid import sae as sae_lib
 from jaxsae.grid import trained as trained_lib
@@ -233,7 +235,8 @@ def spliced_grammaticality(trained_or_parts, *, seed: int = 0, num_batches: int 
                            modes: Sequence[str] = ("corrected", "original"),
                            positions: Sequence[str] = ("all", "sentence"),
                            max_new_tokens: int | None = None, temperature: float | None = None,
-                           top_k: int | None = None) -> dict[str, Any]:
+                           top_k: int | None = None, store: partial.Store | None = None
+                           ) -> dict[str, Any]:
   """Fraction of grammatical generations with each SAE spliced in, next to the clean model's.
 
   Every variant samples `num_batches × batch_size` sequences (batch i from
@@ -256,6 +259,8 @@ def spliced_grammaticality(trained_or_parts, *, seed: int = 0, num_batches: int 
     positions: `all` and/or `sentence`.
     max_new_tokens, temperature, top_k: generation settings; default the LM job's (`eval.*`
       of its config) or `generate`'s defaults, capped to the model context.
+    store: a `partial.Store` (or None): each group's generations for each combination are
+      saved as they are collected, and read from it instead of generated when found there.
 
   Returns:
     `{'clean': {mean, std, per_batch, finished}, 'settings': {...}, 'variants': {id:
@@ -287,22 +292,44 @@ def spliced_grammaticality(trained_or_parts, *, seed: int = 0, num_batches: int 
   # Every group's work is dispatched first (each call returns once compiled), then collected:
   # a group compiles while the previous ones run.
   t1 = time.perf_counter()
-  pending, shared = [], []
-  for spec, gs, hyper in zip(setup.specs, states, hypers):
+  pending, shared, collected = [], [], []
+  part_settings = dict(out["settings"], groups=len(setup.specs))
+
+  def collect(block: bool) -> None:
+    """Collects the dispatched parts in order, as far as they are finished (all of them when
+    `block`), saving each to the store as it arrives."""
+    while len(collected) < len(pending):
+      g_idx, spec, combo, saved, arrays = pending[len(collected)]
+      if not (block or saved is not None or all(a.is_ready() for a in jax.tree.leaves(arrays))):
+        return
+      tokens, done = saved if saved is not None else jax.device_get(arrays)
+      if saved is None:
+        if store:
+          store.save_generations(g_idx, combo, part_settings, tokens, done)
+        logging.info("spliced generations: group %s %s done (%d of %d, %.0f s)", spec.name,
+                     combo, len(collected) + 1, len(pending), time.perf_counter() - t1)
+      collected.append((spec, combo, (tokens, done)))
+
+  for g_idx, (spec, gs, hyper) in enumerate(zip(setup.specs, states, hypers)):
     normalised = spec.sae.input_norm or spec.sae.recon_norm
     real = lambda tree: jax.tree.map(lambda a: a[:spec.size], tree)  # pylint: disable=cell-var-from-loop
     for mode in modes:
       for pos in positions:
+        combo = f"{mode}/{pos}"
         twin = f"{'corrected' if mode == 'original' else 'original'}/{pos}"
         if not normalised and twin.split("/")[0] in modes[:modes.index(mode)]:
-          shared.append((spec, f"{mode}/{pos}", twin))  # the same function: generated once
+          shared.append((spec, combo, twin))  # the same function: generated once
           continue
-        pending.append((spec, f"{mode}/{pos}", dispatch_group(
+        saved = store.load_generations(g_idx, combo, part_settings) if store else None
+        arrays = None if saved is not None else dispatch_group(
             setup, lm_params, spec.sae, real(gs.params), real(gs.sae_state),
             real(hyper.hparams), keys, mode=mode, positions=pos, clean_prefix=clean_prefix,
-            **settings)))
+            **settings)
+        pending.append((g_idx, spec, combo, saved, arrays))
+        collect(block=False)
   # The recogniser's eager ops would queue behind the groups still running: wait for all.
-  pending = [(spec, combo, jax.device_get(out_)) for spec, combo, out_ in pending]
+  collect(block=True)
+  pending = collected
   t_gen = time.perf_counter() - t1
   for spec, combo, (tokens, done) in pending:
     ok = generate_lib.recognise(g, tokens)  # [N, G, B]
