@@ -57,22 +57,6 @@ def _variant_loop(setup: grid_step.Setup) -> str:
   return getattr(setup, "variant_loop", "vmap")
 
 
-def check_no_transcoders(specs: Sequence[sae_groups.GroupSpec]) -> None:
-  """Refuses transcoder groups (`target_site`): the held-out passes and spliced generation
-  splice an SAE's output at its own input site, where a transcoder's (MLP l's output, read
-  from its input) does not belong; their numbers would be wrong.
-
-  Raises:
-    ValueError: naming the groups and what to do instead.
-  """
-  tc = [f"{s.name} (target_site={s.target_site!r})" for s in specs if s.target_site]
-  if tc:
-    raise ValueError(f"the evaluation does not support transcoders, and the grid's groups "
-                     f"{', '.join(tc)} are: it would splice their MLP-output reconstruction "
-                     "at the MLP's input. Evaluate grids of SAEs without target_site; read a "
-                     "transcoder grid's training metrics (metrics.jsonl, summary.json) instead")
-
-
 def _check_group_input(g: _GroupInput) -> None:
   if g.variant_loop not in ("vmap", "map"):
     raise ValueError(f"variant_loop={g.variant_loop!r}: use 'vmap', 'map' or None (the grid's)")
@@ -201,7 +185,7 @@ def evaluate_group(spec: sae_groups.GroupSpec, params, sae_state: sae_lib.SAESta
     metrics of `eval_passes`' docstring, plus `firing_counts` `[N, F]`, `density_histogram`
     `[N, len(metrics.DENSITY_BIN_EDGES) - 1]` and `window_tokens`.
   """
-  check_no_transcoders([spec])
+  eval_passes.check_target(spec, setup)
   tokens = np.asarray(tokens_BT)
   mask = np.asarray(mask_BT)
   if tokens.ndim == 2:
@@ -268,7 +252,6 @@ def evaluate_trained(trained: trained_lib.TrainedGrid, *, seed: int = 0, num_bat
   """
   setup = trained.setup
   # Every option is checked before anything is sampled or compiled.
-  check_no_transcoders(setup.specs)
   eval_passes.check_options(positions=positions, window_tokens=window_tokens,
                             splice_mode=splice_mode, mask_positions=mask_positions)
   spliced_generation.check_options(grammaticality_modes, grammaticality_positions)
