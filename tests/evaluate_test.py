@@ -1,4 +1,5 @@
 """Evaluation: identity / zero SAEs spliced in, exact accumulation over batches against NumPy,
+transcoders against `model.apply` with MLP l's output replaced,
 vmap equivalence, one compilation per group, input validation, and the eval job on a tiny trained
 grid. (The formulas alone: metrics_test.py; generation with SAEs spliced in:
 spliced_generation_test.py.)"""

@@ -1,7 +1,7 @@
 """Spliced generation: the jitted generation loop with an SAE spliced in (identity SAE = the
 clean model, 'sentence' leaves the decorator clean, one compilation per positions value), and
 `spliced_grammaticality` against the clean model and against `generate.grammaticality` with the
-same replacement as a closure."""
+same replacement as a closure; transcoders against `generate` with MLP l's output replaced."""
 # pylint: disable=protected-access
 
 import dataclasses

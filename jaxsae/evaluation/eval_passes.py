@@ -26,9 +26,20 @@ at the `mask_BT` tokens only, the clean activation elsewhere (what SAE training 
 `positions='all'` splices at every position, decorator and padding included (padding cannot
 affect earlier positions). The splice mode is the group's `splice_mode` unless overridden.
 
+Transcoders (a grid with `target_site` 'mlp_out.{l}' and site 'mlp_in.{l}'). The codes (L0,
+firing, alive / dead) come from the transcoder applied to the site's activation, MLP l's
+input; x below is the clean activation at the target, MLP l's output, at the same tokens (mse,
+nmse, EV, norm_ratio, the mean-ablation value and the zero / mean ablations are all of MLP l's
+output). The spliced forward replaces MLP l's output by the transcoder's at the spliced
+positions and resumes at resid_post.l = (resid_pre.l + attn_out.l) + that output, the sum block
+l forms (`spliced_forward`); nothing upstream of mlp_out.l changes, so the transcoder's input
+in that forward IS the clean mlp_in.l activation (`splice_group`). CE, KL, top-1, TV,
+grammatical mass and ds_* follow as for SAEs (ds sites: resid_post.l onwards). Transcoders
+have no input / recon norm, so both splice modes are the same function.
+
 Metrics per variant (all exact token means over the whole held-out set: per-batch sums, added
-in float64 on the host, divided at the end). x = clean activation at the site, x̂ = the spliced
-activation (in the model's space, i.e. after the splice mode's rescaling), mu = mean of x
+in float64 on the host, divided at the end). x = clean activation at the site (a transcoder's
+target), x̂ = the spliced activation (in the model's space, i.e. after the splice mode's rescaling), mu = mean of x
 over the held-out `mask_BT` tokens (a first pass computes it), LN = layer norm without affine
 and eps 1e-5 (e2e_sae's `_layer_norm_pre`; the formulas are `metrics.py`'s):
 
@@ -225,7 +236,8 @@ class Reference:
   """Held-out token means (over `mask_BT` tokens) of the clean activations.
 
   Attributes:
-    mean_D: mu at the SAE site (EV's centre, the mean-ablation value).
+    mean_D: mu at the site the SAE's output replaces (`Static.out_site`: EV's centre, the
+      mean-ablation value).
     ln_mean_D: mean of layer_norm(x) at the site (ev_layernorm's centre).
     ds_mean: downstream site -> its mean (ds_ev's centre).
   """

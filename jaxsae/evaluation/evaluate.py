@@ -10,7 +10,9 @@ the passes over batches and groups (`reference`, `evaluate_group`), evaluates a 
 definitions (which tokens count, where the SAE is spliced, every metric's formula) are in
 `eval_passes.py`. The per-token formulas are in `metrics.py`, spliced
 grammaticality (generation with the SAE spliced in) in `spliced_generation.py`, feature recovery
-in `analysis/recovery.py` and dictionary geometry in `geometry.py`.
+in `analysis/recovery.py` and dictionary geometry in `geometry.py`. Transcoder grids
+(`target_site`) are evaluated against, and spliced in place of, MLP l's output (`eval_passes`,
+`spliced_generation`); a group is evaluated with its own grid's setup (`eval_passes.check_target`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,12 @@ included; `'sentence'` only at the generated positions (after the decorator). Sp
 `sae.SPLICE_MODES` (`corrected`, `original`); for SAEs without input / recon normalisation both
 modes are the same function and are generated once.
 
+Transcoders (a grid with `target_site` 'mlp_out.{l}', site 'mlp_in.{l}'): at every spliced
+position MLP l's output is replaced by the transcoder applied to MLP l's input of the same
+forward step (`transcoder_replace`: a pair of replacements, mlp_in.l handing its activation on
+to mlp_out.l), with the same positions semantics; they have no input / recon norm, so their
+modes coincide and are generated once.
+
 How it runs (`group_generations`): one compiled call per group and (mode, positions) samples
 every variant's `num_batches` batches; variants and batches are vmapped, or run one after
 another (`lax.map`) where the grid's `variant_loop` says so (its 'auto' picks the map on CPU).
@@ -179,7 +185,7 @@ def group_generations(setup: grid_step.Setup, lm_params, sae: sae_lib.SAEConfig,
 
   Batch g of every variant equals `generate.generate(..., key=keys[g], replace={site: that
   variant's SAE})` token for token (for `positions='sentence'`, with the decorator prompt
-  left clean). The prompt is prefilled once per variant (`all`), or once for every variant
+  left clean; for a transcoder grid, `replace=transcoder_replace(site, target, transcoder)`). The prompt is prefilled once per variant (`all`), or once for every variant
   and group (`sentence`: the clean prefix, computed here unless passed); variants and batches
   run vmapped or one after another (`lax.map`) as the grid's `variant_loop` says, and each
   batch stops as soon as all its rows have emitted <eos>. One compilation per group (its
