@@ -249,9 +249,10 @@ def test_transcoder_generations_replace_the_mlp_output_of_each_step(setup_and_lm
                                      keys, mode="corrected", positions=positions, batch_size=8,
                                      max_new_tokens=12)
     for i in range(2):
+      replace = pair(i, positions)  # one closure pair per variant: compiled once for both keys
       for b in range(2):
         ref = generate_lib.generate(lm_params, mc, g, keys[b], batch_size=8, max_new_tokens=12,
-                                    replace=pair(i, positions))
+                                    replace=replace)
         np.testing.assert_array_equal(tokens[i, b], np.asarray(ref.tokens))
     if positions == "all":
       zero = generate_lib.generate(lm_params, mc, g, keys[0], batch_size=8, max_new_tokens=12,
