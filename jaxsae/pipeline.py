@@ -36,7 +36,7 @@ import os
 import platform
 import subprocess
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from absl import logging
 import jax
@@ -168,7 +168,22 @@ def validate_config(config, workdir: str = "<workdir>") -> dict[str, ml_collecti
                             d_model=lm_step.model_config_for(configs["lm"]).d_model)
   evaluate.validate_config(configs["eval"])
   analysis_stage.validate_config(configs["analysis"])
+  if "analysis" in config.stages and config.analysis.causal and _has_transcoders(config.sae.sweep):
+    raise ValueError("config.analysis.causal=True, but the sweep trains transcoders "
+                     "(target_site): causal predictability edits codes spliced at the SAE's "
+                     "own site, which is not where a transcoder's output goes. Set "
+                     "analysis.causal=False for transcoder grids")
   return configs
+
+
+def _has_transcoders(sweep) -> bool:
+  """Whether a block of the (validated) sweep gives a non-empty `target_site`."""
+  for block in [sweep] if isinstance(sweep, Mapping) else sweep:
+    for part in ("product", "zip", "set"):
+      v = dict(block.get(part, {})).get("target_site")
+      if any(v if isinstance(v, (list, tuple)) else [v]):
+        return True
+  return False
 
 
 def run(config, workdir: str) -> dict[str, Any]:

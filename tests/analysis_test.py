@@ -276,3 +276,26 @@ def test_summarise_on_a_trained_group_is_consistent_and_json(trained):
       if lm.kinds[k] in recovery.BINARY_KINDS:
         kb = lm.binary().names.index(name)
         assert entry["best_auroc"] == pytest.approx(auc[i, :, kb].max(), abs=1e-6)
+
+
+def test_analysis_stage_on_a_transcoder_grid(tmp_path):
+  """Features and ground truth from the codes of MLP 1's input, no shrinkage (x̂ stands for
+  the MLP output); causal predictability (spliced at the site) is refused before anything
+  is written."""
+  from experiments.configs import pipeline as pipeline_configs  # pylint: disable=g-import-not-at-top
+  from jaxsae.analysis import stage  # pylint: disable=g-import-not-at-top
+  c = fakes.smoke_sae_config(
+      fakes.write_smoke_lm(tmp_path / "lm"),
+      [{"set": {"loss": "local", "expansion": 2, "target_site": "mlp_out.1"}}],
+      site="mlp_in.1", steps=2, log_every=2, checkpoint_every=2)
+  ts.run(c, str(tmp_path / "sae"))
+  a = pipeline_configs.get_config("smoke").analysis
+  a.num_sequences = 4
+  with pytest.raises(ValueError, match=r"g0 are transcoders.*set analysis.causal=False"):
+    stage.run(a, str(tmp_path / "sae"), str(tmp_path / "refused"))
+  assert not (tmp_path / "refused").exists()
+  a.causal = False
+  out = stage.run(a, str(tmp_path / "sae"), str(tmp_path / "analysis"))
+  (vid,) = out["features"]["variants"]
+  gt = out["ground_truth"]["variants"][vid]
+  assert "shrinkage" not in gt and np.isfinite(gt["mcc"]["value"])

@@ -1,4 +1,5 @@
 """Evaluation: identity / zero SAEs spliced in, exact accumulation over batches against NumPy,
+transcoders against `model.apply` with MLP l's output replaced,
 vmap equivalence, one compilation per group, input validation, and the eval job on a tiny trained
 grid. (The formulas alone: metrics_test.py; generation with SAEs spliced in:
 spliced_generation_test.py.)"""
@@ -8,7 +9,6 @@ import ast
 import dataclasses
 import json
 import os
-import types
 
 import jax
 import jax.numpy as jnp
@@ -352,19 +352,6 @@ def test_evaluation_imports_no_later_package():
       assert not later, (name, later)
 
 
-def test_transcoder_grids_are_refused_before_anything_runs():
-  """A transcoder's output stands for MLP l's output, not for its input site: the held-out
-  passes would splice it in the wrong place, so both entry points refuse it."""
-  spec = _spec([{"set": {"loss": "local", "target_site": "mlp_out.0"}}])
-  with pytest.raises(ValueError, match=r"does not support transcoders.*g0 \(target_site="):
-    ev.evaluate_group(spec, None, None, None, None, np.zeros((1, 9), np.int32),
-                      np.ones((1, 9), bool), None)
-  trained = types.SimpleNamespace(setup=types.SimpleNamespace(specs=(spec,)))
-  with pytest.raises(ValueError, match="does not support transcoders"):
-    ev.evaluate_trained(trained)
-  ev.check_no_transcoders([_spec([{"set": {"loss": "local"}}])])  # plain SAEs pass
-
-
 def test_a_stopped_evaluation_resumes_from_its_finished_parts(tiny_grid, tmp_path, monkeypatch):
   sae_dir, _ = tiny_grid
   eval_config = _tiny_eval_config(sae_dir)
@@ -426,3 +413,135 @@ def test_parts_of_another_grid_or_other_settings_are_not_read(tmp_path):
       1, "original/all", {"t": 1.0}) is not None  # new metrics settings keep the generations
   store.clear()
   assert not os.path.exists(tmp_path / partial.DIRNAME)
+
+
+# ------------------------------------------------------------------------------------------------
+# Transcoders: site mlp_in.0, output in place of mlp_out.0.
+
+
+@pytest.fixture(scope="module")
+def transcoder_setup(lm_dir):
+  config = _sae_config(lm_dir, [{"set": {"loss": "local", "target_site": "mlp_out.0"}}],
+                       site="mlp_in.0")
+  setup, lm, _ = train_sae.prepare(config)
+  return setup, jax.tree.map(lambda p: 8.0 * p, lm.params)
+
+
+def _crafted_transcoders(rng, scales):
+  """ReLU transcoders of width 2D without biases: codes relu(h W_enc), output codes W_dec."""
+  spec = _spec([{"product": {"seed": list(range(len(scales)))},
+                 "set": {"expansion": 2, "enc_bias": False, "dec_bias": False,
+                         "decoder_norm": "none", "init": "menon",
+                         "target_site": "mlp_out.0"}}])
+  w_enc = rng.normal(size=(len(scales), D, 2 * D)).astype(np.float32) / np.sqrt(D)
+  w_dec = np.stack([s * rng.normal(size=(2 * D, D)) for s in scales]).astype(np.float32)
+  return spec, {"w_enc": jnp.asarray(w_enc), "w_dec": jnp.asarray(w_dec / np.sqrt(2 * D))}
+
+
+@pytest.mark.parametrize("positions", ["sentence", "all"])
+def test_transcoder_metrics_against_model_apply_with_the_mlp_replaced(transcoder_setup,
+                                                                      positions):
+  """Codes come from mlp_in.0, errors are against the clean mlp_out.0, and the spliced run is
+  `model.apply` with mlp_out.0 replaced by the transcoder of mlp_in.0 (NumPy by hand)."""
+  setup, lm_params = transcoder_setup
+  mc = setup.model_config
+  data = eval_passes.heldout(setup, seed=3, num_batches=2, batch_size=4)
+  spec, params = _crafted_transcoders(np.random.default_rng(7), [1.0, 0.0])
+  tokens, mask, nxt, valid = _flat(data)
+  m = ev.evaluate_group(spec, params, None, grid_step.group_hyper(spec), lm_params, tokens,
+                        mask, setup, next_BT=nxt, valid_BTV=valid, positions=positions)
+  m = {k: np.asarray(v, np.float64) for k, v in m.items()}
+  sites = ("mlp_in.0", "mlp_out.0", "resid_post.0", "resid_post.1")
+
+  @jax.jit
+  def runs(w_enc, w_dec, t, at_BT):
+    clean = model_lib.apply(lm_params, t, mc, collect=sites)
+    h, y = clean.acts["mlp_in.0"], clean.acts["mlp_out.0"]
+    out = jax.nn.relu(h @ w_enc) @ w_dec
+    put = lambda value: lambda y_: jnp.where(at_BT[..., None], value, y_)
+    spliced = model_lib.apply(lm_params, t, mc, replace={"mlp_out.0": put(out)}, collect=sites)
+    zero = model_lib.apply(lm_params, t, mc, replace={"mlp_out.0": put(jnp.zeros_like(y))})
+    h_spliced = spliced.acts["mlp_in.0"]  # upstream of the splice: the clean input
+    return (h, y, h_spliced, jax.nn.relu(h @ w_enc), spliced.acts, clean.acts,
+            jax.nn.log_softmax(clean.logits), jax.nn.log_softmax(spliced.logits),
+            jax.nn.log_softmax(zero.logits))
+
+  for i in range(2):
+    ys, outs, codes, ce, ce0, kl, ds = [], [], [], [], [], [], {h: [] for h in sites[2:]}
+    for t, mk, nx in zip(tokens, mask, nxt):
+      at = np.ones_like(mk) if positions == "all" else mk
+      h, y, h_spliced, code, sp, cl, lp, lq, lz = jax.device_get(
+          runs(params["w_enc"][i], params["w_dec"][i], t, at))
+      np.testing.assert_array_equal(h_spliced, h)
+      ys.append(np.asarray(y[mk], np.float64))
+      outs.append(np.asarray(sp["mlp_out.0"][mk], np.float64))
+      codes.append(code[mk])
+      for s_ in sites[2:]:
+        ds[s_].append(((np.float64(sp[s_]) - cl[s_])[mk] ** 2).sum(-1))
+      pred = mk & (nx != setup.grammar.pad_id)
+      pick = lambda l: -np.take_along_axis(np.float64(l[pred]), nx[pred][:, None], -1)[:, 0]
+      ce.append(pick(lq))
+      ce0.append(pick(lz))
+      p_ = np.exp(np.float64(lp[pred]))
+      kl.append((p_ * (np.float64(lp[pred]) - lq[pred])).sum(-1))
+    y, out = np.concatenate(ys), np.concatenate(outs)
+    err = ((out - y) ** 2).sum(-1)
+    mu = y.mean(0)
+    expect = {"mse": err.mean() / D, "mse_sae_space": err.mean() / D,
+              "nmse": err.sum() / (y ** 2).sum(),
+              "ev_token_mean": np.mean(1 - err / ((y - mu) ** 2).sum(-1)),
+              "l0": (np.concatenate(codes) != 0).sum(1).mean(),
+              "ce_spliced": np.concatenate(ce).mean(), "kl": np.concatenate(kl).mean(),
+              "ce_zero_ablation": np.concatenate(ce0).mean(),
+              **{f"ds_mse/{s_}": np.concatenate(v).mean() / D for s_, v in ds.items()}}
+    for k, v in expect.items():
+      np.testing.assert_allclose(m[k][i], v, rtol=2e-4, atol=1e-6, err_msg=f"{k} [{i}]")
+  # The transcoder that outputs 0 is the zero ablation of the MLP; the other changes the model.
+  np.testing.assert_allclose(m["ce_spliced"][1], m["ce_zero_ablation"][1], rtol=1e-6)
+  np.testing.assert_allclose(m["nmse"][1], 1.0, rtol=1e-6)
+  assert m["kl"][0] > 1e-4 and m["ce_zero_ablation"][0] - m["ce_clean"][0] > 1e-3
+  # resid_post.0 differs from the clean one by the MLP-output error alone.
+  np.testing.assert_allclose(m["ds_mse/resid_post.0"], m["mse"], rtol=1e-4)
+
+
+def test_transcoder_and_sae_groups_need_their_own_grids_setup(setup_and_lm, transcoder_setup,
+                                                              data):
+  """A group is evaluated as a transcoder iff its grid is one: a mismatched setup is refused
+  before anything runs."""
+  spec, params = _crafted_transcoders(np.random.default_rng(0), [1.0])
+  setup, lm_params = setup_and_lm
+  tokens, mask, _, _ = _flat(data)
+  with pytest.raises(ValueError, match=r"target_site='mlp_out.0' but the setup's groups have "
+                                       r"''"):
+    ev.evaluate_group(spec, params, None, grid_step.group_hyper(spec), lm_params, tokens, mask,
+                      setup)
+  plain, plain_params, hyper = _crafted_group(1, [np.zeros((3 * D, D), np.float32)])
+  with pytest.raises(ValueError, match=r"target_site='' but the setup's groups have "
+                                       r"'mlp_out.0'"):
+    ev.evaluate_group(plain, plain_params, None, hyper, transcoder_setup[1], tokens, mask,
+                      transcoder_setup[0])
+
+
+def test_eval_job_on_a_tiny_transcoder_grid(lm_dir, tmp_path):
+  sae_dir = str(tmp_path / "sae")
+  config = _sae_config(lm_dir, [{"product": {"sparsity_coeff": [1.0, 4.0],
+                                             "loss": ["local", "e2e"]},
+                                 "set": {"expansion": 2, "target_site": "mlp_out.1"}}],
+                       site="mlp_in.1", steps=2, log_every=2, checkpoint_every=2)
+  config.lock()
+  summary = train_sae.run(config, sae_dir)
+  eval_config = eval_configs.get_config(f"smoke,sae_workdir={sae_dir}")
+  eval_config.grammaticality_positions = ("all",)
+  eval_config.lock()
+  result = ev.run(eval_config, str(tmp_path / "eval"))
+  written = json.load(open(tmp_path / "eval" / "eval.json"))
+  assert written["variants"].keys() == summary["variants"].keys() == result["variants"].keys()
+  assert len(written["variants"]) == 4 and written["site"] == "mlp_in.1"
+  for vid, v in written["variants"].items():
+    for k in ("l0", "mse", "ev_token_mean", "ce_spliced", "kl", "ce_recovered_zero",
+              "ds_mse/resid_post.1", "grammatical_mass_spliced",
+              "grammaticality/corrected/all", "grammaticality/original/all"):
+      assert isinstance(v[k], float) and np.isfinite(v[k]), (vid, k, v[k])
+    # Splice modes coincide for transcoders: generated once, reported under both.
+    assert v["grammaticality/corrected/all"] == v["grammaticality/original/all"]
+    assert v["ds_mse/resid_post.1"] > 0 and 0 < v["l0"] <= 2 * D

@@ -126,4 +126,12 @@ def test_bad_stage_configs_fail_before_anything_runs(tmp_path):
   c.sae.sweep = [{"set": {"loss": "nope"}}]
   with pytest.raises(ValueError, match="nope"):
     pipeline.run(c, str(tmp_path / "p"))
+  # A transcoder grid with causal predictability on (it would splice at the wrong site).
+  c.sae.site = "mlp_in.0"
+  c.sae.sweep = [{"product": {"target_site": ["mlp_out.0"]}, "set": {"loss": "e2e"}}]
+  assert c.analysis.causal
+  with pytest.raises(ValueError, match="analysis.causal=False for transcoder grids"):
+    pipeline.run(c, str(tmp_path / "p"))
+  c.analysis.causal = False
+  pipeline.validate_config(c)  # passes without the causal part
   assert not os.path.exists(tmp_path / "p")

@@ -1,7 +1,7 @@
 """Spliced generation: the jitted generation loop with an SAE spliced in (identity SAE = the
 clean model, 'sentence' leaves the decorator clean, one compilation per positions value), and
 `spliced_grammaticality` against the clean model and against `generate.grammaticality` with the
-same replacement as a closure."""
+same replacement as a closure; transcoders against `generate` with MLP l's output replaced."""
 # pylint: disable=protected-access
 
 import dataclasses
@@ -200,3 +200,67 @@ def test_spliced_grammaticality_rejects_bad_options(setup_and_lm):
     sg.spliced_grammaticality(setup)
   with pytest.raises(ValueError, match="1 group states and 2 hypers"):
     sg.spliced_grammaticality(parts[:3] + ((hyper, hyper),))
+
+
+# ------------------------------------------------------------------------------------------------
+# Transcoders: site mlp_in.0, output in place of mlp_out.0.
+
+
+def test_transcoder_generations_replace_the_mlp_output_of_each_step(setup_and_lm):
+  """A transcoder group generates what `generate` does with MLP 0's output replaced by the
+  transcoder of MLP 0's input of the same step (a closure pair written here), token for token
+  with the same keys; the zero transcoder is the zero ablation of MLP 0."""
+  base, lm_params = setup_and_lm
+  rng = np.random.default_rng(3)
+  specs, _ = sae_groups.build_groups(
+      [{"product": {"seed": [0, 1]},
+        "set": {"expansion": 2, "enc_bias": False, "dec_bias": False, "decoder_norm": "none",
+                "init": "menon", "target_site": "mlp_out.0"}}], D)
+  spec, = specs
+  w_enc = rng.normal(size=(2, D, 2 * D)).astype(np.float32) / np.sqrt(D)
+  w_dec = rng.normal(size=(2, 2 * D, D)).astype(np.float32) * 4.0 / np.sqrt(2 * D)
+  w_dec[1] = 0.0  # variant 1 outputs zero
+  params = {"w_enc": jnp.asarray(w_enc), "w_dec": jnp.asarray(w_dec)}
+  hyper = grid_step.group_hyper(spec)
+  states = jax.vmap(lambda _: sae_lib.init_state(spec.sae))(jnp.arange(2))
+  setup = dataclasses.replace(base, site="mlp_in.0", specs=(spec,))
+  g, mc = setup.grammar, setup.model_config
+  keys = jnp.stack([jax.random.key(5), jax.random.key(6)])
+  clean = np.asarray(generate_lib.generate(lm_params, mc, g, keys[0], batch_size=8,
+                                           max_new_tokens=12).tokens)
+
+  def pair(i, positions):
+    h_seen = {}
+
+    def hold(h_BtD):
+      h_seen["h"] = h_BtD
+      return h_BtD
+
+    def put(m_BtD):
+      h_BtD = h_seen.pop("h")
+      if positions == "sentence" and m_BtD.shape[1] == g.prefix_len:
+        return m_BtD
+      return jax.nn.relu(h_BtD @ w_enc[i]) @ w_dec[i]
+
+    return [("mlp_in.0", hold), ("mlp_out.0", put)]
+
+  for positions in ("all", "sentence"):
+    tokens, _ = sg.group_generations(setup, lm_params, spec.sae, params, states, hyper.hparams,
+                                     keys, mode="corrected", positions=positions, batch_size=8,
+                                     max_new_tokens=12)
+    for i in range(2):
+      replace = pair(i, positions)  # one closure pair per variant: compiled once for both keys
+      for b in range(2):
+        ref = generate_lib.generate(lm_params, mc, g, keys[b], batch_size=8, max_new_tokens=12,
+                                    replace=replace)
+        np.testing.assert_array_equal(tokens[i, b], np.asarray(ref.tokens))
+    if positions == "all":
+      zero = generate_lib.generate(lm_params, mc, g, keys[0], batch_size=8, max_new_tokens=12,
+                                   replace={"mlp_out.0": jnp.zeros_like})
+      np.testing.assert_array_equal(tokens[1, 0], np.asarray(zero.tokens))
+      assert (tokens[0, 0] != clean).any() and (tokens[1, 0] != clean).any()
+  # The pair refuses to run without its input site in the same forward.
+  _, put = sg.transcoder_replace("mlp_in.0", "mlp_out.0", lambda h: h)
+  with pytest.raises(ValueError, match="ran without 'mlp_in.0' before it"):
+    generate_lib.generate(lm_params, mc, g, keys[0], batch_size=2, max_new_tokens=2,
+                          replace=[put])

@@ -78,10 +78,23 @@ def run(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None) -> dict[
     out_dir: where to write.
     eval_dir: optional eval workdir; the chosen SAE of a type is the one with the best
       feature-recovery score among those whose spliced CE increase is finite.
+
+  Transcoder grids (`target_site`): features and ground truth are read from the codes of MLP
+  l's input as for SAEs, without shrinkage (x̂ stands for the MLP output, not the input);
+  causal predictability splices at the SAE's site and is refused (`a.causal=False`).
+
+  Raises:
+    ValueError: `a.causal` on a transcoder grid (before anything runs).
   """
-  os.makedirs(out_dir, exist_ok=True)
   trained = trained_lib.load(sae_workdir)
   setup = trained.setup
+  transcoders = [s.name for s in setup.specs if s.target_site]
+  if a.causal and transcoders:
+    raise ValueError(f"analysis.causal: the grid's groups {', '.join(transcoders)} are "
+                     "transcoders, and causal predictability edits codes spliced at the SAE's "
+                     "own site (mlp_in), not at the MLP output they stand for; set "
+                     "analysis.causal=False for transcoder grids")
+  os.makedirs(out_dir, exist_ok=True)
   key = jax.random.fold_in(jax.random.key(a.seed), STREAM)
   batch = codes_lib.analysis_batch(trained, key, a.num_sequences)
   lmat = batch.label_matrix()
@@ -102,8 +115,9 @@ def run(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None) -> dict[
     decoders = jax.vmap(lambda p, c=spec.sae: sae_lib.dictionary(p, c))(params)
     summ = recovery.summarise(codes, lmat, decoders, ids=list(spec.ids))
     if ground is not None:
-      # Shrinkage compares x̂ with x in one space: skipped for normalised SAEs.
-      normalised = spec.sae.input_norm or spec.sae.recon_norm
+      # Shrinkage compares x̂ with x in one space: skipped for normalised SAEs, and for
+      # transcoders (x̂ stands for the MLP output, acts_MD is the MLP input).
+      normalised = spec.sae.input_norm or spec.sae.recon_norm or bool(spec.target_site)
       recon = None if normalised else codes_lib.reconstructions(trained, gi, codes)
       gt = ground_truth.ground_truth_summary(codes, lmat, hier, acts_MD, recon,
                                              ids=list(spec.ids))

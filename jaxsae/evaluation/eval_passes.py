@@ -26,9 +26,20 @@ at the `mask_BT` tokens only, the clean activation elsewhere (what SAE training 
 `positions='all'` splices at every position, decorator and padding included (padding cannot
 affect earlier positions). The splice mode is the group's `splice_mode` unless overridden.
 
+Transcoders (a grid with `target_site` 'mlp_out.{l}' and site 'mlp_in.{l}'). The codes (L0,
+firing, alive / dead) come from the transcoder applied to the site's activation, MLP l's
+input; x below is the clean activation at the target, MLP l's output, at the same tokens (mse,
+nmse, EV, norm_ratio, the mean-ablation value and the zero / mean ablations are all of MLP l's
+output). The spliced forward replaces MLP l's output by the transcoder's at the spliced
+positions and resumes at resid_post.l = (resid_pre.l + attn_out.l) + that output, the sum block
+l forms (`spliced_forward`); nothing upstream of mlp_out.l changes, so the transcoder's input
+in that forward IS the clean mlp_in.l activation (`splice_group`). CE, KL, top-1, TV,
+grammatical mass and ds_* follow as for SAEs (ds sites: resid_post.l onwards). Transcoders
+have no input / recon norm, so both splice modes are the same function.
+
 Metrics per variant (all exact token means over the whole held-out set: per-batch sums, added
-in float64 on the host, divided at the end). x = clean activation at the site, x̂ = the spliced
-activation (in the model's space, i.e. after the splice mode's rescaling), mu = mean of x
+in float64 on the host, divided at the end). x = clean activation at the site (a transcoder's
+target), x̂ = the spliced activation (in the model's space, i.e. after the splice mode's rescaling), mu = mean of x
 over the held-out `mask_BT` tokens (a first pass computes it), LN = layer norm without affine
 and eps 1e-5 (e2e_sae's `_layer_norm_pre`; the formulas are `metrics.py`'s):
 
@@ -176,13 +187,38 @@ def heldout(setup: grid_step.Setup, seed: int, num_batches: int, batch_size: int
 
 @dataclasses.dataclass(frozen=True)
 class Static:
-  """What shapes the clean pass (hashable: a jit static argument)."""
+  """What shapes the clean pass (hashable: a jit static argument).
+
+  Attributes:
+    model_config: the LM's.
+    site: the grid's site, every SAE's input.
+    ds_sites: the later resid_post sites (ds_mse / ds_ev).
+    pad_id: the grammar's `<pad>`.
+    splice_all: positions == 'all'.
+    target: a transcoder grid's target site ('mlp_out.{l}', with site 'mlp_in.{l}'); '' for
+      SAEs, which stand for their own input.
+  """
 
   model_config: model_lib.ModelConfig
   site: str
   ds_sites: tuple[str, ...]
   pad_id: int
-  splice_all: bool  # positions == 'all'
+  splice_all: bool
+  target: str = ""
+
+  @property
+  def out_site(self) -> str:
+    """The site the SAE's output replaces and is measured against (x of the metrics)."""
+    return self.target or self.site
+
+  @property
+  def mid_sites(self) -> tuple[str, ...]:
+    """A transcoder's spliced forward resumes at resid_post.l = resid_pre.l + attn_out.l + its
+    output (the sum block l forms there): the two clean terms it needs."""
+    if not self.target:
+      return ()
+    layer = self.target.partition(".")[2]
+    return (f"resid_pre.{layer}", f"attn_out.{layer}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +236,8 @@ class Reference:
   """Held-out token means (over `mask_BT` tokens) of the clean activations.
 
   Attributes:
-    mean_D: mu at the SAE site (EV's centre, the mean-ablation value).
+    mean_D: mu at the site the SAE's output replaces (`Static.out_site`: EV's centre, the
+      mean-ablation value).
     ln_mean_D: mean of layer_norm(x) at the site (ev_layernorm's centre).
     ds_mean: downstream site -> its mean (ds_ev's centre).
   """
@@ -222,20 +259,41 @@ class Clean:
   window_BT: jax.Array
   next_BT: jax.Array
   valid_BTV: jax.Array
+  # Transcoder grids (`Static.target`): the clean target activation (x of the metrics; acts_BTD
+  # is then the SAE input at mlp_in.l) and resid_pre.l + attn_out.l (`spliced_forward`).
+  target_BTD: jax.Array | None = None
+  resid_mid_BTD: jax.Array | None = None
+
+  def measured(self) -> jax.Array:
+    """x of the metrics: the clean activation the SAE's output replaces."""
+    return self.acts_BTD if self.target_BTD is None else self.target_BTD
 
 
 def _masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(mask, values, 0.0))
 
 
+def spliced_forward(lm_params, out_BTD: jax.Array, c: Clean, st: Static,
+                    collect: tuple[str, ...] = ()) -> model_lib.ForwardResult:
+  """The frozen model from the splice on, with `out_BTD` (clean where unspliced) at
+  `st.out_site`: from the site for SAEs; for a transcoder, in place of MLP l's output, from
+  resid_post.l = (resid_pre.l + attn_out.l) + out (upstream of mlp_out.l nothing changes, so
+  the clean terms are those of the spliced forward)."""
+  if not st.target:
+    return model_lib.apply_from(lm_params, st.site, out_BTD, st.model_config, collect=collect)
+  start = f"resid_post.{st.target.partition('.')[2]}"
+  return model_lib.apply_from(lm_params, start, c.resid_mid_BTD + out_BTD, st.model_config,
+                              collect=collect)
+
+
 @functools.partial(jax.jit, static_argnames=("st",))
 def reference_sums(lm_params, tokens_BT, mask_BT, *, st: Static):
-  last = st.ds_sites[-1] if st.ds_sites else st.site
-  res = model_lib.apply(lm_params, tokens_BT, st.model_config, collect=(st.site, *st.ds_sites),
-                        stop_at=last)
+  last = st.ds_sites[-1] if st.ds_sites else st.out_site
+  res = model_lib.apply(lm_params, tokens_BT, st.model_config,
+                        collect=(st.out_site, *st.ds_sites), stop_at=last)
   w = mask_BT.astype(jnp.float32)[..., None]
   total = lambda a: jnp.sum(w * a, axis=(0, 1))
-  x = res.acts[st.site]
+  x = res.acts[st.out_site]
   return {"x": total(x), "ln": total(metrics_lib.layer_norm(x)),
           **{f"ds/{h}": total(res.acts[h]) for h in st.ds_sites}}
 
@@ -245,8 +303,13 @@ def clean_pass(lm_params, tokens_BT, next_BT, mask_BT, valid_BTV, ref: Reference
                *, st: Static):
   """The clean forward, the ablation baselines and the clean sums of one batch."""
   mc = st.model_config
-  clean = model_lib.apply(lm_params, tokens_BT, mc, collect=(st.site, *st.ds_sites))
-  x = clean.acts[st.site]
+  extra = (*st.mid_sites, st.target) if st.target else ()
+  clean = model_lib.apply(lm_params, tokens_BT, mc, collect=(st.site, *extra, *st.ds_sites))
+  tc = {}
+  if st.target:
+    mid = clean.acts[st.mid_sites[0]] + clean.acts[st.mid_sites[1]]
+    tc = dict(target_BTD=clean.acts[st.target], resid_mid_BTD=mid)
+  x = clean.acts[st.out_site]
   predict = mask_BT & (next_BT != st.pad_id)
   flat = mask_BT.reshape(-1)
   rank = jnp.cumsum(flat.astype(jnp.int32)).reshape(mask_BT.shape)
@@ -255,9 +318,12 @@ def clean_pass(lm_params, tokens_BT, next_BT, mask_BT, valid_BTV, ref: Reference
 
   def ablated_ce(value_BTD):
     out = jnp.where(splice_at[..., None], value_BTD, x)
-    logits = model_lib.apply_from(lm_params, st.site, out, mc).logits
+    logits = spliced_forward(lm_params, out, c, st).logits
     return _masked_sum(metrics_lib.token_cross_entropy(logits, next_BT), predict)
 
+  c = Clean(acts_BTD=clean.acts[st.site], logits_BTV=clean.logits,
+            ds_acts={h: clean.acts[h] for h in st.ds_sites}, mask_BT=mask_BT, predict_BT=predict,
+            window_BT=window, next_BT=next_BT, valid_BTV=valid_BTV, **tc)
   w = mask_BT.astype(jnp.float32)
   sums = {
       "tokens": jnp.sum(w),
@@ -272,9 +338,6 @@ def clean_pass(lm_params, tokens_BT, next_BT, mask_BT, valid_BTV, ref: Reference
       "ce_mean": ablated_ce(jnp.broadcast_to(ref.mean_D[None, None, :], x.shape)),
       SEQ_PREFIX + "predictions": jnp.sum(predict.astype(jnp.float32), axis=1),
   }
-  c = Clean(acts_BTD=x, logits_BTV=clean.logits, ds_acts={h: clean.acts[h] for h in st.ds_sites},
-            mask_BT=mask_BT, predict_BT=predict, window_BT=window, next_BT=next_BT,
-            valid_BTV=valid_BTV)
   return c, sums
 
 
@@ -284,16 +347,15 @@ def group_pass(sae_params, sae_state, hparams, lm_params, c: Clean, ref: Referen
   """Per-variant sums of one batch for a whole group (over the leading axis N: vmapped, or
   `lax.map` where the grid's `variant_loop` says so, as in training)."""
   b = st.base
-  x = c.acts_BTD
+  x = c.measured()
   w = c.mask_BT.astype(jnp.float32)
   ce_clean_BT = metrics_lib.token_cross_entropy(c.logits_BTV, c.next_BT)
   per_sequence = lambda v_BT: jnp.sum(jnp.where(c.predict_BT, v_BT, 0.0), axis=1)
 
   def one(params, state, hp):
-    out, codes, aux = sae_lib.splice(params, x, st.sae, hp, st.splice_mode,
-                                     mask=None if b.splice_all else c.mask_BT, state=state)
+    out, codes, aux = splice_group(params, state, hp, c, st)
     nonzero = codes != 0
-    res = model_lib.apply_from(lm_params, b.site, out, b.model_config, collect=b.ds_sites)
+    res = spliced_forward(lm_params, out, c, b, collect=b.ds_sites)
     logits = res.logits
     sums = {
         "l0": jnp.sum(w * jnp.sum(nonzero, axis=-1)),
@@ -326,6 +388,32 @@ def group_pass(sae_params, sae_state, hparams, lm_params, c: Clean, ref: Referen
     return sums, fired
 
   return variant_axis.over_variants(one, st.variant_loop)(sae_params, sae_state, hparams)
+
+
+def splice_group(params, state, hp, c: Clean, st: GroupStatic):
+  """One variant's `(out, codes, aux)` as `sae.splice` gives them, `aux['target']` what x̂
+  stands for. An SAE replaces its input; a transcoder encodes the clean mlp_in.l activation
+  (that of the spliced forward too: mlp_out.l is downstream of it) and its output replaces the
+  clean mlp_out.l, x̂'s target. Unspliced tokens (positions 'sentence') keep the clean value."""
+  mask = None if st.base.splice_all else c.mask_BT
+  if not st.base.target:
+    return sae_lib.splice(params, c.acts_BTD, st.sae, hp, st.splice_mode, mask=mask, state=state)
+  x_hat, codes, aux = sae_lib.forward(params, c.acts_BTD, st.sae, hp, state=state, mask=mask)
+  out = sae_lib.to_model_space(x_hat, c.target_BTD, st.sae, st.splice_mode, mask)
+  return out, codes, {**aux, "target": c.target_BTD}
+
+
+def check_target(spec, setup: grid_step.Setup) -> None:
+  """A group is evaluated as a transcoder iff its grid is one (`grid_step.target_site`).
+
+  Raises:
+    ValueError: the group's target_site differs from the grid's.
+  """
+  grid_target = grid_step.target_site(setup)
+  if spec.target_site != grid_target:
+    raise ValueError(f"group {spec.name}: target_site={spec.target_site!r} but the setup's "
+                     f"groups have {grid_target!r}; evaluate a group with the setup of its own "
+                     "grid (trained.load(workdir).setup)")
 
 
 def finalize(clean: Mapping[str, float], sums: Mapping[str, np.ndarray], fired: np.ndarray,
@@ -397,4 +485,5 @@ def static_for(setup: grid_step.Setup, positions: str) -> Static:
   mc = setup.model_config
   return Static(model_config=mc, site=setup.site,
                 ds_sites=losses_lib.downstream_sites(mc, setup.site, include_final=True),
-                pad_id=setup.grammar.pad_id, splice_all=positions == "all")
+                pad_id=setup.grammar.pad_id, splice_all=positions == "all",
+                target=grid_step.target_site(setup))

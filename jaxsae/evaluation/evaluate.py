@@ -10,7 +10,9 @@ the passes over batches and groups (`reference`, `evaluate_group`), evaluates a 
 definitions (which tokens count, where the SAE is spliced, every metric's formula) are in
 `eval_passes.py`. The per-token formulas are in `metrics.py`, spliced
 grammaticality (generation with the SAE spliced in) in `spliced_generation.py`, feature recovery
-in `analysis/recovery.py` and dictionary geometry in `geometry.py`.
+in `analysis/recovery.py` and dictionary geometry in `geometry.py`. Transcoder grids
+(`target_site`) are evaluated against, and spliced in place of, MLP l's output (`eval_passes`,
+`spliced_generation`); a group is evaluated with its own grid's setup (`eval_passes.check_target`).
 """
 
 from __future__ import annotations
@@ -56,22 +58,6 @@ class _GroupInput:
 
 def _variant_loop(setup: grid_step.Setup) -> str:
   return getattr(setup, "variant_loop", "vmap")
-
-
-def check_no_transcoders(specs: Sequence[sae_groups.GroupSpec]) -> None:
-  """Refuses transcoder groups (`target_site`): the held-out passes and spliced generation
-  splice an SAE's output at its own input site, where a transcoder's (MLP l's output, read
-  from its input) does not belong; their numbers would be wrong.
-
-  Raises:
-    ValueError: naming the groups and what to do instead.
-  """
-  tc = [f"{s.name} (target_site={s.target_site!r})" for s in specs if s.target_site]
-  if tc:
-    raise ValueError(f"the evaluation does not support transcoders, and the grid's groups "
-                     f"{', '.join(tc)} are: it would splice their MLP-output reconstruction "
-                     "at the MLP's input. Evaluate grids of SAEs without target_site; read a "
-                     "transcoder grid's training metrics (metrics.jsonl, summary.json) instead")
 
 
 def _check_group_input(g: _GroupInput) -> None:
@@ -238,7 +224,7 @@ def evaluate_group(spec: sae_groups.GroupSpec, params, sae_state: sae_lib.SAESta
     metrics of `eval_passes`' docstring, plus `firing_counts` `[N, F]`, `density_histogram`
     `[N, len(metrics.DENSITY_BIN_EDGES) - 1]` and `window_tokens`.
   """
-  check_no_transcoders([spec])
+  eval_passes.check_target(spec, setup)
   tokens = np.asarray(tokens_BT)
   mask = np.asarray(mask_BT)
   if tokens.ndim == 2:
@@ -302,7 +288,7 @@ def evaluate_trained(trained: trained_lib.TrainedGrid, *, seed: int = 0, num_bat
     store: where finished parts are kept (`partial.Store`); None: nothing is kept.
 
   Returns:
-    `{'language', 'site', 'steps', 'heldout': {...}, 'clean': {...clean-model numbers...},
+    `{'language', 'site', 'target_site' (a transcoder grid's; '' for SAEs), 'steps', 'heldout': {...}, 'clean': {...clean-model numbers...},
     'density_bin_edges_log10': [...], 'variants': {variant_id: {'group', 'frozen',
     'bad_step', 'splice_mode', 'hparams', metric: float, ..., 'density_histogram': [...],
     'grammaticality/<mode>/<positions>': float, 'grammaticality_std/<mode>/<positions>':
@@ -310,7 +296,6 @@ def evaluate_trained(trained: trained_lib.TrainedGrid, *, seed: int = 0, num_bat
   """
   setup = trained.setup
   # Every option is checked before anything is sampled or compiled.
-  check_no_transcoders(setup.specs)
   eval_passes.check_options(positions=positions, window_tokens=window_tokens,
                             splice_mode=splice_mode, mask_positions=mask_positions)
   spliced_generation.check_options(grammaticality_modes, grammaticality_positions)
@@ -359,7 +344,8 @@ def evaluate_trained(trained: trained_lib.TrainedGrid, *, seed: int = 0, num_bat
           v[f"grammaticality_std/{combo}"] = r["std"]
       variants[vid] = v
   return {
-      "language": trained.lm.language, "site": setup.site, "steps": int(trained.state.step),
+      "language": trained.lm.language, "site": setup.site,
+      "target_site": grid_step.target_site(setup), "steps": int(trained.state.step),
       "heldout": {"seed": seed, "num_batches": num_batches, "batch_size": batch_size,
                   "mask_positions": mask_positions or setup.positions, "positions": positions,
                   "tokens": int(clean_sums["tokens"]), "predictions": int(pred),

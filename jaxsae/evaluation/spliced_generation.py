@@ -15,6 +15,12 @@ included; `'sentence'` only at the generated positions (after the decorator). Sp
 `sae.SPLICE_MODES` (`corrected`, `original`); for SAEs without input / recon normalisation both
 modes are the same function and are generated once.
 
+Transcoders (a grid with `target_site` 'mlp_out.{l}', site 'mlp_in.{l}'): at every spliced
+position MLP l's output is replaced by the transcoder applied to MLP l's input of the same
+forward step (`transcoder_replace`: a pair of replacements, mlp_in.l handing its activation on
+to mlp_out.l), with the same positions semantics; they have no input / recon norm, so their
+modes coincide and are generated once.
+
 How it runs (`group_generations`): one compiled call per group and (mode, positions) samples
 every variant's `num_batches` batches; variants and batches are vmapped, or run one after
 another (`lax.map`) where the grid's `variant_loop` says so (its 'auto' picks the map on CPU).
@@ -35,6 +41,7 @@ import time
 from typing import Any, Sequence
 
 from absl import logging
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,11 +90,44 @@ class _GenStatic:
   max_new_tokens: int
   top_k: int
   variant_loop: str  # over variants and over batches: 'vmap' or 'map'
+  target: str = ""  # a transcoder grid's target site ('mlp_out.{l}'; the site is 'mlp_in.{l}')
+
+
+def transcoder_replace(in_site: str, out_site: str, fn) -> tuple[tuple[str, Any], ...]:
+  """`model.apply` / `generate` replacement pairs that put `fn(h)` in place of the activation
+  at `out_site`, h being the activation at `in_site` (an earlier site) of the SAME forward.
+
+  A replacement function sees only its own site's activation, so the pair at `in_site` hands
+  h on (unchanged) to the one at `out_site`, which the forward calls next, in the same trace.
+  For a transcoder: `in_site` mlp_in.l, `out_site` mlp_out.l, `fn` the transcoder.
+  """
+  held = []
+
+  def hold(h_BtD):
+    held.append(h_BtD)
+    return h_BtD
+
+  def put(m_BtD):
+    if not held:
+      raise ValueError(f"the replacement at {out_site!r} ran without {in_site!r} before it "
+                       "in the same forward; pass both pairs to one model call")
+    h_BtD = held.pop()
+    chex.assert_equal_shape((h_BtD, m_BtD))
+    return fn(h_BtD)
+
+  return ((in_site, hold), (out_site, put))
 
 
 def _replacement(sae_params, sae_state, hparams, original, st: _GenStatic):
   """The SAE at the site, in splice mode 'original' where the traced bool `original` says so,
-  else 'corrected' (one compilation for both; without input / recon norm they coincide)."""
+  else 'corrected' (one compilation for both; without input / recon norm they coincide).
+  A transcoder (`st.target`) replaces its target with its output on that forward's site
+  activation (its splice modes coincide: it has no input / recon norm)."""
+
+  if st.target:
+    transcode = lambda h_BtD: sae_lib.forward(sae_params, h_BtD, st.sae, hparams,
+                                              state=sae_state)[0]
+    return transcoder_replace(st.site, st.target, transcode)
 
   def splice(mode, x_BtD):
     return sae_lib.splice(sae_params, x_BtD, st.sae, hparams, mode, state=sae_state)[0]
@@ -147,7 +187,7 @@ def group_generations(setup: grid_step.Setup, lm_params, sae: sae_lib.SAEConfig,
 
   Batch g of every variant equals `generate.generate(..., key=keys[g], replace={site: that
   variant's SAE})` token for token (for `positions='sentence'`, with the decorator prompt
-  left clean). The prompt is prefilled once per variant (`all`), or once for every variant
+  left clean; for a transcoder grid, `replace=transcoder_replace(site, target, transcoder)`). The prompt is prefilled once per variant (`all`), or once for every variant
   and group (`sentence`: the clean prefix, computed here unless passed); variants and batches
   run vmapped or one after another (`lax.map`) as the grid's `variant_loop` says, and each
   batch stops as soon as all its rows have emitted <eos>. One compilation per group (its
@@ -187,7 +227,8 @@ def dispatch_group(setup: grid_step.Setup, lm_params, sae: sae_lib.SAEConfig, pa
   check_options((mode,), (positions,))
   st = _GenStatic(sae=sae, site=setup.site, model_config=setup.model_config,
                   batch_size=int(batch_size), max_new_tokens=int(max_new_tokens),
-                  top_k=int(top_k), variant_loop=getattr(setup, "variant_loop", "vmap"))
+                  top_k=int(top_k), variant_loop=getattr(setup, "variant_loop", "vmap"),
+                  target=grid_step.target_site(setup))
   if clean_prefix is None:
     clean_prefix = clean_prefix_for(setup, lm_params, batch_size=batch_size,
                                     max_new_tokens=max_new_tokens)
