@@ -154,6 +154,18 @@ def test_exported_tensors_are_the_effective_ones(tmp_path):
   path, _ = _export(tmp_path, "batchtopk_threshold")
   np.testing.assert_array_equal(export_lib.load_weights(path)[0]["threshold"],
                                 np.full((F,), 0.4, np.float32))
+  # Gated, pre-bias and decoder bias: the gate bias folds as b_enc, the magnitude bias through
+  # the magnitude path's weights w_enc·exp(r_mag); W_enc and r_mag as trained.
+  path, (params, _, _, _) = _export(tmp_path, "gated_prebias")
+  t, cfg = export_lib.load_weights(path)
+  assert cfg["apply_b_dec_to_input"] is True and "b_enc" not in t
+  shift = np.asarray(params["b_dec"] @ params["w_enc"])
+  np.testing.assert_allclose(t["b_gate"], params["b_enc"] + shift, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(t["b_mag"], params["b_mag"] + shift * np.exp(params["r_mag"]),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(t["W_enc"], params["w_enc"])
+  np.testing.assert_array_equal(t["r_mag"], params["r_mag"])
+  np.testing.assert_allclose(t["b_dec"], params["b_dec"] + params["b_pre"], rtol=1e-6)
 
 
 _SAELENS_KEYS = ["d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
@@ -169,7 +181,8 @@ _SAELENS_KEYS = ["d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
     ("relu_input", "standard", {}, "constant_norm_rescale", True),
     ("relu_input_recon", "standard", {}, "jaxsae_input_recon", False),
     ("sparsemax_recon_dist", "jaxsae_sparsemax", {}, "jaxsae_input", False),
-    ("gated_prebias", "jaxsae_gated", {}, "none", False),
+    ("gated_prebias", "gated", {}, "none", True),
+    ("gated_input_forward", "gated", {}, "constant_norm_rescale", True),
 ])
 def test_cfg_json_is_saelens_6(tmp_path, name, architecture, extra_keys, norm, loadable):
   path, (_, config, hparams, _) = _export(tmp_path, name, model_name="tiny-dyck2",
@@ -200,8 +213,12 @@ def test_cfg_json_is_saelens_6(tmp_path, name, architecture, extra_keys, norm, l
   assert block["hparams"]["k"] == int(hparams.k)
   tensors, _ = export_lib.load_weights(path)
   shapes = {k: v.shape for k, v in tensors.items()}
-  assert (shapes["W_enc"], shapes["b_enc"], shapes["W_dec"], shapes["b_dec"]) == (
+  gate = "b_gate" if config.activation == "gated" else "b_enc"
+  assert (shapes["W_enc"], shapes[gate], shapes["W_dec"], shapes["b_dec"]) == (
       (D, F), (F,), (F, D), (D,))
+  if config.activation == "gated":  # SAELens' GatedSAE parameters, and no b_enc
+    assert sorted(shapes) == ["W_dec", "W_enc", "b_dec", "b_gate", "b_mag", "r_mag"]
+    assert shapes["r_mag"] == shapes["b_mag"] == (F,)
   assert all(v.dtype == np.float32 for v in tensors.values())
 
 

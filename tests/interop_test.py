@@ -43,13 +43,19 @@ CASES = {
     "topk_input": (dict(activation="topk", k_max=5, input_norm=True), dict(k=3), None),
     "jumprelu_input_menon": (dict(activation="jumprelu", input_norm=True, init="menon",
                                   dec_bias=False, pre_bias=True), {}, None),
+    "gated_prebias_decbias": (dict(activation="gated", pre_bias=True, decoder_norm="none"), {},
+                              None),
+    "gated_forward_nobias": (dict(activation="gated", enc_bias=False), {}, None),
+    "gated_input_project": (dict(activation="gated", input_norm=True, pre_bias=True,
+                                 decoder_norm="project"), {}, None),
     # Not expressible in SAELens:
     "relu_input_recon": (dict(input_norm=True, recon_norm=True, pre_bias=True), {}, None),
     "relu_recon": (dict(recon_norm=True), {}, None),
+    "gated_recon": (dict(activation="gated", recon_norm=True, pre_bias=True), {}, None),
     "sparsemax_recon_dist": (dict(activation="sparsemax_recon_dist", enc_bias=False,
                                   init="menon", pre_bias=True, input_norm=True), {}, None),
 }
-REFUSED = ("relu_input_recon", "relu_recon", "sparsemax_recon_dist")
+REFUSED = ("relu_input_recon", "relu_recon", "gated_recon", "sparsemax_recon_dist")
 
 
 def _export(tmp_path, name, splice_mode="corrected"):
@@ -75,7 +81,8 @@ def test_saelens_loads_the_sae_with_our_codes_and_output(tmp_path, name, splice_
   path, (params, config, hparams, state) = _export(tmp_path, name, splice_mode)
   sae = sae_lens.SAE.load_from_disk(path)  # the one call a user makes
   want = {"relu": sae_lens.StandardSAE, "topk": sae_lens.TopKSAE,
-          "jumprelu": sae_lens.JumpReLUSAE, "batchtopk": sae_lens.JumpReLUSAE}
+          "jumprelu": sae_lens.JumpReLUSAE, "batchtopk": sae_lens.JumpReLUSAE,
+          "gated": sae_lens.GatedSAE}
   assert type(sae) is want[config.activation]  # pylint: disable=unidiomatic-typecheck
   if config.activation == "topk":
     assert sae.cfg.k == int(hparams.k)
@@ -97,7 +104,8 @@ def test_saelens_loads_the_sae_with_our_codes_and_output(tmp_path, name, splice_
       np.testing.assert_allclose(sae(torch.from_numpy(3 * x)).numpy(), 3 * out_pt, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["topk_prebias_forward", "batchtopk_threshold", "relu_input"])
+@pytest.mark.parametrize("name", ["topk_prebias_forward", "batchtopk_threshold", "relu_input",
+                                  "gated_input_project"])
 def test_the_files_are_what_saelens_save_model_writes(tmp_path, name):
   path, _ = _export(tmp_path, name)
   sae = sae_lens.SAE.load_from_disk(path)

@@ -31,6 +31,8 @@ def grids(tmp_path_factory):
        {"set": {"loss": "local", "activation": "jumprelu", "expansion": 2,
                 "sparsity_coeff": 0.1, "jumprelu_init_threshold": 0.05}},
        {"set": {"loss": "local", "expansion": 2, "input_norm": True, "pre_bias": True,
+                "sparsity_coeff": 1.0}},
+       {"set": {"loss": "local", "activation": "gated", "expansion": 2, "pre_bias": True,
                 "sparsity_coeff": 1.0}}],
       steps=2, log_every=2, checkpoint_every=2)
   train_sae.run(c, str(root / "sae"))

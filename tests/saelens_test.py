@@ -28,6 +28,9 @@ CASES = {
     "relu_input": (dict(input_norm=True, pre_bias=True), {}, None),
     "topk_input_menon": (dict(activation="topk", k_max=5, input_norm=True, init="menon",
                               dec_bias=False, pre_bias=True), dict(k=3), None),
+    "gated_prebias_decbias": (dict(activation="gated", pre_bias=True, decoder_norm="none"), {},
+                              None),
+    "gated_input_forward": (dict(activation="gated", input_norm=True), {}, None),
 }
 
 
@@ -53,6 +56,8 @@ def test_export_then_load_is_the_same_spliced_sae(tmp_path, name, splice_mode):
   np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), rtol=0, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(codes) != 0, np.asarray(want_codes) != 0)
   assert imp.sae_config.input_norm == (config.input_norm and splice_mode == "corrected")
+  assert imp.sae_config.activation == {"batchtopk": "jumprelu"}.get(config.activation,
+                                                                    config.activation)
   if config.uses_k:
     assert int(imp.hparams.k) == (int(hparams.k) if config.activation == "topk" else 0)
 
@@ -106,7 +111,8 @@ def test_what_has_no_counterpart_is_refused(tmp_path):
   cfg_path = os.path.join(path, "cfg.json")
   with open(cfg_path) as f:
     cfg = json.load(f)
-  for field, value, match in (("architecture", "gated", "architecture='gated'"),
+  for field, value, match in (("architecture", "matching_pursuit",
+                               "architecture='matching_pursuit'"),
                               ("normalize_activations", "layer_norm", "'layer_norm' is not"),
                               ("reshape_activations", "hook_z", "hook_z")):
     with open(cfg_path, "w") as f:
@@ -117,13 +123,43 @@ def test_what_has_no_counterpart_is_refused(tmp_path):
     saelens_lib.load(str(tmp_path / "missing"))
 
 
-def test_gated_sae_is_refused_with_its_reason(tmp_path):
-  params, config, hparams, _ = fakes.perturbed_sae(
-      (dict(activation="gated", pre_bias=True), {}, None), D, F, seed=2)
+def test_gated_sae_in_saelens_layout_is_read_by_its_formula(tmp_path):
+  # A gated SAE as SAELens writes it (b_gate, r_mag, b_mag, no b_enc; no pre-bias, so b_dec is
+  # added at the output only), against SAELens' GatedSAE formula written out here.
+  rng = np.random.default_rng(1)
+  t = {"W_enc": rng.normal(size=(D, F)), "b_gate": rng.normal(size=F),
+       "r_mag": 0.3 * rng.normal(size=F), "b_mag": rng.normal(size=F),
+       "W_dec": rng.normal(size=(F, D)), "b_dec": rng.normal(size=D)}
+  t = {k: v.astype(np.float32) for k, v in t.items()}
+  cfg = {"d_in": D, "d_sae": F, "dtype": "float32", "device": "cpu",
+         "apply_b_dec_to_input": False, "normalize_activations": "none",
+         "reshape_activations": "none", "metadata": {"hook_name": "blocks.1.hook_resid_post"},
+         "architecture": "gated"}
+  safetensors_np.save_file(t, str(tmp_path / "sae_weights.safetensors"))
+  with open(tmp_path / "cfg.json", "w") as f:
+    json.dump(cfg, f)
+  imp = saelens_lib.load(str(tmp_path))
+  assert imp.sae_config.activation == "gated" and not imp.sae_config.pre_bias
+  x = rng.normal(size=(6, D)).astype(np.float32)
+  gate = x @ t["W_enc"] + t["b_gate"]
+  mag = x @ (t["W_enc"] * np.exp(t["r_mag"])) + t["b_mag"]
+  codes = (gate > 0) * np.maximum(mag, 0)
+  out = codes @ t["W_dec"] + t["b_dec"]
+  assert 0 < np.mean(codes != 0) < 1
+  got_out, got_codes, _ = sae_lib.splice(imp.params, jnp.asarray(x), imp.sae_config,
+                                         imp.hparams)
+  np.testing.assert_allclose(np.asarray(got_codes), codes, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got_out), out, rtol=1e-5, atol=1e-5)
+  # Weights that do not fit the architecture are named.
+  safetensors_np.save_file({k: v for k, v in t.items() if k != "r_mag"},
+                           str(tmp_path / "sae_weights.safetensors"))
+  with pytest.raises(ValueError, match=r"lacks \['r_mag'\]"):
+    saelens_lib.load(str(tmp_path))
+
+
+def test_gated_sae_with_recon_norm_is_refused_with_its_reason():
+  config = sae_lib.SAEConfig(d_in=D, width=F, activation="gated", recon_norm=True)
   how = saelens_lib.form(config)
-  assert not how.loadable and how.architecture == "jaxsae_gated"
-  assert "SAELens' 'gated' architecture is not written" in how.note
-  path = export_lib.export_sae(str(tmp_path), params, config, hparams, site="resid_post.0",
-                               language="dyck2", variant_id="g")
-  with pytest.raises(ValueError, match="architecture='jaxsae_gated' has no exact jaxsae"):
-    saelens_lib.load(path)
+  assert not how.loadable and how.architecture == "gated"
+  assert how.normalize_activations == "jaxsae_recon"
+  assert "normalisation of the reconstruction" in how.note

@@ -12,7 +12,8 @@ so `sae_lens.SAE.load_from_disk(<dir>)` loads an SAE with one call:
              `hook_name`), hook_head_index, context_size, prepend_bos, seqpos_slice,
              exclude_special_tokens, model_from_pretrained_kwargs.
   sae_weights.safetensors   float32 W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in],
-             b_dec [d_in], and `threshold` [d_sae] for 'jumprelu'.
+             b_dec [d_in], and `threshold` [d_sae] for 'jumprelu'; for 'gated' b_gate, r_mag,
+             b_mag [d_sae] in place of b_enc.
 
 What the SAELens SAE computes is the variant *as spliced into the model* under its splice mode
 (`sae.splice(..., mode=splice_mode)`): the same codes, and `sae(x)` equal to the spliced
@@ -22,24 +23,27 @@ kind maps (`form`):
 - ReLU -> 'standard'; TopK -> 'topk' with the variant's k; JumpReLU -> 'jumprelu' with threshold
   exp(log_threshold); BatchTopK -> 'jumprelu' with its tracked inference threshold on every
   latent (what SAELens itself saves for its BatchTopK SAEs).
+- Gated (Rajamanoharan et al. 2024a) -> 'gated', SAELens' `GatedSAE`: gate pre-activation
+  sae_in @ W_enc + b_gate, magnitude sae_in @ (W_enc·exp(r_mag)) + b_mag, codes
+  1[gate > 0]·relu(magnitude), the same formula as ours with the shared W_enc = w_enc, r_mag as
+  trained, b_gate = our b_enc and b_mag both folded for the pre-bias (`jaxsae.interop.export`).
 - Input normalisation under splice mode 'corrected' (x -> x/‖x‖ into the SAE, its output
   times ‖x‖): SAELens' 'constant_norm_rescale' (x·√d/‖x‖ in, output ·‖x‖/√d) with W_enc/√d,
   b_dec·√d, W_dec·√d, which gives the same pre-activations and the same spliced output (exact
-  in real arithmetic). Under splice mode 'original' the model feeds raw x and takes the raw
+  in real arithmetic; for 'gated' both paths, as they share W_enc, with b_gate, r_mag, b_mag
+  unchanged). Under splice mode 'original' the model feeds raw x and takes the raw
   output, so the plain tensors with 'none' are exact.
 - Not expressible in SAELens, so written to be refused loudly: sparsemax encoders (architecture
   'jaxsae_sparsemax', which SAELens' registry does not know) and recon normalisation
   (normalize_activations 'jaxsae_recon' / 'jaxsae_input_recon', which SAELens' config rejects).
   Their files hold the tensors of `sae.forward` (output in the SAE's space), with 'jaxsae_input'
   marking input normalisation of a sparsemax encoder and, for sparsemax, `b_pre` [d_in] and
-  `lam` [] (see `numpy_forward`).
-- Gated SAEs are refused too (architecture 'jaxsae_gated': the gate path's W_enc / b_enc with
-  the magnitude path's `r_mag`, `b_mag` [d_sae], folded like b_enc); SAELens' own 'gated'
-  layout is not written. AuxK and Matryoshka change only the training: their SAEs export as the
-  plain TopK / BatchTopK / ReLU SAEs they are.
+  `lam` [] (see `numpy_forward`). This covers gated SAEs with recon normalisation too.
+  AuxK and Matryoshka change only the training: their SAEs export as the plain TopK /
+  BatchTopK / ReLU SAEs they are.
 
 `load` reads an SAELens 6 directory (ours, or one SAELens trained: 'standard', 'topk' with or
-without rescale_acts_by_decoder_norm, 'jumprelu'; normalisation 'none' or
+without rescale_acts_by_decoder_norm, 'jumprelu', 'gated'; normalisation 'none' or
 'constant_norm_rescale') back into our representation, exactly: `sae.splice` of the result
 equals SAELens' `sae(x)` and its codes SAELens' `encode(x)`.
 """
@@ -65,7 +69,7 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 # SAELens' allowed normalize_activations values that we write, and our own (refused) ones.
 NORMALIZATIONS = ("none", "constant_norm_rescale", "jaxsae_input", "jaxsae_recon",
                   "jaxsae_input_recon")
-ARCHITECTURES = ("standard", "topk", "jumprelu", "jaxsae_sparsemax", "jaxsae_gated")
+ARCHITECTURES = ("standard", "topk", "jumprelu", "gated", "jaxsae_sparsemax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +115,11 @@ def form(config: sae_lib.SAEConfig, splice_mode: str = "corrected") -> Form:
   if splice_mode not in sae_lib.SPLICE_MODES:
     raise ValueError(f"splice_mode={splice_mode!r}: use one of {sae_lib.SPLICE_MODES}")
   arch = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu",
-          "batchtopk": "jumprelu", "gated": "jaxsae_gated"}.get(config.activation,
-                                                                "jaxsae_sparsemax")
+          "batchtopk": "jumprelu", "gated": "gated"}.get(config.activation,
+                                                         "jaxsae_sparsemax")
   what = {"relu": "ReLU", "topk": "TopK", "jumprelu": "JumpReLU",
-          "batchtopk": "BatchTopK (its inference threshold, as JumpReLU)"}.get(
-              config.activation, config.activation)
+          "batchtopk": "BatchTopK (its inference threshold, as JumpReLU)",
+          "gated": "Gated (b_gate, r_mag, b_mag)"}.get(config.activation, config.activation)
   if config.recon_norm:
     norm = "jaxsae_input_recon" if config.input_norm else "jaxsae_recon"
     return Form(False, arch, norm, "refused: SAELens has no normalisation of the "
@@ -123,10 +127,6 @@ def form(config: sae_lib.SAEConfig, splice_mode: str = "corrected") -> Form:
   if config.is_sparsemax:
     norm = "jaxsae_input" if config.input_norm else "none"
     return Form(False, arch, norm, "refused: SAELens has no sparsemax (prototype) encoder")
-  if config.activation == "gated":
-    norm = "jaxsae_input" if config.input_norm else "none"
-    return Form(False, arch, norm, "refused: the mapping to SAELens' 'gated' architecture is "
-                "not written; the files are jaxsae's own (numpy_forward, export.load_sae)")
   if config.input_norm and splice_mode == "corrected":
     return Form(True, arch, "constant_norm_rescale",
                     f"{what}; input normalisation as constant_norm_rescale with W_enc/sqrt(d), "
@@ -245,9 +245,9 @@ def numpy_forward(tensors: Mapping[str, np.ndarray], cfg: Mapping[str, Any], x: 
     codes = _np_sparsemax(pre + t["b_enc"])
   else:
     sae_in = x - t["b_dec"] if cfg["apply_b_dec_to_input"] else x
-    pre = sae_in @ t["W_enc"] + t["b_enc"]
+    pre = sae_in @ t["W_enc"] + t["b_gate" if arch == "gated" else "b_enc"]
     codes = np.maximum(pre, 0)
-    if arch == "jaxsae_gated":
+    if arch == "gated":
       mag = sae_in @ (t["W_enc"] * np.exp(t["r_mag"])) + t["b_mag"]
       codes = (pre > 0) * np.maximum(mag, 0)
     elif arch == "topk":
@@ -313,9 +313,9 @@ def load(path: str) -> Imported:
     cfg = json.load(f)
   t = {k: np.asarray(v, np.float32) for k, v in safetensors_np.load_file(files[1]).items()}
   arch, norm = cfg.get("architecture"), cfg.get("normalize_activations", "none")
-  if arch not in ("standard", "topk", "jumprelu"):
+  if arch not in ("standard", "topk", "jumprelu", "gated"):
     raise ValueError(f"{path!r}: architecture={arch!r} has no exact jaxsae counterpart; "
-                     "supported: standard, topk, jumprelu")
+                     "supported: standard, topk, jumprelu, gated")
   if norm not in ("none", "constant_norm_rescale"):
     raise ValueError(f"{path!r}: normalize_activations={norm!r} is not supported; fold it into "
                      "the weights first (SAELens: sae.fold_activation_norm_scaling_factor) or "
@@ -324,7 +324,13 @@ def load(path: str) -> Imported:
     raise ValueError(f"{path!r}: reshape_activations={cfg['reshape_activations']!r} (hook_z "
                      "SAEs) is not supported")
   d, f = int(cfg["d_in"]), int(cfg["d_sae"])
-  w_enc, b_enc, w_dec, b_dec = t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"]
+  names = ("W_enc", "b_gate" if arch == "gated" else "b_enc", "W_dec", "b_dec") + (
+      ("r_mag", "b_mag") if arch == "gated" else ("threshold",) if arch == "jumprelu" else ())
+  missing = [name for name in names if name not in t]
+  if missing:
+    raise ValueError(f"{path!r}: {WEIGHTS_FILE} lacks {missing} (architecture={arch!r} needs "
+                     f"{list(names)}); the weights do not belong to this cfg.json")
+  w_enc, b_enc, w_dec, b_dec = (t[name] for name in names[:4])
   if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
     # SAELens: pre·‖W_dec_j‖, then codes @ (W_dec_j / ‖W_dec_j‖): fold the norms.
     norms = np.linalg.norm(w_dec, axis=-1)
@@ -340,6 +346,8 @@ def load(path: str) -> Imported:
       input_norm=norm == "constant_norm_rescale", init="menon")
   params = {"w_enc": w_enc, "b_enc": b_enc, "w_dec": w_dec,
             ("b_pre" if pre_bias else "b_dec"): b_dec}
+  if arch == "gated":  # b_gate is our gate path's b_enc; both paths share W_enc, as ours
+    params.update(r_mag=t["r_mag"], b_mag=t["b_mag"])
   if arch == "jumprelu":
     if np.any(t["threshold"] < 0):
       raise ValueError(f"{path!r}: negative JumpReLU thresholds have no exact counterpart "
