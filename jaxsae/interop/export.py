@@ -3,10 +3,9 @@
 Layout: one directory per SAE, `<out>/<variant_id>/`, holding
 
   cfg.json                  exactly what SAELens 6's `save_model` writes (`jaxsae.interop.saelens`).
-  sae_weights.safetensors   float32 tensors in SAELens' names and layouts: W_enc [d_in, d_sae],
-                            b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]; `threshold` [d_sae]
-                            ('jumprelu'); b_gate, r_mag, b_mag [d_sae] in place of b_enc
-                            ('gated'); `b_pre` [d_in] and `lam` [] ('jaxsae_sparsemax').
+  sae_weights.safetensors   float32, SAELens' names and layouts: W_enc [d_in, d_sae], b_enc
+                            [d_sae], W_dec [d_sae, d_in], b_dec [d_in]; threshold [d_sae]
+                            ('jumprelu'); b_gate, r_mag, b_mag [d_sae] ('gated', no b_enc).
   jaxsae.json               our metadata: format_version, variant_id, language, site,
                             splice_mode, sae_config (every `SAEConfig` field), hparams
                             (`SAEHparams`), state (BatchTopK threshold and update count), saelens
@@ -29,8 +28,7 @@ executable definition (x [..., d_in] -> x_hat [..., d_in], codes [..., d_sae]):
   codes  = relu(pre)                                   architecture 'standard'
          = relu of the k largest of pre, others 0      'topk' (top-level k)
          = relu(pre) · 1[pre > threshold]              'jumprelu'
-         = 1[pre > 0] · relu(sae_in @ (W_enc·exp(r_mag)) + b_mag),
-           with b_gate in place of b_enc in pre        'gated'
+         = 1[pre > 0]·relu(sae_in @ (W_enc·exp(r_mag)) + b_mag)  'gated', b_gate for b_enc
   x_hat  = codes @ W_dec + b_dec
   x_hat  = x_hat·‖x‖/√d                 'constant_norm_rescale'
          = x_hat/max(‖x_hat‖, 1e-8)     'jaxsae_recon' or 'jaxsae_input_recon'
@@ -51,10 +49,7 @@ x_hat = codes @ dictionary + b_dec + b_pre):
   `b_enc = b_enc_ours + b_dec_ours @ w_enc` (exact in real arithmetic; with pre_bias and no
   dec_bias, as in Menon's SAEs, b_dec = b_pre and b_enc = b_enc_ours exactly). Without pre_bias,
   b_dec = b_dec_ours and nothing is subtracted. Sparsemax encoders normalise x − b_pre, which no
-  bias fold can express, so they carry b_pre as its own tensor instead. Gated SAEs fold both
-  paths alike: b_gate = b_enc_ours + b_dec_ours @ w_enc, b_mag = b_mag_ours + (b_dec_ours @
-  w_enc)·exp(r_mag) (the magnitude path's weights are w_enc·exp(r_mag)); W_enc = w_enc and r_mag
-  as trained.
+  bias fold can express, so they carry b_pre as its own tensor (and `lam` []) instead.
 - Decoder norm. W_dec is the dictionary the forward actually uses: under `decoder_norm =
   'forward'` each row already divided by its L2 norm (the fold), under 'project' / 'none' the raw
   rows. W_enc is unchanged, so the exported codes equal ours latent for latent.
@@ -109,8 +104,7 @@ def effective_tensors(params: sae_lib.Params, config: sae_lib.SAEConfig,
     state: BatchTopK's state (its threshold); default `sae.init_state` (threshold 0).
 
   Returns:
-    name -> float32 array: W_enc, b_enc (b_gate for gated SAEs), W_dec, b_dec, plus threshold /
-    r_mag, b_mag / b_pre, lam.
+    name -> float32 array, the tensors of sae_weights.safetensors (module docstring).
   """
   d, f = config.d_in, config.width
   zeros = lambda n: np.zeros((n,), np.float32)

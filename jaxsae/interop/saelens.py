@@ -25,8 +25,10 @@ kind maps (`form`):
   latent (what SAELens itself saves for its BatchTopK SAEs).
 - Gated (Rajamanoharan et al. 2024a) -> 'gated', SAELens' `GatedSAE`: gate pre-activation
   sae_in @ W_enc + b_gate, magnitude sae_in @ (W_enc·exp(r_mag)) + b_mag, codes
-  1[gate > 0]·relu(magnitude), the same formula as ours with the shared W_enc = w_enc, r_mag as
-  trained, b_gate = our b_enc and b_mag both folded for the pre-bias (`jaxsae.interop.export`).
+  1[gate > 0]·relu(magnitude): our formula, with the shared W_enc = w_enc and r_mag as trained.
+  The biases fold like b_enc (`jaxsae.interop.export`): b_gate is the folded b_enc, and with
+  pre_bias and dec_bias b_mag = b_mag_ours + (b_dec_ours @ w_enc)·exp(r_mag), the shift going
+  through the magnitude path's weights w_enc·exp(r_mag).
 - Input normalisation under splice mode 'corrected' (x -> x/‖x‖ into the SAE, its output
   times ‖x‖): SAELens' 'constant_norm_rescale' (x·√d/‖x‖ in, output ·‖x‖/√d) with W_enc/√d,
   b_dec·√d, W_dec·√d, which gives the same pre-activations and the same spliced output (exact
