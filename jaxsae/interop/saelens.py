@@ -40,7 +40,7 @@ kind maps (`form`):
   (normalize_activations 'jaxsae_recon' / 'jaxsae_input_recon', which SAELens' config rejects).
   Their files hold the tensors of `sae.forward` (output in the SAE's space), with 'jaxsae_input'
   marking input normalisation of a sparsemax encoder and, for sparsemax, `b_pre` [d_in] and
-  `lam` [] (see `numpy_forward`). This covers gated SAEs with recon normalisation too.
+  `lam` [] (see `numpy_forward`). Recon-normalised gated SAEs are refused so (as 'gated').
   AuxK and Matryoshka change only the training: their SAEs export as the plain TopK /
   BatchTopK / ReLU SAEs they are.
 
