@@ -380,6 +380,32 @@ def test_annealed_sparsity_is_the_sum_of_powers_and_exact_at_p_one(reduction):
   assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[np.asarray(codes) == 0] == 0)
 
 
+@pytest.mark.parametrize("reduction", ["e2e_sae", "sum_batch"])
+def test_rescaled_annealed_sparsity_keeps_the_l1_value_with_the_lp_gradient(reduction):
+  codes = np.maximum(_randn(0, (B, T, F)), 0)
+  m = _mask()
+  l1 = lambda c: losses.sparsity(c, m, D, 1.0, 1.0, reduction)
+  lp = lambda c, q: losses.sparsity_annealed(c, m, D, q, reduction)
+  scaled = lambda c, q, r: losses.sparsity_annealed(c, m, D, q, reduction, rescale=r)
+  for p in (0.2, 0.5):
+    # The value is the L1 penalty's; the gradient is Lp's times L1 / Lp (a constant).
+    np.testing.assert_allclose(_jit(scaled)(codes, p, True), _jit(l1)(codes), rtol=1e-6)
+    ratio = float(_jit(l1)(codes)) / float(_jit(lp)(codes, p))
+    assert abs(ratio - 1) > 0.05  # a real rescaling: Σ c^p is not Σ c for these codes...
+    np.testing.assert_allclose(_jit(jax.grad(scaled))(codes, p, True),
+                               ratio * np.asarray(_jit(jax.grad(lp))(codes, p)), rtol=2e-5)
+    # ...and off (traced False), the plain Lp penalty, bit for bit.
+    for fn in (lambda f: f, jax.grad):
+      np.testing.assert_array_equal(_jit(fn(lambda c: scaled(c, p, jnp.bool_(False))))(codes),
+                                    _jit(fn(lambda c: lp(c, p)))(codes))
+  # At p = 1 the factor is exactly 1: value and gradient of L1, bit for bit.
+  for fn in (lambda f: f, jax.grad):
+    np.testing.assert_array_equal(_jit(fn(lambda c: scaled(c, jnp.float32(1.0), True)))(codes),
+                                  _jit(fn(l1))(codes))
+  # All-zero codes: no division by zero, the penalty is 0.
+  assert float(_jit(scaled)(np.zeros_like(codes), 0.5, True)) == 0.0
+
+
 def test_anneal_p_follows_the_linear_schedule():
   steps = np.arange(30)
   for p_end, start, n in ((0.2, 5, 10), (0.5, 0, 1), (0.3, 7, 0)):

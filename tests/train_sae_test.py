@@ -649,6 +649,23 @@ def test_p_end_grid_equals_separate_runs_and_p_end_one_is_plain(lm_dir):
     assert not np.array_equal(np.asarray(a)[2], np.asarray(b)[0])
 
 
+def test_p_anneal_rescale_is_per_variant_and_off_is_plain_annealing(lm_dir):
+  config = _config(lm_dir, [{"product": {"p_anneal_rescale": [False, True]},
+                             "set": {**PANNEAL, "p_end": 0.5}}])
+  setup, state, metrics, _ = _train(config)
+  (spec,) = setup.specs  # one group: the flag is traced
+  assert [v["p_anneal_rescale"] for v in spec.values] == [False, True]
+  _, alone, _, _ = _train(_config(lm_dir, [{"set": {**PANNEAL, "p_end": 0.5}}]))
+  moved = []
+  for a, b in zip(jax.tree.leaves(state.groups[0].params), jax.tree.leaves(alone.groups[0].params)):
+    np.testing.assert_allclose(np.asarray(a)[0], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+    moved.append(np.max(np.abs(np.asarray(a)[1] - np.asarray(b)[0])))
+  assert max(moved) > 1e-4, moved  # the rescaled variant trains differently
+  # Rescaled, the logged penalty stays near the L1 scale; unscaled Σ|c|^0.5 differs from it.
+  sp = np.asarray(metrics[-1]["sparsity"])
+  assert np.all(np.isfinite(sp)) and sp[0] != sp[1]
+
+
 def test_p_anneal_bad_input_fails_before_compiling(lm_dir):
   for sweep, fragment in (([{"set": {"p_anneal": True, "sparsity_p": 2.0}}],
                            "anneals p from 1, but sparsity_p=2.0"),

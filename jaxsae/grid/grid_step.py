@@ -265,7 +265,8 @@ def _causal_term(params, codes_BTF, x_BTD, out_BTD, spliced_logits, batch: Batch
 
 def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, spec: GroupSpec,
                   setup: Setup, rng=None, lam_fixed=None, annealed_p=None):
-  """Loss and metrics of ONE variant (vmapped over the group)."""
+  """Loss and metrics of ONE variant (vmapped over the group). `annealed_p`: p-annealing's
+  (order, rescale) at the step, for groups with `SAEConfig.p_anneal`."""
   cfg, lcfg = spec.sae, spec.loss
   if lcfg.needs_sequences:
     # The SAE runs on the tokens flattened to [B·T, D], the layout of the local groups (XLA's
@@ -349,7 +350,7 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
     extra["prefix_x_hats"] = {m: sae_lib.decode_prefix(params, codes, cfg, m)
                               for m in cfg.matryoshka}
   if cfg.p_anneal:
-    extra["annealed_p"] = annealed_p
+    extra["annealed_p"], extra["annealed_rescale"] = annealed_p
   terms = losses_lib.compute_terms(lcfg, d_in=cfg.d_in, codes=sparse_codes, x_hat=x_hat,
                                    target=target, mask=mask, **extra)
   total, terms = losses_lib.total_loss(terms, coeffs)
@@ -363,7 +364,7 @@ def _variant_loss(params, sae_state, hparams, coeffs, batch: Batch, lm_params, s
   if cfg.k_aux:
     metrics["auxk_dead_fraction"] = jnp.mean(dead_F.astype(jnp.float32))
   if cfg.p_anneal:
-    metrics["sparsity_p"] = annealed_p
+    metrics["sparsity_p"] = annealed_p[0]
   resample_in = None
   if cfg.resample_steps:  # the step's inputs and their squared errors (masked out: 0)
     sq_err = jnp.where(mask, jnp.sum(jnp.square(x_hat - target), axis=-1), 0.0)
@@ -390,7 +391,8 @@ def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, s
       opt_state = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, opt_state)
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), _CAUSAL_STREAM)
     annealed_p = (None if p_anneal is None else
-                  losses_lib.anneal_p(step, p_anneal.p_end, p_anneal.start, p_anneal.steps))
+                  (losses_lib.anneal_p(step, p_anneal.p_end, p_anneal.start, p_anneal.steps),
+                   p_anneal.rescale))
     (loss, (metrics, new_sae_state, fired, resample_in)), grads = grad_fn(
         params, sae_state, hparams, coeffs, batch, lm_params, spec, setup, rng,
         causal.lambda_value, annealed_p)

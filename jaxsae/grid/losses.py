@@ -97,13 +97,18 @@ def sparsity(codes: jax.Array, mask: jax.Array | None, d_in: int, coeff: Any = 1
 
 
 def sparsity_annealed(codes: jax.Array, mask: jax.Array | None, d_in: int, p: jax.Array,
-                      reduction: str = "e2e_sae") -> jax.Array:
+                      reduction: str = "e2e_sae", rescale: Any = False) -> jax.Array:
   """p-annealing's penalty: `sparsity` with Σ_latents |c|^p (no 1/p root, the `Lp^p` of
   Karvonen et al.'s dictionary_learning trainer) in place of ‖c‖_p, for a traced p > 0.
 
   At p = 1 every value and gradient is bit-identical to `sparsity(..., p=1.0)` (the sum of |c|
   is selected, not a power of it); for p != 1 zero codes count 0 with a zero gradient
   (double-where, as `sparsity`).
+
+  `rescale` (traced bool): times sg(L1 / Lp) of this batch (1 at p = 1 or Lp = 0), so the value
+  stays the L1 penalty's and the gradient is Lp's, scaled: the trainer's λ update at each
+  change of p (× the ratio of recent mean penalties at the old and new p) made continuous, on
+  the batch instead of a queue of recent batches.
   """
   if reduction not in REDUCTIONS:
     raise ValueError(f"sparsity reduction={reduction!r} is unknown; choose one of {REDUCTIONS}.")
@@ -111,11 +116,12 @@ def sparsity_annealed(codes: jax.Array, mask: jax.Array | None, d_in: int, p: ja
   pos = a > 0
   safe = jnp.where(pos, a, 1.0)
   powers = jnp.sum(jnp.where(pos, safe ** jnp.asarray(p, safe.dtype), 0.0), axis=-1)
-  norms = jnp.where(p == 1, jnp.sum(a, axis=-1), powers)
+  norms = jnp.where(p == 1, l1 := jnp.sum(a, axis=-1), powers)
   w = _token_weights(mask, norms.shape)
-  if reduction == "sum_batch":
-    return jnp.sum(w * norms)
-  return _masked_mean(norms, w) / d_in
+  reduce = lambda v: jnp.sum(w * v) if reduction == "sum_batch" else _masked_mean(v, w) / d_in
+  value, value_l1 = reduce(norms), reduce(l1)
+  ratio = jax.lax.stop_gradient(value_l1 / jnp.where(value > 0, value, 1.0))
+  return value * jnp.where(rescale & (p != 1) & (value > 0), ratio, 1.0)
 
 
 def anneal_p(step: jax.Array, p_end: jax.Array, start: jax.Array, steps: jax.Array
@@ -419,7 +425,7 @@ def compute_terms(config: LossConfig, *, d_in: int, codes: jax.Array, x_hat: jax
                   causal: jax.Array | None = None, auxk: jax.Array | None = None,
                   prefix_x_hats: Mapping[int, jax.Array] | None = None,
                   gate_x_hat: jax.Array | None = None,
-                  clean_logp: jax.Array | None = None,
+                  clean_logp: jax.Array | None = None, annealed_rescale: Any = False,
                   annealed_p: jax.Array | None = None) -> dict[str, jax.Array]:
   """Every term of the preset, coefficient-free (sparsity with coeff 1).
 
@@ -443,6 +449,7 @@ def compute_terms(config: LossConfig, *, d_in: int, codes: jax.Array, x_hat: jax
       `gated_aux` term (out_to_in against `target`) when given.
     annealed_p: p-annealing's traced order (`anneal_p`): when given, the sparsity term is
       `sparsity_annealed` at that p (which needs `config.sparsity_p` = 1).
+    annealed_rescale: with `annealed_p`, `sparsity_annealed`'s traced `rescale`.
 
   Returns:
     name -> scalar for each of `config.terms`, plus `in_to_orig/<site>` per downstream site.
@@ -453,7 +460,8 @@ def compute_terms(config: LossConfig, *, d_in: int, codes: jax.Array, x_hat: jax
     raise ValueError(f"p-annealing starts from p = 1; got LossConfig.sparsity_p="
                      f"{config.sparsity_p} (set sparsity_p=1 or turn p-annealing off).")
   else:
-    sparse = sparsity_annealed(codes, mask, d_in, annealed_p, config.sparsity_reduction)
+    sparse = sparsity_annealed(codes, mask, d_in, annealed_p, config.sparsity_reduction,
+                               rescale=annealed_rescale)
   terms = {"sparsity": sparse, "out_to_in": out_to_in(x_hat, target, mask)}
   if config.needs_spliced_forward:
     if (clean_logits is None and clean_logp is None) or spliced_logits is None:

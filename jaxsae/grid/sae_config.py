@@ -71,9 +71,10 @@ class SAEConfig:
       `p_anneal_start`, `p_anneal_steps`); needs the loss's static sparsity_p = 1. Against
       the dictionary_learning trainer: p falls linearly every step (its
       n_sparsity_updates='continuous'; by default it steps p through a few values between its
-      anneal start and end), and the coefficient λ is the variant's `sparsity_coeff`
-      throughout (that trainer rescales λ at each p update by the ratio of the mean recent
-      penalties at the old and the new p; not implemented here).
+      anneal start and end); that trainer rescales λ at each p update by the ratio of the mean
+      recent penalties at the old and the new p, which the per-variant `p_anneal_rescale` does
+      continuously, on each batch (`losses.sparsity_annealed`); without it λ is the variant's
+      `sparsity_coeff` throughout.
     resample_steps: dead-latent resampling (Anthropic 2023, `resample.py`): after these numbers
       of optimizer steps (strictly increasing, >= 1; empty: none), latents not fired for
       `dead_tokens` tokens are re-initialised from high-loss inputs; needs an encoder with

@@ -111,8 +111,8 @@ def registry() -> list[sweep_lib.Field]:
         "output (local) or is spliced in place of (e2e) MLP l's output; '': the SAE "
         "reconstructs its own input"),
       F("p_anneal", False, True, doc="p-annealing (Karvonen et al. 2024): sparsity Σ|c|^p with "
-        "p linear in the step from 1 to p_end (needs sparsity_p = 1; λ is not rescaled as p "
-        "falls)"),
+        "p linear in the step from 1 to p_end (needs sparsity_p = 1; p_anneal_rescale keeps "
+        "the penalty at the L1 penalty's value)"),
       F("resample_steps", (), True, check=_steps,
         doc="dead-latent resampling (Anthropic 2023) after these numbers of steps: latents not "
         "fired for dead_tokens tokens restart from high-loss inputs (paper: 25k, 50k, 75k, "
@@ -165,6 +165,10 @@ def registry() -> list[sweep_lib.Field]:
         doc="p-annealing: the step at which p leaves 1 (steps)"),
       F("p_anneal_steps", 0, False, np.int32, check=_int32_nonneg,
         doc="p-annealing: steps over which p falls linearly to p_end (0: p_end at once)"),
+      F("p_anneal_rescale", False, False, bool, check=lambda v: None if isinstance(v, (bool, np.bool_)) else "must be True or False",
+        doc="p-annealing: scale the Σ|c|^p penalty to the L1 penalty's value on each batch "
+        "(sg(L1 / Lp): the trainer's λ update at each change of p, continuous), so λ keeps "
+        "its meaning as p falls"),
       F("causal_coeff", 0.0, False, check=_nonneg, doc="β of the causal-interpolation term"),
       F("causal_lambda_value", 0.2, False, check=lambda v: None if 0 <= v <= 1
         else "must lie in [0, 1]", doc="λ when causal_lambda='fixed' (paper: 0.2 or 0.02)"),
@@ -184,7 +188,7 @@ OPT_IN = ((("auxk", "k_aux", "auxk_coeff", "dead_tokens"), lambda v: bool(v["aux
           (("matryoshka", "matryoshka_coeff"), lambda v: bool(v["matryoshka"])),
           (("gated_aux_coeff",), lambda v: v["activation"] == "gated"),
           (("target_site",), lambda v: bool(v["target_site"])),
-          (("p_anneal", "p_end", "p_anneal_start", "p_anneal_steps"),
+          (("p_anneal", "p_end", "p_anneal_start", "p_anneal_steps", "p_anneal_rescale"),
            lambda v: bool(v["p_anneal"])),
           (("resample_steps", "dead_tokens"), lambda v: bool(v["resample_steps"])))
 
@@ -224,6 +228,7 @@ class PAnnealHparams:
   p_end: Any  # float: the final order
   start: Any  # int: the step at which p leaves 1
   steps: Any  # int: steps of the linear fall to p_end (0: at once)
+  rescale: Any  # bool: the penalty rescaled to the L1 penalty's value (`sparsity_annealed`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,7 +365,8 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         reset_opt=d["causal_reset_opt"].astype(bool))
     p_anneal = PAnnealHparams(
         p_end=d["p_end"].astype(np.float32), start=d["p_anneal_start"].astype(np.int32),
-        steps=d["p_anneal_steps"].astype(np.int32)) if sae_cfg.p_anneal else None
+        steps=d["p_anneal_steps"].astype(np.int32),
+        rescale=d["p_anneal_rescale"].astype(bool)) if sae_cfg.p_anneal else None
     sae_lib.check_hparams(hparams, sae_cfg)
     losses_lib.check_coeffs(coeffs)
     specs.append(GroupSpec(
