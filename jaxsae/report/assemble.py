@@ -100,6 +100,11 @@ def _key_hparam(hp: Mapping[str, Any]) -> str:
     parts.append(f"{sym}={comparison.format_number(hp.get('sparsity_coeff'))}")
   if hp.get("causal"):
     parts.append(f"β={comparison.format_number(hp.get('causal_coeff'))}")
+    mix = hp.get("causal_lambda")  # how the interpolation weight is drawn
+    if mix == "fixed":
+      mix = comparison.format_number(hp.get("causal_lambda_value"))
+    if mix:
+      parts.append(f"interp={mix}")
   return " ".join(parts)
 
 
