@@ -86,6 +86,14 @@ the bit patterns 41 ms, `approx_max_k` 35 ms). Against the dense decode of the s
 F = 1,024, k = 16: decode 0.3-0.6 ms against 2-4 ms dense, d w_dec 1.3 ms against 11-15 ms
 (`codesᵀ @ g`), d codes at the active entries 1.6 ms against 4 ms.
 
+What the e2e target would take (arithmetic on the near-idle figures below, not a new
+measurement): at N = 32 a ReLU variant costs 1/196k s per token in local and 1/106k in e2e, so
+the SAE's own forward and backward (what local times) is about 196k⁻¹ / 106k⁻¹ ≈ 0.54 of an e2e
+step and the spliced downstream pass, which TopK does not shorten, the other 0.46. A TopK SAE s×
+faster than ReLU in local makes the e2e step 1 / (0.46 + 0.54 / s) faster: 1.30× at the best
+local ratio measured (1.74), and 1.5× only from s ≥ 2.6, which the selection alone (14-15 ms of
+XLA's CPU TopK against ~25 ms for a whole ReLU step at this shape) rules out on CPU.
+
 Measured with the peer, near idle: `python benchmarks/sae.py --rounds 3` at commit 9f4878a (jax
 0.10.2; peer e2e_sae 2.1.1 on torch 2.13.0+cpu, 2 threads each; load average 1.9 before and 1.7
 after, the benchmark itself included; matmul peak 523 GFLOP/s; 5 min 57 s; the whole JSON in
