@@ -92,7 +92,8 @@ the SAE's own forward and backward (what local times) is about 196k⁻¹ / 106k�
 step and the spliced downstream pass, which TopK does not shorten, the other 0.46. A TopK SAE s×
 faster than ReLU in local makes the e2e step 1 / (0.46 + 0.54 / s) faster: 1.30× at the best
 local ratio measured (1.74), and 1.5× only from s ≥ 2.6, which the selection alone (14-15 ms of
-XLA's CPU TopK against ~25 ms for a whole ReLU step at this shape) rules out on CPU.
+XLA's CPU TopK against 21 ms per variant for a whole local ReLU step at this shape: 4,096 tokens
+at 196k tokens/s) rules out on CPU.
 
 Measured with the peer, near idle: `python benchmarks/sae.py --rounds 3` at commit 9f4878a (jax
 0.10.2; peer e2e_sae 2.1.1 on torch 2.13.0+cpu, 2 threads each; load average 1.9 before and 1.7
