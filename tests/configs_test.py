@@ -14,6 +14,7 @@ from experiments.configs import lm as lm_configs
 from experiments.configs import pipeline as pipeline_configs
 from experiments.configs import sae_causal
 from experiments.configs import sae_menon
+from experiments.configs import study as study_configs
 from jaxsae import pipeline
 from jaxsae.grid import sae_groups
 from jaxsae.grid import train_sae
@@ -375,3 +376,18 @@ def test_bool_settings_are_strict():
     parse("flag=maybe")
   with pytest.raises(ValueError, match="x='nan' must be a finite number"):
     parse("x=nan")
+
+
+def test_frontier_extends_the_local_ladder_and_held_out_data_only_where_named():
+  def ladder(language):
+    c = study_configs.build(study="frontier", language=language, seeds=1)
+    local = [b["product"]["sparsity_coeff"] for b in c.sae.sweep
+             if b["set"].get("loss") == "local" and "sparsity_coeff" in b["product"]]
+    return local[0], c.eval.num_batches
+
+  common = study_configs.FRONTIER_LAMBDAS["local"]
+  expr, expr_batches = ladder("expr_prefix")
+  assert expr[:len(common)] == common and len(expr) == len(common) + 5
+  assert expr == sorted(expr) and min(expr[len(common):]) > max(common)
+  dyck, dyck_batches = ladder("dyck2")
+  assert dyck == common and expr_batches == 4 * dyck_batches

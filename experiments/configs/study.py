@@ -13,8 +13,10 @@ grammaticality; the paper-scale LM is `lm.py:full`) and swaps in the study's gri
 
 - `frontier` (Braun et al.'s question, e2e vs local): ReLU SAEs at resid_post.0, expansion 4,
   trained `local`, `e2e` and `e2e_ds`, eight sparsity coefficients λ each on wide geometric
-  ladders (eleven for `local`, dense where it collapses) (so the fronts overlap in CE increase), and TopK SAEs with six k, every configuration
-  with `seeds` SAE seeds (default 3): the report's matched comparison then carries bootstrap
+  ladders (eleven for `local`, dense where it collapses; five more past λ 32 on Expr, whose LM
+  barely notices local SAEs, with 4× the held-out sequences: `FRONTIER_LOCAL_EXTRA`,
+  `FRONTIER_EVAL_BATCHES`) so the fronts overlap in CE increase, and TopK SAEs with six k,
+  every configuration with `seeds` SAE seeds (default 3): the report's matched comparison then carries bootstrap
   intervals over seeds and states which points the local front covers;
 - `menon` (Menon et al.'s grid, `sae_menon.py`): expansion {1, 2, 4, 8} × (ReLU + sum-over-batch
   L1 α ∈ {1e-3 … 100} | TopK k ∈ {8 … 128} | three sparsemax encoders), Menon's optimisation
@@ -58,6 +60,13 @@ FRONTIER_LAMBDAS = {
     "e2e_ds": [2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
 }
 FRONTIER_KS = [2, 4, 8, 16, 32, 64]  # TopK latents per token
+# Per language: local λ values past the common ladder, and held-out batches (of 64 sequences)
+# for the evaluation. Expr's LM barely depends on resid_post.0 beyond what a near-empty code
+# keeps (CPU budget, seed 42: local λ 32 reaches L0 2.1 at a CE increase of only 0.0046, while
+# e2e SAEs go to 0.018), and its sentences average 4 tokens, so its local front needs larger λ
+# and its CE differences 4× the held-out sequences to be resolved.
+FRONTIER_LOCAL_EXTRA = {"expr_prefix": [45.0, 64.0, 90.0, 128.0, 256.0]}
+FRONTIER_EVAL_BATCHES = {"expr_prefix": 32}
 # The benchmark's architectures: sweep fields, and which ladder (λ or k) each sweeps.
 BENCH_ARCHS = {
     "relu": ({"activation": "relu"}, "sparsity_coeff"),
@@ -122,7 +131,10 @@ def build(study: str = "frontier", language: str = "english", seed: int = 0, see
     e.grammaticality_positions = ("sentence",)
   seed_product = {"seed": list(range(seeds))}
   if study == "frontier":
-    lambdas, ks, expansion = FRONTIER_LAMBDAS, FRONTIER_KS, pipeline_configs.EXPANSION
+    lambdas, ks, expansion = dict(FRONTIER_LAMBDAS), FRONTIER_KS, pipeline_configs.EXPANSION
+    lambdas["local"] = lambdas["local"] + FRONTIER_LOCAL_EXTRA.get(language, [])
+    if not smoke and language in FRONTIER_EVAL_BATCHES:
+      e.num_batches = FRONTIER_EVAL_BATCHES[language]
     if smoke:
       lambdas = {k: v[::4] for k, v in lambdas.items()}
       ks, expansion = ks[1:3], 2
