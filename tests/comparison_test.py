@@ -54,6 +54,11 @@ def _hparams(**fields):
     ({"loss": "local", "activation": "relu", "resample_steps": (100,)}, "local+resample"),
     ({"loss": "e2e", "activation": "topk", "k": 4, "auxk": True, "p_anneal": True,
       "resample_steps": [5, 10]}, "e2e_topk+auxk+panneal+resample"),
+    ({"loss": "local", "activation": "topk", "k": 8, "input_norm": True, "recon_norm": True},
+     "topk+input_recon_norm"),
+    ({"loss": "local", "activation": "relu", "input_norm": True}, "local+input_norm"),
+    ({"loss": "local", "activation": "relu", "recon_norm": True, "causal": True},
+     "causal-local+recon_norm"),
 ])
 def test_sae_type_of_each_kind(fields, expected):
   assert comparison.sae_type(_hparams(**fields)) == expected
@@ -88,6 +93,14 @@ def test_grid_table_places_each_variant_in_its_cell():
     assert g["values"][i][j] == pytest.approx(want)
   assert g["counts"][0][0] == 2
   assert comparison.grid_table(rows[:1], "ev", row_field="k") is None  # one cell: not a grid
+
+
+@pytest.mark.parametrize("t, field", [("topk", "k"), ("causal-topk", "k"), ("e2e_topk", "k"),
+                                      ("topk+input_recon_norm", "k"), ("batchtopk+auxk", "k"),
+                                      ("local", "sparsity_coeff"), ("sparsemax_dist", None),
+                                      ("local+input_norm", "sparsity_coeff")])
+def test_grid_rows_follow_the_base_type_whatever_its_markers(t, field):
+  assert comparison.grid_row_field(t) == field
 
 
 _features = fakes.feature_summaries

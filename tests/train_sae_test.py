@@ -50,6 +50,15 @@ def _train(config, steps=None):
   return setup, state, metrics, chunk
 
 
+def _assert_variant_equals_alone(lm_dir, group_params, i, fields, **overrides):
+  """Variant `i` of a trained group equals the SAE of `fields` trained alone. One index per
+  test suffices (each run compiles its own program): every value in a group differs, so a grid
+  that mixed up variants' values, seeds or slices differs at any index other than 0."""
+  _, alone, _, _ = _train(_config(lm_dir, [{"set": fields}], **overrides))
+  for a, b in zip(jax.tree.leaves(group_params), jax.tree.leaves(alone.groups[0].params)):
+    np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+
+
 CASES = [
     ("local", "relu", {}),
     ("local", "topk", {"k": 3}),
@@ -80,11 +89,8 @@ def test_grid_equals_separate_runs(lm_dir, loss, activation, extra):
                                "set": common}], **site)
   setup, state, _, _ = _train(together)
   assert len(setup.specs) == 1 and setup.specs[0].size == 3
-  for i, lam in enumerate(coeffs):
-    alone = _config(lm_dir, [{"set": {**common, "sparsity_coeff": lam}}], **site)
-    _, state1, _, _ = _train(alone)
-    for a, b in zip(jax.tree.leaves(state.groups[0].params), jax.tree.leaves(state1.groups[0].params)):
-      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+  _assert_variant_equals_alone(lm_dir, state.groups[0].params, 1,
+                               {**common, "sparsity_coeff": coeffs[1]}, **site)
 
 
 @pytest.mark.parametrize("loss, activation", [("local", "topk"), ("e2e", "batchtopk")])
@@ -345,11 +351,8 @@ def test_causal_beta_grid_equals_separate_runs(lm_dir, mode):
                                                      "set": common}]))
   assert len(setup.specs) == 1 and setup.specs[0].loss.causal
   assert np.all(np.asarray(metrics[0]["causal"]) > 0)
-  for i, beta in enumerate(betas):
-    _, alone, _, _ = _train(_config(lm_dir, [{"set": {**common, "causal_coeff": beta}}]))
-    for a, b in zip(jax.tree.leaves(state.groups[0].params),
-                    jax.tree.leaves(alone.groups[0].params)):
-      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+  _assert_variant_equals_alone(lm_dir, state.groups[0].params, 1,
+                               {**common, "causal_coeff": betas[1]})
 
 
 def _one_variant_loss(lm_dir, values, preset_fields=None):
@@ -436,11 +439,8 @@ def test_auxk_coeff_grid_equals_separate_runs_and_zero_is_plain_topk(lm_dir):
   assert np.all(np.asarray(metrics[0]["auxk_dead_fraction"])[:3] > 0)
   since = np.asarray(state.groups[0].sae_state.since_fired)
   assert since.shape == (spec.padded, spec.sae.width) and since.max() > 0 and since.min() == 0
-  for i, alpha in enumerate(alphas):
-    _, alone, _, _ = _train(_config(lm_dir, [{"set": {**AUXK, "auxk_coeff": alpha}}]))
-    for a, b in zip(jax.tree.leaves(state.groups[0].params),
-                    jax.tree.leaves(alone.groups[0].params)):
-      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+  _assert_variant_equals_alone(lm_dir, state.groups[0].params, 2,
+                               {**AUXK, "auxk_coeff": alphas[2]})
   plain = {k: v for k, v in AUXK.items() if k not in ("auxk", "dead_tokens")}
   _, ref, ref_metrics, _ = _train(_config(lm_dir, [{"set": plain}]))
   assert "auxk" not in ref_metrics[0]
@@ -483,11 +483,8 @@ def test_matryoshka_coeff_grid_equals_separate_runs_and_zero_is_plain(lm_dir):
     assert np.all(np.asarray(m[f"matryoshka/{w}"])[:3] > 0)
   np.testing.assert_allclose(m["matryoshka"], sum(m[f"matryoshka/{w}"] for w in
                                                   spec.sae.matryoshka), rtol=1e-6)
-  for i, weight in enumerate(weights):
-    _, alone, _, _ = _train(_config(lm_dir, [{"set": {**MATRYOSHKA, "matryoshka_coeff": weight}}]))
-    for a, b in zip(jax.tree.leaves(state.groups[0].params),
-                    jax.tree.leaves(alone.groups[0].params)):
-      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+  _assert_variant_equals_alone(lm_dir, state.groups[0].params, 2,
+                               {**MATRYOSHKA, "matryoshka_coeff": weights[2]})
   plain = {k: v for k, v in MATRYOSHKA.items() if k != "matryoshka"}
   _, ref, ref_metrics, _ = _train(_config(lm_dir, [{"set": plain}]))
   assert "matryoshka" not in ref_metrics[0]
@@ -521,10 +518,7 @@ def test_gated_aux_coeff_grid_equals_separate_runs_and_trains_the_gate(lm_dir):
   # No sparsity and no auxiliary term: nothing reaches the gate bias; the auxiliary term does.
   np.testing.assert_array_equal(np.asarray(g["b_enc"])[0], b0)
   assert not np.array_equal(np.asarray(g["b_enc"])[1], b0)
-  for i, weight in enumerate(weights):
-    _, alone, _, _ = _train(_config(lm_dir, [{"set": {**common, "gated_aux_coeff": weight}}]))
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(alone.groups[0].params)):
-      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+  _assert_variant_equals_alone(lm_dir, g, 1, {**common, "gated_aux_coeff": weights[1]})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -637,10 +631,7 @@ def test_p_end_grid_equals_separate_runs_and_p_end_one_is_plain(lm_dir):
   for i, p_end in enumerate(ends):
     np.testing.assert_allclose(np.asarray(metrics[0]["sparsity_p"])[i],
                                np.mean(1 + (p_end - 1) * frac), rtol=1e-6)
-    _, alone, _, _ = _train(_config(lm_dir, [{"set": {**PANNEAL, "p_end": p_end}}]))
-    for a, b in zip(jax.tree.leaves(state.groups[0].params),
-                    jax.tree.leaves(alone.groups[0].params)):
-      np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b)[0], rtol=2e-5, atol=2e-6)
+  _assert_variant_equals_alone(lm_dir, state.groups[0].params, 2, {**PANNEAL, "p_end": ends[2]})
   plain = {k: v for k, v in PANNEAL.items() if not k.startswith("p_anneal")}
   ref_setup, ref, ref_metrics, _ = _train(_config(lm_dir, [{"set": plain}]))
   assert "sparsity_p" not in ref_metrics[0] and "p_end" not in ref_setup.specs[0].values[0]

@@ -90,7 +90,8 @@ def sae_type(hparams: Mapping[str, Any]) -> str:
   (`e2e_topk`). Training recipes mark the name: `matryoshka_` before it for nested prefixes
   (`matryoshka_batchtopk`), `+auxk` after it for the AuxK loss (`topk+auxk`), then `+panneal`
   for p-annealing (`local+panneal`) and `+resample` for dead-latent resampling
-  (`local+panneal+resample`). A `causal-` prefix is added when `hparams["causal"]` is
+  (`local+panneal+resample`), and last Menon's normalisations: `+input_norm` (x normalised
+  before the SAE), `+input_recon_norm` (also the reconstruction), `+recon_norm`. A `causal-` prefix is added when `hparams["causal"]` is
   true. Missing fields take the sweep registry's defaults (loss `local`, activation `relu`, no
   recipe, causal off).
 
@@ -123,6 +124,9 @@ def sae_type(hparams: Mapping[str, Any]) -> str:
     base = f"{base}+panneal"
   if hparams.get("resample_steps"):
     base = f"{base}+resample"
+  norm = [n for n in ("input", "recon") if hparams.get(f"{n}_norm")]
+  if norm:
+    base = f"{base}+{'_'.join(norm)}_norm"
   return f"causal-{base}" if hparams.get("causal", False) else base
 
 
@@ -182,7 +186,7 @@ def points_by_type(rows: Sequence[Mapping[str, Any]], *metrics: str,
 def grid_row_field(t: str) -> str | None:
   """The hyperparameter of an SAE type's grid rows: `k` (TopK kinds), None (sparsemax kinds,
   which have no sparsity knob), else `sparsity_coeff`."""
-  base = t[len("causal-"):] if t.startswith("causal-") else t
+  base = (t[len("causal-"):] if t.startswith("causal-") else t).split("+")[0]
   if base.endswith("topk"):
     return "k"
   if "sparsemax" in base:

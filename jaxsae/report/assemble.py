@@ -73,6 +73,7 @@ from jaxsae.analysis import matched
 from jaxsae.core import jsonio
 from jaxsae.core import stats
 from jaxsae.report import markdown
+from jaxsae.report import menon as menon_lib
 from jaxsae.report import plots as plots_lib
 
 _GRAM_COMBOS = ("corrected/all", "corrected/sentence", "original/all", "original/sentence")
@@ -342,6 +343,10 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
   if has("l0") and has("grammaticality"):
     plot("l0_vs_grammaticality", plots_lib.plot_l0_vs_grammaticality,
          points("l0", "grammaticality"), clean_e.get("grammaticality"))
+
+  # Menon et al.'s grid in both splice modes, beside the paper's findings (None without the
+  # original mode).
+  rep["menon"] = menon_lib.section(rows, n_gen, rep["run"]["language"])
 
   # Menon-layout grids.
   rep["grids"] = {}

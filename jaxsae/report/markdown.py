@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxsae.analysis import comparison
 from jaxsae.core import stats
+from jaxsae.report import menon as menon_lib
 
 
 def safe_name(name: str) -> str:
@@ -152,6 +153,7 @@ def render(rep: Mapping[str, Any]) -> list[str]:
       out += img(f"grid_{metric}", f"grid of {metric}")
   else:
     out += ["_No SAE type spans a k/α × expansion grid in this run._", ""]
+  out += menon_lib.render(rep.get("menon"), md_table)
 
   out += ["## Feature recovery", ""]
   fr = rep["feature_recovery"]
