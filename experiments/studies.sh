@@ -29,6 +29,9 @@ fi
 py=${PYTHON:-python}
 mkdir -p "$root" "$results"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$root/jax_cache}
+# A size bound turns on the cache's file lock: studies running side by side never read an entry
+# another is still writing.
+export JAX_COMPILATION_CACHE_MAX_SIZE=${JAX_COMPILATION_CACHE_MAX_SIZE:-$((32 << 30))}
 
 collect() {
   (cd "$root" && find . -path '*/checkpoints' -prune -o -type f \

@@ -67,6 +67,21 @@ def test_keeps_the_last_n(tmp_path):
     assert ck.all_steps() == [3, 4]  # nothing moved aside
 
 
+def test_reopening_removes_what_a_kill_left_beyond_the_last_n(tmp_path):
+  """A kill between a save and its deletion leaves n + 1 checkpoints (made here by keeping 3);
+  a writer opened with n keeps the newest n, a reader deletes nothing."""
+  directory = str(tmp_path / "ck")
+  with ckpt_lib.Checkpointer(directory, max_to_keep=3) as ck:
+    for s in (2, 4, 6):
+      ck.save(s, _state(step=s))
+  with ckpt_lib.Checkpointer(directory, max_to_keep=2, read_only=True) as ck:
+    assert ck.all_steps() == [2, 4, 6]
+  with ckpt_lib.Checkpointer(directory, max_to_keep=2) as ck:
+    assert ck.all_steps() == [4, 6]
+    assert int(ck.restore(_state()).state.step) == 6
+  assert sorted(os.listdir(directory)) == ["4", "6"]
+
+
 def test_crash_mid_save_keeps_previous(tmp_path):
   # A save that dies before orbax's final rename leaves only a temporary directory, which is
   # ignored (and cleaned up) on the next open; the previous checkpoint restores.

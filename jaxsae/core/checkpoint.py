@@ -296,6 +296,13 @@ class Checkpointer:
           self.directory, options=options,
           item_handlers={"state": ocp.StandardCheckpointHandler(),
                          "meta": ocp.JsonCheckpointHandler()})
+    if not read_only:
+      # A process killed between a save and the deletion that save triggers leaves one
+      # checkpoint too many, which a finished job would never remove (it saves nothing more):
+      # finish that deletion now, as the next save would.
+      with _quiet():
+        for step in self.all_steps()[:-max_to_keep]:
+          self._manager.delete(step)
 
   # -- queries --
 

@@ -99,6 +99,8 @@ def _key_hparam(hp: Mapping[str, Any]) -> str:
   elif not str(hp.get("activation", "relu")).startswith("sparsemax"):
     sym = "α" if hp.get("sparsity_reduction") == "sum_batch" else "λ"
     parts.append(f"{sym}={comparison.format_number(hp.get('sparsity_coeff'))}")
+    if hp.get("activation") == "jumprelu":  # the initial threshold sets its L0 at short budgets
+      parts.append(f"θ0={comparison.format_number(hp.get('jumprelu_init_threshold'))}")
   if hp.get("causal"):
     parts.append(f"β={comparison.format_number(hp.get('causal_coeff'))}")
     mix = hp.get("causal_lambda")  # how the interpolation weight is drawn
