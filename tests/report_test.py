@@ -506,3 +506,15 @@ def test_ground_truth_section_reads_the_summary(tmp_path):
   row = _md_table_rows(md[md.index("## Ground-truth features"):], "id")[0]
   assert row["id"] == "v000" and row["MCC"] == "0.810 ± 0.010" and row["γ"] == "1.25"
   assert row["absorption"].startswith("0.25")
+
+
+@pytest.mark.parametrize("hp, expected", [
+    ({"expansion": 4, "activation": "topk", "k": 8}, "×4 k=8"),
+    ({"expansion": 2, "activation": "relu", "sparsity_coeff": 0.01,
+      "sparsity_reduction": "sum_batch"}, "×2 α=0.01"),
+    ({"expansion": 4, "activation": "jumprelu", "sparsity_coeff": 1.0,
+      "jumprelu_init_threshold": 0.7}, "×4 λ=1 θ0=0.7"),
+    ({"expansion": 1, "activation": "sparsemax_dist"}, "×1"),
+])
+def test_key_hparam_names_what_tells_configurations_apart(hp, expected):
+  assert assemble._key_hparam(hp) == expected  # pylint: disable=protected-access
