@@ -68,3 +68,27 @@ def test_script_runs_on_cpu_and_agrees_with_itself(tmp_path):
     assert grid[(loss, 2)]["memory_bytes"] > grid[(loss, 1)]["memory_bytes"]
     assert grid[(loss, 1)]["memory_per_variant_mb"] > 0
   assert result["lm"]["train_tokens_per_s"] > 0
+
+
+def test_topk_rows_time_against_relu_at_the_same_n(monkeypatch, tmp_path):
+  """The grid part's TopK rows carry their speed over ReLU's at the same N and loss (timing is
+  stubbed: what is checked is which groups are timed and how the ratio is formed)."""
+  acc = _module()
+  monkeypatch.setattr(acc.train_lm, "write_untrained", lambda config, path: path)
+  speed = {("relu", 1): 10.0, ("relu", 8): 40.0, ("topk", 8): 60.0}
+
+  def fake_time(lm_dir, shape, loss, n, steps, repeats, activation="relu"):
+    del lm_dir, shape, steps, repeats
+    config = acc._grid_config("lm", acc.SMOKE_SHAPE, loss, n, 1, activation)  # pylint: disable=protected-access
+    block = config.sweep[0]
+    assert block["product"]["seed"] == list(range(n))
+    assert (block["set"].get("activation", "relu"), block["set"].get("k")) == (
+        (activation, acc.TOPK_K) if activation == "topk" else ("relu", None))
+    return {"loss": loss, "n": n, "activation": activation, "memory_bytes": n,
+            "variant_tokens_per_s": speed[(activation, n)]}
+
+  monkeypatch.setattr(acc, "time_group", fake_time)
+  rows = acc.grid_throughput(str(tmp_path), acc.SMOKE_SHAPE, [1, 8], ["local"], 1, 1, (8,))
+  assert [(r["activation"], r["n"]) for r in rows] == [("relu", 1), ("relu", 8), ("topk", 8)]
+  assert rows[-1]["speedup_vs_relu"] == 1.5
+  assert "speedup_vs_relu" not in rows[0]
