@@ -521,6 +521,27 @@ def test_gated_aux_coeff_grid_equals_separate_runs_and_trains_the_gate(lm_dir):
   _assert_variant_equals_alone(lm_dir, g, 1, {**common, "gated_aux_coeff": weights[1]})
 
 
+def test_jumprelu_threshold_lr_scale_multiplies_only_the_threshold_step(lm_dir):
+  common = {"loss": "local", "activation": "jumprelu", "expansion": 2, "sparsity_coeff": 1.0,
+            "jumprelu_init_threshold": 0.05, "jumprelu_bandwidth": 0.05}
+  scales = [1.0, 10.0]
+  one_step = dict(steps=1, log_every=1, warmup_steps=1)
+  setup, state, _, _ = _train(_config(
+      lm_dir, [{"product": {"jumprelu_threshold_lr_scale": scales}, "set": common}], **one_step))
+  assert len(setup.specs) == 1  # a per-variant value: one group
+  init_setup, lm, root = ts.prepare(_config(lm_dir, [{"set": common}], **one_step))
+  init = grid_setup.init_grid(init_setup, lm, root).groups[0].params
+  p = {k: np.asarray(v) for k, v in state.groups[0].params.items()}
+  theta0 = np.asarray(init["log_threshold"])[0]
+  step1, step10 = p["log_threshold"][0] - theta0, p["log_threshold"][1] - theta0
+  assert np.abs(step1).max() > 0
+  np.testing.assert_allclose(step10, 10 * step1, rtol=1e-4, atol=1e-9)
+  for name, value in p.items():  # the first step of every other parameter is the same
+    if name != "log_threshold":
+      np.testing.assert_array_equal(value[0], value[1], err_msg=name)
+  _assert_variant_equals_alone(lm_dir, state.groups[0].params, 0, common, **one_step)
+
+
 # ------------------------------------------------------------------------------------------------
 # Transcoders: an SAE at mlp_in.{l} that stands for mlp_out.{l}.
 

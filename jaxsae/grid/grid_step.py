@@ -400,6 +400,9 @@ def _group_step(state: GroupState, hyper: GroupHyper, batch: Batch, lm_params, s
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, opt_state, params)
+    if "log_threshold" in updates and hparams.jumprelu_threshold_lr_scale is not None:
+      updates = dict(updates, log_threshold=updates["log_threshold"]
+                     * hparams.jumprelu_threshold_lr_scale)
     lr_t = lr * lr_factor * jnp.where(started, causal.lr_scale, 1.0)
     new_params = jax.tree.map(lambda p, u: p - lr_t * u, params, updates)
     new_params = sae_lib.renormalize(new_params, spec.sae)

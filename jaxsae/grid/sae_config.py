@@ -178,6 +178,9 @@ class SAEHparams:
     k: int32, latents kept per token for `topk` / `batchtopk` (1 <= k <= k_max).
     jumprelu_bandwidth: the STE rectangle-kernel bandwidth eps (> 0).
     jumprelu_init_threshold: initial theta (> 0); used by `init` only.
+    jumprelu_threshold_lr_scale: multiplier (> 0) of the optimizer's step on log theta (Adam
+      moves log theta by about lr per step, so at short budgets theta cannot travel far from
+      its initial value at scale 1); used by the trainer only.
     threshold_decay: BatchTopK threshold EMA decay in [0, 1).
     dead_tokens: int32, AuxK and resampling: a latent not fired for this many training tokens
       is dead (> 0); None without either (and where nothing trains).
@@ -188,13 +191,15 @@ class SAEHparams:
   jumprelu_init_threshold: jax.Array
   threshold_decay: jax.Array
   dead_tokens: jax.Array | None = None
+  jumprelu_threshold_lr_scale: jax.Array | None = None  # None: 1
 
 
 def default_hparams(config: SAEConfig, **overrides: Any) -> SAEHparams:
   """Scalar hparams for one variant: k = k_max (or 0), eps = theta_0 = 1e-3, decay 0.99,
-  dead_tokens = `DEAD_TOKENS` with AuxK or resampling (else None)."""
+  threshold lr scale 1, dead_tokens = `DEAD_TOKENS` with AuxK or resampling (else None)."""
   values = dict(k=config.k_max or 0, jumprelu_bandwidth=1e-3, jumprelu_init_threshold=1e-3,
-                threshold_decay=0.99, dead_tokens=DEAD_TOKENS if config.tracks_firing else None)
+                threshold_decay=0.99, jumprelu_threshold_lr_scale=1.0,
+                dead_tokens=DEAD_TOKENS if config.tracks_firing else None)
   unknown = set(overrides) - set(values)
   if unknown:
     raise ValueError(f"Unknown SAEHparams field(s) {sorted(unknown)}; valid: {sorted(values)}.")
@@ -212,7 +217,9 @@ def check_hparams(hparams: SAEHparams, config: SAEConfig) -> None:
   if config.uses_k and (k.min() < 1 or k.max() > config.k_max):
     raise ValueError(f"SAEHparams.k must lie in [1, k_max={config.k_max}], got {k.tolist()}; "
                      f"raise SAEConfig.k_max or lower k.")
-  for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
+  for name in ("jumprelu_bandwidth", "jumprelu_init_threshold", "jumprelu_threshold_lr_scale"):
+    if getattr(hparams, name) is None:
+      continue
     v = np.asarray(getattr(hparams, name))
     if not (np.all(np.isfinite(v)) and np.all(v > 0)):
       raise ValueError(f"SAEHparams.{name} must be finite and > 0, got {v.tolist()}.")

@@ -146,6 +146,8 @@ def registry() -> list[sweep_lib.Field]:
         doc="downstream MSE coefficient (None: preset's)"),
       F("jumprelu_bandwidth", 1e-3, False, check=_positive, doc="JumpReLU STE bandwidth"),
       F("jumprelu_init_threshold", 1e-3, False, check=_positive, doc="JumpReLU initial θ"),
+      F("jumprelu_threshold_lr_scale", 1.0, False, check=_positive,
+        doc="JumpReLU: multiplier of the step on log θ"),
       F("threshold_decay", 0.99, False, check=lambda v: None if _nonneg(v) is None and v <= 1
         else "must lie in [0, 1]", doc="BatchTopK inference-threshold EMA decay"),
       F("auxk_coeff", losses_lib.AUXK_COEFF, False, check=_nonneg,
@@ -348,6 +350,7 @@ def build_groups(sweep_blocks, d_model: int, n_variant_devices: int = 1
         jumprelu_bandwidth=d["jumprelu_bandwidth"].astype(np.float32),
         jumprelu_init_threshold=d["jumprelu_init_threshold"].astype(np.float32),
         threshold_decay=d["threshold_decay"].astype(np.float32),
+        jumprelu_threshold_lr_scale=d["jumprelu_threshold_lr_scale"].astype(np.float32),
         dead_tokens=d["dead_tokens"].astype(np.int32) if sae_cfg.tracks_firing else None)
     coeffs = losses_lib.LossCoeffs(
         sparsity=d["sparsity_coeff"].astype(np.float32),
