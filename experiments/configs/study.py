@@ -29,7 +29,8 @@ grammaticality; the paper-scale LM is `lm.py:full`) and swaps in the study's gri
   null of random live latents;
 - `bench` (the architectures the field trains today, against the grammar's ground truth):
   ReLU + L1, JumpReLU, Gated, TopK, TopK + AuxK, BatchTopK and Matryoshka BatchTopK, each
-  trained `local` and `e2e`, over a seven-value λ, k or (JumpReLU) initial-threshold ladder,
+  trained `local` and `e2e`, over a seven-value λ or k ladder (JumpReLU with its threshold's
+  step scaled to the budget, `BENCH_JUMPRELU_LR_SCALE`),
   `seeds` seeds each (294 SAEs at the default 3 seeds: an accelerator job at `full`; at the CPU
   budget about two hours per language, or pass `seeds=1`); the report's ground-truth table (MCC,
   absorption, splitting, k-sparse probes, shrinkage) and its trade-off plots compare them.
@@ -69,16 +70,19 @@ FRONTIER_KS = [2, 4, 8, 16, 32, 64]  # TopK latents per token
 FRONTIER_LOCAL_EXTRA = {"expr_prefix": [45.0, 64.0, 90.0, 128.0, 256.0]}
 FRONTIER_EVAL_BATCHES = {"expr_prefix": 32}
 # The benchmark's architectures: sweep fields, and which ladder (λ or k) each sweeps.
-# JumpReLU sweeps its initial threshold θ0 (λ fixed): Adam moves log θ by at most about lr per
-# step, so 800 steps at lr 1e-3 let θ grow at most e^0.8 ≈ 2.2× from where it starts, and the L0
-# penalty cannot bring the paper's θ0 = 0.001 up to the pre-activations' scale. Measured on the
-# Dyck-2 LM at the CPU budget (expansion 4, local): λ from 0.5 to 32 left L0 at 241 of 512 with
-# θ0 0.001 (bandwidth 0.001), 231 with θ0 0.01 (bandwidth 0.05), 151 with θ0 0.1; with θ0 0.3
-# (bandwidth 0.1) L0 60-63, with θ0 1 (bandwidth 0.3) 16-20 at every λ.
+# JumpReLU: Adam moves log θ by about lr per step, so at 800 steps of lr 1e-3 θ can grow at most
+# e^0.8 ≈ 2.2× from where it starts, and the L0 penalty cannot bring a small θ0 up to the
+# pre-activations' scale: measured on the Dyck-2 LM at the CPU budget (expansion 4, local;
+# `experiments/results/bench/jumprelu_init.json`), λ from 0.5 to 32 left L0 at 241 of 512 with
+# θ0 0.001 and 231 with SAELens 6's θ0 0.01 (bandwidth 0.05). With the step on log θ scaled by
+# 30 (`jumprelu_threshold_lr_scale`: about 24 units of log-θ travel over the run, the JumpReLU
+# paper's 200k steps at lr 7e-5 allow 14) λ sets L0 as intended: 25.9, 11.4, 5.3, 2.9 at λ 0.5,
+# 2, 8, 32. The scale follows the budget so that the travel stays about the same.
+BENCH_JUMPRELU = {"jumprelu_init_threshold": 0.01, "jumprelu_bandwidth": 0.05}
+BENCH_JUMPRELU_LR_SCALE = {"smoke": 30.0, "default": 30.0, "full": 5.0}
 BENCH_ARCHS = {
     "relu": ({"activation": "relu"}, "sparsity_coeff"),
-    "jumprelu": ({"activation": "jumprelu", "sparsity_coeff": 1.0, "jumprelu_bandwidth": 0.1},
-                 "jumprelu_init_threshold"),
+    "jumprelu": ({"activation": "jumprelu", **BENCH_JUMPRELU}, "sparsity_coeff"),
     "gated": ({"activation": "gated"}, "sparsity_coeff"),
     "topk": ({"activation": "topk"}, "k"),
     "topk+auxk": ({"activation": "topk", "auxk": True}, "k"),
@@ -89,8 +93,7 @@ BENCH_ARCHS = {
 # for the matched comparison to interpolate between them (the committed Dyck-2 run used factor-4
 # ladders of four values: most of its matched-CE view was not covered).
 BENCH_LADDERS = {"sparsity_coeff": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
-                 "k": [4, 6, 8, 12, 16, 24, 32],
-                 "jumprelu_init_threshold": [0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0]}
+                 "k": [4, 6, 8, 12, 16, 24, 32]}
 BENCH_LOSSES = ("local", "e2e")
 # AuxK's dead-latent window (tokens): about 1/10 of the training tokens of each size (Gao et
 # al.'s 10M is for runs of billions of tokens).
@@ -163,6 +166,8 @@ def build(study: str = "frontier", language: str = "english", seed: int = 0, see
     for arch, (fields, ladder) in BENCH_ARCHS.items():
       values = BENCH_LADDERS[ladder][1:2] if smoke else BENCH_LADDERS[ladder]
       extra = {"dead_tokens": BENCH_DEAD_TOKENS[size]} if fields.get("auxk") else {}
+      if fields["activation"] == "jumprelu":
+        extra["jumprelu_threshold_lr_scale"] = BENCH_JUMPRELU_LR_SCALE[size]
       for loss in BENCH_LOSSES:
         s.sweep.append({"product": {ladder: values, **seed_product},
                         "set": {**fields, **extra, "loss": loss, "expansion": expansion}})
