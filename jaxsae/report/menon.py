@@ -55,42 +55,38 @@ def _family(t: str) -> str:
   return "sparsemax" if t.startswith("sparsemax") else t
 
 
+def _combo_value(row: Mapping[str, Any], mode: str) -> float | None:
+  """A variant's grammaticality in `mode` (sentence positions first), None if not generated."""
+  combos = row.get("grammaticality_by_combo") or {}
+  combo = next((c for c in (f"{mode}/sentence", f"{mode}/all") if c in combos), None)
+  return comparison.as_float(combos[combo]["mean"]) if combo else None
+
+
 def _cell_tables(rows: Sequence[Mapping[str, Any]], mode: str, n_gen: int
                  ) -> dict[str, dict[str, Any]]:
-  """SAE type -> Menon grid of pooled grammaticality in `mode` (sentence positions first)."""
+  """SAE type -> Menon grid (`comparison.grid_table`) of pooled grammaticality in `mode`."""
   out = {}
   for t in sorted({r["type"] for r in rows}, key=comparison.type_sort_key):
     field = comparison.grid_row_field(t)
-    members = [r for r in rows if r["type"] == t and not r.get("frozen")]
-    cells: dict[tuple, list[float]] = {}
-    for r in members:
-      combos = r.get("grammaticality_by_combo") or {}
-      combo = next((c for c in (f"{mode}/sentence", f"{mode}/all") if c in combos), None)
-      value = comparison.as_float(combos[combo]["mean"]) if combo else None
-      hp = r["hparams"]
-      if value is None or "expansion" not in hp or (field and field not in hp):
-        continue
-      cells.setdefault((hp[field] if field else "—", hp["expansion"]), []).append(value)
-    if len(cells) < 2:
+    members = [{"hparams": r["hparams"], "g": _combo_value(r, mode)} for r in rows
+               if r["type"] == t and not r.get("frozen")]
+    g = comparison.grid_table([m for m in members if m["g"] is not None], "g",
+                              row_field=field)
+    if g is None:
       continue
-    row_vals = sorted({k[0] for k in cells}, key=lambda v: (isinstance(v, str), v))
-    cols = sorted({k[1] for k in cells})
     grid = []
-    for rv in row_vals:
+    for values, counts in zip(g["values"], g["counts"]):
       line = []
-      for c in cols:
-        vals = cells.get((rv, c), [])
-        if not vals:
+      for mean, saes in zip(values, counts):
+        if not saes:
           line.append(None)
           continue
-        hits = int(round(sum(v * n_gen for v in vals)))
-        n = n_gen * len(vals)
-        lo, hi = stats.wilson_interval(hits, n)
-        line.append({"mean": float(np.mean(vals)), "lo": lo, "hi": hi, "n": n,
-                     "saes": len(vals)})
+        n = n_gen * saes
+        lo, hi = stats.wilson_interval(int(round(mean * n)), n)
+        line.append({"mean": mean, "lo": lo, "hi": hi, "n": n, "saes": saes})
       grid.append(line)
-    out[t] = {"row_field": field, "col_field": "expansion", "rows": row_vals, "cols": cols,
-              "cells": grid}
+    out[t] = {"row_field": field, "col_field": "expansion", "rows": g["rows"],
+              "cols": g["cols"], "cells": grid}
   return out
 
 
