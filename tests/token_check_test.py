@@ -22,6 +22,7 @@ ENTRIES = {
     "labels": grammars.labels,
     "valid_next": grammars.valid_next,
     "parse": cky.parse,
+    "recognise": cky.recognise,
     "next_terminals": cky.next_terminals,
     "well_formed": cky.well_formed,
 }
@@ -56,6 +57,9 @@ def test_linear_recogniser_agrees_with_cky_on_fuzzed_arrays(name):
   assert ref.sum() >= 48 and (~ref).sum() >= 48  # both verdicts well represented
   np.testing.assert_array_equal(ours, ref)
   np.testing.assert_array_equal(np.asarray(jax.jit(grammars.is_grammatical)(g, toks)), ref)
+  # The boolean CKY recogniser (English's path) gives the parser's verdicts, bucketed and jitted.
+  np.testing.assert_array_equal(np.asarray(cky.recognise(g, toks)), ref)
+  np.testing.assert_array_equal(np.asarray(jax.jit(cky.recognise)(g, toks)), ref)
   # Any integer dtype holding the same ids gives the same verdicts.
   np.testing.assert_array_equal(np.asarray(grammars.is_grammatical(g, toks.astype(np.uint8))),
                                 ref)
@@ -113,6 +117,8 @@ def test_jitted_recognisers_judge_out_of_range_ids_ungrammatical(name):
   linear = np.asarray(jax.jit(grammars.is_grammatical)(g, bad))
   ref = np.asarray(jax.jit(lambda g, t: cky.parse(g, t, max_sentence_len=8).grammatical)(g, bad))
   np.testing.assert_array_equal(linear, ref)
+  rec = jax.jit(lambda g, t: cky.recognise(g, t, max_sentence_len=8))(g, bad)
+  np.testing.assert_array_equal(np.asarray(rec), ref)
   assert not linear.any()
 
 

@@ -4,6 +4,7 @@
 the inside algorithm (log-space logsumexp) and the Viterbi algorithm over `Grammar.cnf`, then
 backtraces the best parse to per-token labels measured in the ORIGINAL grammar: depth,
 preterminal, parent and which child of the root's first binary rule holds the token.
+`recognise` gives `parse`'s verdicts alone, from boolean charts (cheaper to compile and run).
 `next_terminals` answers prefix viability: after each sentence prefix, which terminals can
 follow, and whether the prefix is already a sentence.
 
@@ -11,7 +12,7 @@ Chart layout, static tables, format checks and batching: `cky_chart.py`.
 
 Compilation. The compiled cores see only the CNF arrays and static vocabulary ids, unary
 pattern and chart size, so grammars that agree on those (e.g. the two Dyck grammars) share a
-compilation. When given concrete arrays, `parse` and `next_terminals` group the rows by
+compilation. When given concrete arrays, `parse`, `recognise` and `next_terminals` group the rows by
 sentence length into chart sizes 8, 16, 32, 64 and the maximum, run each group in chunks whose
 row count is a power of two (each shape compiled once, then reused), and scatter the results
 back in order; under `jax.jit` (traced tokens) they run one chart of the maximum size. Both give
@@ -268,6 +269,75 @@ def _parse_rows(cnf: pcfg.CNFTables, tokens_BT: jax.Array, static: cky_chart.Sta
 
 
 # ------------------------------------------------------------------------------------------------
+# Recognition: boolean exact-span charts (no probabilities, no backtrace).
+
+
+class _OkTables(NamedTuple):
+  reach_CC: jax.Array  # C =>* D by unary rules
+  left_R: jax.Array
+  right_R: jax.Array
+  lhs_RC: jax.Array
+
+
+def _ok_tables(cnf: pcfg.CNFTables) -> _OkTables:
+  _, left_R, right_R, _, lhs_RC = cky_chart.binary_rules(cnf)
+  return _OkTables(jnp.isfinite(cnf.unary_sum_CC), left_R, right_R, lhs_RC)
+
+
+def _ok_close(static: cky_chart.Static, tables: _OkTables, pre_ICB):
+  return cky_chart.unary_close(static, tables.reach_CC, pre_ICB, jnp.logical_and, jnp.any, False)
+
+
+def _ok_base(cnf: pcfg.CNFTables, static: cky_chart.Static, tables: _OkTables,
+             sent_BN: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`ok[i, l, C]`: C derives the span of length l at i, with the spans of length 1 written."""
+  b, n_chart = sent_BN.shape
+  n_c = cnf.lex_logp_CV.shape[0]
+  lex_CV = jnp.concatenate([jnp.isfinite(cnf.lex_logp_CV), jnp.zeros((n_c, 1), bool)], axis=1)
+  lex_NCB = jnp.transpose(lex_CV[:, sent_BN], (2, 0, 1))
+  return cky_chart.write(jnp.zeros((n_chart, n_chart + 1, n_c, b), bool),
+                         jnp.zeros((2 * n_chart, 2 * n_chart, n_c, b), bool),
+                         _ok_close(static, tables, lex_NCB), 1, n_chart)
+
+
+def _ok_spans(static: cky_chart.Static, tables: _OkTables, ok_ILCB, ok_JKCB, l, lo: int, hi: int,
+              n_chart: int):
+  """Spans of length l in phase [lo, hi]: `(left split view, ok_ICB, ok_ILCB, ok_JKCB)`."""
+  left, right = cky_chart.split_views(ok_ILCB, ok_JKCB, l, lo, hi, n_chart)
+  rule_IRB = jnp.any(left[:, :, tables.left_R] & right[:, :, tables.right_R], axis=1)
+  ok_ICB = ok_ILCB[:left.shape[0], l] | _ok_close(
+      static, tables, cky_chart.by_lhs(rule_IRB, tables.lhs_RC, jnp.any, False))
+  ok_ILCB, ok_JKCB = cky_chart.write(ok_ILCB, ok_JKCB, ok_ICB, l, n_chart)
+  return left, ok_ICB, ok_ILCB, ok_JKCB
+
+
+@functools.partial(jax.jit, static_argnames=("static", "n_chart"))
+def _recognise_core(cnf: pcfg.CNFTables, tokens_BT: jax.Array, *, static: cky_chart.Static,
+                    n_chart: int) -> jax.Array:
+  """`recognise` on one chart size N (traced path; also each bucket of the host path)."""
+  return cky_chart.in_chunks(lambda x: _recognise_rows(cnf, x, static, n_chart), cnf, tokens_BT,
+                             n_chart)
+
+
+def _recognise_rows(cnf: pcfg.CNFTables, tokens_BT: jax.Array, static: cky_chart.Static,
+                    n_chart: int) -> jax.Array:
+  _, ok_B, length_B = cky_chart.format_check(static, tokens_BT)
+  sent_BN = cky_chart.sentence_tokens(static, tokens_BT, n_chart)
+  tables = _ok_tables(cnf)
+  charts = _ok_base(cnf, static, tables, sent_BN)
+
+  def phase_step(lo, hi):
+    def step(l, c):
+      return _ok_spans(static, tables, *c, l, lo, hi, n_chart)[2:]
+    return step
+
+  for lo, hi in cky_chart.phases(n_chart):
+    charts = jax.lax.fori_loop(lo, hi + 1, phase_step(lo, hi), charts)
+  derives_B = charts[0][0, jnp.clip(length_B, 0, n_chart), 0, jnp.arange(tokens_BT.shape[0])]
+  return ok_B & (length_B <= n_chart) & derives_B
+
+
+# ------------------------------------------------------------------------------------------------
 # Prefix viability.
 
 
@@ -288,19 +358,10 @@ def _prefix_charts(cnf: pcfg.CNFTables, static: cky_chart.Static,
   n_c = cnf.lex_logp_CV.shape[0]
   first_CK = jnp.asarray(cnf.first_CK)
   n_k = first_CK.shape[1]
-  lex_CV = jnp.concatenate([jnp.isfinite(cnf.lex_logp_CV), jnp.zeros((n_c, 1), bool)], axis=1)
-  reach_CC = jnp.isfinite(cnf.unary_sum_CC)
   corner_CC = jnp.asarray(cnf.left_corner_CC)
-  _, left_R, right_R, _, lhs_RC = cky_chart.binary_rules(cnf)
-  first_RK = first_CK[right_R]
-
-  def close(pre_ICB):
-    return cky_chart.unary_close(static, reach_CC, pre_ICB, jnp.logical_and, jnp.any, False)
-
-  ok_ILCB = jnp.zeros((n_chart, n_chart + 1, n_c, b), bool)
-  ok_JKCB = jnp.zeros((2 * n_chart, 2 * n_chart, n_c, b), bool)
-  lex_NCB = jnp.transpose(lex_CV[:, sent_BN], (2, 0, 1))
-  ok_ILCB, ok_JKCB = cky_chart.write(ok_ILCB, ok_JKCB, close(lex_NCB), 1, n_chart)
+  tables = _ok_tables(cnf)
+  first_RK = first_CK[tables.right_R]
+  ok_ILCB, ok_JKCB = _ok_base(cnf, static, tables, sent_BN)
   charts = _PrefixCharts(
       ok_ILCB, ok_JKCB, jnp.zeros((2 * n_chart, 2 * n_chart, n_c, n_k, b), bool),
       jnp.zeros((n_chart + 1, n_k, b), bool).at[0].set(
@@ -310,17 +371,14 @@ def _prefix_charts(cnf: pcfg.CNFTables, static: cky_chart.Static,
   def phase_step(lo, hi):
     def step(l, c: _PrefixCharts) -> _PrefixCharts:
       # Exact spans of length l (length 1 is the lexical base, already written).
-      left, right = cky_chart.split_views(c.ok_ILCB, c.ok_JKCB, l, lo, hi, n_chart)
-      rule_IRB = jnp.any(left[:, :, left_R] & right[:, :, right_R], axis=1)
-      ok_ICB = c.ok_ILCB[:left.shape[0], l] | close(cky_chart.by_lhs(rule_IRB, lhs_RC, jnp.any,
-                                                                     False))
-      ok_ILCB, ok_JKCB = cky_chart.write(c.ok_ILCB, c.ok_JKCB, ok_ICB, l, n_chart)
+      left, ok_ICB, ok_ILCB, ok_JKCB = _ok_spans(static, tables, c.ok_ILCB, c.ok_JKCB, l, lo, hi,
+                                                 n_chart)
       # B -> X Y straddles the prefix end: X covers the whole span and Y starts with K, or
       # X covers its first m tokens and Y covers the rest followed by K.
       _, follow = cky_chart.split_views(c.follow_JKCKB, c.follow_JKCKB, l, lo, hi, n_chart)
-      straddle_IRKB = (ok_ICB[:, left_R, None, :] & first_RK[None, :, :, None]) | jnp.any(
-          left[:, :, left_R, None, :] & follow[:, :, right_R], axis=1)
-      g_ICKB = jnp.any(lhs_RC[None, :, :, None, None] & straddle_IRKB[:, :, None], axis=1)
+      straddle_IRKB = (ok_ICB[:, tables.left_R, None, :] & first_RK[None, :, :, None]) | jnp.any(
+          left[:, :, tables.left_R, None, :] & follow[:, :, tables.right_R], axis=1)
+      g_ICKB = jnp.any(tables.lhs_RC[None, :, :, None, None] & straddle_IRKB[:, :, None], axis=1)
       # Climb left corners: A derives B ... with B the lowest node straddling the prefix end.
       follow_ICKB = jnp.any(corner_CC[None, :, :, None, None] & g_ICKB[:, None], axis=2)
       follow_JKCKB = jax.lax.dynamic_update_slice(
@@ -410,6 +468,32 @@ def parse(grammar: pcfg.Grammar, tokens_BT: jax.Array, *,
                       root_child=minus_BT)
   rows_B = ok_B & (length_B <= n_max)
   return cky_chart.bucketed(_parse_core, grammar, tokens_BT, rows_B, length_B, n_max, empty)
+
+
+def recognise(grammar: pcfg.Grammar, tokens_BT: jax.Array, *,
+              max_sentence_len: int | None = None) -> jax.Array:
+  """bool [B]: `parse(...).grammatical` from boolean charts alone (works inside `jax.jit`).
+
+  Same verdicts as `parse` (decorator, `<eos>`, padding, and the start symbol deriving the
+  sentence), without probabilities or labels: one boolean chart instead of two float charts
+  and a backtrace, so it compiles and runs faster. Bucketing and `max_sentence_len` as in
+  `parse`.
+
+  Raises:
+    TypeError / ValueError: as `parse`.
+  """
+  tokens_BT = token_check.check(grammar, tokens_BT, where="recognise")
+  t = tokens_BT.shape[1]
+  n_max = cky_chart.default_len(max_sentence_len, t - len(pcfg.DECORATOR) - 1)
+  static = cky_chart.static_tables(grammar)
+  if cky_chart.is_traced(tokens_BT, grammar.cnf):
+    return _recognise_core(grammar.cnf, jnp.asarray(tokens_BT, jnp.int32), static=static,
+                           n_chart=n_max)
+  tokens_BT = np.asarray(tokens_BT).astype(np.int32)
+  _, ok_B, length_B = cky_chart.format_check(static, tokens_BT)
+  rows_B = ok_B & (length_B <= n_max)
+  return cky_chart.bucketed(_recognise_core, grammar, tokens_BT, rows_B, length_B, n_max,
+                            np.zeros(tokens_BT.shape[:1], bool))
 
 
 def next_terminals(grammar: pcfg.Grammar, tokens_BT: jax.Array, *,

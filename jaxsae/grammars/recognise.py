@@ -228,7 +228,8 @@ def expr_scan(grammar: pcfg.Grammar, sentence_BN: jax.Array, length_B: jax.Array
 def is_grammatical(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> jax.Array:
   """bool [B]: is each full sequence grammatical? Exact for every kind of grammar.
 
-  Dyck and Expr use linear-time scans; any other grammar uses the CKY parser.
+  Dyck and Expr use linear-time scans; any other grammar the boolean CKY recogniser
+  (`cky.recognise`).
 
   Raises:
     TypeError / ValueError: `tokens_BT` is not an integer [B, T] array of ids in
@@ -247,4 +248,4 @@ def is_grammatical(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> jax.Array:
     scan = expr_scan(grammar, lay.sentence_BN, n, tree=False)
     return lay.well_formed & jnp.take_along_axis(scan.eos_legal, last, 1)[:, 0]
   from jaxsae.grammars import cky  # pylint: disable=g-import-not-at-top
-  return cky.parse(grammar, tokens_BT).grammatical
+  return cky.recognise(grammar, tokens_BT)
