@@ -9,6 +9,7 @@ import os
 import pytest
 
 from experiments import main as main_lib
+from experiments.configs import bench as bench_configs
 from experiments.configs import eval as eval_configs
 from experiments.configs import lm as lm_configs
 from experiments.configs import pipeline as pipeline_configs
@@ -262,7 +263,16 @@ BUILDS = [
     ("study", "study=causal,smoke", dict(study="causal", size="smoke")),
     ("study", "study=bench,language=expr_prefix,full",
      dict(study="bench", language="expr_prefix", size="full")),
+    ("bench", "language=dyck2,seed=42,seeds=2,smoke",
+     dict(language="dyck2", seed=42, seeds=2, size="smoke")),
 ]
+
+
+def test_bench_config_is_the_bench_study():
+  assert (bench_configs.get_config("language=expr_prefix,seed=42").to_dict()
+          == study_configs.get_config("study=bench,language=expr_prefix,seed=42").to_dict())
+  with pytest.raises(ValueError, match="study"):
+    bench_configs.get_config("study=menon")
 
 
 def test_every_config_module_has_a_builder():

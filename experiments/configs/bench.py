@@ -1,0 +1,43 @@
+"""The benchmark: the SAE architectures the field trains today, against the grammar's ground truth.
+
+The `bench` study of `study.py` under its own name: ReLU + L1, JumpReLU, Gated, TopK,
+TopK + AuxK, BatchTopK and Matryoshka BatchTopK, each trained `local` and `e2e` over a
+seven-value λ or k ladder with `seeds` seeds (294 SAEs at the default 3), on one language, then
+the pipeline's evaluation, ground-truth analysis and report. One run per language; the
+leaderboard ranks the architectures across the runs::
+
+    for lang in dyck2 expr_prefix english; do
+      python -m experiments.main --config=experiments/configs/bench.py:language=$lang \
+          --workdir=workdirs/bench_$lang
+    done
+    python -m experiments.leaderboard --out=workdirs/leaderboard workdirs/bench_*
+
+Settings after the colon (comma-separated): `language=<name>`, `seed=<int>` (LM, data and
+evaluation seed), `seeds=<int>` (SAE seeds per configuration), and one of the switches `full`
+(5,000 steps of 128 sequences: an accelerator job) or `smoke` (tiny, for tests). Without a
+switch: the CPU budget (800 steps of 32 sequences, about two hours per language on two cores).
+"""
+
+from typing import Literal
+
+import ml_collections
+
+from experiments.configs import args as args_lib
+from experiments.configs import study
+
+
+def get_config(arg=None):
+  """The config of `bench.py:<arg>` (see the module docstring): `build` of the parsed settings."""
+  opts = args_lib.parse(arg, switches=("smoke", "full"),
+                        keys={"language": "english", "seed": 0, "seeds": 3},
+                        minimum={"seeds": 1})
+  if opts["smoke"] and opts["full"]:
+    raise ValueError("choose at most one of the switches smoke and full")
+  size = "smoke" if opts["smoke"] else "full" if opts["full"] else "default"
+  return build(language=opts["language"], seed=opts["seed"], seeds=opts["seeds"], size=size)
+
+
+def build(language: str = "english", seed: int = 0, seeds: int = 3,
+          size: Literal["smoke", "default", "full"] = "default") -> ml_collections.ConfigDict:
+  """`study.build(study="bench", ...)`: the same config, so workdirs of either name resume."""
+  return study.build(study="bench", language=language, seed=seed, seeds=seeds, size=size)
