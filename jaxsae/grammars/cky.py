@@ -451,23 +451,13 @@ def parse(grammar: pcfg.Grammar, tokens_BT: jax.Array, *,
     TypeError / ValueError: `tokens_BT` is not an integer [B, T] array of ids in
       [0, vocab_size) with T >= 9 (`token_check.check`; under jit only dtype and shape).
   """
-  tokens_BT = token_check.check(grammar, tokens_BT, where="parse")
-  t = tokens_BT.shape[1]
-  n_max = cky_chart.default_len(max_sentence_len, t - len(pcfg.DECORATOR) - 1)
-  static = cky_chart.static_tables(grammar)
-  if cky_chart.is_traced(tokens_BT, grammar.cnf):
-    return _parse_core(grammar.cnf, jnp.asarray(tokens_BT, jnp.int32), static=static,
-                       n_chart=n_max)
-  tokens_BT = np.asarray(tokens_BT).astype(np.int32)
-  b = tokens_BT.shape[0]
-  _, ok_B, length_B = cky_chart.format_check(static, tokens_BT)
-  minus_BT = np.full((b, t), -1, np.int32)
-  neg_B = np.full((b,), -np.inf, np.float32)
-  empty = ParseResult(grammatical=np.zeros((b,), bool), logprob=neg_B, viterbi_logprob=neg_B,
-                      length=length_B, depth=minus_BT, preterminal=minus_BT, parent=minus_BT,
-                      root_child=minus_BT)
-  rows_B = ok_B & (length_B <= n_max)
-  return cky_chart.bucketed(_parse_core, grammar, tokens_BT, rows_B, length_B, n_max, empty)
+  def empty(b, t, length_B):
+    minus_BT = np.full((b, t), -1, np.int32)
+    neg_B = np.full((b,), -np.inf, np.float32)
+    return ParseResult(grammatical=np.zeros((b,), bool), logprob=neg_B, viterbi_logprob=neg_B,
+                       length=length_B, depth=minus_BT, preterminal=minus_BT, parent=minus_BT,
+                       root_child=minus_BT)
+  return _full_sequences(_parse_core, grammar, tokens_BT, max_sentence_len, "parse", empty)
 
 
 def recognise(grammar: pcfg.Grammar, tokens_BT: jax.Array, *,
@@ -482,18 +472,25 @@ def recognise(grammar: pcfg.Grammar, tokens_BT: jax.Array, *,
   Raises:
     TypeError / ValueError: as `parse`.
   """
-  tokens_BT = token_check.check(grammar, tokens_BT, where="recognise")
+  return _full_sequences(_recognise_core, grammar, tokens_BT, max_sentence_len, "recognise",
+                         lambda b, t, length_B: np.zeros((b,), bool))
+
+
+def _full_sequences(core, grammar: pcfg.Grammar, tokens_BT, max_sentence_len: int | None,
+                    where: str, empty):
+  """Runs a full-sequence core: one chart of the maximum size on traced tokens, else the rows
+  bucketed by sentence length; `empty(b, t, length_B)` answers the rows that are not parsed."""
+  tokens_BT = token_check.check(grammar, tokens_BT, where=where)
   t = tokens_BT.shape[1]
   n_max = cky_chart.default_len(max_sentence_len, t - len(pcfg.DECORATOR) - 1)
   static = cky_chart.static_tables(grammar)
   if cky_chart.is_traced(tokens_BT, grammar.cnf):
-    return _recognise_core(grammar.cnf, jnp.asarray(tokens_BT, jnp.int32), static=static,
-                           n_chart=n_max)
+    return core(grammar.cnf, jnp.asarray(tokens_BT, jnp.int32), static=static, n_chart=n_max)
   tokens_BT = np.asarray(tokens_BT).astype(np.int32)
   _, ok_B, length_B = cky_chart.format_check(static, tokens_BT)
   rows_B = ok_B & (length_B <= n_max)
-  return cky_chart.bucketed(_recognise_core, grammar, tokens_BT, rows_B, length_B, n_max,
-                            np.zeros(tokens_BT.shape[:1], bool))
+  return cky_chart.bucketed(core, grammar, tokens_BT, rows_B, length_B, n_max,
+                            empty(tokens_BT.shape[0], t, length_B))
 
 
 def next_terminals(grammar: pcfg.Grammar, tokens_BT: jax.Array, *,
