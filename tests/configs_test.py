@@ -268,6 +268,29 @@ BUILDS = [
 ]
 
 
+@pytest.mark.parametrize("size", ["smoke", "default", "full"])
+def test_bench_grid_is_every_architecture_by_loss_by_ladder_by_seed(size):
+  c = bench_configs.build(language="dyck2", seeds=2, size=size)
+  specs = _groups(c.sae)
+  n_arch, n_loss = len(study_configs.BENCH_ARCHS), len(study_configs.BENCH_LOSSES)
+  ladder = 1 if size == "smoke" else 7
+  assert len(specs) == n_arch * n_loss
+  assert sum(s.size for s in specs) == n_arch * n_loss * ladder * 2
+  assert sorted(s.get("loss") for b in c.sae.sweep for s in [b["set"]]) == sorted(
+      list(study_configs.BENCH_LOSSES) * n_arch)
+  for block in c.sae.sweep:
+    fields = block["set"]
+    if fields.get("p_anneal"):  # p leaves 1 after a quarter of the run and reaches p_end at 3/4
+      start, steps = fields["p_anneal_start"], fields["p_anneal_steps"]
+      assert fields["p_anneal_rescale"] and 0 <= start < start + steps <= c.sae.steps
+      if size != "smoke":
+        assert (start, start + steps) == (c.sae.steps // 4, 3 * c.sae.steps // 4)
+    else:
+      assert "p_anneal_start" not in fields
+    if fields["activation"] == "jumprelu":
+      assert fields["jumprelu_threshold_lr_scale"] == study_configs.BENCH_JUMPRELU_LR_SCALE[size]
+
+
 def test_bench_config_is_the_bench_study():
   assert (bench_configs.get_config("language=expr_prefix,seed=42").to_dict()
           == study_configs.get_config("study=bench,language=expr_prefix,seed=42").to_dict())

@@ -1,8 +1,9 @@
 """The benchmark: the SAE architectures the field trains today, against the grammar's ground truth.
 
-The `bench` study of `study.py` under its own name: ReLU + L1, JumpReLU, Gated, TopK,
-TopK + AuxK, BatchTopK and Matryoshka BatchTopK, each trained `local` and `e2e` over a
-seven-value λ or k ladder with `seeds` seeds (294 SAEs at the default 3), on one language, then
+The `bench` study of `study.py` under its own name: ReLU + L1, ReLU with p-annealing,
+Matryoshka ReLU, JumpReLU, Gated, TopK, TopK + AuxK, BatchTopK and Matryoshka BatchTopK, each
+trained `local` and `e2e` over a seven-value λ or k ladder with `seeds` seeds (378 SAEs at the
+default 3), on one language, then
 the pipeline's evaluation, ground-truth analysis and report. One run per language; the
 leaderboard ranks the architectures across the runs::
 
@@ -15,7 +16,7 @@ leaderboard ranks the architectures across the runs::
 Settings after the colon (comma-separated): `language=<name>`, `seed=<int>` (LM, data and
 evaluation seed), `seeds=<int>` (SAE seeds per configuration), and one of the switches `full`
 (5,000 steps of 128 sequences: an accelerator job) or `smoke` (tiny, for tests). Without a
-switch: the CPU budget (800 steps of 32 sequences, about two hours per language on two cores).
+switch: the CPU budget (800 steps of 32 sequences, about two and a half hours per language on two cores).
 """
 
 from typing import Literal

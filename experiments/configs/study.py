@@ -28,11 +28,12 @@ grammaticality; the paper-scale LM is `lm.py:full`) and swaps in the study's gri
   optimisation profile) with `seeds` SAE seeds; causal predictability of every SAE against the
   null of random live latents;
 - `bench` (the architectures the field trains today, against the grammar's ground truth):
-  ReLU + L1, JumpReLU, Gated, TopK, TopK + AuxK, BatchTopK and Matryoshka BatchTopK, each
-  trained `local` and `e2e`, over a seven-value λ or k ladder (JumpReLU with its threshold's
-  step scaled to the budget, `BENCH_JUMPRELU_LR_SCALE`),
-  `seeds` seeds each (294 SAEs at the default 3 seeds: an accelerator job at `full`; at the CPU
-  budget about two hours per language, or pass `seeds=1`); the report's ground-truth table (MCC,
+  ReLU + L1, ReLU with p-annealing, Matryoshka ReLU, JumpReLU, Gated, TopK, TopK + AuxK,
+  BatchTopK and Matryoshka BatchTopK, each trained `local` and `e2e`, over a seven-value λ or k
+  ladder (JumpReLU with its threshold's step scaled to the budget, `BENCH_JUMPRELU_LR_SCALE`;
+  p from 1 to 0.2 between a quarter and three quarters of the steps, `BENCH_P_ANNEAL`),
+  `seeds` seeds each (378 SAEs at the default 3 seeds: an accelerator job at `full`; at the CPU
+  budget about two and a half hours per language, or pass `seeds=1`); the report's ground-truth table (MCC,
   absorption, splitting, k-sparse probes, shrinkage) and its trade-off plots compare them.
 
 Settings after the colon (comma-separated): `study=frontier|menon|causal`, `language=<name>`,
@@ -80,8 +81,15 @@ FRONTIER_EVAL_BATCHES = {"expr_prefix": 32}
 # 2, 8, 32. The scale follows the budget so that the travel stays about the same.
 BENCH_JUMPRELU = {"jumprelu_init_threshold": 0.01, "jumprelu_bandwidth": 0.05}
 BENCH_JUMPRELU_LR_SCALE = {"smoke": 30.0, "default": 30.0, "full": 5.0}
+# p-annealing (Karvonen et al.): p falls linearly from 1 to p_end 0.2 between these fractions of
+# the run's steps, with the penalty rescaled to the L1 penalty's value so λ keeps its meaning
+# (the dictionary_learning trainer's λ update, made continuous).
+BENCH_P_ANNEAL = {"start": 0.25, "end": 0.75}
 BENCH_ARCHS = {
     "relu": ({"activation": "relu"}, "sparsity_coeff"),
+    "relu+p_anneal": ({"activation": "relu", "p_anneal": True}, "sparsity_coeff"),
+    "matryoshka_relu": ({"activation": "relu", "matryoshka": (0.125, 0.25, 0.5)},
+                        "sparsity_coeff"),
     "jumprelu": ({"activation": "jumprelu", **BENCH_JUMPRELU}, "sparsity_coeff"),
     "gated": ({"activation": "gated"}, "sparsity_coeff"),
     "topk": ({"activation": "topk"}, "k"),
@@ -168,6 +176,10 @@ def build(study: str = "frontier", language: str = "english", seed: int = 0, see
       extra = {"dead_tokens": BENCH_DEAD_TOKENS[size]} if fields.get("auxk") else {}
       if fields["activation"] == "jumprelu":
         extra["jumprelu_threshold_lr_scale"] = BENCH_JUMPRELU_LR_SCALE[size]
+      if fields.get("p_anneal"):
+        start = int(BENCH_P_ANNEAL["start"] * s.steps)
+        extra.update(p_anneal_rescale=True, p_anneal_start=start,
+                     p_anneal_steps=max(1, int(BENCH_P_ANNEAL["end"] * s.steps) - start))
       for loss in BENCH_LOSSES:
         s.sweep.append({"product": {ladder: values, **seed_product},
                         "set": {**fields, **extra, "loss": loss, "expansion": expansion}})
