@@ -72,6 +72,27 @@ def test_a_dominant_type_ranks_first_alone_and_overlapping_types_tie(toy_board):
         assert leaderboard.ranking_text(p["ranking"]).startswith("1 best; 2= ")
 
 
+def test_best_lists_the_rank_one_types_and_says_when_none_can_be_ranked(toy_board):
+  answer = leaderboard.best(toy_board)
+  for axis in leaderboard.AXES:
+    for m in ("mcc", "absorption"):
+      rows = answer[axis][m]
+      assert [r["x"] for r in rows] == toy_board["axes"][axis]["reference_points"]
+      for r in rows:
+        assert r["best"] == ["best"] and r["covered"] == 3 and r["unranked"] == []
+        assert "best (" in leaderboard.best_text(rows, axis)
+  # Two types with the same curve tie for first; an uncovered point says so.
+  tied = leaderboard.language_board(_report({
+      "a": (lambda x: 0.5, lambda x: 0.3, 0.02), "b": (lambda x: 0.5, lambda x: 0.3, 0.02)}),
+      n_boot=50)
+  rows = leaderboard.best(tied)["ce_increase"]["mcc"]
+  assert all(sorted(r["best"]) == ["a", "b"] for r in rows)
+  assert leaderboard.best_text([{"x": 1.0, "best": [], "value": {}, "covered": 0,
+                                 "unranked": []}], "l0") == "L0 1: no type covered"
+  assert leaderboard.best_text([{"x": 1.0, "best": [], "value": {}, "covered": 2,
+                                 "unranked": ["a", "b"]}], "l0") == "L0 1: no interval to rank"
+
+
 def test_reference_points_are_quartiles_of_the_common_range(toy_board):
   refs = toy_board["axes"]["ce_increase"]["reference_points"]
   # 12 configurations: 3 types × LADDER; the q-quantile sits at position q · 11 of the sorted
@@ -208,6 +229,8 @@ def test_the_command_runs_end_to_end_on_a_smoke_report(tmp_path):
   assert "causal_fraction" in b["metrics"] and "mcc" in b["metrics"]
   md = (out / "leaderboard.md").read_text()
   assert f"## {lang}" in md and "## toy" in md and leaderboard.NOT_COVERED in md
+  assert "## Best per language" in md and "| MCC | CE increase " in md
+  assert board["best"]["toy"]["l0"]["mcc"][0]["best"] == ["best"]
   for name in (f"pareto_{lang}", f"heatmap_{lang}", "pareto_toy", "heatmap_toy"):
     assert (out / f"{name}.png").read_bytes().startswith(b"\x89PNG")
     assert f"({name}.png)" in md

@@ -340,10 +340,47 @@ def label_reports(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str,
   return out
 
 
+def best(board: Mapping[str, Any]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+  """The answer to "which types are best here": per axis and metric, at each reference point,
+  the types ranked 1 (ties included: no type's interval is entirely better than theirs).
+
+  Returns:
+    `{axis: {metric: [{"x", "best": [types], "value": {type: reading}, "covered": number of
+    types covered, "unranked": covered types without an interval}]}}`; "best" is empty when no
+    covered type has an interval.
+  """
+  out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+  for axis, a in board["axes"].items():
+    for m in board["metrics"]:
+      rows = []
+      for p in a["metrics"][m]["points"]:
+        top = [r for r in p["ranking"] if r["rank"] == 1]
+        rows.append({"x": p["x"], "best": [r["type"] for r in top],
+                     "value": {r["type"]: r["value"] for r in top},
+                     "covered": len(p["ranking"]),
+                     "unranked": [r["type"] for r in p["ranking"] if r["rank"] is None]})
+      out.setdefault(axis, {})[m] = rows
+  return out
+
+
+def best_text(rows: Sequence[Mapping[str, Any]], axis: str) -> str:
+  """One line per axis and metric: "CE increase 0.01: topk (0.52), gated (0.51); ..."."""
+  parts = []
+  for r in rows:
+    if r["best"]:
+      what = ", ".join(f"{t} ({r['value'][t]:.3g})" for t in r["best"])
+    elif r["covered"]:
+      what = "no interval to rank"
+    else:
+      what = "no type covered"
+    parts.append(f"{AXES[axis]} {r['x']:.3g}: {what}")
+  return "; ".join(parts)
+
+
 def leaderboard(reports: Mapping[str, Mapping[str, Any]], **kwargs) -> dict[str, Any]:
-  """The cross-language leaderboard: `{"languages": {label: language_board(...)}, "summary":
-  {metric: {type: {label: rank label at the middle reference CE increase, or "not
-  covered"}}}}` (kwargs as `language_board`)."""
+  """The cross-language leaderboard: `{"languages": {label: language_board(...)}, "best":
+  {label: best(...)}, "summary": {metric: {type: {label: rank label at the middle reference CE
+  increase, or "not covered"}}}}` (kwargs as `language_board`)."""
   if not reports:
     raise ValueError("the leaderboard needs at least one report.json (one WORKDIR).")
   boards = {lang: language_board(r, **kwargs) for lang, r in reports.items()}
@@ -357,7 +394,8 @@ def leaderboard(reports: Mapping[str, Mapping[str, Any]], **kwargs) -> dict[str,
         labels = {r["type"]: r["label"] for r in p["ranking"]}
       for t in b["types"]:
         summary.setdefault(m, {}).setdefault(t, {})[lang] = labels.get(t, NOT_COVERED)
-  return {"languages": boards, "summary": summary}
+  return {"languages": boards, "best": {lang: best(b) for lang, b in boards.items()},
+          "summary": summary}
 
 
 def middle_point(board: Mapping[str, Any], axis: str) -> int | None:
@@ -392,6 +430,20 @@ def render(board: Mapping[str, Any], plots: Mapping[str, Mapping[str, str]] | No
            "Rank = 1 + the number of types whose interval is entirely better; overlapping "
            "intervals are not distinguishable and may share a rank (`2=`).", ""]
   langs = list(board["languages"])
+  if any(b["metrics"] for b in board["languages"].values()):
+    lines += ["## Best per language", "",
+              "At each reference point, the types ranked 1: no other type's interval is "
+              "entirely better (ties listed together, with their readings).", ""]
+    for lang, b in board["languages"].items():
+      if not b["metrics"]:
+        continue
+      lines += [f"**{lang}**", "", "| metric | at matched CE increase | at matched L0 |",
+                "|---|---|---|"]
+      for m in b["metrics"]:
+        cells = [best_text(board["best"][lang][axis][m], axis) for axis in AXES]
+        lines.append(f"| {METRICS[m][0]}{' (lower is better)' if not METRICS[m][1] else ''} | "
+                     + " | ".join(cells) + " |")
+      lines.append("")
   if board["summary"]:
     lines += ["## Ranks at the middle reference CE increase", ""]
     for m, by_type in board["summary"].items():
