@@ -6,7 +6,8 @@
 Prints one JSON object: per language, sentences/s for
 - `sample_jax`: `jaxsae.grammars.sample` (batch of n, after compilation, median of repeats);
 - `sample_python`: a straightforward recursive Python sampler with the same length filter;
-- `recognise_jax`: `is_grammatical` (linear scans for Dyck/Expr, CKY for English);
+- `recognise_jax`: `is_grammatical` (linear scans for Dyck/Expr, the boolean CKY recogniser
+  for English);
 - `parse_jax`: the CKY/inside parser (`parse`: verdict, log-probability, depths) on all n;
 - `parse_nltk`: NLTK's ViterbiParser on a time-boxed subset of the same sentences;
 and the speed-ups. Target: >= 50x both baselines on 2 CPU cores.
