@@ -15,6 +15,7 @@ from absl import flags
 from jaxsae.core import jsonio
 from jaxsae.core import stats
 from jaxsae.report import leaderboard
+from jaxsae.report import leaderboard_output
 
 _OUT = flags.DEFINE_string("out", None, "Directory for leaderboard.md / .json and the plots.")
 _N_BOOT = flags.DEFINE_integer("n_boot", stats.N_BOOT, "Bootstrap resamples over seeds.")
@@ -42,7 +43,7 @@ def main(argv):
     quantiles = [float(q) for q in _QUANTILES.value]
   except ValueError as e:
     raise app.UsageError(f"--quantiles={_QUANTILES.value}: numbers in [0, 1] please") from e
-  paths = leaderboard.write(_OUT.value, leaderboard.label_reports(reports),
+  paths = leaderboard_output.write(_OUT.value, leaderboard.label_reports(reports),
                             quantiles=quantiles, n_boot=_N_BOOT.value, seed=_SEED.value)
   for name, path in paths.items():
     print(f"{name}: {path}")

@@ -16,6 +16,7 @@ import pytest
 
 from jaxsae.analysis import matched
 from jaxsae.report import leaderboard
+from jaxsae.report import leaderboard_output
 from jaxsae.report import leaderboard_plots
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -80,16 +81,16 @@ def test_best_lists_the_rank_one_types_and_says_when_none_can_be_ranked(toy_boar
       assert [r["x"] for r in rows] == toy_board["axes"][axis]["reference_points"]
       for r in rows:
         assert r["best"] == ["best"] and r["covered"] == 3 and r["unranked"] == []
-        assert "best (" in leaderboard.best_text(rows, axis)
+        assert "best (" in leaderboard_output.best_text(rows, axis)
   # Two types with the same curve tie for first; an uncovered point says so.
   tied = leaderboard.language_board(_report({
       "a": (lambda x: 0.5, lambda x: 0.3, 0.02), "b": (lambda x: 0.5, lambda x: 0.3, 0.02)}),
       n_boot=50)
   rows = leaderboard.best(tied)["ce_increase"]["mcc"]
   assert all(sorted(r["best"]) == ["a", "b"] for r in rows)
-  assert leaderboard.best_text([{"x": 1.0, "best": [], "value": {}, "covered": 0,
+  assert leaderboard_output.best_text([{"x": 1.0, "best": [], "value": {}, "covered": 0,
                                  "unranked": []}], "l0") == "L0 1: no type covered"
-  assert leaderboard.best_text([{"x": 1.0, "best": [], "value": {}, "covered": 2,
+  assert leaderboard_output.best_text([{"x": 1.0, "best": [], "value": {}, "covered": 2,
                                  "unranked": ["a", "b"]}], "l0") == "L0 1: no interval to rank"
 
 

@@ -1,10 +1,11 @@
-"""Chart machinery shared by the CKY parser and prefix viability (`cky.py`).
+"""Chart machinery shared by the CKY parser (`cky.py`), recogniser and prefix viability
+(`cky_bool.py`).
 
 What the compiled cores need besides the algorithms themselves: the hashable static tables
 (`Static`: vocabulary ids and the unary-chain pattern, read from the rule text), the sequence
 format check, sentence-position helpers, the chart slicing of the two span layouts, the CNF rule
 tables in the orders the charts read them, and batching (`in_chunks` under `jax.jit`,
-`bucketed` by chart size on the host).
+`bucketed` by chart size on the host, `full_sequences` choosing between them).
 
 Chart layout. CKY is O(N^3 R). Every span table is kept twice so that each span length `l` reads
 its children with contiguous `dynamic_slice`s instead of gathers:
@@ -36,6 +37,7 @@ import numpy as np
 
 from jaxsae.grammars import pcfg
 from jaxsae.grammars import rules as rules_lib
+from jaxsae.grammars import token_check
 
 _BUCKETS = (8, 16, 32, 64)
 # Chart elements (rows * N^2 * C) per compiled call on the host-bucketed path: bounds memory
@@ -293,3 +295,20 @@ def default_len(max_sentence_len: int | None, default: int) -> int:
     raise ValueError(f"max_sentence_len must be >= 1, got {n}: pass a positive chart size, or "
                      "sequences long enough to hold the 7-token decorator and a sentence")
   return n
+
+
+def full_sequences(core, grammar: pcfg.Grammar, tokens_BT, max_sentence_len: int | None,
+                   where: str, empty):
+  """Runs a full-sequence core: one chart of the maximum size on traced tokens, else the rows
+  bucketed by sentence length; `empty(b, t, length_B)` answers the rows that are not parsed."""
+  tokens_BT = token_check.check(grammar, tokens_BT, where=where)
+  t = tokens_BT.shape[1]
+  n_max = default_len(max_sentence_len, t - len(pcfg.DECORATOR) - 1)
+  static = static_tables(grammar)
+  if is_traced(tokens_BT, grammar.cnf):
+    return core(grammar.cnf, jnp.asarray(tokens_BT, jnp.int32), static=static, n_chart=n_max)
+  tokens_BT = np.asarray(tokens_BT).astype(np.int32)
+  _, ok_B, length_B = format_check(static, tokens_BT)
+  rows_B = ok_B & (length_B <= n_max)
+  return bucketed(core, grammar, tokens_BT, rows_B, length_B, n_max,
+                  empty(tokens_BT.shape[0], t, length_B))

@@ -1,0 +1,145 @@
+"""The leaderboard's files: `leaderboard.md` (rendered from `leaderboard.leaderboard`'s dict),
+`leaderboard.json` and the plots (`leaderboard_plots`). Definitions: `leaderboard.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+from jaxsae.analysis import matched
+from jaxsae.core import jsonio
+from jaxsae.core import stats
+from jaxsae.report import leaderboard_plots
+from jaxsae.report.leaderboard import AXES
+from jaxsae.report.leaderboard import leaderboard
+from jaxsae.report.leaderboard import METRICS
+from jaxsae.report.leaderboard import NOT_COVERED
+from jaxsae.report.leaderboard import ranking_text
+
+
+def best_text(rows: Sequence[Mapping[str, Any]], axis: str) -> str:
+  """One line per axis and metric: "CE increase 0.01: topk (0.52), gated (0.51); ..."."""
+  parts = []
+  for r in rows:
+    if r["best"]:
+      what = ", ".join(f"{t} ({r['value'][t]:.3g})" for t in r["best"])
+    elif r["covered"]:
+      what = "no interval to rank"
+    else:
+      what = "no type covered"
+    parts.append(f"{AXES[axis]} {r['x']:.3g}: {what}")
+  return "; ".join(parts)
+
+
+def _cell(e: Mapping[str, Any], label: str | None) -> str:
+  if not e.get("covered"):
+    return NOT_COVERED
+  text = stats.format_estimate({"value": e["value"],
+                                "lo": math.nan if e.get("lo") is None else e["lo"],
+                                "hi": math.nan if e.get("hi") is None else e["hi"]})
+  return f"{text} ({label})" if label and label != "—" else text
+
+
+def render(board: Mapping[str, Any], plots: Mapping[str, Mapping[str, str]] | None = None
+           ) -> list[str]:
+  """leaderboard.md's lines; `plots`: language -> plot name -> relative path."""
+  plots = plots or {}
+  lines = ["# SAE leaderboard", "",
+           "Per language and metric, each SAE type's metric read off its curve (every "
+           "configuration, seeds pooled) at reference CE increases and L0s: interpolated in log "
+           "x between neighbouring configurations at most "
+           f"{matched.MAX_GAP_FACTOR:g}× apart, never extrapolated (\"{NOT_COVERED}\" "
+           "otherwise). Intervals: bootstrap over seeds (one seed: the SAEs' own intervals). "
+           "Rank = 1 + the number of types whose interval is entirely better; overlapping "
+           "intervals are not distinguishable and may share a rank (`2=`).", ""]
+  langs = list(board["languages"])
+  if any(b["metrics"] for b in board["languages"].values()):
+    lines += ["## Best per language", "",
+              "At each reference point, the types ranked 1: no other type's interval is "
+              "entirely better (ties listed together, with their readings).", ""]
+    for lang, b in board["languages"].items():
+      if not b["metrics"]:
+        continue
+      lines += [f"**{lang}**", "", "| metric | at matched CE increase | at matched L0 |",
+                "|---|---|---|"]
+      for m in b["metrics"]:
+        cells = [best_text(board["best"][lang][axis][m], axis) for axis in AXES]
+        lines.append(f"| {METRICS[m][0]}{' (lower is better)' if not METRICS[m][1] else ''} | "
+                     + " | ".join(cells) + " |")
+      lines.append("")
+  if board["summary"]:
+    lines += ["## Ranks at the middle reference CE increase", ""]
+    for m, by_type in board["summary"].items():
+      lines += [f"**{METRICS[m][0]}**" + (" (lower is better)" if not METRICS[m][1] else ""),
+                "", "| type | " + " | ".join(langs) + " |", "|---" * (len(langs) + 1) + "|"]
+      lines += [f"| {t} | " + " | ".join(v.get(lang, "—") for lang in langs) + " |"
+                for t, v in by_type.items()]
+      lines.append("")
+  for lang, b in board["languages"].items():
+    lines += [f"## {lang}", "", f"{len(b['types'])} SAE types; up to {b['n_seeds_max']} seeds "
+              "per configuration."]
+    for name, rel in (plots.get(lang) or {}).items():
+      lines += ["", f"![{name}]({rel})"]
+    lines.append("")
+    if not b["metrics"]:
+      lines += ["No ground-truth or causal metrics in this report (run the analysis stage).",
+                ""]
+      continue
+    for axis, a in b["axes"].items():
+      refs = a["reference_points"]
+      lines += [f"### At matched {AXES[axis]}", "",
+                f"Reference {AXES[axis]}s: {', '.join(f'{x:.3g}' for x in refs) or 'none'} "
+                f"({a['how']}).", ""]
+      if not refs:
+        continue
+      for m in b["metrics"]:
+        pts = a["metrics"][m]["points"]
+        lines += [f"**{METRICS[m][0]}**" + (" (lower is better)" if not METRICS[m][1] else ""),
+                  "", "| type | " + " | ".join(f"{AXES[axis]} {x:.3g}" for x in refs) + " |",
+                  "|---" * (len(refs) + 1) + "|"]
+        labels = [{r["type"]: r["label"] for r in p["ranking"]} for p in pts]
+        for t in b["types"]:
+          lines.append(f"| {t} | " + " | ".join(
+              _cell(p["entries"][t], lab.get(t)) for p, lab in zip(pts, labels)) + " |")
+        lines += [""] + [f"- {AXES[axis]} {p['x']:.3g}: {ranking_text(p['ranking'])}"
+                         for p in pts] + [""]
+  return lines
+
+
+def safe_name(label: str) -> str:
+  """A file-name-safe form of a language label."""
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "language"
+
+
+def write(out_dir: str, reports: Mapping[str, Mapping[str, Any]], **kwargs) -> dict[str, str]:
+  """Writes leaderboard.md, leaderboard.json and the plots into `out_dir`.
+
+  Args:
+    out_dir: directory (created if needed).
+    reports: language label -> report.json dict (`label_reports`).
+    **kwargs: as `language_board`.
+
+  Returns:
+    name -> path of every file written.
+  """
+  board = leaderboard(reports, **kwargs)
+  os.makedirs(out_dir, exist_ok=True)
+  paths, rel = {}, {}
+  for lang, b in board["languages"].items():
+    rel[lang] = {}
+    if not b["metrics"]:
+      continue
+    for kind, fn in (("pareto", leaderboard_plots.plot_pareto),
+                     ("heatmap", leaderboard_plots.plot_heatmap)):
+      name = f"{kind}_{safe_name(lang)}"
+      paths[name] = fn(os.path.join(out_dir, f"{name}.png"), b, METRICS, title=lang)
+      rel[lang][kind] = f"{name}.png"
+  md = os.path.join(out_dir, "leaderboard.md")
+  with open(md, "w") as f:
+    f.write("\n".join(render(board, rel)) + "\n")
+  js = os.path.join(out_dir, "leaderboard.json")
+  jsonio.write(js, jsonio.jsonable(dict(board, plots=rel)))
+  return {"leaderboard.md": md, "leaderboard.json": js, **paths}
