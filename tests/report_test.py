@@ -493,6 +493,7 @@ def test_ground_truth_section_reads_the_summary(tmp_path):
             "probing_raw": {"k=1": {"accuracy": est(0.7)}, "full": {"accuracy": est(0.9)}},
             "variants": {"v000": {"mcc": est(0.81), "mcc_null": 0.2, "matched": {"f1": est(0.6)},
                                   "absorption": {"pooled": est(0.25)},
+                                  "hedging": {"mean": est(0.125, 0.02)},
                                   "split_latents": est(1.5), "shrinkage": {"gamma": 1.25},
                                   "probing": {"k=1": {"accuracy": est(0.8)},
                                               "minus_raw": {"k=1": est(0.1)}}}}}
@@ -505,7 +506,8 @@ def test_ground_truth_section_reads_the_summary(tmp_path):
   assert "3 binary features (1 parent → child families)" in md
   row = _md_table_rows(md[md.index("## Ground-truth features"):], "id")[0]
   assert row["id"] == "v000" and row["MCC"] == "0.810 ± 0.010" and row["γ"] == "1.25"
-  assert row["absorption"].startswith("0.25")
+  assert row["absorption"].startswith("0.25") and row["hedging"] == "0.125 ± 0.020"
+  assert gt["variants"][0]["hedging"]["value"] == 0.125
 
 
 @pytest.mark.parametrize("hp, expected", [

@@ -165,8 +165,9 @@ def _variant_rows(summary, eval_results, combo: str | None) -> list[dict[str, An
 def ground_truth_table(ground: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
                        ) -> dict[str, Any]:
   """The report's ground-truth rows: per variant (in `rows` order) MCC against its null, the
-  matched latents' F1, absorption, split latents, the 1-sparse probe against the same probe on
-  the raw activations, and shrinkage (γ: the best rescaling of x̂; ‖x̂‖/‖x‖)."""
+  matched latents' F1, absorption, hedging (mean over children), split latents, the 1-sparse
+  probe against the same probe on the raw activations, and shrinkage (γ: the best rescaling of
+  x̂; ‖x̂‖/‖x‖)."""
   out = []
   for r in rows:
     g = (ground.get("variants") or {}).get(r["id"])
@@ -179,6 +180,7 @@ def ground_truth_table(ground: Mapping[str, Any], rows: Sequence[Mapping[str, An
         "mcc": g.get("mcc"), "mcc_null": g.get("mcc_null"),
         "f1": (g.get("matched") or {}).get("f1"),
         "absorption": (g.get("absorption") or {}).get("pooled"),
+        "hedging": (g.get("hedging") or {}).get("mean"),
         "split_latents": g.get("split_latents"),
         "probe_k1": (probe.get("k=1") or {}).get("accuracy"),
         "probe_k1_minus_raw": (probe.get("minus_raw") or {}).get("k=1"),

@@ -13,10 +13,11 @@ report dicts; `leaderboard_output.write` renders and writes the files.
 Definitions:
 
 - *Metrics* (`METRICS`): from report.json's `ground_truth.variants` the MCC, the matched
-  latents' F1, pooled absorption (lower is better) and the 1-sparse probe's accuracy minus the
-  same probe on the raw activations; from `causal` the fraction of strong latents whose
-  intervention acts as predicted (where the run tested causality). Each per-SAE value comes with
-  its within-SAE interval (the estimate's lo / hi, or the Wilson interval of the fraction).
+  latents' F1, pooled absorption and mean hedging (both lower is better) and the 1-sparse
+  probe's accuracy minus the same probe on the raw activations; from `causal` the fraction of
+  strong latents whose intervention acts as predicted (where the run tested causality). Each
+  per-SAE value comes with its within-SAE interval (the estimate's lo / hi, or the Wilson
+  interval of the fraction).
 - *Curves.* Per language, SAE type, axis (`ce_increase` or `l0`) and metric: the type's live
   (not frozen) SAEs with a finite axis value and metric, seeds pooled into configurations
   (`matched.seed_configs`; x and y are seed means), ordered by x. This is every configuration,
@@ -53,7 +54,7 @@ from jaxsae.core import stats
 
 # name -> (display name, higher is better)
 METRICS = {"mcc": ("MCC", True), "f1": ("matched F1", True),
-           "absorption": ("absorption", False),
+           "absorption": ("absorption", False), "hedging": ("hedging", False),
            "probe_k1_minus_raw": ("1-sparse probe − raw", True),
            "causal_fraction": ("causal fraction", True)}
 AXES = {"ce_increase": "CE increase", "l0": "L0"}

@@ -271,18 +271,21 @@ def _ground_truth_section(gt: Mapping[str, Any] | None) -> list[str]:
          "child families): MCC = mean |corr| of latents matched one-to-one to features "
          "(Hungarian), ± SE over features, beside the MCC of random codes (null); F1 of the "
          "matched latents; absorption = parent tokens where the parent's latent is silent and "
-         "a child's latent fires instead (Wilson 95%); split = latents per feature with "
+         "a child's latent fires instead (Wilson 95%); hedging = the share of a child "
+         "latent's firing mass on parent tokens that are not the child's (mean ± SE over "
+         "children); split = latents per feature with "
          "precision ≥ 0.9; 1-sparse probe = held-out accuracy of the best single latent, and "
          "its paired difference from the best single raw dimension (raw: "
          f"{stats.format_estimate(raw.get('k=1'), style='se')}; all raw dimensions: "
          f"{stats.format_estimate(raw.get('full'), style='se')}); γ = the rescaling of x̂ "
          "that best fits x (> 1: shrunk).", ""]
   out += md_table(["id", "type", "key hparams", "L0", "MCC", "null", "F1", "absorption",
-                   "split", "1-probe", "− raw", "γ"],
+                   "hedging", "split", "1-probe", "− raw", "γ"],
                   [[v["id"], v["type"], v["key_hparam"], v["l0"],
                     stats.format_estimate(v["mcc"], style="se"), v["mcc_null"],
                     stats.format_estimate(v["f1"], style="se"),
                     stats.format_estimate(v["absorption"]),
+                    stats.format_estimate(v.get("hedging"), style="se"),
                     stats.format_estimate(v["split_latents"], style="se"),
                     stats.format_estimate(v["probe_k1"], style="se"),
                     stats.format_estimate(v["probe_k1_minus_raw"], style="se"), v["gamma"]]
