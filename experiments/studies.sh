@@ -15,6 +15,9 @@
 # `frontier:dyck2:seed=42`. A study whose workdir has no lm/ yet copies LM_FROM/<language>/lm
 # when LM_FROM is set (an LM trained with the same config, e.g. on another machine: the LM stage
 # then finds it finished and only re-reads it).
+# MAX_PARALLEL (default: all) runs at most that many studies at once, starting the next as one
+# ends, in the order given (e.g. MAX_PARALLEL=2 on a 2-core machine, where side-by-side studies
+# only share the cores). STUDIES_POLL (seconds, default 20) is how often outputs are collected.
 # STUDY_TIMEOUT (seconds, default none) stops every study at that wall time; what finished stays
 # (finished stages, the SAE grid's checkpoints, the evaluation's finished groups), and compiled
 # programs are kept in JAX's persistent cache (JAX_COMPILATION_CACHE_DIR, default
@@ -41,8 +44,18 @@ collect() {
   done
 }
 
+poll=${STUDIES_POLL:-20}
+max_parallel=${MAX_PARALLEL:-${#studies[@]}}
+if ! [[ "$max_parallel" =~ ^[1-9][0-9]*$ ]]; then
+  echo "MAX_PARALLEL=$max_parallel: give a positive number of studies to run at once" >&2; exit 2
+fi
 pids=()
+reap() {
+  for i in "${!pids[@]}"; do kill -0 "${pids[$i]}" 2>/dev/null || unset 'pids[i]'; done
+}
 for entry in "${studies[@]}"; do
+  reap
+  while [ ${#pids[@]} -ge "$max_parallel" ]; do collect; sleep "$poll"; reap; done
   IFS=: read -r study lang extra <<< "$entry"; name=${study}_${lang}
   opts=$settings${extra:+${settings:+,}$extra}
   mkdir -p "$root/$name"
@@ -55,11 +68,8 @@ for entry in "${studies[@]}"; do
   pids+=($!)
   echo "started $name (pid $!)"
 done
-while kill -0 "${pids[@]}" 2>/dev/null; do
-  collect; sleep 20
-  for i in "${!pids[@]}"; do kill -0 "${pids[$i]}" 2>/dev/null || unset 'pids[i]'; done
-  [ ${#pids[@]} -eq 0 ] && break
-done
+reap
+while [ ${#pids[@]} -gt 0 ]; do collect; sleep "$poll"; reap; done
 wait
 collect
 for entry in "${studies[@]}"; do
