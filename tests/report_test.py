@@ -496,7 +496,8 @@ def test_ground_truth_section_reads_the_summary(tmp_path):
                                   "hedging": {"mean": est(0.125, 0.02)},
                                   "split_latents": est(1.5), "shrinkage": {"gamma": 1.25},
                                   "probing": {"k=1": {"accuracy": est(0.8)},
-                                              "minus_raw": {"k=1": est(0.1)}}}}}
+                                              "minus_raw": {"k=1": est(0.1),
+                                                            "k=5": est(-0.02)}}}}}
   paths = assemble.write_report(str(tmp_path), summary=summary, eval_results=eval_results,
                                 ground_truth=ground)
   rep = json.load(open(paths["report.json"]))
@@ -507,6 +508,7 @@ def test_ground_truth_section_reads_the_summary(tmp_path):
   row = _md_table_rows(md[md.index("## Ground-truth features"):], "id")[0]
   assert row["id"] == "v000" and row["MCC"] == "0.810 ± 0.010" and row["γ"] == "1.25"
   assert row["absorption"].startswith("0.25") and row["hedging"] == "0.125 ± 0.020"
+  assert row["− raw"] == "0.100 ± 0.010" and row["− raw (5)"] == "-0.020 ± 0.010"
   assert gt["variants"][0]["hedging"]["value"] == 0.125
 
 

@@ -166,8 +166,8 @@ def ground_truth_table(ground: Mapping[str, Any], rows: Sequence[Mapping[str, An
                        ) -> dict[str, Any]:
   """The report's ground-truth rows: per variant (in `rows` order) MCC against its null, the
   matched latents' F1, absorption, hedging (mean over children), split latents, the 1-sparse
-  probe against the same probe on the raw activations, and shrinkage (γ: the best rescaling of
-  x̂; ‖x̂‖/‖x‖)."""
+  probe and the 1- and 5-sparse probes' differences from the same probes on the raw activations,
+  and shrinkage (γ: the best rescaling of x̂; ‖x̂‖/‖x‖)."""
   out = []
   for r in rows:
     g = (ground.get("variants") or {}).get(r["id"])
@@ -184,6 +184,7 @@ def ground_truth_table(ground: Mapping[str, Any], rows: Sequence[Mapping[str, An
         "split_latents": g.get("split_latents"),
         "probe_k1": (probe.get("k=1") or {}).get("accuracy"),
         "probe_k1_minus_raw": (probe.get("minus_raw") or {}).get("k=1"),
+        "probe_k5_minus_raw": (probe.get("minus_raw") or {}).get("k=5"),
         "gamma": shrink.get("gamma"), "norm_ratio": shrink.get("norm_ratio")})
   raw = (ground.get("probing_raw") or {})
   return {"features": len(ground.get("features") or []),

@@ -13,8 +13,8 @@ report dicts; `leaderboard_output.write` renders and writes the files.
 Definitions:
 
 - *Metrics* (`METRICS`): from report.json's `ground_truth.variants` the MCC, the matched
-  latents' F1, pooled absorption and mean hedging (both lower is better) and the 1-sparse
-  probe's accuracy minus the same probe on the raw activations; from `causal` the fraction of
+  latents' F1, pooled absorption and mean hedging (both lower is better) and the 1- and 5-sparse
+  probes' accuracy minus the same probes on the raw activations; from `causal` the fraction of
   strong latents whose intervention acts as predicted (where the run tested causality). Each
   per-SAE value comes with its within-SAE interval (the estimate's lo / hi, or the Wilson
   interval of the fraction).
@@ -56,6 +56,7 @@ from jaxsae.core import stats
 METRICS = {"mcc": ("MCC", True), "f1": ("matched F1", True),
            "absorption": ("absorption", False), "hedging": ("hedging", False),
            "probe_k1_minus_raw": ("1-sparse probe − raw", True),
+           "probe_k5_minus_raw": ("5-sparse probe − raw", True),
            "causal_fraction": ("causal fraction", True)}
 AXES = {"ce_increase": "CE increase", "l0": "L0"}
 QUANTILES = (0.25, 0.5, 0.75)
