@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from jaxsae.grammars import cky
+from jaxsae.grammars import cky_bool
 from jaxsae.grammars import library
 from jaxsae.grammars import pcfg
 from jaxsae.grammars import rules as rules_lib
@@ -214,7 +215,7 @@ def _mutations(sentence, n_terminals: int) -> list[tuple[int, ...]]:
 
 
 _parse_jit = jax.jit(cky.parse)
-_next_jit = jax.jit(cky.next_terminals, static_argnames=("max_sentence_len",))
+_next_jit = jax.jit(cky_bool.next_terminals, static_argnames=("max_sentence_len",))
 
 
 def _pad_rows(g, tokens, rows):
@@ -233,7 +234,7 @@ def _parse_whole(g, tokens, rows=1024):
 
 
 def _next_whole(g, tokens, rows=16):
-  """`cky.next_terminals` under jit (chart size MAX_LEN), rows padded as in `_parse_whole`."""
+  """`cky_bool.next_terminals` under jit (chart size MAX_LEN), rows padded as in `_parse_whole`."""
   out = _next_jit(g, _pad_rows(g, tokens, rows), max_sentence_len=MAX_LEN)
   return [np.asarray(x)[:len(tokens)] for x in out]
 
@@ -430,7 +431,7 @@ def test_next_terminals_bucketed_equals_unbucketed_and_decorator():
   sentences = _samples(ref, 12, MAX_LEN, seed=4)
   tokens = np.array([_sequence(g, s, T) for s in sentences], np.int32)
   tokens[1, 0] = g.token_id("Ops:")  # a wrong decorator: nothing is viable
-  bucketed = [np.asarray(x) for x in cky.next_terminals(g, tokens, max_sentence_len=MAX_LEN)]
+  bucketed = [np.asarray(x) for x in cky_bool.next_terminals(g, tokens, max_sentence_len=MAX_LEN)]
   whole = _next_whole(g, tokens)
   for a, b in zip(bucketed, whole):
     np.testing.assert_array_equal(a, b)
@@ -453,7 +454,7 @@ def test_unary_cycle_without_binary_rules_closed_form():
   np.testing.assert_array_equal(res.depth[:2, 7], [1, 2])
   np.testing.assert_array_equal(res.preterminal[:2, 7], [0, 1])
   np.testing.assert_array_equal(res.parent[:2, 7], [-1, 0])
-  viable, nxt, complete = (np.asarray(x) for x in cky.next_terminals(g, tokens))
+  viable, nxt, complete = (np.asarray(x) for x in cky_bool.next_terminals(g, tokens))
   np.testing.assert_array_equal(viable[:, 6:9], [[True, True, False]] * 3)
   np.testing.assert_array_equal(complete[:, 6:9], [[False, True, False]] * 3)
   np.testing.assert_array_equal(nxt[:, 6], True)

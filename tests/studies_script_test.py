@@ -11,7 +11,9 @@ SCRIPT = ROOT / "experiments" / "studies.sh"
 # Stands in for `python -m experiments.main --config=... --workdir=W`: logs its start and end
 # (seconds since the epoch) and writes a report.json and a checkpoint into W.
 FAKE = """#!/bin/bash
-for a in "$@"; do case $a in --workdir=*) wd=${a#--workdir=};; --config=*) cfg=${a#--config=};; esac; done
+for a in "$@"; do
+  case $a in --workdir=*) wd=${a#--workdir=};; --config=*) cfg=${a#--config=};; esac
+done
 echo "start $(basename "$wd") $(date +%s.%N) $cfg" >> "$EVENTS"
 sleep 1.5
 mkdir -p "$wd/sae/checkpoints"

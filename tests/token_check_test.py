@@ -13,6 +13,7 @@ import pytest
 
 from jaxsae import grammars
 from jaxsae.grammars import cky
+from jaxsae.grammars import cky_bool
 
 T = 16  # the CKY tests' shape: chart size 8, shared compilations
 LANGUAGES = ("dyck2", "dyck2_p03", "expr_prefix", "expr_postfix")
@@ -22,8 +23,8 @@ ENTRIES = {
     "labels": grammars.labels,
     "valid_next": grammars.valid_next,
     "parse": cky.parse,
-    "recognise": cky.recognise,
-    "next_terminals": cky.next_terminals,
+    "recognise": cky_bool.recognise,
+    "next_terminals": cky_bool.next_terminals,
     "well_formed": cky.well_formed,
 }
 
@@ -58,8 +59,8 @@ def test_linear_recogniser_agrees_with_cky_on_fuzzed_arrays(name):
   np.testing.assert_array_equal(ours, ref)
   np.testing.assert_array_equal(np.asarray(jax.jit(grammars.is_grammatical)(g, toks)), ref)
   # The boolean CKY recogniser (English's path) gives the parser's verdicts, bucketed and jitted.
-  np.testing.assert_array_equal(np.asarray(cky.recognise(g, toks)), ref)
-  np.testing.assert_array_equal(np.asarray(jax.jit(cky.recognise)(g, toks)), ref)
+  np.testing.assert_array_equal(np.asarray(cky_bool.recognise(g, toks)), ref)
+  np.testing.assert_array_equal(np.asarray(jax.jit(cky_bool.recognise)(g, toks)), ref)
   # Any integer dtype holding the same ids gives the same verdicts.
   np.testing.assert_array_equal(np.asarray(grammars.is_grammatical(g, toks.astype(np.uint8))),
                                 ref)
@@ -117,7 +118,7 @@ def test_jitted_recognisers_judge_out_of_range_ids_ungrammatical(name):
   linear = np.asarray(jax.jit(grammars.is_grammatical)(g, bad))
   ref = np.asarray(jax.jit(lambda g, t: cky.parse(g, t, max_sentence_len=8).grammatical)(g, bad))
   np.testing.assert_array_equal(linear, ref)
-  rec = jax.jit(lambda g, t: cky.recognise(g, t, max_sentence_len=8))(g, bad)
+  rec = jax.jit(lambda g, t: cky_bool.recognise(g, t, max_sentence_len=8))(g, bad)
   np.testing.assert_array_equal(np.asarray(rec), ref)
   assert not linear.any()
 
@@ -152,7 +153,7 @@ def test_wrong_rank_and_short_sequences_are_refused(name):
     with pytest.raises(ValueError, match=rf"{entry}: .*too short"):
       fn(g, toks[:, :g.prefix_len])
   # Eight tokens hold a decorator and a one-token prefix: enough for prefix viability only.
-  cky.next_terminals(g, toks[:, :g.prefix_len + 1])
+  cky_bool.next_terminals(g, toks[:, :g.prefix_len + 1])
   with pytest.raises(ValueError, match="too short"):
     grammars.is_grammatical(g, toks[:, :g.prefix_len + 1])
 

@@ -6,8 +6,7 @@ backtraces the best parse to per-token labels measured in the ORIGINAL grammar: 
 preterminal, parent and which child of the root's first binary rule holds the token.
 `recognise` gives `parse`'s verdicts alone, from boolean charts (cheaper to compile and run), and
 `next_terminals` answers prefix viability: after each sentence prefix, which terminals can
-follow, and whether the prefix is already a sentence. Both live in `cky_bool.py` and are
-re-exported here.
+follow, and whether the prefix is already a sentence. Both live in `cky_bool.py`.
 
 Chart layout, static tables, format checks and batching: `cky_chart.py`.
 
@@ -33,8 +32,6 @@ import numpy as np
 from jaxsae.grammars import cky_chart
 from jaxsae.grammars import pcfg
 from jaxsae.grammars import token_check
-from jaxsae.grammars.cky_bool import next_terminals  # pylint: disable=unused-import
-from jaxsae.grammars.cky_bool import recognise  # pylint: disable=unused-import
 
 
 @flax.struct.dataclass
@@ -309,4 +306,5 @@ def parse(grammar: pcfg.Grammar, tokens_BT: jax.Array, *,
     return ParseResult(grammatical=np.zeros((b,), bool), logprob=neg_B, viterbi_logprob=neg_B,
                        length=length_B, depth=minus_BT, preterminal=minus_BT, parent=minus_BT,
                        root_child=minus_BT)
-  return cky_chart.full_sequences(_parse_core, grammar, tokens_BT, max_sentence_len, "parse", empty)
+  return cky_chart.full_sequences(_parse_core, grammar, tokens_BT, max_sentence_len, "parse",
+                                  empty)

@@ -5,7 +5,7 @@ span"), without inside or Viterbi scores or a backtrace, so it compiles and runs
 faster than the parser; `is_grammatical` uses it for PCFGs. `next_terminals` extends the same
 chart with follow sets: after each sentence prefix, which terminals can come next, and whether
 the prefix is already a sentence. Chart layout, batching and compilation as in `cky.py`
-(`cky_chart.py`); both are re-exported there.
+(`cky_chart.py`).
 """
 
 from __future__ import annotations
@@ -179,18 +179,18 @@ def _next_rows(cnf: pcfg.CNFTables, tokens_BT: jax.Array, static: cky_chart.Stat
 
 def recognise(grammar: pcfg.Grammar, tokens_BT: jax.Array, *,
               max_sentence_len: int | None = None) -> jax.Array:
-  """bool [B]: `parse(...).grammatical` from boolean charts alone (works inside `jax.jit`).
+  """bool [B]: `cky.parse(...).grammatical` from boolean charts alone (works inside `jax.jit`).
 
-  Same verdicts as `parse` (decorator, `<eos>`, padding, and the start symbol deriving the
+  Same verdicts as `cky.parse` (decorator, `<eos>`, padding, and the start symbol deriving the
   sentence), without probabilities or labels: one boolean chart instead of two float charts
   and a backtrace, so it compiles and runs faster. Bucketing and `max_sentence_len` as in
-  `parse`.
+  `cky.parse`.
 
   Raises:
-    TypeError / ValueError: as `parse`.
+    TypeError / ValueError: as `cky.parse`.
   """
-  return cky_chart.full_sequences(_recognise_core, grammar, tokens_BT, max_sentence_len, "recognise",
-                         lambda b, t, length_B: np.zeros((b,), bool))
+  return cky_chart.full_sequences(_recognise_core, grammar, tokens_BT, max_sentence_len,
+                                  "recognise", lambda b, t, length_B: np.zeros((b,), bool))
 
 
 def next_terminals(grammar: pcfg.Grammar, tokens_BT: jax.Array, *,

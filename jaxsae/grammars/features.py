@@ -136,9 +136,10 @@ def labels(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> dict[str, jax.Array]:
 
 def _pcfg_labels(grammar, tokens_BT, lay, in_sentence) -> dict[str, jax.Array]:
   from jaxsae.grammars import cky  # pylint: disable=g-import-not-at-top
+  from jaxsae.grammars import cky_bool  # pylint: disable=g-import-not-at-top
   n_dec = grammar.prefix_len
   parsed = cky.parse(grammar, tokens_BT)
-  viable_BT, _, complete_BT = cky.next_terminals(grammar, tokens_BT)
+  viable_BT, _, complete_BT = cky_bool.next_terminals(grammar, tokens_BT)
   sent = lambda x: jnp.asarray(x)[:, n_dec:]
   gram = parsed.grammatical[:, None] & in_sentence
   viable = sent(viable_BT) & in_sentence
@@ -201,8 +202,8 @@ def valid_next(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> jax.Array:
     else:
       nxt = s.pending_after[..., None] >= arity[None, None, :]
   else:
-    from jaxsae.grammars import cky  # pylint: disable=g-import-not-at-top
-    viable_BT, next_BTV, complete_BT = cky.next_terminals(grammar, tokens_BT)
+    from jaxsae.grammars import cky_bool  # pylint: disable=g-import-not-at-top
+    viable_BT, next_BTV, complete_BT = cky_bool.next_terminals(grammar, tokens_BT)
     ok, nxt, complete = viable_BT[:, n_dec:], next_BTV[:, n_dec:], complete_BT[:, n_dec:]
   ok = ok & live & lay.decorator_ok[:, None]
   sent_valid = jnp.concatenate(

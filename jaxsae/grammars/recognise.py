@@ -229,7 +229,7 @@ def is_grammatical(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> jax.Array:
   """bool [B]: is each full sequence grammatical? Exact for every kind of grammar.
 
   Dyck and Expr use linear-time scans; any other grammar the boolean CKY recogniser
-  (`cky.recognise`).
+  (`cky_bool.recognise`).
 
   Raises:
     TypeError / ValueError: `tokens_BT` is not an integer [B, T] array of ids in
@@ -247,5 +247,5 @@ def is_grammatical(grammar: pcfg.Grammar, tokens_BT: jax.Array) -> jax.Array:
   if grammar.kind in ("expr_prefix", "expr_postfix"):
     scan = expr_scan(grammar, lay.sentence_BN, n, tree=False)
     return lay.well_formed & jnp.take_along_axis(scan.eos_legal, last, 1)[:, 0]
-  from jaxsae.grammars import cky  # pylint: disable=g-import-not-at-top
-  return cky.recognise(grammar, tokens_BT)
+  from jaxsae.grammars import cky_bool  # pylint: disable=g-import-not-at-top
+  return cky_bool.recognise(grammar, tokens_BT)

@@ -12,12 +12,8 @@ from typing import Any, Mapping, Sequence
 from jaxsae.analysis import matched
 from jaxsae.core import jsonio
 from jaxsae.core import stats
+from jaxsae.report import leaderboard as board_lib
 from jaxsae.report import leaderboard_plots
-from jaxsae.report.leaderboard import AXES
-from jaxsae.report.leaderboard import leaderboard
-from jaxsae.report.leaderboard import METRICS
-from jaxsae.report.leaderboard import NOT_COVERED
-from jaxsae.report.leaderboard import ranking_text
 
 
 def best_text(rows: Sequence[Mapping[str, Any]], axis: str) -> str:
@@ -30,13 +26,22 @@ def best_text(rows: Sequence[Mapping[str, Any]], axis: str) -> str:
       what = "no interval to rank"
     else:
       what = "no type covered"
-    parts.append(f"{AXES[axis]} {r['x']:.3g}: {what}")
+    parts.append(f"{board_lib.AXES[axis]} {r['x']:.3g}: {what}")
   return "; ".join(parts)
+
+
+def _lower(m: str) -> str:
+  return "" if board_lib.METRICS[m][1] else " (lower is better)"
+
+
+def _title(m: str) -> str:
+  """A metric's display name, marked when lower is better."""
+  return board_lib.METRICS[m][0] + _lower(m)
 
 
 def _cell(e: Mapping[str, Any], label: str | None) -> str:
   if not e.get("covered"):
-    return NOT_COVERED
+    return board_lib.NOT_COVERED
   text = stats.format_estimate({"value": e["value"],
                                 "lo": math.nan if e.get("lo") is None else e["lo"],
                                 "hi": math.nan if e.get("hi") is None else e["hi"]})
@@ -51,7 +56,7 @@ def render(board: Mapping[str, Any], plots: Mapping[str, Mapping[str, str]] | No
            "Per language and metric, each SAE type's metric read off its curve (every "
            "configuration, seeds pooled) at reference CE increases and L0s: interpolated in log "
            "x between neighbouring configurations at most "
-           f"{matched.MAX_GAP_FACTOR:g}× apart, never extrapolated (\"{NOT_COVERED}\" "
+           f"{matched.MAX_GAP_FACTOR:g}× apart, never extrapolated (\"{board_lib.NOT_COVERED}\" "
            "otherwise). Intervals: bootstrap over seeds (one seed: the SAEs' own intervals). "
            "Rank = 1 + the number of types whose interval is entirely better; overlapping "
            "intervals are not distinguishable and may share a rank (`2=`).", ""]
@@ -66,15 +71,14 @@ def render(board: Mapping[str, Any], plots: Mapping[str, Mapping[str, str]] | No
       lines += [f"**{lang}**", "", "| metric | at matched CE increase | at matched L0 |",
                 "|---|---|---|"]
       for m in b["metrics"]:
-        cells = [best_text(board["best"][lang][axis][m], axis) for axis in AXES]
-        lines.append(f"| {METRICS[m][0]}{' (lower is better)' if not METRICS[m][1] else ''} | "
-                     + " | ".join(cells) + " |")
+        cells = [best_text(board["best"][lang][axis][m], axis) for axis in board_lib.AXES]
+        lines.append(f"| {_title(m)} | " + " | ".join(cells) + " |")
       lines.append("")
   if board["summary"]:
     lines += ["## Ranks at the middle reference CE increase", ""]
     for m, by_type in board["summary"].items():
-      lines += [f"**{METRICS[m][0]}**" + (" (lower is better)" if not METRICS[m][1] else ""),
-                "", "| type | " + " | ".join(langs) + " |", "|---" * (len(langs) + 1) + "|"]
+      lines += [f"**{board_lib.METRICS[m][0]}**" + _lower(m), "",
+                "| type | " + " | ".join(langs) + " |", "|---" * (len(langs) + 1) + "|"]
       lines += [f"| {t} | " + " | ".join(v.get(lang, "—") for lang in langs) + " |"
                 for t, v in by_type.items()]
       lines.append("")
@@ -90,21 +94,22 @@ def render(board: Mapping[str, Any], plots: Mapping[str, Mapping[str, str]] | No
       continue
     for axis, a in b["axes"].items():
       refs = a["reference_points"]
-      lines += [f"### At matched {AXES[axis]}", "",
-                f"Reference {AXES[axis]}s: {', '.join(f'{x:.3g}' for x in refs) or 'none'} "
+      name = board_lib.AXES[axis]
+      lines += [f"### At matched {name}", "",
+                f"Reference {name}s: {', '.join(f'{x:.3g}' for x in refs) or 'none'} "
                 f"({a['how']}).", ""]
       if not refs:
         continue
       for m in b["metrics"]:
         pts = a["metrics"][m]["points"]
-        lines += [f"**{METRICS[m][0]}**" + (" (lower is better)" if not METRICS[m][1] else ""),
-                  "", "| type | " + " | ".join(f"{AXES[axis]} {x:.3g}" for x in refs) + " |",
+        lines += [f"**{board_lib.METRICS[m][0]}**" + _lower(m), "",
+                  "| type | " + " | ".join(f"{name} {x:.3g}" for x in refs) + " |",
                   "|---" * (len(refs) + 1) + "|"]
         labels = [{r["type"]: r["label"] for r in p["ranking"]} for p in pts]
         for t in b["types"]:
           lines.append(f"| {t} | " + " | ".join(
               _cell(p["entries"][t], lab.get(t)) for p, lab in zip(pts, labels)) + " |")
-        lines += [""] + [f"- {AXES[axis]} {p['x']:.3g}: {ranking_text(p['ranking'])}"
+        lines += [""] + [f"- {name} {p['x']:.3g}: {board_lib.ranking_text(p['ranking'])}"
                          for p in pts] + [""]
   return lines
 
@@ -125,7 +130,7 @@ def write(out_dir: str, reports: Mapping[str, Mapping[str, Any]], **kwargs) -> d
   Returns:
     name -> path of every file written.
   """
-  board = leaderboard(reports, **kwargs)
+  board = board_lib.leaderboard(reports, **kwargs)
   os.makedirs(out_dir, exist_ok=True)
   paths, rel = {}, {}
   for lang, b in board["languages"].items():
@@ -135,7 +140,7 @@ def write(out_dir: str, reports: Mapping[str, Mapping[str, Any]], **kwargs) -> d
     for kind, fn in (("pareto", leaderboard_plots.plot_pareto),
                      ("heatmap", leaderboard_plots.plot_heatmap)):
       name = f"{kind}_{safe_name(lang)}"
-      paths[name] = fn(os.path.join(out_dir, f"{name}.png"), b, METRICS, title=lang)
+      paths[name] = fn(os.path.join(out_dir, f"{name}.png"), b, board_lib.METRICS, title=lang)
       rel[lang][kind] = f"{name}.png"
   md = os.path.join(out_dir, "leaderboard.md")
   with open(md, "w") as f:
