@@ -82,6 +82,7 @@ def test_best_lists_the_rank_one_types_and_says_when_none_can_be_ranked(toy_boar
       for r in rows:
         assert r["best"] == ["best"] and r["covered"] == 3 and r["unranked"] == []
         assert "best (" in leaderboard_output.best_text(rows, axis)
+        assert "[of 3 ranked]" in leaderboard_output.best_text(rows, axis)
   # Two types with the same curve tie for first; an uncovered point says so.
   tied = leaderboard.language_board(_report({
       "a": (lambda x: 0.5, lambda x: 0.3, 0.02), "b": (lambda x: 0.5, lambda x: 0.3, 0.02)}),

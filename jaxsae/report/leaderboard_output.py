@@ -17,11 +17,14 @@ from jaxsae.report import leaderboard_plots
 
 
 def best_text(rows: Sequence[Mapping[str, Any]], axis: str) -> str:
-  """One line per axis and metric: "CE increase 0.01: topk (0.52), gated (0.51); ..."."""
+  """One line per axis and metric: "CE increase 0.01: topk (0.52), gated (0.51) [of 9 ranked];
+  ..." (ranked: the covered types with an interval, among which these are first)."""
   parts = []
   for r in rows:
     if r["best"]:
-      what = ", ".join(f"{t} ({r['value'][t]:.3g})" for t in r["best"])
+      ranked = r["covered"] - len(r["unranked"])
+      what = (", ".join(f"{t} ({r['value'][t]:.3g})" for t in r["best"])
+              + f" [of {ranked} ranked]")
     elif r["covered"]:
       what = "no interval to rank"
     else:
