@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Any, Mapping, Sequence
 
 from jaxsae.analysis import matched
@@ -14,6 +13,7 @@ from jaxsae.core import jsonio
 from jaxsae.core import stats
 from jaxsae.report import leaderboard as board_lib
 from jaxsae.report import leaderboard_plots
+from jaxsae.report import markdown
 
 
 def best_text(rows: Sequence[Mapping[str, Any]], axis: str) -> str:
@@ -119,7 +119,7 @@ def render(board: Mapping[str, Any], plots: Mapping[str, Mapping[str, str]] | No
 
 def safe_name(label: str) -> str:
   """A file-name-safe form of a language label."""
-  return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "language"
+  return markdown.safe_name(label).strip("_") or "language"
 
 
 def write(out_dir: str, reports: Mapping[str, Mapping[str, Any]], **kwargs) -> dict[str, str]:
