@@ -261,6 +261,7 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
                  causal: Mapping[str, Any] | None = None, lm: Mapping[str, Any] | None = None,
                  meta: Mapping[str, Any] | None = None, grammaticality: str | None = None,
                  ground_truth: Mapping[str, Any] | None = None,
+                 training_records: Sequence[Mapping[str, Any]] | None = None,
                  top_corr_latents: int = 16) -> dict[str, str]:
   """Writes `report.md`, `report.json` and the PNG plots (linked relatively) into `out_dir`.
 
@@ -272,6 +273,8 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
     grammaticality: the `<mode>/<positions>` generation combo of the headline spliced
       grammaticality (default: `headline_combo`, the corrected splice at the grid's training
       positions); every combo is listed in its own table.
+    training_records: the grid's metrics.jsonl records, for the Menon section's L0 during
+      training across α (`coeff_trajectories`); None leaves that part out.
     top_corr_latents: latents shown in each correlation heatmap.
 
   Returns:
@@ -351,7 +354,7 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
 
   # Menon et al.'s grid in both splice modes, beside the paper's findings (None without the
   # original mode).
-  rep["menon"] = menon_lib.section(rows, n_gen, rep["run"]["language"])
+  rep["menon"] = menon_lib.section(rows, n_gen, rep["run"]["language"], training_records)
 
   # Menon-layout grids.
   rep["grids"] = {}

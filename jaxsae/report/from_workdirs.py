@@ -72,4 +72,5 @@ def write(out_dir: str, *, sae_dir: str, eval_dir: str | None = None,
   return assemble.write_report(
       out_dir, summary=summary, eval_results=eval_results, features=features,
       causal=(causal or {}).get("variants") or None, ground_truth=ground,
-      lm=jsonio.read(os.path.join(lm_dir, "summary.json")) if lm_dir else None, meta=meta)
+      lm=jsonio.read(os.path.join(lm_dir, "summary.json")) if lm_dir else None, meta=meta,
+      training_records=workdir_lib.read_records(os.path.join(sae_dir, "metrics.jsonl")))

@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxsae.analysis import comparison
 from jaxsae.core import stats
+from jaxsae.report import coeff_trajectories
 
 NEAR_ZERO = 0.1  # "≈ 0": the Wilson interval's upper end below this
 NEAR_ONE = 0.9  # "≈ 1": the Wilson interval's lower end above this
@@ -169,10 +170,11 @@ def check_claim(kind: str, table: Mapping[str, Any]) -> dict[str, Any]:
   raise ValueError(f"unknown claim kind {kind!r}")
 
 
-def section(rows: Sequence[Mapping[str, Any]], n_gen: int | None, language: str | None
-            ) -> dict[str, Any] | None:
+def section(rows: Sequence[Mapping[str, Any]], n_gen: int | None, language: str | None,
+            records: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any] | None:
   """report.json's `menon` entry, or None when no variant was generated in the original mode
-  (or the generation count is unknown)."""
+  (or the generation count is unknown). With the grid's metrics.jsonl `records`, the entry's
+  `coeff_trajectories` follows L0 through training across α (`coeff_trajectories.families`)."""
   modes = [m for m in ("original", "corrected")
            if any(k.startswith(f"{m}/") for r in rows
                   for k in (r.get("grammaticality_by_combo") or {}))]
@@ -191,7 +193,8 @@ def section(rows: Sequence[Mapping[str, Any]], n_gen: int | None, language: str 
         claim[m] = check_claim(kind, tables[m][t]) if t in tables[m] else None
       claims.append(claim)
   return {"language": language, "modes": modes, "generations_per_sae": n_gen,
-          "near_zero": NEAR_ZERO, "near_one": NEAR_ONE, "tables": tables, "claims": claims}
+          "near_zero": NEAR_ZERO, "near_one": NEAR_ONE, "tables": tables, "claims": claims,
+          "coeff_trajectories": coeff_trajectories.families(rows, records or [])}
 
 
 def _verdict(result: Mapping[str, Any] | None) -> str:
@@ -225,4 +228,4 @@ def render(menon: Mapping[str, Any] | None, md_table) -> list[str]:
                       [[rv if isinstance(rv, str) else comparison.format_number(rv)]
                        + [_fmt(cell) for cell in line]
                        for rv, line in zip(g["rows"], g["cells"])])
-  return out
+  return out + coeff_trajectories.render(menon.get("coeff_trajectories") or [], md_table)
