@@ -424,3 +424,23 @@ def test_frontier_extends_the_local_ladder_and_held_out_data_only_where_named():
   assert expr == sorted(expr) and min(expr[len(common):]) > max(common)
   dyck, dyck_batches = ladder("dyck2")
   assert dyck == common and expr_batches == 4 * dyck_batches
+
+
+@pytest.mark.parametrize("size", ["smoke", "full"])
+def test_menon_l1_study_is_menon_l1_arm_below_its_alphas(size):
+  c = study_configs.build(study="menon_l1", language="expr_prefix", seed=42, size=size)
+  menon = study_configs.build(study="menon", language="expr_prefix", seed=42, size=size)
+  (block,) = c.sae.sweep
+  (menon_l1,) = [b for b in menon.sae.sweep if b["set"].get("activation") == "relu"
+                 and not b["set"].get("input_norm")]
+  assert block["set"] == menon_l1["set"]  # Menon's L1 SAEs: sum-over-batch, lr 1e-5, no biases
+  assert block["set"]["sparsity_reduction"] == "sum_batch"
+  alphas = block["product"]["sparsity_coeff"]
+  assert max(alphas) <= min(menon_l1["product"]["sparsity_coeff"])  # at or below the paper's
+  assert block["product"]["expansion"] == study_configs.MENON_L1_EXPANSIONS
+  assert sum(s.size for s in _groups(c.sae)) == len(alphas) * 2
+  for name in ("schedule", "grad_clip", "steps", "batch_size"):
+    assert c.sae[name] == menon.sae[name]
+  assert tuple(c.eval.grammaticality_modes) == ("original", "corrected")
+  with pytest.raises(ValueError, match="needs the switch full"):
+    study_configs.build(study="menon_l1", language="expr_prefix", size="default")

@@ -80,6 +80,11 @@ def test_expr_l1_claim_splits_at_alpha_1e_2():
   # The English claim for the same SAEs is "≈ 0 everywhere": it fails.
   (claim,) = menon.section(rows, 640, "english")["claims"]
   assert claim["kind"] == "zero" and claim["original"]["agrees"] is False
+  # Only α ≤ 1e-2 (the `menon_l1` study): the half above has no cells, so no verdict.
+  low = [r for r in rows if r["hparams"]["sparsity_coeff"] <= 1e-2]
+  (claim,) = menon.section(low, 640, "expr_prefix")["claims"]
+  assert claim["original"]["agrees"] is None
+  assert claim["original"]["ours"] == "α ≤ 1e-2: 1–1; above: no cells"
 
 
 def test_render_shows_the_claims_and_both_modes():

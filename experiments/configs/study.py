@@ -24,6 +24,10 @@ grammaticality; the paper-scale LM is `lm.py:full`) and swaps in the study's gri
   `input_recon` normalisation; evaluated in both splice modes (`original`, the paper's
   convention, and `corrected`) with 5 × 128 generations per SAE and mode, the SAE spliced at
   the sentence tokens it was trained on;
+- `menon_l1`: Menon's L1 arm alone (ReLU, sum-over-batch L1, their optimisation profile) at
+  expansion {1, 4} with α ∈ {1e-8 … 1e-3} (`MENON_L1_ALPHAS`), below the paper's range: where
+  does α start to matter, and do the SAEs that survive splice in grammatically? Same
+  evaluation as `menon`;
 - `causal` (Menon et al.'s causal-interpolation loss, `sae_causal.py` under the pipeline's
   optimisation profile) with `seeds` SAE seeds; causal predictability of every SAE against the
   null of random live latents;
@@ -36,12 +40,12 @@ grammaticality; the paper-scale LM is `lm.py:full`) and swaps in the study's gri
   budget about two and a half hours per language, or pass `seeds=1`); the report's ground-truth table (MCC,
   absorption, splitting, k-sparse probes, shrinkage) and its trade-off plots compare them.
 
-Settings after the colon (comma-separated): `study=frontier|menon|causal`, `language=<name>`,
+Settings after the colon (comma-separated): `study=frontier|menon|menon_l1|causal|bench`, `language=<name>`,
 `seed=<int>` (LM, data and evaluation seed), `seeds=<int>` (SAE seeds per configuration), and
 one of the switches `full` (the papers' SAE budget, 5,000 steps of 128 sequences: an
 accelerator job) or `smoke` (tiny, for tests). Without a switch the SAE grid trains the
-pipeline's CPU budget (800 steps of 32 sequences); `menon` needs `full` (its lr 1e-5 barely
-moves the SAEs in 800 steps) and refuses to run without it.
+pipeline's CPU budget (800 steps of 32 sequences); `menon` and `menon_l1` need `full` (lr 1e-5
+barely moves the SAEs in 800 steps) and refuse to run without it.
 """
 
 from typing import Literal
@@ -52,7 +56,7 @@ from experiments.configs import args as args_lib
 from experiments.configs import pipeline as pipeline_configs
 from experiments.configs import sae_menon
 
-STUDIES = ("frontier", "menon", "causal", "bench")
+STUDIES = ("frontier", "menon", "menon_l1", "causal", "bench")
 # Sparsity ladders (e2e_sae reduction λ · mean_tokens ‖c‖₁ / d) per loss family: factors of 2
 # over 128×, each reaching past the CE increase of the others' sparsest SAEs. The local ladder
 # steps by √2 between λ 2 and 16, where local SAEs collapse (English, CPU budget: CE increase
@@ -100,6 +104,10 @@ BENCH_ARCHS = {
 # Factor-2 steps (√2-ish in k), so neighbouring configurations are close enough in CE increase
 # for the matched comparison to interpolate between them (the committed Dyck-2 run used factor-4
 # ladders of four values: most of its matched-CE view was not covered).
+# menon_l1: Menon's L1 arm with α extended below the paper's 1e-3, where the reconstruction's
+# gradient can compete with the sum-over-batch penalty (α·n_tokens is the per-token weight).
+MENON_L1_ALPHAS = [1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3]
+MENON_L1_EXPANSIONS = [1, 4]
 BENCH_LADDERS = {"sparsity_coeff": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
                  "k": [4, 6, 8, 12, 16, 24, 32]}
 BENCH_LOSSES = ("local", "e2e")
@@ -138,8 +146,8 @@ def build(study: str = "frontier", language: str = "english", seed: int = 0, see
   if not isinstance(seeds, int) or seeds < 1:
     raise ValueError(f"seeds={seeds!r} must be a positive int")
   smoke, full = size == "smoke", size == "full"
-  if study == "menon" and size == "default":
-    raise ValueError("study=menon needs the switch full (Menon's lr 1e-5 trains 5,000 steps of "
+  if study in ("menon", "menon_l1") and size == "default":
+    raise ValueError(f"study={study} needs the switch full (Menon's lr 1e-5 trains 5,000 steps of "
                      "128 sequences; at the CPU budget its SAEs barely move): add ',full'")
   c = pipeline_configs.build(language=language, seed=seed,
                              grid="causal" if study == "causal" else "default",
@@ -190,6 +198,15 @@ def build(study: str = "frontier", language: str = "english", seed: int = 0, see
     recon = sae_menon.build(language=language, size=menon_size, norm="input_recon")
     topk_recon = [b for b in recon.sweep if b["set"].get("activation") == "topk"]
     s.sweep = list(m.sweep) + topk_recon
+    for name in ("schedule", "warmup_steps", "grad_clip"):
+      s[name] = m[name]
+    e.grammaticality_modes = ("original", "corrected")
+  elif study == "menon_l1":
+    m = sae_menon.build(language=language, size="smoke" if smoke else "default")
+    (l1,) = [b for b in m.sweep if b["set"]["activation"] == "relu"]
+    alphas = MENON_L1_ALPHAS[::3] if smoke else MENON_L1_ALPHAS
+    s.sweep = [{"product": {"expansion": MENON_L1_EXPANSIONS, "sparsity_coeff": alphas},
+                "set": dict(l1["set"])}]
     for name in ("schedule", "warmup_steps", "grad_clip"):
       s[name] = m[name]
     e.grammaticality_modes = ("original", "corrected")

@@ -144,13 +144,11 @@ def check_claim(kind: str, table: Mapping[str, Any]) -> dict[str, Any]:
     high = [x for x in cells if isinstance(x[0], (int, float)) and x[0] > 1e-2]
     parts = (_all(low, _above(NEAR_ONE)), _all(high, _below(NEAR_ZERO)))
     agrees = False if False in parts else None if None in parts else True
-    lo_means = [c["mean"] for _, _, c in low] or [math.nan]
-    hi_means = [c["mean"] for _, _, c in high] or [math.nan]
-    return {"agrees": agrees,
-            "ours": (f"α ≤ 1e-2: {comparison.format_number(min(lo_means))}–"
-                     f"{comparison.format_number(max(lo_means))}; above: "
-                     f"{comparison.format_number(min(hi_means))}–"
-                     f"{comparison.format_number(max(hi_means))}")}
+    def span_of(part):
+      m = [c["mean"] for _, _, c in part]
+      return (f"{comparison.format_number(min(m))}–{comparison.format_number(max(m))}" if m
+              else "no cells")
+    return {"agrees": agrees, "ours": f"α ≤ 1e-2: {span_of(low)}; above: {span_of(high)}"}
   if kind == "rises":
     ks = [float(rv) for rv, _, _ in cells]
     widths = [float(c) for _, c, _ in cells]
