@@ -313,6 +313,10 @@ def test_smoke_config_runs_through_the_job(lm_dir, tmp_path):
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert {l["step"] for l in lines} == {2, 4}
   assert summary["diverged"] == {}
+  for vid, v in summary["variants"].items():  # the loss before the run's first update
+    (first,) = [l for l in lines if l["variant"] == vid and l["step"] == 2]
+    assert v["metrics"]["initial_loss"] == first["first_step_loss"]
+    assert "first_step_loss" not in v["metrics"]
   # The grid's workdir is no LM workdir: said so, naming the LM to use instead.
   with pytest.raises(ValueError, match=r"this is an SAE workdir, not an LM workdir; point "
                                        r"lm_workdir at the LM it was trained on"):

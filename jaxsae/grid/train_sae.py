@@ -253,24 +253,30 @@ def _run_locked(config, workdir: str) -> dict[str, Any]:
   # summary without the per-variant records).
   host_state = distributed.to_host(state)
   if not writer:
-    return _summary(setup, host_state, {}, lm)
-  summary = _summary(setup, host_state, _last_records(metrics_path, int(host_state.step)), lm)
+    return _summary(setup, host_state, {}, {}, lm)
+  summary = _summary(setup, host_state, *_end_records(metrics_path, int(host_state.step)), lm)
   divergence.flag_variants(summary, metrics_path)
   jsonio.write(summary_path, summary)
   return summary
 
 
-def _last_records(metrics_path: str, step: int) -> dict[str, dict[str, Any]]:
-  """Each variant's newest record at or before `step` in metrics.jsonl."""
-  last = {}
+def _end_records(metrics_path: str, step: int
+                 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+  """Each variant's newest record at or before `step` in metrics.jsonl, and its oldest."""
+  last, first = {}, {}
   for r in workdir_lib.read_records(metrics_path):
     if r["step"] <= step and r["step"] >= last.get(r["variant"], {}).get("step", -1):
       last[r["variant"]] = r
-  return last
+    if r["step"] < first.get(r["variant"], {}).get("step", float("inf")):
+      first[r["variant"]] = r
+  return last, first
 
 
-def _summary(setup: grid_step.Setup, state: grid_step.GridState, last,
+def _summary(setup: grid_step.Setup, state: grid_step.GridState, last, first,
              lm: bundle.LMBundle) -> dict[str, Any]:
+  """summary.json: per variant its hparams, frozen flag and final metrics (the last chunk's
+  means; `initial_loss` is the loss before the run's first update, the first chunk's
+  `first_step_loss`, which in later chunks would name the loss of their own first step)."""
   variants = {}
   for spec, g in zip(setup.specs, state.groups):
     frozen, bad = np.asarray(g.frozen), np.asarray(g.bad_step)
@@ -278,7 +284,10 @@ def _summary(setup: grid_step.Setup, state: grid_step.GridState, last,
       variants[vid] = {"group": spec.name, "hparams": trained_lib.hparams_json(spec.values[i]),
                        "frozen": bool(frozen[i]), "bad_step": int(bad[i]),
                        "metrics": {k: v for k, v in last.get(vid, {}).items()
-                                   if k not in ("variant", "group", "frozen")}}
+                                   if k not in ("variant", "group", "frozen",
+                                                "first_step_loss")}}
+      if "first_step_loss" in first.get(vid, {}):
+        variants[vid]["metrics"]["initial_loss"] = first[vid]["first_step_loss"]
   return {"language": lm.language, "site": setup.site, "positions": setup.positions,
           "steps": int(state.step),
           "lm_step": lm.step, "token_capacity": setup.capacity, "variants": variants}
