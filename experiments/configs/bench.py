@@ -22,7 +22,10 @@ two cores).
 Expected at the CPU budget (`experiments/results/bench/`, Expr, 3 seeds, 99 min of SAE training
 on 2 shared cores): e2e TopK and e2e TopK + AuxK first in MCC at every matched L0 (0.19 / 0.17
 at L0 4, random codes 0.10), absorption ≤ 0.09 for the leaders, and no ranking at matched CE
-increase (Expr's LM barely notices SAEs at this site).
+increase (Expr's LM barely notices SAEs at this site). English (89 min of SAE training on
+shared cores): e2e TopK + AuxK, TopK + AuxK and Gated first in MCC at L0 8 (0.30 / 0.29 / 0.29,
+random codes 0.074), e2e TopK + AuxK and TopK at L0 16 (0.35 / 0.34), Matryoshka types lowest
+in hedging.
 """
 
 from typing import Literal
