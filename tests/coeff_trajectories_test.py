@@ -77,3 +77,22 @@ def test_menon_section_carries_and_renders_the_trajectories():
   assert "### The sparsity coefficient during training" in text
   assert "largest spread 0.000 over α 0.001–100" in text
   assert "| 1000 | 5 | 5 | 5 | 0.000 |" in text
+
+
+def test_by_type_pools_seeds_with_mean_and_se_and_renders():
+  rows, recs = [], []
+  for seed, (l0_min, l0_max) in enumerate([(8.0, 2.0), (10.0, 4.0)]):
+    for i, a in enumerate([0.5, 2.0, 8.0]):
+      vid = f"s{seed}a{i}"
+      rows.append(_row(vid, a, seed=seed))
+      l0 = {0: l0_min, 1: (l0_min + l0_max) / 2, 2: l0_max}[i]
+      recs += _records(vid, a, lambda s, l0=l0: l0)
+  (r,) = coeff_trajectories.by_type(coeff_trajectories.families(rows, recs))
+  assert (r["type"], r["expansion"], r["seeds"], r["coeffs"]) == ("local", 1, 2, [0.5, 2.0, 8.0])
+  assert r["l0_at_min"] == pytest.approx(9.0) and r["l0_at_min_se"] == pytest.approx(1.0)
+  assert r["l0_at_max"] == pytest.approx(3.0) and r["l0_at_max_se"] == pytest.approx(1.0)
+  # spreads (8 − 2) / 8 = 0.75 and (10 − 4) / 10 = 0.6
+  assert r["final_spread"] == pytest.approx(0.675) and r["final_spread_se"] == pytest.approx(0.075)
+  text = "\n".join(coeff_trajectories.render_by_type([r], markdown.md_table))
+  assert "| local | 1 | 2 | 0.5–8 (3) | 9 ± 1 | 3 ± 1 | 0.675 ± 0.075 |" in text
+  assert coeff_trajectories.render_by_type([], markdown.md_table) == []

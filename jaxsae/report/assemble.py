@@ -72,6 +72,7 @@ from jaxsae.analysis import comparison
 from jaxsae.analysis import matched
 from jaxsae.core import jsonio
 from jaxsae.core import stats
+from jaxsae.report import coeff_trajectories
 from jaxsae.report import markdown
 from jaxsae.report import menon as menon_lib
 from jaxsae.report import plots as plots_lib
@@ -355,6 +356,9 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
   # Menon et al.'s grid in both splice modes, beside the paper's findings (None without the
   # original mode).
   rep["menon"] = menon_lib.section(rows, n_gen, rep["run"]["language"], training_records)
+  # Does each coefficient ladder set L0? (from the training records; empty without them)
+  rep["coeff_sensitivity"] = coeff_trajectories.by_type(
+      coeff_trajectories.families(rows, training_records or []))
 
   # Menon-layout grids.
   rep["grids"] = {}

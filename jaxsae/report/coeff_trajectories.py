@@ -122,3 +122,57 @@ def render(fams: Sequence[Mapping[str, Any]], md_table) -> list[str]:
                     [[str(s)] + [fmt(v) for v in line] + ["—" if sp is None else f"{sp:.3f}"]
                      for s, line, sp in zip(f["steps"], f["values"], f["spread"])])
   return out
+
+
+def by_type(fams: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """The families pooled over seeds per (type, expansion, coefficient ladder): L0 at the last
+  step at the smallest and the largest coefficient, and the last step's spread, each as mean ±
+  SE over the seeds (SE None with one seed)."""
+  pooled: dict[tuple, list[Mapping[str, Any]]] = {}
+  for f in fams:
+    pooled.setdefault((f["type"], f["expansion"], tuple(f["coeffs"])), []).append(f)
+
+  def mean_se(xs):
+    xs = [x for x in xs if comparison.is_finite(x)]
+    if not xs:
+      return None, None
+    m = sum(xs) / len(xs)
+    se = ((sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 / len(xs) ** 0.5
+          if len(xs) > 1 else None)
+    return m, se
+
+  out = []
+  for (t, e, coeffs), group in pooled.items():
+    lo, lo_se = mean_se([f["values"][-1][0] for f in group])
+    hi, hi_se = mean_se([f["values"][-1][-1] for f in group])
+    sp, sp_se = mean_se([f["spread"][-1] for f in group])
+    out.append({"type": t, "expansion": e, "coeffs": list(coeffs), "seeds": len(group),
+                "metric": group[0]["metric"], "l0_at_min": lo, "l0_at_min_se": lo_se,
+                "l0_at_max": hi, "l0_at_max_se": hi_se, "final_spread": sp,
+                "final_spread_se": sp_se})
+  out.sort(key=lambda r: (comparison.type_sort_key(r["type"]), r["expansion"] or 0))
+  return out
+
+
+def render_by_type(rows: Sequence[Mapping[str, Any]], md_table) -> list[str]:
+  """Markdown: does the sparsity coefficient set L0? One line per type and width."""
+  if not rows:
+    return []
+  fmt = comparison.format_number
+
+  def pm(m, se):
+    return "—" if m is None else fmt(m) if se is None else f"{fmt(m)} ± {fmt(se)}"
+
+  out = ["### Does the sparsity coefficient set L0?", "",
+         "For SAEs that differ only in the sparsity coefficient: L0 at the end of training at the "
+         "smallest and the largest coefficient, and the spread (max − min) / max of L0 across "
+         "the coefficients, mean ± SE over seeds. A spread near 0 over a wide ladder says the "
+         "coefficient does not set the sparsity (e.g. an optimizer step too small to move a "
+         "threshold, or a penalty that dominates Adam's updates at every value).", ""]
+  out += md_table(["type", "expansion", "seeds", "coefficients", "L0 at the smallest",
+                   "L0 at the largest", "spread"],
+                  [[r["type"], fmt(r["expansion"]), str(r["seeds"]),
+                    f"{fmt(r['coeffs'][0])}–{fmt(r['coeffs'][-1])} ({len(r['coeffs'])})",
+                    pm(r["l0_at_min"], r["l0_at_min_se"]), pm(r["l0_at_max"], r["l0_at_max_se"]),
+                    pm(r["final_spread"], r["final_spread_se"])] for r in rows])
+  return out

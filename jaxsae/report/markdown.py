@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxsae.analysis import comparison
 from jaxsae.core import stats
+from jaxsae.report import coeff_trajectories
 from jaxsae.report import menon as menon_lib
 
 
@@ -120,6 +121,7 @@ def render(rep: Mapping[str, Any]) -> list[str]:
           "and spliced; `evaluation.eval_passes.ratio_se`).", ""]
   out += img("l0_vs_grammaticality", "spliced grammaticality vs L0")
   out += _seed_section(rep.get("seeds") or [])
+  out += coeff_trajectories.render_by_type(rep.get("coeff_sensitivity") or [], md_table)
 
   out += ["## e2e vs local at matched CE increase", ""]
   for y in ("l0", "alive"):
