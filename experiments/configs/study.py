@@ -198,20 +198,18 @@ def build(study: str = "frontier", language: str = "english", seed: int = 0, see
     recon = sae_menon.build(language=language, size=menon_size, norm="input_recon")
     topk_recon = [b for b in recon.sweep if b["set"].get("activation") == "topk"]
     s.sweep = list(m.sweep) + topk_recon
-    for name in ("schedule", "warmup_steps", "grad_clip"):
-      s[name] = m[name]
-    e.grammaticality_modes = ("original", "corrected")
   elif study == "menon_l1":
     m = sae_menon.build(language=language, size="smoke" if smoke else "default")
     (l1,) = [b for b in m.sweep if b["set"]["activation"] == "relu"]
     alphas = MENON_L1_ALPHAS[::3] if smoke else MENON_L1_ALPHAS
     s.sweep = [{"product": {"expansion": MENON_L1_EXPANSIONS, "sparsity_coeff": alphas},
                 "set": dict(l1["set"])}]
-    for name in ("schedule", "warmup_steps", "grad_clip"):
-      s[name] = m[name]
-    e.grammaticality_modes = ("original", "corrected")
   else:  # causal
     s.sweep = [dict(block, product=dict(block.get("product", {}), **seed_product))
                for block in s.sweep]
     a.causal_variants = "all"
+  if study in ("menon", "menon_l1"):  # Menon's optimisation profile, both splice modes
+    for name in ("schedule", "warmup_steps", "grad_clip"):
+      s[name] = m[name]
+    e.grammaticality_modes = ("original", "corrected")
   return c

@@ -19,6 +19,7 @@ import json
 from typing import Any, Mapping, Sequence
 
 from jaxsae.analysis import comparison
+from jaxsae.core import stats
 
 MIN_COEFFS = 3
 FRACTIONS = (0.0, 0.1, 0.2, 0.4, 1.0)  # steps shown, as fractions of the last common step
@@ -90,10 +91,9 @@ def families(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, A
     groups.setdefault(_key(r), []).append(r)
   out = []
   for members in groups.values():
-    if len({float(r["hparams"]["sparsity_coeff"]) for r in members}) < MIN_COEFFS:
-      continue
-    if len(members) != len({float(r["hparams"]["sparsity_coeff"]) for r in members}):
-      continue  # two SAEs at one coefficient: not a clean sweep
+    n_coeffs = len({float(r["hparams"]["sparsity_coeff"]) for r in members})
+    if n_coeffs < MIN_COEFFS or n_coeffs != len(members):
+      continue  # too short a ladder, or two SAEs at one coefficient: not a clean sweep
     fam = family(members, records, fractions, metric)
     if fam is not None:
       out.append(fam)
@@ -133,13 +133,9 @@ def by_type(fams: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     pooled.setdefault((f["type"], f["expansion"], tuple(f["coeffs"])), []).append(f)
 
   def mean_se(xs):
-    xs = [x for x in xs if comparison.is_finite(x)]
-    if not xs:
-      return None, None
-    m = sum(xs) / len(xs)
-    se = ((sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 / len(xs) ** 0.5
-          if len(xs) > 1 else None)
-    return m, se
+    est = stats.mean_se([x for x in xs if comparison.is_finite(x)])
+    se = est["se"] if est["n"] > 1 else None
+    return (est["value"], se) if est["n"] else (None, None)
 
   out = []
   for (t, e, coeffs), group in pooled.items():
