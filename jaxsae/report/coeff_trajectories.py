@@ -89,12 +89,16 @@ def families(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, A
     if r.get("frozen") or not isinstance(a, (int, float)) or a <= 0:
       continue
     groups.setdefault(_key(r), []).append(r)
+  by_variant: dict[str, list[Mapping[str, Any]]] = {}
+  for rec in records:  # one pass over the records, not one per family
+    by_variant.setdefault(rec.get("variant"), []).append(rec)
   out = []
   for members in groups.values():
     n_coeffs = len({float(r["hparams"]["sparsity_coeff"]) for r in members})
     if n_coeffs < MIN_COEFFS or n_coeffs != len(members):
       continue  # too short a ladder, or two SAEs at one coefficient: not a clean sweep
-    fam = family(members, records, fractions, metric)
+    own = [rec for r in members for rec in by_variant.get(r["id"], [])]
+    fam = family(members, own, fractions, metric)
     if fam is not None:
       out.append(fam)
   out.sort(key=lambda f: (comparison.type_sort_key(f["type"]), f["expansion"] or 0, f["seed"]))
