@@ -104,9 +104,9 @@ def test_causal_predictability_counts_planted_latent(lm, data):
     assert pair["high_value"] == pytest.approx(3.0)  # 3 × its only active value
     results[(sign, corr_sign)] = (pair, out)
   pair, out = results[(1, 1)]
-  # The null: 24 random live latents, less latent 5 itself when drawn; it beats them all.
-  assert out["null"]["size"] == 24
-  assert pair["n_null"] == 24 - (5 in out["null"]["latents"])
+  # The null: 24 random live latents unrelated to the label (so never 5); it beats them all.
+  assert out["null"]["size"] == 24 == pair["n_null"] and 5 not in out["null"]["latents"]
+  assert sorted(out["null"]["per_label"]["stack_empty_after"]) == out["null"]["latents"]
   assert pair["p_value"] == pytest.approx(1 / (pair["n_null"] + 1))
   assert pair["signed_effect"] > pair["null_quantile"]
   assert pair["as_predicted"] and out["fraction_as_predicted"] == 1.0
@@ -142,12 +142,20 @@ def test_score_pairs_against_fake_outcomes():
   out = causality.score_pairs(corr, names, expected, classes, shift_fn, threshold=0.5,
                               max_pairs=3, testable_latents=live, null_latents=40, seed=1)
   # The 3 strongest of the 4 testable pairs ((2, a) is the weakest); c has no expected effect;
-  # one call measures the tested latents and the null's 40 live random latents.
+  # one call measures the tested latents and each tested label's 40 unrelated live latents,
+  # the first in one random order (so a and b share all but the latents only one avoids).
+  per_label = out["null"]["per_label"]
+  assert set(per_label) == {"a", "b"}
+  order = list(np.random.default_rng(1).permutation(np.nonzero(live)[0]))
+  for lab, null in per_label.items():
+    k = names.index(lab)
+    assert null == [j for j in order if not abs(corr[j, k]) >= 0.5][:40]
   pool = out["null"]["latents"]
-  assert len(pool) == 40 == out["null"]["size"] and 9 not in pool
+  assert pool == sorted(set(per_label["a"]) | set(per_label["b"])) and 9 not in pool
+  assert out["null"]["size"] == len(pool) and out["null"]["min_size"] == 19
   assert calls == [sorted(set(pool) | {0, 1, 3})]
-  assert (out["n_strong"], out["n_untestable_label"], out["n_testable"], out["n_tested"]) == (
-      5, 1, 4, 3)
+  assert (out["n_strong"], out["n_untestable_label"], out["n_testable"], out["n_tested"],
+          out["n_null_too_small"]) == (5, 1, 4, 3, 0)
   got = {(p["latent"], p["label"]): p for p in out["pairs"]}
   assert set(got) == {(0, "a"), (1, "b"), (3, "b")}
   for (f, lab), p in got.items():
@@ -157,10 +165,10 @@ def test_score_pairs_against_fake_outcomes():
     effect = w @ shifts[f] / np.abs(w).sum()
     assert p["effect"] == pytest.approx(effect) and p["extra"] == f
     assert p["right_sign"] == (sign * effect > 0)
-    # The null by hand: the pool's latents other than f with |corr| below the threshold.
-    null = [sign * (w @ shifts[j]) / np.abs(w).sum() for j in pool
-            if j != f and not abs(corr[j, k]) >= 0.5]  # NaN: unrelated, in the null
-    assert p["n_null"] == len(null)
+    # The null by hand: the label's latents, none of them f or strong for the label.
+    assert f not in per_label[lab]
+    null = [sign * (w @ shifts[j]) / np.abs(w).sum() for j in per_label[lab]]
+    assert p["n_null"] == len(null) == 40
     assert p["p_value"] == pytest.approx((1 + np.sum(np.array(null) >= sign * effect))
                                          / (1 + len(null)))
     assert p["as_predicted"] == (p["right_sign"] and p["p_value"] <= 0.05)
@@ -188,12 +196,39 @@ def test_score_pairs_small_right_sign_effects_do_not_pass():
   pair, = out["pairs"]
   assert pair["right_sign"] and not pair["as_predicted"] and pair["p_value"] > 0.05
   assert out["fraction_right_sign"] == 1.0 and out["fraction_as_predicted"] == 0.0
-  # Too few live latents for a 5% test: nothing can pass, however large the effect.
+  # Too few live latents for a 5% test (9 unrelated; 19 needed): not tested, not a failure.
   shifts[0] = [1.0, 0.0]
   few = causality.score_pairs(corr[:10], ("a",), expected, classes,
                               lambda f: (shifts[f], [{} for _ in f]), null_latents=99)
-  assert few["pairs"][0]["p_value"] == pytest.approx(1 / 10)
-  assert not few["pairs"][0]["as_predicted"] and few["pairs"][0]["right_sign"]
+  assert (few["n_strong"], few["n_null_too_small"], few["n_testable"], few["n_tested"]) == (
+      1, 1, 0, 0)
+  assert few["pairs"] == [] and few["fraction_as_predicted"] is None
+
+
+def test_score_pairs_null_avoids_latents_the_label_dominates():
+  """A label most live latents track still gets a full null of unrelated latents, where one
+  exists; a label with fewer unrelated live latents than a 5% test needs is not tested."""
+  classes = ("eos", "close")
+  expected = {"a": np.array([1.0, 0.0]), "b": np.array([0.0, 1.0])}
+  n_f = 100
+  rng = np.random.default_rng(3)
+  corr = rng.uniform(-0.3, 0.3, (n_f, 2))
+  corr[:70, 0] = 0.8  # 70 latents track a: 30 unrelated ones remain
+  corr[:85, 1] = 0.7  # 85 track b: 15 remain, fewer than 19
+  corr[0, 0] = 0.95  # the strongest pair, (0, a)
+  shifts = rng.normal(0, 1e-3, (n_f, 2))
+  shifts[0] = [0.5, 0.0]
+  out = causality.score_pairs(corr, ("a", "b"), expected, classes,
+                              lambda f: (shifts[f], [{} for _ in f]), max_pairs=1,
+                              null_latents=24)
+  null_a = out["null"]["per_label"]["a"]
+  assert len(null_a) == 24 and all(j >= 70 for j in null_a)
+  assert list(out["null"]["per_label"]) == ["a"]
+  pair, = out["pairs"]
+  assert (pair["latent"], pair["label"], pair["n_null"]) == (0, "a", 24)
+  assert pair["as_predicted"] and pair["p_value"] == pytest.approx(1 / 25)
+  assert (out["n_strong"], out["n_null_too_small"], out["n_testable"], out["n_tested"]) == (
+      155, 85, 70, 1)
 
 
 def test_random_latents_pass_at_the_nominal_rate():
@@ -201,7 +236,7 @@ def test_random_latents_pass_at_the_nominal_rate():
   correlation signs) pass the null at the nominal rate.
 
   A pair exchangeable with its n null latents passes with probability ⌊0.05(n + 1)⌋ / (n + 1)
-  (4/99 at n = 98: the test is exact up to discreteness, never above 5%). Pairs of one call
+  (5/100 at n = 99: the test is exact up to discreteness, never above 5%). Pairs of one call
   share the null sample, so their passes are correlated: given the null, a pair passes with
   probability about Beta(5, 95) (its 95% quantile's upper tail), SD 0.022. Over R calls of m
   pairs, the pass rate's SD is √(0.022²/R + 0.05·0.95/(R·m)); the check allows 4 of them."""
@@ -223,7 +258,7 @@ def test_random_latents_pass_at_the_nominal_rate():
     nominal += [np.floor(0.05 * (p["n_null"] + 1) + 1e-9) / (p["n_null"] + 1)
                 for p in out["pairs"]]
   sd = np.sqrt(0.022 ** 2 / reps + 0.05 * 0.95 / (reps * m))
-  assert 0.04 <= np.mean(nominal) <= 0.05
+  assert 0.04 <= np.mean(nominal) <= 0.05 + 1e-12
   assert abs(np.mean(passed) - np.mean(nominal)) <= 4 * sd, (np.mean(passed), np.mean(nominal))
 
 

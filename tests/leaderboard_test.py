@@ -249,3 +249,30 @@ def test_the_command_runs_end_to_end_on_a_smoke_report(tmp_path):
                             str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True,
                            check=False)
   assert missing.returncode != 0 and "report.json does not exist" in missing.stderr
+
+
+def test_a_metric_on_one_configuration_per_type_is_listed_not_read_off_a_curve(tmp_path):
+  """Causality tested on one SAE per type: no curve, so neither interpolated nor ranked; each SAE
+  is listed at its own cost, best first, with its Wilson interval."""
+  rep = _toy()
+  tested = {"best-1-0": (3, 24), "mid-3-0": (12, 24), "mid2-0-0": (20, 24)}
+  rep["causal"] = {vid: {"fraction_as_predicted": k / n, "n_tested": n,
+                         "fraction_as_predicted_interval": [k / n - 0.1, k / n + 0.1]}
+                   for vid, (k, n) in tested.items()}
+  b = leaderboard.language_board(rep, n_boot=20)
+  assert "causal_fraction" not in b["metrics"] and "mcc" in b["metrics"]
+  rows = b["measured_once"]["causal_fraction"]
+  assert [r["id"] for r in rows] == ["mid2-0-0", "mid-3-0", "best-1-0"]
+  by_id = {v["id"]: v for v in rep["variants"]}
+  for r in rows:
+    k, n = tested[r["id"]]
+    assert (r["value"], r["lo"], r["hi"]) == pytest.approx((k / n, k / n - 0.1, k / n + 0.1))
+    assert (r["l0"], r["ce_increase"]) == (by_id[r["id"]]["l0"], by_id[r["id"]]["ce_increase"])
+  md = "\n".join(leaderboard_output.render(leaderboard.leaderboard({"toy": rep}, n_boot=20)))
+  assert "### causal fraction, measured on one configuration per type" in md
+  assert "| mid2 | mid2-0-0 | 1 | 0.01 | 0.83 [0.73, 0.93] |" in md
+  assert "| causal fraction | measured on one configuration per type" in md
+  # A second configuration of one type gives it a curve: back to the matched readings.
+  rep["causal"]["best-2-0"] = dict(rep["causal"]["best-1-0"])
+  b2 = leaderboard.language_board(rep, n_boot=20)
+  assert "causal_fraction" in b2["metrics"] and not b2["measured_once"]

@@ -145,6 +145,16 @@ def test_null_test_planted_effect_passes():
   assert not stats.null_test(math.nan, null)["significant"]
 
 
+def test_min_null_size_is_the_least_null_that_can_pass():
+  for confidence, m in ((0.95, 19), (0.99, 99), (0.9, 9), (0.5, 1)):
+    assert stats.min_null_size(confidence) == m
+    null = np.zeros(m)
+    assert stats.null_test(1.0, null, confidence=confidence)["significant"]
+    assert not stats.null_test(1.0, null[:-1], confidence=confidence)["significant"]
+  with pytest.raises(ValueError, match="confidence"):
+    stats.min_null_size(1.0)
+
+
 def test_null_test_noise_passes_at_the_nominal_rate():
   sims, m = 4000, 99
   draws = np.random.default_rng(7).normal(size=(sims, m + 1))

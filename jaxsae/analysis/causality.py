@@ -192,13 +192,18 @@ def score_pairs(corr_FK: np.ndarray, names: Sequence[str], expected: Mapping[str
   """Scores strongly correlated (latent, label) pairs against their expected effects and a null.
 
   A pair (f, k) with expected weights w and correlation sign s has the signed effect
-  s·w·shift_f / ‖w‖₁. Its null: the same quantity for `null_latents` random live latents j
-  (drawn once per call with `numpy.random.default_rng(seed)`; j ≠ f and |corr[j, k]| below the
-  threshold), clamped the same way. The pair acts as predicted when its signed effect is > 0
-  and beats that random-latent null at `confidence` (`stats.null_test`: one-sided
-  p = (1 + #{null ≥ effect}) / (1 + m) ≤ 1 − confidence): a latent unrelated to the label passes
-  with probability at most 5%, whatever the sign. With fewer than 19 null latents (a narrow or
-  mostly dead SAE) no pair can pass at 95%; `right_sign` still records the direction.
+  s·w·shift_f / ‖w‖₁. Its null: the same quantity for up to `null_latents` live latents j
+  unrelated to the label (|corr[j, k]| below the threshold, so j ≠ f), the first such latents
+  in one random order of the live latents (`numpy.random.default_rng(seed)`, drawn once per
+  call: labels share their null latents where they can), clamped the same way. The pair acts
+  as predicted when its signed effect is > 0 and beats that null at `confidence`
+  (`stats.null_test`: one-sided p = (1 + #{null ≥ effect}) / (1 + m) ≤ 1 − confidence): a
+  latent unrelated to the label passes with probability at most 5%, whatever the sign.
+
+  A label with fewer unrelated live latents than the test needs (`stats.min_null_size`, 19 at
+  95%: a narrow or mostly dead SAE, or a label most live latents track) cannot be tested: its
+  strong pairs are counted in `n_null_too_small`, neither tested nor in the fraction's
+  denominator, instead of being reported as failures no effect could have avoided.
 
   Args:
     corr_FK: latent-label correlations; names: the K column names.
@@ -210,17 +215,17 @@ def score_pairs(corr_FK: np.ndarray, names: Sequence[str], expected: Mapping[str
     max_pairs: test at most this many testable pairs, the strongest first.
     testable_latents: optional bool [F]; strong pairs of other latents (e.g. never active, so
       no high value to clamp to) are counted but not tested, and they are not in the null.
-    null_latents: size of the random-latent null sample (the tested latents' shifts and these
-      are measured in one `shift_fn` call).
+    null_latents: the most null latents per label (the tested latents' shifts and the union of
+      the tested labels' nulls are measured in one `shift_fn` call).
     confidence: the null test's level; seed: the null sample's generator seed.
 
   Returns:
     JSON-able summary: counts (`n_strong`; of those `n_untestable_label`, `n_inactive_latent`,
-    `n_testable`; `n_tested` = min(n_testable, max_pairs)), `n_as_predicted`,
+    `n_null_too_small`, `n_testable`; `n_tested` = min(n_testable, max_pairs)), `n_as_predicted`,
     `fraction_as_predicted` with its Wilson interval `fraction_as_predicted_interval` [lo, hi],
     `n_right_sign` / `fraction_right_sign` (sign only, no null), `mean_effect` (± `mean_effect_se`
-    over pairs) / `median_effect` (signed: > 0 is the predicted direction), `null` (the null's
-    latents, size and level), every tested pair in `pairs` (with `effect`, `signed_effect`,
+    over pairs) / `median_effect` (signed: > 0 is the predicted direction), `null` (the measured null
+    latents, their number, the least a test needs, each tested label's own and the level), every tested pair in `pairs` (with `effect`, `signed_effect`,
     `right_sign`, `p_value`, `null_quantile`, `n_null`, `as_predicted`) and the failures in
     `not_as_predicted`.
   """
@@ -241,26 +246,34 @@ def score_pairs(corr_FK: np.ndarray, names: Sequence[str], expected: Mapping[str
   live_F = (np.ones(corr.shape[0], bool) if testable_latents is None
             else np.asarray(testable_latents, bool))
   live = live_F[f_idx]
-  test = has_exp & live
+  # Each label's null: the first `null_latents` live latents unrelated to it, in one random order.
+  rng = np.random.default_rng(seed)
+  order_live = rng.permutation(np.nonzero(live_F)[0])
+  null_of = {}
+  for k in np.unique(k_idx[has_exp & live]):
+    weak = ~(np.abs(np.nan_to_num(corr[order_live, k], nan=0.0)) >= threshold)
+    null_of[int(k)] = order_live[weak][:null_latents]
+  min_null = stats.min_null_size(confidence)
+  null_ok = np.array([int(k) in null_of and null_of[int(k)].size >= min_null for k in k_idx],
+                     bool)
+  test = has_exp & live & null_ok
   order = np.argsort(-np.abs(corr[f_idx[test], k_idx[test]]), kind="stable")[:max_pairs]
   pf, pk = f_idx[test][order], k_idx[test][order]
-  candidates = np.nonzero(live_F)[0]
-  rng = np.random.default_rng(seed)
-  pool = (np.sort(rng.choice(candidates, size=min(null_latents, candidates.size), replace=False))
-          if pf.size else np.zeros((0,), np.int64))
+  tested_labels = sorted({int(k) for k in pk})
+  pool = (np.unique(np.concatenate([null_of[k] for k in tested_labels])).astype(np.int64)
+          if tested_labels else np.zeros((0,), np.int64))
   uniq = np.unique(np.concatenate([pf, pool])).astype(np.int64)
   shifts_UC, extras = shift_fn(uniq) if uniq.size else (np.zeros((0, len(class_names))), [])
   shifts_UC = np.asarray(shifts_UC, np.float64)
   row = {int(f): i for i, f in enumerate(uniq)}
-  pool_rows = np.array([row[int(j)] for j in pool], np.int64)
   pairs = []
   for f, k in zip(pf, pk):
     w = np.asarray(expected[names[k]], np.float64)
     s = shifts_UC[row[int(f)]]
     effect = float(w @ s / np.sum(np.abs(w)))
     sign = np.sign(corr[f, k])
-    weak = (pool != f) & ~(np.abs(np.nan_to_num(corr[pool, k])) >= threshold)
-    null = sign * (shifts_UC[pool_rows[weak]] @ w) / np.sum(np.abs(w))
+    null_rows = np.array([row[int(j)] for j in null_of[int(k)]], np.int64)
+    null = sign * (shifts_UC[null_rows] @ w) / np.sum(np.abs(w))
     nt = stats.null_test(sign * effect, null, confidence=confidence)
     rec = {
         "latent": int(f), "label": names[k], "corr": float(corr[f, k]),
@@ -284,6 +297,7 @@ def score_pairs(corr_FK: np.ndarray, names: Sequence[str], expected: Mapping[str
       "threshold": float(threshold), "n_strong": int(strong.sum()),
       "n_untestable_label": int((~has_exp).sum()),
       "n_inactive_latent": int((has_exp & ~live).sum()),
+      "n_null_too_small": int((has_exp & live & ~null_ok).sum()),
       "n_testable": int(test.sum()), "n_tested": n_tested, "n_as_predicted": int(n_ok),
       "fraction_as_predicted": n_ok / n_tested if n_tested else None,
       "fraction_as_predicted_interval": [frac["lo"], frac["hi"]] if frac else None,
@@ -292,7 +306,9 @@ def score_pairs(corr_FK: np.ndarray, names: Sequence[str], expected: Mapping[str
       "mean_effect": float(np.mean(effects)) if effects else None,
       "mean_effect_se": stats.mean_se(effects)["se"] if len(effects) > 1 else None,
       "median_effect": float(np.median(effects)) if effects else None,
-      "null": {"kind": "random live latents", "latents": pool.tolist(), "size": int(pool.size),
+      "null": {"kind": "random live latents unrelated to the label", "latents": pool.tolist(),
+               "size": int(pool.size), "min_size": min_null,
+               "per_label": {names[k]: null_of[k].tolist() for k in tested_labels},
                "confidence": float(confidence), "seed": int(seed)},
       "untestable_labels": sorted({names[k] for k in k_idx[~has_exp]}),
       "pairs": pairs,
@@ -359,8 +375,9 @@ def causal_predictability(sae: SplicedSAE, tokens_BT: jax.Array, mask_BT: jax.Ar
   over the masked tokens where it fires; e.g. 0.95 × 1, or 1.0 × 2 for twice its max) and low
   (0) at every masked position, and the mean class probabilities over those positions are
   compared (see `score_pairs`). Latents that never fire on the masked tokens are not tested.
-  A pair acts as predicted only when its effect beats the same measurement on `null_latents`
-  random live latents at 95% (`score_pairs`); those latents cost one clamp pair each.
+  A pair acts as predicted only when its effect beats the same measurement on up to
+  `null_latents` random live latents unrelated to its label at 95% (`score_pairs`); those latents
+  cost one clamp pair each.
 
   Args:
     sae: the SAE variant and the LM it is spliced into.

@@ -209,6 +209,21 @@ def sign_flip_null(differences: Sequence[float] | np.ndarray, *, n_null: int = N
   return (signs * d).mean(axis=1)
 
 
+def min_null_size(confidence: float = CONFIDENCE) -> int:
+  """The fewest null draws m for which `null_test` can find an effect significant: the least m
+  with 1 / (1 + m) <= 1 − confidence (19 at 95%, 9 at 90%), by `null_test`'s own comparison."""
+  _check_confidence(confidence)
+  m = max(0, int(1 / (1 - confidence)) - 2)
+  while not _at_most_alpha(1 / (1 + m), confidence):
+    m += 1
+  return m
+
+
+def _at_most_alpha(p: float, confidence: float) -> bool:
+  """p <= 1 − confidence, with 1 − confidence's rounding forgiven (1 − 0.9 < 0.1 in floats)."""
+  return p <= (1 - confidence) * (1 + 1e-9)
+
+
 def null_test(effect: float, null: Sequence[float] | np.ndarray, *,
               confidence: float = CONFIDENCE) -> dict[str, Any]:
   """A one-sided test of an observed effect against a sample of null effects.
@@ -233,7 +248,7 @@ def null_test(effect: float, null: Sequence[float] | np.ndarray, *,
             "confidence": float(confidence)}
   p = (1 + int(np.sum(e >= effect))) / (1 + e.size)
   return {"effect": effect, "null_quantile": float(np.quantile(e, confidence)),
-          "p_value": float(p), "significant": bool(p <= 1 - confidence),
+          "p_value": float(p), "significant": _at_most_alpha(p, confidence),
           "n_null": int(e.size), "confidence": float(confidence)}
 
 

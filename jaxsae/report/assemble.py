@@ -34,8 +34,8 @@ Inputs (JSON-able dicts; metric values may be floats or the strings "nan" / "inf
 - `causal` (optional): `{id: causality.causal_predictability(...) output}` (`n_strong`,
   `n_tested`, `n_as_predicted`, `fraction_as_predicted`, `mean_effect`, `median_effect`,
   `pairs`, `not_as_predicted`: [{"latent", "label", "corr", "signed_effect", ...}]; optionally
-  the null's `fraction_as_predicted_interval`, `n_right_sign`, `mean_effect_se`, `null`, and
-  per pair `p_value`, `null_quantile`).
+  the null's `fraction_as_predicted_interval`, `n_right_sign`, `mean_effect_se`, `null`,
+  `n_null_too_small`, and per pair `p_value`, `null_quantile`).
 - `lm` (optional): the LM job's `summary.json` (`grammatical_fraction`,
   `grammatical_fraction_std`, `eval_ce`, `grammatical_next_token_mass`, `steps`, ...).
 - `meta` (optional): `{"commit", "machine", "date", "stage_seconds": {stage: seconds}}`.
@@ -407,7 +407,8 @@ def write_report(out_dir: str, *, summary: Mapping[str, Any], eval_results: Mapp
     rep["causal_by_type"] = comparison.causal_by_type(causal, rows)
     rep["causal_by_type_text"] = comparison.causal_sentences(rep["causal_by_type"])
     rep["causal"] = {vid: {"type": types.get(vid), **{k: c.get(k) for k in (
-        "threshold", "n_strong", "n_testable", "n_tested", "n_as_predicted",
+        "threshold", "n_strong", "n_null_too_small", "n_testable", "n_tested",
+        "n_as_predicted",
         "fraction_as_predicted", "fraction_as_predicted_interval", "n_right_sign",
         "mean_effect", "mean_effect_se", "median_effect")},
         "null_size": (c.get("null") or {}).get("size"),

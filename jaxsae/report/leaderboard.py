@@ -38,6 +38,9 @@ Definitions:
 - *Ranks* at a reference point: a type's rank is 1 + the number of types whose interval lies
   entirely on the better side of its own. Types whose intervals overlap are "not
   distinguishable" and may share a rank (`2=`); a type without an interval gets no rank.
+- *Measured once.* A metric that no type has on two configurations (e.g. causality tested on
+  one SAE per type) has no curve to read: it is listed per SAE with its L0 and CE increase
+  (`measured_once`), neither interpolated nor ranked, since those SAEs sit at different costs.
 """
 
 from __future__ import annotations
@@ -282,6 +285,30 @@ def ranking_text(ranking: Sequence[Mapping[str, Any]]) -> str:
   return "; ".join(parts) if parts else "no type covered"
 
 
+def measured_once(points: Sequence[Mapping[str, Any]], metric: str
+                  ) -> list[dict[str, Any]] | None:
+  """The SAEs with `metric` as `[{"type", "id", "l0", "ce_increase", "value", "lo", "hi"}]`
+  (best first, by `METRICS`' direction) when no type has it on two configurations although
+  some type has two (seeds of one configuration count once); None otherwise (a curve to read,
+  or a grid of one configuration per type, read as such)."""
+  configs = matched.seed_configs(points)
+  have = [p for p in points if metric in p["metrics"] and math.isfinite(p["metrics"][metric][0])]
+  per_type: dict[str, set] = {}
+  for p in have:
+    per_type.setdefault(p["type"], set()).add(configs[p["id"]])
+  grid: dict[str, set] = {}
+  for p in points:
+    grid.setdefault(p["type"], set()).add(configs[p["id"]])
+  if (not have or any(len(c) > 1 for c in per_type.values())
+      or all(len(c) <= 1 for c in grid.values())):
+    return None
+  sign = -1.0 if METRICS[metric][1] else 1.0
+  rows = [{"type": p["type"], "id": p["id"], **{a: p.get(a) for a in AXES},
+           **dict(zip(("value", "lo", "hi"), p["metrics"][metric]))} for p in have]
+  return sorted(rows, key=lambda r: (sign * r["value"], comparison.type_sort_key(r["type"]),
+                                     r["id"]))
+
+
 # ------------------------------------------------------------------------------------------------
 # The leaderboard.
 
@@ -292,15 +319,19 @@ def language_board(report: Mapping[str, Any], *, quantiles: Sequence[float] = QU
   """One language's leaderboard from its report.json dict.
 
   Returns:
-    `{"language", "types", "metrics" (present ones), "n_seeds_max", "axes": {axis:
+    `{"language", "types", "metrics" (present ones with a curve), "measured_once" ({metric:
+    `measured_once` output} for the others), "n_seeds_max", "axes": {axis:
     {"reference_points", "how", "metrics": {metric: {"curves": {type: [configuration]},
     "points": [{"x", "entries": {type: read_curve output}, "ranking": rank output}]}}}}}`.
   """
   points = sae_points(report)
   types = sorted({p["type"] for p in points}, key=comparison.type_sort_key)
   present = [m for m in METRICS if any(m in p["metrics"] for p in points)]
+  once = {m: measured_once(points, m) for m in present}
+  present = [m for m in present if once[m] is None]
   board = {"language": (report.get("run") or {}).get("language"), "types": types,
            "metrics": present, "max_gap_factor": float(max_gap_factor),
+           "measured_once": {m: v for m, v in once.items() if v is not None},
            "n_seeds_max": 0, "axes": {}}
   for ai, axis in enumerate(AXES):
     spans = curves([dict(p, metrics={axis: (0.0, math.nan, math.nan)}) for p in points],

@@ -76,6 +76,9 @@ def render(board: Mapping[str, Any], plots: Mapping[str, Mapping[str, str]] | No
       for m in b["metrics"]:
         cells = [best_text(board["best"][lang][axis][m], axis) for axis in board_lib.AXES]
         lines.append(f"| {_title(m)} | " + " | ".join(cells) + " |")
+      for m in b.get("measured_once") or {}:
+        lines.append(f"| {_title(m)} | measured on one configuration per type, at different "
+                     f"costs: not compared (see \"{lang}\" below) | — |")
       lines.append("")
   if board["summary"]:
     lines += ["## Ranks at the middle reference CE increase", ""]
@@ -91,9 +94,11 @@ def render(board: Mapping[str, Any], plots: Mapping[str, Mapping[str, str]] | No
     for name, rel in (plots.get(lang) or {}).items():
       lines += ["", f"![{name}]({rel})"]
     lines.append("")
+    lines += measured_once_lines(b.get("measured_once") or {})
     if not b["metrics"]:
-      lines += ["No ground-truth or causal metrics in this report (run the analysis stage).",
-                ""]
+      if not b.get("measured_once"):
+        lines += ["No ground-truth or causal metrics in this report (run the analysis stage).",
+                  ""]
       continue
     for axis, a in b["axes"].items():
       refs = a["reference_points"]
@@ -114,6 +119,26 @@ def render(board: Mapping[str, Any], plots: Mapping[str, Mapping[str, str]] | No
               _cell(p["entries"][t], lab.get(t)) for p, lab in zip(pts, labels)) + " |")
         lines += [""] + [f"- {name} {p['x']:.3g}: {board_lib.ranking_text(p['ranking'])}"
                          for p in pts] + [""]
+  return lines
+
+
+def measured_once_lines(once: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+  """Per metric measured on one configuration per type: its SAEs, best first, with L0 and CE
+  increase (`leaderboard.measured_once`)."""
+  lines = []
+  for m, rows in once.items():
+    lines += [f"### {_title(m)}, measured on one configuration per type", "",
+              "No type has this metric on two configurations, so there is no curve to read at "
+              "a matched cost; each SAE is listed at its own L0 and CE increase, best first "
+              "(not ranked: compare only SAEs of similar cost).", "",
+              f"| type | SAE | L0 | CE increase | {board_lib.METRICS[m][0]} [95% CI] |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+      est = {k: math.nan if r.get(k) is None else r[k] for k in ("value", "lo", "hi")}
+      cost = ["—" if r.get(a) is None else f"{r[a]:.3g}" for a in ("l0", "ce_increase")]
+      lines.append(f"| {r['type']} | {r['id']} | {' | '.join(cost)} | "
+                   f"{stats.format_estimate(est)} |")
+    lines.append("")
   return lines
 
 

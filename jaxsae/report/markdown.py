@@ -187,7 +187,9 @@ def render(rep: Mapping[str, Any]) -> list[str]:
     fid_name = "NMSE" if fid == "nmse" else comparison.METRIC_NAMES[fid]
     out += ["A pair acts as predicted when its signed effect (expected token classes moved in "
             "the direction of the correlation) is positive and beats the same effect of random "
-            "live latents of the SAE at 95% (one-sided permutation test).", ""]
+            "live latents of the SAE unrelated to the label at 95% (one-sided permutation test). "
+            "Pairs whose label leaves fewer unrelated live latents than the test needs (19) are "
+            "not tested (\"null too small\").", ""]
     out += ["Per SAE type: means over the SAEs tested, and pooled over their pairs (Wilson 95% "
             "interval; mean signed effect ± SE over pairs); medians over all of the type's live "
             f"SAEs (spliced grammaticality: `{rep['grammaticality_combo']}`).", ""]
@@ -201,9 +203,11 @@ def render(rep: Mapping[str, Any]) -> list[str]:
     out += [f"- {line}" for line in rep["causal_by_type_text"]]
     out += [""] if rep["causal_by_type_text"] else []
   if cz:
-    out += md_table(["id", "type", "strong pairs", "tested", "as predicted", "fraction",
-                      "95% interval", "right sign", "mean effect", "± SE", "null latents"],
-                     [[vid, c["type"], c["n_strong"], c["n_tested"], c["n_as_predicted"],
+    out += md_table(["id", "type", "strong pairs", "null too small", "tested", "as predicted",
+                      "fraction", "95% interval", "right sign", "mean effect", "± SE",
+                      "null latents"],
+                     [[vid, c["type"], c["n_strong"], c.get("n_null_too_small"), c["n_tested"],
+                       c["n_as_predicted"],
                        c["fraction_as_predicted"], _interval(c["fraction_as_predicted_interval"]),
                        c["n_right_sign"], c["mean_effect"], c["mean_effect_se"], c["null_size"]]
                       for vid, c in cz.items()])
