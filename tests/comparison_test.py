@@ -196,7 +196,8 @@ def _causal_run(rng, with_nmse=True):
         pairs = [{"signed_effect": float(rng.normal())} for _ in range(n_tested)]
         causal[vid] = {"fraction_as_predicted": float(rng.random()),
                        "mean_effect": float(rng.normal()), "n_tested": n_tested,
-                       "n_as_predicted": int(rng.integers(0, n_tested + 1)), "pairs": pairs}
+                       "n_as_predicted": int(rng.integers(0, n_tested + 1)), "pairs": pairs,
+                       "n_null_too_small": int(rng.integers(0, 5))}
   rows[4]["ce_increase"] = "nan"  # topk1: not in the median
   causal["topk2"]["fraction_as_predicted"] = None  # no tested pairs: not in the mean
   causal["ghost"] = {"fraction_as_predicted": 1.0, "mean_effect": 9.0}
@@ -225,6 +226,7 @@ def test_causal_by_type_against_numpy():
     ids = v["ids"]
     k, n = (sum(causal[i][key] for i in ids) for key in ("n_as_predicted", "n_tested"))
     assert (v["n_pairs_as_predicted"], v["n_pairs"]) == (k, n)
+    assert v["n_null_too_small"] == sum(causal[i]["n_null_too_small"] for i in ids)
     lo, hi = stats.wilson_interval(k, n)
     assert v["pooled_fraction"]["value"] == pytest.approx(k / n)
     assert (v["pooled_fraction"]["lo"], v["pooled_fraction"]["hi"]) == pytest.approx((lo, hi))

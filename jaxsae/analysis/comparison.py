@@ -317,7 +317,8 @@ def causal_by_type(causal: Mapping[str, Mapping[str, Any]], rows: Sequence[Mappi
   Returns:
     SAE type -> `{"n_saes" (SAEs with causal results), "ids", "fraction_as_predicted" and
     "mean_effect" (means over those SAEs of the finite values), "n_pairs" and
-    "n_pairs_as_predicted" (summed over them), "pooled_fraction" (`stats.fraction` of those: a
+    "n_pairs_as_predicted" and "n_null_too_small" (strong pairs whose label had too few
+    unrelated latents for the test; summed over them), "pooled_fraction" (`stats.fraction` of those: a
     Wilson interval; None without pairs), "pooled_mean_effect" (`stats.mean_se` of the tested
     pairs' signed effects; None without pairs), "n_variants" (the type's live SAEs), "nmse",
     "ev_token_mean", "ce_increase", "grammaticality" (medians over the type's live SAEs of the
@@ -345,6 +346,7 @@ def causal_by_type(causal: Mapping[str, Mapping[str, Any]], rows: Sequence[Mappi
     ids = tested[t]
     live = [r for r in rows if r["type"] == t and not r.get("frozen", False)]
     n_pairs = sum(int(causal[i].get("n_tested") or 0) for i in ids)
+    n_small = sum(int(causal[i].get("n_null_too_small") or 0) for i in ids)
     n_ok = sum(int(causal[i].get("n_as_predicted") or 0) for i in ids)
     effects = [as_float(p.get("signed_effect")) for i in ids for p in causal[i].get("pairs") or ()
                if is_finite(p.get("signed_effect"))]
@@ -352,7 +354,7 @@ def causal_by_type(causal: Mapping[str, Mapping[str, Any]], rows: Sequence[Mappi
               "fraction_as_predicted": _mean_finite(
                   [causal[i].get("fraction_as_predicted") for i in ids]),
               "mean_effect": _mean_finite([causal[i].get("mean_effect") for i in ids]),
-              "n_pairs": n_pairs, "n_pairs_as_predicted": n_ok,
+              "n_pairs": n_pairs, "n_pairs_as_predicted": n_ok, "n_null_too_small": n_small,
               "pooled_fraction": stats.fraction(n_ok, n_pairs) if n_pairs else None,
               "pooled_mean_effect": stats.mean_se(effects) if effects else None,
               "n_variants": len(live),

@@ -194,10 +194,11 @@ def render(rep: Mapping[str, Any]) -> list[str]:
             "interval; mean signed effect ± SE over pairs); medians over all of the type's live "
             f"SAEs (spliced grammaticality: `{rep['grammaticality_combo']}`).", ""]
     out += md_table(["type", "SAEs tested", "fraction as predicted", "mean effect", "pairs",
-                      "pooled fraction [95% CI]", "pair effect ± SE", f"median {fid_name}",
-                      "median CE increase", "median spliced gram."],
+                      "null too small", "pooled fraction [95% CI]", "pair effect ± SE",
+                      f"median {fid_name}", "median CE increase", "median spliced gram."],
                      [[t, v["n_saes"], v["fraction_as_predicted"], v["mean_effect"],
-                       v.get("n_pairs"), stats.format_estimate(v.get("pooled_fraction")),
+                       v.get("n_pairs"), v.get("n_null_too_small"),
+                       stats.format_estimate(v.get("pooled_fraction")),
                        stats.format_estimate(v.get("pooled_mean_effect"), style="se"), v[fid],
                        v["ce_increase"], v["grammaticality"]] for t, v in by_type.items()])
     out += [f"- {line}" for line in rep["causal_by_type_text"]]
