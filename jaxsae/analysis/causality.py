@@ -224,9 +224,10 @@ def score_pairs(corr_FK: np.ndarray, names: Sequence[str], expected: Mapping[str
     `n_null_too_small`, `n_testable`; `n_tested` = min(n_testable, max_pairs)), `n_as_predicted`,
     `fraction_as_predicted` with its Wilson interval `fraction_as_predicted_interval` [lo, hi],
     `n_right_sign` / `fraction_right_sign` (sign only, no null), `mean_effect` (± `mean_effect_se`
-    over pairs) / `median_effect` (signed: > 0 is the predicted direction), `null` (the measured null
-    latents, their number, the least a test needs, each tested label's own and the level), every tested pair in `pairs` (with `effect`, `signed_effect`,
-    `right_sign`, `p_value`, `null_quantile`, `n_null`, `as_predicted`) and the failures in
+    over pairs) / `median_effect` (signed: > 0 is the predicted direction), `null` (the
+    measured null latents, their number, the least a test needs, each tested label's own and
+    the level), every tested pair in `pairs` (with `effect`, `signed_effect`, `right_sign`,
+    `p_value`, `null_quantile`, `n_null`, `as_predicted`) and the failures in
     `not_as_predicted`.
   """
   corr = np.asarray(corr_FK, np.float64)

@@ -220,7 +220,7 @@ def min_null_size(confidence: float = CONFIDENCE) -> int:
 
 
 def _at_most_alpha(p: float, confidence: float) -> bool:
-  """p <= 1 − confidence, with 1 − confidence's rounding forgiven (1 − 0.9 < 0.1 in floats)."""
+  """p <= 1 − confidence, forgiving 1 − confidence's rounding (1 − 0.9 < 0.1 in floats)."""
   return p <= (1 - confidence) * (1 + 1e-9)
 
 
