@@ -322,8 +322,8 @@ def causal_by_type(causal: Mapping[str, Mapping[str, Any]], rows: Sequence[Mappi
     those: a Wilson interval; None without pairs), "pooled_mean_effect" (`stats.mean_se` of
     the tested pairs' signed effects; None without pairs), "n_variants" (the type's live
     SAEs), "nmse", "ev_token_mean", "ce_increase", "grammaticality" (medians over the type's
-    live SAEs of the finite values)}`, types in canonical order; a statistic without a finite value is None. Ids
-    of `causal` that are not in `rows` are left out.
+    live SAEs of the finite values)}`, types in canonical order; a statistic without a finite
+    value is None. Ids of `causal` that are not in `rows` are left out.
 
   Raises:
     ValueError: `causal` not a dict of results, or rows not a list of dicts with `id`/`type`.
