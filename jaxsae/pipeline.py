@@ -34,9 +34,10 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -229,6 +230,56 @@ def _run_locked(config, configs, workdir: str) -> dict[str, Any]:
   logging.info("Pipeline finished in %.0f s this call; report: %s", time.perf_counter() - t_start,
                os.path.join(workdir, "report.md"))
   return records
+
+
+RERUNNABLE = ("analysis", "report")
+
+
+def rerun(workdir: str, stages: Sequence[str] = ("analysis",)) -> dict[str, Any]:
+  """Re-runs `stages` of a finished workdir with the current code and the workdir's own config
+  (`config.json`), e.g. after the analysis changed; the stages before them are kept as they
+  are, every stage after the first re-run one is re-run too (the report always). A re-run
+  analysis stage's previous outputs are kept in `analysis.prev/` (replacing an older copy).
+
+  Returns:
+    The stage records, as `run`.
+
+  Raises:
+    ValueError: a stage outside `RERUNNABLE`, no (pipeline) config.json, or a stage before the
+      first re-run one that is not finished with that config — all before anything changes.
+  """
+  stages = list(stages)
+  if not stages or any(s not in RERUNNABLE for s in stages):
+    raise ValueError(f"rerun stages={stages}: choose among {RERUNNABLE}. The training stages "
+                     "resume on their own (rerun the job's command), and the evaluation "
+                     "re-runs whenever its config changes.")
+  value = workdir_lib.read_config(workdir)
+  if value is None or value.get("job") != "pipeline":
+    raise ValueError(f"{workdir} holds no pipeline config.json: rerun works on a workdir the "
+                     "pipeline job wrote (python -m experiments.main --config=... "
+                     f"--workdir={workdir}).")
+  config = ml_collections.ConfigDict(value)
+  configs = validate_config(config, workdir)
+  first = min(STAGES.index(s) for s in stages)
+  fps = _stage_fingerprints(config)
+  with workdir_lib.lock(workdir):
+    record_path = os.path.join(workdir, "stages.json")
+    records = jsonio.read(record_path, {})
+    for s in STAGES[:first]:
+      rec = records.get(s) or {}
+      if s in config.stages and not (rec.get("done") and rec.get("fingerprint") == fps[s]):
+        raise ValueError(f"stage {s!r} of {workdir} is not finished with its config.json: finish "
+                         "the run first (rerun its experiments.main command), then rerun.")
+    if first <= STAGES.index("analysis") and os.path.isdir(os.path.join(workdir, "analysis")):
+      prev = os.path.join(workdir, "analysis.prev")
+      shutil.rmtree(prev, ignore_errors=True)
+      shutil.copytree(os.path.join(workdir, "analysis"), prev)
+    for s in STAGES[first:]:
+      records.pop(s, None)
+    jsonio.write(record_path, records)
+    logging.info("rerun of %s in %s with the code of %s.", ", ".join(STAGES[first:]), workdir,
+                 _commit())
+    return _run_locked(config, configs, workdir)
 
 
 # ------------------------------------------------------------------------------------------------

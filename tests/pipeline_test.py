@@ -3,6 +3,10 @@ mid-stage that, rerun, ends with the same numbers as an uninterrupted one."""
 
 import json
 import os
+import pathlib
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -13,6 +17,7 @@ from jaxsae.evaluation import evaluate
 from jaxsae.grid import train_sae
 from jaxsae.lm import train_lm
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 _VALIDATORS = {"lm": train_lm, "sae": train_sae, "eval": evaluate, "analysis": analysis_stage}
 
 
@@ -135,3 +140,47 @@ def test_bad_stage_configs_fail_before_anything_runs(tmp_path):
   c.analysis.causal = False
   pipeline.validate_config(c)  # passes without the causal part
   assert not os.path.exists(tmp_path / "p")
+
+
+def test_rerun_of_the_analysis_keeps_the_rest_and_recomputes_the_same(straight, tmp_path):
+  """A copy of the finished run: the analysis and report run again with the workdir's own config,
+  lm / sae / eval are kept, and the re-run computes the same numbers (deterministic)."""
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(straight[0], workdir)
+  before = json.load(open(os.path.join(workdir, "stages.json")))
+  os.remove(os.path.join(workdir, "analysis", "causal.json"))  # what a re-run must rewrite
+  records = pipeline.rerun(workdir, ["analysis"])
+  assert {s: records[s] for s in ("lm", "sae", "eval")} == {
+      s: before[s] for s in ("lm", "sae", "eval")}
+  assert records["analysis"]["done"] and records["report"]["done"]
+  assert records["analysis"]["finished"] >= before["analysis"]["finished"]
+  assert _numbers(workdir) == _numbers(straight[0])
+  assert not os.path.exists(os.path.join(workdir, "analysis.prev", "causal.json"))
+  assert os.path.exists(os.path.join(workdir, "analysis.prev", "features.json"))
+  # Only the report: nothing else runs.
+  again = pipeline.rerun(workdir, ["report"])
+  assert {s: again[s] for s in ("lm", "sae", "eval", "analysis")} == {
+      s: records[s] for s in ("lm", "sae", "eval", "analysis")}
+
+
+def test_rerun_refuses_what_it_cannot_do(straight, tmp_path):
+  with pytest.raises(ValueError, match="choose among"):
+    pipeline.rerun(straight[0], ["sae"])
+  with pytest.raises(ValueError, match="choose among"):
+    pipeline.rerun(straight[0], [])
+  with pytest.raises(ValueError, match="no pipeline config.json"):
+    pipeline.rerun(str(tmp_path), ["analysis"])
+  unfinished = str(tmp_path / "unfinished")
+  shutil.copytree(straight[0], unfinished)
+  records = json.load(open(os.path.join(unfinished, "stages.json")))
+  records["eval"]["done"] = False
+  json.dump(records, open(os.path.join(unfinished, "stages.json"), "w"))
+  with pytest.raises(ValueError, match="'eval' .* is not finished"):
+    pipeline.rerun(unfinished, ["analysis"])
+  assert json.load(open(os.path.join(unfinished, "stages.json"))) == records  # nothing changed
+
+
+def test_rerun_command_reports_a_bad_stage(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "experiments.rerun", f"--workdir={tmp_path}",
+                         "--stages=sae"], cwd=ROOT, capture_output=True, text=True, check=False)
+  assert proc.returncode != 0 and "choose among ('analysis', 'report')" in proc.stderr
