@@ -22,8 +22,8 @@ two cores).
 Expected at the CPU budget (`experiments/results/bench/`, 3 seeds). Dyck-2 (about 86 min of SAE
 training on 2 shared cores): the TopK family and JumpReLU first in MCC at L0 4 (0.50–0.51,
 random codes 0.073), e2e Gated and Gated first at matched CE increase 0.0025 (0.58 / 0.56),
-Matryoshka BatchTopK lowest in absorption (0.03 at L0 8). Expr (99 min): e2e TopK and e2e TopK + AuxK first in MCC at every matched L0 (0.19 / 0.17
-at L0 4, random codes 0.10), absorption ≤ 0.09 for the leaders, and no ranking at matched CE
+Matryoshka BatchTopK lowest in absorption (0.03 at L0 8). Expr (99 min): e2e TopK + AuxK and e2e
+TopK first in MCC at every matched L0 (0.19 / 0.17 at L0 4, random codes 0.10), absorption ≤ 0.09 for the leaders, and no ranking at matched CE
 increase (Expr's LM barely notices SAEs at this site). English (89 min of SAE training on
 shared cores): e2e TopK + AuxK, TopK + AuxK and Gated first in MCC at L0 8 (0.30 / 0.29 / 0.29,
 random codes 0.074), e2e TopK + AuxK and TopK at L0 16 (0.35 / 0.34), Matryoshka types lowest
