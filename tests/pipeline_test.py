@@ -128,6 +128,11 @@ def test_bad_stage_configs_fail_before_anything_runs(tmp_path):
   with pytest.raises(ValueError, match="causal_variants='some'"):
     pipeline.run(c, str(tmp_path / "p"))
   c.analysis.causal_variants = "all"
+  for bad in (18, 0):  # too few null latents for any effect to pass at 95%
+    c.analysis.null_latents = bad
+    with pytest.raises(ValueError, match=f"null_latents={bad!r} must be an int >= 19"):
+      pipeline.run(c, str(tmp_path / "p"))
+  c.analysis.null_latents = 19
   c.sae.sweep = [{"set": {"loss": "nope"}}]
   with pytest.raises(ValueError, match="nope"):
     pipeline.run(c, str(tmp_path / "p"))

@@ -415,5 +415,9 @@ def test_old_config_files_get_the_fields_their_format_lacks(tmp_path):
   lm = lm_configs.build(size="smoke").to_dict()
   del lm["eval"]["top_k"]
   assert workdir_lib.upgrade_config(lm)["eval"]["top_k"] == 0
+  # A pipeline config of format 1 lacks the analysis's null size: 64, the size the code used.
+  pipe = pipeline_configs.get_config("smoke,language=dyck2").to_dict()
+  del pipe["analysis"]["null_latents"]
+  assert workdir_lib.upgrade_config(dict(pipe, format=1))["analysis"]["null_latents"] == 64
   # The current format is complete: nothing is filled in.
   assert workdir_lib.upgrade_config(dict(old, format=workdir_lib.CONFIG_FORMAT)) == old

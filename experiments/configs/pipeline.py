@@ -142,6 +142,9 @@ def build(language: str = "english", seed: int = 0, stages: Sequence[str] = STAG
   a.num_sequences = 8 if smoke else 256  # held-out sequences whose selected tokens are analysed
   a.threshold = 0.5  # |corr| above which a (latent, label) pair is tested causally
   a.max_pairs = 4 if smoke else 24  # causal tests per chosen SAE (strongest pairs first)
+  # Per label, the most live latents unrelated to it in the causal null (>= 19 for a 95% test;
+  # more: a null's quantile less dependent on which latents were drawn, one clamp pair each).
+  a.null_latents = 64
   a.causal = True  # run the causal-predictability interventions
   # ... on one SAE per type ('per_type') or on every SAE ('all': the causal grid compares them)
   a.causal_variants = "all" if grid == "causal" else "per_type"

@@ -26,6 +26,7 @@ from jaxsae.analysis import ground_truth
 from jaxsae.analysis import hierarchy as hierarchy_lib
 from jaxsae.analysis import recovery
 from jaxsae.core import jsonio
+from jaxsae.core import stats
 from jaxsae.grid import sae as sae_lib
 from jaxsae.grid import trained as trained_lib
 
@@ -45,6 +46,11 @@ def validate_config(a) -> None:
       raise ValueError(f"config.analysis.{name}={a[name]!r} must be a positive int")
   if not 0 < a.threshold <= 1:
     raise ValueError(f"config.analysis.threshold={a.threshold} must lie in (0, 1]")
+  least = stats.min_null_size()
+  if isinstance(a.null_latents, bool) or not isinstance(a.null_latents, int) or (
+      a.null_latents < least):
+    raise ValueError(f"config.analysis.null_latents={a.null_latents!r} must be an int >= {least}: "
+                     "with fewer null latents no causal effect can pass the 95% test")
   if not isinstance(a.ground_truth, bool):
     raise ValueError(f"config.analysis.ground_truth={a.ground_truth!r} must be True or False")
   if a.causal_variants not in CAUSAL_VARIANTS:
@@ -71,8 +77,9 @@ def run(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None) -> dict[
   (`causality.causal_predictability` of the chosen SAEs) in `out_dir`.
 
   Args:
-    a: the analysis config (`num_sequences`, `seed`, `threshold`, `max_pairs`, `causal`,
-      `causal_variants` ('per_type': the chosen SAE of each type; 'all'), `heatmap_latents`),
+    a: the analysis config (`num_sequences`, `seed`, `threshold`, `max_pairs`, `null_latents`,
+      `causal`, `causal_variants` ('per_type': the chosen SAE of each type; 'all'),
+      `heatmap_latents`),
       passed by `validate_config`.
     sae_workdir: the trained grid.
     out_dir: where to write.
@@ -160,6 +167,7 @@ def run(a, sae_workdir: str, out_dir: str, eval_dir: str | None = None) -> dict[
                                v.sae_config, v.hparams, v.splice_mode, v.sae_state),
           batch.tokens_BT, batch.mask_BT, setup.grammar, np.nan_to_num(corr[vid]), names,
           causality.CausalSettings(threshold=a.threshold, max_pairs=a.max_pairs,
+                                   null_latents=a.null_latents,
                                    empirical_fallback=True))
       causal["variants"][vid] = res
       logging.info("analysis: causal predictability %d/%d (%s, %s): %s of %s pairs as "

@@ -47,13 +47,14 @@ INPUTS_FILE = "inputs.json"
 CONFIG_FILE = "config.json"
 # The format of config.json written by this code. 0: files written before the field existed.
 # Bump it when a config field is added that old files lack, and add the field to _ADDED_AT.
-CONFIG_FORMAT = 1
+CONFIG_FORMAT = 2
 # format -> job -> the fields (nested dicts for sub-configs) a file of an older format lacks,
 # with the value the code of that time used for them.
 _ADDED_AT: dict[int, dict[str, dict[str, Any]]] = {
     1: {"sae": {"variant_loop": "auto"},
         "lm": {"eval": {"max_new_tokens": 118, "temperature": 1.0, "top_k": 0},
                "loss_reduction": "sequence"}},
+    2: {"pipeline": {"analysis": {"null_latents": 64}}},
 }
 
 
