@@ -268,8 +268,10 @@ def rerun(workdir: str, stages: Sequence[str] = ("analysis",)) -> dict[str, Any]
     for s in STAGES[:first]:
       rec = records.get(s) or {}
       if s in config.stages and not (rec.get("done") and rec.get("fingerprint") == fps[s]):
-        raise ValueError(f"stage {s!r} of {workdir} is not finished with its config.json: finish "
-                         "the run first (rerun its experiments.main command), then rerun.")
+        fix = (f"rerun from that stage (stages=['{s}'])" if s in RERUNNABLE else
+               "finish the run first (rerun its experiments.main command), then rerun")
+        raise ValueError(f"stage {s!r} of {workdir} is not finished with its config.json as this "
+                         f"code reads it (unfinished, or its config gained fields since): {fix}.")
     if first <= STAGES.index("analysis") and os.path.isdir(os.path.join(workdir, "analysis")):
       prev = os.path.join(workdir, "analysis.prev")
       shutil.rmtree(prev, ignore_errors=True)

@@ -180,9 +180,14 @@ def test_rerun_refuses_what_it_cannot_do(straight, tmp_path):
   records = json.load(open(os.path.join(unfinished, "stages.json")))
   records["eval"]["done"] = False
   json.dump(records, open(os.path.join(unfinished, "stages.json"), "w"))
-  with pytest.raises(ValueError, match="'eval' .* is not finished"):
+  with pytest.raises(ValueError, match="'eval' .* is not finished.*finish the run first"):
     pipeline.rerun(unfinished, ["analysis"])
   assert json.load(open(os.path.join(unfinished, "stages.json"))) == records  # nothing changed
+  records["eval"]["done"], records["analysis"]["done"] = True, False
+  json.dump(records, open(os.path.join(unfinished, "stages.json"), "w"))
+  with pytest.raises(ValueError,
+                     match=r"'analysis' .* rerun from that stage \(stages=\['analysis'\]\)"):
+    pipeline.rerun(unfinished, ["report"])
 
 
 def test_rerun_command_reports_a_bad_stage(tmp_path):
