@@ -272,7 +272,7 @@ def rerun(workdir: str, stages: Sequence[str] = ("analysis",)) -> dict[str, Any]
                "finish the run first (rerun its experiments.main command), then rerun")
         raise ValueError(f"stage {s!r} of {workdir} is not finished with its config.json as this "
                          f"code reads it (unfinished, or its config gained fields since): {fix}.")
-    if first <= STAGES.index("analysis") and os.path.isdir(os.path.join(workdir, "analysis")):
+    if "analysis" in STAGES[first:] and os.path.isdir(os.path.join(workdir, "analysis")):
       prev = os.path.join(workdir, "analysis.prev")
       shutil.rmtree(prev, ignore_errors=True)
       shutil.copytree(os.path.join(workdir, "analysis"), prev)

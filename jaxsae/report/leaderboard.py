@@ -292,15 +292,15 @@ def measured_once(points: Sequence[Mapping[str, Any]], metric: str
   some type has two (seeds of one configuration count once); None otherwise (a curve to read,
   or a grid of one configuration per type, read as such)."""
   configs = matched.seed_configs(points)
+
+  def n_configs(pts):  # type -> number of configurations among pts
+    by_type: dict[str, set] = {}
+    for p in pts:
+      by_type.setdefault(p["type"], set()).add(configs[p["id"]])
+    return [len(c) for c in by_type.values()]
+
   have = [p for p in points if metric in p["metrics"] and math.isfinite(p["metrics"][metric][0])]
-  per_type: dict[str, set] = {}
-  for p in have:
-    per_type.setdefault(p["type"], set()).add(configs[p["id"]])
-  grid: dict[str, set] = {}
-  for p in points:
-    grid.setdefault(p["type"], set()).add(configs[p["id"]])
-  if (not have or any(len(c) > 1 for c in per_type.values())
-      or all(len(c) <= 1 for c in grid.values())):
+  if not have or max(n_configs(have)) > 1 or max(n_configs(points)) <= 1:
     return None
   sign = -1.0 if METRICS[metric][1] else 1.0
   rows = [{"type": p["type"], "id": p["id"], **{a: p.get(a) for a in AXES},

@@ -188,8 +188,8 @@ def render(rep: Mapping[str, Any]) -> list[str]:
     out += ["A pair acts as predicted when its signed effect (expected token classes moved in "
             "the direction of the correlation) is positive and beats the same effect of random "
             "live latents of the SAE unrelated to the label at 95% (one-sided permutation test). "
-            "Pairs whose label leaves fewer unrelated live latents than the test needs (19) are "
-            "not tested (\"null too small\").", ""]
+            "Pairs whose label leaves fewer unrelated live latents than the test needs "
+            f"({stats.min_null_size()}) are not tested (\"null too small\").", ""]
     out += ["Per SAE type: means over the SAEs tested, and pooled over their pairs (Wilson 95% "
             "interval; mean signed effect ± SE over pairs); medians over all of the type's live "
             f"SAEs (spliced grammaticality: `{rep['grammaticality_combo']}`).", ""]
